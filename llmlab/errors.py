@@ -1,0 +1,37 @@
+"""Errors a user can cause. The CLI turns each into one stderr line and an exit code."""
+
+
+class LlmlabError(Exception):
+    """Base class: the message is one line naming the problem and the fix."""
+
+    exit_code = 1
+
+
+class UsageError(LlmlabError):
+    """An invalid option value or combination."""
+
+    exit_code = 2
+
+
+class DataError(LlmlabError):
+    """An input file that is missing, unreadable or malformed."""
+
+    exit_code = 3
+
+
+class TemplateError(LlmlabError):
+    """A prompt template that is missing or malformed."""
+
+    exit_code = 3
+
+
+class ModelError(LlmlabError):
+    """A model that cannot be found or loaded."""
+
+    exit_code = 4
+
+
+class ContextOverflowError(LlmlabError):
+    """A prompt that does not fit the model's context window."""
+
+    exit_code = 5

@@ -1,0 +1,99 @@
+"""`llmlab generate`: turn input items into prompts, run them in batches, write records as they finish."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from llmlab import console
+from llmlab.errors import UsageError
+from llmlab.io import Item, Writer
+
+CHAT_MODES = ("auto", "on", "off")
+
+
+def use_chat(tokenizer: Any, mode: str) -> bool:
+    """--chat auto: wrap prompts in the chat template when the tokenizer has one."""
+    if mode not in CHAT_MODES:
+        raise UsageError(f"invalid --chat '{mode}': choose auto, on or off")
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if mode == "on" and not has_template:
+        raise UsageError("--chat on: this model's tokenizer has no chat template; use --chat off or auto")
+    return has_template and mode != "off"
+
+
+def chat_text(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    """The exact text the chat template makes of `messages`, ready for the assistant's reply."""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+@dataclass
+class Job:
+    """One input item and the prompt built for it: `prompt` is the readable text, `model_text`
+    what the model sees (the same, or wrapped by the chat template)."""
+
+    item: Item
+    prompt: str
+    model_text: str
+    chat: bool
+
+
+def plain_jobs(items: Sequence[Item], field: str, tokenizer: Any, chat: bool) -> list[Job]:
+    """Jobs whose prompt is one field of each item, wrapped as a user turn when chatting."""
+    jobs = []
+    for item in items:
+        prompt = str(item.fields[field])
+        text = chat_text(tokenizer, [{"role": "user", "content": prompt}]) if chat else prompt
+        jobs.append(Job(item, prompt, text, chat))
+    return jobs
+
+
+def record(job: Job, output: Any, model_name: str, echo: bool) -> dict[str, Any]:
+    completions = [job.prompt + c if echo else c for c in output.completions]
+    rec: dict[str, Any] = {"index": job.item.index, **job.item.fields, "prompt": job.prompt}
+    rec["completion"] = completions[0]
+    if len(completions) > 1:
+        rec["completions"] = completions
+    rec["prompt_tokens"] = output.prompt_tokens
+    rec["completion_tokens"] = output.completion_tokens[0] if len(completions) == 1 else output.completion_tokens
+    rec["finish_reason"] = output.finish_reasons[0] if len(completions) == 1 else output.finish_reasons
+    rec["model"] = model_name
+    return rec
+
+
+def run_batch(lm: Any, jobs: Sequence[Job], settings: Any, writer: Writer, batch_size: int, echo: bool) -> int:
+    """Generate for every job; each record is written and flushed as soon as its batch is done."""
+    from llmlab.models import GenRequest
+
+    requests = [GenRequest(j.model_text, j.chat) for j in jobs]
+    with console.progress(len(jobs), "generating") as bar:
+
+        def done(index: int, output: Any) -> None:
+            writer.write(record(jobs[index], output, lm.name, echo))
+            bar.advance(1)
+
+        lm.generate(requests, settings, batch_size=batch_size, on_output=done)
+    return len(jobs)
+
+
+def run_single(lm: Any, job: Job, settings: Any, echo: bool, out: Callable[[str], None] | None = None) -> Any:
+    """One prompt: stream the completion to stdout as it is generated."""
+    from llmlab.models import GenRequest
+
+    def emit(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    emit = out or emit
+    request = GenRequest(job.model_text, job.chat)
+    if settings.num_return_sequences == 1 and settings.num_beams == 1:
+        if echo:
+            emit(job.prompt)
+        output = lm.generate([request], settings, batch_size=1, stream=emit)[0]
+        emit("\n")
+        return output
+    output = lm.generate([request], settings, batch_size=1)[0]
+    for completion in output.completions:
+        emit((job.prompt if echo else "") + completion + "\n")
+    return output

