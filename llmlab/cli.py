@@ -188,11 +188,85 @@ Resume = Annotated[
 ]
 
 
-def _settings(config: Optional[Path], flags: dict[str, Any]):
+TemplateOpt = Annotated[
+    Optional[str], typer.Option("--template", "-t", rich_help_panel=PROMPT_PANEL,
+                                help="A prompt template: a name from `llmlab prompt list` or a .yaml path.")
+]
+Shots = Annotated[
+    int, typer.Option(rich_help_panel=PROMPT_PANEL,
+                      help="Demonstrations in the prompt: 0 = zero-shot, 1 = one-shot, N = few-shot.")
+]
+ShotSelection = Annotated[
+    Optional[str], typer.Option(rich_help_panel=PROMPT_PANEL,
+                      help="Which examples: first (pool order), random (seeded), balanced (round-robin over "
+                      "labels, so classes are mixed). [default: balanced for classify templates, else first]")
+]
+ShotSeed = Annotated[
+    Optional[int], typer.Option("--seed", rich_help_panel=PROMPT_PANEL,
+                                help="Seed for random/balanced shot draws (and sampling). [default: 0 for shots]")
+]
+ShotFormat = Annotated[
+    Optional[str], typer.Option(rich_help_panel=PROMPT_PANEL,
+                                help="With a chat template: demonstrations as user/assistant turns, or inline in "
+                                "one user turn. [default: the template's, else turns]")
+]
+Overflow = Annotated[
+    str, typer.Option(rich_help_panel=PROMPT_PANEL,
+                      help="A prompt too long for the context window: drop-shots (remove demonstrations, "
+                      "warn), truncate (cut the input from the left, warn), or error.")
+]
+Examples = Annotated[
+    Optional[str], typer.Option(rich_help_panel=PROMPT_PANEL,
+                                help="Demonstration pool (JSONL/CSV) instead of the template's examples.")
+]
+PromptsDir = Annotated[
+    Optional[list[str]], typer.Option(rich_help_panel=PROMPT_PANEL, envvar="LLMLAB_PROMPTS_DIR",
+                                      help="More folders of templates (repeatable; also LLMLAB_PROMPTS).")
+]
+Vars = Annotated[
+    Optional[list[str]], typer.Option("--var", rich_help_panel=PROMPT_PANEL,
+                                      help="A template field for a single input: field=value (repeatable).")
+]
+
+
+def _settings(config: Optional[Path], flags: dict[str, Any], template: Any = None):
     from llmlab import settings
 
-    preset = settings.load_preset(config) if config else {}
-    return settings.build(preset, flags)
+    layers = []
+    if template is not None and template.generation:
+        layers.append(settings.normalize_keys(template.generation, f"template '{template.name}'"))
+    if config:
+        layers.append(settings.load_preset(config))
+    return settings.build(*layers, flags)
+
+
+def _template_items(template: Any, prompt: Optional[str], var: Optional[list[str]]) -> list[Any]:
+    """A single item for a template: from --var field=value, or the argument for a one-field template."""
+    from llmlab import io, prompts
+
+    values = prompts.parse_vars(var or [])
+    if prompt is not None:
+        fields = [f for f in template.fields if f not in values]
+        if len(fields) != 1:
+            raise UsageError(
+                f"template '{template.name}' has fields {', '.join(template.fields)}: give them with --var field=value"
+            )
+        values[fields[0]] = prompt
+    if not values:
+        raise UsageError(f"no input for template '{template.name}': use --input FILE or --var "
+                         f"{template.fields[0]}=... (fields: {', '.join(template.fields)})")
+    return [io.Item(0, values, "--var")]
+
+
+def _build_options(template: Any, shots: int, shot_selection: str, seed: Optional[int], chat: bool,
+                   shot_format: Optional[str], overflow: str, max_new_tokens: int):
+    from llmlab import prompts
+
+    return prompts.BuildOptions(
+        shots=shots, selection=shot_selection or ("balanced" if template.task == "classify" else "first"), seed=0 if seed is None else seed, chat=chat,
+        shot_format=shot_format or template.shot_format or "turns", overflow=overflow,
+        max_new_tokens=max_new_tokens,
+    )
 
 
 def _single_prompt(prompt: Optional[str]) -> Optional[str]:
@@ -234,24 +308,40 @@ def generate(
     batch_size: BatchSize = 8,
     resume: Resume = False,
     echo: Annotated[bool, typer.Option(rich_help_panel=IO_PANEL, help="Print the prompt before the completion.")] = False,
+    template: TemplateOpt = None,
+    shots: Shots = 0,
+    shot_selection: ShotSelection = None,
+    shot_format: ShotFormat = None,
+    overflow: Overflow = "drop-shots",
+    examples: Examples = None,
+    prompts_dir: PromptsDir = None,
+    var: Vars = None,
     quiet: Quiet = False,
     verbose: Verbose = False,
 ) -> None:
-    """Complete prompts: one from the argument or stdin (streamed), or a batch from --input (JSONL out)."""
-    from llmlab import generation, io
+    """Complete prompts: one from the argument or stdin (streamed), or a batch from --input (JSONL out).
+
+    With --template, prompts are built from a template file with --shots demonstrations.
+    """
+    from llmlab import generation, io, prompts
 
     console.configure(quiet, verbose)
+    tmpl = prompts.find_template(template, prompts_dir or []) if template else None
     settings = _settings(config, dict(
         max_new_tokens=max_new_tokens, do_sample=None if greedy is None else not greedy,
         temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
         num_beams=num_beams, num_return_sequences=num_return_sequences, seed=seed, stop=stop or None,
-    ))
-    if input is not None and prompt is not None:
-        raise UsageError("give either a PROMPT argument or --input FILE, not both")
+    ), tmpl)
+    if input is not None and (prompt is not None or var):
+        raise UsageError("give either a PROMPT argument (or --var) or --input FILE, not both")
     if input is not None:
         items = io.read_items(input, input_format, text_field=field)
-        io.require_field(items, field)
+        if tmpl is None:
+            io.require_field(items, field)
         single = False
+    elif tmpl is not None:
+        items = _template_items(tmpl, prompt if prompt is not None else _single_prompt(None), var)
+        single = output is None and format == "auto"
     else:
         text = _single_prompt(prompt)
         if text is None:
@@ -267,12 +357,100 @@ def generate(
     from llmlab import models
 
     lm = models.load(model, device, dtype)
-    jobs = generation.plain_jobs(todo, field, lm.tokenizer, generation.use_chat(lm.tokenizer, chat))
+    chatting = generation.use_chat(lm.tokenizer, chat)
+    if tmpl is None:
+        jobs = generation.plain_jobs(todo, field, lm.tokenizer, chatting)
+    else:
+        options = _build_options(tmpl, shots, shot_selection, seed, chatting, shot_format, overflow,
+                                 settings.max_new_tokens)
+        builder = prompts.make_builder(tmpl, lm.tokenizer, lm.window, options, examples, input, lm.is_encoder_decoder)
+        jobs = generation.template_jobs(builder, todo)
     if single:
         generation.run_single(lm, jobs[0], settings, echo)
         return
     with sink as writer:
         generation.run_batch(lm, jobs, settings, writer, batch_size, echo)
+
+
+prompt_app = typer.Typer(help="Prompt templates: list them, render the exact prompts.", no_args_is_help=True)
+app.add_typer(prompt_app, name="prompt")
+
+
+@prompt_app.command("list")
+def prompt_list(
+    prompts_dir: PromptsDir = None,
+    format: Annotated[str, typer.Option("--format", "-f", help="auto (a table on a terminal), text (tab-separated), jsonl.")] = "auto",
+) -> None:
+    """List the templates in prompts/, --prompts-dir and LLMLAB_PROMPTS: name, task, description."""
+    import json
+
+    from llmlab import prompts
+
+    found = prompts.list_templates(prompts_dir or [])
+    if format == "auto" and sys.stdout.isatty():
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table("name", "task", "shots", "description", "file")
+        for t in found:
+            table.add_row(t.name, t.task, str(len(t.examples)), t.description, str(t.path))
+        Console().print(table)
+        return
+    for t in found:
+        if format == "jsonl":
+            print(json.dumps({"name": t.name, "task": t.task, "examples": len(t.examples),
+                              "description": t.description, "path": str(t.path)}))
+        else:
+            print(f"{t.name}\t{t.task}\t{t.description}")
+
+
+@prompt_app.command("render")
+def prompt_render(
+    template: Annotated[str, typer.Argument(help="Template name (see `llmlab prompt list`) or .yaml path.")],
+    input: InputFile = None,
+    input_format: InputFormat = "auto",
+    var: Vars = None,
+    shots: Shots = 0,
+    shot_selection: ShotSelection = None,
+    seed: ShotSeed = None,
+    shot_format: ShotFormat = None,
+    overflow: Overflow = "drop-shots",
+    examples: Examples = None,
+    prompts_dir: PromptsDir = None,
+    model: Model = None,
+    chat: Chat = "auto",
+    max_new_tokens: MaxNewTokens = None,
+    format: Annotated[str, typer.Option("--format", "-f", rich_help_panel=IO_PANEL,
+                                        help="text (prompts separated by a line of dashes) or jsonl.")] = "text",
+    quiet: Quiet = False,
+) -> None:
+    """Print the exact prompt(s) the model would see (chat template included), with token counts on
+    stderr. Loads only the tokenizer, never the weights."""
+    import json
+
+    from llmlab import generation, io, models, prompts
+
+    console.configure(quiet, False)
+    if format not in ("text", "jsonl"):
+        raise UsageError(f"invalid --format '{format}': choose text or jsonl")
+    tmpl = prompts.find_template(template, prompts_dir or [])
+    items = io.read_items(input, input_format) if input else _template_items(tmpl, None, var)
+    tokenizer, window, encoder_decoder = models.load_tokenizer(model)
+    settings = _settings(None, {"max_new_tokens": max_new_tokens}, tmpl)
+    options = _build_options(tmpl, shots, shot_selection, seed, generation.use_chat(tokenizer, chat),
+                             shot_format, overflow, settings.max_new_tokens)
+    builder = prompts.make_builder(tmpl, tokenizer, window, options, examples, input, encoder_decoder)
+    limit = f" of {window}" if window else ""
+    for n, item in enumerate(items):
+        built = builder.build(item)
+        for note in built.notes:
+            console.warn(note)
+        console.note(f"{item.source}: {built.tokens} tokens{limit} ({len(built.shots)} shots)")
+        if format == "jsonl":
+            print(json.dumps({"index": item.index, **item.fields, "prompt": built.text, "tokens": built.tokens,
+                              "shots": len(built.shots)}, ensure_ascii=False), flush=True)
+        else:
+            print(("-" * 40 + "\n" if n else "") + built.text, flush=True)
 
 
 def main() -> None:

@@ -45,6 +45,12 @@ def warn(message: str) -> None:
         stderr().print(f"[yellow]warning:[/yellow] {message}", markup=True)
 
 
+def note(message: str) -> None:
+    """A fact the user asked for on stderr (token counts...): shown unless --quiet."""
+    if not _state["quiet"]:
+        stderr().print(message, markup=False)
+
+
 def error(message: str) -> None:
     Console(file=sys.stderr, highlight=False, soft_wrap=True).print(
         f"[red]error:[/red] {message}", markup=True

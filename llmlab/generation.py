@@ -49,6 +49,17 @@ def plain_jobs(items: Sequence[Item], field: str, tokenizer: Any, chat: bool) ->
     return jobs
 
 
+def template_jobs(builder: Any, items: Sequence[Item]) -> list[Job]:
+    """Jobs whose prompts the template builder makes; its notes (dropped shots...) become warnings."""
+    jobs = []
+    for item in items:
+        prompt = builder.build(item)
+        for note in prompt.notes:
+            console.warn(note)
+        jobs.append(Job(item, prompt.plain, prompt.text, prompt.chat))
+    return jobs
+
+
 def record(job: Job, output: Any, model_name: str, echo: bool) -> dict[str, Any]:
     completions = [job.prompt + c if echo else c for c in output.completions]
     rec: dict[str, Any] = {"index": job.item.index, **job.item.fields, "prompt": job.prompt}

@@ -71,6 +71,8 @@ def resolve_model(spec: str | None) -> ModelRef:
             raise ModelError(f"GGUF file '{target}' not found; check the path")
         return ModelRef(name, "gguf", str(path.parent), path.name)
     if path.is_dir():
+        if not (path / "config.json").is_file() and (path / "tokenizer_config.json").is_file():
+            return ModelRef(name, "local", str(path))  # a tokenizer alone: enough to render prompts
         if not (path / "config.json").is_file():
             ggufs = sorted(path.glob("*.gguf"))
             if len(ggufs) == 1:
@@ -226,13 +228,25 @@ def _from_pretrained(ref: ModelRef, loader: Callable[..., Any], **kwargs: Any) -
         ) from exc
 
 
-def load_tokenizer(spec: str | None):
-    """The model's tokenizer alone (no weights): for counting tokens and rendering prompts."""
+def load_tokenizer(spec: str | None) -> tuple[Any, int | None, bool]:
+    """The model's tokenizer, context window and whether it is encoder-decoder, without any weights."""
     _quiet_transformers()
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     ref = resolve_model(spec)
-    return _prepare_tokenizer(_from_pretrained(ref, AutoTokenizer.from_pretrained), None)
+    if ref.kind == "gguf" and not _ready(gguf_cache_dir(ref)):
+        # Read straight from the GGUF metadata rather than dequantizing the weights.
+        tokenizer = AutoTokenizer.from_pretrained(ref.location, gguf_file=ref.gguf_file)
+        config = AutoConfig.from_pretrained(ref.location, gguf_file=ref.gguf_file)
+    else:
+        tokenizer = _from_pretrained(ref, AutoTokenizer.from_pretrained)
+        has_config = ref.kind != "local" or (Path(ref.location) / "config.json").is_file()
+        config = _from_pretrained(ref, AutoConfig.from_pretrained) if has_config else None
+    if config is not None:
+        encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
+    else:  # a tokenizer folder alone: judge by the tokenizer's family
+        encoder_decoder = re.search(r"T5|Bart|Pegasus", type(tokenizer).__name__) is not None
+    return _prepare_tokenizer(tokenizer, config), context_window(config, tokenizer), encoder_decoder
 
 
 def _prepare_tokenizer(tokenizer: Any, config: Any) -> Any:
@@ -286,6 +300,9 @@ def load(spec: str | None, device: str = "auto", dtype: str = "auto") -> "LM":
     device_name = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device_name)
     started = time.perf_counter()
+    if ref.kind == "local" and not (Path(ref.location) / "config.json").is_file():
+        raise ModelError(f"'{ref.location}' holds a tokenizer but no model (no config.json); "
+                         "it can render prompts but not run them")
     config = _from_pretrained(ref, AutoConfig.from_pretrained)
     model_class = _model_class(config)
     try:

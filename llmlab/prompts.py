@@ -1,0 +1,459 @@
+"""Prompt templates (YAML files in prompts/) and the one prompt builder: instruction, zero-, one- or
+few-shot demonstrations, chat formatting, and fitting the context window."""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from llmlab.errors import ContextOverflowError, DataError, TemplateError, UsageError
+from llmlab.io import Item
+
+BUILTIN_DIR = Path(__file__).resolve().parent.parent / "prompts"
+TASKS = ("generate", "classify")
+SELECTIONS = ("first", "random", "balanced")
+SHOT_FORMATS = ("turns", "inline")
+OVERFLOW_MODES = ("drop-shots", "truncate", "error")
+KEYS = {
+    "name", "description", "task", "instruction", "input", "target", "labels", "separator",
+    "answer_prefix", "examples", "generation", "shot_format", "references",
+}
+
+
+@dataclass
+class Template:
+    """A parsed template file. Placeholders are `{field}`; `{{` and `}}` are literal braces."""
+
+    name: str
+    path: Path | None
+    task: str
+    input: str
+    description: str = ""
+    instruction: str = ""
+    target: str | None = None
+    # labels: label value in the data -> the text the model sees/says (the verbalizer)
+    labels: dict[str, str] = field(default_factory=dict)
+    separator: str = "\n\n"  # between the instruction and each demonstration
+    answer_prefix: str = " "  # between a demonstration's input and its answer (plain text only)
+    examples: list[dict[str, Any]] = field(default_factory=list)
+    examples_path: Path | None = None
+    generation: dict[str, Any] = field(default_factory=dict)
+    shot_format: str | None = None  # default --shot-format for chat models
+    references: list[str] = field(default_factory=list)  # extra reference fields for eval
+    source_text: str = ""
+
+    @property
+    def fields(self) -> list[str]:
+        return placeholders(self.input, f"template '{self.name}' input")
+
+    def verbalize(self, value: Any) -> str:
+        return self.labels.get(str(value), str(value)) if self.labels else str(value)
+
+
+# ---------------------------------------------------------------- placeholders
+
+
+def placeholders(text: str, where: str) -> list[str]:
+    names = []
+    try:
+        parsed = list(string.Formatter().parse(text))
+    except ValueError as exc:
+        raise TemplateError(f"{where}: {exc} (write {{{{ and }}}} for literal braces)") from None
+    for _, name, spec, conversion in parsed:
+        if name is None:
+            continue
+        if not re.fullmatch(r"[A-Za-z_][\w-]*", name) or spec or conversion:
+            raise TemplateError(f"{where}: bad placeholder '{{{name}}}'; use {{field_name}}")
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def fill(text: str, values: dict[str, Any], where: str) -> str:
+    """Replace each {field} with values[field]; a missing one names the fields there are."""
+    out = []
+    for literal, name, _, _ in string.Formatter().parse(text):
+        out.append(literal)
+        if name is None:
+            continue
+        if name not in values:
+            known = ", ".join(values) or "none"
+            raise DataError(f"{where}: no field '{name}' for the template (fields: {known})")
+        value = values[name]
+        out.append("" if value is None else str(value))
+    return "".join(out)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def search_dirs(extra: Sequence[str] = ()) -> list[Path]:
+    dirs = [Path(d) for d in extra]
+    env = os.environ.get("LLMLAB_PROMPTS", "")
+    dirs += [Path(d) for d in env.split(os.pathsep) if d]
+    dirs.append(BUILTIN_DIR)
+    return dirs
+
+
+def list_templates(extra: Sequence[str] = ()) -> list[Template]:
+    found, seen = [], set()
+    for folder in search_dirs(extra):
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.glob("*.y*ml")):
+            template = load_template(str(path))
+            if template.name not in seen:
+                seen.add(template.name)
+                found.append(template)
+    return found
+
+
+def find_template(name_or_path: str, extra: Sequence[str] = ()) -> Template:
+    """A template by path, or by name (file stem or `name:`) in --prompts-dir, LLMLAB_PROMPTS, prompts/."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return load_template(str(path))
+    if path.suffix in (".yaml", ".yml") or os.sep in name_or_path:
+        raise TemplateError(f"template file '{name_or_path}' not found")
+    for folder in search_dirs(extra):
+        for candidate in (folder / f"{name_or_path}.yaml", folder / f"{name_or_path}.yml"):
+            if candidate.is_file():
+                return load_template(str(candidate))
+    for template in list_templates(extra):
+        if template.name == name_or_path:
+            return template
+    names = ", ".join(t.name for t in list_templates(extra)) or "none"
+    raise TemplateError(f"no template named '{name_or_path}' (available: {names}); or pass a path to a .yaml file")
+
+
+def load_template(path_text: str) -> Template:
+    from llmlab.yamlfile import load_yaml_mapping
+
+    path = Path(path_text)
+    raw = load_yaml_mapping(path, "template")
+    where = str(path)
+    unknown = sorted(set(raw) - KEYS)
+    if unknown:
+        raise TemplateError(f"{where}: unknown key '{unknown[0]}' (known: {', '.join(sorted(KEYS))})")
+    task = raw.get("task", "generate")
+    if task not in TASKS:
+        raise TemplateError(f"{where}: task must be generate or classify, not '{task}'")
+    if not isinstance(raw.get("input"), str) or not raw["input"].strip():
+        raise TemplateError(f"{where}: missing 'input', the per-item template, e.g. \"Review: {{text}}\\nSentiment:\"")
+    for key in ("instruction", "separator", "answer_prefix", "description", "target", "name"):
+        if key in raw and raw[key] is not None and not isinstance(raw[key], str):
+            raise TemplateError(f"{where}: '{key}' must be a string")
+    labels = _labels(raw.get("labels"), where)
+    if task == "classify" and len(labels) < 2:
+        raise TemplateError(f"{where}: a classify template needs 'labels' (at least two)")
+    if task == "classify" and not raw.get("target"):
+        raise TemplateError(f"{where}: a classify template needs 'target', the field holding the label")
+    generation = raw.get("generation") or {}
+    if not isinstance(generation, dict):
+        raise TemplateError(f"{where}: 'generation' must be a mapping of generation settings")
+    shot_format = raw.get("shot_format")
+    if shot_format is not None and shot_format not in SHOT_FORMATS:
+        raise TemplateError(f"{where}: shot_format must be turns or inline, not '{shot_format}'")
+    references = raw.get("references") or []
+    if isinstance(references, str):
+        references = [references]
+    template = Template(
+        name=raw.get("name") or path.stem,
+        path=path,
+        task=task,
+        input=raw["input"],
+        description=raw.get("description") or "",
+        instruction=(raw.get("instruction") or "").strip(),
+        target=raw.get("target"),
+        labels=labels,
+        separator=raw.get("separator", "\n\n"),
+        answer_prefix=raw.get("answer_prefix", " "),
+        generation=generation,
+        shot_format=shot_format,
+        references=list(references),
+        source_text=path.read_text(encoding="utf-8"),
+    )
+    template.fields  # placeholders are checked here
+    placeholders(template.instruction, f"{where} instruction")
+    examples = raw.get("examples") or []
+    if isinstance(examples, str):
+        template.examples_path = (path.parent / examples).resolve()
+        examples = load_examples(str(template.examples_path))
+    elif isinstance(examples, list):
+        if not all(isinstance(e, dict) for e in examples):
+            raise TemplateError(f"{where}: each entry of 'examples' must be a mapping of fields")
+    else:
+        raise TemplateError(f"{where}: 'examples' must be a list of mappings or a path to a JSONL/CSV file")
+    template.examples = examples
+    check_examples(template, examples, where)
+    return template
+
+
+def _labels(raw: Any, where: str) -> dict[str, str]:
+    if raw is None:
+        return {}
+    if isinstance(raw, list):
+        return {str(v): str(v) for v in raw}
+    if isinstance(raw, dict):
+        return {str(k): str(v if v is not None else k) for k, v in raw.items()}
+    raise TemplateError(f"{where}: 'labels' must be a list, or a mapping of label to verbalizer")
+
+
+def load_examples(path: str) -> list[dict[str, Any]]:
+    from llmlab import io
+
+    try:
+        return [item.fields for item in io.read_items(path)]
+    except DataError as exc:
+        raise TemplateError(f"examples: {exc}") from None
+
+
+def check_examples(template: Template, examples: list[dict[str, Any]], where: str) -> None:
+    needed = template.fields + ([template.target] if template.target else [])
+    for n, example in enumerate(examples, 1):
+        missing = [f for f in needed if f not in example]
+        if missing:
+            raise TemplateError(
+                f"{where}: example {n} has no field '{missing[0]}' (fields: {', '.join(example) or 'none'})"
+            )
+        if template.labels and str(example[template.target]) not in template.labels:
+            raise TemplateError(
+                f"{where}: example {n} has label '{example[template.target]}', not one of the "
+                f"template's labels: {', '.join(template.labels)}"
+            )
+
+
+# ---------------------------------------------------------------- shot selection
+
+
+def select_shots(template: Template, pool: Sequence[dict[str, Any]], shots: int, selection: str,
+                 seed: int, exclude: set[int] = frozenset()) -> list[int]:
+    """Indexes into `pool` of the demonstrations for one item, never one of `exclude`.
+
+    first: pool order; random: a seeded shuffle; balanced: round-robin over the labels (in the
+    template's label order) so classes are mixed, each label's examples in seeded order.
+    The draw depends only on the seed, so items that exclude nothing share the same shots.
+    """
+    if selection not in SELECTIONS:
+        raise UsageError(f"invalid --shot-selection '{selection}': choose first, random or balanced")
+    if shots <= 0:
+        return []
+    order = list(range(len(pool)))
+    if selection != "first":
+        random.Random(seed).shuffle(order)
+    order = [i for i in order if i not in exclude]
+    if selection != "balanced":
+        return order[:shots]
+    if not template.target:
+        raise UsageError(f"--shot-selection balanced needs a template with a 'target' field; '{template.name}' has none")
+    groups: dict[str, list[int]] = {}
+    for label in template.labels or []:
+        groups[label] = []
+    for i in order:
+        groups.setdefault(str(pool[i][template.target]), []).append(i)
+    chosen, queues = [], [g for g in groups.values() if g]
+    while len(chosen) < shots and queues:
+        for queue in list(queues):
+            if len(chosen) == shots:
+                break
+            chosen.append(queue.pop(0))
+            if not queue:
+                queues.remove(queue)
+    return chosen
+
+
+# ---------------------------------------------------------------- building
+
+
+@dataclass
+class BuildOptions:
+    shots: int = 0
+    selection: str = "first"
+    seed: int = 0
+    chat: bool = False
+    shot_format: str = "turns"  # with chat: demonstrations as user/assistant turns, or inline in one turn
+    overflow: str = "drop-shots"
+    max_new_tokens: int = 0  # room to leave in the window (decoder-only models)
+    pool_is_data: bool = False  # the examples are the input file itself: leave each item out
+
+
+@dataclass
+class Prompt:
+    """One built prompt: `text` exactly what the model sees; `plain` the same before any chat template."""
+
+    text: str
+    plain: str
+    chat: bool
+    answer_prefix: str  # put before a label when scoring it as the continuation
+    shots: list[int]
+    tokens: int
+    notes: list[str] = field(default_factory=list)  # warnings: dropped shots, truncation
+
+
+class PromptBuilder:
+    """Builds every prompt of a run: one code path for generate, classify, eval and render."""
+
+    def __init__(self, template: Template, tokenizer: Any, window: int | None, options: BuildOptions,
+                 pool: list[dict[str, Any]] | None = None, encoder_decoder: bool = False):
+        if options.overflow not in OVERFLOW_MODES:
+            raise UsageError(f"invalid --overflow '{options.overflow}': choose drop-shots, truncate or error")
+        if options.shot_format not in SHOT_FORMATS:
+            raise UsageError(f"invalid --shot-format '{options.shot_format}': choose turns or inline")
+        if options.shots < 0:
+            raise UsageError(f"invalid --shots {options.shots}: must be >= 0")
+        self.template = template
+        self.tokenizer = tokenizer
+        self.window = window
+        self.options = options
+        self.pool = template.examples if pool is None else pool
+        self.encoder_decoder = encoder_decoder
+        if options.shots > 0 and not self.pool:
+            raise TemplateError(
+                f"template '{template.name}' has no examples, so --shots {options.shots} has nothing to show: "
+                "add 'examples:' to the template or pass --examples FILE"
+            )
+        if options.shots > 0 and not template.target:
+            raise TemplateError(f"template '{template.name}' has no 'target' field, so it can't show answers in shots")
+        if options.shots > 0:
+            check_examples(template, self.pool, "examples")
+
+    # -- pieces
+
+    def _item_input(self, values: dict[str, Any], where: str) -> str:
+        return fill(self.template.input, values, where)
+
+    def _demo(self, example: dict[str, Any]) -> tuple[str, str]:
+        return self._item_input(example, "example"), self.template.verbalize(example[self.template.target])
+
+    def _instruction(self, values: dict[str, Any], where: str) -> str:
+        return fill(self.template.instruction, values, where) if self.template.instruction else ""
+
+    def compose(self, values: dict[str, Any], shots: list[int], where: str) -> tuple[str, str]:
+        """(model text, plain text) for an item with these demonstrations."""
+        t = self.template
+        demos = [self._demo(self.pool[i]) for i in shots]
+        query = self._item_input(values, where)
+        instruction = self._instruction(values, where)
+        parts = ([instruction] if instruction else []) + [q + t.answer_prefix + a for q, a in demos] + [query]
+        plain = t.separator.join(parts)
+        if not self.options.chat:
+            return plain, plain
+        if self.options.shot_format == "inline" or not demos:
+            messages = [{"role": "user", "content": plain}]
+        else:
+            messages = []
+            for n, (q, a) in enumerate(demos):
+                content = instruction + t.separator + q if n == 0 and instruction else q
+                messages += [{"role": "user", "content": content}, {"role": "assistant", "content": a}]
+            messages.append({"role": "user", "content": query})
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return text, plain
+
+    def count(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=not self.options.chat)["input_ids"])
+
+    def budget(self, extra_tokens: int = 0) -> int | None:
+        """Tokens the prompt may use: the window, less room for new tokens on decoder-only models."""
+        if self.window is None:
+            return None
+        room = 0 if self.encoder_decoder else self.options.max_new_tokens + extra_tokens
+        return self.window - room
+
+    # -- the whole prompt
+
+    def exclusions(self, item: Item) -> set[int]:
+        """Pool entries that are this item: the same row when the pool is the data, or equal inputs."""
+        skip = {item.index} if self.options.pool_is_data and item.index < len(self.pool) else set()
+        keys = self.template.fields
+        for i, example in enumerate(self.pool):
+            if all(str(example.get(k)) == str(item.fields.get(k)) for k in keys):
+                skip.add(i)
+        return skip
+
+    def build(self, item: Item, extra_tokens: int = 0) -> Prompt:
+        o = self.options
+        shots = select_shots(self.template, self.pool, o.shots, o.selection, o.seed, self.exclusions(item))
+        text, plain = self.compose(item.fields, shots, item.source)
+        tokens = self.count(text)
+        budget = self.budget(extra_tokens)
+        notes: list[str] = []
+        if budget is not None and tokens > budget:
+            need = f"{tokens} tokens" + ("" if self.encoder_decoder else f" + {self.window - budget} new")
+            if o.overflow == "error":
+                raise ContextOverflowError(
+                    f"{item.source}: the prompt needs {need}, over the model's {self.window}-token window; "
+                    "use fewer --shots, a smaller --max-new-tokens, or --overflow drop-shots|truncate"
+                )
+            before = tokens
+            if o.overflow == "drop-shots":
+                kept = list(shots)
+                while kept and tokens > budget:
+                    kept.pop()
+                    text, plain = self.compose(item.fields, kept, item.source)
+                    tokens = self.count(text)
+                if len(kept) < len(shots):
+                    notes.append(f"{item.source}: prompt of {before} tokens did not fit the {self.window}-token "
+                                 f"window; dropped {len(shots) - len(kept)} of {len(shots)} shots ({tokens} tokens now)")
+                shots = kept
+            if tokens > budget:
+                text, plain, tokens, notes_ = self._truncate(item, shots, budget, tokens)
+                notes += notes_
+        return Prompt(text, plain, o.chat, "" if o.chat else self.template.answer_prefix, shots, tokens, notes)
+
+    def _truncate(self, item: Item, shots: list[int], budget: int, tokens: int) -> tuple[str, str, int, list[str]]:
+        """Cut the item's longest field from the left until the prompt fits."""
+        fields = [f for f in self.template.fields if isinstance(item.fields.get(f), str)]
+        if not fields:
+            raise ContextOverflowError(f"{item.source}: the prompt does not fit the {self.window}-token window "
+                                       "and has no text field to shorten")
+        name = max(fields, key=lambda f: len(item.fields[f]))
+        ids = self.tokenizer(item.fields[name], add_special_tokens=False)["input_ids"]
+        low, high, best = 0, len(ids), None
+        while low <= high:  # the most tokens of the field's end that still fit
+            keep = (low + high) // 2
+            values = dict(item.fields, **{name: self.tokenizer.decode(ids[len(ids) - keep:]) if keep else ""})
+            text, plain = self.compose(values, shots, item.source)
+            count = self.count(text)
+            if count <= budget:
+                best, low = (text, plain, count, keep), keep + 1
+            else:
+                high = keep - 1
+        if best is None:
+            raise ContextOverflowError(f"{item.source}: even with '{name}' emptied the prompt exceeds the "
+                                       f"{self.window}-token window; shorten the template or use fewer shots")
+        text, plain, count, keep = best
+        note = (f"{item.source}: prompt of {tokens} tokens did not fit the {self.window}-token window; "
+                f"cut '{name}' from the left to its last {keep} of {len(ids)} tokens ({count} tokens now)")
+        return text, plain, count, [note]
+
+
+def make_builder(template: Template, tokenizer: Any, window: int | None, options: BuildOptions,
+                 examples: str | None = None, input_path: str | None = None,
+                 encoder_decoder: bool = False) -> PromptBuilder:
+    """A builder whose pool is --examples FILE or the template's own examples; when that pool is the
+    input file itself, each item is left out of its own demonstrations."""
+    pool = None
+    pool_path = template.examples_path
+    if examples:
+        pool = load_examples(examples)
+        check_examples(template, pool, examples)
+        pool_path = Path(examples).resolve()
+    if input_path and input_path != "-" and pool_path is not None:
+        options.pool_is_data = Path(input_path).resolve() == pool_path
+    return PromptBuilder(template, tokenizer, window, options, pool, encoder_decoder)
+
+
+def parse_vars(pairs: Sequence[str]) -> dict[str, str]:
+    """--var field=value pairs into a mapping."""
+    values = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name.strip():
+            raise UsageError(f"invalid --var '{pair}': write it as field=value")
+        values[name.strip()] = value
+    return values
