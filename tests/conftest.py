@@ -86,7 +86,7 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
     return {
         "t5": build_model("t5", root / "tiny-t5"),
-        "llama": build_model("llama", root / "tiny-llama"),
+        "llama": build_model("llama", root / "tiny-llama", window=2048),
         "llama-chat": build_model("llama-chat", root / "tiny-llama-chat"),
         "gpt2": build_model("gpt2", root / "tiny-gpt2", window=64),
     }

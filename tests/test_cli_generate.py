@@ -146,7 +146,7 @@ def test_resume_after_an_interrupted_run(tiny_models, data, tmp_path, monkeypatc
         (["--resume", "x"], None, "error: --resume needs --output FILE", 2),
         (["--format", "xml", "x"], None, "error: invalid --format 'xml'", 2),
         (["--config", "nope.yaml", "x"], None, "error: generation preset 'nope.yaml' not found", 3),
-        (["-i", "-", "x"], "a\n", "error: give either a PROMPT argument or --input FILE, not both", 2),
+        (["-i", "-", "x"], "a\n", "error: give either a PROMPT argument (or --var) or --input FILE, not both", 2),
     ],
 )
 def test_user_mistakes_give_one_clear_line(tiny_models, args, stdin, error, code):

@@ -19,7 +19,7 @@ def test_architecture_is_detected_from_the_config(lms):
 
 
 def test_context_windows(lms):
-    assert (lms["t5"].window, lms["llama"].window, lms["gpt2"].window) == (512, 256, 64)
+    assert (lms["t5"].window, lms["llama"].window, lms["gpt2"].window) == (512, 2048, 64)
 
 
 @pytest.mark.parametrize(
