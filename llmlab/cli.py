@@ -372,6 +372,184 @@ def generate(
         generation.run_batch(lm, jobs, settings, writer, batch_size, echo)
 
 
+CLASSIFY_PANEL = "Classification"
+Method = Annotated[
+    str, typer.Option(rich_help_panel=CLASSIFY_PANEL,
+                      help="score: each label's log-likelihood as the continuation (multiple choice); "
+                      "generate: generate text and take the first label it mentions.")
+]
+Normalize = Annotated[
+    str, typer.Option(rich_help_panel=CLASSIFY_PANEL,
+                      help="Label scores: none (sum of token log-probs) or length (mean per token).")
+]
+
+
+def _load_for_template(model, device, dtype, chat, template, shots, shot_selection, seed, shot_format,
+                       overflow, max_new_tokens, examples, input):
+    from llmlab import generation, models, prompts
+
+    lm = models.load(model, device, dtype)
+    options = _build_options(template, shots, shot_selection, seed, generation.use_chat(lm.tokenizer, chat),
+                             shot_format, overflow, max_new_tokens)
+    builder = prompts.make_builder(template, lm.tokenizer, lm.window, options, examples, input, lm.is_encoder_decoder)
+    return lm, builder
+
+
+@app.command()
+def classify(
+    text: Annotated[Optional[str], typer.Argument(help="The input for a one-field template. Omit it to read stdin or use --input.")] = None,
+    template: Annotated[str, typer.Option("--template", "-t", rich_help_panel=PROMPT_PANEL,
+                                          help="A classify template: name or .yaml path.")] = ...,
+    model: Model = None,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    chat: Chat = "auto",
+    method: Method = "score",
+    normalize: Normalize = "none",
+    calibrate: Annotated[bool, typer.Option(rich_help_panel=CLASSIFY_PANEL,
+                                            help="Contextual calibration: divide out the label bias measured on "
+                                            "content-free inputs (N/A, empty, [MASK]); -v shows it.")] = False,
+    shots: Shots = 0,
+    shot_selection: ShotSelection = None,
+    seed: ShotSeed = None,
+    shot_format: ShotFormat = None,
+    overflow: Overflow = "drop-shots",
+    examples: Examples = None,
+    prompts_dir: PromptsDir = None,
+    var: Vars = None,
+    input: InputFile = None,
+    input_format: InputFormat = "auto",
+    output: OutputFile = None,
+    format: OutputFormat = "auto",
+    batch_size: BatchSize = 16,
+    resume: Resume = False,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+) -> None:
+    """Pick a label for each input by scoring every label's text after the prompt."""
+    from llmlab import classify as classify_mod, io, prompts
+
+    console.configure(quiet, verbose)
+    tmpl = prompts.find_template(template, prompts_dir or [])
+    if tmpl.task != "classify":
+        raise UsageError(f"template '{tmpl.name}' is a generate template; classify needs task: classify with labels")
+    settings = _settings(None, {}, tmpl)
+    if input is not None and (text is not None or var):
+        raise UsageError("give either a TEXT argument (or --var) or --input FILE, not both")
+    if input is not None:
+        items = io.read_items(input, input_format, text_field=tmpl.fields[0])
+        io.check_unique_ids(items)
+    else:
+        items = _template_items(tmpl, text if text is not None else _single_prompt(None), var)
+    for item in items:
+        missing = [f for f in tmpl.fields if f not in item.fields]
+        if missing:
+            raise io.DataError(f"{item.source}: no field '{missing[0]}' for template '{tmpl.name}' "
+                               f"(fields: {', '.join(item.fields)})")
+    sink = io.Output(output, format, resume=resume, text_key="prediction")
+    todo = [it for it in items if it.key not in sink.done]
+    if not todo:
+        return
+    lm, builder = _load_for_template(model, device, dtype, chat, tmpl, shots, shot_selection, seed, shot_format,
+                                     overflow, settings.max_new_tokens, examples, input)
+    classifier = classify_mod.Classifier(lm, builder, method, normalize, calibrate, batch_size, settings)
+    if output is None and format == "auto" and sys.stdout.isatty():
+        results = classifier.classify(todo)
+        _classification_table(results, classifier)
+        return
+    with sink as writer, console.progress(len(todo), "classifying") as bar:
+        def done(result):
+            writer.write(classify_mod.record(result, tmpl, lm.name))
+            bar.advance(1)
+
+        classifier.classify(todo, on_result=done)
+
+
+def _classification_table(results, classifier) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("#", "input", "prediction", *classifier.labels)
+    field = classifier.template.fields[0]
+    for r in results:
+        shown = str(r.item.fields.get(field, ""))
+        table.add_row(str(r.item.index), shown if len(shown) <= 60 else shown[:57] + "...", r.prediction,
+                      *(f"{r.probabilities[label]:.3f}" for label in classifier.labels))
+    Console().print(table)
+
+
+@app.command("eval")
+def eval_cmd(
+    template: Annotated[list[str], typer.Option("--template", "-t", rich_help_panel=PROMPT_PANEL,
+                                                help="Template(s) to evaluate (repeatable).")] = ...,
+    data: Annotated[str, typer.Option(rich_help_panel=IO_PANEL, help="Labeled data: JSONL or CSV (- = stdin).")] = ...,
+    shots: Annotated[str, typer.Option(rich_help_panel=PROMPT_PANEL, help="Shot counts to compare, e.g. 0,1,4,8.")] = "0",
+    seeds: Annotated[int, typer.Option(min=1, rich_help_panel=PROMPT_PANEL,
+                                       help="Demonstration draws per shot count (seeds 0..N-1); mean ± std.")] = 1,
+    calibration: Annotated[str, typer.Option(rich_help_panel=CLASSIFY_PANEL,
+                                             help="Contextual calibration: off, on, or both (compare).")] = "off",
+    calibrate: Annotated[bool, typer.Option(rich_help_panel=CLASSIFY_PANEL, help="Same as --calibration on.")] = False,
+    limit: Annotated[Optional[int], typer.Option(min=1, rich_help_panel=IO_PANEL, help="Use only the first N rows.")] = None,
+    report: Annotated[Optional[str], typer.Option(rich_help_panel=IO_PANEL,
+                                                  help="Write the whole result as JSON: config, model, template text, "
+                                                  "metrics, versions.")] = None,
+    log_samples: Annotated[bool, typer.Option(rich_help_panel=IO_PANEL, help="Put per-item predictions in the report.")] = False,
+    reference: Annotated[Optional[list[str]], typer.Option(rich_help_panel=IO_PANEL,
+                                                           help="Reference field(s) for generate templates (repeatable).")] = None,
+    model: Model = None,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    chat: Chat = "auto",
+    method: Method = "score",
+    normalize: Normalize = "none",
+    shot_selection: ShotSelection = None,
+    shot_format: ShotFormat = None,
+    overflow: Overflow = "drop-shots",
+    examples: Examples = None,
+    prompts_dir: PromptsDir = None,
+    max_new_tokens: MaxNewTokens = None,
+    batch_size: BatchSize = 16,
+    input_format: InputFormat = "auto",
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+) -> None:
+    """Measure prompt files on labeled data: every template x shot count x seed x calibration, one table."""
+    from llmlab import evaluate, generation, io, models, prompts
+
+    console.configure(quiet, verbose)
+    templates = [prompts.find_template(t, prompts_dir or []) for t in template]
+    shot_counts = evaluate.parse_shots(shots)
+    if calibrate:
+        calibration = "on"
+    evaluate.plan(templates, shot_counts, seeds, calibration, method)  # validates the options early
+    items = io.read_items(data, input_format)
+    if limit:
+        items = items[:limit]
+    for tmpl in templates:
+        evaluate.check_data(items, tmpl, reference or [])
+    lm = models.load(model, device, dtype)
+    options = {
+        "data": data, "limit": limit, "method": method, "normalize": normalize, "batch_size": batch_size,
+        "shot_selection": shot_selection, "shot_format": shot_format, "overflow": overflow,
+        "examples": examples, "references": reference or [], "log_samples": log_samples,
+        "chat": generation.use_chat(lm.tokenizer, chat), "generation": {"max_new_tokens": max_new_tokens},
+    }
+    result = evaluate.evaluate(lm, templates, items, shot_counts, seeds, calibration, options)
+    if report:
+        evaluate.write_report(report, result)
+    headers, rows = evaluate.table_rows(result)
+    if sys.stdout.isatty():
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(*headers, title=f"{lm.name} on {data} ({len(items)} items)")
+        for row in rows:
+            table.add_row(*row)
+        Console().print(table)
+    else:
+        sys.stdout.write(evaluate.plain_table(headers, rows))
+
+
 prompt_app = typer.Typer(help="Prompt templates: list them, render the exact prompts.", no_args_is_help=True)
 app.add_typer(prompt_app, name="prompt")
 

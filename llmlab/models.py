@@ -342,9 +342,11 @@ class GenOutput:
 
 @dataclass
 class LLRequest:
-    """Score `continuation` as what follows `context`."""
+    """Score `continuation` as what follows `context`. The context is a sequence of text pieces,
+    each tokenized on its own and the ids concatenated, so a shared prefix has the same ids in
+    every request (and the same ids however the computation is batched or cached)."""
 
-    context: str
+    context: Sequence[str]
     continuation: str
     chat: bool = False
 
@@ -387,7 +389,117 @@ class LM:
 
     def token_ids(self, text: str, chat: bool = False) -> list[int]:
         """Prompt token ids. Chat-templated text has its special tokens already."""
-        return list(self.tokenizer(text, add_special_tokens=not chat)["input_ids"])
+        return self.context_ids([text], chat)
+
+    def _specials(self) -> tuple[list[int], list[int]]:
+        """The ids the tokenizer adds before and after a text (BOS; T5's </s>)."""
+        if not hasattr(self, "_special_cache"):
+            plain = list(self.tokenizer("a", add_special_tokens=False)["input_ids"])
+            full = list(self.tokenizer("a", add_special_tokens=True)["input_ids"])
+            at = next((i for i in range(len(full) - len(plain) + 1) if full[i : i + len(plain)] == plain), 0)
+            self._special_cache = (full[:at], full[at + len(plain) :])
+        return self._special_cache
+
+    def context_ids(self, pieces: Sequence[str], chat: bool = False) -> list[int]:
+        """Token ids of text pieces tokenized one by one, plus the tokenizer's special tokens
+        (none for chat-templated text, which carries its own)."""
+        ids: list[int] = []
+        for piece in pieces:
+            if piece:
+                ids += self.tokenizer(piece, add_special_tokens=False)["input_ids"]
+        if chat:
+            return ids
+        before, after = self._specials()
+        return before + ids + after
+
+    def continuation_ids(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def loglikelihood(self, requests: Sequence[LLRequest], batch_size: int = 16) -> list[LLOutput]:
+        """log P(continuation | context) for each request: the sum over the continuation's tokens.
+
+        Requests are sorted by length (longest first), batched, and returned in input order.
+        """
+        rows = [(self.context_ids(r.context, r.chat), self.continuation_ids(r.continuation)) for r in requests]
+        for (ctx, cont), request in zip(rows, requests):
+            if not cont:
+                raise UsageError(f"cannot score an empty continuation after {request.context[-1][-30:]!r}")
+        order = sorted(range(len(rows)), key=lambda i: -(len(rows[i][0]) + len(rows[i][1])))
+        results: list[LLOutput | None] = [None] * len(rows)
+        score = self._score_seq2seq if self.is_encoder_decoder else self._score_causal
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            for i, out in zip(batch, score([rows[i] for i in batch])):
+                results[i] = out
+        return results  # type: ignore[return-value]
+
+    def _forward_kwargs(self) -> set[str]:
+        import inspect
+
+        if not hasattr(self, "_forward_params"):
+            self._forward_params = set(inspect.signature(self.model.forward).parameters)
+        return self._forward_params
+
+    def _score_causal(self, rows: Sequence[tuple[list[int], list[int]]]) -> list[LLOutput]:
+        """One forward pass over left-padded [context + continuation[:-1]] rows; the last
+        len(continuation) positions of each row predict the continuation."""
+        import torch
+
+        seqs = []
+        for ctx, cont in rows:
+            full = ctx + cont
+            if self.window and len(full) - 1 > self.window:
+                full = full[len(full) - 1 - self.window :]  # keep the end: drop the oldest context
+            seqs.append(full[:-1])
+        ids, mask = self._pad(seqs, left=True)
+        keep = max(len(cont) for _, cont in rows)
+        kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
+        params = self._forward_kwargs()
+        if "position_ids" in params:
+            kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+        if "logits_to_keep" in params:
+            kwargs["logits_to_keep"] = keep
+        with torch.inference_mode():
+            logits = self.model(**kwargs).logits[:, -keep:, :]
+        return self._gather(logits, [cont for _, cont in rows], align_right=True)
+
+    def _score_seq2seq(self, rows: Sequence[tuple[list[int], list[int]]]) -> list[LLOutput]:
+        """Encoder reads each distinct context once; the decoder scores every continuation in one pass."""
+        import torch
+
+        contexts: dict[tuple[int, ...], int] = {}
+        for ctx, _ in rows:
+            contexts.setdefault(tuple(ctx), len(contexts))
+        enc_ids, enc_mask = self._pad([list(c) for c in contexts], left=False)
+        start = self.model.config.decoder_start_token_id
+        start = self.tokenizer.pad_token_id if start is None else start
+        dec_ids, dec_mask = self._pad([[start] + cont[:-1] for _, cont in rows], left=False)
+        which = torch.tensor([contexts[tuple(ctx)] for ctx, _ in rows], device=enc_ids.device)
+        with torch.inference_mode():
+            encoded = self.model.get_encoder()(input_ids=enc_ids, attention_mask=enc_mask).last_hidden_state
+            logits = self.model(
+                encoder_outputs=(encoded.index_select(0, which),),
+                attention_mask=enc_mask.index_select(0, which),
+                decoder_input_ids=dec_ids,
+                decoder_attention_mask=dec_mask,
+            ).logits
+        return self._gather(logits, [cont for _, cont in rows], align_right=False)
+
+    @staticmethod
+    def _gather(logits: Any, conts: Sequence[list[int]], align_right: bool) -> list[LLOutput]:
+        import torch
+
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        width = logprobs.shape[1]
+        out = []
+        for row, cont in enumerate(conts):
+            first = width - len(cont) if align_right else 0
+            span = logprobs[row, first : first + len(cont)]
+            target = torch.tensor(cont, device=span.device)
+            picked = span.gather(-1, target[:, None]).squeeze(-1)
+            greedy = bool((span.argmax(-1) == target).all())
+            out.append(LLOutput(float(picked.sum()), len(cont), greedy))
+        return out
 
     def _eos_ids(self) -> set[int]:
         ids = self.model.generation_config.eos_token_id

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 from llmlab.errors import ContextOverflowError, DataError, TemplateError, UsageError
 from llmlab.io import Item
 
+_QUERY_MARK = "\x00query\x00"
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "prompts"
 TASKS = ("generate", "classify")
 SELECTIONS = ("first", "random", "balanced")
@@ -293,6 +294,13 @@ class Prompt:
     shots: list[int]
     tokens: int
     notes: list[str] = field(default_factory=list)  # warnings: dropped shots, truncation
+    # prefix: the start of `text` before the item's own input (instruction, demonstrations, chat
+    # preamble): the same for every item with the same shots, so its computation can be shared.
+    prefix: str = ""
+
+    @property
+    def pieces(self) -> tuple[str, str]:
+        return self.prefix, self.text[len(self.prefix) :]
 
 
 class PromptBuilder:
@@ -333,11 +341,12 @@ class PromptBuilder:
     def _instruction(self, values: dict[str, Any], where: str) -> str:
         return fill(self.template.instruction, values, where) if self.template.instruction else ""
 
-    def compose(self, values: dict[str, Any], shots: list[int], where: str) -> tuple[str, str]:
+    def compose(self, values: dict[str, Any], shots: list[int], where: str,
+                query: str | None = None) -> tuple[str, str]:
         """(model text, plain text) for an item with these demonstrations."""
         t = self.template
         demos = [self._demo(self.pool[i]) for i in shots]
-        query = self._item_input(values, where)
+        query = self._item_input(values, where) if query is None else query
         instruction = self._instruction(values, where)
         parts = ([instruction] if instruction else []) + [q + t.answer_prefix + a for q, a in demos] + [query]
         plain = t.separator.join(parts)
@@ -375,9 +384,11 @@ class PromptBuilder:
                 skip.add(i)
         return skip
 
-    def build(self, item: Item, extra_tokens: int = 0) -> Prompt:
+    def build(self, item: Item, extra_tokens: int = 0, shots: list[int] | None = None) -> Prompt:
+        """The prompt for one item; `shots` forces the demonstrations (for content-free inputs)."""
         o = self.options
-        shots = select_shots(self.template, self.pool, o.shots, o.selection, o.seed, self.exclusions(item))
+        if shots is None:
+            shots = select_shots(self.template, self.pool, o.shots, o.selection, o.seed, self.exclusions(item))
         text, plain = self.compose(item.fields, shots, item.source)
         tokens = self.count(text)
         budget = self.budget(extra_tokens)
@@ -403,7 +414,12 @@ class PromptBuilder:
             if tokens > budget:
                 text, plain, tokens, notes_ = self._truncate(item, shots, budget, tokens)
                 notes += notes_
-        return Prompt(text, plain, o.chat, "" if o.chat else self.template.answer_prefix, shots, tokens, notes)
+        marked, _ = self.compose(item.fields, shots, item.source, query=_QUERY_MARK)
+        split = marked.index(_QUERY_MARK)
+        if text[:split] != marked[:split]:
+            split = 0  # the query changed text before it (a chat template that rewrites content)
+        return Prompt(text, plain, o.chat, "" if o.chat else self.template.answer_prefix, shots, tokens,
+                      notes, prefix=text[:split])
 
     def _truncate(self, item: Item, shots: list[int], budget: int, tokens: int) -> tuple[str, str, int, list[str]]:
         """Cut the item's longest field from the left until the prompt fits."""
