@@ -32,6 +32,8 @@ DEVICES = "auto, cpu, cuda, cuda:N or mps"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # Window sizes above this are tokenizer sentinels ("no limit known"), not real windows.
 _ABSURD_WINDOW = 1_000_000
+# Shared prefixes shorter than this are not worth a KV cache of their own.
+_MIN_PREFIX = 8
 # T5 uses relative positions, so its config has no window; FLAN-T5 was trained on 512 tokens.
 _T5_WINDOW = 512
 
@@ -415,23 +417,62 @@ class LM:
     def continuation_ids(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def loglikelihood(self, requests: Sequence[LLRequest], batch_size: int = 16) -> list[LLOutput]:
+    def _ll_ids(self, request: LLRequest) -> tuple[list[int], list[int], list[int]]:
+        """(head, tail, continuation) ids: head is the special tokens plus the first context piece
+        (the part items share), tail the other pieces; head + tail == context_ids(context)."""
+        pieces = list(request.context) or [""]
+        head = self.context_ids(pieces[:1], chat=True)
+        tail = self.context_ids(pieces[1:], chat=True)
+        if not request.chat:
+            before, after = self._specials()
+            head, tail = before + head, tail + after
+        return head, tail, self.continuation_ids(request.continuation)
+
+    def loglikelihood(self, requests: Sequence[LLRequest], batch_size: int = 16,
+                      prefix_cache: bool = True) -> list[LLOutput]:
         """log P(continuation | context) for each request: the sum over the continuation's tokens.
 
-        Requests are sorted by length (longest first), batched, and returned in input order.
+        Decoder-only: requests sharing a first context piece (a few-shot prompt's instruction and
+        demonstrations) encode it once and reuse its KV cache (prefix_cache=False turns that off).
+        Rows are sorted longest first, batched, and results come back in input order.
         """
-        rows = [(self.context_ids(r.context, r.chat), self.continuation_ids(r.continuation)) for r in requests]
-        for (ctx, cont), request in zip(rows, requests):
+        prepared = [self._ll_ids(r) for r in requests]
+        for (_, _, cont), request in zip(prepared, requests):
             if not cont:
                 raise UsageError(f"cannot score an empty continuation after {request.context[-1][-30:]!r}")
-        order = sorted(range(len(rows)), key=lambda i: -(len(rows[i][0]) + len(rows[i][1])))
-        results: list[LLOutput | None] = [None] * len(rows)
-        score = self._score_seq2seq if self.is_encoder_decoder else self._score_causal
+        results: list[LLOutput | None] = [None] * len(requests)
+        if self.is_encoder_decoder:
+            self._batched(self._score_seq2seq, [(h + t, c) for h, t, c in prepared], list(range(len(prepared))),
+                          batch_size, results)
+            return results  # type: ignore[return-value]
+        plain = list(range(len(prepared)))
+        if prefix_cache:
+            groups: dict[tuple[int, ...], list[int]] = {}
+            for i, (head, tail, cont) in enumerate(prepared):
+                fits = self.window is None or len(head) + len(tail) + len(cont) - 1 <= self.window
+                if len(head) >= _MIN_PREFIX and fits:
+                    groups.setdefault(tuple(head), []).append(i)
+            for head, members in groups.items():
+                if len(members) < 2:
+                    continue
+                cache = self._prefix_cache(list(head[:-1]))
+                rows = [([head[-1]] + prepared[i][1], prepared[i][2]) for i in members]
+                self._batched(lambda batch: self._score_causal(batch, cache, len(head) - 1), rows, members,
+                              batch_size, results)
+                plain = [i for i in plain if i not in set(members)]
+        self._batched(self._score_causal, [(prepared[i][0] + prepared[i][1], prepared[i][2]) for i in plain],
+                      plain, batch_size, results)
+        return results  # type: ignore[return-value]
+
+    @staticmethod
+    def _batched(score: Callable[..., list[LLOutput]], rows: list[tuple[list[int], list[int]]],
+                 where: list[int], batch_size: int, results: list[LLOutput | None]) -> None:
+        """Score rows longest first in batches; put each result at results[where[k]]."""
+        order = sorted(range(len(rows)), key=lambda k: -(len(rows[k][0]) + len(rows[k][1])))
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
-            for i, out in zip(batch, score([rows[i] for i in batch])):
-                results[i] = out
-        return results  # type: ignore[return-value]
+            for k, out in zip(batch, score([rows[k] for k in batch])):
+                results[where[k]] = out
 
     def _forward_kwargs(self) -> set[str]:
         import inspect
@@ -440,28 +481,50 @@ class LM:
             self._forward_params = set(inspect.signature(self.model.forward).parameters)
         return self._forward_params
 
-    def _score_causal(self, rows: Sequence[tuple[list[int], list[int]]]) -> list[LLOutput]:
-        """One forward pass over left-padded [context + continuation[:-1]] rows; the last
-        len(continuation) positions of each row predict the continuation."""
+    def _prefix_cache(self, ids: list[int]) -> Any:
+        """The KV cache of a shared prefix, computed once."""
+        import torch
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        if ids:
+            with torch.inference_mode():
+                self.model(input_ids=torch.tensor([ids], device=self.device), past_key_values=cache, use_cache=True)
+        return cache
+
+    def _score_causal(self, rows: Sequence[tuple[list[int], list[int]]], cache: Any = None,
+                      past: int = 0) -> list[LLOutput]:
+        """One forward pass over left-padded [context + continuation[:-1]] rows (identical rows run
+        once: single-token labels share one row); the last len(continuation) positions of each
+        row predict its continuation. With `cache`, rows continue a prefix of `past` tokens."""
+        import copy
+
         import torch
 
-        seqs = []
+        seqs: dict[tuple[int, ...], int] = {}
+        which = []
         for ctx, cont in rows:
             full = ctx + cont
-            if self.window and len(full) - 1 > self.window:
+            if cache is None and self.window and len(full) - 1 > self.window:
                 full = full[len(full) - 1 - self.window :]  # keep the end: drop the oldest context
-            seqs.append(full[:-1])
-        ids, mask = self._pad(seqs, left=True)
+            which.append(seqs.setdefault(tuple(full[:-1]), len(seqs)))
+        ids, mask = self._pad([list(s) for s in seqs], left=True)
         keep = max(len(cont) for _, cont in rows)
-        kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
+        kwargs: dict[str, Any] = {"input_ids": ids}
         params = self._forward_kwargs()
         if "position_ids" in params:
-            kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+            kwargs["position_ids"] = past + (mask.cumsum(-1) - 1).clamp(min=0)
+        if cache is not None:
+            batch_cache = copy.deepcopy(cache)
+            batch_cache.batch_repeat_interleave(len(seqs))
+            mask = torch.cat([torch.ones((len(seqs), past), dtype=mask.dtype, device=mask.device), mask], dim=1)
+            kwargs.update(past_key_values=batch_cache, use_cache=True)
+        kwargs["attention_mask"] = mask
         if "logits_to_keep" in params:
             kwargs["logits_to_keep"] = keep
         with torch.inference_mode():
             logits = self.model(**kwargs).logits[:, -keep:, :]
-        return self._gather(logits, [cont for _, cont in rows], align_right=True)
+        return self._gather(logits, which, [cont for _, cont in rows], align_right=True)
 
     def _score_seq2seq(self, rows: Sequence[tuple[list[int], list[int]]]) -> list[LLOutput]:
         """Encoder reads each distinct context once; the decoder scores every continuation in one pass."""
@@ -483,16 +546,17 @@ class LM:
                 decoder_input_ids=dec_ids,
                 decoder_attention_mask=dec_mask,
             ).logits
-        return self._gather(logits, [cont for _, cont in rows], align_right=False)
+        return self._gather(logits, list(range(len(rows))), [cont for _, cont in rows], align_right=False)
 
     @staticmethod
-    def _gather(logits: Any, conts: Sequence[list[int]], align_right: bool) -> list[LLOutput]:
+    def _gather(logits: Any, which: Sequence[int], conts: Sequence[list[int]], align_right: bool) -> list[LLOutput]:
+        """Sum the log-probabilities of each continuation from row which[k] of the logits."""
         import torch
 
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         width = logprobs.shape[1]
         out = []
-        for row, cont in enumerate(conts):
+        for row, cont in zip(which, conts):
             first = width - len(cont) if align_right else 0
             span = logprobs[row, first : first + len(cont)]
             target = torch.tensor(cont, device=span.device)
