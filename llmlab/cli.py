@@ -110,9 +110,15 @@ Dtype = Annotated[
                       rich_help_panel=MODEL_PANEL)
 ]
 Chat = Annotated[
-    str, typer.Option(help="Wrap prompts in the model's chat template: auto (when it has one), on, off.",
-                      rich_help_panel=MODEL_PANEL)
+    Optional[str], typer.Option(help="Wrap prompts in the model's chat template: auto (when it has one), on, off. "
+                                "[default: the template's, else auto]", rich_help_panel=MODEL_PANEL)
 ]
+
+
+def _chat(tokenizer: Any, chat: Optional[str], template: Any = None) -> bool:
+    from llmlab import generation
+
+    return generation.use_chat(tokenizer, chat or (template.chat if template is not None else None) or "auto")
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars, logs or warnings on stderr.")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Logs on stderr even when it is not a terminal.")]
 
@@ -288,7 +294,7 @@ def generate(
     model: Model = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
-    chat: Chat = "auto",
+    chat: Chat = None,
     max_new_tokens: MaxNewTokens = None,
     greedy: Greedy = None,
     temperature: Temperature = None,
@@ -357,7 +363,7 @@ def generate(
     from llmlab import models
 
     lm = models.load(model, device, dtype)
-    chatting = generation.use_chat(lm.tokenizer, chat)
+    chatting = _chat(lm.tokenizer, chat, tmpl)
     if tmpl is None:
         jobs = generation.plain_jobs(todo, field, lm.tokenizer, chatting)
     else:
@@ -386,10 +392,10 @@ Normalize = Annotated[
 
 def _load_for_template(model, device, dtype, chat, template, shots, shot_selection, seed, shot_format,
                        overflow, max_new_tokens, examples, input):
-    from llmlab import generation, models, prompts
+    from llmlab import models, prompts
 
     lm = models.load(model, device, dtype)
-    options = _build_options(template, shots, shot_selection, seed, generation.use_chat(lm.tokenizer, chat),
+    options = _build_options(template, shots, shot_selection, seed, _chat(lm.tokenizer, chat, template),
                              shot_format, overflow, max_new_tokens)
     builder = prompts.make_builder(template, lm.tokenizer, lm.window, options, examples, input, lm.is_encoder_decoder)
     return lm, builder
@@ -403,7 +409,7 @@ def classify(
     model: Model = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
-    chat: Chat = "auto",
+    chat: Chat = None,
     method: Method = "score",
     normalize: Normalize = "none",
     calibrate: Annotated[bool, typer.Option(rich_help_panel=CLASSIFY_PANEL,
@@ -499,7 +505,7 @@ def eval_cmd(
     model: Model = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
-    chat: Chat = "auto",
+    chat: Chat = None,
     method: Method = "score",
     normalize: Normalize = "none",
     shot_selection: ShotSelection = None,
@@ -514,7 +520,7 @@ def eval_cmd(
     verbose: Verbose = False,
 ) -> None:
     """Measure prompt files on labeled data: every template x shot count x seed x calibration, one table."""
-    from llmlab import evaluate, generation, io, models, prompts
+    from llmlab import evaluate, io, models, prompts
 
     console.configure(quiet, verbose)
     templates = [prompts.find_template(t, prompts_dir or []) for t in template]
@@ -532,7 +538,7 @@ def eval_cmd(
         "data": data, "limit": limit, "method": method, "normalize": normalize, "batch_size": batch_size,
         "shot_selection": shot_selection, "shot_format": shot_format, "overflow": overflow,
         "examples": examples, "references": reference or [], "log_samples": log_samples,
-        "chat": generation.use_chat(lm.tokenizer, chat), "generation": {"max_new_tokens": max_new_tokens},
+        "chat": chat, "generation": {"max_new_tokens": max_new_tokens},
     }
     result = evaluate.evaluate(lm, templates, items, shot_counts, seeds, calibration, options)
     if report:
@@ -596,7 +602,7 @@ def prompt_render(
     examples: Examples = None,
     prompts_dir: PromptsDir = None,
     model: Model = None,
-    chat: Chat = "auto",
+    chat: Chat = None,
     max_new_tokens: MaxNewTokens = None,
     format: Annotated[str, typer.Option("--format", "-f", rich_help_panel=IO_PANEL,
                                         help="text (prompts separated by a line of dashes) or jsonl.")] = "text",
@@ -606,7 +612,7 @@ def prompt_render(
     stderr. Loads only the tokenizer, never the weights."""
     import json
 
-    from llmlab import generation, io, models, prompts
+    from llmlab import io, models, prompts
 
     console.configure(quiet, False)
     if format not in ("text", "jsonl"):
@@ -615,7 +621,7 @@ def prompt_render(
     items = io.read_items(input, input_format) if input else _template_items(tmpl, None, var)
     tokenizer, window, encoder_decoder = models.load_tokenizer(model)
     settings = _settings(None, {"max_new_tokens": max_new_tokens}, tmpl)
-    options = _build_options(tmpl, shots, shot_selection, seed, generation.use_chat(tokenizer, chat),
+    options = _build_options(tmpl, shots, shot_selection, seed, _chat(tokenizer, chat, tmpl),
                              shot_format, overflow, settings.max_new_tokens)
     builder = prompts.make_builder(tmpl, tokenizer, window, options, examples, input, encoder_decoder)
     limit = f" of {window}" if window else ""

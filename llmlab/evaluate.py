@@ -182,8 +182,10 @@ def run_combo(lm: Any, combo: Combo, items: list[Item], options: dict[str, Any],
     from llmlab import classify, prompts
     from llmlab.settings import build as build_settings, normalize_keys
 
+    from llmlab.generation import use_chat
+
     template = combo.template
-    chat = options["chat"]
+    chat = use_chat(lm.tokenizer, options["chat"] or template.chat or "auto")
     runs = []
     refs_fields = check_data(items, template, options["references"])
     layers = [normalize_keys(template.generation, template.name)] if template.generation else []

@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import socket
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -481,6 +480,10 @@ class LM:
             self._forward_params = set(inspect.signature(self.model.forward).parameters)
         return self._forward_params
 
+    def _cache_kwarg(self) -> str:
+        """transformers 5.x renames forward's `past_key_values` to `cache`; use whichever exists."""
+        return "cache" if "cache" in self._forward_kwargs() else "past_key_values"
+
     def _prefix_cache(self, ids: list[int]) -> Any:
         """The KV cache of a shared prefix, computed once."""
         import torch
@@ -489,7 +492,8 @@ class LM:
         cache = DynamicCache(config=self.model.config)
         if ids:
             with torch.inference_mode():
-                self.model(input_ids=torch.tensor([ids], device=self.device), past_key_values=cache, use_cache=True)
+                self.model(input_ids=torch.tensor([ids], device=self.device), use_cache=True,
+                           **{self._cache_kwarg(): cache})
         return cache
 
     def _score_causal(self, rows: Sequence[tuple[list[int], list[int]]], cache: Any = None,
@@ -518,7 +522,7 @@ class LM:
             batch_cache = copy.deepcopy(cache)
             batch_cache.batch_repeat_interleave(len(seqs))
             mask = torch.cat([torch.ones((len(seqs), past), dtype=mask.dtype, device=mask.device), mask], dim=1)
-            kwargs.update(past_key_values=batch_cache, use_cache=True)
+            kwargs.update({self._cache_kwarg(): batch_cache, "use_cache": True})
         kwargs["attention_mask"] = mask
         if "logits_to_keep" in params:
             kwargs["logits_to_keep"] = keep

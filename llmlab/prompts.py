@@ -22,7 +22,7 @@ SHOT_FORMATS = ("turns", "inline")
 OVERFLOW_MODES = ("drop-shots", "truncate", "error")
 KEYS = {
     "name", "description", "task", "instruction", "input", "target", "labels", "separator",
-    "answer_prefix", "examples", "generation", "shot_format", "references",
+    "answer_prefix", "examples", "generation", "shot_format", "references", "chat",
 }
 
 
@@ -45,6 +45,7 @@ class Template:
     examples_path: Path | None = None
     generation: dict[str, Any] = field(default_factory=dict)
     shot_format: str | None = None  # default --shot-format for chat models
+    chat: str | None = None  # default --chat (auto, on, off) for this template
     references: list[str] = field(default_factory=list)  # extra reference fields for eval
     source_text: str = ""
 
@@ -160,6 +161,11 @@ def load_template(path_text: str) -> Template:
     shot_format = raw.get("shot_format")
     if shot_format is not None and shot_format not in SHOT_FORMATS:
         raise TemplateError(f"{where}: shot_format must be turns or inline, not '{shot_format}'")
+    chat = raw.get("chat")
+    if isinstance(chat, bool):  # YAML reads a bare on/off as a boolean
+        chat = "on" if chat else "off"
+    if chat is not None and chat not in ("auto", "on", "off"):
+        raise TemplateError(f"{where}: chat must be auto, on or off, not '{chat}'")
     references = raw.get("references") or []
     if isinstance(references, str):
         references = [references]
@@ -176,6 +182,7 @@ def load_template(path_text: str) -> Template:
         answer_prefix=raw.get("answer_prefix", " "),
         generation=generation,
         shot_format=shot_format,
+        chat=chat,
         references=list(references),
         source_text=path.read_text(encoding="utf-8"),
     )
