@@ -33,20 +33,30 @@ def load_jsonl(path: Path, limit: int | None) -> list[dict]:
 
 
 def naive_classify(lm, prompts, labels_text):
-    """The naive loop: the full prompt, batch 1, one forward per item, argmax over the label's first token."""
+    """The naive loop: the full prompt, batch 1. Single-token labels: one forward per item and the
+    argmax over the label tokens; longer labels: one forward per item and label, summed log-probs."""
     import torch
 
-    first = [lm.continuation_ids(t)[0] for t in labels_text]
+    conts = [lm.continuation_ids(t) for t in labels_text]
+    start = lm.model.config.decoder_start_token_id if lm.is_encoder_decoder else None
+
+    def logprobs(ids, cont):
+        with torch.inference_mode():
+            if lm.is_encoder_decoder:
+                logits = lm.model(input_ids=torch.tensor([ids]), decoder_input_ids=torch.tensor([[start] + cont[:-1]])).logits[0]
+            else:
+                logits = lm.model(input_ids=torch.tensor([ids + cont[:-1]])).logits[0, -len(cont):]
+        return torch.log_softmax(logits.float(), -1)
+
     preds = []
     for prompt in prompts:
         ids = lm.context_ids(prompt.pieces, prompt.chat)
-        with torch.inference_mode():
-            if lm.is_encoder_decoder:
-                start = lm.model.config.decoder_start_token_id
-                logits = lm.model(input_ids=torch.tensor([ids]), decoder_input_ids=torch.tensor([[start]])).logits[0, -1]
-            else:
-                logits = lm.model(input_ids=torch.tensor([ids])).logits[0, -1]
-        preds.append(max(range(len(first)), key=lambda k: float(logits[first[k]])))
+        if all(len(c) == 1 for c in conts):
+            last = logprobs(ids, conts[0])[-1]
+            scores = [float(last[c[0]]) for c in conts]
+        else:
+            scores = [float(logprobs(ids, c).gather(-1, torch.tensor(c)[:, None]).sum()) for c in conts]
+        preds.append(max(range(len(conts)), key=scores.__getitem__))
     return preds
 
 

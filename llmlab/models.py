@@ -31,6 +31,8 @@ DEVICES = "auto, cpu, cuda, cuda:N or mps"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # Window sizes above this are tokenizer sentinels ("no limit known"), not real windows.
 _ABSURD_WINDOW = 1_000_000
+# generate sorts prompts by length within windows of this many batches (results keep input order).
+_GEN_WINDOW_BATCHES = 8
 # Shared prefixes shorter than this are not worth a KV cache of their own.
 _MIN_PREFIX = 8
 # T5 uses relative positions, so its config has no window; FLAN-T5 was trained on 512 tokens.
@@ -607,9 +609,10 @@ class LM:
         on_output: Callable[[int, GenOutput], None] | None = None,
         stream: Callable[[str], None] | None = None,
     ) -> list[GenOutput]:
-        """Complete every request, `batch_size` at a time in input order.
+        """Complete every request, `batch_size` at a time.
 
-        on_output(index, output) is called as each batch finishes (to write results at once).
+        on_output(index, output) is called in input order as results finish (a window of a few
+        batches at a time), so callers can write them at once.
         stream(text) receives the completion piece by piece (single request only).
         """
         import torch
@@ -622,39 +625,52 @@ class LM:
         outputs: list[GenOutput] = []
         eos = self._eos_ids()
         size = batch_size or self.auto_batch_size()
-        start = 0
-        while start < len(requests):
-            chunk = requests[start : start + size]
-            rows = [self.token_ids(r.prompt, r.chat) for r in chunk]
-            ids, mask = self._pad(rows, left=not self.is_encoder_decoder)
-            streamer = _Streamer(self.tokenizer, stream, settings.stop) if stream and len(requests) == 1 else None
-            try:
-                with torch.inference_mode():
-                    out = self.model.generate(
-                        input_ids=ids,
-                        attention_mask=mask,
-                        pad_token_id=self.tokenizer.pad_token_id,
-                        streamer=streamer,
-                        **kwargs,
-                    )
-            except (torch.OutOfMemoryError, RuntimeError) as exc:
-                size = self._halve(len(chunk), exc)
-                continue
-            skip = 1 if self.is_encoder_decoder else ids.shape[1]  # decoder start token / the prompt
-            per = settings.num_return_sequences
-            for i, row in enumerate(rows):
-                texts, counts, reasons = [], [], []
-                for seq in out[i * per : (i + 1) * per]:
-                    text, count, reason = self._finish(seq[skip:].tolist(), eos, settings)
-                    texts.append(text)
-                    counts.append(count)
-                    reasons.append(reason)
-                result = GenOutput(texts, len(row), counts, reasons)
-                outputs.append(result)
+        # Within a window of a few batches, prompts run longest first so a batch pads little;
+        # the window's results are then handed on in input order.
+        window = size * _GEN_WINDOW_BATCHES
+        for first in range(0, len(requests), window):
+            indexes = list(range(first, min(len(requests), first + window)))
+            rows = {i: self.token_ids(requests[i].prompt, requests[i].chat) for i in indexes}
+            order = sorted(indexes, key=lambda i: -len(rows[i]))
+            done: dict[int, GenOutput] = {}
+            pos = 0
+            while pos < len(order):
+                chunk = order[pos : pos + size]
+                try:
+                    results = self._generate_batch([rows[i] for i in chunk], settings, kwargs, eos,
+                                                   stream if len(requests) == 1 else None)
+                except (torch.OutOfMemoryError, RuntimeError) as exc:
+                    size = self._halve(len(chunk), exc)
+                    continue
+                done.update(zip(chunk, results))
+                pos += len(chunk)
+            for i in indexes:
+                outputs.append(done[i])
                 if on_output:
-                    on_output(start + i, result)
-            start += len(chunk)
+                    on_output(i, done[i])
         return outputs
+
+    def _generate_batch(self, rows: list[list[int]], settings: Any, kwargs: dict[str, Any], eos: set[int],
+                        stream: Callable[[str], None] | None) -> list[GenOutput]:
+        import torch
+
+        ids, mask = self._pad(rows, left=not self.is_encoder_decoder)
+        streamer = _Streamer(self.tokenizer, stream, settings.stop) if stream else None
+        with torch.inference_mode():
+            out = self.model.generate(input_ids=ids, attention_mask=mask, pad_token_id=self.tokenizer.pad_token_id,
+                                      streamer=streamer, **kwargs)
+        skip = 1 if self.is_encoder_decoder else ids.shape[1]  # decoder start token / the prompt
+        per = settings.num_return_sequences
+        results = []
+        for i, row in enumerate(rows):
+            texts, counts, reasons = [], [], []
+            for seq in out[i * per : (i + 1) * per]:
+                text, count, reason = self._finish(seq[skip:].tolist(), eos, settings)
+                texts.append(text)
+                counts.append(count)
+                reasons.append(reason)
+            results.append(GenOutput(texts, len(row), counts, reasons))
+        return results
 
     def auto_batch_size(self) -> int:
         """--batch-size auto: a generous start (halved on out-of-memory)."""
