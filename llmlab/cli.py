@@ -359,8 +359,11 @@ def generate(
         raise UsageError("give either a PROMPT argument (or --var) or --input FILE, not both")
     if input is not None:
         items = io.read_items(input, input_format, text_field=field)
+        io.check_unique_ids(items)
         if tmpl is None:
             io.require_field(items, field)
+        else:
+            prompts.require_fields(items, tmpl)
         single = False
     elif tmpl is not None:
         items = _template_items(tmpl, prompt if prompt is not None else _single_prompt(None), var)
@@ -464,11 +467,7 @@ def classify(
         io.check_unique_ids(items)
     else:
         items = _template_items(tmpl, text if text is not None else _single_prompt(None), var)
-    for item in items:
-        missing = [f for f in tmpl.fields if f not in item.fields]
-        if missing:
-            raise io.DataError(f"{item.source}: no field '{missing[0]}' for template '{tmpl.name}' "
-                               f"(fields: {', '.join(item.fields)})")
+    prompts.require_fields(items, tmpl)
     sink = io.Output(output, format, resume=resume, text_key="prediction")
     todo = [it for it in items if it.key not in sink.done]
     if not todo:

@@ -81,14 +81,10 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 def check_data(items: list[Item], template: Any, references: Sequence[str]) -> list[str]:
     """Validate labeled data for a template; returns the reference fields for generate templates."""
-    from llmlab import io
+    from llmlab import io, prompts
 
     io.check_unique_ids(items)
-    for item in items:
-        missing = [f for f in template.fields if f not in item.fields]
-        if missing:
-            raise DataError(f"{item.source}: no field '{missing[0]}' for template '{template.name}' "
-                            f"(fields: {', '.join(item.fields)})")
+    prompts.require_fields(items, template)
     if template.task == "classify":
         for item in items:
             if template.target not in item.fields:

@@ -471,6 +471,15 @@ def make_builder(template: Template, tokenizer: Any, window: int | None, options
     return PromptBuilder(template, tokenizer, window, options, pool, encoder_decoder)
 
 
+def require_fields(items: Sequence[Item], template: Template) -> None:
+    """Every placeholder of the template must be a field of every item (checked before any model time)."""
+    for item in items:
+        missing = [f for f in template.fields if f not in item.fields]
+        if missing:
+            raise DataError(f"{item.source}: no field '{missing[0]}' for template '{template.name}' "
+                            f"(fields: {', '.join(item.fields) or 'none'})")
+
+
 def parse_vars(pairs: Sequence[str]) -> dict[str, str]:
     """--var field=value pairs into a mapping."""
     values = {}

@@ -33,3 +33,21 @@ def test_batch_of_questions_in_order(smollm2):
     rows = jsonl(result.stdout)
     assert [r["id"] for r in rows] == ["q1", "q2"]
     assert "Paris" in rows[0]["completion"] and "blue" in rows[1]["completion"].lower()
+
+
+REVIEWS = str(__import__("pathlib").Path(__file__).parent / "data" / "obvious_reviews.jsonl")
+
+
+def test_sentiment_on_obvious_reviews(smollm2):
+    """Twelve reviews written for this test; smollm2 with 4 shots gets nearly all of them."""
+    result = invoke(["classify", "-t", "sentiment", "-i", REVIEWS, "--shots", 4])
+    assert result.exit_code == 0, result.stderr
+    rows = jsonl(result.stdout)
+    assert len(rows) == 12 and sum(r["correct"] for r in rows) >= 10
+
+
+def test_calibration_fixes_the_zero_shot_bias(smollm2):
+    plain = jsonl(invoke(["classify", "-t", "sentiment", "-i", REVIEWS]).stdout)
+    calibrated = jsonl(invoke(["classify", "-t", "sentiment", "-i", REVIEWS, "--calibrate"]).stdout)
+    assert sum(r["correct"] for r in calibrated) >= 11
+    assert sum(r["correct"] for r in calibrated) > sum(r["correct"] for r in plain)
