@@ -180,3 +180,17 @@ def test_help_explains_the_settings():
     assert result.exit_code == 0
     for phrase in ["Greedy (default)", "1.0 leaves the distribution unchanged", "Nucleus sampling", "0 = no limit"]:
         assert phrase in result.stdout
+
+
+def test_beams_and_repetition_penalty(tiny_models):
+    result = invoke(["generate", "-m", tiny_models["llama"], "the movie", "--num-beams", 3, "-n", 2,
+                     "--repetition-penalty", 1.3, "--max-new-tokens", 5, "-f", "jsonl"])
+    assert result.exit_code == 0, result.stderr
+    row = jsonl(result.stdout)[0]
+    assert len(row["completions"]) == 2 and row["completions"][0] != row["completions"][1]
+    assert "was was was" not in row["completions"][0]  # the penalty breaks the random model's loop
+
+
+def test_duplicate_ids_in_a_batch(tiny_models):
+    result = invoke(["generate", "-m", tiny_models["gpt2"], "-i", "-"], input='{"id": 1, "prompt": "a"}\n{"id": 1, "prompt": "b"}\n')
+    assert result.exit_code == 3 and "stdin line 2: duplicate id 1" in result.stderr

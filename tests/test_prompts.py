@@ -199,3 +199,18 @@ def test_generate_uses_the_same_builder(tiny_models, toy, tmp_path):
                               "--max-new-tokens", 2]).stdout)
     assert [g["prompt"] for g in generated] == [r["prompt"] for r in rendered]
     assert [g["prompt_tokens"] for g in generated] == [r["tokens"] for r in rendered]
+
+
+T5_TOKENIZER = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data" / "t5-tokenizer"
+
+
+@pytest.mark.skipif(not (T5_TOKENIZER / "tokenizer.json").exists(), reason="needs ../shared/data/t5-tokenizer")
+def test_flan_t5_window_with_the_real_t5_tokenizer(tmp_path):
+    dialogue = "\n".join(f"#Person{1 + i % 2}#: line {i} of a long talk about trains, weather and lunch." for i in range(80))
+    data = tmp_path / "long.jsonl"
+    data.write_text(json.dumps({"dialogue": dialogue}) + "\n")
+    result = invoke(["prompt", "render", "dialogue-summary", "-i", data, "--shots", 2, "-m", T5_TOKENIZER, "-f", "jsonl"])
+    assert result.exit_code == 0, result.stderr
+    assert "did not fit the 512-token window; dropped 2 of 2 shots" in result.stderr
+    row = jsonl(result.stdout)[0]
+    assert row["tokens"] <= 512 and row["prompt"].endswith("Summary:")
