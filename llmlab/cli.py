@@ -591,7 +591,7 @@ def prompt_list(
         from rich.console import Console
         from rich.table import Table
 
-        table = Table("name", "task", "shots", "description", "file")
+        table = Table("name", "task", "examples", "description", "file")
         for t in found:
             table.add_row(t.name, t.task, str(len(t.examples)), t.description, str(t.path))
         Console().print(table)
