@@ -239,31 +239,40 @@ def check_examples(template: Template, examples: list[dict[str, Any]], where: st
 # ---------------------------------------------------------------- shot selection
 
 
+def shot_order(size: int, selection: str, seed: int) -> list[int]:
+    """The order a pool of `size` examples is drawn in: pool order for first, else a seeded shuffle."""
+    if selection not in SELECTIONS:
+        raise UsageError(f"invalid --shot-selection '{selection}': choose first, random or balanced")
+    order = list(range(size))
+    if selection != "first":
+        random.Random(seed).shuffle(order)
+    return order
+
+
 def select_shots(template: Template, pool: Sequence[dict[str, Any]], shots: int, selection: str,
-                 seed: int, exclude: set[int] = frozenset()) -> list[int]:
+                 seed: int, exclude: set[int] = frozenset(), order: Sequence[int] | None = None) -> list[int]:
     """Indexes into `pool` of the demonstrations for one item, never one of `exclude`.
 
     first: pool order; random: a seeded shuffle; balanced: round-robin over the labels (in the
     template's label order) so classes are mixed, each label's examples in seeded order.
     The draw depends only on the seed, so items that exclude nothing share the same shots.
+    `order` is shot_order(...) computed once by the caller; only as much of it is read as needed.
     """
-    if selection not in SELECTIONS:
-        raise UsageError(f"invalid --shot-selection '{selection}': choose first, random or balanced")
+    if order is None:
+        order = shot_order(len(pool), selection, seed)
     if shots <= 0:
         return []
-    order = list(range(len(pool)))
-    if selection != "first":
-        random.Random(seed).shuffle(order)
-    order = [i for i in order if i not in exclude]
+    candidates = (i for i in order if i not in exclude)
     if selection != "balanced":
-        return order[:shots]
+        return [i for _, i in zip(range(shots), candidates)]
     if not template.target:
         raise UsageError(f"--shot-selection balanced needs a template with a 'target' field; '{template.name}' has none")
-    groups: dict[str, list[int]] = {}
-    for label in template.labels or []:
-        groups[label] = []
-    for i in order:
+    groups: dict[str, list[int]] = {label: [] for label in template.labels or []}
+    enough = -(-shots // len(groups)) if groups else None  # ceil: what round-robin takes per label at most
+    for i in candidates:
         groups.setdefault(str(pool[i][template.target]), []).append(i)
+        if enough and all(len(g) >= enough for g in groups.values()):
+            break  # every label can give its share: the rest of the order can't change the pick
     chosen, queues = [], [g for g in groups.values() if g]
     while len(chosen) < shots and queues:
         for queue in list(queues):
@@ -336,6 +345,11 @@ class PromptBuilder:
             raise TemplateError(f"template '{template.name}' has no 'target' field, so it can't show answers in shots")
         if options.shots > 0:
             check_examples(template, self.pool, "examples")
+        # Computed once per run, not per item: the draw order and an index of the pool by input text.
+        self._order = shot_order(len(self.pool), options.selection, options.seed)  # validates the selection
+        self._by_input: dict[tuple[str, ...], list[int]] = {}
+        for i, example in enumerate(self.pool if options.shots > 0 else []):
+            self._by_input.setdefault(self._input_key(example), []).append(i)
 
     # -- pieces
 
@@ -385,17 +399,17 @@ class PromptBuilder:
     def exclusions(self, item: Item) -> set[int]:
         """Pool entries that are this item: the same row when the pool is the data, or equal inputs."""
         skip = {item.index} if self.options.pool_is_data and item.index < len(self.pool) else set()
-        keys = self.template.fields
-        for i, example in enumerate(self.pool):
-            if all(str(example.get(k)) == str(item.fields.get(k)) for k in keys):
-                skip.add(i)
-        return skip
+        return skip | set(self._by_input.get(self._input_key(item.fields), ()))
+
+    def _input_key(self, values: dict[str, Any]) -> tuple[str, ...]:
+        return tuple(str(values.get(k)) for k in self.template.fields)
 
     def build(self, item: Item, extra_tokens: int = 0, shots: list[int] | None = None) -> Prompt:
         """The prompt for one item; `shots` forces the demonstrations (for content-free inputs)."""
         o = self.options
         if shots is None:
-            shots = select_shots(self.template, self.pool, o.shots, o.selection, o.seed, self.exclusions(item))
+            shots = select_shots(self.template, self.pool, o.shots, o.selection, o.seed, self.exclusions(item),
+                                 self._order)
         text, plain = self.compose(item.fields, shots, item.source)
         tokens = self.count(text)
         budget = self.budget(extra_tokens)
