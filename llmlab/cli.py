@@ -280,17 +280,6 @@ def _template_items(template: Any, prompt: Optional[str], var: Optional[list[str
     return [io.Item(0, values, "--var")]
 
 
-def _build_options(template: Any, shots: int, shot_selection: str, seed: Optional[int], chat: bool,
-                   shot_format: Optional[str], overflow: str, max_new_tokens: int):
-    from llmlab import prompts
-
-    return prompts.BuildOptions(
-        shots=shots, selection=shot_selection or ("balanced" if template.task == "classify" else "first"), seed=0 if seed is None else seed, chat=chat,
-        shot_format=shot_format or template.shot_format or "turns", overflow=overflow,
-        max_new_tokens=max_new_tokens,
-    )
-
-
 def _single_prompt(prompt: Optional[str]) -> Optional[str]:
     """The prompt from the argument, else from piped stdin, else None."""
     if prompt is not None:
@@ -382,14 +371,12 @@ def generate(
         return
     from llmlab import models
 
-    lm = models.load(model, device, dtype)
-    chatting = _chat(lm.tokenizer, chat, tmpl)
     if tmpl is None:
-        jobs = generation.plain_jobs(todo, field, lm.tokenizer, chatting)
+        lm = models.load(model, device, dtype)
+        jobs = generation.plain_jobs(todo, field, lm.tokenizer, _chat(lm.tokenizer, chat))
     else:
-        options = _build_options(tmpl, shots, shot_selection, seed, chatting, shot_format, overflow,
-                                 settings.max_new_tokens)
-        builder = prompts.make_builder(tmpl, lm.tokenizer, lm.window, options, examples, input, lm.is_encoder_decoder)
+        lm, builder = _load_for_template(model, device, dtype, chat, tmpl, shots, shot_selection, seed, shot_format,
+                                         overflow, settings.max_new_tokens, examples, input)
         jobs = generation.template_jobs(builder, todo)
     if single:
         generation.run_single(lm, jobs[0], settings, echo)
@@ -415,8 +402,8 @@ def _load_for_template(model, device, dtype, chat, template, shots, shot_selecti
     from llmlab import models, prompts
 
     lm = models.load(model, device, dtype)
-    options = _build_options(template, shots, shot_selection, seed, _chat(lm.tokenizer, chat, template),
-                             shot_format, overflow, max_new_tokens)
+    options = prompts.options_for(template, shots, shot_selection, seed, _chat(lm.tokenizer, chat, template),
+                                  shot_format, overflow, max_new_tokens)
     builder = prompts.make_builder(template, lm.tokenizer, lm.window, options, examples, input, lm.is_encoder_decoder)
     return lm, builder
 
@@ -637,8 +624,8 @@ def prompt_render(
     items = io.read_items(input, input_format) if input else _template_items(tmpl, None, var)
     tokenizer, window, encoder_decoder = models.load_tokenizer(model)
     settings = _settings(None, {"max_new_tokens": max_new_tokens}, tmpl)
-    options = _build_options(tmpl, shots, shot_selection, seed, _chat(tokenizer, chat, tmpl),
-                             shot_format, overflow, settings.max_new_tokens)
+    options = prompts.options_for(tmpl, shots, shot_selection, seed, _chat(tokenizer, chat, tmpl),
+                                  shot_format, overflow, settings.max_new_tokens)
     builder = prompts.make_builder(tmpl, tokenizer, window, options, examples, input, encoder_decoder)
     limit = f" of {window}" if window else ""
     for n, item in enumerate(items):

@@ -187,10 +187,10 @@ def run_combo(lm: Any, combo: Combo, items: list[Item], options: dict[str, Any],
     layers = [normalize_keys(template.generation, template.name)] if template.generation else []
     settings = build_settings(*layers, options["generation"])
     for seed in combo.seeds:
-        selection = options["shot_selection"] or ("balanced" if template.task == "classify" else "random")
-        build_opts = prompts.BuildOptions(shots=combo.shots, selection=selection, seed=seed, chat=chat,
-                                          shot_format=options["shot_format"] or template.shot_format or "turns",
-                                          overflow=options["overflow"], max_new_tokens=settings.max_new_tokens)
+        # Seeds only matter if the draw is random, so generate templates draw at random here.
+        build_opts = prompts.options_for(template, combo.shots, options["shot_selection"], seed, chat,
+                                         options["shot_format"], options["overflow"], settings.max_new_tokens,
+                                         default_selection="random")
         builder = prompts.make_builder(template, lm.tokenizer, lm.window, build_opts, options["examples"],
                                        options["data"], lm.is_encoder_decoder)
         started = time.perf_counter()

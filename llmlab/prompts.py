@@ -299,6 +299,22 @@ class BuildOptions:
     pool_is_data: bool = False  # the examples are the input file itself: leave each item out
 
 
+def options_for(template: Template, shots: int = 0, selection: str | None = None, seed: int | None = None,
+                chat: bool = False, shot_format: str | None = None, overflow: str = "drop-shots",
+                max_new_tokens: int = 0, default_selection: str = "first") -> BuildOptions:
+    """BuildOptions with the template's defaults filled in: balanced shots for classify templates
+    (else `default_selection`), seed 0, the template's shot format (else turns)."""
+    return BuildOptions(
+        shots=shots,
+        selection=selection or ("balanced" if template.task == "classify" else default_selection),
+        seed=0 if seed is None else seed,
+        chat=chat,
+        shot_format=shot_format or template.shot_format or "turns",
+        overflow=overflow,
+        max_new_tokens=max_new_tokens,
+    )
+
+
 @dataclass
 class Prompt:
     """One built prompt: `text` exactly what the model sees; `plain` the same before any chat template."""
