@@ -534,8 +534,9 @@ def eval_cmd(
     items = io.read_items(data, input_format)
     if limit:
         items = items[:limit]
-    for tmpl in templates:
-        evaluate.check_data(items, tmpl, reference or [])
+    refs = evaluate.validate(items, templates, reference or [])
+    if report:
+        evaluate.check_report_path(report)
     lm = models.load(model, device, dtype)
     options = {
         "data": data, "limit": limit, "method": method, "normalize": normalize, "batch_size": _batch_size(batch_size),
@@ -543,7 +544,7 @@ def eval_cmd(
         "examples": examples, "references": reference or [], "log_samples": log_samples,
         "chat": chat, "generation": {"max_new_tokens": max_new_tokens},
     }
-    result = evaluate.evaluate(lm, templates, items, shot_counts, seeds, calibration, options)
+    result = evaluate.evaluate(lm, templates, items, shot_counts, seeds, calibration, options, refs=refs)
     if report:
         evaluate.write_report(report, result)
     headers, rows = evaluate.table_rows(result)

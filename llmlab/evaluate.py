@@ -151,16 +151,28 @@ def versions() -> dict[str, str]:
     return found
 
 
+def check_report_path(path: str) -> None:
+    """Fail before the run, not after it, when the report can't be written there."""
+    parent = Path(path).parent
+    if not parent.is_dir():
+        raise DataError(f"report folder '{parent}' does not exist")
+    if not os.access(parent, os.W_OK):
+        raise DataError(f"report folder '{parent}' is not writable")
+
+
 def write_report(path: str, report: dict[str, Any]) -> None:
     """Write the JSON report atomically: a crash never leaves half a file."""
     target = Path(path)
-    if not target.parent.exists():
-        raise DataError(f"report folder '{target.parent}' does not exist")
+    check_report_path(path)
     fd, tmp = tempfile.mkstemp(prefix=target.name, dir=target.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-    os.replace(tmp, target)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def summarize(runs: list[dict[str, Any]], task: str) -> dict[str, Any]:
@@ -173,17 +185,22 @@ def summarize(runs: list[dict[str, Any]], task: str) -> dict[str, Any]:
     return summary
 
 
-def run_combo(lm: Any, combo: Combo, items: list[Item], options: dict[str, Any], progress: Any) -> dict[str, Any]:
+def validate(items: list[Item], templates: Sequence[Any], references: Sequence[str]) -> dict[str, list[str]]:
+    """Check the data against every template before any model time is spent; returns each
+    generate template's reference fields by template name."""
+    return {template.name: check_data(items, template, references) for template in templates}
+
+
+def run_combo(lm: Any, combo: Combo, items: list[Item], refs_fields: list[str], options: dict[str, Any],
+              progress: Any) -> dict[str, Any]:
     """All seeds of one combination: predictions, metrics per seed, mean and std."""
-    from llmlab import classify, prompts
+    from llmlab import classify, generation, prompts
+    from llmlab.models import GenRequest
     from llmlab.settings import build as build_settings, normalize_keys
 
-    from llmlab.generation import use_chat
-
     template = combo.template
-    chat = use_chat(lm.tokenizer, options["chat"] or template.chat or "auto")
+    chat = generation.use_chat(lm.tokenizer, options["chat"] or template.chat or "auto")
     runs = []
-    refs_fields = check_data(items, template, options["references"])
     layers = [normalize_keys(template.generation, template.name)] if template.generation else []
     settings = build_settings(*layers, options["generation"])
     for seed in combo.seeds:
@@ -206,11 +223,7 @@ def run_combo(lm: Any, combo: Combo, items: list[Item], options: dict[str, Any],
             if options["log_samples"]:
                 samples = [classify.record(r, template, lm.name) for r in results]
         else:
-            from llmlab import generation
-
             jobs = generation.template_jobs(builder, items)
-            from llmlab.models import GenRequest
-
             outputs = lm.generate([GenRequest(j.model_text, j.chat) for j in jobs], settings,
                                   batch_size=options["batch_size"],
                                   on_output=lambda i, o: progress.advance(1))
@@ -232,15 +245,17 @@ def run_combo(lm: Any, combo: Combo, items: list[Item], options: dict[str, Any],
 
 
 def evaluate(lm: Any, templates: Sequence[Any], items: list[Item], shots: Sequence[int], seeds: int,
-             calibration: str, options: dict[str, Any], on_result: Any = None) -> dict[str, Any]:
+             calibration: str, options: dict[str, Any], on_result: Any = None,
+             refs: dict[str, list[str]] | None = None) -> dict[str, Any]:
+    """Run every combination; `refs` is validate()'s result when the caller already checked the data."""
     combos = plan(templates, shots, seeds, calibration, options["method"])
-    for template in templates:  # every template's data problems surface before any model time is spent
-        check_data(items, template, options["references"])
+    if refs is None:
+        refs = validate(items, templates, options["references"])
     total = sum(len(items) * len(c.seeds) for c in combos)
     results = []
     with console.progress(total, "evaluating") as bar:
         for combo in combos:
-            result = run_combo(lm, combo, items, options, bar)
+            result = run_combo(lm, combo, items, refs[combo.template.name], options, bar)
             results.append(result)
             if on_result:
                 on_result(result)

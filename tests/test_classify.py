@@ -255,3 +255,11 @@ def test_eval_non_utf8(tiny_models, tmp_path):
 def test_classify_needs_a_classify_template(tiny_models):
     result = invoke(["classify", "-m", tiny_models["llama"], "-t", "qa", "x"])
     assert result.exit_code == 2 and "is a generate template" in result.stderr
+
+
+def test_eval_report_folder_is_checked_before_the_run(tiny_models, data, tmp_path):
+    tmpl = tmp_path / "toy.yaml"
+    tmpl.write_text(TEMPLATE)
+    result = invoke(["eval", "-m", "./not-loaded", "-t", tmpl, "--data", data, "--report", tmp_path / "no" / "r.json"])
+    assert result.exit_code == 3  # a data error, raised before the (bad) model is even looked at
+    assert result.stderr == f"error: report folder '{tmp_path / 'no'}' does not exist\n"
