@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from llmlab import console
 from llmlab.errors import UsageError
@@ -73,8 +73,8 @@ def record(job: Job, output: Any, model_name: str, echo: bool) -> dict[str, Any]
     return rec
 
 
-def run_batch(lm: Any, jobs: Sequence[Job], settings: Any, writer: Writer, batch_size: int, echo: bool) -> int:
-    """Generate for every job; each record is written and flushed as soon as its batch is done."""
+def run_batch(lm: Any, jobs: Sequence[Job], settings: Any, writer: Writer, batch_size: int | None, echo: bool) -> None:
+    """Generate for every job; each record is written and flushed, in input order, as soon as it is done."""
     from llmlab.models import GenRequest
 
     requests = [GenRequest(j.model_text, j.chat) for j in jobs]
@@ -85,10 +85,9 @@ def run_batch(lm: Any, jobs: Sequence[Job], settings: Any, writer: Writer, batch
             bar.advance(1)
 
         lm.generate(requests, settings, batch_size=batch_size, on_output=done)
-    return len(jobs)
 
 
-def run_single(lm: Any, job: Job, settings: Any, echo: bool, out: Callable[[str], None] | None = None) -> Any:
+def run_single(lm: Any, job: Job, settings: Any, echo: bool) -> Any:
     """One prompt: stream the completion to stdout as it is generated."""
     from llmlab.models import GenRequest
 
@@ -96,7 +95,6 @@ def run_single(lm: Any, job: Job, settings: Any, echo: bool, out: Callable[[str]
         sys.stdout.write(text)
         sys.stdout.flush()
 
-    emit = out or emit
     request = GenRequest(job.model_text, job.chat)
     if settings.num_return_sequences == 1 and settings.num_beams == 1:
         if echo:

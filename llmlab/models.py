@@ -249,10 +249,11 @@ def load_tokenizer(spec: str | None) -> tuple[Any, int | None, bool]:
         encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
     else:  # a tokenizer folder alone: judge by the tokenizer's family
         encoder_decoder = re.search(r"T5|Bart|Pegasus", type(tokenizer).__name__) is not None
-    return _prepare_tokenizer(tokenizer, config), context_window(config, tokenizer), encoder_decoder
+    return _prepare_tokenizer(tokenizer), context_window(config, tokenizer), encoder_decoder
 
 
-def _prepare_tokenizer(tokenizer: Any, config: Any) -> Any:
+def _prepare_tokenizer(tokenizer: Any) -> Any:
+    """Batches need a pad token; models without one pad with end-of-text (masked out anyway)."""
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -312,7 +313,7 @@ def load(spec: str | None, device: str = "auto", dtype: str = "auto") -> "LM":
         model = _from_pretrained(ref, model_class.from_pretrained, dtype=torch_dtype)
     except ValueError as exc:  # e.g. an architecture transformers doesn't know for this class
         raise ModelError(f"cannot load '{ref.name}': {_first_line(exc)}") from exc
-    tokenizer = _prepare_tokenizer(_from_pretrained(ref, AutoTokenizer.from_pretrained), config)
+    tokenizer = _prepare_tokenizer(_from_pretrained(ref, AutoTokenizer.from_pretrained))
     model.to(device_name)
     model.eval()
     console.info(
