@@ -461,7 +461,8 @@ class LM:
                 rows = [([head[-1]] + prepared[i][1], prepared[i][2]) for i in members]
                 self._batched(lambda batch: self._score_causal(batch, cache, len(head) - 1), rows, members,
                               batch_size, results)
-                plain = [i for i in plain if i not in set(members)]
+                cached = set(members)
+                plain = [i for i in plain if i not in cached]
         self._batched(self._score_causal, [(prepared[i][0] + prepared[i][1], prepared[i][2]) for i in plain],
                       plain, batch_size, results)
         return results  # type: ignore[return-value]
