@@ -244,6 +244,9 @@ def prepare(gguf: Path) -> Path:
     staging = staging_dir(target)
     try:
         _write_converted(model, tokenizer, staging)
+        if entry_problem(target) is None:  # another process finished first: keep its copy
+            shutil.rmtree(staging, ignore_errors=True)
+            return target
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)
