@@ -209,14 +209,17 @@ def _fast_tokenizer(folder: str) -> Any | None:
         return None
     import transformers
 
-    cls = getattr(transformers, name, None) or getattr(transformers, name + "Fast", None)
-    return cls.from_pretrained(folder) if cls is not None else None
+    try:
+        cls = getattr(transformers, name, None) or getattr(transformers, name + "Fast", None)
+        return cls.from_pretrained(folder) if cls is not None else None
+    except (ImportError, AttributeError):  # a class that needs an optional package: AutoTokenizer decides
+        return None
 
 
 def _tokenizer(ref: ModelRef) -> Any:
-    from_folder = ref.kind == "local" or (ref.kind == "hub" and _hub_folder(ref))
-    where, gguf_file = _source(ref) if ref.kind != "local" else (ref.location, None)
-    if (from_folder or ref.kind == "gguf") and not gguf_file:
+    """The tokenizer, read from a folder by the class it names when possible (see _fast_tokenizer)."""
+    where, gguf_file = _source(ref)
+    if not gguf_file and Path(where).is_dir():
         try:
             tokenizer = _fast_tokenizer(where)
         except (OSError, ValueError) as exc:

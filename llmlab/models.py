@@ -3,7 +3,6 @@ Model loading lives in llmlab.loading; its public names are re-exported here."""
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
