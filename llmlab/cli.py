@@ -242,7 +242,7 @@ def classify(
         text=text, method=value(method), normalize=value(normalize), calibrate=calibrate,
         batch_size=parse_batch(batch_size),
     )
-    table = cfg.output.terminal and sys.stdout.isatty()
+    table = cfg.output.terminal and console.stdout_is_terminal()
     done = session.classify(cfg, hooks(), table=table)
     if done is not None:
         results, classifier = done

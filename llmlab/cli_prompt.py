@@ -42,7 +42,7 @@ def prompt_list(prompts_dir: PromptsDir = None, format: ListFormat = "auto") -> 
         for t in found:
             print(json.dumps({"name": t.name, "task": t.task, "examples": len(t.examples),
                               "description": t.description, "path": str(t.path)}))
-    elif fmt == "auto" and sys.stdout.isatty():
+    elif fmt == "auto" and console.stdout_is_terminal():
         render.show(["name", "task", "examples", "description", "file"],
                     [[t.name, t.task, str(len(t.examples)), t.description, str(t.path)] for t in found])
     else:

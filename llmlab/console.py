@@ -25,6 +25,11 @@ def stderr() -> Console:
     return Console(file=sys.stderr, highlight=False, soft_wrap=True)
 
 
+def stdout_is_terminal() -> bool:
+    """A person reads stdout: tables instead of records (one place, so tests can say so)."""
+    return sys.stdout.isatty()
+
+
 def _interactive() -> bool:
     return sys.stderr.isatty()
 

@@ -20,14 +20,16 @@ def plain_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 def show(headers: Sequence[str], rows: Sequence[Sequence[str]], title: str | None = None,
          caption: str | None = None, footer: str | None = None) -> None:
     """A rich table on a terminal; plain text (title, header, rows, caption lines) otherwise."""
-    if sys.stdout.isatty():
+    from llmlab import console
+
+    if console.stdout_is_terminal():
         from rich.console import Console
         from rich.table import Table
 
         table = Table(*headers, title=title, caption=caption, caption_justify="left")
         for row in rows:
             table.add_row(*row)
-        out = Console()
+        out = Console(file=sys.stdout)
         out.print(table)
         if footer:
             out.print(footer, markup=False, highlight=False)
