@@ -261,12 +261,6 @@ def summarize(runs: list[dict[str, Any]], task: str) -> dict[str, Any]:
     return summary
 
 
-def validate(items: list[Item], templates: Sequence[Any], references: Sequence[str]) -> dict[str, list[str]]:
-    """Check the data against every template before any model time is spent; returns each
-    generate template's reference fields by template name."""
-    return {template.name: check_data(items, template, references) for template in templates}
-
-
 # ---------------------------------------------------------------- running
 
 
