@@ -140,7 +140,6 @@ def test_resume_after_an_interrupted_run(tiny_models, data, tmp_path, monkeypatc
         (["-i", "-", "--input-format", "csv"], 'a,b\n1,2,3\n', "error: stdin line 2: 3 columns but the header has 2", 3),
         (["-m", "nobody/none", "x"], None, "error: model 'nobody/none' is not in the local Hugging Face cache", 4),
         (["-m", "./nowhere", "x"], None, "error: model './nowhere' not found", 4),
-        (["--device", "tpu", "x"], None, "error: invalid --device 'tpu'", 2),
         (["--dtype", "int4", "x"], None, "error: Invalid value for '--dtype': 'int4' is not one of 'auto', 'float32', 'bfloat16', 'float16'.", 2),
         (["--chat", "maybe", "x"], None, "error: Invalid value for '--chat': 'maybe' is not one of 'auto', 'on', 'off'.", 2),
         (["-n", "2", "x"], None, "error: --num-return-sequences 2 needs --sample or --num-beams >= 2", 2),
@@ -156,14 +155,19 @@ def test_resume_after_an_interrupted_run(tiny_models, data, tmp_path, monkeypatc
         (["-i", "-", "x"], "a\n", "error: give either a PROMPT argument (or --var) or --input FILE, not both", 2),
     ],
 )
-def test_user_mistakes_give_one_clear_line(tiny_models, args, stdin, error, code):
-    # All but --device fail before a model loads: the model path given does not even exist.
-    model = [] if "-m" in args else ["-m", tiny_models["gpt2"] if "--device" in args else "./never-loaded"]
+def test_user_mistakes_give_one_clear_line(args, stdin, error, code):
+    # All fail before a model loads: the model path given does not even exist (no tiny models built).
+    model = [] if "-m" in args else ["-m", "./never-loaded"]
     result = invoke(["generate", *model, *args], input=stdin)
     assert result.exit_code == code, result.stderr
     assert result.stdout == ""
     assert result.stderr.startswith(error), result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_bad_device(tiny_models):
+    result = invoke(["generate", "-m", tiny_models["gpt2"], "--device", "tpu", "x"])
+    assert result.exit_code == 2 and result.stderr.startswith("error: invalid --device 'tpu'")
 
 
 def test_chat_on_without_template(tiny_models):
