@@ -64,6 +64,22 @@ def test_out_of_memory_halves_until_it_fits(lengths, fits, rows):
     assert max(s for s in sizes if s <= fits) <= fits
 
 
+def test_out_of_memory_halves_the_row_limit():
+    sizes = []
+
+    def run(batch):
+        sizes.append(len(batch))
+        if len(batch) > 2:
+            raise FakeOOM("out of memory")
+        return batch
+
+    assert run_batched(run, [5] * 7, rows=8, on_event=lambda *a: None) == list(range(7))
+    assert sizes == [7, 3, 1, 1, 1, 1, 1, 1, 1]  # 7 rows fail, 3 fail, then one at a time
+    sizes.clear()
+    run_batched(run, [5] * 7, rows=None, tokens=40, on_event=lambda *a: None)
+    assert sizes == [7, 3, 1, 1, 1, 1, 1, 1, 1]  # 40 tokens hold 8 rows of 5: the same path
+
+
 def test_out_of_memory_at_one_row_and_other_errors_propagate():
     def always_oom(batch):
         raise FakeOOM("out of memory")
