@@ -89,13 +89,16 @@ def test_label_scores_equal_a_hand_computation(lms, toy, kind, shots):
 
 @pytest.mark.parametrize("prefix, texts", [
     # the item starts right after "\n\n": the natural tokens at the seam differ from the prefix's own
-    ("Label each review.\n\nReview: great fun\nSentiment: Positive\n\n", ("a", "the movie was great", "so dull")),
-    # a prefix ending inside a word: "mo" + "vie" tokenize as one piece in the full text
-    ("Label each review.\n\nReview: great fun\nSentiment: Positive\n\nReview: the mo", ("vie", "vie was great", "od")),
+    ("Label each review.\n\nReview: great fun\nSentiment: Positive\n\n",
+     ("Review: a", "Review: the movie was great", "Review: so dull")),
+    # a prefix ending inside a word: " mo" + "vie" is one token " movie" in the full text, so
+    # the prefix's last token " mo" must not come from the cache
+    ("Label each review.\n\nReview: great fun\nSentiment: Positive\n\nReview: the mo",
+     ("vie", "vie was great", "od")),
 ])
 def test_prefix_cache_scores_the_natural_tokenization(lms, prefix, texts):
     lm = lms["llama"]
-    requests = [models.LLRequest(prefix + f"Review: {t}\nSentiment:", c, prefix=prefix)
+    requests = [models.LLRequest(prefix + f"{t}\nSentiment:", c, prefix=prefix)
                 for t in texts for c in (" positive", " Negative words")]
     cached_lengths = []
     original = lm.prefix_kv
