@@ -40,7 +40,8 @@ def llmlab_side(args: argparse.Namespace):
     seconds = time.perf_counter() - started
     built = [builder.build(item, clf.label_tokens) for item in items]
     gold = [str(r[tmpl.target]) for r in rows]
-    return lm, clf, built, [r.prediction for r in results], gold, seconds, chat
+    logprobs = [lp for r in results for lp in r.logprobs.values()]
+    return lm, clf, built, [r.prediction for r in results], gold, seconds, chat, logprobs
 
 
 def lmeval_side(lm, clf, built, batch_size: int):
@@ -59,7 +60,7 @@ def lmeval_side(lm, clf, built, batch_size: int):
     for n in range(len(built)):
         row = scores[n * k : (n + 1) * k]
         picks.append(clf.labels[max(range(k), key=row.__getitem__)])
-    return picks, seconds
+    return picks, seconds, scores
 
 
 def main() -> None:
@@ -72,8 +73,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args()
-    lm, clf, built, ours, gold, our_s, chat = llmlab_side(args)
-    theirs, their_s = lmeval_side(lm, clf, built, args.batch_size)
+    lm, clf, built, ours, gold, our_s, chat, our_lp = llmlab_side(args)
+    theirs, their_s, their_lp = lmeval_side(lm, clf, built, args.batch_size)
     import lm_eval
 
     differ = [i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b]
@@ -83,6 +84,7 @@ def main() -> None:
         "agreement": 1 - len(differ) / len(ours), "differing_items": differ,
         "accuracy_llmlab": sum(a == g for a, g in zip(ours, gold)) / len(ours),
         "accuracy_lm_eval": sum(a == g for a, g in zip(theirs, gold)) / len(ours),
+        "max_abs_logprob_diff": max(abs(a - b) for a, b in zip(our_lp, their_lp)),
         "llmlab_s": round(our_s, 2), "lm_eval_s": round(their_s, 2),
     }
     print(json.dumps(result))
