@@ -143,7 +143,8 @@ def test_calibration_on_a_fixed_distribution():
 def test_calibration_uses_content_free_inputs(lms, toy):
     lm = lms["llama"]
     builder = prompts.PromptBuilder(toy, lm.tokenizer, lm.window, prompts.BuildOptions(shots=2, selection="first"))
-    result = classify.Classifier(lm, builder, calibrate=True).classify([Item(0, ITEMS[0], "row 0")])[0]
+    clf = classify.Classifier(lm, builder, calibrate=True)
+    result = clf.classify([Item(0, ITEMS[0], "row 0")])[0]
     # p_cf by hand: each content-free input under the same two shots, each label scored straight
     # from the model's logits, softmax over labels, mean over the inputs.
     per_input = []
@@ -153,6 +154,7 @@ def test_calibration_uses_content_free_inputs(lms, toy):
         scores = [by_hand(lm, context, lm.continuation_ids(" " + v)) for v in toy.labels.values()]
         per_input.append(classify.softmax(scores))
     p_cf = [sum(p[k] for p in per_input) / len(per_input) for k in range(2)]
+    assert clf.bias([0, 1]) == pytest.approx(p_cf, rel=1e-4, abs=1e-30)  # tiny label probabilities too
     raw = list(result.raw_probabilities.values())
     assert list(result.probabilities.values()) == pytest.approx(classify.calibrate(raw, p_cf), abs=1e-5)
 
