@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = Path(os.environ.get("LLMLAB_SHARED", ROOT.parent / "shared")) / "data"
+SHARED = Path(os.environ.get("LLMLAB_SHARED", ROOT.parent / "shared")) / "data"  # LLMLAB_SHARED=/work/shared in a worktree
 
 
 def peak_rss_mb() -> float:
@@ -50,7 +50,7 @@ def naive_classify(lm, prompts, labels_text):
 
     preds = []
     for prompt in prompts:
-        ids = lm.context_ids(prompt.pieces, prompt.chat)
+        ids = lm.token_ids(prompt.text, prompt.chat)  # the whole prompt text, tokenized as a whole
         if all(len(c) == 1 for c in conts):
             last = logprobs(ids, conts[0])[-1]
             scores = [float(last[c[0]]) for c in conts]

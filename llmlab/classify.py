@@ -91,7 +91,8 @@ class Classifier:
         """(label probabilities, label log-probabilities) for each prompt."""
         from llmlab.models import LLRequest
 
-        requests = [LLRequest(p.pieces, c, p.chat) for p in prompts for c in self._continuations(p)]
+        requests = [LLRequest(p.text, c, p.chat, prefix=p.prefix, context_ids=p.ids)
+                    for p in prompts for c in self._continuations(p)]
         outputs = self.lm.loglikelihood(requests, batch_size=self.batch_size)
         k = len(self.labels)
         results = []

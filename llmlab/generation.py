@@ -74,7 +74,9 @@ def record(job: Job, output: Any, model_name: str, echo: bool) -> dict[str, Any]
 
 
 def run_batch(lm: Any, jobs: Sequence[Job], settings: Any, writer: Writer, batch_size: int | None, echo: bool) -> None:
-    """Generate for every job; each record is written and flushed, in input order, as soon as it is done."""
+    """Generate for every job. Write rule: records are written and flushed in input order, each as
+    soon as it and every input before it are done (batches of consecutive inputs run in order, so an
+    interrupted run loses at most the batch in progress)."""
     from llmlab.models import GenRequest
 
     requests = [GenRequest(j.model_text, j.chat) for j in jobs]

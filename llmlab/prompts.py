@@ -329,6 +329,8 @@ class Prompt:
     # prefix: the start of `text` before the item's own input (instruction, demonstrations, chat
     # preamble): the same for every item with the same shots, so its computation can be shared.
     prefix: str = ""
+    # ids: the tokenization of `text` that `tokens` counts (the one the model sees), or None.
+    ids: list[int] | None = field(default=None, repr=False)
 
     @property
     def pieces(self) -> tuple[str, str]:
@@ -401,7 +403,10 @@ class PromptBuilder:
         return text, plain
 
     def count(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=not self.options.chat)["input_ids"])
+        """Tokens of `text` as the model sees it; the ids of the last text counted are kept."""
+        ids = list(self.tokenizer(text, add_special_tokens=not self.options.chat)["input_ids"])
+        self._counted = (text, ids)
+        return len(ids)
 
     def budget(self, extra_tokens: int = 0) -> int | None:
         """Tokens the prompt may use: the window, less room for new tokens on decoder-only models."""
@@ -455,8 +460,9 @@ class PromptBuilder:
         split = marked.index(_QUERY_MARK)
         if text[:split] != marked[:split]:
             split = 0  # the query changed text before it (a chat template that rewrites content)
+        counted = getattr(self, "_counted", None)
         return Prompt(text, plain, o.chat, "" if o.chat else self.template.answer_prefix, shots, tokens,
-                      notes, prefix=text[:split])
+                      notes, prefix=text[:split], ids=counted[1] if counted and counted[0] == text else None)
 
     def _truncate(self, item: Item, shots: list[int], budget: int, tokens: int) -> tuple[str, str, int, list[str]]:
         """Cut the item's longest field from the left until the prompt fits."""

@@ -1,10 +1,10 @@
 import json
-import math
 
 import pytest
 
 from helpers import invoke, jsonl
 from llmlab import classify, evaluate, models, prompts
+from llmlab.errors import ContextOverflowError
 from llmlab.io import Item
 
 TEMPLATE = """\
@@ -87,21 +87,50 @@ def test_label_scores_equal_a_hand_computation(lms, toy, kind, shots):
         assert result.prediction == max(scores, key=scores.get)
 
 
-def test_prefix_cache_matches_the_plain_computation(lms):
+@pytest.mark.parametrize("prefix, texts", [
+    # the item starts right after "\n\n": the natural tokens at the seam differ from the prefix's own
+    ("Label each review.\n\nReview: great fun\nSentiment: Positive\n\n",
+     ("Review: a", "Review: the movie was great", "Review: so dull")),
+    # a prefix ending inside a word: " mo" + "vie" is one token " movie" in the full text, so
+    # the prefix's last token " mo" must not come from the cache
+    ("Label each review.\n\nReview: great fun\nSentiment: Positive\n\nReview: the mo",
+     ("vie", "vie was great", "od")),
+])
+def test_prefix_cache_scores_the_natural_tokenization(lms, prefix, texts):
     lm = lms["llama"]
-    prefix = "Label each review.\n\nReview: great fun\nSentiment: Positive\n\n"
-    requests = [models.LLRequest([prefix, f"Review: {t}\nSentiment:"], c)
-                for t in ("a", "the movie was great", "so dull") for c in (" positive", " Negative words")]
-    calls = []
-    original = lm._prefix_cache
-    lm._prefix_cache = lambda ids: calls.append(len(ids)) or original(ids)
+    requests = [models.LLRequest(prefix + f"{t}\nSentiment:", c, prefix=prefix)
+                for t in texts for c in (" positive", " Negative words")]
+    cached_lengths = []
+    original = lm.prefix_kv
+    lm.prefix_kv = lambda ids: cached_lengths.append(len(ids)) or original(ids)
     try:
         cached = lm.loglikelihood(requests, batch_size=4)
     finally:
-        lm._prefix_cache = original
-    plain = lm.loglikelihood(requests, batch_size=4, prefix_cache=False)
-    assert len(calls) == 1  # the shared prefix was encoded once
-    assert [c.logprob for c in cached] == pytest.approx([p.logprob for p in plain], abs=1e-4)
+        del lm.prefix_kv
+    assert len(cached_lengths) == 1 and cached_lengths[0] >= 8  # the shared prefix ran once
+    for request, out in zip(requests, cached):
+        context = lm.token_ids(request.context)  # the whole prompt text, tokenized as a whole
+        whole = lm.token_ids(request.context + request.continuation)
+        assert whole[: len(context)] == context
+        assert out.logprob == pytest.approx(by_hand(lm, context, whole[len(context):]), abs=1e-4)
+        assert out.tokens == len(whole) - len(context)
+
+
+def test_scored_ids_are_the_whole_texts_tokenization(lms):
+    """lm-eval's split: trailing whitespace of the context moves onto the continuation."""
+    lm = lms["llama"]
+    rows = lm.encode_pairs([models.LLRequest("Review: the movie was great\nSentiment: ", "positive"),
+                            models.LLRequest("Review: the film", " was terrible")])
+    for (ctx, cont), (head, tail) in zip(rows, [("Review: the movie was great\nSentiment:", " positive"),
+                                                ("Review: the film", " was terrible")]):
+        assert ctx + cont == lm.token_ids(head + tail)
+        assert ctx == lm.token_ids(head)
+
+
+def test_a_row_over_the_window_is_refused_not_cut(lms):
+    lm = lms["gpt2"]  # a 64-token window
+    with pytest.raises(ContextOverflowError, match="over the model's 64-token window"):
+        lm.loglikelihood([models.LLRequest("the movie was great " * 20, " positive")])
 
 
 def test_calibration_on_a_fixed_distribution():
@@ -116,11 +145,18 @@ def test_calibration_uses_content_free_inputs(lms, toy):
     builder = prompts.PromptBuilder(toy, lm.tokenizer, lm.window, prompts.BuildOptions(shots=2, selection="first"))
     clf = classify.Classifier(lm, builder, calibrate=True)
     result = clf.classify([Item(0, ITEMS[0], "row 0")])[0]
-    plain = classify.Classifier(lm, builder)._score([builder.build(Item(-1, {"text": t}, "cf"), shots=[0, 1])
-                                                     for t in classify.CONTENT_FREE])
-    p_cf = [sum(p[0][k] for p in plain) / 3 for k in range(2)]
+    # p_cf by hand: each content-free input under the same two shots, each label scored straight
+    # from the model's logits, softmax over labels, mean over the inputs.
+    per_input = []
+    for text in classify.CONTENT_FREE:
+        prompt = builder.build(Item(-1, {"text": text}, "cf"), shots=[0, 1])
+        context = lm.token_ids(prompt.text)
+        scores = [by_hand(lm, context, lm.continuation_ids(" " + v)) for v in toy.labels.values()]
+        per_input.append(classify.softmax(scores))
+    p_cf = [sum(p[k] for p in per_input) / len(per_input) for k in range(2)]
+    assert clf.bias([0, 1]) == pytest.approx(p_cf, rel=1e-4, abs=1e-30)  # tiny label probabilities too
     raw = list(result.raw_probabilities.values())
-    assert list(result.probabilities.values()) == pytest.approx(classify.calibrate(raw, p_cf), abs=1e-6)
+    assert list(result.probabilities.values()) == pytest.approx(classify.calibrate(raw, p_cf), abs=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -168,19 +204,47 @@ def test_classify_cli_jsonl(tiny_models, data, tmp_path):
     rows = jsonl(result.stdout)
     assert [r["id"] for r in rows] == [r["id"] for r in ITEMS]
     for row in rows:
-        assert row["prediction"] in ("pos", "neg") and set(row["probabilities"]) == {"pos", "neg"}
-        assert math.isclose(sum(row["probabilities"].values()), 1.0, abs_tol=1e-5)
+        assert row["prediction"] == max(row["probabilities"], key=row["probabilities"].get)
         assert row["correct"] == (row["prediction"] == row["label"]) and row["shots"] == 2
 
 
-def test_classify_cli_generate_method_and_calibrate(tiny_models, data, tmp_path):
+def test_classify_cli_generate_method(tiny_models, data, tmp_path):
     tmpl = tmp_path / "toy.yaml"
     tmpl.write_text(TEMPLATE)
-    gen = jsonl(invoke(["classify", "-m", tiny_models["llama"], "-t", tmpl, "-i", data, "--method", "generate"]).stdout)
-    assert all("completion" in r and r["prediction"] in ("pos", "neg", "unknown") for r in gen)
+    result = invoke(["classify", "-m", tiny_models["llama"], "-t", tmpl, "-i", data, "--method", "generate"])
+    assert result.exit_code == 0, result.stderr
+    rows = jsonl(result.stdout)
+    assert [r["id"] for r in rows] == [r["id"] for r in ITEMS]
+    for row in rows:  # the label is read from the model's own completion
+        assert row["prediction"] == classify.label_from_text(row["completion"], {"pos": "positive", "neg": "Negative words"})
+        assert row["probabilities"] == {k: float(k == row["prediction"]) for k in ("pos", "neg")}
+
+
+def test_classify_generate_method_reads_labels_from_completions(monkeypatch, data, tmp_path):
+    from llmlab.backends.fake import FakeLM
+
+    tmpl = tmp_path / "toy.yaml"
+    tmpl.write_text(TEMPLATE.replace("max_new_tokens: 3", "max_new_tokens: 30"))
+    fake = FakeLM(answers=[" Positive!", " negative words", " no idea", " positive", " NEGATIVE WORDS and more"])
+    monkeypatch.setattr(models, "load", lambda *args, **kwargs: fake)
+    result = invoke(["classify", "-t", tmpl, "-i", data, "--method", "generate"])
+    assert result.exit_code == 0, result.stderr
+    rows = jsonl(result.stdout)
+    assert [r["prediction"] for r in rows] == ["pos", "neg", "unknown", "pos", "neg"]
+    assert [r["completion"] for r in rows] == [" Positive!", " negative words", " no idea", " positive",
+                                               " NEGATIVE WORDS and more"]
+    assert [r["correct"] for r in rows] == [True, True, False, True, False]
+    assert [r.prompt for r in fake.requests] == [f"Label each review.\n\nReview: {r['text']}\nSentiment:" for r in ITEMS]
+
+
+def test_classify_cli_calibrate(tiny_models, data, tmp_path):
+    tmpl = tmp_path / "toy.yaml"
+    tmpl.write_text(TEMPLATE)
     cal = invoke(["classify", "-m", tiny_models["llama"], "-t", tmpl, "-i", data, "--calibrate", "-v"])
+    assert cal.exit_code == 0, cal.stderr
     assert "calibration bias p_cf (shots []): pos " in cal.stderr
-    assert all("raw_probabilities" in r for r in jsonl(cal.stdout))
+    rows = jsonl(cal.stdout)
+    assert len(rows) == len(ITEMS) and all(set(r["raw_probabilities"]) == {"pos", "neg"} for r in rows)
 
 
 def test_classify_needs_a_classify_template(tiny_models):

@@ -1,0 +1,145 @@
+"""The model interface (in the spirit of lm-evaluation-harness's `LM`): requests in, results out,
+in the same order. No torch here, so the interface, the request types and the stop-text helpers
+import instantly and serve fake backends too."""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+# on_event(level, message): how a backend reports what the user may want to know (an out-of-memory
+# retry, a stop text the tokenizer can never produce). level is a logging level (logging.INFO,
+# logging.WARNING). The CLI passes its own; library code never prints.
+EventSink = Callable[[int, str], None]
+_log = logging.getLogger("llmlab")
+
+
+def log_event(level: int, message: str) -> None:
+    """The default event sink: the standard logging module, logger 'llmlab'."""
+    _log.log(level, message)
+
+
+@dataclass
+class GenRequest:
+    """A prompt to complete. templated: the text already went through the chat template, so it
+    carries its own special tokens and the tokenizer adds none."""
+
+    prompt: str
+    templated: bool = False
+
+
+@dataclass
+class GenOutput:
+    completions: list[str]
+    prompt_tokens: int
+    completion_tokens: list[int]
+    finish_reasons: list[str]  # "stop" (end of text or a stop text) or "length" (max_new_tokens)
+
+
+@dataclass
+class LLRequest:
+    """Score `continuation` as what follows `context` (the whole prompt text, tokenized as a whole).
+
+    prefix: the start of `context` that many requests share (a few-shot prompt's instruction and
+    demonstrations); a hint a backend may use to compute it once. It never changes the result.
+    context_ids: the tokenization of `context` if the caller already has it (the prompt builder
+    counted it), so it is not tokenized twice; None = the backend tokenizes.
+    For compatibility `context` may also be a sequence of pieces: they are joined, and the first
+    piece becomes the prefix."""
+
+    context: str
+    continuation: str
+    templated: bool = False
+    prefix: str = ""
+    context_ids: list[int] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.context, str):
+            pieces = list(self.context)
+            self.context = "".join(pieces)
+            self.prefix = self.prefix or (pieces[0] if pieces else "")
+        if not self.context.startswith(self.prefix):
+            raise ValueError("LLRequest.prefix must be the start of the context")
+
+
+@dataclass
+class LLOutput:
+    logprob: float  # sum of the continuation tokens' log-probabilities, <= 0
+    tokens: int  # how many tokens the continuation has
+    greedy: bool = False  # True when every continuation token was the argmax
+
+
+class LM(ABC):
+    """What every command needs from a model. Subclasses set name, tokenizer, window (tokens the
+    model can attend to, or None), device and is_encoder_decoder."""
+
+    name: str
+    tokenizer: Any
+    window: int | None
+    device: str = "cpu"
+    is_encoder_decoder: bool = False
+    on_event: EventSink = staticmethod(log_event)
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def token_ids(self, text: str, templated: bool = False) -> list[int]:
+        """The prompt's token ids as the model sees them (templated text adds no special tokens)."""
+        return list(self.tokenizer(text, add_special_tokens=not templated)["input_ids"])
+
+    def continuation_ids(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    @abstractmethod
+    def loglikelihood(self, requests: Sequence[LLRequest], batch_size: int | None = 16,
+                      prefix_cache: bool = True) -> list[LLOutput]:
+        """log P(continuation | context) for each request, in request order."""
+
+    @abstractmethod
+    def generate(self, requests: Sequence[GenRequest], settings: Any, batch_size: int | None = 8,
+                 on_output: Callable[[int, GenOutput], None] | None = None,
+                 stream: Callable[[str], None] | None = None) -> list[GenOutput]:
+        """Complete each request, in request order. on_output(index, output) is called for each
+        input as soon as it and every input before it are done; stream(text) receives a single
+        request's completion piece by piece."""
+
+
+# ---------------------------------------------------------------- stop texts
+
+
+def cut_at_stop(text: str, stops: Sequence[str]) -> str | None:
+    """The text before the earliest stop text, or None when none occurs."""
+    hits = [text.index(s) for s in stops if s in text]
+    return text[: min(hits)] if hits else None
+
+
+class HoldBack:
+    """Streams a growing completion while never sending text past a stop text: the last
+    (longest stop - 1) characters are held back, since they might be the start of a stop text.
+    feed(piece) returns what may be sent now; feed("", end=True) flushes the rest."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = list(stops)
+        self.text = ""  # everything received
+        self.sent = 0  # characters of self.text already sent, 0 <= sent <= len(text)
+        self.stopped = False  # a stop text was seen: nothing more is ever sent
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+
+    def feed(self, piece: str, end: bool = False) -> str:
+        if self.stopped:
+            return ""
+        self.text += piece
+        cut = cut_at_stop(self.text, self.stops)
+        if cut is not None:
+            self.stopped = True
+            upto = len(cut)
+        elif end:
+            upto = len(self.text)
+        else:
+            upto = max(self.sent, len(self.text) - self.hold)
+        out = self.text[self.sent : upto] if upto > self.sent else ""
+        self.sent = max(self.sent, upto)
+        return out

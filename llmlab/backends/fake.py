@@ -1,0 +1,99 @@
+"""FakeLM: a model that needs no torch, for fast tests of everything above the model boundary
+(like `llm`'s MockModel). Completions come from a queue; scores are deterministic; every request
+is recorded in `requests`.
+
+    lm = FakeLM(answers=["positive", "negative"])
+    monkeypatch.setattr(llmlab.models, "load", lambda *a, **k: lm)
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any, Callable, Sequence
+
+from llmlab.backends.base import LM, GenOutput, GenRequest, HoldBack, LLOutput, LLRequest, cut_at_stop
+
+
+class CharTokenizer:
+    """One token per character (id = code point + 3): any text encodes, counts are predictable.
+    0 is padding, 1 end of text, 2 beginning of text (added to untemplated text when bos=True)."""
+
+    pad_token_id, eos_token_id, bos_token_id = 0, 1, 2
+    pad_token, eos_token = "<pad>", "</s>"
+
+    def __init__(self, chat_template: str | None = None, bos: bool = False, model_max_length: int = 4096):
+        self.chat_template = chat_template
+        self.bos = bos
+        self.model_max_length = model_max_length
+
+    def _ids(self, text: str, add_special_tokens: bool) -> list[int]:
+        return ([self.bos_token_id] if self.bos and add_special_tokens else []) + [ord(c) + 3 for c in text]
+
+    def __call__(self, text: str | Sequence[str], add_special_tokens: bool = True) -> dict[str, Any]:
+        if isinstance(text, str):
+            return {"input_ids": self._ids(text, add_special_tokens)}
+        return {"input_ids": [self._ids(t, add_special_tokens) for t in text]}
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        return "".join(chr(i - 3) for i in ids if i > 2)
+
+    def apply_chat_template(self, messages: list[dict[str, str]], tokenize: bool = False,
+                            add_generation_prompt: bool = False) -> str:
+        text = "".join(f"<|{m['role']}|>{m['content']}\n" for m in messages)
+        return text + ("<|assistant|>" if add_generation_prompt else "")
+
+
+class FakeLM(LM):
+    """answers: completions handed out in order (then `default`); score(request) -> log-probability
+    (default: a stable hash of context and continuation, so different labels score differently)."""
+
+    def __init__(self, answers: Sequence[str] = (), default: str = "", name: str = "fake",
+                 score: Callable[[LLRequest], float] | None = None, window: int | None = 4096,
+                 tokenizer: Any = None, is_encoder_decoder: bool = False):
+        self.name = name
+        self.tokenizer = tokenizer or CharTokenizer(model_max_length=window or 4096)
+        self.window = window
+        self.device = "cpu"
+        self.is_encoder_decoder = is_encoder_decoder
+        self.model = None
+        self.answers = list(answers)
+        self.default = default
+        self.score = score or self._hash_score
+        self.requests: list[GenRequest | LLRequest] = []  # everything asked, in order
+
+    @staticmethod
+    def _hash_score(request: LLRequest) -> float:
+        return -(zlib.crc32(f"{request.context}\x00{request.continuation}".encode()) % 1000) / 100
+
+    def loglikelihood(self, requests: Sequence[LLRequest], batch_size: int | None = 16,
+                      prefix_cache: bool = True) -> list[LLOutput]:
+        self.requests.extend(requests)
+        return [LLOutput(self.score(r), max(1, len(r.continuation))) for r in requests]
+
+    def generate(self, requests: Sequence[GenRequest], settings: Any, batch_size: int | None = 8,
+                 on_output: Callable[[int, GenOutput], None] | None = None,
+                 stream: Callable[[str], None] | None = None) -> list[GenOutput]:
+        """The next queued answer per request (and per return sequence), cut to max_new_tokens
+        characters and before a stop text; on_output is called per input, in order."""
+        outputs = []
+        for i, request in enumerate(requests):
+            self.requests.append(request)
+            texts, counts, reasons = [], [], []
+            for _ in range(settings.num_return_sequences):
+                answer = self.answers.pop(0) if self.answers else self.default
+                text = answer[: settings.max_new_tokens]
+                cut = cut_at_stop(text, settings.stop)
+                reasons.append("stop" if cut is not None or len(answer) <= settings.max_new_tokens else "length")
+                texts.append(text if cut is None else cut)
+                counts.append(len(texts[-1]))
+            output = GenOutput(texts, len(self.token_ids(request.prompt, request.templated)), counts, reasons)
+            if stream and len(requests) == 1:
+                hold = HoldBack(settings.stop)
+                for piece in list(answer[: settings.max_new_tokens]) + [""]:
+                    sent = hold.feed(piece, end=piece == "")
+                    if sent:
+                        stream(sent)
+            outputs.append(output)
+            if on_output:
+                on_output(i, output)
+        return outputs

@@ -1,0 +1,105 @@
+"""Scoring for HFLM: log P(continuation | context) from one forward pass per batch. Rows are
+(context ids, continuation ids); the model reads context + continuation[:-1] and the outputs at
+the last len(continuation) positions predict the continuation's tokens."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from llmlab.backends.base import LLOutput
+
+
+def pad(rows: Sequence[list[int]], pad_id: int, left: bool, device: str) -> tuple[Any, Any]:
+    """(ids, mask), both [len(rows), longest]: rows padded with pad_id on the left (decoder-only:
+    the last real token of every row ends up in the last column) or the right (encoder inputs).
+    mask is 1 on real tokens, 0 on padding."""
+    import torch
+
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        span = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[i, span] = torch.tensor(row, dtype=torch.long)
+        mask[i, span] = 1
+    return ids.to(device), mask.to(device)
+
+
+def causal(lm: Any, rows: Sequence[tuple[list[int], list[int]]], cache: Any = None, past: int = 0) -> list[LLOutput]:
+    """Decoder-only scoring of rows, optionally continuing a cached prefix of `past` tokens.
+    Identical inputs run once (single-token labels of one prompt share context + [] as input)."""
+    import torch
+
+    from llmlab import prefix_cache
+
+    seqs: dict[tuple[int, ...], int] = {}
+    which = [seqs.setdefault(tuple(ctx + cont[:-1]), len(seqs)) for ctx, cont in rows]
+    ids, mask = pad([list(s) for s in seqs], lm.tokenizer.pad_token_id, left=True, device=lm.device)
+    keep = max(len(cont) for _, cont in rows)  # only the last `keep` positions' logits are needed
+    params = lm.forward_params()
+    if cache is not None:
+        kwargs = prefix_cache.extend(cache, past, ids, mask, params, lm.cache_kwarg())
+    else:
+        kwargs = {"input_ids": ids, "attention_mask": mask}
+        if "position_ids" in params:  # left padding must not shift the positions of real tokens
+            kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+    if "logits_to_keep" in params:
+        kwargs["logits_to_keep"] = keep
+    with torch.inference_mode():
+        logits = lm.model(**kwargs).logits[:, -keep:, :]
+    return gather(logits, which, [cont for _, cont in rows], align_right=True)
+
+
+def seq2seq(lm: Any, rows: Sequence[tuple[list[int], list[int]]]) -> list[LLOutput]:
+    """Encoder reads each distinct context once; the decoder scores every continuation in one pass."""
+    import torch
+
+    contexts: dict[tuple[int, ...], int] = {}
+    for ctx, _ in rows:
+        contexts.setdefault(tuple(ctx), len(contexts))
+    pad_id = lm.tokenizer.pad_token_id
+    enc_ids, enc_mask = pad([list(c) for c in contexts], pad_id, left=False, device=lm.device)
+    start = lm.model.config.decoder_start_token_id
+    start = pad_id if start is None else start
+    dec_ids, dec_mask = pad([[start] + cont[:-1] for _, cont in rows], pad_id, left=False, device=lm.device)
+    which = torch.tensor([contexts[tuple(ctx)] for ctx, _ in rows], device=enc_ids.device)
+    with torch.inference_mode():
+        encoded = lm.model.get_encoder()(input_ids=enc_ids, attention_mask=enc_mask).last_hidden_state
+        logits = lm.model(
+            encoder_outputs=(encoded.index_select(0, which),),
+            attention_mask=enc_mask.index_select(0, which),
+            decoder_input_ids=dec_ids,
+            decoder_attention_mask=dec_mask,
+        ).logits
+    return gather(logits, list(range(len(rows))), [cont for _, cont in rows], align_right=False)
+
+
+def gather(logits: Any, which: Sequence[int], conts: Sequence[list[int]], align_right: bool) -> list[LLOutput]:
+    """Sum the log-probabilities of each continuation, read from row which[k] of logits [B, W, V].
+
+    All on the device, then ONE device->host copy for the whole batch (a float() or bool() per row
+    would wait for the device once per row). align_right: the continuation sits in the last
+    len(cont) positions of its row (left-padded decoder-only rows), else in the first (decoder).
+    """
+    import torch
+
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # always float32, whatever the model dtype
+    width = logprobs.shape[1]
+    longest = max(len(c) for c in conts)
+    device = logprobs.device
+    # targets/valid [R, longest]: continuation tokens, left-aligned, zero-padded; valid marks real ones.
+    targets = torch.zeros((len(conts), longest), dtype=torch.long)
+    valid = torch.zeros((len(conts), longest), dtype=torch.bool)
+    starts = torch.zeros(len(conts), dtype=torch.long)  # where each continuation starts in its row
+    for k, cont in enumerate(conts):
+        targets[k, : len(cont)] = torch.tensor(cont, dtype=torch.long)
+        valid[k, : len(cont)] = True
+        starts[k] = width - len(cont) if align_right else 0
+    targets, valid = targets.to(device), valid.to(device)
+    positions = (starts[:, None] + torch.arange(longest)[None, :]).clamp(max=width - 1).to(device)
+    rows = torch.tensor(list(which), dtype=torch.long, device=device)[:, None].expand(-1, longest)
+    picked = logprobs[rows, positions, targets].masked_fill(~valid, 0.0)  # [R, longest]
+    best = logprobs.argmax(-1)[rows, positions]  # the greedy token at each position
+    greedy = ((best == targets) | ~valid).all(-1)
+    sums, flags = torch.stack([picked.sum(-1), greedy.float()]).cpu().tolist()
+    return [LLOutput(s, len(c), bool(f)) for s, c, f in zip(sums, conts, flags)]

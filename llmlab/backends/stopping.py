@@ -1,0 +1,58 @@
+"""Stop texts for transformers' generate(), with any tokenizer: a stopping criterion that decodes
+each row's new tokens and looks for the stop texts in the text (transformers' own `stop_strings`
+needs every stop text to be reachable through its token table and refuses e.g. "\\n" for T5),
+and a streamer that never sends text past a stop text."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+from llmlab.backends.base import HoldBack
+
+
+def reachable(tokenizer: Any, stop: str) -> bool:
+    """Whether decoded text can ever contain `stop`: its own tokenization must decode back to a
+    text holding it. T5 normalises "\\n" to a space, so "\\n\\n" comes back as "" and can't occur."""
+    ids = tokenizer(stop, add_special_tokens=False)["input_ids"]
+    return stop in tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def criteria(tokenizer: Any, stops: Sequence[str], start: int) -> Any:
+    """A StoppingCriteriaList that ends each row on its own once its decoded new tokens
+    (input_ids[:, start:]) contain a stop text. Rows that stopped stay stopped; transformers pads
+    them while the other rows go on, so each row's text equals what it would be alone."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class StopTexts(StoppingCriteria):
+        def __init__(self) -> None:
+            self.done: list[bool] = []  # per row of input_ids: a stop text has appeared
+
+        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+            if not self.done:
+                self.done = [False] * input_ids.shape[0]
+            live = [r for r, stopped in enumerate(self.done) if not stopped]
+            # One device->host copy per step for the rows still running, then one decode call.
+            texts = tokenizer.batch_decode(input_ids[live, start:].tolist(), skip_special_tokens=True)
+            for r, text in zip(live, texts):
+                self.done[r] = any(s in text for s in stops)
+            return torch.tensor(self.done, dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([StopTexts()])
+
+
+def streamer(tokenizer: Any, emit: Callable[[str], None], stops: Sequence[str]) -> Any:
+    """A transformers TextStreamer that forwards text through HoldBack (see there)."""
+    from transformers import TextStreamer
+
+    class Streamer(TextStreamer):
+        def __init__(self) -> None:
+            super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+            self.hold = HoldBack(stops)
+
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            out = self.hold.feed(text, end=stream_end)
+            if out:
+                emit(out)
+
+    return Streamer()

@@ -1,0 +1,114 @@
+"""Prefix grouping and the KV prefix cache for scoring with decoder-only models.
+
+A few-shot prompt is the same instruction and demonstrations for every item, then the item. The
+tokens of that shared start are run through the model once; its keys and values (the KV cache) are
+then reused by every row that starts with exactly those tokens, so each row only computes its own
+tail. Exactness: the cache of tokens t[:K] is exact for a row iff the row's own tokens start with
+t[:K] (causal attention: position j only sees positions <= j). Rows are tokenized as a whole (the
+natural tokenization of the full prompt), so at the seam between prefix and item the tokens may
+merge differently than in the prefix alone; K is therefore the number of leading tokens a row
+actually shares with the prefix's tokenization, checked per row, never assumed."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+# A shared start shorter than this many tokens is not worth a cache of its own.
+MIN_PREFIX = 8
+
+
+def shared_len(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens a and b share, by binary search over slice comparisons (each one
+    runs in C): a[:n] == b[:n] holds for every n up to the answer and for none above it."""
+    low, high = 0, min(len(a), len(b))
+    if a[:high] == b[:high]:
+        return high
+    while low < high - 1:  # invariant: a[:low] == b[:low], a[:high] != b[:high]
+        mid = (low + high) // 2
+        if a[:mid] == b[:mid]:
+            low = mid
+        else:
+            high = mid
+    return low
+
+
+@dataclass
+class Group:
+    prefix_ids: list[int]  # the tokens whose KV cache is computed once; len = K
+    members: list[int]  # request indexes whose rows start with prefix_ids (and go past it)
+
+
+def plan(prefixes: Sequence[tuple[Any, list[int]] | None], rows: Sequence[tuple[list[int], list[int]]]) -> list[Group]:
+    """Groups of rows that can share a cached prefix.
+
+    prefixes[i]: (key, the prefix's own token ids) for request i, or None when it has no prefix;
+    rows[i]: (context ids, continuation ids). Row i can use the first k_i prefix tokens, where k_i
+    is what it shares with the prefix, at most len(context) - 1 (the last context token must stay
+    in the row: its output predicts the first continuation token). For each prefix, K is chosen
+    to save the most work (K x rows that reach K); rows with k_i < K are left to the plain path.
+    """
+    reach: dict[Any, list[tuple[int, int]]] = {}  # key -> [(request index, k_i)]
+    tokens: dict[Any, list[int]] = {}
+    for i, entry in enumerate(prefixes):
+        if entry is None:
+            continue
+        key, prefix_ids = entry
+        ctx, cont = rows[i]
+        k = min(shared_len(ctx + cont, prefix_ids), len(ctx) - 1)
+        if k >= MIN_PREFIX:
+            reach.setdefault(key, []).append((i, k))
+            tokens[key] = prefix_ids
+    groups = []
+    for key, found in reach.items():
+        counts = Counter(k for _, k in found)
+        best, saved, covered = 0, 0, 0
+        for k in sorted(counts, reverse=True):  # rows reaching k or further, longest k first
+            covered += counts[k]
+            if k * covered > saved:
+                best, saved = k, k * covered
+        members = [i for i, k in found if k >= best]
+        if len(members) >= 2:
+            groups.append(Group(tokens[key][:best], members))
+    return groups
+
+
+def compute(model: Any, ids: list[int], device: str, cache_kwarg: str) -> Any:
+    """The KV cache of `ids` (one row), computed once: keys and values of every layer, each
+    [1, kv_heads, len(ids), head_dim]."""
+    import torch
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        model(input_ids=torch.tensor([ids], device=device), use_cache=True, **{cache_kwarg: cache})
+    return cache
+
+
+def extend(cache: Any, past: int, ids: Any, mask: Any, forward_params: set[str],
+           cache_kwarg: str) -> dict[str, Any]:
+    """forward() keyword arguments for a batch of left-padded rows [B, T] that continue a cached
+    prefix of `past` tokens.
+
+    - The cache is copied and repeated per row ([1, ...] -> [B, ...]): forward() appends the rows'
+      own keys and values to it, so the shared original must stay untouched for the next batch.
+    - Position ids: a row's first real token sits right after the prefix, at position `past`;
+      left padding must not shift it, so positions count real tokens only (cumsum of the mask)
+      and pad positions are clamped to a valid index (their output is ignored).
+    - The attention mask covers prefix + row: ones for the `past` cached positions (every row sees
+      the whole prefix), then the row's own mask (0 on its left padding).
+    """
+    import copy
+
+    import torch
+
+    rows = ids.shape[0]
+    batch_cache = copy.deepcopy(cache)
+    batch_cache.batch_repeat_interleave(rows)
+    kwargs: dict[str, Any] = {"input_ids": ids, cache_kwarg: batch_cache, "use_cache": True}
+    if "position_ids" in forward_params:
+        kwargs["position_ids"] = past + (mask.cumsum(-1) - 1).clamp(min=0)
+    ones = torch.ones((rows, past), dtype=mask.dtype, device=mask.device)
+    kwargs["attention_mask"] = torch.cat([ones, mask], dim=1)
+    return kwargs
