@@ -647,3 +647,8 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+from llmlab import runs_cli  # noqa: E402  (runs, compare, report)
+
+runs_cli.register(app)
