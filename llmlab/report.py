@@ -75,9 +75,9 @@ def confusions(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------- SVG and HTML pieces
 
 
-def svg_curve(series: list[dict[str, Any]], width: int = 640, height: int = 340) -> str:
+def svg_curve(series: list[dict[str, Any]], width: int = 720, height: int = 340) -> str:
     """Line chart: x = shots, y = metric (0-100 %), error bars = ± std over seeds; dashed = calibrated."""
-    left, right, top, bottom = 56, 180, 20, 44
+    left, right, top, bottom = 56, 250, 20, 44  # margins; the legend sits in the right one
     shots = sorted({p[0] for s in series for p in s["points"]})
     x_of = {s: left + (i + 0.5) * (width - left - right) / len(shots) for i, s in enumerate(shots)}
     hi = max(min(1.0, max(p[1] + p[2] for s in series for p in s["points"]) * 1.1), 0.05)
