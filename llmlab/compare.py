@@ -158,8 +158,10 @@ def variants(templates: Sequence[Any], models: Sequence[str], presets: Sequence[
     """Every template x model x preset; at least two, all of one task."""
     found = []
     for t, m, p in itertools.product(templates or [None], models or [None], presets or [None]):
-        parts = [x for x in (t.name if t else None, m, p.stem if p else None) if x]
-        found.append(Variant(" / ".join(parts) or "default", t, m, p))
+        # A variant's label names only what varies: the template, the model (its folder's name), the preset.
+        parts = [t.name if len(templates) > 1 else None, Path(m).name if m and len(models) > 1 else None,
+                 p.stem if p and len(presets) > 1 else None]
+        found.append(Variant(" / ".join(x for x in parts if x) or "default", t, m, p))
     if len(found) < 2:
         raise UsageError("nothing to compare: give two or more --template, --model or --config")
     tasks = {v.template.task if v.template else "generate" for v in found}
