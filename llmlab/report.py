@@ -172,7 +172,7 @@ table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 7px;verti
 .muted{color:#777}
 """
 
-JS = """
+JS = r"""
 const prompts = JSON.parse(document.getElementById('prompts').textContent);
 let mode = 'all';
 function apply() {
@@ -191,11 +191,18 @@ for (const b of document.querySelectorAll('#filters button')) b.onclick = () => 
   apply();
 };
 if (document.getElementById('combo')) document.getElementById('combo').onchange = apply;
+function show(n) {
+  const pre = document.getElementById('prompt');
+  pre.textContent = prompts[n]; pre.classList.remove('muted');
+}
 document.getElementById('matrix').onclick = (e) => {
-  const td = e.target.closest('td.cell'); if (!td) return;
-  document.getElementById('prompt').textContent = prompts[+td.dataset.p];
+  const td = e.target.closest('td.cell'); if (td) show(+td.dataset.p);
 };
-apply();
+// Links into the page: #differing or #wrong picks the filter, #p12 shows prompt 12.
+const want = location.hash.slice(1);
+const button = document.querySelector(`#filters button[data-mode="${want}"]`);
+if (button) button.click(); else apply();
+if (/^p\d+$/.test(want) && prompts[+want.slice(1)] !== undefined) show(+want.slice(1));
 """
 
 

@@ -25,7 +25,8 @@ combo=runlog.combo(shots=4, seed=1, calibrate=True)). An eval run logs its metri
          "metrics": {"rouge1": 0.3, "rouge2": 0.1, "rougeL": 0.25, "exact_match": 0.0}},  # generate
     ]})
 
-one entry per template x shots x seed x calibration (log.result(...) appends one and re-saves).
+one entry per template x shots x seed x calibration (log.result(...) appends one and re-saves;
+log.eval_combo(result) logs every seed of an evaluate.run_combo() result, e.g. from evaluate's on_result).
 """
 
 from __future__ import annotations
@@ -232,6 +233,12 @@ class Run:
                               "calibrate": calibrate, **more, "metrics": metrics})
         self.metrics({"results": self._results})
 
+    def eval_combo(self, combo_result: dict[str, Any]) -> None:
+        """Log each seed of one evaluate.run_combo() result (its "runs" list) in the results shape."""
+        for r in combo_result["runs"]:
+            self.result(combo_result["template"], combo_result["task"], combo_result["shots"], r["seed"],
+                        combo_result["calibrate"], r["metrics"], items=r["items"], seconds=r["seconds"])
+
     def update(self, model: str | None = None, device: str | None = None) -> None:
         """Fill in what is known only once the model is loaded (open the run before loading it)."""
         with self._lock, transaction(self.db):
@@ -281,6 +288,7 @@ class NoRun:
     def metrics(self, metrics: dict[str, Any]) -> None: ...
     def result(self, *args: Any, **kwargs: Any) -> None: ...
     def update(self, *args: Any, **kwargs: Any) -> None: ...
+    def eval_combo(self, combo_result: dict[str, Any]) -> None: ...
     def finish(self, status: str = "complete") -> None: ...
     def __enter__(self) -> "NoRun":
         return self

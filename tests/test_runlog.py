@@ -224,3 +224,14 @@ def test_wal_mode(home):
     runlog.connect().close()
     db = sqlite3.connect(home / "runs.db")
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_eval_combo_logs_each_seed(home):
+    combo_result = {"template": "sentiment", "task": "classify", "shots": 1, "calibrate": False, "seeds": [0, 1],
+                    "runs": [{"seed": s, "metrics": {"accuracy": a}, "items": 4, "seconds": 0.5}
+                             for s, a in [(0, 0.25), (1, 0.75)]]}
+    with runlog.open_run("eval") as log:
+        log.eval_combo(combo_result)
+    results = runlog.get_run(runlog.connect(), log.id)["metrics"]["results"]
+    assert [(r["seed"], r["shots"], r["metrics"]["accuracy"], r["items"]) for r in results] == [
+        (0, 1, 0.25, 4), (1, 1, 0.75, 4)]
