@@ -8,6 +8,7 @@ variant as a run. Everything it needs from the model side goes through `run_vari
 from __future__ import annotations
 
 import itertools
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -92,13 +93,18 @@ def matrix(runs: Sequence[dict[str, Any]], items_of: Callable[[int], list[dict[s
                 correct = None if task != "classify" or item["gold"] is None else item["prediction"] == item["gold"]
                 cells.setdefault(at, {})[column] = Cell(value or "", correct, item["prompt"] or "",
                                                         item.get("probabilities"))
-    ordered = sorted(rows.values(), key=lambda r: (r.combo, r.index, r.key))
+    ordered = sorted(rows.values(), key=lambda r: (_natural(r.combo), r.index, r.key))
     for row in ordered:
         row.cells = [cells[(row.combo, row.key)].get(n) for n in range(len(columns))]
     tasks = {c.task for c in columns}
     result = Matrix(tasks.pop() if len(tasks) == 1 else "mixed", columns, ordered)
     _score(result)
     return result
+
+
+def _natural(text: str) -> list[Any]:
+    """Sort key: numbers as numbers ("shots=4" before "shots=16")."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
 
 def _score(m: Matrix) -> None:

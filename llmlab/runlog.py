@@ -209,6 +209,20 @@ class Run:
         self._results: list[dict[str, Any]] = []
         self._lock = threading.Lock()  # items may arrive from a worker thread
         self._old_sigterm: Any = None
+        self.broken = False  # a write failed: log nothing more
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[None]:
+        """One transaction. A log that fails mid-run (disk full, a lock held too long) warns once and
+        stops logging: the run itself, and its output file, go on. Callers return early when broken."""
+        try:
+            with self._lock, transaction(self.db):
+                yield
+        except sqlite3.Error as exc:
+            from llmlab import console
+
+            self.broken = True
+            console.warn(f"run log {db_path()}: {exc}; run {self.id} is logged only up to here")
 
     def item(self, index: int, prompt: str | None = None, output: str | None = None, prediction: str | None = None,
              probabilities: dict[str, float] | None = None, gold: Any = None, extra: dict[str, Any] | None = None,
@@ -216,14 +230,18 @@ class Run:
         """Log one finished item (committed at once). key: the input's identity (its id, else index)."""
         row = (self.id, index, key or f"index:{index}", template, combo, prompt, output, prediction,
                None if gold is None else str(gold), _json(probabilities), _json(extra), time.time())
-        with self._lock, transaction(self.db):
+        if self.broken:
+            return
+        with self._write():
             self.db.execute("INSERT INTO items (run_id, idx, key, template, combo, prompt, output, prediction, "
                             "gold, probabilities, extra, created) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", row)
             self.db.execute("UPDATE runs SET n_items = n_items + 1 WHERE id = ?", (self.id,))
 
     def metrics(self, metrics: dict[str, Any]) -> None:
         """Save (replace) the run's metrics."""
-        with self._lock, transaction(self.db):
+        if self.broken:
+            return
+        with self._write():
             self.db.execute("UPDATE runs SET metrics = ? WHERE id = ?", (_json(metrics), self.id))
 
     def result(self, template: str, task: str, shots: int, seed: int, calibrate: bool, metrics: dict[str, Any],
@@ -241,12 +259,16 @@ class Run:
 
     def update(self, model: str | None = None, device: str | None = None) -> None:
         """Fill in what is known only once the model is loaded (open the run before loading it)."""
-        with self._lock, transaction(self.db):
+        if self.broken:
+            return
+        with self._write():
             self.db.execute("UPDATE runs SET model = coalesce(?, model), device = coalesce(?, device) WHERE id = ?",
                             (model, device, self.id))
 
     def finish(self, status: str = "complete") -> None:
-        with self._lock, transaction(self.db):
+        if self.broken:
+            return
+        with self._write():
             self.db.execute("UPDATE runs SET status = ?, finished = ?, seconds = ? WHERE id = ?",
                             (status, time.time(), time.perf_counter() - self.started, self.id))
 

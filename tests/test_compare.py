@@ -213,3 +213,10 @@ def test_compare_two_models_generate_no_log(tiny_models, home, tmp_path):
 def test_compare_mistakes_fail_before_loading(home, args, message):
     result = invoke(["compare", "-m", "/no/such/model", "-i", runfixtures.DATA, *args])
     assert result.exit_code == 2 and message in result.stderr and result.stdout == ""
+
+
+def test_matrix_orders_combinations_numerically():
+    items = [{"idx": 0, "key": "index:0", "combo": runlog.combo(s, 0), "template": "t", "prompt": "p", "prediction": "a",
+              "output": None, "gold": "a", "probabilities": None, "extra": None} for s in (16, 4, 0)]
+    m = compare.matrix([{"id": 1}], lambda _: items)
+    assert [r.combo for r in m.rows] == ["shots=0 seed=0", "shots=4 seed=0", "shots=16 seed=0"]

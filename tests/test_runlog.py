@@ -235,3 +235,14 @@ def test_eval_combo_logs_each_seed(home):
     results = runlog.get_run(runlog.connect(), log.id)["metrics"]["results"]
     assert [(r["seed"], r["shots"], r["metrics"]["accuracy"], r["items"]) for r in results] == [
         (0, 1, 0.25, 4), (1, 1, 0.75, 4)]
+
+
+def test_a_failing_log_warns_once_and_the_run_goes_on(home, capsys):
+    with runlog.open_run("generate") as log:
+        log.item(0, "p0", output="o0")
+        log.db.execute("DROP TABLE items")  # the log breaks mid-run
+        log.item(1, "p1", output="o1")
+        log.item(2, "p2", output="o2")
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and f"run {log.id} is logged only up to here" in err
+    assert log.broken
