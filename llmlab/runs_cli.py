@@ -163,9 +163,18 @@ def runs_search(text: Annotated[str, typer.Argument(help="Words to find in promp
         for item in found:
             print(json.dumps(item, ensure_ascii=False))
         return
-    _print_table(["run", "command", "#", "prompt", "output / prediction"],
-                 [[str(i["run_id"]), i["command"], str(i["idx"]), _cut(i["prompt"] or "", 50),
-                   _cut(i["output"] or i["prediction"] or "", 50)] for i in found])
+    _print_table(["run", "command", "#", "combination", "prompt", "output / prediction"],
+                 [[str(i["run_id"]), i["command"], str(i["idx"]), i["combo"], _around(i["prompt"] or "", text),
+                   _around(i["output"] or i["prediction"] or "", text)] for i in found])
+
+
+def _around(text: str, query: str, width: int = 50) -> str:
+    """The part of `text` around the first word of `query` it contains (a search hit in context)."""
+    flat = " ".join(text.split())
+    hits = [flat.lower().find(w.lower()) for w in query.split()]
+    at = min((h for h in hits if h >= 0), default=0)
+    start = max(0, min(at - width // 3, len(flat) - width))
+    return ("..." if start else "") + _cut(flat[start:], width)
 
 
 def _metric_rows(runs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
