@@ -320,11 +320,13 @@ class NoRun:
 
 def open_run(command: str, argv: Sequence[str] | None = None, config: dict[str, Any] | None = None,
              model: str | None = None, templates: Any = None, device: str | None = None,
-             data: str | None = None, no_log: bool = False, path: Path | str | None = None) -> Run | NoRun:
-    """Start a run (status partial). templates: a prompts.Template, a list of them, or None.
+             data: str | None = None, no_log: bool = False, path: Path | str | None = None,
+             template: Any = None) -> Run | NoRun:
+    """Start a run (status partial). templates (or template): a prompts.Template, a list of them, or None.
     Raises DataError (with the fix) when the log can't be opened; call it before any model time."""
     if not enabled(no_log):
         return NoRun()
+    templates = templates if templates is not None else template
     if templates is not None and not isinstance(templates, (list, tuple)):
         templates = [templates]
     db = connect(path)

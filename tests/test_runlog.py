@@ -50,7 +50,7 @@ def test_llmlab_log_env(monkeypatch, value, on):
 
 def test_a_run_records_everything(home):
     with runlog.open_run("classify", ["llmlab", "classify", "-t", "sentiment"], {"shots": 2}, model="tiny",
-                         templates=FakeTemplate(), device="cpu", data="d.jsonl") as log:
+                         template=FakeTemplate(), device="cpu", data="d.jsonl") as log:
         log.item(0, "Review: good", prediction="positive", probabilities={"positive": 0.9, "negative": 0.1},
                  gold="positive", key="id:r1", extra={"input": {"text": "good"}})
         log.metrics({"accuracy": 1.0})
