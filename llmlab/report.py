@@ -225,7 +225,8 @@ def render(runs: Sequence[dict[str, Any]], m: compare.Matrix, title: str | None 
     picker = ('<select id="combo"><option value="">every combination</option>' +
               "".join(f'<option value="{html.escape(c)}">{html.escape(c)}</option>' for c in combos) +
               "</select>") if combos else ""
-    data = json.dumps(prompts, ensure_ascii=False).replace("</", "<\\/")  # safe inside <script>
+    # Every "<" as \u003c: no prompt text can end (or confuse) the <script> element holding them.
+    data = json.dumps(prompts, ensure_ascii=False).replace("<", "\\u003c")
     title = title or "llmlab report: runs " + ", ".join(f"#{r['id']}" for r in runs)
     return f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>

@@ -63,8 +63,8 @@ def test_html_is_self_contained(page):
     text = page.read_text()
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", text)  # nothing fetched from anywhere
     assert "<svg" in text and "<polyline" in text and 'id="matrix"' in text
-    prompts = json.loads(html.unescape(re.search(r'id="prompts">(.*?)</script>', text, re.S).group(1))
-                         .replace("<\\/", "</"))
+    # raw JSON inside <script> (not HTML-escaped), with "</" written "<\/" so no prompt can end the script
+    prompts = json.loads(re.search(r'id="prompts">(.*?)</script>', text, re.S).group(1))
     exact = [i["prompt"] for i in runlog.items(runlog.connect(), 1)]
     assert exact[0] in prompts and len(prompts) == 2 * 168
 
@@ -127,3 +127,14 @@ def test_report_of_a_missing_run(runs, tmp_path):
     result = invoke(["report", "1", "7", "-o", tmp_path / "r.html"])
     assert result.exit_code == 3 and "no run 7 in" in result.stderr
     assert not (tmp_path / "r.html").exists()
+
+
+def test_prompts_and_outputs_cannot_break_the_page():
+    from llmlab import compare
+
+    nasty = 'Review: </script><script>alert(1)</script> & "quotes"'
+    items = [{"idx": 0, "key": "index:0", "combo": "", "template": "t", "prompt": nasty, "prediction": "<b>pos</b>",
+              "output": None, "gold": "pos", "probabilities": None, "extra": {"input": {"text": "<i>x</i>"}}}]
+    page = report.render([], compare.matrix([{"id": 1}], lambda _: items), title="t")
+    assert "<script>alert(1)" not in page and "<b>pos</b>" not in page and "<i>x</i>" not in page
+    assert json.loads(re.search(r'id="prompts">(.*?)</script>', page, re.S).group(1)) == [nasty]
