@@ -75,6 +75,12 @@ def confusions(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------- SVG and HTML pieces
 
 
+def _colors(series: list[dict[str, Any]]) -> list[str]:
+    """One colour per run x template; its calibrated line shares it (and is dashed)."""
+    bases = list(dict.fromkeys(s["label"].removesuffix(" calibrated") for s in series))
+    return [COLORS[bases.index(s["label"].removesuffix(" calibrated")) % len(COLORS)] for s in series]
+
+
 def svg_curve(series: list[dict[str, Any]], width: int = 720, height: int = 340) -> str:
     """Line chart: x = shots, y = metric (0-100 %), error bars = ± std over seeds; dashed = calibrated."""
     left, right, top, bottom = 56, 250, 20, 44  # margins; the legend sits in the right one
@@ -96,8 +102,7 @@ def svg_curve(series: list[dict[str, Any]], width: int = 720, height: int = 340)
     parts.append(f'<text x="{(left + width - right) / 2:.0f}" y="{height - 6}" text-anchor="middle">shots</text>'
                  f'<text transform="translate(14 {(top + height - bottom) / 2:.0f}) rotate(-90)" '
                  f'text-anchor="middle">{html.escape(metric)} %</text>')
-    for n, s in enumerate(series):
-        color = COLORS[n % len(COLORS)]
+    for n, (s, color) in enumerate(zip(series, _colors(series))):
         dash = ' stroke-dasharray="6 4"' if s["calibrated"] else ""
         pts = " ".join(f"{x_of[p[0]]:.1f},{y(p[1]):.1f}" for p in s["points"])
         parts.append(f'<polyline points="{pts}" fill="none" stroke="{color}" stroke-width="2"{dash}/>')
@@ -256,9 +261,9 @@ def write_pngs(runs: Sequence[dict[str, Any]], folder: Path) -> list[Path]:
     series = sweep(runs)
     if series:
         fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-        for n, s in enumerate(series):
+        for s, color in zip(series, _colors(series)):
             xs, means, stds = [p[0] for p in s["points"]], [p[1] * 100 for p in s["points"]], [p[2] * 100 for p in s["points"]]
-            ax.errorbar(xs, means, yerr=stds, label=s["label"], color=COLORS[n % len(COLORS)], capsize=3,
+            ax.errorbar(xs, means, yerr=stds, label=s["label"], color=color, capsize=3,
                         linestyle="--" if s["calibrated"] else "-", marker="o")
         ax.set_xlabel("shots")
         ax.set_ylabel(f"{series[0]['metric']} %")
