@@ -220,3 +220,15 @@ def test_matrix_orders_combinations_numerically():
               "output": None, "gold": "a", "probabilities": None, "extra": None} for s in (16, 4, 0)]
     m = compare.matrix([{"id": 1}], lambda _: items)
     assert [r.combo for r in m.rows] == ["shots=0 seed=0", "shots=4 seed=0", "shots=16 seed=0"]
+
+
+def test_cli_import_stays_light():
+    import subprocess
+    import sys
+
+    code = ("import sys, llmlab.cli; heavy = {'torch', 'transformers', 'sqlite3', 'matplotlib', 'rouge_score', "
+            "'llmlab.runlog', 'llmlab.report', 'llmlab.compare'}; print(sorted(heavy & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "[]", out.stderr
+    commands = subprocess.run([sys.executable, "-m", "llmlab", "--help"], capture_output=True, text=True, timeout=60)
+    assert all(name in commands.stdout for name in ("runs", "compare", "report"))
