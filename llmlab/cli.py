@@ -331,6 +331,9 @@ def eval_cmd(
 
 
 from llmlab import cli_prompt  # noqa: E402,F401 - registers `prompt` and `models` on app
+from llmlab import runs_cli  # noqa: E402  (runs, compare, report)
+
+runs_cli.register(app)
 
 
 def main() -> None:
@@ -339,3 +342,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
