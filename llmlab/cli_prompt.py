@@ -132,15 +132,17 @@ def models_cmd(
 
     With sizes on disk and whether each runs offline. Converted GGUF copies live in LLMLAB_CACHE.
     """
-    from llmlab import catalog, render
+    from llmlab import modelcache, render
 
     fmt = _list_format(format)
-    found = catalog.cached_models()
+    found = modelcache.cached_models()
     if fmt == "jsonl":
         for m in found:
-            print(json.dumps({"name": m.name, "kind": m.kind, "size": m.size, "offline": m.offline, "where": m.where}))
+            print(json.dumps({"name": m.name, "kind": m.source, "size": m.size, "offline": m.offline,
+                              "where": m.path or m.note, "note": m.note}))
         return
-    rows = [[m.name, m.kind, render.size_text(m.size), "yes" if m.offline else "no", m.where] for m in found]
+    rows = [[m.name, m.source, render.size_text(m.size), "yes" if m.offline else "no", m.path or m.note]
+            for m in found]
     if fmt == "auto":
         render.show(["model", "kind", "size", "offline", "where"], rows)
     else:

@@ -259,7 +259,7 @@ def _config_facts(ref: ModelRef) -> Any | None:
 def load_tokenizer(spec: str | None) -> tuple[Any, int | None, bool]:
     """The model's tokenizer, context window and whether it is encoder-decoder, without any weights.
     A converted or saved model needs neither torch nor the model code for this."""
-    from llmlab.models import context_window
+    from llmlab.backends.hf import context_window
 
     _quiet_transformers()
     ref = resolve_model(spec)
@@ -364,7 +364,7 @@ def load(spec: str | None, device: str = "auto", dtype: str = "auto") -> Any:
     _quiet_transformers()
     from transformers import AutoConfig
 
-    from llmlab.models import LM
+    from llmlab.backends.hf import HFLM as LM
 
     ref = resolve_model(spec)
     device_name = resolve_device(device)
