@@ -574,7 +574,9 @@ def prompt_list(
 
     from llmlab import prompts
 
-    found = prompts.list_templates(prompts_dir or [])
+    found, problems = prompts.scan_templates(prompts_dir or [])
+    for problem in problems:  # a broken file is named, never hides the others
+        console.warn(problem)
     if format == "auto" and sys.stdout.isatty():
         from rich.console import Console
         from rich.table import Table
@@ -634,11 +636,16 @@ def prompt_render(
         for note in built.notes:
             console.warn(note)
         console.note(f"{item.source}: {built.tokens} tokens{limit} ({len(built.shots)} shots)")
+        seen = prompts.model_view(tokenizer, built.text)  # after the tokenizer's normalisation (T5: no newlines)
+        if seen != built.text and n == 0:
+            console.note(f"shown as the model sees it: {model or 'the model'}'s tokenizer normalises the template "
+                         "text (e.g. newlines become spaces)")
         if format == "jsonl":
-            print(json.dumps({"index": item.index, **item.fields, "prompt": built.text, "tokens": built.tokens,
-                              "shots": len(built.shots)}, ensure_ascii=False), flush=True)
+            extra = {"model_text": seen} if seen != built.text else {}
+            print(json.dumps({"index": item.index, **item.fields, "prompt": built.text, **extra,
+                              "tokens": built.tokens, "shots": len(built.shots)}, ensure_ascii=False), flush=True)
         else:
-            print(("-" * 40 + "\n" if n else "") + built.text, flush=True)
+            print(("-" * 40 + "\n" if n else "") + seen, flush=True)
 
 
 def main() -> None:
