@@ -117,7 +117,7 @@ def _model(model, device, dtype, chat):
     return ModelConfig(model, device, value(dtype), value(chat))
 
 
-def _prompt(template, shots=0, selection=None, seed=None, shot_format=None, overflow=Overflow.drop_shots,
+def _prompt(template, shots=None, selection=None, seed=None, shot_format=None, overflow=Overflow.drop_shots,
             examples=None, prompts_dir=None, var=None):
     from llmlab.config import PromptConfig
 
@@ -158,7 +158,7 @@ def generate(
     resume: Resume = False,
     echo: Annotated[bool, typer.Option(rich_help_panel=IO_PANEL, help="Print the prompt before the completion.")] = False,
     template: TemplateOpt = None,
-    shots: Shots = 0,
+    shots: Shots = None,
     shot_selection: ShotSelection = None,
     shot_format: ShotFormatOpt = None,
     overflow: OverflowOpt = Overflow.drop_shots,
@@ -207,7 +207,7 @@ def classify(
     calibrate: Annotated[bool, typer.Option(rich_help_panel=CLASSIFY_PANEL,
                                             help="Contextual calibration: divide out the label bias measured on "
                                             "content-free inputs (N/A, empty, [MASK]); -v shows it.")] = False,
-    shots: Shots = 0,
+    shots: Shots = None,
     shot_selection: ShotSelection = None,
     seed: ShotSeed = None,
     shot_format: ShotFormatOpt = None,

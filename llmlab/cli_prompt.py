@@ -37,7 +37,9 @@ def prompt_list(prompts_dir: PromptsDir = None, format: ListFormat = "auto") -> 
 
     fmt = _list_format(format)
     config.check_prompts_dirs(list(prompts_dir or []))
-    found = prompts.list_templates(prompts_dir or [])
+    found, problems = prompts.scan_templates(prompts_dir or [])
+    for problem in problems:  # a broken file is named on stderr; it never hides the others
+        console.warn(problem)
     if fmt == "jsonl":
         for t in found:
             print(json.dumps({"name": t.name, "task": t.task, "examples": len(t.examples),
@@ -76,7 +78,7 @@ def prompt_render(
     offset: Offset = 0,
     limit: Limit = None,
     var: Vars = None,
-    shots: Shots = 0,
+    shots: Shots = None,
     shot_selection: ShotSelection = None,
     seed: ShotSeed = None,
     shot_format: ShotFormatOpt = None,
@@ -113,12 +115,15 @@ def prompt_render(
     counts = []
     for n, r in enumerate(run.prompts):
         counts.append(r.prompt.tokens)
+        if n == 0 and r.seen != r.prompt.text:
+            console.note(f"shown as the model sees it: {model or 'the model'}'s tokenizer normalises the template "
+                         "text (e.g. newlines become spaces)")
         if input is None or verbose:
             console.note(f"{r.item.source}: {r.prompt.tokens} tokens{of} ({len(r.prompt.shots)} shots)")
         if format == "jsonl":
             print(json.dumps(session.render_record(r), ensure_ascii=False), flush=True)
         else:
-            print(("-" * 40 + "\n" if n else "") + r.prompt.text, flush=True)
+            print(("-" * 40 + "\n" if n else "") + r.seen, flush=True)
     if input is not None and not verbose and counts:
         console.note(render.token_summary(counts, run.window, run.budget))
 

@@ -100,7 +100,7 @@ class ModelConfig:
 @dataclass
 class PromptConfig:
     template: Optional[str] = None  # name or .yaml path; None = plain prompts
-    shots: int = 0  # demonstrations per prompt, >= 0
+    shots: int | None = None  # demonstrations per prompt, >= 0; None: the template's `shots:` (else 0)
     selection: Optional[str] = None  # None = balanced for classify templates, else first
     seed: Optional[int] = None  # shot draw seed; None = 0
     shot_format: Optional[str] = None  # None = the template's, else turns

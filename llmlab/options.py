@@ -129,8 +129,8 @@ TemplateOpt = Annotated[
                                 help="A prompt template: a name from `llmlab prompt list` or a .yaml path.")
 ]
 Shots = Annotated[
-    int, typer.Option(rich_help_panel=PROMPT_PANEL,
-                      help="Demonstrations in the prompt: 0 = zero-shot, 1 = one-shot, N = few-shot.")
+    Optional[int], typer.Option(rich_help_panel=PROMPT_PANEL, show_default="the template's shots:, else 0",
+                                help="Demonstrations in the prompt: 0 = zero-shot, 1 = one-shot, N = few-shot.")
 ]
 ShotSelection = Annotated[
     Optional[Selection], typer.Option(show_default="balanced for classify templates, else first",

@@ -15,14 +15,16 @@ from llmlab.errors import ContextOverflowError, DataError, TemplateError, UsageE
 from llmlab.io import Item
 
 _QUERY_MARK = "\x00query\x00"
-BUILTIN_DIR = Path(__file__).resolve().parent.parent / "prompts"
+# The shipped templates: top-level prompts/ in a source checkout (and an editable install); a wheel
+# carries the same files as package data, llmlab/_prompts (pyproject.toml maps prompts/ there).
+SOURCE_DIR = Path(__file__).resolve().parent.parent / "prompts"
 TASKS = ("generate", "classify")
 SELECTIONS = ("first", "random", "balanced")
 SHOT_FORMATS = ("turns", "inline")
 OVERFLOW_MODES = ("drop-shots", "truncate", "error")
 KEYS = {
     "name", "description", "task", "instruction", "input", "target", "labels", "separator",
-    "answer_prefix", "examples", "generation", "shot_format", "references", "chat",
+    "answer_prefix", "examples", "generation", "shot_format", "references", "chat", "shots", "calibrate",
 }
 
 
@@ -47,6 +49,8 @@ class Template:
     shot_format: str | None = None  # default --shot-format for chat models
     chat: str | None = None  # default --chat (auto, on, off) for this template
     references: list[str] = field(default_factory=list)  # extra reference fields for eval
+    shots: int | None = None  # default --shots when the user gives none (None: zero-shot)
+    calibrate: bool | None = None  # default --calibrate for classify when the user gives none (None: off)
     source_text: str = ""
 
     @property
@@ -94,42 +98,65 @@ def fill(text: str, values: dict[str, Any], where: str) -> str:
 # ---------------------------------------------------------------- loading
 
 
+def builtin_dir() -> Path:
+    """The shipped templates' folder: the installed package data, else the source tree's prompts/."""
+    from importlib import resources
+
+    packaged = resources.files("llmlab") / "_prompts"
+    if packaged.is_dir():
+        return Path(str(packaged))  # a wheel install: always a real folder in site-packages
+    return SOURCE_DIR
+
+
 def search_dirs(extra: Sequence[str] = ()) -> list[Path]:
     dirs = [Path(d) for d in extra]
     env = os.environ.get("LLMLAB_PROMPTS", "")
     dirs += [Path(d) for d in env.split(os.pathsep) if d]
-    dirs.append(BUILTIN_DIR)
+    dirs.append(builtin_dir())
     return dirs
 
 
-def list_templates(extra: Sequence[str] = ()) -> list[Template]:
-    found, seen = [], set()
+def scan_templates(extra: Sequence[str] = ()) -> tuple[list[Template], list[str]]:
+    """(templates, problems): every template that loads, first of each name in search order, and one
+    message per file that does not (a broken file never hides the others)."""
+    found, seen, problems = [], set(), []
     for folder in search_dirs(extra):
         if not folder.is_dir():
             continue
         for path in sorted(folder.glob("*.y*ml")):
-            template = load_template(str(path))
+            try:
+                template = load_template(str(path))
+            except TemplateError as exc:
+                problems.append(f"skipped template {path}: {exc}")
+                continue
             if template.name not in seen:
                 seen.add(template.name)
                 found.append(template)
-    return found
+    return found, problems
+
+
+def list_templates(extra: Sequence[str] = ()) -> list[Template]:
+    """The templates that load (see scan_templates for the files that don't)."""
+    return scan_templates(extra)[0]
 
 
 def find_template(name_or_path: str, extra: Sequence[str] = ()) -> Template:
-    """A template by path, or by name (file stem or `name:`) in --prompts-dir, LLMLAB_PROMPTS, prompts/."""
+    """A template by path, or by name (file stem or `name:`) in --prompts-dir, LLMLAB_PROMPTS, prompts/.
+    A broken file is an error only when it is the one asked for."""
     path = Path(name_or_path).expanduser()
     if path.is_file():
         return load_template(str(path))
-    if path.suffix in (".yaml", ".yml") or os.sep in name_or_path:
+    if path.suffix in (".yaml", ".yml") or "/" in name_or_path or os.sep in name_or_path:
         raise TemplateError(f"template file '{name_or_path}' not found")
     for folder in search_dirs(extra):
         for candidate in (folder / f"{name_or_path}.yaml", folder / f"{name_or_path}.yml"):
             if candidate.is_file():
                 return load_template(str(candidate))
-    for template in list_templates(extra):
+    found, _ = scan_templates(extra)
+    for template in found:
         if template.name == name_or_path:
             return template
-    names = ", ".join(t.name for t in list_templates(extra)) or "none"
+    names = ", ".join(t.name for t in found) or "none"
     raise TemplateError(f"no template named '{name_or_path}' (available: {names}); or pass a path to a .yaml file")
 
 
@@ -166,6 +193,7 @@ def load_template(path_text: str) -> Template:
         chat = "on" if chat else "off"
     if chat is not None and chat not in ("auto", "on", "off"):
         raise TemplateError(f"{where}: chat must be auto, on or off, not '{chat}'")
+    shots, calibrate = _defaults(raw, task, where)
     references = raw.get("references") or []
     if isinstance(references, str):
         references = [references]
@@ -184,6 +212,8 @@ def load_template(path_text: str) -> Template:
         shot_format=shot_format,
         chat=chat,
         references=list(references),
+        shots=shots,
+        calibrate=calibrate,
         source_text=path.read_text(encoding="utf-8"),
     )
     template.fields  # placeholders are checked here
@@ -199,7 +229,23 @@ def load_template(path_text: str) -> Template:
         raise TemplateError(f"{where}: 'examples' must be a list of mappings or a path to a JSONL/CSV file")
     template.examples = examples
     check_examples(template, examples, where)
+    if template.shots and not examples:
+        raise TemplateError(f"{where}: 'shots: {template.shots}' needs 'examples' to draw demonstrations from")
     return template
+
+
+def _defaults(raw: dict[str, Any], task: str, where: str) -> tuple[int | None, bool | None]:
+    """The template's `shots:` (an integer >= 0) and `calibrate:` (true/false, classify only)."""
+    shots, calibrate = raw.get("shots"), raw.get("calibrate")
+    if shots is not None and (isinstance(shots, bool) or not isinstance(shots, int) or shots < 0):
+        raise TemplateError(f"{where}: 'shots' must be a whole number >= 0, not '{shots}'")
+    if shots and not raw.get("target"):
+        raise TemplateError(f"{where}: 'shots: {shots}' needs 'target', the field shown as each demonstration's answer")
+    if calibrate is not None and not isinstance(calibrate, bool):
+        raise TemplateError(f"{where}: 'calibrate' must be true or false, not '{calibrate}'")
+    if calibrate and task != "classify":
+        raise TemplateError(f"{where}: 'calibrate' applies to classify templates only")
+    return shots, calibrate
 
 
 def _labels(raw: Any, where: str) -> dict[str, str]:
@@ -297,15 +343,19 @@ class BuildOptions:
     overflow: str = "drop-shots"
     max_new_tokens: int = 0  # room to leave in the window (decoder-only models)
     pool_is_data: bool = False  # the examples are the input file itself: leave each item out
+    calibrate: bool = False  # classify: contextual calibration (read by the caller, not the builder)
 
 
-def options_for(template: Template, shots: int = 0, selection: str | None = None, seed: int | None = None,
+def options_for(template: Template, shots: int | None = None, selection: str | None = None, seed: int | None = None,
                 chat: bool = False, shot_format: str | None = None, overflow: str = "drop-shots",
-                max_new_tokens: int = 0, default_selection: str = "first") -> BuildOptions:
-    """BuildOptions with the template's defaults filled in: balanced shots for classify templates
-    (else `default_selection`), seed 0, the template's shot format (else turns)."""
+                max_new_tokens: int = 0, default_selection: str = "first",
+                calibrate: bool | None = None) -> BuildOptions:
+    """BuildOptions with the template's defaults filled in where the caller passes None: the template's
+    `shots:` (else 0) and `calibrate:` (else off), balanced shots for classify templates (else
+    `default_selection`), seed 0, the template's shot format (else turns)."""
     return BuildOptions(
-        shots=shots,
+        shots=(template.shots or 0) if shots is None else shots,
+        calibrate=bool(template.calibrate) if calibrate is None else calibrate,
         selection=selection or ("balanced" if template.task == "classify" else default_selection),
         seed=0 if seed is None else seed,
         chat=chat,
@@ -505,6 +555,14 @@ def make_builder(template: Template, tokenizer: Any, window: int | None, options
     if input_path and input_path != "-" and pool_path is not None:
         options.pool_is_data = Path(input_path).resolve() == pool_path
     return PromptBuilder(template, tokenizer, window, options, pool, encoder_decoder)
+
+
+def model_view(tokenizer: Any, text: str) -> str:
+    """The prompt as the model sees it: its token ids decoded back to text. It differs from `text` where
+    the tokenizer normalises: T5's turns every newline and run of spaces into one space, and a character
+    outside its vocabulary (`{`, `<`, `~`...) into <unk>."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
 def require_fields(items: Sequence[Item], template: Template) -> None:

@@ -124,7 +124,7 @@ class Session:
 
 def check_prompt_options(prompt: PromptConfig) -> None:
     """Option values a prompt builder would reject, rejected before the model loads."""
-    if prompt.shots < 0:
+    if prompt.shots is not None and prompt.shots < 0:
         raise UsageError(f"invalid --shots {prompt.shots}: must be >= 0")
     cfgmod.check_prompts_dirs(prompt.prompts_dir)
 
@@ -337,6 +337,7 @@ def _check_classify_options(cfg: ClassifyConfig) -> None:
 class Rendered:
     item: Any
     prompt: Any  # prompts.Prompt
+    seen: str  # the prompt as the model sees it: decoded from its ids (T5 normalises newlines to spaces)
 
 
 @dataclass
@@ -369,7 +370,8 @@ def render(cfg: RenderConfig, hooks: Hooks = Hooks()) -> RenderRun:
             built = builder.build(item)
             for note in built.notes:
                 hooks.warn(note)
-            yield Rendered(item, built)
+            # What the model sees after the tokenizer's normalisation (T5: newlines become spaces).
+            yield Rendered(item, built, prompts.model_view(tokenizer, built.text))
 
     return RenderRun(window, builder.budget(), each())
 
@@ -377,7 +379,8 @@ def render(cfg: RenderConfig, hooks: Hooks = Hooks()) -> RenderRun:
 def render_record(r: Rendered) -> dict[str, Any]:
     """A `prompt render -f jsonl` record; `templated` says the prompt went through the chat template,
     so `generate --input` sends it as it is."""
-    return {"index": r.item.index, **r.item.fields, "prompt": r.prompt.text, "templated": r.prompt.chat,
+    extra = {"model_text": r.seen} if r.seen != r.prompt.text else {}
+    return {"index": r.item.index, **r.item.fields, "prompt": r.prompt.text, **extra, "templated": r.prompt.chat,
             "tokens": r.prompt.tokens, "shots": len(r.prompt.shots)}
 
 
