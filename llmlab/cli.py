@@ -647,3 +647,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+from llmlab import learn_cli  # noqa: E402
+learn_cli.register(app)
