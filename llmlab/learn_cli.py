@@ -145,7 +145,7 @@ def tokenize(
             shown = generation.chat_text(tokenizer, [{"role": "user", "content": plain}]) if use_chat else plain
             toks = tokens.tokenize(tokenizer, shown, add_special_tokens=not use_chat)
         limit = f" of the {window}-token context window ({len(toks) / window:.1%})" if window else ""
-        summary = f"{len(toks)} tokens{limit} · {type(tokenizer).__name__} of {model or models.DEFAULT_MODEL}"
+        summary = f"{len(toks)} tokens{limit} · tokenizer of {model or models.DEFAULT_MODEL}"
         if piped:
             for t in toks:
                 print(json.dumps(tokens.record(t, item.index), ensure_ascii=False))

@@ -97,7 +97,7 @@ def walk(lm: Any, text: str, chat: bool, settings: Any, steps: int = 1, show: in
     if lm.window and not encoder_decoder and len(prompt) + steps > lm.window:
         raise ContextOverflowError(f"the prompt has {len(prompt)} tokens; {steps} more do not fit the model's "
                                    f"{lm.window}-token window: shorten the prompt or use fewer --steps")
-    start = lm.model.config.decoder_start_token_id
+    start = getattr(lm.model.config, "decoder_start_token_id", None)
     start = lm.tokenizer.pad_token_id if start is None else start
     generated: list[int] = []
     chain = processors(settings)

@@ -57,7 +57,9 @@ def tokenize(tokenizer: Any, text: str, add_special_tokens: bool = True) -> list
     encoded = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
     ids = [int(i) for i in encoded["input_ids"]]
     pieces = tokenizer.convert_ids_to_tokens(ids)
-    specials = set(tokenizer.all_special_ids)
+    specials = set(tokenizer.all_special_ids)  # the named ones (BOS, EOS, pad...) and added special tokens:
+    specials |= {i for i, t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items()
+                 if getattr(t, "special", False)}
     # added: BOS/EOS the tokenizer puts in, with no text behind them (offsets (0, 0)).
     added = [i in specials and s == e for i, (s, e) in zip(ids, encoded["offset_mapping"])]
     spans = [list(o) for o in encoded["offset_mapping"]]
