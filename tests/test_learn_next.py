@@ -73,7 +73,7 @@ def test_matches_generates_own_scores(loaded):
 
 
 @pytest.mark.parametrize("kind", ["llama", "t5"])
-@pytest.mark.parametrize("mode", [["--greedy"], ["--sample", "--seed", "3", "--top-k", "20"]])
+@pytest.mark.parametrize("mode", [["--greedy"], ["--sample", "--seed", "3", "--top-k", "20"], ["--sample", "--seed", "5"]])
 def test_walking_k_steps_gives_what_generate_gives(tiny_models, kind, mode):
     walked = jsonl(invoke(["next", "-m", tiny_models[kind], PROMPT, "--steps", 6, *mode]).stdout)
     made = invoke(["generate", "-m", tiny_models[kind], PROMPT, "--max-new-tokens", 6, *mode, "-f", "jsonl"])
