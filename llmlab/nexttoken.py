@@ -149,7 +149,7 @@ def _next_logits(lm: Any, prompt: list[int], context: list[int]) -> Any:
 # ---------------------------------------------------------------- showing
 
 
-def bar(p: float, width: int = 20) -> str:
+def bar(p: float, width: int = 12) -> str:
     """A horizontal bar of p in [0, 1] with eighth-block resolution."""
     eighths = round(p * width * 8)
     return "█" * (eighths // 8) + ("", "▏", "▎", "▍", "▌", "▋", "▊", "▉")[eighths % 8]

@@ -163,7 +163,7 @@ def budget_line(b: Budget) -> str:
 
 
 def render(tokens: list[Token], console: Any) -> None:
-    """The text as coloured token spans, then the ids in the same colours (terminal view)."""
+    """The text as coloured token spans, the pieces between bars, then the ids in the same colours."""
     from rich.text import Text
 
     spans, ids = Text(), Text()
@@ -176,6 +176,9 @@ def render(tokens: list[Token], console: Any) -> None:
         ids.append(str(t.id), style=style)
         ids.append(" ")
     console.print(spans)
+    console.print()
+    # the same split in plain characters (readable without colours): pieces between bars
+    console.print("|".join(visible(t.text or t.token) for t in tokens), markup=False)
     console.print()
     console.print(ids)
 

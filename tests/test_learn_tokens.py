@@ -49,7 +49,7 @@ def test_terminal_view_exact():
     result = invoke(["tokenize", "-m", T5_TOKENIZER, "Hello world!", "-f", "text"])
     assert result.exit_code == 0, result.stderr
     assert result.stdout == (
-        "Hello world!</s>\n\n8774 296 55 1 \n\n"
+        "Hello world!</s>\n\nHello|␣world|!|</s>\n\n8774 296 55 1 \n\n"
         f"4 tokens of the 512-token context window (0.8%) · tokenizer of {T5_TOKENIZER}\n"
     )
 
