@@ -39,6 +39,8 @@ def test_t5_and_smollm2_split_the_same_text_differently(smollm2_cache):
     # The ids the Hugging Face T5 docs give for this sentence; SentencePiece marks spaces with ▁, adds </s>.
     assert [r["id"] for r in t5] == [6536, 43, 118, 2008, 24, 293, 53, 3, 9, 1782, 19, 207, 21, 25, 1]
     assert [r["token"] for r in t5][5:9] == ["▁own", "ing", "▁", "a"]
+    assert [r["text"] for r in t5][5:9] == [" own", "ing", " ", "a"]  # ▁ stands for the space before it
+    assert "".join(r["text"] for r in t5) == text
     smol = jsonl(invoke(["tokenize", text]).stdout)  # the embedded SmolLM2: byte-level BPE, Ġ for a space
     assert [r["token"] for r in smol][:3] == ["Studies", "Ġhave", "Ġbeen"]
     assert "".join(r["text"] for r in smol) == text and len(smol) != len(t5)
