@@ -68,7 +68,7 @@ def _stdout():
     return Console(highlight=False, soft_wrap=True)
 
 
-def _text(text: Optional[str], what: str, example: str) -> Optional[str]:
+def _text(text: Optional[str]) -> Optional[str]:
     """The argument, else piped stdin, else None."""
     if text is not None:
         return text
@@ -117,9 +117,9 @@ def tokenize(
         else:
             io.require_field(items, field)
     elif tmpl is not None:
-        items = [_template_item(tmpl, _text(text, "text", ""), var)]
+        items = [_template_item(tmpl, _text(text), var)]
     else:
-        found = _text(text, "text", "")
+        found = _text(text)
         if found is None:
             raise UsageError('no text: run llmlab tokenize "some text", pipe it on stdin, or use --input FILE')
         items = [io.Item(0, {field: found}, "the text")]
@@ -289,7 +289,7 @@ def next_token(
         repetition_penalty=repetition_penalty, seed=seed))
     if steps < 1 or show < 1:
         raise UsageError(f"invalid --steps {steps} / --show {show}: both must be >= 1")
-    text = _text(prompt, "prompt", "")
+    text = _text(prompt)
     if text is None:
         raise UsageError('no prompt: run llmlab next "your prompt" or pipe one on stdin')
     lm = models.load(model, device, dtype)
