@@ -333,7 +333,10 @@ def eval_cmd(
 from llmlab import cli_prompt  # noqa: E402,F401 - registers `prompt` and `models` on app
 from llmlab import runs_cli  # noqa: E402  (runs, compare, report)
 
+from llmlab import learn_cli  # noqa: E402  (tokenize, info, next, lab)
+
 runs_cli.register(app)
+learn_cli.register(app)
 
 
 def main() -> None:
@@ -342,4 +345,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-

@@ -277,7 +277,6 @@ def test_bad_template_defaults(tmp_path, body, error):
         prompts.load_template(str(path))
 
 
-@pytest.mark.xfail(strict=True, reason="needs terminal branch: CLI --shots defaults to None, then the template's")
 def test_render_uses_the_template_shots(tiny_models, tmp_path):
     (tmp_path / "toy.yaml").write_text(TEMPLATE + "shots: 2\n")
     result = invoke(["prompt", "render", "toy", "--prompts-dir", tmp_path, "-m", tiny_models["llama"], "--var", "text=x"])

@@ -1,0 +1,114 @@
+"""llmlab lab: driven through a pseudo-terminal (keys in, screen out) and as a piped script."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import invoke, jsonl
+
+pexpect = pytest.importorskip("pexpect")
+pyte = pytest.importorskip("pyte")
+ROOT = Path(__file__).resolve().parents[1]
+UP = "\x1b[A"
+
+
+class Terminal:
+    """`llmlab lab` in a pty, its output fed to a terminal emulator so the test reads the screen."""
+
+    def __init__(self, args, env):
+        self.screen = pyte.Screen(120, 40)
+        self.stream = pyte.ByteStream(self.screen)
+        self.child = pexpect.spawn(sys.executable, ["-m", "llmlab", "lab", *args], cwd=str(ROOT), env=env,
+                                   dimensions=(40, 120), timeout=120)
+
+    def wait_for(self, text, times=1):
+        """Read output until `text` is on the screen `times` times."""
+        while self.text().count(text) < times:
+            try:
+                self.stream.feed(self.child.read_nonblocking(4096, timeout=120))
+            except pexpect.TIMEOUT:
+                raise AssertionError(f"{text!r} not on the screen:\n{self.text()}") from None
+        return self.text()
+
+    def text(self):
+        return "\n".join(line.rstrip() for line in self.screen.display)  # (so a bare prompt reads "lab>")
+
+    def send(self, keys):
+        self.child.send(keys)
+
+
+@pytest.fixture
+def env(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), LLMLAB_CACHE=str(tmp_path / "cache"), COLUMNS="120",
+               HF_HUB_OFFLINE="1", PROMPT_TOOLKIT_NO_CPR="1", TERM="xterm")
+    env.pop("LLMLAB_MODEL", None)
+    return env
+
+
+def test_lab_in_a_terminal(tiny_models, env, tmp_path):
+    expected = jsonl(invoke(["generate", "-m", tiny_models["llama"], "the movie was", "--max-new-tokens", 4,
+                             "-f", "jsonl"]).stdout)[0]["completion"]
+    term = Terminal(["-m", str(tiny_models["llama"])], env)
+    term.wait_for("lab>")
+    term.send("/set max_new_tokens 4\r")
+    term.wait_for("max_new_tokens = 4")
+    term.send("the movie was\r")
+    screen = term.wait_for("lab> the movie was\n" + expected.split("\n")[0] + "\nlab>")  # then a fresh prompt
+    assert expected.strip() and screen.count("lab>") == 3
+    term.send(UP + UP + "\r")  # arrow-key history: back to "/set max_new_tokens 4"
+    term.wait_for("max_new_tokens = 4", times=2)
+    term.send(UP + UP + "\r")  # and back to the prompt: the same greedy completion again
+    term.wait_for("lab> the movie was\n" + expected.split("\n")[0], times=2)
+    term.send("/show\r")
+    term.wait_for("lab> /show\nthe movie was\nlab>")
+    term.send("/set temperature 0.5\r")
+    term.wait_for("temperature = 0.5 (sampling on)")
+    preset = tmp_path / "preset.yaml"
+    term.send(f"/save {preset}\r")
+    term.wait_for("saved 8 settings")
+    term.send("/nonsense\r")
+    term.wait_for("error: unknown command /nonsense; /help lists them")
+    term.send("/quit\r")
+    term.child.expect(pexpect.EOF)
+    term.child.close()
+    assert term.child.exitstatus == 0
+    from llmlab import settings
+
+    saved = settings.build(settings.load_preset(preset))
+    assert (saved.max_new_tokens, saved.temperature, saved.do_sample) == (4, 0.5, True)
+    history = (tmp_path / "cache" / "lab-history").read_text()
+    assert "+the movie was" in history  # kept for the next session's arrow keys
+
+
+def test_lab_script_from_stdin(tiny_models, tmp_path):
+    single = invoke(["generate", "-m", tiny_models["t5"], "Review: great Sentiment:", "--max-new-tokens", 3])
+    script = "\n".join([
+        "/set max_new_tokens 3",
+        "/template sentiment",
+        "/shots 1",
+        "great",
+        "/show",
+        "/tokens",
+        "/next",
+        "/template off",
+        "Review: great Sentiment:",
+        "/quit",
+        "never run",
+    ]) + "\n"
+    result = invoke(["lab", "-m", tiny_models["t5"]], input=script)
+    assert result.exit_code == 0, result.stderr
+    out = result.stdout
+    assert "Classify the sentiment of each movie review as Positive or Negative.\n\nReview:" in out  # /show
+    assert "token budget (1 shots)" in out and "demonstration 1" in out  # /tokens with a template
+    assert "step 1: next token after" in out  # /next
+    assert result.stderr.splitlines()[:3] == ["max_new_tokens = 3", "template: sentiment", "shots: 1"]
+    assert single.stdout.strip() and out.endswith(single.stdout)  # the plain prompt completes as generate does
+
+
+def test_lab_bad_setting_keeps_the_session(tiny_models):
+    result = invoke(["lab", "-m", tiny_models["llama"]], input="/set top_p 7\n/set\n/quit\n")
+    assert result.exit_code == 0
+    assert "error: invalid --top-p 7.0: must be in (0, 1] (1 = no limit)" in result.stderr
+    assert "top_p = 1.0" in result.stdout  # the bad value was not kept
