@@ -364,7 +364,7 @@ def generate(
         items = [io.Item(0, {field: text}, "the prompt")]
         single = output is None and format == "auto"
     sink = io.Output(output, format, resume=resume)
-    todo = [it for it in items if it.key not in sink.done]
+    todo = sink.pending(items)
     if resume and len(todo) < len(items):
         console.info(f"--resume: {len(items) - len(todo)} of {len(items)} inputs already done")
     if not todo:
@@ -456,7 +456,7 @@ def classify(
         items = _template_items(tmpl, text if text is not None else _single_prompt(None), var)
     prompts.require_fields(items, tmpl)
     sink = io.Output(output, format, resume=resume, text_key="prediction")
-    todo = [it for it in items if it.key not in sink.done]
+    todo = sink.pending(items)
     if not todo:
         return
     lm, builder = _load_for_template(model, device, dtype, chat, tmpl, shots, shot_selection, seed, shot_format,
