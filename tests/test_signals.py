@@ -72,14 +72,14 @@ def runs(tiny_models, tmp_path_factory):
     (root / "gen.jsonl").write_text("".join(json.dumps({"id": f"g{i}", "prompt": p}) + "\n"
                                             for i, p in enumerate(prompts)))
     (root / "cls.jsonl").write_text("".join(json.dumps({"text": f"{candidates[i * 7 % len(candidates)]} {i}"}) + "\n"
-                                            for i in range(640)))
+                                            for i in range(192)))
     (root / "toy.yaml").write_text('task: classify\ninput: "Review: {text}\\nSentiment:"\ntarget: label\n'
                                    "labels: {pos: positive, neg: negative}\n")
     commands = {
         "generate": ["generate", "-m", str(tiny_models["llama"]), "-i", str(root / "gen.jsonl"),
-                     "--max-new-tokens", "40", "--batch-size", "2"],
+                     "--max-new-tokens", "24", "--batch-size", "2"],
         "classify": ["classify", "-m", str(tiny_models["llama"]), "-t", str(root / "toy.yaml"),
-                     "-i", str(root / "cls.jsonl"), "--batch-size", "8"],
+                     "-i", str(root / "cls.jsonl"), "--batch-size", "16"],
     }
     expected = {}
     for name, args in commands.items():
