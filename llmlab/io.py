@@ -301,6 +301,7 @@ class Output:
                 raise UsageError("--resume needs a .jsonl or .csv output: plain text keeps no ids")
         if self.path:
             check_output_path(self.path)
+        if self.path and (not os.path.exists(self.path) or os.path.isfile(self.path)):  # not /dev/stdout, a FIFO
             self._lock = OutputLock(self.path)
             self._lock.acquire()  # before reading what is done: two resumed runs must not both do the rest
         try:

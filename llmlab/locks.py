@@ -95,6 +95,6 @@ class SigtermAsExit:
         self._installed = True
 
     def restore(self) -> None:
-        if self._installed:
+        if self._installed and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, signal.SIG_DFL if self._previous is None else self._previous)
             self._installed = False
