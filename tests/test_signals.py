@@ -110,7 +110,8 @@ def test_interrupted_batch_run_resumes_to_the_full_result(runs, command, sig, tm
     try:
         started = wait_for(lambda: complete_lines(out) > 0, proc)
         seen = complete_lines(out)
-        assert started and proc.poll() is None, f"the run ended before a batch was on disk: {proc.stderr.read()}"
+        # the first records reach the disk while later batches still run, not all at the end
+        assert started and proc.poll() is None and seen < len(want), f"no record on disk before the end ({seen})"
         proc.send_signal(sig)
         code = proc.wait(timeout=120)
     finally:
