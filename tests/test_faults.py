@@ -127,7 +127,12 @@ def _staging_gone(tmp: Path, result: Any) -> None:
 
 
 def _cache_is_a_file(tmp: Path) -> None:
+    _bad_gguf(tmp)
     (tmp / "cachefile").write_text("not a folder")
+
+
+def _says_truncated(tmp: Path, result: Any) -> None:
+    assert "truncated" in result.stderr
 
 
 LONG = " ".join(["the film was terrible and boring"] * 40)  # ~240 tokens: over tiny gpt2's 64-token window
@@ -237,8 +242,10 @@ CASES = [
          check=_corrupt_moved_aside, needs="loading: a corrupt cache entry is moved aside and rebuilt"),
     Case("stale-staging", ["generate", "-m", "{tmp}/bad.gguf", "hi"], 4, "", setup=_stale_staging, check=_staging_gone,
          needs="loading: staging folders older than an hour are removed"),
-    Case("cache-is-a-file", ["generate", "hi", "--max-new-tokens", "1"], 0, "warning:", env={"LLMLAB_CACHE": "{tmp}/cachefile"},
-         setup=_cache_is_a_file, needs="loading: an unwritable cache falls back to loading the GGUF directly"),
+    # (a bad.gguf keeps it fast: the warning about the cache, then the plain error on the file itself)
+    Case("cache-is-a-file", ["generate", "-m", "{tmp}/bad.gguf", "hi"], 4, "warning:", env={"LLMLAB_CACHE": "{tmp}/cachefile"},
+         setup=_cache_is_a_file, check=_says_truncated,
+         needs="loading: an unwritable cache falls back to loading the GGUF directly, with a warning"),
 ]
 
 
