@@ -5,13 +5,16 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, TextIO
+from typing import Any, Iterable, Sequence, TextIO
 
 from llmlab.errors import DataError, UsageError
+from llmlab.locks import OutputLock, SigtermAsExit
+from llmlab.resume import check_same_input, finished_records, record_key  # noqa: F401 - record_key re-exported
 
 INPUT_FORMATS = ("auto", "jsonl", "csv", "tsv", "text")
 OUTPUT_FORMATS = ("auto", "jsonl", "csv", "text")
@@ -45,6 +48,18 @@ def _name(path: str) -> str:
     return "stdin" if path == "-" else path
 
 
+def lines(text: str) -> list[str]:
+    """The lines of a text, split on "\n" only (a "\r" before it is dropped).
+
+    Not str.splitlines(): that also breaks on U+2028, U+2029, U+0085, form feeds..., which a valid
+    JSON string may hold unescaped (llmlab's own output does) and a text prompt may contain.
+    """
+    parts = text.split("\n")
+    if parts[-1] == "":
+        parts.pop()
+    return [p[:-1] if p.endswith("\r") else p for p in parts]
+
+
 def read_text(path: str) -> str:
     """The whole text of a file or stdin, with errors for missing files and non-UTF-8 bytes."""
     try:
@@ -76,7 +91,7 @@ def detect_format(path: str, text: str, fmt: str = "auto") -> str:
     suffix = Path(path).suffix.lower() if path != "-" else ""
     if suffix in _EXTENSIONS:
         return _EXTENSIONS[suffix]
-    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    first = next((line.strip() for line in lines(text) if line.strip()), "")
     return "jsonl" if first.startswith("{") else "text"
 
 
@@ -96,7 +111,7 @@ def read_items(path: str, fmt: str = "auto", text_field: str = "prompt") -> list
         items = _read_csv(text, name, "\t" if fmt == "tsv" else ",")
     else:
         items = []
-        for n, line in enumerate(text.splitlines(), 1):
+        for n, line in enumerate(lines(text), 1):
             if line.strip():
                 items.append(Item(len(items), {text_field: line}, f"{name} line {n}"))
     if not items:
@@ -106,7 +121,7 @@ def read_items(path: str, fmt: str = "auto", text_field: str = "prompt") -> list
 
 def _read_jsonl(text: str, name: str) -> list[Item]:
     items = []
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(lines(text), 1):
         if not line.strip():
             continue
         try:
@@ -153,12 +168,53 @@ def _read_csv(text: str, name: str, delimiter: str) -> list[Item]:
 
 
 def require_field(items: Iterable[Item], field: str, option: str = "--field") -> None:
+    """Every item has `field`, and it holds text (see require_text)."""
+    items = list(items)
     for item in items:
         if field not in item.fields:
             known = ", ".join(item.fields) or "none"
             raise DataError(
                 f"{item.source}: no field '{field}' (fields: {known}); choose one with {option}"
             )
+    require_text(items, [field])
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return json.dumps(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"the number {value}"
+    return {list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def require_text(items: Iterable[Item], fields: Sequence[str]) -> None:
+    """Every item's `fields` (those it has) must hold text, checked before any model time.
+
+    null, true/false, lists, objects and NaN/Infinity are errors naming the line and the field (null
+    is never turned into the text "None"). A finite number is used as its JSON text (42 -> "42",
+    2.5 -> "2.5"), with one warning per call naming the first such value and how many there are.
+    """
+    numbers: list[tuple[Item, str]] = []
+    for item in items:
+        for name in fields:
+            value = item.fields.get(name, "")
+            if isinstance(value, str):
+                continue
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                numbers.append((item, name))
+                continue
+            raise DataError(f"{item.source}: field '{name}' is {_kind(value)}, not text; "
+                            f"give it a string (e.g. \"{name}\": \"...\") or drop the line")
+    if numbers:
+        from llmlab import console
+
+        item, name = numbers[0]
+        text = json.dumps(item.fields[name])
+        more = f" ({len(numbers)} numbers in all are used as text)" if len(numbers) > 1 else ""
+        console.warn(f"{item.source}: field '{name}' is the number {text}, not text; using the text "
+                     f"'{text}'{more}")
 
 
 def check_unique_ids(items: list[Item]) -> None:
@@ -220,7 +276,13 @@ class Writer:
 
 
 class Output:
-    """Context manager for stdout or a file; with resume, appends to what is already there."""
+    """Context manager for stdout or a file; with resume, appends to what is already there.
+
+    A file output is checked (folder exists and is writable, not a directory) and locked against a
+    second llmlab writer as soon as this is built, before any model time. While it lives, SIGTERM
+    stops the run like Ctrl-C: every finished record stays in the file; the exit status is 143
+    (130 for Ctrl-C). `close()` (or leaving the `with` block) drops the lock.
+    """
 
     def __init__(self, path: str | None, fmt: str = "auto", resume: bool = False, text_key: str = "completion"):
         self.path = None if path in (None, "-") else path
@@ -228,20 +290,40 @@ class Output:
         self.resume = resume
         self.text_key = text_key
         self.done: set[str] = set()
+        # key -> (line, record) of each record already in the file (with resume)
+        self.records: dict[str, tuple[int, dict[str, Any]]] = {}
         self._file: TextIO | None = None
+        self._lock: OutputLock | None = None
+        self._sigterm = SigtermAsExit()
         if resume:
             if self.path is None:
                 raise UsageError("--resume needs --output FILE: it skips inputs already in that file")
             if self.fmt == "text":
                 raise UsageError("--resume needs a .jsonl or .csv output: plain text keeps no ids")
-            self.done = _finished_keys(self.path, self.fmt)
+        if self.path:
+            check_output_path(self.path)
+        if self.path and (not os.path.exists(self.path) or os.path.isfile(self.path)):  # not /dev/stdout, a FIFO
+            self._lock = OutputLock(self.path)
+            self._lock.acquire()  # before reading what is done: two resumed runs must not both do the rest
+        try:
+            self._sigterm.install()
+            if resume:
+                self.records = finished_records(self.path, self.fmt)
+                self.done = set(self.records)
+        except BaseException:
+            self.close()
+            raise
+
+    def pending(self, items: Sequence[Item]) -> list[Item]:
+        """The items not yet in the output. With --resume, first checks that the records there were
+        written from these inputs (same keys, same input fields): two runs are never mixed."""
+        if self.records:
+            check_same_input(self.path or "", self.fmt, self.records, items)
+        return [it for it in items if it.key not in self.done]
 
     def __enter__(self) -> Writer:
         append = bool(self.resume and self.path and os.path.exists(self.path) and self.done)
         if self.path:
-            parent = Path(self.path).parent
-            if not parent.exists():
-                raise DataError(f"output folder '{parent}' does not exist")
             self._file = open(self.path, "a" if append else "w", encoding="utf-8", newline="")
             stream = self._file
         else:
@@ -249,40 +331,32 @@ class Output:
         return Writer(stream, self.fmt, self.text_key, append=append)
 
     def __exit__(self, *exc: object) -> None:
-        if self._file:
+        self.close()
+
+    def close(self) -> None:
+        """Close the file, drop the lock, give SIGTERM back its previous handler."""
+        if getattr(self, "_file", None):
             self._file.close()
+            self._file = None
+        if getattr(self, "_lock", None):
+            self._lock.release()
+            self._lock = None
+        if getattr(self, "_sigterm", None):
+            self._sigterm.restore()
+
+    def __del__(self) -> None:  # an Output never entered (nothing to do, an error) still unlocks
+        self.close()
 
 
-def record_key(record: dict[str, Any]) -> str:
-    if record.get("id") not in (None, ""):
-        return f"id:{record['id']}"
-    return f"index:{record.get('index')}"
-
-
-def _finished_keys(path: str, fmt: str) -> set[str]:
-    """Keys of the records already in an output file; drops a torn last line left by a crash."""
-    if not os.path.exists(path):
-        return set()
-    data = Path(path).read_bytes()
-    if data and not data.endswith(b"\n"):
-        # A run killed mid-write leaves a partial last line: cut it so it is redone cleanly.
-        data = data[: data.rfind(b"\n") + 1]
-        Path(path).write_bytes(data)
-    text = data.decode("utf-8", errors="replace")
-    keys = set()
-    if fmt == "csv":
-        for row in csv.DictReader(io.StringIO(text, newline="")):
-            if row.get("index", "") != "":
-                row["index"] = int(row["index"])
-            keys.add(record_key(row))
-        return keys
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            keys.add(record_key(json.loads(line)))
-        except (json.JSONDecodeError, AttributeError):
-            raise DataError(
-                f"{path} line {n}: not a JSON record; --resume needs an output file written by llmlab"
-            ) from None
-    return keys
+def check_output_path(path: str) -> None:
+    """Fail before any model time when the output can't be written there."""
+    target = Path(path)
+    if target.is_dir():
+        raise DataError(f"--output '{path}' is a directory; give a file path such as '{target / 'out.jsonl'}'")
+    parent = target.parent
+    if not parent.is_dir():
+        raise DataError(f"output folder '{parent}' does not exist; create it or choose another --output")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise DataError(f"output folder '{parent}' is not writable; choose another --output")
+    if target.exists() and not os.access(target, os.W_OK):
+        raise DataError(f"output file '{path}' is not writable; choose another --output")

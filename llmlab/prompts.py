@@ -3,6 +3,7 @@ few-shot demonstrations, chat formatting, and fitting the context window."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -249,13 +250,31 @@ def _defaults(raw: dict[str, Any], task: str, where: str) -> tuple[int | None, b
 
 
 def _labels(raw: Any, where: str) -> dict[str, str]:
+    """label -> verbalizer. Each label once, each with its own non-empty text: two labels with the
+    same text would always score the same (the first would always win)."""
     if raw is None:
         return {}
     if isinstance(raw, list):
-        return {str(v): str(v) for v in raw}
-    if isinstance(raw, dict):
-        return {str(k): str(v if v is not None else k) for k, v in raw.items()}
-    raise TemplateError(f"{where}: 'labels' must be a list, or a mapping of label to verbalizer")
+        pairs = [(v, v) for v in raw]
+    elif isinstance(raw, dict):
+        pairs = [(k, k if v is None else v) for k, v in raw.items()]
+    else:
+        raise TemplateError(f"{where}: 'labels' must be a list, or a mapping of label to verbalizer")
+    labels: dict[str, str] = {}
+    for label, text in pairs:
+        if label is None or isinstance(label, (list, dict)) or isinstance(text, (list, dict)):
+            raise TemplateError(f"{where}: each label (and its text) must be a string, not {label!r}")
+        label, text = str(label), str(text)
+        if label in labels:
+            raise TemplateError(f"{where}: label '{label}' is listed twice; list each label once")
+        if not text.strip():
+            raise TemplateError(f"{where}: label '{label}' has an empty text; give it the word the model should say")
+        same = next((other for other, t in labels.items() if t.strip() == text.strip()), None)
+        if same is not None:
+            raise TemplateError(f"{where}: labels '{same}' and '{label}' have the same text '{text.strip()}', so "
+                                "they always score the same; give each label its own text")
+        labels[label] = text
+    return labels
 
 
 def load_examples(path: str) -> list[dict[str, Any]]:
@@ -275,6 +294,10 @@ def check_examples(template: Template, examples: list[dict[str, Any]], where: st
             raise TemplateError(
                 f"{where}: example {n} has no field '{missing[0]}' (fields: {', '.join(example) or 'none'})"
             )
+        bad = next((f for f in needed if example[f] is None or isinstance(example[f], (list, dict))), None)
+        if bad:
+            raise TemplateError(f"{where}: example {n} field '{bad}' is {json.dumps(example[bad])}, not text; "
+                                "give it a string")
         if template.labels and str(example[template.target]) not in template.labels:
             raise TemplateError(
                 f"{where}: example {n} has label '{example[template.target]}', not one of the "
@@ -293,6 +316,14 @@ def shot_order(size: int, selection: str, seed: int) -> list[int]:
     if selection != "first":
         random.Random(seed).shuffle(order)
     return order
+
+
+def shots_note(template: Template, shots: int, available: int) -> str | None:
+    """The warning for asking more shots than the pool can give (they are cut to what there is)."""
+    if shots > available:
+        return (f"--shots {shots}, but template '{template.name}' has only {available} examples to show: "
+                f"using {available}")
+    return None
 
 
 def select_shots(template: Template, pool: Sequence[dict[str, Any]], shots: int, selection: str,
@@ -413,6 +444,11 @@ class PromptBuilder:
             raise TemplateError(f"template '{template.name}' has no 'target' field, so it can't show answers in shots")
         if options.shots > 0:
             check_examples(template, self.pool, "examples")
+            note = shots_note(template, options.shots, len(self.pool) - int(options.pool_is_data))
+            if note:
+                from llmlab import console
+
+                console.warn(note)
         # Computed once per run, not per item: the draw order and an index of the pool by input text.
         self._order = shot_order(len(self.pool), options.selection, options.seed)  # validates the selection
         self._by_input: dict[tuple[str, ...], list[int]] = {}
@@ -572,6 +608,9 @@ def require_fields(items: Sequence[Item], template: Template) -> None:
         if missing:
             raise DataError(f"{item.source}: no field '{missing[0]}' for template '{template.name}' "
                             f"(fields: {', '.join(item.fields) or 'none'})")
+    from llmlab import io
+
+    io.require_text(items, template.fields)  # null is an error, never the text "None"
 
 
 def parse_vars(pairs: Sequence[str]) -> dict[str, str]:

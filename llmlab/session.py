@@ -247,7 +247,7 @@ def generate(cfg: GenerateConfig, hooks: Hooks = Hooks(), lm: Any = None) -> Non
     items = _generate_items(cfg, template)
     single = cfg.input.path is None and cfg.output.terminal
     sink = io.Output(cfg.output.path, cfg.output.format, resume=cfg.output.resume)
-    todo = [it for it in items if it.key not in sink.done]
+    todo = sink.pending(items)
     if cfg.output.resume and len(todo) < len(items):
         hooks.info(f"--resume: {len(items) - len(todo)} of {len(items)} inputs already done")
     if not todo:
@@ -306,7 +306,7 @@ def classify(cfg: ClassifyConfig, hooks: Hooks = Hooks(), table: bool = False, l
         items = [template_item(template, single_prompt(cfg.text), cfg.prompt.vars, "classify")]
     prompts.require_fields(items, template)
     sink = io.Output(cfg.output.path, cfg.output.format, resume=cfg.output.resume, text_key="prediction")
-    todo = [it for it in items if it.key not in sink.done]
+    todo = sink.pending(items)
     if not todo:
         return None
     session = Session(cfg.model, lm)

@@ -1,0 +1,308 @@
+"""The fault table (issue 10): bad inputs, templates, options, caches and concurrent writers, each run as
+a user would run it (in-process CliRunner, tiny models), with the exit code, a piece of the one stderr
+line, and the records left in the output file. Signals during batch runs: tests/test_signals.py.
+
+Placeholders in args, files and env: {tmp} the test's folder, {llama} {gpt2} {t5} tiny models,
+{nomodel} a model path that does not exist (a case using it proves its check runs before model load:
+otherwise the run would fail with exit 4 on the model instead).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from helpers import invoke
+from llmlab import locks, models
+
+TOY = """\
+name: toy
+task: classify
+input: "Review: {text}\\nSentiment:"
+target: label
+labels:
+  pos: positive
+  neg: negative
+examples:
+  - {text: great fun, label: pos}
+  - {text: so dull, label: neg}
+  - {text: loved it, label: pos}
+  - {text: awful mess, label: neg}
+"""
+GEN = 'name: gen\ninput: "Q: {question}\\nA:"\n'
+LABELED = "".join(json.dumps({"id": f"r{i}", "text": t, "label": l}) + "\n" for i, (t, l) in
+                  enumerate([("great movie", "pos"), ("dull film", "neg"), ("fine", "pos")]))
+
+
+def rec(index: int, **fields: Any) -> str:
+    """One llmlab generate record, as a line of out.jsonl."""
+    return json.dumps({"index": index, **fields, "completion": "x", "prompt_tokens": 1, "completion_tokens": 1,
+                       "finish_reason": "length", "model": "m"}, ensure_ascii=False) + "\n"
+
+
+@dataclass
+class Case:
+    id: str
+    args: list[str]
+    code: int
+    stderr: str  # a piece of stderr ("" = anything; errors must be ONE line either way)
+    rows: int | None = None  # records in {tmp}/out.jsonl afterwards; None: no out.jsonl
+    files: dict[str, str | bytes] = field(default_factory=dict)
+    stdin: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    setup: Callable[[Path], None] | None = None
+    check: Callable[[Path, Any], None] | None = None
+    needs: str | None = None  # "branch: what": fails until that helper's branch is merged (strict xfail)
+    skip: str | None = None
+
+
+G = ["generate", "-m", "{llama}", "--max-new-tokens", "2"]
+GI = G + ["-i", "{tmp}/in.jsonl", "-o", "{tmp}/out.jsonl"]
+C = ["classify", "-m", "{llama}", "-t", "{tmp}/toy.yaml"]
+CI = C + ["-i", "{tmp}/in.jsonl", "-o", "{tmp}/out.jsonl"]
+EV = ["eval", "-m", "{llama}", "-t", "{tmp}/toy.yaml", "--data", "{tmp}/in.jsonl"]
+P2 = '{"prompt": "a"}\n{"prompt": "b"}\n'
+TWO = rec(0, prompt="a") + rec(1, prompt="b")
+
+
+def _hold_lock(tmp: Path) -> None:
+    lock = locks.OutputLock(str(tmp / "out.jsonl"))
+    lock.acquire()  # a real flock: a second open file description conflicts even within this process
+    _held.append(lock)
+
+
+_held: list[locks.OutputLock] = []
+
+
+def _number_used_as_text(tmp: Path, result: Any) -> None:
+    rows = [json.loads(line) for line in (tmp / "out.jsonl").read_text().splitlines()]
+    assert rows[1]["prompt"] == "42" and rows[2]["prompt"] == "2.5"
+    assert result.stderr.count("warning:") == 1  # once, however many numbers
+
+
+def _one_warning(tmp: Path, result: Any) -> None:
+    assert result.stderr.count("--shots 50") == 1
+
+
+def _bad_gguf(tmp: Path) -> None:
+    # the embedded model cut to its first 4 MB: a download or copy that stopped short
+    with open(models.embedded_gguf(), "rb") as f:
+        (tmp / "bad.gguf").write_bytes(f.read(4_000_000))
+
+
+def _corrupt_cache(tmp: Path) -> None:
+    """A converted-model cache entry for bad.gguf whose model.safetensors was cut short by a crash."""
+    _bad_gguf(tmp)
+    target = models.gguf_cache_dir(models.resolve_model(str(tmp / "bad.gguf")))
+    target.mkdir(parents=True)
+    source = Path(os.environ["TINY_LLAMA"])
+    for f in source.iterdir():
+        data = f.read_bytes()
+        (target / f.name).write_bytes(data[: len(data) // 2] if f.name == "model.safetensors" else data)
+
+
+def _corrupt_moved_aside(tmp: Path, result: Any) -> None:
+    target = models.gguf_cache_dir(models.resolve_model(str(tmp / "bad.gguf")))
+    assert not (target / "model.safetensors").exists()
+
+
+def _stale_staging(tmp: Path) -> None:
+    _bad_gguf(tmp)
+    target = models.gguf_cache_dir(models.resolve_model(str(tmp / "bad.gguf")))
+    staging = target.parent / f"{target.name}.k1ll3d"
+    staging.mkdir(parents=True)
+    (staging / "model.safetensors").write_bytes(b"\0" * 1000)
+    old = time.time() - 2 * 3600
+    os.utime(staging, (old, old))
+
+
+def _staging_gone(tmp: Path, result: Any) -> None:
+    assert not list((tmp / "cache" / "gguf").glob("*.k1ll3d"))
+
+
+def _cache_is_a_file(tmp: Path) -> None:
+    _bad_gguf(tmp)
+    (tmp / "cachefile").write_text("not a folder")
+
+
+def _says_truncated(tmp: Path, result: Any) -> None:
+    assert "truncated" in result.stderr
+
+
+LONG = " ".join(["the film was terrible and boring"] * 40)  # ~240 tokens: over tiny gpt2's 64-token window
+ROOT = os.geteuid() == 0 if hasattr(os, "geteuid") else False
+
+CASES = [
+    # ---- already right: one clear line, the line number, nothing written
+    Case("bad-json-line", GI, 3, "in.jsonl line 2: invalid JSON", files={"in.jsonl": '{"prompt": "a"}\n{"prompt": oops}\n'}),
+    Case("not-an-object", GI, 3, "in.jsonl line 1: expected a JSON object", files={"in.jsonl": '["a"]\n'}),
+    Case("missing-field", GI, 3, "in.jsonl line 1: no field 'prompt' (fields: text); choose one with --field",
+         files={"in.jsonl": '{"text": "x"}\n'}),
+    Case("duplicate-ids", GI, 3, "in.jsonl line 3: duplicate id 'a'",
+         files={"in.jsonl": '{"id": "a", "prompt": "x"}\n{"id": "b", "prompt": "y"}\n{"id": "a", "prompt": "z"}\n'}),
+    Case("non-utf8", GI, 3, "in.jsonl line 2: not UTF-8 text", files={"in.jsonl": b'{"prompt": "a"}\n{"prompt": "caf\xe9"}\n'}),
+    Case("empty-file", GI, 3, "in.jsonl holds no inputs", files={"in.jsonl": "\n\n"}),
+    Case("missing-input", G + ["-i", "{tmp}/nope.jsonl"], 3, "nope.jsonl' not found"),
+    Case("input-is-a-folder", G + ["-i", "{tmp}"], 3, "is a directory, not a file"),
+    Case("csv-columns", G + ["-i", "{tmp}/in.csv"], 3, "in.csv line 3: 3 columns but the header has 2",
+         files={"in.csv": "id,prompt\n1,a\n2,b,c\n"}),
+    Case("csv-quote", G + ["-i", "{tmp}/in.csv"], 3, "in.csv line 2: malformed CSV", files={"in.csv": 'id,prompt\n1,"a"b\n'}),
+    Case("batch-size-0", GI + ["--batch-size", "0"], 2, "invalid --batch-size '0'", files={"in.jsonl": P2}),
+    Case("resume-needs-output", G + ["-i", "{tmp}/in.jsonl", "--resume"], 2, "--resume needs --output FILE",
+         files={"in.jsonl": P2}),
+    Case("resume-text-output", G + ["-i", "{tmp}/in.jsonl", "-o", "{tmp}/out.txt", "--resume"], 2,
+         "plain text keeps no ids", files={"in.jsonl": P2}),
+    Case("input-and-prompt", G + ["-i", "{tmp}/in.jsonl", "hello"], 2, "not both", files={"in.jsonl": P2}),
+    Case("no-prompt", G, 2, "no prompt", stdin=""),
+    Case("classify-generate-template", C[:3] + ["-t", "{tmp}/gen.yaml", "x"], 2, "is a generate template",
+         files={"gen.yaml": GEN}),
+    Case("no-such-template", C[:3] + ["-t", "nosuch", "x"], 3, "no template named 'nosuch'"),
+    Case("bad-yaml", C[:3] + ["-t", "{tmp}/bad.yaml", "x"], 3, "bad.yaml line 3, column 1: invalid YAML",
+         files={"bad.yaml": "name: x\ninput: [unclosed\n"}),
+    Case("unknown-template-key", C[:3] + ["-t", "{tmp}/k.yaml", "x"], 3, "unknown key 'inputs'",
+         files={"k.yaml": 'input: "{text}"\ninputs: x\n'}),
+    Case("template-field-missing", CI, 3, "in.jsonl line 1: no field 'text' for template 'toy'",
+         files={"toy.yaml": TOY, "in.jsonl": '{"review": "x"}\n'}),
+    Case("eval-unknown-label", EV, 3, "label 'meh' is not one of",
+         files={"toy.yaml": TOY, "in.jsonl": '{"text": "x", "label": "meh"}\n'}),
+    Case("resume-torn-last-line", GI + ["--resume"], 0, "", rows=2,
+         files={"in.jsonl": P2, "out.jsonl": rec(0, prompt="a") + '{"index": 1, "prompt": "b", "compl'}),
+    Case("resume-all-done", GI + ["--resume"], 0, "", rows=2, files={"in.jsonl": P2, "out.jsonl": TWO}),
+    # ---- fixed on this branch (faults)
+    Case("u2028-in-json-strings", GI, 0, "", rows=3,
+         files={"in.jsonl": '{"prompt": "a\u2028b"}\n{"prompt": "c\u2029d"}\n{"prompt": "e\u0085f"}\n'}),
+    Case("resume-own-output-with-u2028", GI + ["--resume"], 0, "", rows=2,
+         files={"in.jsonl": '{"prompt": "a\u2028b"}\n{"prompt": "c\u0085d"}\n', "out.jsonl": rec(0, prompt="a\u2028b")}),
+    Case("txt-line-with-u2028", G + ["-i", "{tmp}/in.txt", "-o", "{tmp}/out.jsonl"], 0, "", rows=1,
+         files={"in.txt": "one\u2028prompt\n"}),
+    Case("null-prompt", GI, 3, "in.jsonl line 2: field 'prompt' is null, not text",
+         files={"in.jsonl": '{"prompt": "a"}\n{"prompt": null}\n'}),
+    Case("list-prompt", GI, 3, "in.jsonl line 1: field 'prompt' is a list, not text", files={"in.jsonl": '{"prompt": ["a"]}\n'}),
+    Case("bool-prompt", GI, 3, "in.jsonl line 1: field 'prompt' is true, not text", files={"in.jsonl": '{"prompt": true}\n'}),
+    Case("number-prompt-is-its-text", GI, 0, "in.jsonl line 2: field 'prompt' is the number 42, not text; using the "
+         "text '42' (2 numbers in all are used as text)", rows=3,
+         files={"in.jsonl": '{"prompt": "a"}\n{"prompt": 42}\n{"prompt": 2.5}\n'}, check=_number_used_as_text),
+    Case("null-classify-text", CI, 3, "in.jsonl line 2: field 'text' is null, not text",
+         files={"toy.yaml": TOY, "in.jsonl": '{"text": "good"}\n{"text": null}\n'}),
+    Case("null-eval-text", EV, 3, "in.jsonl line 1: field 'text' is null, not text",
+         files={"toy.yaml": TOY, "in.jsonl": '{"text": null, "label": "pos"}\n'}),
+    Case("null-template-field", G + ["-t", "{tmp}/gen.yaml", "-i", "{tmp}/in.jsonl"], 3,
+         "in.jsonl line 1: field 'question' is null", files={"gen.yaml": GEN, "in.jsonl": '{"question": null}\n'}),
+    Case("null-in-template-example", C[:3] + ["-t", "{tmp}/t.yaml", "x"], 3, "example 1 field 'text' is null",
+         files={"t.yaml": TOY.replace("{text: great fun, label: pos}", "{text: null, label: pos}")}),
+    Case("second-writer", GI, 3, "out.jsonl is being written by another llmlab process (pid ", rows=1,
+         files={"in.jsonl": P2, "out.jsonl": rec(0, prompt="a")}, setup=_hold_lock),
+    Case("second-writer-resume", CI + ["--resume"], 3, "is being written by another llmlab process", rows=None,
+         files={"toy.yaml": TOY, "in.jsonl": LABELED}, setup=_hold_lock),
+    Case("resume-different-input", GI + ["--resume"], 3, "out.jsonl line 1 was written from a different input "
+         "(its 'prompt' differs from ", rows=2,
+         files={"in.jsonl": '{"prompt": "c"}\n{"prompt": "d"}\n{"prompt": "e"}\n', "out.jsonl": TWO}),
+    Case("resume-different-ids", CI + ["--resume"], 3, "(its id a1 is not among the inputs); write to a different "
+         "--output, or drop --resume", rows=1, files={"toy.yaml": TOY, "in.jsonl": LABELED,
+                                                      "out.jsonl": json.dumps({"index": 0, "id": "a1", "text": "x"}) + "\n"}),
+    Case("duplicate-label", C + ["x"], 3, "label 'pos' is listed twice",
+         files={"toy.yaml": 'task: classify\ninput: "{text}"\ntarget: label\nlabels: [pos, neg, pos]\n'}),
+    Case("same-verbalizer", C + ["x"], 3, "labels 'pos' and 'good' have the same text 'positive'",
+         files={"toy.yaml": TOY.replace("  neg: negative\n", "  neg: negative\n  good: positive\n")}),
+    Case("shots-over-pool", CI + ["--shots", "50"], 0, "--shots 50, but template 'toy' has only 4 examples to show: "
+         "using 4", rows=3, files={"toy.yaml": TOY, "in.jsonl": LABELED}, check=_one_warning),
+    Case("output-is-a-folder", G + ["-i", "{tmp}/in.jsonl", "-o", "{tmp}/sub", "-m", "{nomodel}"], 3,
+         "is a directory; give a file path", files={"in.jsonl": P2, "sub/keep": ""}),
+    Case("output-folder-missing", G + ["-i", "{tmp}/in.jsonl", "-o", "{tmp}/no/out.jsonl", "-m", "{nomodel}"], 3,
+         "output folder '{tmp}/no' does not exist", files={"in.jsonl": P2}),
+    Case("output-folder-read-only", G + ["-i", "{tmp}/in.jsonl", "-o", "{tmp}/ro/out.jsonl", "-m", "{nomodel}"], 3,
+         "output folder '{tmp}/ro' is not writable", files={"in.jsonl": P2, "ro/keep": ""},
+         setup=lambda tmp: (tmp / "ro").chmod(0o555), skip="root writes to read-only folders" if ROOT else None),
+    # ---- other branches' items: strict xfail here until merged
+    Case("shots-negative-before-load", C[:1] + ["-m", "{nomodel}", "-t", "{tmp}/toy.yaml", "--shots", "-1", "x"], 2,
+         "invalid --shots -1", files={"toy.yaml": TOY}, needs="terminal: option checks before model load"),
+    Case("overflow-bad-before-load", C[:1] + ["-m", "{nomodel}", "-t", "{tmp}/toy.yaml", "--overflow", "BAD", "x"], 2,
+         "invalid --overflow 'BAD'", files={"toy.yaml": TOY}, needs="terminal: option checks before model load"),
+    Case("eval-report-is-a-folder", EV[:1] + ["-m", "{nomodel}"] + EV[3:] + ["--report", "{tmp}"], 3, "is a directory",
+         files={"toy.yaml": TOY, "in.jsonl": LABELED}, needs="terminal: eval --report DIR checked before the run"),
+    Case("empty-prompt", G + [""], 2, "no prompt", needs="terminal: one rule for empty prompts"),
+    Case("empty-prompt-chat-off", G + ["--chat", "off", ""], 2, "no prompt", needs="terminal: one rule for empty prompts"),
+    Case("plain-prompt-overflow", ["generate", "-m", "{gpt2}", "--max-new-tokens", "2", LONG], 5, "window",
+         needs="terminal: plain prompts get the overflow check"),
+    Case("plain-prompt-overflow-batch", ["generate", "-m", "{gpt2}", "--max-new-tokens", "2", "-i", "{tmp}/in.jsonl",
+                                         "-o", "{tmp}/out.jsonl"], 5, "in.jsonl line 2", rows=None,
+         files={"in.jsonl": json.dumps({"prompt": "a"}) + "\n" + json.dumps({"prompt": LONG}) + "\n"},
+         needs="terminal: plain prompts get the overflow check"),
+    Case("prompts-dir-missing", ["prompt", "list", "--prompts-dir", "{tmp}/nosuchdir"], 2, "nosuchdir",
+         needs="terminal: a missing --prompts-dir is an error"),
+    Case("truncated-gguf", ["generate", "-m", "{tmp}/bad.gguf", "hi"], 4, "truncated", setup=_bad_gguf,
+         needs="loading: say a GGUF file is truncated or corrupt"),
+    Case("corrupt-cache-entry", ["generate", "-m", "{tmp}/bad.gguf", "hi"], 4, "corrupt", setup=_corrupt_cache,
+         check=_corrupt_moved_aside, needs="loading: a corrupt cache entry is moved aside and rebuilt"),
+    Case("stale-staging", ["generate", "-m", "{tmp}/bad.gguf", "hi"], 4, "", setup=_stale_staging, check=_staging_gone,
+         needs="loading: staging folders older than an hour are removed"),
+    # (a bad.gguf keeps it fast: the warning about the cache, then the plain error on the file itself)
+    Case("cache-is-a-file", ["generate", "-m", "{tmp}/bad.gguf", "hi"], 4, "warning:", env={"LLMLAB_CACHE": "{tmp}/cachefile"},
+         setup=_cache_is_a_file, check=_says_truncated,
+         needs="loading: an unwritable cache falls back to loading the GGUF directly, with a warning"),
+]
+
+
+def _fill(value: Any, subs: dict[str, str]) -> Any:
+    if isinstance(value, str):
+        for key, sub in subs.items():
+            value = value.replace(key, sub)
+    return value
+
+
+def _params():
+    params = []
+    for case in CASES:
+        marks = []
+        if case.needs:
+            marks.append(pytest.mark.xfail(strict=True, reason=f"needs {case.needs}"))
+        if case.skip:
+            marks.append(pytest.mark.skip(reason=case.skip))
+        params.append(pytest.param(case, id=case.id, marks=marks))
+    return params
+
+
+@pytest.mark.parametrize("case", _params())
+def test_fault(case: Case, tiny_models, tmp_path, monkeypatch):
+    subs = {"{tmp}": str(tmp_path), "{nomodel}": str(tmp_path / "no-such-model"),
+            **{"{" + k + "}": str(v) for k, v in tiny_models.items()}}
+    monkeypatch.setenv("TINY_LLAMA", str(tiny_models["llama"]))
+    for name, content in case.files.items():
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(_fill(content, {"{tmp}": str(tmp_path)}), encoding="utf-8")
+    if case.setup:
+        case.setup(tmp_path)
+    try:
+        result = invoke([_fill(a, subs) for a in case.args], input=case.stdin,
+                        env={k: _fill(v, subs) for k, v in case.env.items()})
+    finally:
+        while _held:
+            _held.pop().release()
+    assert "Traceback" not in result.stderr
+    assert result.exit_code == case.code, result.stderr
+    assert _fill(case.stderr, subs) in result.stderr
+    if case.code:
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and result.stderr.rstrip("\n").endswith(errors[0]), result.stderr
+    out = tmp_path / "out.jsonl"
+    if case.rows is None:
+        assert not out.exists() or out.read_text() == case.files.get("out.jsonl", "")
+    else:
+        text = out.read_text(encoding="utf-8")
+        assert text.endswith("\n")
+        rows = [json.loads(line) for line in text.split("\n")[:-1]]  # every line a whole JSON record
+        assert len(rows) == case.rows
+        assert len({(r.get("id"), r["index"]) for r in rows}) == case.rows  # each input once
+    assert not list(tmp_path.glob(".*.lock"))  # the lock file goes with its writer
+    if case.check:
+        case.check(tmp_path, result)
