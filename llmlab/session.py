@@ -6,6 +6,7 @@ progress, warnings and logs go through the Hooks the CLI hands in.
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -205,6 +206,8 @@ def plain_jobs(items: Sequence[Any], field_name: str, lm: Any, chat: bool) -> li
     jobs = []
     for item in items:
         text = item.fields[field_name]
+        if isinstance(text, (int, float)) and not isinstance(text, bool):
+            text = json.dumps(text)  # io.require_text allowed it (finite) and warned: a number is its JSON text
         if not isinstance(text, str) or not text.strip():
             raise DataError(f"no prompt: {item.source} has an empty or non-text '{field_name}' field")
         if item.fields.get("templated") is True:
