@@ -183,22 +183,6 @@ def batch_size(text: str) -> Optional[int]:
     return size
 
 
-def check_output_path(path: Optional[str], option: str = "--output") -> None:
-    """Fail before any model time when results could not be written to `path`."""
-    if path in (None, "-"):
-        return
-    target = Path(path)
-    if target.is_dir():
-        raise DataError(f"{option} '{path}' is a directory; give a file name inside it, e.g. {target / 'out.jsonl'}")
-    parent = target.parent
-    if not parent.is_dir():
-        raise DataError(f"{option} '{path}': folder '{parent}' does not exist; create it first")
-    if target.exists() and not os.access(target, os.W_OK):
-        raise DataError(f"{option} '{path}' is not writable; choose another file or fix its permissions")
-    if not target.exists() and not os.access(parent, os.W_OK | os.X_OK):
-        raise DataError(f"{option} '{path}': folder '{parent}' is not writable; choose another folder")
-
-
 def check_prompts_dirs(dirs: list[str]) -> None:
     for folder in dirs:
         if not Path(folder).is_dir():

@@ -229,7 +229,7 @@ def versions() -> dict[str, str]:
 
 def check_report_path(path: str) -> None:
     """Fail before the run, not after it, when the report can't be written there."""
-    from llmlab.config import check_output_path
+    from llmlab.io import check_output_path
 
     check_output_path(path, "--report")
 

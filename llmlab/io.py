@@ -348,15 +348,24 @@ class Output:
         self.close()
 
 
-def check_output_path(path: str) -> None:
-    """Fail before any model time when the output can't be written there."""
+def check_output_path(path: str | None, option: str = "--output", inputs: Sequence[str | None] = ()) -> None:
+    """Fail before any model time when results could not be written to `path`: a folder, a missing
+    or unwritable folder (the lock file goes beside the output, so the folder must be writable), an
+    unwritable file, or the very file being read (writing would truncate the input)."""
+    if path in (None, "-"):
+        return
     target = Path(path)
     if target.is_dir():
-        raise DataError(f"--output '{path}' is a directory; give a file path such as '{target / 'out.jsonl'}'")
+        raise DataError(f"{option} '{path}' is a directory; give a file name inside it, e.g. {target / 'out.jsonl'}")
     parent = target.parent
     if not parent.is_dir():
-        raise DataError(f"output folder '{parent}' does not exist; create it or choose another --output")
+        raise DataError(f"{option} '{path}': folder '{parent}' does not exist; create it first")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise DataError(f"output folder '{parent}' is not writable; choose another --output")
+        raise DataError(f"{option} '{path}': folder '{parent}' is not writable; choose another folder")
     if target.exists() and not os.access(target, os.W_OK):
-        raise DataError(f"output file '{path}' is not writable; choose another --output")
+        raise DataError(f"{option} '{path}' is not writable; choose another file or fix its permissions")
+    for source in inputs:
+        if source not in (None, "-") and target.exists() and Path(source).exists() \
+                and os.path.samefile(source, target):
+            raise DataError(f"{option} '{path}' is the input file itself; writing there would destroy the input: "
+                            "choose another file")

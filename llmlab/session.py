@@ -246,7 +246,7 @@ def generate(cfg: GenerateConfig, hooks: Hooks = Hooks(), lm: Any = None) -> Non
 
     template = find_template(cfg.prompt)
     settings = settings_for(template, cfg.preset, cfg.flags)
-    cfgmod.check_output_path(cfg.output.path)
+    io.check_output_path(cfg.output.path, inputs=[cfg.input.path])
     items = _generate_items(cfg, template)
     single = cfg.input.path is None and cfg.output.terminal
     sink = io.Output(cfg.output.path, cfg.output.format, resume=cfg.output.resume)
@@ -300,7 +300,7 @@ def classify(cfg: ClassifyConfig, hooks: Hooks = Hooks(), table: bool = False, l
         raise UsageError(f"template '{name}' is a generate template; classify needs task: classify with labels")
     _check_classify_options(cfg)
     settings = settings_for(template)
-    cfgmod.check_output_path(cfg.output.path)
+    io.check_output_path(cfg.output.path, inputs=[cfg.input.path])
     if cfg.input.path is not None:
         if cfg.text is not None or cfg.prompt.vars:
             raise UsageError("give either a TEXT argument (or --var) or --input FILE, not both")

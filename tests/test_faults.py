@@ -86,6 +86,10 @@ def _number_used_as_text(tmp: Path, result: Any) -> None:
     assert result.stderr.count("warning:") == 1  # once, however many numbers
 
 
+def _input_intact(tmp, result):
+    assert (tmp / "in.jsonl").read_text() == P2  # refused before opening: the input is untouched
+
+
 def _one_warning(tmp: Path, result: Any) -> None:
     assert result.stderr.count("--shots 50") == 1
 
@@ -216,8 +220,10 @@ CASES = [
          "is a directory; give a file name inside it", files={"in.jsonl": P2, "sub/keep": ""}),
     Case("output-folder-missing", G + ["-i", "{tmp}/in.jsonl", "-o", "{tmp}/no/out.jsonl", "-m", "{nomodel}"], 3,
          "folder '{tmp}/no' does not exist; create it first", files={"in.jsonl": P2}),
+    Case("output-is-the-input", G + ["-i", "{tmp}/in.jsonl", "-o", "{tmp}/in.jsonl", "-m", "{nomodel}"], 3,
+         "is the input file itself", files={"in.jsonl": P2}, check=_input_intact),
     Case("output-folder-read-only", G + ["-i", "{tmp}/in.jsonl", "-o", "{tmp}/ro/out.jsonl", "-m", "{nomodel}"], 3,
-         "output folder '{tmp}/ro' is not writable", files={"in.jsonl": P2, "ro/keep": ""},
+         "folder '{tmp}/ro' is not writable", files={"in.jsonl": P2, "ro/keep": ""},
          setup=lambda tmp: (tmp / "ro").chmod(0o555), skip="root writes to read-only folders" if ROOT else None),
     # ---- other branches' items: strict xfail here until merged
     Case("shots-negative-before-load", C[:1] + ["-m", "{nomodel}", "-t", "{tmp}/toy.yaml", "--shots", "-1", "x"], 2,

@@ -157,10 +157,15 @@ def test_resume_accepts_its_csv_output(tmp_path):
 
 
 def test_output_path_checked_up_front(tmp_path):
-    with pytest.raises(DataError, match="is a directory; give a file path"):
+    with pytest.raises(DataError, match="is a directory; give a file name inside it"):
         io.Output(str(tmp_path))
-    with pytest.raises(DataError, match=f"output folder '{tmp_path}/no' does not exist"):
+    with pytest.raises(DataError, match=f"folder '{tmp_path}/no' does not exist; create it first"):
         io.Output(str(tmp_path / "no" / "out.jsonl"))
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"prompt": "a"}\n')
+    with pytest.raises(DataError, match="is the input file itself"):
+        io.check_output_path(str(source), inputs=[str(source)])
+    assert source.read_text() == '{"prompt": "a"}\n'
 
 
 def test_sigterm_stops_a_write_like_ctrl_c(tmp_path):
