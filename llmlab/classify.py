@@ -165,8 +165,9 @@ class Classifier:
 
 def record(result: Classification, template: Any, model_name: str) -> dict[str, Any]:
     rec: dict[str, Any] = {"index": result.item.index, **result.item.fields, "prediction": result.prediction}
-    if template.target and template.target in result.item.fields:
-        rec["correct"] = result.prediction == str(result.item.fields[template.target])
+    gold = result.item.fields.get(template.target) if template.target else None
+    if gold is not None:  # a null label means unlabeled: no `correct`, never a comparison with "None"
+        rec["correct"] = result.prediction == str(gold)
     rec["probabilities"] = {k: round(v, 6) for k, v in result.probabilities.items()}
     if result.raw_probabilities is not None:
         rec["raw_probabilities"] = {k: round(v, 6) for k, v in result.raw_probabilities.items()}
