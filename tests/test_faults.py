@@ -90,6 +90,11 @@ def _input_intact(tmp, result):
     assert (tmp / "in.jsonl").read_text() == P2  # refused before opening: the input is untouched
 
 
+def _null_label_unlabeled(tmp: Path, result: Any) -> None:
+    rows = [json.loads(line) for line in (tmp / "out.jsonl").read_text().splitlines()]
+    assert ["correct" in r for r in rows] == [True, False, True]  # null gold: unlabeled, not "None"
+
+
 def _one_warning(tmp: Path, result: Any) -> None:
     assert result.stderr.count("--shots 50") == 1
 
@@ -220,6 +225,8 @@ CASES = [
          "is a directory; give a file name inside it", files={"in.jsonl": P2, "sub/keep": ""}),
     Case("output-folder-missing", G + ["-i", "{tmp}/in.jsonl", "-o", "{tmp}/no/out.jsonl", "-m", "{nomodel}"], 3,
          "folder '{tmp}/no' does not exist; create it first", files={"in.jsonl": P2}),
+    Case("null-label-is-unlabeled", CI, 0, "", rows=3, check=_null_label_unlabeled,
+         files={"toy.yaml": TOY, "in.jsonl": LABELED.replace('"label": "neg"', '"label": null')}),
     Case("output-is-the-input", G + ["-i", "{tmp}/in.jsonl", "-o", "{tmp}/in.jsonl", "-m", "{nomodel}"], 3,
          "is the input file itself", files={"in.jsonl": P2}, check=_input_intact),
     Case("output-folder-read-only", G + ["-i", "{tmp}/in.jsonl", "-o", "{tmp}/ro/out.jsonl", "-m", "{nomodel}"], 3,
