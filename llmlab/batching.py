@@ -7,7 +7,7 @@ No torch here: out-of-memory is recognised by the exception's type name and mess
 from __future__ import annotations
 
 import logging
-from typing import Callable, Iterator, Sequence, TypeVar
+from typing import Callable, Sequence, TypeVar
 
 R = TypeVar("R")
 EventSink = Callable[[int, str], None]
@@ -39,17 +39,6 @@ def take(order: Sequence[int], start: int, lengths: Sequence[int], rows: int | N
         batch.append(i)
         longest = width
     return batch
-
-
-def batches(lengths: Sequence[int], rows: int | None, tokens: int | None = None,
-            sort: bool = True) -> Iterator[list[int]]:
-    """Indexes of the inputs, batch by batch (no out-of-memory handling; see run_batched)."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i]) if sort else list(range(len(lengths)))
-    start = 0
-    while start < len(order):
-        batch = take(order, start, lengths, rows, tokens)
-        yield batch
-        start += len(batch)
 
 
 def run_batched(run: Callable[[list[int]], list[R]], lengths: Sequence[int], rows: int | None,
