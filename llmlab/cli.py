@@ -322,7 +322,7 @@ def eval_cmd(
 
     for combo in combos:
         settings_for(combo.template, None, {"max_new_tokens": max_new_tokens})
-    session = Session(_model(model, device, dtype, chat))
+    session = Session(_model(model, device, dtype, chat), hooks=hooks())
     with console.progress(the_plan.total(), "evaluating") as bar:
         result = evaluate.evaluate(session, the_plan, bar)
     render.eval_table(result)  # the table first: a report that can't be written loses nothing

@@ -30,15 +30,6 @@ from llmlab.loading import (  # noqa: F401 - re-exported: llmlab.models.load etc
     resolve_model,
 )
 
-# Window sizes above this are tokenizer sentinels ("no limit known"), not real windows.
-_ABSURD_WINDOW = 1_000_000
-# generate sorts prompts by length within windows of this many batches (results keep input order).
-_GEN_WINDOW_BATCHES = 8
-# Shared prefixes shorter than this are not worth a KV cache of their own.
-_MIN_PREFIX = 8
-# T5 uses relative positions, so its config has no window; FLAN-T5 was trained on 512 tokens.
-_T5_WINDOW = 512
-
 
 # ---------------------------------------------------------------- the model boundary
 

@@ -102,11 +102,13 @@ def template_item(template: Any, text: Optional[str], pairs: Sequence[str], cmd:
 class Session:
     """A loaded model plus the decisions every command makes the same way."""
 
-    def __init__(self, model: ModelConfig, lm: Any = None):
+    def __init__(self, model: ModelConfig, lm: Any = None, hooks: Optional[Hooks] = None):
         from llmlab import models
 
         self.model = model
         self.lm = lm if lm is not None else models.load(model.spec, model.device, model.dtype)
+        if hooks is not None:  # the backend's messages (out-of-memory back-off, unreachable stop texts)
+            self.lm.on_event = lambda level, message: (hooks.warn if level >= 30 else hooks.info)(message)
 
     def chat(self, template: Any = None) -> bool:
         return chat_for(self.lm.tokenizer, self.model.chat, template)
@@ -255,7 +257,7 @@ def generate(cfg: GenerateConfig, hooks: Hooks = Hooks(), lm: Any = None) -> Non
         hooks.info(f"--resume: {len(items) - len(todo)} of {len(items)} inputs already done")
     if not todo:
         return
-    session = Session(cfg.model, lm)
+    session = Session(cfg.model, lm, hooks)
     if template is None:
         jobs = plain_jobs(todo, cfg.input.field, session.lm, session.chat())
         jobs = fit_plain(jobs, session.lm, settings.max_new_tokens, cfg.prompt.overflow, hooks)
@@ -312,7 +314,7 @@ def classify(cfg: ClassifyConfig, hooks: Hooks = Hooks(), table: bool = False, l
     todo = sink.pending(items)
     if not todo:
         return None
-    session = Session(cfg.model, lm)
+    session = Session(cfg.model, lm, hooks)
     builder = session.builder(template, cfg.prompt, settings.max_new_tokens, cfg.input.path)
     classifier = clf.Classifier(session.lm, builder, cfg.method, cfg.normalize, cfg.calibrate, cfg.batch_size,
                                 settings)

@@ -22,7 +22,6 @@ from llmlab import locks
 
 ROOT = Path(__file__).resolve().parent.parent
 EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGKILL: -signal.SIGKILL}
-BOUNDARY = pytest.mark.xfail(strict=True, reason="needs boundary branch: per-batch write rule")
 
 
 def spawn(args: list[str], cwd: Path) -> subprocess.Popen:
@@ -101,7 +100,7 @@ def same_records(got: list[dict], want: list[dict]) -> None:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["INT", "TERM", "KILL"])
-@pytest.mark.parametrize("command", ["classify", pytest.param("generate", marks=BOUNDARY)])
+@pytest.mark.parametrize("command", ["classify", "generate"])
 def test_interrupted_batch_run_resumes_to_the_full_result(runs, command, sig, tmp_path):
     commands, expected = runs
     args, want = commands[command] + ["-o", str(tmp_path / "out.jsonl")], expected[command]
