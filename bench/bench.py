@@ -89,7 +89,7 @@ def case_classify(model: str, data: Path, template: str, shots: int, limit: int 
         "speedup": slow_s / fast_s, "agreement": sum(a == b for a, b in zip(fast, slow)) / len(items),
         "accuracy_llmlab": sum(a == g for a, g in zip(fast, gold)) / len(items),
         "accuracy_naive": sum(a == g for a, g in zip(slow, gold)) / len(items),
-        "multi_token_labels": multi, "chat": chat, "peak_rss_mb": peak_rss_mb(),
+        "multi_token_labels": multi, "chat": builder.options.chat, "peak_rss_mb": peak_rss_mb(),
     }
 
 

@@ -7,12 +7,11 @@ The CLI parses options into these dataclasses and hands one of them to one libra
 from __future__ import annotations
 
 import enum
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from llmlab.errors import DataError, UsageError
+from llmlab.errors import UsageError
 
 
 # ---------------------------------------------------------------- the choices, one place each

@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 from llmlab import console
 from llmlab.errors import UsageError
-from llmlab.io import Item, Writer
+from llmlab.io import Item
 
 CHAT_MODES = ("auto", "on", "off")
 
@@ -71,22 +71,6 @@ def record(job: Job, output: Any, model_name: str, echo: bool) -> dict[str, Any]
     rec["finish_reason"] = output.finish_reasons[0] if len(completions) == 1 else output.finish_reasons
     rec["model"] = model_name
     return rec
-
-
-def run_batch(lm: Any, jobs: Sequence[Job], settings: Any, writer: Writer, batch_size: int | None, echo: bool) -> None:
-    """Generate for every job. Write rule: records are written and flushed in input order, each as
-    soon as it and every input before it are done (batches of consecutive inputs run in order, so an
-    interrupted run loses at most the batch in progress)."""
-    from llmlab.models import GenRequest
-
-    requests = [GenRequest(j.model_text, j.chat) for j in jobs]
-    with console.progress(len(jobs), "generating") as bar:
-
-        def done(index: int, output: Any) -> None:
-            writer.write(record(jobs[index], output, lm.name, echo))
-            bar.advance(1)
-
-        lm.generate(requests, settings, batch_size=batch_size, on_output=done)
 
 
 def run_single(lm: Any, job: Job, settings: Any, echo: bool) -> Any:

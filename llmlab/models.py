@@ -3,11 +3,6 @@ Model loading lives in llmlab.loading; its public names are re-exported here."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
-
-from llmlab import console
-from llmlab.errors import UsageError
 from llmlab.loading import (  # noqa: F401 - re-exported: llmlab.models.load etc. keep working
     ALIASES,
     DEFAULT_MODEL,

@@ -4,7 +4,7 @@ command takes -m (or the embedded smollm2 for the few listed), and it must exit 
 never drift from the code."""
 
 import json
-import re
+
 import shlex
 from pathlib import Path
 
