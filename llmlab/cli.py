@@ -221,7 +221,9 @@ Shots = Annotated[
 ShotSelection = Annotated[
     Optional[str], typer.Option(rich_help_panel=PROMPT_PANEL,
                       help="Which examples: first (pool order), random (seeded), balanced (round-robin over "
-                      "labels, so classes are mixed). [default: balanced for classify templates, else first]")
+                      "labels, so classes are mixed), similar (the k nearest to each input; similar-tfidf or "
+                      "similar-hidden picks the measure). [default: the template's, else balanced for classify "
+                      "templates, else first]")
 ]
 ShotSeed = Annotated[
     Optional[int], typer.Option("--seed", rich_help_panel=PROMPT_PANEL,
@@ -386,6 +388,11 @@ def generate(
 
 
 CLASSIFY_PANEL = "Classification"
+Ensemble = Annotated[
+    int, typer.Option(min=1, rich_help_panel=CLASSIFY_PANEL,
+                      help="Average label probabilities over N demonstration draws (other seeds; for first and "
+                      "similar, other orders).")
+]
 Method = Annotated[
     str, typer.Option(rich_help_panel=CLASSIFY_PANEL,
                       help="score: each label's log-likelihood as the continuation (multiple choice); "
@@ -404,7 +411,8 @@ def _load_for_template(model, device, dtype, chat, template, shots, shot_selecti
     lm = models.load(model, device, dtype)
     options = prompts.options_for(template, shots, shot_selection, seed, _chat(lm.tokenizer, chat, template),
                                   shot_format, overflow, max_new_tokens)
-    builder = prompts.make_builder(template, lm.tokenizer, lm.window, options, examples, input, lm.is_encoder_decoder)
+    builder = prompts.make_builder(template, lm.tokenizer, lm.window, options, examples, input, lm.is_encoder_decoder,
+                                   lm=lm)
     return lm, builder
 
 
@@ -422,6 +430,11 @@ def classify(
     calibrate: Annotated[bool, typer.Option(rich_help_panel=CLASSIFY_PANEL,
                                             help="Contextual calibration: divide out the label bias measured on "
                                             "content-free inputs (N/A, empty, [MASK]); -v shows it.")] = False,
+    calibration: Annotated[Optional[str], typer.Option(rich_help_panel=CLASSIFY_PANEL,
+                                                       help="Calibration method: off, contextual (same as "
+                                                       "--calibrate), batch (bias = mean over the inputs), domain "
+                                                       "(random in-domain words).")] = None,
+    ensemble: Ensemble = 1,
     shots: Shots = 0,
     shot_selection: ShotSelection = None,
     seed: ShotSeed = None,
@@ -447,6 +460,7 @@ def classify(
     if tmpl.task != "classify":
         raise UsageError(f"template '{tmpl.name}' is a generate template; classify needs task: classify with labels")
     settings = _settings(None, {}, tmpl)
+    mode = classify_mod.calibration_mode(calibration or calibrate)
     if input is not None and (text is not None or var):
         raise UsageError("give either a TEXT argument (or --var) or --input FILE, not both")
     if input is not None:
@@ -459,9 +473,13 @@ def classify(
     todo = [it for it in items if it.key not in sink.done]
     if not todo:
         return
+    if mode == "batch" and len(todo) < 2:
+        raise UsageError("--calibration batch estimates the bias from the inputs themselves: give several "
+                         "(--input FILE), or use contextual or domain for one input")
     lm, builder = _load_for_template(model, device, dtype, chat, tmpl, shots, shot_selection, seed, shot_format,
                                      overflow, settings.max_new_tokens, examples, input)
-    classifier = classify_mod.Classifier(lm, builder, method, normalize, calibrate, _batch_size(batch_size), settings)
+    classifier = classify_mod.Classifier(lm, builder, method, normalize, mode, _batch_size(batch_size), settings,
+                                         ensemble)
     if output is None and format == "auto" and sys.stdout.isatty():
         results = classifier.classify(todo)
         _classification_table(results, classifier)
@@ -496,7 +514,9 @@ def eval_cmd(
     seeds: Annotated[int, typer.Option(min=1, rich_help_panel=PROMPT_PANEL,
                                        help="Demonstration draws per shot count (seeds 0..N-1); mean ± std.")] = 1,
     calibration: Annotated[str, typer.Option(rich_help_panel=CLASSIFY_PANEL,
-                                             help="Contextual calibration: off, on, or both (compare).")] = "off",
+                                             help="Calibration methods to compare, comma-separated: off, "
+                                             "contextual, batch, domain (on = contextual, both = off,contextual)."
+                                             )] = "off",
     calibrate: Annotated[bool, typer.Option(rich_help_panel=CLASSIFY_PANEL, help="Same as --calibration on.")] = False,
     limit: Annotated[Optional[int], typer.Option(min=1, rich_help_panel=IO_PANEL, help="Use only the first N rows.")] = None,
     report: Annotated[Optional[str], typer.Option(rich_help_panel=IO_PANEL,
@@ -511,6 +531,7 @@ def eval_cmd(
     chat: Chat = None,
     method: Method = "score",
     normalize: Normalize = "none",
+    ensemble: Ensemble = 1,
     shot_selection: ShotSelection = None,
     shot_format: ShotFormat = None,
     overflow: Overflow = "drop-shots",
@@ -542,7 +563,7 @@ def eval_cmd(
         "data": data, "limit": limit, "method": method, "normalize": normalize, "batch_size": _batch_size(batch_size),
         "shot_selection": shot_selection, "shot_format": shot_format, "overflow": overflow,
         "examples": examples, "references": reference or [], "log_samples": log_samples,
-        "chat": chat, "generation": {"max_new_tokens": max_new_tokens},
+        "chat": chat, "generation": {"max_new_tokens": max_new_tokens}, "ensemble": ensemble,
     }
     result = evaluate.evaluate(lm, templates, items, shot_counts, seeds, calibration, options, refs=refs)
     if report:

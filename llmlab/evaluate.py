@@ -19,7 +19,25 @@ from llmlab import __version__, console
 from llmlab.errors import DataError, UsageError
 from llmlab.io import Item
 
-CALIBRATION = ("off", "on", "both")
+CALIBRATION = ("off", "on", "both")  # on = contextual, both = off,contextual; or a list of methods
+
+
+def parse_calibration(text: str) -> list[str]:
+    """--calibration: a comma list of off, contextual, batch, domain (on = contextual, both = off,contextual)."""
+    from llmlab.classify import CALIBRATIONS
+
+    modes: list[str] = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        named = {"on": ["contextual"], "both": ["off", "contextual"]}.get(part, [part])
+        for mode in named:
+            if mode not in CALIBRATIONS:
+                raise UsageError(f"invalid --calibration '{text}': give off, on, both or a list of "
+                                 f"{', '.join(CALIBRATIONS)}")
+            if mode not in modes:
+                modes.append(mode)
+    if not modes:
+        raise UsageError(f"invalid --calibration '{text}': give off, on, both or a list of methods")
+    return modes
 
 
 # ---------------------------------------------------------------- metrics
@@ -110,19 +128,18 @@ def check_data(items: list[Item], template: Any, references: Sequence[str]) -> l
 class Combo:
     template: Any
     shots: int
-    calibrate: bool
+    calibrate: str  # off or a calibration method (classify.CALIBRATIONS)
     seeds: list[int]
 
 
 def plan(templates: Sequence[Any], shots: Sequence[int], seeds: int, calibration: str, method: str) -> list[Combo]:
     """Every combination; zero-shot needs one seed only (no demonstrations to draw)."""
-    if calibration not in CALIBRATION:
-        raise UsageError(f"invalid --calibration '{calibration}': choose off, on or both")
+    methods = parse_calibration(calibration)
     combos = []
     for template in templates:
-        modes = [False]
+        modes = ["off"]
         if template.task == "classify" and method == "score":
-            modes = {"off": [False], "on": [True], "both": [False, True]}[calibration]
+            modes = methods
         for n in shots:
             for calibrate in modes:
                 combos.append(Combo(template, n, calibrate, list(range(seeds)) if n else [0]))
@@ -209,12 +226,12 @@ def run_combo(lm: Any, combo: Combo, items: list[Item], refs_fields: list[str], 
                                          options["shot_format"], options["overflow"], settings.max_new_tokens,
                                          default_selection="random")
         builder = prompts.make_builder(template, lm.tokenizer, lm.window, build_opts, options["examples"],
-                                       options["data"], lm.is_encoder_decoder)
+                                       options["data"], lm.is_encoder_decoder, lm=lm)
         started = time.perf_counter()
         samples = []
         if template.task == "classify":
             clf = classify.Classifier(lm, builder, options["method"], options["normalize"], combo.calibrate,
-                                      options["batch_size"], settings)
+                                      options["batch_size"], settings, options.get("ensemble", 1))
             results = clf.classify(items, on_result=lambda r: progress.advance(1))
             elapsed = time.perf_counter() - started
             golds = [str(i.fields[template.target]) for i in items]
@@ -297,7 +314,8 @@ def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     rows = []
     for r in results:
         s = r["summary"]
-        row = [r["template"], str(r["shots"]), "yes" if r["calibrate"] else "no", str(len(r["seeds"])),
+        calibrated = {True: "contextual", False: "off"}.get(r["calibrate"], r["calibrate"])  # old reports: bools
+        row = [r["template"], str(r["shots"]), calibrated, str(len(r["seeds"])),
                str(r["runs"][0]["items"])]
         if classify_rows:
             if r["task"] == "classify":

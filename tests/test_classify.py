@@ -193,12 +193,12 @@ def test_eval_table_and_report(tiny_models, data, tmp_path):
     lines = result.stdout.splitlines()
     assert lines[0].split()[:8] == ["template", "shots", "calibrated", "seeds", "n", "accuracy", "%", "macro-F1"]
     assert [line.split()[:5] for line in lines[1:]] == [
-        ["toy", "0", "no", "1", "5"], ["toy", "0", "yes", "1", "5"], ["toy", "2", "no", "2", "5"], ["toy", "2", "yes", "2", "5"]]
+        ["toy", "0", "off", "1", "5"], ["toy", "0", "contextual", "1", "5"], ["toy", "2", "off", "2", "5"], ["toy", "2", "contextual", "2", "5"]]
     doc = json.loads(report.read_text())
     assert set(doc) >= {"model", "data", "config", "templates", "results", "versions", "created"}
     assert doc["templates"]["toy"]["text"] == TEMPLATE and doc["versions"]["transformers"]
     first = doc["results"][2]
-    assert (first["shots"], first["calibrate"], first["seeds"]) == (2, False, [0, 1])
+    assert (first["shots"], first["calibrate"], first["seeds"]) == (2, "off", [0, 1])
     assert set(first["summary"]) == {"accuracy", "macro_f1", "items_per_s"}
     run = first["runs"][0]
     assert set(run["metrics"]) == {"accuracy", "macro_f1", "per_label", "confusion"}
@@ -218,7 +218,7 @@ def test_eval_generate_template(tiny_models, tmp_path):
     assert result.exit_code == 0, result.stderr
     header, row = result.stdout.splitlines()
     assert header.split() == ["template", "shots", "calibrated", "seeds", "n", "ROUGE-1", "ROUGE-2", "ROUGE-L", "exact", "%", "items/s"]
-    assert row.split()[:5] == ["sum", "0", "no", "1", "2"]
+    assert row.split()[:5] == ["sum", "0", "off", "1", "2"]
 
 
 @pytest.mark.parametrize(
