@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -27,6 +28,8 @@ CALIBRATIONS = ("off", "contextual", "batch", "domain")
 CONTENT_FREE = ("N/A", "", "[MASK]")
 DOMAIN_SAMPLES = 20  # random in-domain texts averaged per demonstration set (the paper's 20)
 UNKNOWN = "unknown"
+_SCORES: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()  # model -> prompt key -> scores
+_MEMO_LIMIT = 200_000  # remembered prompts per model before the memo starts over (a few floats each)
 
 
 def calibration_mode(value: bool | str | None) -> str:
@@ -75,7 +78,7 @@ def softmax(scores: Sequence[float]) -> list[float]:
 
 def calibrate(probs: Sequence[float], p_cf: Sequence[float]) -> list[float]:
     """Divide out the content-free bias and renormalize: argmax of this is the calibrated prediction."""
-    adjusted = [p / max(b, 1e-12) for p, b in zip(probs, p_cf)]
+    adjusted = [p / max(b, 1e-300) for p, b in zip(probs, p_cf)]  # floor: only a bias of exactly 0
     total = sum(adjusted)
     return [a / total for a in adjusted]
 
@@ -128,19 +131,25 @@ class Classifier:
         return [prompt.answer_prefix + self.template.verbalize(label) for label in self.labels]
 
     def _score(self, prompts: Sequence[Any]) -> list[tuple[list[float], list[float]]]:
-        """(label probabilities, label log-probabilities) for each prompt."""
+        """(label probabilities, label log-probabilities) for each prompt. Scores are remembered per
+        model for the run, so eval's calibration methods (which differ only after scoring) and
+        repeated content-free prompts score each distinct prompt once."""
         from llmlab.models import LLRequest
 
-        requests = [LLRequest(p.pieces, c, p.chat) for p in prompts for c in self._continuations(p)]
-        outputs = self.lm.loglikelihood(requests, batch_size=self.batch_size)
+        memo = _SCORES.setdefault(self.lm, {})
+        keys = [(tuple(p.pieces), p.chat, tuple(self._continuations(p)), self.normalize) for p in prompts]
+        todo = [(key, p) for key, p in dict(zip(keys, prompts)).items() if key not in memo]
+        requests = [LLRequest(p.pieces, c, p.chat) for _, p in todo for c in self._continuations(p)]
+        outputs = self.lm.loglikelihood(requests, batch_size=self.batch_size) if requests else []
         k = len(self.labels)
-        results = []
-        for n in range(len(prompts)):
+        if len(memo) > _MEMO_LIMIT:
+            memo.clear()
+        for n, (key, _) in enumerate(todo):
             outs = outputs[n * k : (n + 1) * k]
             logprobs = [o.logprob for o in outs]
             scores = [o.logprob / o.tokens for o in outs] if self.normalize == "length" else logprobs
-            results.append((softmax(scores), logprobs))
-        return results
+            memo[key] = (softmax(scores), logprobs)
+        return [memo[key] for key in keys]
 
     def bias(self, shots: list[int], mode: str = "contextual") -> list[float]:
         """b: the mean label probabilities of the content-free inputs of `mode` (contextual: "N/A",

@@ -155,10 +155,8 @@ def nearest(similarities: Any, k: int, exclude: Sequence[set[int]]) -> list[list
 
     chosen = []
     for row, skip in zip(similarities, exclude):
-        want = min(k + len(skip), len(row))
-        # argpartition finds the top `want` in O(n); then sort just those (stable, by -score then index).
-        top = np.argpartition(-row, want - 1)[:want] if want < len(row) else np.arange(len(row))
-        top = sorted(top.tolist(), key=lambda i: (-row[i], i))
+        # A stable sort of -score: most similar first, ties in pool order (deterministic).
+        top = np.argsort(-np.asarray(row), kind="stable")[: k + len(skip)].tolist()
         picked = [i for i in top if i not in skip][:k]
         chosen.append(picked[::-1])
     return chosen
