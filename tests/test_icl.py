@@ -116,15 +116,21 @@ def test_unknown_calibration_is_a_usage_error():
 # ---------------------------------------------------------------- ensembles
 
 
-def test_ensemble_averages_over_draws(llama, toy):
+def test_ensemble_averages_over_draws(llama, tmp_path):
+    path = tmp_path / "close.yaml"  # one-token labels: probabilities far from 0 and 1, so draws differ
+    path.write_text(TEMPLATE.replace("neg: Negative words", "neg: negative"))
+    toy = prompts.load_template(str(path))
     builder = builder_for(llama, toy, shots=2, selection="balanced", seed=5)
     results = classify.Classifier(llama, builder, ensemble=3).classify(items())
+    spread = 0.0
     for item, r in zip(items(), results):
         draws = []
         for d in range(3):  # draw d is the balanced draw of seed 5 + d
             shots = prompts.select_shots(toy, toy.examples, 2, "balanced", 5 + d, builder.exclusions(item))
             draws.append(hand_probs(llama, toy, builder.build(item, shots=shots)))
-        assert list(r.probabilities.values()) == pytest.approx(mean(draws), abs=1e-5)
+        assert list(r.probabilities.values()) == pytest.approx(mean(draws), abs=1e-6)
+        spread = max(spread, max(abs(a[0] - b[0]) for a in draws for b in draws))
+    assert spread > 4e-6  # the draws disagree beyond the tolerance, so averaging is what made them match
     assert len({tuple(builder.choose_shots(items()[0], d)) for d in range(3)}) > 1  # the draws differ
 
 
