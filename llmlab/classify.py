@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -14,10 +15,46 @@ from llmlab.io import Item
 
 METHODS = ("score", "generate")
 NORMALIZE = ("none", "length")
-# Contextual calibration (Zhao et al. 2021): inputs that carry no content, whose label
-# probabilities reveal the prompt's own bias.
+# Calibration: divide each label's probability by an estimate of the prompt's own bias toward it,
+# p(y|x) / b(y), renormalized. The methods differ only in how b is estimated:
+# - contextual (Zhao et al. 2021, "Calibrate Before Use"): b = mean label probabilities of the
+#   content-free inputs "N/A", "" and "[MASK]" under the same demonstrations.
+# - domain (Fei et al. 2023, "Mitigating Label Biases for In-context Learning"): b = mean over
+#   DOMAIN_SAMPLES content-free inputs made of random in-domain words (drawn from the evaluated
+#   inputs' own text, no labels used), each as many words as an input has on average.
+# - batch (Zhou et al. 2024, "Batch Calibration"): b = mean label probabilities over the evaluated
+#   inputs themselves; no extra prompts, but every input is scored before the first prediction.
+CALIBRATIONS = ("off", "contextual", "batch", "domain")
 CONTENT_FREE = ("N/A", "", "[MASK]")
+DOMAIN_SAMPLES = 20  # random in-domain texts averaged per demonstration set (the paper's 20)
 UNKNOWN = "unknown"
+_SCORES: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()  # model -> prompt key -> scores
+_MEMO_LIMIT = 200_000  # remembered prompts per model before the memo starts over (a few floats each)
+
+
+def calibration_mode(value: bool | str | None) -> str:
+    """--calibrate's value as a method name: a bare flag (True) or 'on' is contextual calibration."""
+    if value is True or value == "on":
+        return "contextual"
+    if value is None or value is False:
+        return "off"
+    if value not in CALIBRATIONS:
+        raise UsageError(f"invalid --calibrate '{value}': choose {', '.join(CALIBRATIONS)}")
+    return value
+
+
+def domain_texts(items: Sequence[Item], fields: Sequence[str], seed: int, n: int = DOMAIN_SAMPLES) -> list[str]:
+    """Fei et al.'s content-free inputs: n texts of random words from the items' `fields`, each the
+    items' mean word count long (at least 1), drawn with a seeded generator."""
+    import random
+
+    texts = [" ".join(str(item.fields.get(f, "")) for f in fields) for item in items]
+    words = [w for t in texts for w in t.split()]
+    if not words:
+        return [""] * n
+    length = max(1, round(len(words) / max(len(texts), 1)))
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(words) for _ in range(length)) for _ in range(n)]
 
 
 @dataclass
@@ -41,7 +78,7 @@ def softmax(scores: Sequence[float]) -> list[float]:
 
 def calibrate(probs: Sequence[float], p_cf: Sequence[float]) -> list[float]:
     """Divide out the content-free bias and renormalize: argmax of this is the calibrated prediction."""
-    adjusted = [p / max(b, 1e-12) for p, b in zip(probs, p_cf)]
+    adjusted = [p / max(b, 1e-300) for p, b in zip(probs, p_cf)]  # floor: only a bias of exactly 0
     total = sum(adjusted)
     return [a / total for a in adjusted]
 
@@ -62,13 +99,18 @@ class Classifier:
     """Classifies items with a classify template's labels."""
 
     def __init__(self, lm: Any, builder: Any, method: str = "score", normalize: str = "none",
-                 calibrate: bool = False, batch_size: int = 16, settings: Any = None):
+                 calibrate: bool | str = False, batch_size: int = 16, settings: Any = None, ensemble: int = 1):
         if method not in METHODS:
             raise UsageError(f"invalid --method '{method}': choose score or generate")
         if normalize not in NORMALIZE:
             raise UsageError(f"invalid --normalize '{normalize}': choose none or length")
-        if calibrate and method != "score":
+        self.calibrate = calibration_mode(calibrate)
+        if self.calibrate != "off" and method != "score":
             raise UsageError("--calibrate needs --method score: it adjusts label probabilities")
+        if ensemble < 1:
+            raise UsageError(f"invalid --ensemble {ensemble}: give the number of demonstration draws, >= 1")
+        if ensemble > 1 and method != "score":
+            raise UsageError("--ensemble needs --method score: it averages label probabilities")
         self.lm = lm
         self.builder = builder
         self.template = builder.template
@@ -78,76 +120,133 @@ class Classifier:
         self.labels = list(self.template.labels)
         self.method = method
         self.normalize = normalize
-        self.calibrate = calibrate
+        self.ensemble = ensemble
         self.batch_size = batch_size
         self.settings = settings
-        self._bias: dict[tuple[int, ...], list[float]] = {}
+        self._bias: dict[tuple[Any, ...], list[float]] = {}
+        self._domain: list[str] = []  # Fei et al.'s random in-domain texts, made from the items classified
         self.label_tokens = max(len(lm.continuation_ids(" " + v)) for v in self.template.labels.values())
 
     def _continuations(self, prompt: Any) -> list[str]:
         return [prompt.answer_prefix + self.template.verbalize(label) for label in self.labels]
 
     def _score(self, prompts: Sequence[Any]) -> list[tuple[list[float], list[float]]]:
-        """(label probabilities, label log-probabilities) for each prompt."""
+        """(label probabilities, label log-probabilities) for each prompt. Scores are remembered per
+        model for the run, so eval's calibration methods (which differ only after scoring) and
+        repeated content-free prompts score each distinct prompt once."""
         from llmlab.models import LLRequest
 
+        memo = _SCORES.setdefault(self.lm, {})
+        keys = [(p.text, p.chat, tuple(self._continuations(p)), self.normalize) for p in prompts]
+        todo = [(key, p) for key, p in dict(zip(keys, prompts)).items() if key not in memo]
         requests = [LLRequest(p.text, c, p.chat, prefix=p.prefix, context_ids=p.ids)
-                    for p in prompts for c in self._continuations(p)]
-        outputs = self.lm.loglikelihood(requests, batch_size=self.batch_size)
+                    for _, p in todo for c in self._continuations(p)]
+        outputs = self.lm.loglikelihood(requests, batch_size=self.batch_size) if requests else []
         k = len(self.labels)
-        results = []
-        for n in range(len(prompts)):
+        if len(memo) > _MEMO_LIMIT:
+            memo.clear()
+        for n, (key, _) in enumerate(todo):
             outs = outputs[n * k : (n + 1) * k]
             logprobs = [o.logprob for o in outs]
             scores = [o.logprob / o.tokens for o in outs] if self.normalize == "length" else logprobs
-            results.append((softmax(scores), logprobs))
-        return results
+            memo[key] = (softmax(scores), logprobs)
+        return [memo[key] for key in keys]
 
-    def bias(self, shots: list[int]) -> list[float]:
-        """p_cf: mean label probabilities of the content-free inputs under these demonstrations."""
-        key = tuple(shots)
+    def bias(self, shots: list[int], mode: str = "contextual") -> list[float]:
+        """b: the mean label probabilities of the content-free inputs of `mode` (contextual: "N/A",
+        "", "[MASK]"; domain: random in-domain texts) under these demonstrations."""
+        key = (mode, *shots)
         if key not in self._bias:
+            texts = CONTENT_FREE if mode == "contextual" else self._domain
             prompts = []
-            for text in CONTENT_FREE:
+            for text in texts:
                 values = {f: text for f in self.template.fields}
                 prompts.append(self.builder.build(Item(-1, values, f"content-free input {text!r}"),
                                                   self.label_tokens, shots=list(shots)))
             probs = [p for p, _ in self._score(prompts)]
             self._bias[key] = [sum(col) / len(col) for col in zip(*probs)]
-            if console.verbose():
-                shown = ", ".join(f"{label} {p:.3f}" for label, p in zip(self.labels, self._bias[key]))
-                console.note(f"calibration bias p_cf (shots {list(key)}): {shown}")
+            self._show_bias(f"{mode} calibration bias p_cf (shots {list(shots)})", self._bias[key])
         return self._bias[key]
+
+    def _show_bias(self, what: str, bias: Sequence[float]) -> None:
+        if console.verbose():
+            console.note(f"{what}: " + ", ".join(f"{label} {p:.3f}" for label, p in zip(self.labels, bias)))
 
     def classify(self, items: Sequence[Item], on_result: Callable[[Classification], None] | None = None,
                  chunk: int = 64) -> list[Classification]:
-        """Classify in chunks; on_result gets each result as soon as its chunk is done."""
-        results = []
-        for start in range(0, len(items), chunk):
-            part = items[start : start + chunk]
-            prompts = [self.builder.build(item, self.label_tokens) for item in part]
-            for prompt in prompts:
-                for note in prompt.notes:
-                    console.warn(note)
-            done = self._by_generation(part, prompts) if self.method == "generate" else self._by_score(part, prompts)
+        """Classify in chunks; on_result gets each result as soon as its chunk is done (with batch
+        calibration, once every item is scored: the bias is their mean)."""
+        if self.calibrate == "domain":
+            self._domain = domain_texts(items, self.template.fields, self.builder.options.seed)
+            self._bias = {k: v for k, v in self._bias.items() if k[0] != "domain"}
+        results: list[Classification] = []
+        scored: list[tuple[Item, list[Any]]] = []  # batch calibration: held until every item is scored
+
+        def emit(done: list[Classification]) -> None:
             for result in done:
                 results.append(result)
                 if on_result:
                     on_result(result)
+
+        for start in range(0, len(items), chunk):
+            part = items[start : start + chunk]
+            if self.method == "generate":
+                prompts = self._prompts(part, 0)
+                emit(self._by_generation(part, prompts))
+                continue
+            draws = self._scored_draws(part)
+            if self.calibrate == "batch":
+                scored += draws
+            else:
+                emit([self._combine(item, runs) for item, runs in draws])
+        if scored:
+            biases = [[sum(col) / len(col) for col in zip(*(runs[d][1] for _, runs in scored))]
+                      for d in range(self.ensemble)]
+            for d, b in enumerate(biases):
+                self._show_bias(f"batch calibration bias (draw {d})", b)
+            emit([self._combine(item, runs, biases) for item, runs in scored])
         return results
 
-    def _by_score(self, items: Sequence[Item], prompts: Sequence[Any]) -> list[Classification]:
-        out = []
-        for item, prompt, (probs, logprobs) in zip(items, prompts, self._score(prompts)):
-            raw = None
-            if self.calibrate:
-                raw, probs = probs, calibrate(probs, self.bias(prompt.shots))
-            best = max(range(len(probs)), key=probs.__getitem__)
-            out.append(Classification(
-                item, self.labels[best], dict(zip(self.labels, probs)), prompt.tokens, len(prompt.shots),
-                dict(zip(self.labels, raw)) if raw else None, logprobs=dict(zip(self.labels, logprobs)),
-            ))
-        return out
+    def _prompts(self, part: Sequence[Item], draw: int) -> list[Any]:
+        if hasattr(self.builder, "prepare"):
+            self.builder.prepare(part)  # similar selection: retrieve for the whole chunk at once
+        prompts = [self.builder.build(item, self.label_tokens, draw=draw) for item in part]
+        for prompt in prompts:
+            for note in prompt.notes:
+                console.warn(note)
+        return prompts
+
+    def _scored_draws(self, part: Sequence[Item]) -> list[tuple[Item, list[tuple[Any, list[float], list[float]]]]]:
+        """Each item with its (prompt, probabilities, log-probabilities) per demonstration draw.
+        All draws are scored in one call, so each draw's shared prefix is still encoded once."""
+        prompts = [p for d in range(self.ensemble) for p in self._prompts(part, d)]
+        scores = self._score(prompts)
+        n = len(part)
+        return [(item, [(prompts[d * n + i], *scores[d * n + i]) for d in range(self.ensemble)])
+                for i, item in enumerate(part)]
+
+    def _combine(self, item: Item, runs: list[tuple[Any, list[float], list[float]]],
+                 batch_bias: list[list[float]] | None = None) -> Classification:
+        """Calibrate each draw's probabilities by its own bias, then average over draws (--ensemble)."""
+        raws, finals = [], []
+        for d, (prompt, probs, _) in enumerate(runs):
+            raws.append(probs)
+            if self.calibrate == "off":
+                finals.append(probs)
+            elif self.calibrate == "batch":
+                finals.append(calibrate(probs, batch_bias[d]))
+            else:
+                finals.append(calibrate(probs, self.bias(prompt.shots, self.calibrate)))
+        mean = [sum(col) / len(col) for col in zip(*finals)]
+        raw = [sum(col) / len(col) for col in zip(*raws)]
+        logprobs = [sum(col) / len(col) for col in zip(*(lp for _, _, lp in runs))]
+        best = max(range(len(mean)), key=mean.__getitem__)
+        prompt = runs[0][0]
+        return Classification(
+            item, self.labels[best], dict(zip(self.labels, mean)), prompt.tokens, len(prompt.shots),
+            dict(zip(self.labels, raw)) if self.calibrate != "off" or self.ensemble > 1 else None,
+            logprobs=dict(zip(self.labels, logprobs)),
+        )
 
     def _by_generation(self, items: Sequence[Item], prompts: Sequence[Any]) -> list[Classification]:
         from llmlab.models import GenRequest

@@ -18,7 +18,7 @@ except ImportError:  # pragma: no cover - older typer on real click
     from click import exceptions as click_exceptions
 
 from llmlab import __version__, console
-from llmlab.config import Calibration, InputFormat, Method, Normalize, OutputFormat, Overflow, Dtype, value
+from llmlab.config import InputFormat, Method, Normalize, OutputFormat, Overflow, Dtype, value
 from llmlab.errors import LlmlabError, UsageError
 from llmlab.options import *  # noqa: F403 - the shared option declarations
 
@@ -205,7 +205,15 @@ def classify(
     normalize: NormalizeOpt = Normalize.none,
     calibrate: Annotated[bool, typer.Option(rich_help_panel=CLASSIFY_PANEL,
                                             help="Contextual calibration: divide out the label bias measured on "
-                                            "content-free inputs (N/A, empty, [MASK]); -v shows it.")] = False,
+                                            "content-free inputs (N/A, empty, [MASK]); -v shows it. Same as "
+                                            "--calibration contextual.")] = False,
+    calibration: Annotated[Optional[str], typer.Option(rich_help_panel=CLASSIFY_PANEL,
+                                                       show_default="the template's calibrate:, else off",
+                                                       help="Calibration method: off, contextual (Zhao et al. 2021), "
+                                                       "batch (Zhou et al. 2024: the bias is the mean over the "
+                                                       "inputs), domain (Fei et al. 2023: random in-domain words)."
+                                                       )] = None,
+    ensemble: Ensemble = 1,
     shots: Shots = None,
     shot_selection: ShotSelection = None,
     seed: ShotSeed = None,
@@ -238,7 +246,8 @@ def classify(
         prompt=_prompt(template, shots, shot_selection, seed, shot_format, overflow, examples, prompts_dir, var),
         input=InputConfig(input, value(input_format), "text", offset, limit),
         output=OutputConfig(output, value(format), resume),
-        text=text, method=value(method), normalize=value(normalize), calibrate=calibrate,
+        text=text, method=value(method), normalize=value(normalize),
+        calibrate="contextual" if calibrate else calibration, ensemble=ensemble,
         batch_size=parse_batch(batch_size),
     )
     table = cfg.output.terminal and console.stdout_is_terminal()
@@ -267,7 +276,10 @@ def eval_cmd(
     seeds: Annotated[int, typer.Option(rich_help_panel=PROMPT_PANEL,
                                        help="Demonstration draws per shot count (seeds 0..N-1); mean ± std and "
                                        "min–max over them.")] = 1,
-    calibration: CalibrationOpt = Calibration.off,
+    calibration: Annotated[str, typer.Option(rich_help_panel=CLASSIFY_PANEL,
+                                             help="Calibration methods to compare, comma-separated: off, "
+                                             "contextual, batch, domain (on = contextual, both = off,contextual)."
+                                             )] = "off",
     calibrate: Annotated[bool, typer.Option(rich_help_panel=CLASSIFY_PANEL, help="Same as --calibration on.")] = False,
     offset: Offset = 0,
     limit: Limit = None,
@@ -284,6 +296,7 @@ def eval_cmd(
     chat: Chat = None,
     method: MethodOpt = Method.score,
     normalize: NormalizeOpt = Normalize.none,
+    ensemble: Ensemble = 1,
     shot_selection: ShotSelection = None,
     shot_format: ShotFormatOpt = None,
     overflow: OverflowOpt = Overflow.drop_shots,
@@ -311,9 +324,9 @@ def eval_cmd(
     prompt = _prompt(None, 0, shot_selection, None, shot_format, overflow, examples, prompts_dir)
     tasks = evaluate.prepare(specs, prompt, value(input_format), offset, limit, reference or [])
     the_plan = evaluate.EvalPlan(
-        tasks, evaluate.parse_shots(shots), seeds, "on" if calibrate else value(calibration), value(method),
+        tasks, evaluate.parse_shots(shots), seeds, "on" if calibrate else calibration, value(method),
         value(normalize), parse_batch(batch_size), prompt, max_new_tokens, log_samples, list(reference or []),
-        offset, limit)
+        offset, limit, ensemble=ensemble)
     combos = the_plan.combos()  # validates seeds and calibration before the model loads
     if report:
         evaluate.check_report_path(report)

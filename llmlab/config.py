@@ -29,6 +29,9 @@ class Selection(str, enum.Enum):
     first = "first"
     random = "random"
     balanced = "balanced"
+    similar = "similar"  # the k pool examples nearest to each input (llmlab.retrieval; tf-idf)
+    similar_tfidf = "similar-tfidf"
+    similar_hidden = "similar-hidden"  # nearest by the loaded model's mean-pooled hidden states
 
 
 class ShotFormat(str, enum.Enum):
@@ -50,12 +53,6 @@ class Method(str, enum.Enum):
 class Normalize(str, enum.Enum):
     none = "none"
     length = "length"
-
-
-class Calibration(str, enum.Enum):
-    off = "off"
-    on = "on"
-    both = "both"
 
 
 class InputFormat(str, enum.Enum):
@@ -152,7 +149,8 @@ class ClassifyConfig:
     text: Optional[str] = None
     method: str = "score"
     normalize: str = "none"
-    calibrate: bool = False
+    calibrate: Optional[str] = None  # off, contextual, batch, domain; None: the template's calibrate: (else off)
+    ensemble: int = 1  # demonstration draws averaged, >= 1
     batch_size: Optional[int] = 16
 
 

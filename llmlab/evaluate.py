@@ -20,7 +20,25 @@ from llmlab.errors import DataError, UsageError
 from llmlab.config import PromptConfig
 from llmlab.io import Item
 
-CALIBRATION = ("off", "on", "both")
+CALIBRATION = ("off", "on", "both")  # on = contextual, both = off,contextual; or a list of methods
+
+
+def parse_calibration(text: str) -> list[str]:
+    """--calibration: a comma list of off, contextual, batch, domain (on = contextual, both = off,contextual)."""
+    from llmlab.classify import CALIBRATIONS
+
+    modes: list[str] = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        named = {"on": ["contextual"], "both": ["off", "contextual"]}.get(part, [part])
+        for mode in named:
+            if mode not in CALIBRATIONS:
+                raise UsageError(f"invalid --calibration '{text}': give off, on, both or a list of "
+                                 f"{', '.join(CALIBRATIONS)}")
+            if mode not in modes:
+                modes.append(mode)
+    if not modes:
+        raise UsageError(f"invalid --calibration '{text}': give off, on, both or a list of methods")
+    return modes
 
 
 # ---------------------------------------------------------------- metrics
@@ -111,7 +129,7 @@ def check_data(items: list[Item], template: Any, references: Sequence[str]) -> l
 class Combo:
     task: "EvalTask"
     shots: int
-    calibrate: bool
+    calibrate: str  # off or a calibration method (classify.CALIBRATIONS)
     seeds: list[int]
 
     @property
@@ -136,7 +154,8 @@ class EvalPlan:
     tasks: list[EvalTask]
     shots: list[int]
     seeds: int = 1  # demonstration draws per shot count (seeds 0..N-1)
-    calibration: str = "off"  # off, on, both
+    calibration: str = "off"  # off, on, both, or a comma list of off, contextual, batch, domain
+    ensemble: int = 1  # demonstration draws whose label probabilities are averaged (classify)
     method: str = "score"
     normalize: str = "none"
     batch_size: Optional[int] = 16
@@ -157,15 +176,14 @@ class EvalPlan:
 
 def plan(tasks: Sequence[EvalTask], shots: Sequence[int], seeds: int, calibration: str, method: str) -> list[Combo]:
     """Every combination; zero-shot needs one seed only (no demonstrations to draw)."""
-    if calibration not in CALIBRATION:
-        raise UsageError(f"invalid --calibration '{calibration}': choose off, on or both")
+    methods = parse_calibration(calibration)
     if seeds < 1:
         raise UsageError(f"invalid --seeds {seeds}: must be >= 1")
     combos = []
     for task in tasks:
-        modes = [False]
+        modes = ["off"]
         if task.template.task == "classify" and method == "score":
-            modes = {"off": [False], "on": [True], "both": [False, True]}[calibration]
+            modes = methods
         for n in shots:
             for calibrate in modes:
                 combos.append(Combo(task, n, calibrate, list(range(seeds)) if n else [0]))
@@ -276,7 +294,7 @@ def _run_seed(session: Any, combo: Combo, seed: int, plan_: EvalPlan, settings: 
     samples: list[dict[str, Any]] = []
     if template.task == "classify":
         clf = classify.Classifier(lm, builder, plan_.method, plan_.normalize, combo.calibrate, plan_.batch_size,
-                                  settings)
+                                  settings, plan_.ensemble)
         results = clf.classify(items, on_result=lambda r: bar.advance(1), chunk=2 * (plan_.batch_size or 16))
         elapsed = time.perf_counter() - started
         golds = [str(i.fields[template.target]) for i in items]

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from llmlab.config import (Calibration, ChatMode, Dtype, InputFormat, Method, Normalize, OutputFormat, Overflow,
+from llmlab.config import (ChatMode, Dtype, InputFormat, Method, Normalize, OutputFormat, Overflow,
                            Selection, ShotFormat)
 
 MODEL_PANEL = "Model"
@@ -177,7 +177,7 @@ NormalizeOpt = Annotated[
     Normalize, typer.Option("--normalize", rich_help_panel=CLASSIFY_PANEL,
                             help="Label scores: none (sum of token log-probs) or length (mean per token).")
 ]
-CalibrationOpt = Annotated[
-    Calibration, typer.Option("--calibration", rich_help_panel=CLASSIFY_PANEL,
-                              help="Contextual calibration: off, on, or both (compare).")
+Ensemble = Annotated[
+    int, typer.Option(min=1, rich_help_panel=CLASSIFY_PANEL,
+                      help="Average the label probabilities over N draws (or orders) of the demonstrations.")
 ]

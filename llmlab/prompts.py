@@ -20,12 +20,15 @@ _QUERY_MARK = "\x00query\x00"
 # carries the same files as package data, llmlab/_prompts (pyproject.toml maps prompts/ there).
 SOURCE_DIR = Path(__file__).resolve().parent.parent / "prompts"
 TASKS = ("generate", "classify")
-SELECTIONS = ("first", "random", "balanced")
+SELECTIONS = ("first", "random", "balanced", "similar", "similar-tfidf", "similar-hidden")
+# similar: the k pool examples nearest to the item (llmlab.retrieval); similar-<retriever> picks the
+# measure, similar alone the one measured best (retrieval.DEFAULT).
 SHOT_FORMATS = ("turns", "inline")
 OVERFLOW_MODES = ("drop-shots", "truncate", "error")
 KEYS = {
     "name", "description", "task", "instruction", "input", "target", "labels", "separator",
-    "answer_prefix", "examples", "generation", "shot_format", "references", "chat", "shots", "calibrate",
+    "answer_prefix", "examples", "generation", "shot_format", "references", "chat",
+    "shots", "calibrate", "shot_selection",  # measured defaults (prompts/README.md)
 }
 
 
@@ -50,8 +53,9 @@ class Template:
     shot_format: str | None = None  # default --shot-format for chat models
     chat: str | None = None  # default --chat (auto, on, off) for this template
     references: list[str] = field(default_factory=list)  # extra reference fields for eval
-    shots: int | None = None  # default --shots when the user gives none (None: zero-shot)
-    calibrate: bool | None = None  # default --calibrate for classify when the user gives none (None: off)
+    shots: int | None = None  # default --shots
+    calibrate: str | None = None  # default calibration method (classify.CALIBRATIONS)
+    shot_selection: str | None = None  # default --shot-selection
     source_text: str = ""
 
     @property
@@ -194,7 +198,7 @@ def load_template(path_text: str) -> Template:
         chat = "on" if chat else "off"
     if chat is not None and chat not in ("auto", "on", "off"):
         raise TemplateError(f"{where}: chat must be auto, on or off, not '{chat}'")
-    shots, calibrate = _defaults(raw, task, where)
+    defaults = _defaults(raw, task, where)
     references = raw.get("references") or []
     if isinstance(references, str):
         references = [references]
@@ -213,8 +217,7 @@ def load_template(path_text: str) -> Template:
         shot_format=shot_format,
         chat=chat,
         references=list(references),
-        shots=shots,
-        calibrate=calibrate,
+        **defaults,
         source_text=path.read_text(encoding="utf-8"),
     )
     template.fields  # placeholders are checked here
@@ -235,18 +238,23 @@ def load_template(path_text: str) -> Template:
     return template
 
 
-def _defaults(raw: dict[str, Any], task: str, where: str) -> tuple[int | None, bool | None]:
-    """The template's `shots:` (an integer >= 0) and `calibrate:` (true/false, classify only)."""
-    shots, calibrate = raw.get("shots"), raw.get("calibrate")
+def _defaults(raw: dict[str, Any], task: str, where: str) -> dict[str, Any]:
+    """The template's measured defaults (prompts/README.md), used when the user gives no flag:
+    shots (a whole number >= 0), calibrate (a method, classify only), shot_selection."""
+    shots, calibrate, selection = raw.get("shots"), raw.get("calibrate"), raw.get("shot_selection")
     if shots is not None and (isinstance(shots, bool) or not isinstance(shots, int) or shots < 0):
         raise TemplateError(f"{where}: 'shots' must be a whole number >= 0, not '{shots}'")
     if shots and not raw.get("target"):
         raise TemplateError(f"{where}: 'shots: {shots}' needs 'target', the field shown as each demonstration's answer")
-    if calibrate is not None and not isinstance(calibrate, bool):
-        raise TemplateError(f"{where}: 'calibrate' must be true or false, not '{calibrate}'")
-    if calibrate and task != "classify":
+    if isinstance(calibrate, bool):  # YAML reads a bare true/false (or on/off) as a boolean
+        calibrate = "contextual" if calibrate else "off"
+    if calibrate is not None and calibrate not in ("off", "contextual", "batch", "domain"):
+        raise TemplateError(f"{where}: 'calibrate' must be off, contextual, batch or domain, not '{calibrate}'")
+    if calibrate not in (None, "off") and task != "classify":
         raise TemplateError(f"{where}: 'calibrate' applies to classify templates only")
-    return shots, calibrate
+    if selection is not None and selection not in SELECTIONS:
+        raise TemplateError(f"{where}: 'shot_selection' must be one of {', '.join(SELECTIONS)}, not '{selection}'")
+    return {"shots": shots, "calibrate": calibrate, "shot_selection": selection}
 
 
 def _labels(raw: Any, where: str) -> dict[str, str]:
@@ -309,11 +317,12 @@ def check_examples(template: Template, examples: list[dict[str, Any]], where: st
 
 
 def shot_order(size: int, selection: str, seed: int) -> list[int]:
-    """The order a pool of `size` examples is drawn in: pool order for first, else a seeded shuffle."""
+    """The order a pool of `size` examples is drawn in: pool order for first (and similar, which
+    ranks the pool per item instead), else a seeded shuffle."""
     if selection not in SELECTIONS:
-        raise UsageError(f"invalid --shot-selection '{selection}': choose first, random or balanced")
+        raise UsageError(f"invalid --shot-selection '{selection}': choose {', '.join(SELECTIONS)}")
     order = list(range(size))
-    if selection != "first":
+    if selection not in ("first", "similar", "similar-tfidf", "similar-hidden"):
         random.Random(seed).shuffle(order)
     return order
 
@@ -374,20 +383,21 @@ class BuildOptions:
     overflow: str = "drop-shots"
     max_new_tokens: int = 0  # room to leave in the window (decoder-only models)
     pool_is_data: bool = False  # the examples are the input file itself: leave each item out
-    calibrate: bool = False  # classify: contextual calibration (read by the caller, not the builder)
+    calibrate: str = "off"  # classify: off or a calibration method (read by the caller, not the builder)
 
 
 def options_for(template: Template, shots: int | None = None, selection: str | None = None, seed: int | None = None,
                 chat: bool = False, shot_format: str | None = None, overflow: str = "drop-shots",
                 max_new_tokens: int = 0, default_selection: str = "first",
-                calibrate: bool | None = None) -> BuildOptions:
+                calibrate: str | None = None) -> BuildOptions:
     """BuildOptions with the template's defaults filled in where the caller passes None: the template's
     `shots:` (else 0) and `calibrate:` (else off), balanced shots for classify templates (else
     `default_selection`), seed 0, the template's shot format (else turns)."""
     return BuildOptions(
         shots=(template.shots or 0) if shots is None else shots,
-        calibrate=bool(template.calibrate) if calibrate is None else calibrate,
-        selection=selection or ("balanced" if template.task == "classify" else default_selection),
+        calibrate=(template.calibrate or "off") if calibrate is None else calibrate,
+        selection=selection or template.shot_selection
+        or ("balanced" if template.task == "classify" else default_selection),
         seed=0 if seed is None else seed,
         chat=chat,
         shot_format=shot_format or template.shot_format or "turns",
@@ -422,7 +432,7 @@ class PromptBuilder:
     """Builds every prompt of a run: one code path for generate, classify, eval and render."""
 
     def __init__(self, template: Template, tokenizer: Any, window: int | None, options: BuildOptions,
-                 pool: list[dict[str, Any]] | None = None, encoder_decoder: bool = False):
+                 pool: list[dict[str, Any]] | None = None, encoder_decoder: bool = False, lm: Any = None):
         if options.overflow not in OVERFLOW_MODES:
             raise UsageError(f"invalid --overflow '{options.overflow}': choose drop-shots, truncate or error")
         if options.shot_format not in SHOT_FORMATS:
@@ -435,6 +445,9 @@ class PromptBuilder:
         self.options = options
         self.pool = template.examples if pool is None else pool
         self.encoder_decoder = encoder_decoder
+        self.lm = lm  # the loaded model, for similar-hidden (None where only the tokenizer is loaded)
+        self._retriever: Any = None
+        self._similar: dict[tuple[str, ...], list[int]] = {}  # item input -> its nearest pool rows
         if options.shots > 0 and not self.pool:
             raise TemplateError(
                 f"template '{template.name}' has no examples, so --shots {options.shots} has nothing to show: "
@@ -451,6 +464,7 @@ class PromptBuilder:
                 console.warn(note)
         # Computed once per run, not per item: the draw order and an index of the pool by input text.
         self._order = shot_order(len(self.pool), options.selection, options.seed)  # validates the selection
+        self._orders = {0: self._order}  # --ensemble: the draw order of each extra draw, made when needed
         self._by_input: dict[tuple[str, ...], list[int]] = {}
         for i, example in enumerate(self.pool if options.shots > 0 else []):
             self._by_input.setdefault(self._input_key(example), []).append(i)
@@ -511,12 +525,58 @@ class PromptBuilder:
     def _input_key(self, values: dict[str, Any]) -> tuple[str, ...]:
         return tuple(str(values.get(k)) for k in self.template.fields)
 
-    def build(self, item: Item, extra_tokens: int = 0, shots: list[int] | None = None) -> Prompt:
-        """The prompt for one item; `shots` forces the demonstrations (for content-free inputs)."""
+    # -- choosing the demonstrations
+
+    @property
+    def similar(self) -> bool:
+        return self.options.selection.startswith("similar")
+
+    def _retrieval_text(self, values: dict[str, Any]) -> str:
+        return " ".join(self._input_key(values))
+
+    def prepare(self, items: Sequence[Item]) -> None:
+        """With similar selection, find the nearest pool rows of many items at once (one batched
+        similarity computation instead of one per item); build() then only looks them up."""
+        if not self.similar or self.options.shots <= 0:
+            return
+        from llmlab import retrieval
+
+        if self._retriever is None:
+            kind = self.options.selection.removeprefix("similar").lstrip("-") or retrieval.DEFAULT
+            texts = [self._retrieval_text(e) for e in self.pool]
+            self._retriever = retrieval.make_retriever(kind, texts, self.lm)
+        todo = {self._input_key(i.fields): i for i in items if self._input_key(i.fields) not in self._similar}
+        if not todo:
+            return
+        keys = list(todo)
+        sims = self._retriever.similarities([" ".join(k) for k in keys])
+        picked = retrieval.nearest(sims, self.options.shots, [self.exclusions(todo[k]) for k in keys])
+        self._similar.update(zip(keys, picked))
+
+    def choose_shots(self, item: Item, draw: int = 0) -> list[int]:
+        """The demonstrations for one item in draw `draw` (--ensemble): draw d of random or balanced
+        selection draws with seed + d; first and similar keep their set and shuffle its order."""
+        o = self.options
+        if self.similar and o.shots > 0:
+            self.prepare([item])
+            shots = list(self._similar[self._input_key(item.fields)])
+        else:
+            key = 0 if o.selection == "first" else draw  # first has one order, whatever the draw
+            seed = o.seed + key
+            if key not in self._orders:
+                self._orders[key] = shot_order(len(self.pool), o.selection, seed)
+            order = self._orders[key]
+            shots = select_shots(self.template, self.pool, o.shots, o.selection, seed, self.exclusions(item), order)
+        if draw and (self.similar or o.selection == "first"):
+            random.Random(o.seed * 1000 + draw).shuffle(shots)  # another order of the same demonstrations
+        return shots
+
+    def build(self, item: Item, extra_tokens: int = 0, shots: list[int] | None = None, draw: int = 0) -> Prompt:
+        """The prompt for one item; `shots` forces the demonstrations (for content-free inputs);
+        `draw` picks another draw of demonstrations (--ensemble)."""
         o = self.options
         if shots is None:
-            shots = select_shots(self.template, self.pool, o.shots, o.selection, o.seed, self.exclusions(item),
-                                 self._order)
+            shots = self.choose_shots(item, draw)
         text, plain = self.compose(item.fields, shots, item.source)
         tokens = self.count(text)
         budget = self.budget(extra_tokens)
@@ -579,7 +639,7 @@ class PromptBuilder:
 
 def make_builder(template: Template, tokenizer: Any, window: int | None, options: BuildOptions,
                  examples: str | None = None, input_path: str | None = None,
-                 encoder_decoder: bool = False) -> PromptBuilder:
+                 encoder_decoder: bool = False, lm: Any = None) -> PromptBuilder:
     """A builder whose pool is --examples FILE or the template's own examples; when that pool is the
     input file itself, each item is left out of its own demonstrations."""
     pool = None
@@ -590,7 +650,7 @@ def make_builder(template: Template, tokenizer: Any, window: int | None, options
         pool_path = Path(examples).resolve()
     if input_path and input_path != "-" and pool_path is not None:
         options.pool_is_data = Path(input_path).resolve() == pool_path
-    return PromptBuilder(template, tokenizer, window, options, pool, encoder_decoder)
+    return PromptBuilder(template, tokenizer, window, options, pool, encoder_decoder, lm)
 
 
 def model_view(tokenizer: Any, text: str) -> str:

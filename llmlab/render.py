@@ -114,7 +114,7 @@ def eval_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     results = report["results"]
     classify = any(r["task"] == "classify" for r in results)
     generate = any(r["task"] == "generate" for r in results)
-    headers = ["template", "data", "shots", "calibrated", "seeds", "n"]
+    headers = ["template", "data", "shots", "calibration", "seeds", "n"]
     if classify:
         headers += ["accuracy %", "macro-F1 %", "P/R % (all seeds)", "confusion (all seeds, rows gold)"]
     if generate:
@@ -123,7 +123,7 @@ def eval_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     rows = []
     for r in results:
         s = r["summary"]
-        row = [r["template"], r.get("data_name", ""), str(r["shots"]), "yes" if r["calibrate"] else "no",
+        row = [r["template"], r.get("data_name", ""), str(r["shots"]), _calibration(r["calibrate"]),
                str(len(r["seeds"])), str(r["runs"][0]["items"])]
         if classify:
             if r["task"] == "classify":
@@ -144,6 +144,13 @@ def eval_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 
 EVAL_CAPTION = ("accuracy, macro-F1, ROUGE: mean ± std over seeds [min–max]; P/R and confusion: all seeds' "
                 "predictions summed (columns in label order, then unknown); items/s: mean over seeds")
+
+
+def _calibration(value: Any) -> str:
+    """The calibration method of a combination (reports from before methods had names hold a bool)."""
+    if isinstance(value, bool):
+        return "contextual" if value else "off"
+    return str(value)
 
 
 def eval_table(report: dict[str, Any]) -> None:

@@ -122,7 +122,7 @@ class Session:
                                       prompt.shot_format, prompt.overflow, max_new_tokens,
                                       default_selection=default_selection)
         return prompts.make_builder(template, lm.tokenizer, lm.window, options, prompt.examples, input_path,
-                                    lm.is_encoder_decoder)
+                                    lm.is_encoder_decoder, lm=lm)
 
 
 def check_prompt_options(prompt: PromptConfig) -> None:
@@ -314,10 +314,16 @@ def classify(cfg: ClassifyConfig, hooks: Hooks = Hooks(), table: bool = False, l
     todo = sink.pending(items)
     if not todo:
         return None
+    # An explicit --calibration wins; else the template's calibrate: (which only applies to scoring).
+    mode = clf.calibration_mode(cfg.calibrate) if cfg.calibrate is not None else \
+        (template.calibrate or "off") if cfg.method == "score" else "off"
+    if mode == "batch" and len(todo) < 2:
+        raise UsageError("--calibration batch estimates the bias from the inputs themselves: give several "
+                         "(--input FILE), or use contextual or domain for one input")
     session = Session(cfg.model, lm, hooks)
     builder = session.builder(template, cfg.prompt, settings.max_new_tokens, cfg.input.path)
-    classifier = clf.Classifier(session.lm, builder, cfg.method, cfg.normalize, cfg.calibrate, cfg.batch_size,
-                                settings)
+    classifier = clf.Classifier(session.lm, builder, cfg.method, cfg.normalize, mode, cfg.batch_size,
+                                settings, cfg.ensemble)
     # Results are handed on per chunk: small chunks keep the progress bar true to the work done.
     chunk = 2 * (cfg.batch_size or 16)
     if table:
@@ -331,7 +337,7 @@ def classify(cfg: ClassifyConfig, hooks: Hooks = Hooks(), table: bool = False, l
 
 
 def _check_classify_options(cfg: ClassifyConfig) -> None:
-    if cfg.calibrate and cfg.method != "score":
+    if cfg.calibrate not in (None, "off") and cfg.method != "score":
         raise UsageError("--calibrate needs --method score: it adjusts label probabilities")
 
 
