@@ -155,7 +155,6 @@ class EvalPlan:
     shots: list[int]
     seeds: int = 1  # demonstration draws per shot count (seeds 0..N-1)
     calibration: str = "off"  # off, on, both, or a comma list of off, contextual, batch, domain
-    ensemble: int = 1  # demonstration draws whose label probabilities are averaged (classify)
     method: str = "score"
     normalize: str = "none"
     batch_size: Optional[int] = 16
@@ -165,6 +164,7 @@ class EvalPlan:
     references: list[str] = field(default_factory=list)
     offset: int = 0
     limit: Optional[int] = None
+    ensemble: int = 1  # demonstration draws whose label probabilities are averaged (classify)
 
     def combos(self) -> list[Combo]:
         return plan(self.tasks, self.shots, self.seeds, self.calibration, self.method)
