@@ -35,16 +35,16 @@ def test_eval_table_and_report(tiny_models, data, tmp_path):
     assert result.exit_code == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == f"{tiny_models['llama']} on data.jsonl (5 items)"
-    assert lines[1].split()[:9] == ["template", "data", "shots", "calibrated", "seeds", "n", "accuracy", "%", "macro-F1"]
+    assert lines[1].split()[:9] == ["template", "data", "shots", "calibration", "seeds", "n", "accuracy", "%", "macro-F1"]
     assert [line.split()[:6] for line in lines[2:6]] == [
-        ["toy", "data.jsonl", "0", "no", "1", "5"], ["toy", "data.jsonl", "0", "yes", "1", "5"],
-        ["toy", "data.jsonl", "2", "no", "2", "5"], ["toy", "data.jsonl", "2", "yes", "2", "5"]]
+        ["toy", "data.jsonl", "0", "off", "1", "5"], ["toy", "data.jsonl", "0", "contextual", "1", "5"],
+        ["toy", "data.jsonl", "2", "off", "2", "5"], ["toy", "data.jsonl", "2", "contextual", "2", "5"]]
     assert lines[6:] == [CAPTION]
     doc = json.loads(report.read_text())
     assert set(doc) >= {"model", "data", "config", "templates", "results", "versions", "created"}
     assert doc["templates"]["toy"]["text"] == TEMPLATE and doc["versions"]["transformers"]
     first = doc["results"][2]
-    assert (first["shots"], first["calibrate"], first["seeds"]) == (2, False, [0, 1])
+    assert (first["shots"], first["calibrate"], first["seeds"]) == (2, "off", [0, 1])
     assert set(first["summary"]) == {"accuracy", "macro_f1", "items_per_s"}
     accs = [r["metrics"]["accuracy"] for r in first["runs"]]
     assert first["summary"]["accuracy"]["min"] == min(accs) and first["summary"]["accuracy"]["max"] == max(accs)
