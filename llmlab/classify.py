@@ -30,6 +30,7 @@ class Classification:
     raw_probabilities: dict[str, float] | None = None  # before calibration
     completion: str | None = None  # --method generate: the text the label was read from
     logprobs: dict[str, float] = field(default_factory=dict)  # summed log-probability of each label
+    prompt: str = ""  # the exact text the model saw (chat-wrapped when chatting), for the run log
 
 
 def softmax(scores: Sequence[float]) -> list[float]:
@@ -146,6 +147,7 @@ class Classifier:
             out.append(Classification(
                 item, self.labels[best], dict(zip(self.labels, probs)), prompt.tokens, len(prompt.shots),
                 dict(zip(self.labels, raw)) if raw else None, logprobs=dict(zip(self.labels, logprobs)),
+                prompt=prompt.text,
             ))
         return out
 
@@ -159,7 +161,8 @@ class Classifier:
             text = output.completions[0]
             label = label_from_text(text, self.template.labels)
             probs = {lab: float(lab == label) for lab in self.labels}
-            out.append(Classification(item, label, probs, prompt.tokens, len(prompt.shots), completion=text))
+            out.append(Classification(item, label, probs, prompt.tokens, len(prompt.shots), completion=text,
+                                      prompt=prompt.text))
         return out
 
 
