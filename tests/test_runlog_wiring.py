@@ -205,8 +205,13 @@ def stop_eval(tiny_models, toy, many, tmp_path, sig):
     try:
         while time.monotonic() < deadline and proc.poll() is None:
             if db.exists():
-                with sqlite3.connect(db) as reader:
+                reader = sqlite3.connect(db)
+                try:
                     row = reader.execute("SELECT n_items FROM runs").fetchone()
+                except sqlite3.OperationalError:  # the log is being created
+                    row = None
+                finally:
+                    reader.close()
                 if row and row[0] >= 6:
                     break
             time.sleep(0.05)
