@@ -67,6 +67,7 @@ class Classification:
     raw_probabilities: dict[str, float] | None = None  # before calibration
     completion: str | None = None  # --method generate: the text the label was read from
     logprobs: dict[str, float] = field(default_factory=dict)  # summed log-probability of each label
+    prompt: str = ""  # the exact text the model saw (chat-wrapped when chatting), for the run log
 
 
 def softmax(scores: Sequence[float]) -> list[float]:
@@ -245,7 +246,7 @@ class Classifier:
         return Classification(
             item, self.labels[best], dict(zip(self.labels, mean)), prompt.tokens, len(prompt.shots),
             dict(zip(self.labels, raw)) if self.calibrate != "off" or self.ensemble > 1 else None,
-            logprobs=dict(zip(self.labels, logprobs)),
+            logprobs=dict(zip(self.labels, logprobs)), prompt=prompt.text,
         )
 
     def _by_generation(self, items: Sequence[Item], prompts: Sequence[Any]) -> list[Classification]:
@@ -258,7 +259,8 @@ class Classifier:
             text = output.completions[0]
             label = label_from_text(text, self.template.labels)
             probs = {lab: float(lab == label) for lab in self.labels}
-            out.append(Classification(item, label, probs, prompt.tokens, len(prompt.shots), completion=text))
+            out.append(Classification(item, label, probs, prompt.tokens, len(prompt.shots), completion=text,
+                                      prompt=prompt.text))
         return out
 
 

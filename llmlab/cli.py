@@ -24,6 +24,7 @@ from llmlab.options import *  # noqa: F403 - the shared option declarations
 
 
 _display_type = TyperOption.display_type_rich
+_ARGV: list[str] = ["llmlab"]  # this invocation's command line, as typed
 
 
 def _no_flag_types(self: TyperOption, ctx: Any) -> Optional[str]:
@@ -39,6 +40,8 @@ class LlmlabGroup(TyperGroup):
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # type: ignore[override]
         debug = os.environ.get("LLMLAB_DEBUG", "") not in ("", "0")
+        global _ARGV
+        _ARGV = ["llmlab", *(sys.argv[1:] if args is None else args)]  # the run log records it
         try:
             code = super().main(args, prog_name or "llmlab", complete_var, standalone_mode=False, **extra)
         except click_exceptions.NoArgsIsHelpError as exc:
@@ -103,11 +106,17 @@ def _root(
 
 
 
-def hooks():
-    """Library callbacks that write to stderr through the console (progress only on a terminal)."""
+def hooks(no_log: bool = False):
+    """Library callbacks that write to stderr through the console (progress only on a terminal),
+    and record the run in the run log with this command line (unless --no-log / LLMLAB_LOG=0)."""
+    from llmlab import runlog
     from llmlab.session import Hooks
 
-    return Hooks(progress=console.progress, warn=console.warn, info=console.info, note=console.note)
+    def open_run(command: str, **details: Any) -> Any:
+        return runlog.open_run(command, _ARGV, no_log=no_log, **details)
+
+    return Hooks(progress=console.progress, warn=console.warn, info=console.info, note=console.note,
+                 open_run=open_run)
 
 
 def _model(model, device, dtype, chat):
@@ -164,6 +173,7 @@ def generate(
     examples: Examples = None,
     prompts_dir: PromptsDir = None,
     var: Vars = None,
+    no_log: NoLog = False,
     quiet: Quiet = False,
     verbose: Verbose = False,
 ) -> None:
@@ -185,7 +195,7 @@ def generate(
         output=OutputConfig(output, value(format), resume),
         flags=flags, preset=config, text=prompt, batch_size=parse_batch(batch_size), echo=echo,
     )
-    session.generate(cfg, hooks())
+    session.generate(cfg, hooks(no_log))
 
 
 # ---------------------------------------------------------------- classify
@@ -230,6 +240,7 @@ def classify(
     format: OutputFormatOpt = OutputFormat.auto,
     batch_size: BatchSize = "16",
     resume: Resume = False,
+    no_log: NoLog = False,
     quiet: Quiet = False,
     verbose: Verbose = False,
 ) -> None:
@@ -251,7 +262,7 @@ def classify(
         batch_size=parse_batch(batch_size),
     )
     table = cfg.output.terminal and console.stdout_is_terminal()
-    done = session.classify(cfg, hooks(), table=table)
+    done = session.classify(cfg, hooks(no_log), table=table)
     if done is not None:
         results, classifier = done
         tmpl = classifier.template
@@ -305,6 +316,7 @@ def eval_cmd(
     max_new_tokens: MaxNewTokens = None,
     batch_size: BatchSize = "16",
     input_format: InputFormatOpt = InputFormat.auto,
+    no_log: NoLog = False,
     quiet: Quiet = False,
     verbose: Verbose = False,
 ) -> None:
@@ -312,9 +324,8 @@ def eval_cmd(
 
     Each template can have its own data: llmlab eval -t sentiment=sst2.jsonl -t news-topic=ag_news.jsonl
     """
-    from llmlab import evaluate, render
+    from llmlab import evaluate, render, session
     from llmlab.config import batch_size as parse_batch
-    from llmlab.session import Session
 
     console.configure(quiet, verbose)
     specs = [evaluate.parse_task(t, data) for t in template or []]
@@ -330,13 +341,9 @@ def eval_cmd(
     combos = the_plan.combos()  # validates seeds and calibration before the model loads
     if report:
         evaluate.check_report_path(report)
-    from llmlab.session import settings_for
-
     for combo in combos:
-        settings_for(combo.template, None, {"max_new_tokens": max_new_tokens})
-    session = Session(_model(model, device, dtype, chat), hooks=hooks())
-    with console.progress(the_plan.total(), "evaluating") as bar:
-        result = evaluate.evaluate(session, the_plan, bar)
+        session.settings_for(combo.template, None, {"max_new_tokens": max_new_tokens})
+    result = session.evaluate(the_plan, _model(model, device, dtype, chat), hooks(no_log))
     render.eval_table(result)  # the table first: a report that can't be written loses nothing
     if report:
         evaluate.write_report(report, result)

@@ -205,9 +205,8 @@ def run_variant(variant: Variant, items: Sequence[Any], opts: dict[str, Any], lm
                                        lm.is_encoder_decoder)
     if tmpl is not None and tmpl.task == "classify":
         clf = classify.Classifier(lm, builder, opts["method"], "none", opts["calibrate"], opts["batch_size"], settings)
-        clf.classify(items, on_result=lambda r: emit(
-            r.item, builder.build(r.item, clf.label_tokens).text, prediction=r.prediction,
-            probabilities=r.probabilities, output=r.completion))
+        clf.classify(items, on_result=lambda r: emit(r.item, r.prompt, prediction=r.prediction,
+                                                      probabilities=r.probabilities, output=r.completion))
         return lm
     if tmpl is None:
         jobs = generation.plain_jobs(items, opts["field"], lm.tokenizer, chat)

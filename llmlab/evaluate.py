@@ -282,11 +282,14 @@ def summarize(runs: list[dict[str, Any]], task: str) -> dict[str, Any]:
 # ---------------------------------------------------------------- running
 
 
-def _run_seed(session: Any, combo: Combo, seed: int, plan_: EvalPlan, settings: Any, bar: Any) -> dict[str, Any]:
-    """One seed of one combination: predictions, metrics, speed (and samples with --log-samples)."""
-    from llmlab import classify, session as sessions
+def _run_seed(session: Any, combo: Combo, seed: int, plan_: EvalPlan, settings: Any, bar: Any,
+              log: Any) -> dict[str, Any]:
+    """One seed of one combination: predictions, metrics, speed (and samples with --log-samples).
+    Each item goes to the run log `log` as soon as it is scored."""
+    from llmlab import classify, runlog, session as sessions
 
     template, items, lm = combo.template, combo.task.items, session.lm
+    where = {"template": template.name, "combo": runlog.combo(combo.shots, seed, combo.calibrate)}
     # Seeds only matter if the draw is random, so generate templates draw at random here.
     prompt = replace(plan_.prompt, shots=combo.shots, seed=seed)
     builder = session.builder(template, prompt, settings.max_new_tokens, combo.task.data, default_selection="random")
@@ -295,7 +298,13 @@ def _run_seed(session: Any, combo: Combo, seed: int, plan_: EvalPlan, settings: 
     if template.task == "classify":
         clf = classify.Classifier(lm, builder, plan_.method, plan_.normalize, combo.calibrate, plan_.batch_size,
                                   settings, plan_.ensemble)
-        results = clf.classify(items, on_result=lambda r: bar.advance(1), chunk=2 * (plan_.batch_size or 16))
+
+        def scored(r: Any) -> None:
+            log.item(r.item.index, r.prompt, r.completion, r.prediction, r.probabilities,
+                     str(r.item.fields[template.target]), {"input": r.item.fields}, key=r.item.key, **where)
+            bar.advance(1)
+
+        results = clf.classify(items, on_result=scored, chunk=2 * (plan_.batch_size or 16))
         elapsed = time.perf_counter() - started
         golds = [str(i.fields[template.target]) for i in items]
         metrics = classification_metrics(golds, [r.prediction for r in results], list(template.labels))
@@ -305,10 +314,19 @@ def _run_seed(session: Any, combo: Combo, seed: int, plan_: EvalPlan, settings: 
         from llmlab import generation
 
         jobs = generation.template_jobs(builder, items)
-        outputs = sessions.run_jobs(lm, jobs, settings, plan_.batch_size, lambda job, out: bar.advance(1))
+        refs = [[str(i.fields[f]) for f in combo.task.refs] for i in items]
+        refs_of = {i.index: r for i, r in zip(items, refs)}
+
+        def generated(job: Any, out: Any) -> None:
+            i = job.item
+            # gold: the first reference (what `runs compare` scores ROUGE-L against); all of them in extra.
+            log.item(i.index, job.model_text, out.completions[0].strip(), gold=refs_of[i.index][0],
+                     extra={"input": i.fields, "references": refs_of[i.index]}, key=i.key, **where)
+            bar.advance(1)
+
+        outputs = sessions.run_jobs(lm, jobs, settings, plan_.batch_size, generated)
         elapsed = time.perf_counter() - started
         preds = [o.completions[0].strip() for o in outputs]
-        refs = [[str(i.fields[f]) for f in combo.task.refs] for i in items]
         metrics = generation_metrics(preds, refs)
         if plan_.log_samples:
             samples = [{"index": i.index, **i.fields, "prompt": j.prompt, "completion": p, "references": r}
@@ -320,12 +338,15 @@ def _run_seed(session: Any, combo: Combo, seed: int, plan_: EvalPlan, settings: 
     return run
 
 
-def run_combo(session: Any, combo: Combo, plan_: EvalPlan, bar: Any) -> dict[str, Any]:
-    """All seeds of one combination, with mean, std, min and max over the seeds."""
+def run_combo(session: Any, combo: Combo, plan_: EvalPlan, bar: Any, log: Any = None) -> dict[str, Any]:
+    """All seeds of one combination, with mean, std, min and max over the seeds. log: a run log
+    (runlog.open_run) that gets each item as it is scored."""
+    from llmlab import runlog
     from llmlab.session import settings_for
 
+    log = log or runlog.NoRun()
     settings = settings_for(combo.template, None, {"max_new_tokens": plan_.max_new_tokens})
-    runs = [_run_seed(session, combo, seed, plan_, settings, bar) for seed in combo.seeds]
+    runs = [_run_seed(session, combo, seed, plan_, settings, bar, log) for seed in combo.seeds]
     return {"template": combo.template.name, "data": combo.task.data, "data_name": data_name(combo.task.data),
             "task": combo.template.task, "shots": combo.shots, "calibrate": combo.calibrate, "seeds": combo.seeds,
             "summary": summarize(runs, combo.template.task), "runs": runs}
@@ -335,12 +356,18 @@ def data_name(path: str) -> str:
     return "stdin" if path == "-" else Path(path).name
 
 
-def evaluate(session: Any, plan_: EvalPlan, bar: Any = None) -> dict[str, Any]:
-    """Run every combination of the plan (data already checked); `bar.advance(n)` counts items."""
+def evaluate(session: Any, plan_: EvalPlan, bar: Any = None, log: Any = None) -> dict[str, Any]:
+    """Run every combination of the plan (data already checked); `bar.advance(n)` counts items.
+    log (a runlog run, optional) gets each item as it is scored and each combination's metrics
+    (log.eval_combo) as soon as the combination is done."""
+    from llmlab import runlog
     from llmlab.session import _Null
 
-    bar = bar or _Null()
-    results = [run_combo(session, combo, plan_, bar) for combo in plan_.combos()]
+    bar, log = bar or _Null(), log or runlog.NoRun()
+    results = []
+    for combo in plan_.combos():
+        results.append(run_combo(session, combo, plan_, bar, log))
+        log.eval_combo(results[-1])
     lm = session.lm
     return {
         "llmlab": __version__,
@@ -351,18 +378,23 @@ def evaluate(session: Any, plan_: EvalPlan, bar: Any = None) -> dict[str, Any]:
                   "dtype": str(lm.model.dtype).removeprefix("torch."), "window": lm.window},
         "data": [{"template": t.template.name, "path": t.data, "name": data_name(t.data), "items": len(t.items)}
                  for t in plan_.tasks],
-        "config": {"shots": list(plan_.shots), "seeds": plan_.seeds, "calibration": plan_.calibration,
-                   "method": plan_.method, "normalize": plan_.normalize, "batch_size": plan_.batch_size,
-                   "offset": plan_.offset, "limit": plan_.limit, "log_samples": plan_.log_samples,
-                   "references": plan_.references, "chat": session.model.chat,
-                   "shot_selection": plan_.prompt.selection, "shot_format": plan_.prompt.shot_format,
-                   "overflow": plan_.prompt.overflow, "examples": plan_.prompt.examples,
-                   "generation": {"max_new_tokens": plan_.max_new_tokens} if plan_.max_new_tokens else {}},
+        "config": plan_config(plan_, session.model.chat),
         "templates": {t.template.name: {"path": str(t.template.path), "task": t.template.task,
                                         "text": t.template.source_text} for t in plan_.tasks},
         "results": results,
         "versions": versions(),
     }
+
+
+def plan_config(plan_: EvalPlan, chat: Optional[str]) -> dict[str, Any]:
+    """The settings of an eval, as the JSON report and the run log record them."""
+    return {"shots": list(plan_.shots), "seeds": plan_.seeds, "calibration": plan_.calibration,
+            "method": plan_.method, "normalize": plan_.normalize, "batch_size": plan_.batch_size,
+            "offset": plan_.offset, "limit": plan_.limit, "log_samples": plan_.log_samples,
+            "references": plan_.references, "chat": chat,
+            "shot_selection": plan_.prompt.selection, "shot_format": plan_.prompt.shot_format,
+            "overflow": plan_.prompt.overflow, "examples": plan_.prompt.examples,
+            "generation": {"max_new_tokens": plan_.max_new_tokens} if plan_.max_new_tokens else {}}
 
 
 def prepare(specs: Sequence[tuple[str, str]], prompt: PromptConfig, fmt: str, offset: int, limit: Optional[int],

@@ -1,7 +1,8 @@
 """The command-line options shared by several commands, declared once. Every option shows its
 default and its choices in --help; choices are enums, so a bad value fails before any command runs.
 One environment variable per setting: LLMLAB_MODEL (--model), LLMLAB_PROMPTS (--prompts-dir, read by
-the template search itself), LLMLAB_CACHE, LLMLAB_DEBUG."""
+the template search itself), LLMLAB_CACHE, LLMLAB_DEBUG,
+LLMLAB_HOME (where the run log lives) and LLMLAB_LOG=0 (--no-log)."""
 
 from __future__ import annotations
 
@@ -40,6 +41,8 @@ Chat = Annotated[
 ]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars, logs or warnings on stderr.")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Logs on stderr even when it is not a terminal.")]
+NoLog = Annotated[bool, typer.Option("--no-log", rich_help_panel=IO_PANEL,
+                                     help="Don't record this run in the run log (`llmlab runs`); also LLMLAB_LOG=0.")]
 
 MaxNewTokens = Annotated[
     Optional[int], typer.Option(show_default="the template's, else 64", rich_help_panel=GEN_PANEL,

@@ -26,7 +26,7 @@ combo=runlog.combo(shots=4, seed=1, calibrate=True)). An eval run logs its metri
     ]})
 
 one entry per template x shots x seed x calibration (log.result(...) appends one and re-saves;
-log.eval_combo(result) logs every seed of an evaluate.run_combo() result, e.g. from evaluate's on_result).
+log.eval_combo(result) logs every seed of an evaluate.run_combo() result, as `llmlab eval` does after each combination).
 """
 
 from __future__ import annotations

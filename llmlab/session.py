@@ -31,14 +31,23 @@ def _no_progress(total: int | None, description: str) -> Iterator[Any]:
     yield _Null()
 
 
+def _no_log(command: str, **details: Any) -> Any:
+    from llmlab import runlog
+
+    return runlog.NoRun()
+
+
 @dataclass
 class Hooks:
-    """How library code talks to the person running it; the CLI fills these with console.*."""
+    """How library code talks to the person running it; the CLI fills these with console.* and
+    with open_run, which records the run in the run log (runlog.open_run with the command line and
+    --no-log filled in; called as open_run(command, config=..., templates=..., data=...))."""
 
     progress: Callable[[Optional[int], str], ContextManager[Any]] = _no_progress
     warn: Callable[[str], None] = lambda message: None
     info: Callable[[str], None] = lambda message: None
     note: Callable[[str], None] = lambda message: None
+    open_run: Callable[..., Any] = _no_log
 
 
 # ---------------------------------------------------------------- shared steps
@@ -257,20 +266,55 @@ def generate(cfg: GenerateConfig, hooks: Hooks = Hooks(), lm: Any = None) -> Non
         hooks.info(f"--resume: {len(items) - len(todo)} of {len(items)} inputs already done")
     if not todo:
         return
-    session = Session(cfg.model, lm, hooks)
-    if template is None:
-        jobs = plain_jobs(todo, cfg.input.field, session.lm, session.chat())
-        jobs = fit_plain(jobs, session.lm, settings.max_new_tokens, cfg.prompt.overflow, hooks)
-    else:
-        builder = session.builder(template, cfg.prompt, settings.max_new_tokens, cfg.input.path)
-        jobs = generation.template_jobs(builder, todo)
-    if single:
-        generation.run_single(session.lm, jobs[0], settings, cfg.echo)
-        return
-    with sink as writer, hooks.progress(len(jobs), "generating") as bar:
-        run_jobs(session.lm, jobs, settings, cfg.batch_size,
-                 lambda job, output: (writer.write(generation.record(job, output, session.lm.name, cfg.echo)),
-                                      bar.advance(1)))
+    # Opened before the model loads: a log that can't be written fails before any model time.
+    with hooks.open_run("generate", config=_logged_config(cfg, settings), templates=template,
+                        data=cfg.input.path) as log:
+        session = _loaded(cfg.model, lm, log, hooks)
+        if template is None:
+            jobs = plain_jobs(todo, cfg.input.field, session.lm, session.chat())
+            jobs = fit_plain(jobs, session.lm, settings.max_new_tokens, cfg.prompt.overflow, hooks)
+        else:
+            builder = session.builder(template, cfg.prompt, settings.max_new_tokens, cfg.input.path)
+            jobs = generation.template_jobs(builder, todo)
+
+        def logged(job: Any, rec: dict[str, Any]) -> None:
+            log.item(job.item.index, job.model_text, rec["completion"], key=job.item.key,
+                     extra={"input": job.item.fields, **({"completions": rec["completions"]}
+                                                         if "completions" in rec else {})})
+
+        if single:
+            output = generation.run_single(session.lm, jobs[0], settings, cfg.echo)
+            logged(jobs[0], generation.record(jobs[0], output, session.lm.name, cfg.echo))
+        else:
+            with sink as writer, hooks.progress(len(jobs), "generating") as bar:
+
+                def done(job: Any, output: Any) -> None:
+                    rec = generation.record(job, output, session.lm.name, cfg.echo)
+                    writer.write(rec)
+                    logged(job, rec)
+                    bar.advance(1)
+
+                run_jobs(session.lm, jobs, settings, cfg.batch_size, done)
+        log.metrics({"items": len(jobs)})
+
+
+def _loaded(model: ModelConfig, lm: Any, log: Any, hooks: Optional[Hooks] = None) -> "Session":
+    """The session (its model loaded), with the model's name and device filled into the run log."""
+    session = Session(model, lm, hooks)
+    log.update(model=session.lm.name, device=str(session.lm.device))
+    return session
+
+
+def _logged_config(cfg: Any, settings: Any = None) -> dict[str, Any]:
+    """What a run was asked to do, for the run log: the typed config, plus the generation settings
+    in force (template defaults, preset and flags merged)."""
+    import dataclasses
+
+    logged = dataclasses.asdict(cfg)
+    logged.pop("text", None)  # the prompt itself is logged as the item
+    if settings is not None:
+        logged["settings"] = dataclasses.asdict(settings) if dataclasses.is_dataclass(settings) else vars(settings)
+    return logged
 
 
 def requests(jobs: Sequence[Any]) -> list[Any]:
@@ -320,20 +364,50 @@ def classify(cfg: ClassifyConfig, hooks: Hooks = Hooks(), table: bool = False, l
     if mode == "batch" and len(todo) < 2:
         raise UsageError("--calibration batch estimates the bias from the inputs themselves: give several "
                          "(--input FILE), or use contextual or domain for one input")
-    session = Session(cfg.model, lm, hooks)
-    builder = session.builder(template, cfg.prompt, settings.max_new_tokens, cfg.input.path)
-    classifier = clf.Classifier(session.lm, builder, cfg.method, cfg.normalize, mode, cfg.batch_size,
-                                settings, cfg.ensemble)
-    # Results are handed on per chunk: small chunks keep the progress bar true to the work done.
-    chunk = 2 * (cfg.batch_size or 16)
-    if table:
-        with hooks.progress(len(todo), "classifying") as bar:
-            results = classifier.classify(todo, on_result=lambda r: bar.advance(1), chunk=chunk)
-        return results, classifier
-    with sink as writer, hooks.progress(len(todo), "classifying") as bar:
-        classifier.classify(todo, on_result=lambda r: (writer.write(clf.record(r, template, session.lm.name)),
-                                                       bar.advance(1)), chunk=chunk)
-    return None
+    with hooks.open_run("classify", config=_logged_config(cfg), templates=template, data=cfg.input.path) as log:
+        session = _loaded(cfg.model, lm, log, hooks)
+        builder = session.builder(template, cfg.prompt, settings.max_new_tokens, cfg.input.path)
+        classifier = clf.Classifier(session.lm, builder, cfg.method, cfg.normalize, mode, cfg.batch_size,
+                                    settings, cfg.ensemble)
+        # Results are handed on per chunk: small chunks keep the progress bar true to the work done.
+        chunk = 2 * (cfg.batch_size or 16)
+        with contextlib.ExitStack() as stack:
+            writer = None if table else stack.enter_context(sink)
+            bar = stack.enter_context(hooks.progress(len(todo), "classifying"))
+
+            def done(r: Any) -> None:
+                if writer is not None:
+                    writer.write(clf.record(r, template, session.lm.name))
+                log.item(r.item.index, r.prompt, r.completion, r.prediction, r.probabilities,
+                         r.item.fields.get(template.target), {"input": r.item.fields}, key=r.item.key)
+                bar.advance(1)
+
+            results = classifier.classify(todo, on_result=done, chunk=chunk)
+        log.metrics(classify_metrics(results, template))
+    return (results, classifier) if table else None
+
+
+def classify_metrics(results: Sequence[Any], template: Any) -> dict[str, Any]:
+    """The run log's metrics of a classify run: items, and accuracy over the labeled ones."""
+    golds = [(r.prediction, str(r.item.fields[template.target])) for r in results
+             if template.target and r.item.fields.get(template.target) is not None]
+    metrics: dict[str, Any] = {"items": len(results)}
+    if golds:
+        metrics.update(accuracy=sum(p == g for p, g in golds) / len(golds), labeled=len(golds))
+    return metrics
+
+
+def evaluate(plan: Any, model: ModelConfig, hooks: Hooks = Hooks(), lm: Any = None) -> dict[str, Any]:
+    """`llmlab eval` on a checked plan: one logged run, each item logged as it is scored and each
+    combination's metrics as it finishes. Returns the report (evaluate.evaluate's)."""
+    from llmlab import evaluate as ev
+
+    data = ", ".join(dict.fromkeys(t.data for t in plan.tasks))
+    with hooks.open_run("eval", config=ev.plan_config(plan, model.chat), templates=[t.template for t in plan.tasks],
+                        data=data) as log:
+        session = _loaded(model, lm, log, hooks)
+        with hooks.progress(plan.total(), "evaluating") as bar:
+            return ev.evaluate(session, plan, bar, log)
 
 
 def _check_classify_options(cfg: ClassifyConfig) -> None:

@@ -107,6 +107,8 @@ def _isolated(monkeypatch, tmp_path):
     from llmlab import console
 
     monkeypatch.setenv("LLMLAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("LLMLAB_HOME", str(tmp_path / "home"))  # the run log: never the user's real one
+    monkeypatch.delenv("LLMLAB_LOG", raising=False)
     monkeypatch.delenv("LLMLAB_MODEL", raising=False)
     monkeypatch.delenv("LLMLAB_DEBUG", raising=False)
     console.configure(False, False)

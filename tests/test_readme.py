@@ -50,6 +50,16 @@ def readme_commands() -> list[tuple[str, str]]:
     return found
 
 
+def evals_before(where: str) -> list[str]:
+    """The `llmlab eval` commands above `where` in its ```sh block: what a `runs` or `report` command
+    there reads from the run log (each test has its own empty log)."""
+    path, line = where.rsplit(":", 1)
+    lines = (ROOT / path).read_text(encoding="utf-8").splitlines()[: int(line) - 1]
+    start = max(n for n, text in enumerate(lines) if text.strip().startswith("```"))
+    return [c for w, c in COMMANDS if w.startswith(path + ":") and start < int(w.rsplit(":", 1)[1]) - 1
+            and int(w.rsplit(":", 1)[1]) < int(line) and c.startswith("llmlab eval ")]
+
+
 def write_data(folder: Path) -> None:
     rows = lambda items: "".join(json.dumps(r) + "\n" for r in items)  # noqa: E731
     (folder / "sst2.jsonl").write_text(rows(
@@ -119,6 +129,9 @@ def test_readme_command_runs(tiny_models, tmp_path, monkeypatch, where, command)
     # Commands that need an earlier command's output (rendered.jsonl) find it: run those first.
     for _, earlier in COMMANDS:
         if "> rendered.jsonl" in earlier and "rendered.jsonl" in command and earlier != command:
+            run(*prepare(earlier, str(tiny_models["llama"])))
+    if command.startswith(("llmlab runs ", "llmlab report ")):
+        for earlier in evals_before(where):
             run(*prepare(earlier, str(tiny_models["llama"])))
     if "--resume" in command:
         Path("out.jsonl").write_text("")
