@@ -70,9 +70,9 @@ def test_eval_generate_template(tiny_models, tmp_path):
     result = invoke(["eval", "-m", tiny_models["t5"], "-t", tmpl, "--data", data])
     assert result.exit_code == 0, result.stderr
     title, header, row, caption = result.stdout.splitlines()
-    assert header.split() == ["template", "data", "shots", "calibrated", "seeds", "n", "ROUGE-1", "ROUGE-2", "ROUGE-L",
+    assert header.split() == ["template", "data", "shots", "calibration", "seeds", "n", "ROUGE-1", "ROUGE-2", "ROUGE-L",
                               "exact", "%", "items/s"]
-    assert row.split()[:6] == ["sum", "d.jsonl", "0", "no", "1", "2"]
+    assert row.split()[:6] == ["sum", "d.jsonl", "0", "off", "1", "2"]
     assert float(row.split()[-1]) > 0  # significant digits: a slow run never shows 0.0
 
 
@@ -132,8 +132,8 @@ def test_two_templates_each_on_its_own_data_one_table(tiny_models, data, toy, tm
     assert result.exit_code == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == f"{tiny_models['llama']} on data.jsonl (5 items), news.jsonl (3 items)"
-    assert [line.split()[:6] for line in lines[2:4]] == [["toy", "data.jsonl", "0", "no", "1", "5"],
-                                                          ["topic", "news.jsonl", "0", "no", "1", "3"]]
+    assert [line.split()[:6] for line in lines[2:4]] == [["toy", "data.jsonl", "0", "off", "1", "5"],
+                                                          ["topic", "news.jsonl", "0", "off", "1", "3"]]
     plan = tmp_path / "plan.yaml"
     plan.write_text(f"tasks:\n  - {{template: {toy}, data: data.jsonl}}\n  - {{template: {topic}, data: news.jsonl}}\n")
     by_plan = invoke(["eval", "-m", tiny_models["llama"], "--plan", plan])
@@ -146,7 +146,7 @@ def test_two_templates_each_on_its_own_data_one_table(tiny_models, data, toy, tm
     ([], "error: nothing to evaluate: give -t TEMPLATE --data FILE, -t TEMPLATE=FILE, or --plan FILE"),
     (["-t", "sentiment=nope.jsonl"], "error: input file 'nope.jsonl' not found"),
     (["-t", "TOY=DATA", "--seeds", "0"], "error: invalid --seeds 0: must be >= 1"),
-    (["-t", "TOY=DATA", "--calibration", "maybe"], "error: Invalid value for '--calibration': 'maybe' is not one of"),
+    (["-t", "TOY=DATA", "--calibration", "maybe"], "error: invalid --calibration 'maybe': give off, on, both or a list of off, contextual, batch, domain"),
 ])
 def test_eval_mistakes_before_any_model(data, toy, args, error):
     args = [a.replace("DATA", str(data)).replace("TOY", str(toy)) for a in args]

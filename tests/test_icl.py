@@ -148,12 +148,12 @@ def test_ensemble_reuses_each_draws_prefix(llama, toy):
     builder = builder_for(llama, toy, shots=2, selection="balanced")
     classify._SCORES.clear()  # scores remembered from other tests would skip the model
     calls = []
-    original = llama._prefix_cache
-    llama._prefix_cache = lambda ids: calls.append(tuple(ids)) or original(ids)
+    original = llama.prefix_kv
+    llama.prefix_kv = lambda ids: calls.append(tuple(ids)) or original(ids)
     try:
         classify.Classifier(llama, builder, ensemble=3).classify(items())
     finally:
-        llama._prefix_cache = original
+        llama.prefix_kv = original
     draws = {tuple(builder.choose_shots(items()[0], d)) for d in range(3)}
     assert len(calls) == len(set(calls)) == len(draws) > 1  # one shared prefix per distinct draw, encoded once
 
@@ -235,15 +235,15 @@ def test_eval_compares_calibration_methods(tiny_models, tmp_path):
     result = invoke(["eval", "-m", tiny_models["llama"], "-t", tmpl, "--data", data, "--shots", "2",
                      "--calibration", "off,contextual,batch,domain", "--ensemble", "2", "--shot-selection", "similar"])
     assert result.exit_code == 0, result.stderr
-    rows = [line.split()[:5] for line in result.stdout.splitlines()[1:]]
-    assert rows == [["toy", "2", m, "1", "5"] for m in ("off", "contextual", "batch", "domain")]
+    rows = [line.split()[:6] for line in result.stdout.splitlines()[2:6]]
+    assert rows == [["toy", "data.jsonl", "2", m, "1", "5"] for m in ("off", "contextual", "batch", "domain")]
 
 
 @pytest.mark.parametrize("args, message", [
     (["--calibration", "batch", "great"], "--calibration batch estimates the bias from the inputs themselves"),
     (["--calibration", "bogus", "great"], "invalid --calibrate 'bogus'"),
     (["--ensemble", "0", "great"], "Invalid value for '--ensemble'"),
-    (["--shot-selection", "nearest", "--shots", "1", "great"], "invalid --shot-selection 'nearest'"),
+    (["--shot-selection", "nearest", "--shots", "1", "great"], "Invalid value for '--shot-selection': 'nearest'"),
 ])
 def test_classify_usage_errors(tiny_models, tmp_path, args, message):
     tmpl = tmp_path / "toy.yaml"
