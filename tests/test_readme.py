@@ -30,7 +30,9 @@ SHARED = {  # the shared data sets -> tiny files with the same fields
     "../shared/data/ag_news/ag_news.test.jsonl": "ag_news.jsonl",
     "../shared/data/dialogsum/dialogsum.test.jsonl": "dialogsum.jsonl",
 }
-TAKES_MODEL = ("generate", "classify", "eval", "render")
+TAKES_MODEL = ("generate", "classify", "eval", "render", "tokenize", "next", "lab")
+# Shared model files -> the tiny T5 (tests pass without ../shared): a tokenizer folder, a config file.
+T5_FILES = ("../shared/data/t5-tokenizer", "../shared/data/flan-t5-config/flan-t5-base.config.json")
 
 
 def readme_commands() -> list[tuple[str, str]]:
@@ -84,8 +86,10 @@ def prepare(command: str, model: str | None) -> tuple[list[str], str | None, str
     stdin = None
     if "|" in command:
         left, command = (part.strip() for part in command.split("|", 1))
-        assert left.startswith("echo "), f"unsupported pipe in {command!r}"
-        stdin = " ".join(shlex.split(left)[1:]) + "\n"
+        assert left.startswith(("echo ", "printf ")), f"unsupported pipe in {command!r}"
+        words = shlex.split(left)
+        # printf FORMAT: its \n escapes are line ends; echo TEXT: one line
+        stdin = words[1].replace("\\n", "\n") if words[0] == "printf" else " ".join(words[1:]) + "\n"
     redirect = None
     if " > " in command:
         command, redirect = (part.strip() for part in command.split(" > ", 1))
@@ -135,7 +139,9 @@ def test_readme_command_runs(tiny_models, tmp_path, monkeypatch, where, command)
             run(*prepare(earlier, str(tiny_models["llama"])))
     if "--resume" in command:
         Path("out.jsonl").write_text("")
-    model = str(tiny_models["t5"] if "flan-t5" in command else tiny_models["llama"])
+    t5 = tiny_models["t5"]
+    command = command.replace(T5_FILES[1], str(t5 / "config.json")).replace(T5_FILES[0], str(t5))
+    model = str(t5 if "flan-t5" in command or str(t5) in command else tiny_models["llama"])
     run(*prepare(command, model))
 
 
