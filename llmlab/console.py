@@ -25,6 +25,11 @@ def stderr() -> Console:
     return Console(file=sys.stderr, highlight=False, soft_wrap=True)
 
 
+def stdout_is_terminal() -> bool:
+    """A person reads stdout: tables instead of records (one place, so tests can say so)."""
+    return sys.stdout.isatty()
+
+
 def _interactive() -> bool:
     return sys.stderr.isatty()
 
@@ -62,39 +67,52 @@ class _NullProgress:
         pass
 
 
-@contextlib.contextmanager
-def progress(total: int | None, description: str) -> Iterator[object]:
-    """A rich progress bar on stderr with count, rate and ETA; a no-op off a terminal or when quiet."""
-    if _state["quiet"] or not _interactive():
-        yield _NullProgress()
-        return
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TaskProgressColumn,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+def rate_text(rate: float) -> str:
+    """A rate with three significant digits, never rounded to 0 (0.0423 stays 0.0423)."""
+    if rate >= 100:
+        return f"{rate:.0f}"
+    return f"{rate:.3g}"
 
-    columns = [
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TaskProgressColumn(),
-        TextColumn("[cyan]{task.fields[rate]}"),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-    ]
-    with Progress(*columns, console=stderr(), transient=False) as bar:
-        task = bar.add_task(description, total=total, rate="")
+
+def _columns() -> list:
+    """Count, percentage, measured rate and ETA. The rate is items done / wall time since the bar
+    started (work starts when the bar does), never rich's windowed speed, which divides by the
+    near-zero interval between results that arrive together (a batch) and shows 77458 items/s."""
+    from rich.progress import BarColumn, MofNCompleteColumn, ProgressColumn, TaskProgressColumn, TextColumn
+    from rich.progress import TimeElapsedColumn
+    from rich.text import Text
+
+    class Rate(ProgressColumn):
+        def render(self, task) -> Text:
+            elapsed = task.elapsed or 0.0
+            if not task.completed or elapsed <= 0:
+                return Text("- items/s  eta -", style="cyan")
+            rate = task.completed / elapsed
+            left = max(0.0, (task.total or task.completed) - task.completed) / rate
+            minutes, seconds = divmod(int(left + 0.5), 60)
+            return Text(f"{rate_text(rate)} items/s  eta {minutes}:{seconds:02d}", style="cyan")
+
+    return [TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TaskProgressColumn(), TimeElapsedColumn(), Rate()]
+
+
+@contextlib.contextmanager
+def progress(total: int | None, description: str, console: Console | None = None,
+             get_time=None) -> Iterator[object]:
+    """A progress bar on stderr (items done of total, %, elapsed, measured rate, ETA); a no-op off a
+    terminal or when quiet. `console` and `get_time` are for tests (a forced terminal, a fake clock)."""
+    if console is None:
+        if _state["quiet"] or not _interactive():
+            yield _NullProgress()
+            return
+        console = stderr()
+    from rich.progress import Progress
+
+    with Progress(*_columns(), console=console, transient=False, get_time=get_time) as bar:
+        task = bar.add_task(description, total=total)
 
         class _Handle:
             def advance(self, n: int = 1) -> None:
                 bar.advance(task, n)
-                speed = bar.tasks[0].speed
-                bar.update(task, rate=f"{speed:.2f} items/s" if speed else "")
 
         yield _Handle()

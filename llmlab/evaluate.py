@@ -11,12 +11,13 @@ import string
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
-from llmlab import __version__, console
+from llmlab import __version__
 from llmlab.errors import DataError, UsageError
+from llmlab.config import PromptConfig
 from llmlab.io import Item
 
 CALIBRATION = ("off", "on", "both")
@@ -103,29 +104,71 @@ def check_data(items: list[Item], template: Any, references: Sequence[str]) -> l
     return present
 
 
-# ---------------------------------------------------------------- running
+# ---------------------------------------------------------------- the plan
 
 
 @dataclass
 class Combo:
-    template: Any
+    task: "EvalTask"
     shots: int
     calibrate: bool
     seeds: list[int]
 
+    @property
+    def template(self) -> Any:
+        return self.task.template
 
-def plan(templates: Sequence[Any], shots: Sequence[int], seeds: int, calibration: str, method: str) -> list[Combo]:
+
+@dataclass
+class EvalTask:
+    """One template and the labeled data it is measured on."""
+
+    template: Any
+    data: str  # the data file's path ("-" = stdin)
+    items: list[Item]
+    refs: list[str] = field(default_factory=list)  # reference fields (generate templates)
+
+
+@dataclass
+class EvalPlan:
+    """Everything `llmlab eval` runs: each task x shot count x seed x calibration."""
+
+    tasks: list[EvalTask]
+    shots: list[int]
+    seeds: int = 1  # demonstration draws per shot count (seeds 0..N-1)
+    calibration: str = "off"  # off, on, both
+    method: str = "score"
+    normalize: str = "none"
+    batch_size: Optional[int] = 16
+    prompt: PromptConfig = field(default_factory=PromptConfig)  # selection, format, overflow, examples
+    max_new_tokens: Optional[int] = None
+    log_samples: bool = False
+    references: list[str] = field(default_factory=list)
+    offset: int = 0
+    limit: Optional[int] = None
+
+    def combos(self) -> list[Combo]:
+        return plan(self.tasks, self.shots, self.seeds, self.calibration, self.method)
+
+    def total(self) -> int:
+        """Items to score over the whole run: the progress bar's total."""
+        return sum(len(c.task.items) * len(c.seeds) for c in self.combos())
+
+
+def plan(tasks: Sequence[EvalTask], shots: Sequence[int], seeds: int, calibration: str, method: str) -> list[Combo]:
     """Every combination; zero-shot needs one seed only (no demonstrations to draw)."""
     if calibration not in CALIBRATION:
         raise UsageError(f"invalid --calibration '{calibration}': choose off, on or both")
+    if seeds < 1:
+        raise UsageError(f"invalid --seeds {seeds}: must be >= 1")
     combos = []
-    for template in templates:
+    for task in tasks:
         modes = [False]
-        if template.task == "classify" and method == "score":
+        if task.template.task == "classify" and method == "score":
             modes = {"off": [False], "on": [True], "both": [False, True]}[calibration]
         for n in shots:
             for calibrate in modes:
-                combos.append(Combo(template, n, calibrate, list(range(seeds)) if n else [0]))
+                combos.append(Combo(task, n, calibrate, list(range(seeds)) if n else [0]))
     return combos
 
 
@@ -137,6 +180,39 @@ def parse_shots(text: str) -> list[int]:
     if not values or any(v < 0 for v in values):
         raise UsageError(f"invalid --shots '{text}': give counts >= 0 like 0,1,4,8")
     return list(dict.fromkeys(values))
+
+
+def parse_task(spec: str, default_data: Optional[str]) -> tuple[str, str]:
+    """-t NAME or -t NAME=DATA: a template and the data file it is measured on."""
+    name, sep, data = spec.partition("=")
+    if sep and data.strip():
+        return name.strip(), data.strip()
+    if default_data is None:
+        raise UsageError(f"template '{name}' has no data: give --data FILE, or -t {name}=FILE")
+    return name.strip(), default_data
+
+
+def load_plan_file(path: str) -> list[tuple[str, str]]:
+    """--plan FILE: a YAML mapping with `tasks:`, a list of {template: NAME, data: FILE}; relative
+    data paths are read from the plan's folder."""
+    from llmlab.yamlfile import load_yaml_mapping
+
+    raw = load_yaml_mapping(Path(path), "eval plan")
+    tasks = raw.get("tasks")
+    if not isinstance(tasks, list) or not tasks:
+        raise UsageError(f"{path}: an eval plan needs 'tasks:', a list of {{template: NAME, data: FILE}}")
+    unknown = sorted(set(raw) - {"tasks"})
+    if unknown:
+        raise UsageError(f"{path}: unknown key '{unknown[0]}' (an eval plan has only 'tasks')")
+    out = []
+    for n, task in enumerate(tasks, 1):
+        if not isinstance(task, dict) or not isinstance(task.get("template"), str) or not isinstance(task.get("data"), str):
+            raise UsageError(f"{path}: task {n} needs 'template' and 'data' (strings)")
+        data = Path(task["data"]).expanduser()
+        if not data.is_absolute():
+            data = Path(path).parent / data
+        out.append((task["template"], str(data)))
+    return out
 
 
 def versions() -> dict[str, str]:
@@ -153,11 +229,9 @@ def versions() -> dict[str, str]:
 
 def check_report_path(path: str) -> None:
     """Fail before the run, not after it, when the report can't be written there."""
-    parent = Path(path).parent
-    if not parent.is_dir():
-        raise DataError(f"report folder '{parent}' does not exist")
-    if not os.access(parent, os.W_OK):
-        raise DataError(f"report folder '{parent}' is not writable")
+    from llmlab.config import check_output_path
+
+    check_output_path(path, "--report")
 
 
 def write_report(path: str, report: dict[str, Any]) -> None:
@@ -176,89 +250,80 @@ def write_report(path: str, report: dict[str, Any]) -> None:
 
 
 def summarize(runs: list[dict[str, Any]], task: str) -> dict[str, Any]:
+    """Each metric's mean, std, min and max over the seeds; items/s averaged over seeds."""
     keys = ["accuracy", "macro_f1"] if task == "classify" else ["rouge1", "rouge2", "rougeL", "exact_match"]
-    summary = {}
+    summary: dict[str, Any] = {}
     for key in keys:
-        mean, std = mean_std([r["metrics"][key] for r in runs])
-        summary[key] = {"mean": mean, "std": std}
+        values = [r["metrics"][key] for r in runs]
+        mean, std = mean_std(values)
+        summary[key] = {"mean": mean, "std": std, "min": min(values), "max": max(values)}
     summary["items_per_s"] = statistics.fmean(r["items_per_s"] for r in runs)
     return summary
 
 
-def validate(items: list[Item], templates: Sequence[Any], references: Sequence[str]) -> dict[str, list[str]]:
-    """Check the data against every template before any model time is spent; returns each
-    generate template's reference fields by template name."""
-    return {template.name: check_data(items, template, references) for template in templates}
+# ---------------------------------------------------------------- running
 
 
-def run_combo(lm: Any, combo: Combo, items: list[Item], refs_fields: list[str], options: dict[str, Any],
-              progress: Any) -> dict[str, Any]:
-    """All seeds of one combination: predictions, metrics per seed, mean and std."""
-    from llmlab import classify, generation, prompts
-    from llmlab.models import GenRequest
-    from llmlab.settings import build as build_settings, normalize_keys
+def _run_seed(session: Any, combo: Combo, seed: int, plan_: EvalPlan, settings: Any, bar: Any) -> dict[str, Any]:
+    """One seed of one combination: predictions, metrics, speed (and samples with --log-samples)."""
+    from llmlab import classify, session as sessions
 
-    template = combo.template
-    chat = generation.use_chat(lm.tokenizer, options["chat"] or template.chat or "auto")
-    runs = []
-    layers = [normalize_keys(template.generation, template.name)] if template.generation else []
-    settings = build_settings(*layers, options["generation"])
-    for seed in combo.seeds:
-        # Seeds only matter if the draw is random, so generate templates draw at random here.
-        build_opts = prompts.options_for(template, combo.shots, options["shot_selection"], seed, chat,
-                                         options["shot_format"], options["overflow"], settings.max_new_tokens,
-                                         default_selection="random")
-        builder = prompts.make_builder(template, lm.tokenizer, lm.window, build_opts, options["examples"],
-                                       options["data"], lm.is_encoder_decoder)
-        started = time.perf_counter()
-        samples = []
-        if template.task == "classify":
-            clf = classify.Classifier(lm, builder, options["method"], options["normalize"], combo.calibrate,
-                                      options["batch_size"], settings)
-            results = clf.classify(items, on_result=lambda r: progress.advance(1))
-            elapsed = time.perf_counter() - started
-            golds = [str(i.fields[template.target]) for i in items]
-            preds = [r.prediction for r in results]
-            metrics = classification_metrics(golds, preds, list(template.labels))
-            if options["log_samples"]:
-                samples = [classify.record(r, template, lm.name) for r in results]
-        else:
-            jobs = generation.template_jobs(builder, items)
-            outputs = lm.generate([GenRequest(j.model_text, j.chat) for j in jobs], settings,
-                                  batch_size=options["batch_size"],
-                                  on_output=lambda i, o: progress.advance(1))
-            elapsed = time.perf_counter() - started
-            preds = [o.completions[0].strip() for o in outputs]
-            refs = [[str(i.fields[f]) for f in refs_fields] for i in items]
-            metrics = generation_metrics(preds, refs)
-            if options["log_samples"]:
-                samples = [{"index": i.index, **i.fields, "prompt": j.prompt, "completion": p, "references": r}
-                           for i, j, p, r in zip(items, jobs, preds, refs)]
-        run = {"seed": seed, "metrics": metrics, "items": len(items), "seconds": elapsed,
-               "items_per_s": len(items) / elapsed if elapsed else 0.0}
-        if options["log_samples"]:
-            run["samples"] = samples
-        runs.append(run)
-    return {"template": template.name, "task": template.task, "shots": combo.shots,
-            "calibrate": combo.calibrate, "seeds": combo.seeds, "summary": summarize(runs, template.task),
-            "runs": runs}
+    template, items, lm = combo.template, combo.task.items, session.lm
+    # Seeds only matter if the draw is random, so generate templates draw at random here.
+    prompt = replace(plan_.prompt, shots=combo.shots, seed=seed)
+    builder = session.builder(template, prompt, settings.max_new_tokens, combo.task.data, default_selection="random")
+    started = time.perf_counter()
+    samples: list[dict[str, Any]] = []
+    if template.task == "classify":
+        clf = classify.Classifier(lm, builder, plan_.method, plan_.normalize, combo.calibrate, plan_.batch_size,
+                                  settings)
+        results = clf.classify(items, on_result=lambda r: bar.advance(1), chunk=2 * (plan_.batch_size or 16))
+        elapsed = time.perf_counter() - started
+        golds = [str(i.fields[template.target]) for i in items]
+        metrics = classification_metrics(golds, [r.prediction for r in results], list(template.labels))
+        if plan_.log_samples:
+            samples = [classify.record(r, template, lm.name) for r in results]
+    else:
+        from llmlab import generation
+
+        jobs = generation.template_jobs(builder, items)
+        outputs = sessions.run_jobs(lm, jobs, settings, plan_.batch_size, lambda job, out: bar.advance(1))
+        elapsed = time.perf_counter() - started
+        preds = [o.completions[0].strip() for o in outputs]
+        refs = [[str(i.fields[f]) for f in combo.task.refs] for i in items]
+        metrics = generation_metrics(preds, refs)
+        if plan_.log_samples:
+            samples = [{"index": i.index, **i.fields, "prompt": j.prompt, "completion": p, "references": r}
+                       for i, j, p, r in zip(items, jobs, preds, refs)]
+    run = {"seed": seed, "metrics": metrics, "items": len(items), "seconds": elapsed,
+           "items_per_s": len(items) / elapsed if elapsed > 0 else 0.0}
+    if plan_.log_samples:
+        run["samples"] = samples
+    return run
 
 
-def evaluate(lm: Any, templates: Sequence[Any], items: list[Item], shots: Sequence[int], seeds: int,
-             calibration: str, options: dict[str, Any], on_result: Any = None,
-             refs: dict[str, list[str]] | None = None) -> dict[str, Any]:
-    """Run every combination; `refs` is validate()'s result when the caller already checked the data."""
-    combos = plan(templates, shots, seeds, calibration, options["method"])
-    if refs is None:
-        refs = validate(items, templates, options["references"])
-    total = sum(len(items) * len(c.seeds) for c in combos)
-    results = []
-    with console.progress(total, "evaluating") as bar:
-        for combo in combos:
-            result = run_combo(lm, combo, items, refs[combo.template.name], options, bar)
-            results.append(result)
-            if on_result:
-                on_result(result)
+def run_combo(session: Any, combo: Combo, plan_: EvalPlan, bar: Any) -> dict[str, Any]:
+    """All seeds of one combination, with mean, std, min and max over the seeds."""
+    from llmlab.session import settings_for
+
+    settings = settings_for(combo.template, None, {"max_new_tokens": plan_.max_new_tokens})
+    runs = [_run_seed(session, combo, seed, plan_, settings, bar) for seed in combo.seeds]
+    return {"template": combo.template.name, "data": combo.task.data, "data_name": data_name(combo.task.data),
+            "task": combo.template.task, "shots": combo.shots, "calibrate": combo.calibrate, "seeds": combo.seeds,
+            "summary": summarize(runs, combo.template.task), "runs": runs}
+
+
+def data_name(path: str) -> str:
+    return "stdin" if path == "-" else Path(path).name
+
+
+def evaluate(session: Any, plan_: EvalPlan, bar: Any = None) -> dict[str, Any]:
+    """Run every combination of the plan (data already checked); `bar.advance(n)` counts items."""
+    from llmlab.session import _Null
+
+    bar = bar or _Null()
+    results = [run_combo(session, combo, plan_, bar) for combo in plan_.combos()]
+    lm = session.lm
     return {
         "llmlab": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -266,61 +331,39 @@ def evaluate(lm: Any, templates: Sequence[Any], items: list[Item], shots: Sequen
         "model": {"name": lm.name, "type": getattr(lm.model.config, "model_type", None),
                   "encoder_decoder": lm.is_encoder_decoder, "device": lm.device,
                   "dtype": str(lm.model.dtype).removeprefix("torch."), "window": lm.window},
-        "data": {"path": options["data"], "items": len(items), "limit": options.get("limit")},
-        "config": {"shots": list(shots), "seeds": seeds, "calibration": calibration,
-                   **{k: v for k, v in options.items() if k not in ("data", "limit", "generation")},
-                   "generation": {k: v for k, v in options["generation"].items() if v is not None}},
-        "templates": {t.name: {"path": str(t.path), "task": t.task, "text": t.source_text} for t in templates},
+        "data": [{"template": t.template.name, "path": t.data, "name": data_name(t.data), "items": len(t.items)}
+                 for t in plan_.tasks],
+        "config": {"shots": list(plan_.shots), "seeds": plan_.seeds, "calibration": plan_.calibration,
+                   "method": plan_.method, "normalize": plan_.normalize, "batch_size": plan_.batch_size,
+                   "offset": plan_.offset, "limit": plan_.limit, "log_samples": plan_.log_samples,
+                   "references": plan_.references, "chat": session.model.chat,
+                   "shot_selection": plan_.prompt.selection, "shot_format": plan_.prompt.shot_format,
+                   "overflow": plan_.prompt.overflow, "examples": plan_.prompt.examples,
+                   "generation": {"max_new_tokens": plan_.max_new_tokens} if plan_.max_new_tokens else {}},
+        "templates": {t.template.name: {"path": str(t.template.path), "task": t.template.task,
+                                        "text": t.template.source_text} for t in plan_.tasks},
         "results": results,
         "versions": versions(),
     }
 
 
-# ---------------------------------------------------------------- the table
+def prepare(specs: Sequence[tuple[str, str]], prompt: PromptConfig, fmt: str, offset: int, limit: Optional[int],
+            references: Sequence[str]) -> list[EvalTask]:
+    """Templates found, data read (each file once) and checked against its templates, before any
+    model time."""
+    from llmlab import prompts, session
 
-
-def _pm(stat: dict[str, float], scale: float = 100.0) -> str:
-    if stat["std"]:
-        return f"{stat['mean'] * scale:.1f} ± {stat['std'] * scale:.1f}"
-    return f"{stat['mean'] * scale:.1f}"
-
-
-def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    results = report["results"]
-    classify_rows = [r for r in results if r["task"] == "classify"]
-    headers = ["template", "shots", "calibrated", "seeds", "n"]
-    if classify_rows:
-        headers += ["accuracy %", "macro-F1 %", "per-label P/R %", "confusion (rows gold)"]
-    if len(classify_rows) < len(results):
-        headers += ["ROUGE-1", "ROUGE-2", "ROUGE-L", "exact %"]
-    headers.append("items/s")
-    rows = []
-    for r in results:
-        s = r["summary"]
-        row = [r["template"], str(r["shots"]), "yes" if r["calibrate"] else "no", str(len(r["seeds"])),
-               str(r["runs"][0]["items"])]
-        if classify_rows:
-            if r["task"] == "classify":
-                last = r["runs"][-1]["metrics"]
-                pr = " ".join(f"{k}:{v['precision'] * 100:.0f}/{v['recall'] * 100:.0f}" for k, v in last["per_label"].items())
-                conf = " ".join(f"{lab}:{row}" for lab, row in zip(last["confusion"]["labels"], last["confusion"]["matrix"]))
-                row += [_pm(s["accuracy"]), _pm(s["macro_f1"]), pr, conf.replace(", ", ",")]
-            else:
-                row += ["", "", "", ""]
-        if len(classify_rows) < len(results):
-            if r["task"] == "generate":
-                row += [_pm(s["rouge1"]), _pm(s["rouge2"]), _pm(s["rougeL"]), _pm(s["exact_match"])]
-            else:
-                row += ["", "", "", ""]
-        row.append(f"{s['items_per_s']:.1f}")
-        rows.append(row)
-    return headers, rows
-
-
-def plain_table(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
-    return "\n".join(lines) + "\n"
-
-
+    session.check_prompt_options(prompt)
+    read: dict[str, list[Item]] = {}
+    tasks = []
+    for name, data in specs:
+        template = prompts.find_template(name, prompt.prompts_dir)
+        if data not in read:
+            read[data] = session.read_input(data, fmt, "text", offset, limit)
+        refs = check_data(read[data], template, references)
+        tasks.append(EvalTask(template, data, read[data], refs))
+    names = [t.template.name for t in tasks]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup and len({(t.template.name, t.data) for t in tasks}) < len(tasks):
+        raise UsageError(f"template '{dup}' is given twice with the same data")
+    return tasks

@@ -140,23 +140,34 @@ def test_resume_after_an_interrupted_run(tiny_models, data, tmp_path, monkeypatc
         (["-i", "-", "--input-format", "csv"], 'a,b\n1,2,3\n', "error: stdin line 2: 3 columns but the header has 2", 3),
         (["-m", "nobody/none", "x"], None, "error: model 'nobody/none' is not in the local Hugging Face cache", 4),
         (["-m", "./nowhere", "x"], None, "error: model './nowhere' not found", 4),
-        (["--device", "tpu", "x"], None, "error: invalid --device 'tpu'", 2),
-        (["--dtype", "int4", "x"], None, "error: invalid --dtype 'int4'", 2),
-        (["--chat", "maybe", "x"], None, "error: invalid --chat 'maybe'", 2),
+        (["--dtype", "int4", "x"], None, "error: Invalid value for '--dtype': 'int4' is not one of 'auto', 'float32', 'bfloat16', 'float16'.", 2),
+        (["--chat", "maybe", "x"], None, "error: Invalid value for '--chat': 'maybe' is not one of 'auto', 'on', 'off'.", 2),
         (["-n", "2", "x"], None, "error: --num-return-sequences 2 needs --sample or --num-beams >= 2", 2),
         (["--resume", "x"], None, "error: --resume needs --output FILE", 2),
-        (["--format", "xml", "x"], None, "error: invalid --format 'xml'", 2),
+        (["--format", "xml", "x"], None, "error: Invalid value for '--format' / '-f': 'xml' is not one of 'auto', 'jsonl', 'csv', 'text'.", 2),
         (["--config", "nope.yaml", "x"], None, "error: generation preset 'nope.yaml' not found", 3),
+        (["--shots", "-1", "-t", "qa", "x"], None, "error: invalid --shots -1: must be >= 0", 2),
+        (["--overflow", "BAD", "x"], None, "error: Invalid value for '--overflow': 'BAD' is not one of", 2),
+        (["", "--chat", "off"], None, "error: no prompt: run llmlab generate", 2),
+        ([""], None, "error: no prompt: run llmlab generate", 2),
+        (["--limit", "0", "-i", "-"], "a\n", "error: invalid --limit 0: must be >= 1", 2),
+        (["--offset", "5", "-i", "-"], "a\n", "error: --offset 5: stdin has only 1 rows", 2),
         (["-i", "-", "x"], "a\n", "error: give either a PROMPT argument (or --var) or --input FILE, not both", 2),
     ],
 )
-def test_user_mistakes_give_one_clear_line(tiny_models, args, stdin, error, code):
-    model = [] if "-m" in args else ["-m", str(tiny_models["gpt2"])]
+def test_user_mistakes_give_one_clear_line(args, stdin, error, code):
+    # All fail before a model loads: the model path given does not even exist (no tiny models built).
+    model = [] if "-m" in args else ["-m", "./never-loaded"]
     result = invoke(["generate", *model, *args], input=stdin)
     assert result.exit_code == code, result.stderr
     assert result.stdout == ""
     assert result.stderr.startswith(error), result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_bad_device(tiny_models):
+    result = invoke(["generate", "-m", tiny_models["gpt2"], "--device", "tpu", "x"])
+    assert result.exit_code == 2 and result.stderr.startswith("error: invalid --device 'tpu'")
 
 
 def test_chat_on_without_template(tiny_models):
@@ -178,7 +189,7 @@ def test_debug_shows_the_traceback(tiny_models):
 def test_help_explains_the_settings():
     result = invoke(["generate", "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0
-    for phrase in ["Greedy (default)", "1.0 leaves the distribution unchanged", "Nucleus sampling", "0 = no limit"]:
+    for phrase in ["[default: (greedy)]", "<first|random|balanced>", "[default: (the template's, else 64)]", "1.0 leaves the distribution unchanged", "Nucleus sampling", "0 = no limit"]:
         assert phrase in result.stdout
 
 

@@ -135,7 +135,7 @@ def test_truncate_keeps_the_end_and_fits(tiny_models, toy):
         ("name: x\ninput: [oops\n", [], "line 3, column 1: invalid YAML"),
         (TEMPLATE, ["--var", "txt=hi"], "error: --var: no field 'text' for the template (fields: txt)"),
         (TEMPLATE.replace("label: neg}", "label: meh}", 1), [], "example 2 has label 'meh', not one of the template's labels: pos, neg"),
-        (TEMPLATE, ["--shot-selection", "clever", "--shots", "1"], "error: invalid --shot-selection 'clever'"),
+        (TEMPLATE, ["--shot-selection", "clever", "--shots", "1"], "error: Invalid value for '--shot-selection': 'clever' is not one of 'first', 'random', 'balanced'."),
         (TEMPLATE.split("examples:")[0], ["--shots", "2"], "has no examples, so --shots 2 has nothing to show"),
         (TEMPLATE.replace("task: classify", "task: translate"), [], "task must be generate or classify, not 'translate'"),
         (TEMPLATE.replace("name: toy", "name: toy\nsuffix: x"), [], "unknown key 'suffix'"),

@@ -1,0 +1,385 @@
+"""One run of a command: load the model once, decide chat once, build the prompt builder once;
+then the library functions the commands call (generate, classify, render). They never print:
+progress, warnings and logs go through the Hooks the CLI hands in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Iterator, Optional, Sequence
+
+from llmlab import config as cfgmod
+from llmlab.config import ClassifyConfig, GenerateConfig, ModelConfig, PromptConfig, RenderConfig
+from llmlab.errors import ContextOverflowError, DataError, UsageError
+
+# A token is rarely longer than this many characters, so a prompt with more than window x this
+# characters cannot fit: it is refused (or cut) before the tokenizer ever sees all of it.
+MAX_CHARS_PER_TOKEN = 32
+
+
+class _Null:
+    def advance(self, n: int = 1) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _no_progress(total: int | None, description: str) -> Iterator[Any]:
+    yield _Null()
+
+
+@dataclass
+class Hooks:
+    """How library code talks to the person running it; the CLI fills these with console.*."""
+
+    progress: Callable[[Optional[int], str], ContextManager[Any]] = _no_progress
+    warn: Callable[[str], None] = lambda message: None
+    info: Callable[[str], None] = lambda message: None
+    note: Callable[[str], None] = lambda message: None
+
+
+# ---------------------------------------------------------------- shared steps
+
+
+def settings_for(template: Any = None, preset: Optional[Path] = None, flags: dict[str, Any] | None = None):
+    """Generation settings: the template's defaults, then a --config preset, then flags."""
+    from llmlab import settings
+
+    layers = []
+    if template is not None and template.generation:
+        layers.append(settings.normalize_keys(template.generation, f"template '{template.name}'"))
+    if preset:
+        layers.append(settings.load_preset(preset))
+    return settings.build(*layers, flags or {})
+
+
+def chat_for(tokenizer: Any, chat: Optional[str], template: Any = None) -> bool:
+    """--chat, else the template's chat, else auto."""
+    from llmlab import generation
+
+    return generation.use_chat(tokenizer, chat or (template.chat if template is not None else None) or "auto")
+
+
+def read_input(path: str, fmt: str, field_name: str, offset: int = 0, limit: Optional[int] = None) -> list[Any]:
+    from llmlab import io
+
+    items = io.read_items(path, fmt, text_field=field_name)
+    items = cfgmod.window(items, offset, limit, "stdin" if path == "-" else path)
+    io.check_unique_ids(items)
+    return items
+
+
+def single_prompt(text: Optional[str]) -> Optional[str]:
+    """The prompt from the argument, else from piped stdin; None when there is none or it is blank."""
+    if text is None and sys.stdin is not None and not sys.stdin.isatty():
+        text = sys.stdin.read().rstrip("\n")
+    return text if text is not None and text.strip() else None
+
+
+NO_PROMPT = 'no prompt: run llmlab {cmd} "your prompt", pipe one on stdin, or use --input FILE'
+
+
+def template_item(template: Any, text: Optional[str], pairs: Sequence[str], cmd: str) -> Any:
+    """A single item for a template: from --var field=value, or the argument for a one-field template."""
+    from llmlab import io, prompts
+
+    values = prompts.parse_vars(pairs)
+    if text is not None:
+        fields = [f for f in template.fields if f not in values]
+        if len(fields) != 1:
+            raise UsageError(
+                f"template '{template.name}' has fields {', '.join(template.fields)}: give them with --var field=value"
+            )
+        values[fields[0]] = text
+    if not values:
+        raise UsageError(NO_PROMPT.format(cmd=cmd) + f" (or --var {template.fields[0]}=...)")
+    return io.Item(0, values, "--var")
+
+
+class Session:
+    """A loaded model plus the decisions every command makes the same way."""
+
+    def __init__(self, model: ModelConfig, lm: Any = None):
+        from llmlab import models
+
+        self.model = model
+        self.lm = lm if lm is not None else models.load(model.spec, model.device, model.dtype)
+
+    def chat(self, template: Any = None) -> bool:
+        return chat_for(self.lm.tokenizer, self.model.chat, template)
+
+    def builder(self, template: Any, prompt: PromptConfig, max_new_tokens: int, input_path: Optional[str],
+                default_selection: str = "first"):
+        from llmlab import prompts
+
+        lm = self.lm
+        options = prompts.options_for(template, prompt.shots, prompt.selection, prompt.seed, self.chat(template),
+                                      prompt.shot_format, prompt.overflow, max_new_tokens,
+                                      default_selection=default_selection)
+        return prompts.make_builder(template, lm.tokenizer, lm.window, options, prompt.examples, input_path,
+                                    lm.is_encoder_decoder)
+
+
+def check_prompt_options(prompt: PromptConfig) -> None:
+    """Option values a prompt builder would reject, rejected before the model loads."""
+    if prompt.shots < 0:
+        raise UsageError(f"invalid --shots {prompt.shots}: must be >= 0")
+    cfgmod.check_prompts_dirs(prompt.prompts_dir)
+
+
+def find_template(prompt: PromptConfig) -> Any:
+    from llmlab import prompts
+
+    check_prompt_options(prompt)
+    return prompts.find_template(prompt.template, prompt.prompts_dir) if prompt.template else None
+
+
+# ---------------------------------------------------------------- plain prompts and the window
+
+
+def fit_plain(jobs: list[Any], lm: Any, max_new_tokens: int, overflow: str, hooks: Hooks) -> list[Any]:
+    """The context-window check for prompts that no template built: a prompt over the window is
+    refused (exit 5), or with --overflow truncate cut from the left to fit, with a warning.
+    A prompt of more than window x MAX_CHARS_PER_TOKEN characters is judged by its length alone,
+    so a 10 MB line is never tokenized whole."""
+    window = lm.window
+    if not window:
+        return jobs
+    budget = window if lm.is_encoder_decoder else window - max_new_tokens
+    if budget < 1:
+        raise ContextOverflowError(f"--max-new-tokens {max_new_tokens} leaves no room in the {window}-token window")
+    chars = budget * MAX_CHARS_PER_TOKEN
+    out = []
+    for job in jobs:
+        # Records rendered by `prompt render` are final text: cutting them would cut the chat header.
+        can_cut = overflow == "truncate" and job.item.fields.get("templated") is not True
+        if len(job.model_text) > chars:
+            if not can_cut:
+                raise _too_long(job, f"{len(job.model_text):,} characters", window, max_new_tokens, lm)
+            out.append(_cut(job, lm, budget, hooks, f"{len(job.model_text):,} characters"))
+            continue
+        count = len(lm.token_ids(job.model_text, job.chat))
+        if count <= budget:
+            out.append(job)
+        elif can_cut:
+            out.append(_cut(job, lm, budget, hooks, f"{count} tokens"))
+        else:
+            raise _too_long(job, f"{count} tokens", window, max_new_tokens, lm)
+    return out
+
+
+def _too_long(job: Any, size: str, window: int, max_new: int, lm: Any) -> ContextOverflowError:
+    room = "" if lm.is_encoder_decoder else f" + {max_new} new tokens"
+    return ContextOverflowError(
+        f"{job.item.source}: the prompt has {size}{room}, over the model's {window}-token window; "
+        "shorten it, lower --max-new-tokens, or use --overflow truncate to keep its end")
+
+
+def _cut(job: Any, lm: Any, budget: int, hooks: Hooks, before: str) -> Any:
+    """Keep the end of the user's prompt, re-wrapped in the chat template when chatting, so the
+    whole model text fits `budget` tokens."""
+    from llmlab import generation
+
+    tokenizer = lm.tokenizer
+    ids = tokenizer(job.prompt[-budget * MAX_CHARS_PER_TOKEN:], add_special_tokens=False)["input_ids"]
+    keep = min(len(ids), budget)
+    while keep > 0:
+        text = tokenizer.decode(ids[len(ids) - keep:])
+        model_text = generation.chat_text(tokenizer, [{"role": "user", "content": text}]) if job.chat else text
+        count = len(lm.token_ids(model_text, job.chat))
+        if count <= budget:
+            hooks.warn(f"{job.item.source}: prompt of {before} did not fit the {lm.window}-token window; "
+                       f"kept its last {keep} tokens ({count} tokens now)")
+            return generation.Job(job.item, text, model_text, job.chat)
+        keep -= count - budget  # the wrapper and special tokens need this much more room
+    raise ContextOverflowError(f"{job.item.source}: the chat template alone fills the {lm.window}-token window")
+
+
+def plain_jobs(items: Sequence[Any], field_name: str, lm: Any, chat: bool) -> list[Any]:
+    """Jobs for prompts taken from one field; records from `prompt render -f jsonl` say
+    `templated: true` and go to the model as they are (never wrapped a second time)."""
+    from llmlab import generation
+
+    jobs = []
+    for item in items:
+        text = item.fields[field_name]
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(f"no prompt: {item.source} has an empty or non-text '{field_name}' field")
+        if item.fields.get("templated") is True:
+            jobs.append(generation.Job(item, text, text, True))
+        else:
+            jobs += generation.plain_jobs([item], field_name, lm.tokenizer, chat)
+    return jobs
+
+
+# ---------------------------------------------------------------- generate
+
+
+def _generate_items(cfg: GenerateConfig, template: Any) -> list[Any]:
+    from llmlab import io, prompts
+
+    if cfg.input.path is not None:
+        if cfg.text is not None or cfg.prompt.vars:
+            raise UsageError("give either a PROMPT argument (or --var) or --input FILE, not both")
+        items = read_input(cfg.input.path, cfg.input.format, cfg.input.field, cfg.input.offset, cfg.input.limit)
+        if template is None:
+            io.require_field(items, cfg.input.field)
+        else:
+            prompts.require_fields(items, template)
+        return items
+    text = single_prompt(cfg.text)
+    if template is not None:
+        return [template_item(template, text, cfg.prompt.vars, "generate")]
+    if text is None:
+        raise UsageError(NO_PROMPT.format(cmd="generate"))
+    return [io.Item(0, {cfg.input.field: text}, "the prompt")]
+
+
+def generate(cfg: GenerateConfig, hooks: Hooks = Hooks(), lm: Any = None) -> None:
+    """`llmlab generate`: one prompt streamed to stdout, or a batch written record by record."""
+    from llmlab import generation, io
+
+    template = find_template(cfg.prompt)
+    settings = settings_for(template, cfg.preset, cfg.flags)
+    cfgmod.check_output_path(cfg.output.path)
+    items = _generate_items(cfg, template)
+    single = cfg.input.path is None and cfg.output.terminal
+    sink = io.Output(cfg.output.path, cfg.output.format, resume=cfg.output.resume)
+    todo = [it for it in items if it.key not in sink.done]
+    if cfg.output.resume and len(todo) < len(items):
+        hooks.info(f"--resume: {len(items) - len(todo)} of {len(items)} inputs already done")
+    if not todo:
+        return
+    session = Session(cfg.model, lm)
+    if template is None:
+        jobs = plain_jobs(todo, cfg.input.field, session.lm, session.chat())
+        jobs = fit_plain(jobs, session.lm, settings.max_new_tokens, cfg.prompt.overflow, hooks)
+    else:
+        builder = session.builder(template, cfg.prompt, settings.max_new_tokens, cfg.input.path)
+        jobs = generation.template_jobs(builder, todo)
+    if single:
+        generation.run_single(session.lm, jobs[0], settings, cfg.echo)
+        return
+    with sink as writer, hooks.progress(len(jobs), "generating") as bar:
+        run_jobs(session.lm, jobs, settings, cfg.batch_size,
+                 lambda job, output: (writer.write(generation.record(job, output, session.lm.name, cfg.echo)),
+                                      bar.advance(1)))
+
+
+def requests(jobs: Sequence[Any]) -> list[Any]:
+    """The backend's requests: the model text, and whether it is already templated (no special
+    tokens added)."""
+    from llmlab.models import GenRequest
+
+    return [GenRequest(j.model_text, j.chat) for j in jobs]
+
+
+def run_jobs(lm: Any, jobs: Sequence[Any], settings: Any, batch_size: Optional[int],
+             done: Callable[[Any, Any], Any]) -> list[Any]:
+    """Generate for every job; done(job, output) is called in input order as results arrive."""
+    return lm.generate(requests(jobs), settings, batch_size=batch_size,
+                       on_output=lambda index, output: done(jobs[index], output))
+
+
+# ---------------------------------------------------------------- classify
+
+
+def classify(cfg: ClassifyConfig, hooks: Hooks = Hooks(), table: bool = False, lm: Any = None):
+    """`llmlab classify`: returns (results, classifier) when `table` (a person reads them), else
+    writes one record per input as it is done and returns None."""
+    from llmlab import classify as clf, io, prompts
+
+    template = find_template(cfg.prompt)
+    if template is None or template.task != "classify":
+        name = template.name if template else cfg.prompt.template
+        raise UsageError(f"template '{name}' is a generate template; classify needs task: classify with labels")
+    _check_classify_options(cfg)
+    settings = settings_for(template)
+    cfgmod.check_output_path(cfg.output.path)
+    if cfg.input.path is not None:
+        if cfg.text is not None or cfg.prompt.vars:
+            raise UsageError("give either a TEXT argument (or --var) or --input FILE, not both")
+        items = read_input(cfg.input.path, cfg.input.format, template.fields[0], cfg.input.offset, cfg.input.limit)
+    else:
+        items = [template_item(template, single_prompt(cfg.text), cfg.prompt.vars, "classify")]
+    prompts.require_fields(items, template)
+    sink = io.Output(cfg.output.path, cfg.output.format, resume=cfg.output.resume, text_key="prediction")
+    todo = [it for it in items if it.key not in sink.done]
+    if not todo:
+        return None
+    session = Session(cfg.model, lm)
+    builder = session.builder(template, cfg.prompt, settings.max_new_tokens, cfg.input.path)
+    classifier = clf.Classifier(session.lm, builder, cfg.method, cfg.normalize, cfg.calibrate, cfg.batch_size,
+                                settings)
+    # Results are handed on per chunk: small chunks keep the progress bar true to the work done.
+    chunk = 2 * (cfg.batch_size or 16)
+    if table:
+        with hooks.progress(len(todo), "classifying") as bar:
+            results = classifier.classify(todo, on_result=lambda r: bar.advance(1), chunk=chunk)
+        return results, classifier
+    with sink as writer, hooks.progress(len(todo), "classifying") as bar:
+        classifier.classify(todo, on_result=lambda r: (writer.write(clf.record(r, template, session.lm.name)),
+                                                       bar.advance(1)), chunk=chunk)
+    return None
+
+
+def _check_classify_options(cfg: ClassifyConfig) -> None:
+    if cfg.calibrate and cfg.method != "score":
+        raise UsageError("--calibrate needs --method score: it adjusts label probabilities")
+
+
+# ---------------------------------------------------------------- prompt render
+
+
+@dataclass
+class Rendered:
+    item: Any
+    prompt: Any  # prompts.Prompt
+
+
+@dataclass
+class RenderRun:
+    window: Optional[int]
+    budget: Optional[int]
+    prompts: Iterator[Rendered] = field(default_factory=lambda: iter(()))
+
+
+def render(cfg: RenderConfig, hooks: Hooks = Hooks()) -> RenderRun:
+    """`llmlab prompt render`: the exact prompts, built with the tokenizer only (no weights)."""
+    from llmlab import models, prompts
+
+    template = find_template(cfg.prompt)
+    if cfg.input.path is not None:
+        items = read_input(cfg.input.path, cfg.input.format, template.fields[0], cfg.input.offset, cfg.input.limit)
+        prompts.require_fields(items, template)
+    else:
+        items = [template_item(template, None, cfg.prompt.vars, "prompt render")]
+    tokenizer, window, encoder_decoder = models.load_tokenizer(cfg.model.spec)
+    settings = settings_for(template, None, {"max_new_tokens": cfg.max_new_tokens})
+    options = prompts.options_for(template, cfg.prompt.shots, cfg.prompt.selection, cfg.prompt.seed,
+                                  chat_for(tokenizer, cfg.model.chat, template), cfg.prompt.shot_format,
+                                  cfg.prompt.overflow, settings.max_new_tokens)
+    builder = prompts.make_builder(template, tokenizer, window, options, cfg.prompt.examples, cfg.input.path,
+                                   encoder_decoder)
+
+    def each() -> Iterator[Rendered]:
+        for item in items:
+            built = builder.build(item)
+            for note in built.notes:
+                hooks.warn(note)
+            yield Rendered(item, built)
+
+    return RenderRun(window, builder.budget(), each())
+
+
+def render_record(r: Rendered) -> dict[str, Any]:
+    """A `prompt render -f jsonl` record; `templated` says the prompt went through the chat template,
+    so `generate --input` sends it as it is."""
+    return {"index": r.item.index, **r.item.fields, "prompt": r.prompt.text, "templated": r.prompt.chat,
+            "tokens": r.prompt.tokens, "shots": len(r.prompt.shots)}
+
+
+def with_prompt(prompt: PromptConfig, **changes: Any) -> PromptConfig:
+    return replace(prompt, **changes)

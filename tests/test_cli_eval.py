@@ -1,0 +1,155 @@
+"""`llmlab eval` from the command line: one table over templates with their own data, what each
+number means, the JSON report, and data / path mistakes caught before any model time."""
+
+import json
+
+import pytest
+
+from helpers import invoke
+from test_classify import ITEMS, TEMPLATE
+
+CAPTION = ("accuracy, macro-F1, ROUGE: mean ± std over seeds [min–max]; P/R and confusion: all seeds' "
+           "predictions summed (columns in label order, then unknown); items/s: mean over seeds")
+
+
+@pytest.fixture
+def data(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in ITEMS))
+    return path
+
+
+@pytest.fixture
+def toy(tmp_path):
+    tmpl = tmp_path / "toy.yaml"
+    tmpl.write_text(TEMPLATE)
+    return tmpl
+
+
+def test_eval_table_and_report(tiny_models, data, tmp_path):
+    tmpl = tmp_path / "toy.yaml"
+    tmpl.write_text(TEMPLATE)
+    report = tmp_path / "report.json"
+    result = invoke(["eval", "-m", tiny_models["llama"], "-t", tmpl, "--data", data, "--shots", "0,2", "--seeds", 2,
+                     "--calibration", "both", "--report", report, "--log-samples"])
+    assert result.exit_code == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"{tiny_models['llama']} on data.jsonl (5 items)"
+    assert lines[1].split()[:9] == ["template", "data", "shots", "calibrated", "seeds", "n", "accuracy", "%", "macro-F1"]
+    assert [line.split()[:6] for line in lines[2:6]] == [
+        ["toy", "data.jsonl", "0", "no", "1", "5"], ["toy", "data.jsonl", "0", "yes", "1", "5"],
+        ["toy", "data.jsonl", "2", "no", "2", "5"], ["toy", "data.jsonl", "2", "yes", "2", "5"]]
+    assert lines[6:] == [CAPTION]
+    doc = json.loads(report.read_text())
+    assert set(doc) >= {"model", "data", "config", "templates", "results", "versions", "created"}
+    assert doc["templates"]["toy"]["text"] == TEMPLATE and doc["versions"]["transformers"]
+    first = doc["results"][2]
+    assert (first["shots"], first["calibrate"], first["seeds"]) == (2, False, [0, 1])
+    assert set(first["summary"]) == {"accuracy", "macro_f1", "items_per_s"}
+    accs = [r["metrics"]["accuracy"] for r in first["runs"]]
+    assert first["summary"]["accuracy"]["min"] == min(accs) and first["summary"]["accuracy"]["max"] == max(accs)
+    # The table's confusion is both seeds summed: 10 predictions over 5 items.
+    row = lines[4]
+    confusion = row[row.index("pos:["):].split("  ")[0]
+    assert sum(int(n) for n in confusion.replace("pos:[", ",").replace("neg:[", ",").replace("]", ",").split(",")
+               if n.strip()) == 10
+    run = first["runs"][0]
+    assert set(run["metrics"]) == {"accuracy", "macro_f1", "per_label", "confusion"}
+    assert len(run["samples"]) == 5 and run["samples"][0]["id"] == "i0"
+    accuracy = sum(s["correct"] for s in run["samples"]) / 5
+    assert run["metrics"]["accuracy"] == pytest.approx(accuracy)
+
+
+def test_eval_generate_template(tiny_models, tmp_path):
+    tmpl = tmp_path / "sum.yaml"
+    tmpl.write_text("name: sum\ntask: generate\ninput: 'Dialogue: {dialogue}\\nSummary:'\ntarget: summary\n"
+                    "references: [summary1, summary2]\ngeneration: {max_new_tokens: 4}\n")
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"id": "a", "dialogue": "hi", "summary1": "they greet", "summary2": "a greeting"}\n'
+                    '{"id": "b", "dialogue": "bye", "summary1": "they part", "summary2": "farewell"}\n')
+    result = invoke(["eval", "-m", tiny_models["t5"], "-t", tmpl, "--data", data])
+    assert result.exit_code == 0, result.stderr
+    title, header, row, caption = result.stdout.splitlines()
+    assert header.split() == ["template", "data", "shots", "calibrated", "seeds", "n", "ROUGE-1", "ROUGE-2", "ROUGE-L",
+                              "exact", "%", "items/s"]
+    assert row.split()[:6] == ["sum", "d.jsonl", "0", "no", "1", "2"]
+    assert float(row.split()[-1]) > 0  # significant digits: a slow run never shows 0.0
+
+
+@pytest.mark.parametrize(
+    "rows, error",
+    [
+        ("", "holds no inputs"),
+        ('{"text": "a"}\n', "line 1: no label field 'label' (fields: text)"),
+        ('{"label": "pos"}\n', "line 1: no field 'text' for template 'toy' (fields: label)"),
+        ('{"text": "a", "label": "meh"}\n', "line 1: label 'meh' is not one of template 'toy''s labels: pos, neg"),
+        ('{"id": 1, "text": "a", "label": "pos"}\n{"id": 1, "text": "b", "label": "neg"}\n', "line 2: duplicate id 1"),
+    ],
+)
+def test_eval_bad_data(tiny_models, tmp_path, rows, error):
+    tmpl = tmp_path / "toy.yaml"
+    tmpl.write_text(TEMPLATE)
+    data = tmp_path / "bad.jsonl"
+    data.write_text(rows)
+    report = tmp_path / "r.json"
+    result = invoke(["eval", "-m", tiny_models["llama"], "-t", tmpl, "--data", data, "--report", report])
+    assert result.exit_code == 3
+    assert error in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert result.stdout == "" and not report.exists()
+
+
+def test_eval_non_utf8(tiny_models, tmp_path):
+    tmpl = tmp_path / "toy.yaml"
+    tmpl.write_text(TEMPLATE)
+    data = tmp_path / "bad.jsonl"
+    data.write_bytes(b'{"text": "caf\xe9", "label": "pos"}\n')
+    result = invoke(["eval", "-m", tiny_models["llama"], "-t", tmpl, "--data", data])
+    assert result.exit_code == 3 and "line 1: not UTF-8 text" in result.stderr
+
+
+def test_eval_report_folder_is_checked_before_the_run(tiny_models, data, tmp_path):
+    tmpl = tmp_path / "toy.yaml"
+    tmpl.write_text(TEMPLATE)
+    result = invoke(["eval", "-m", "./not-loaded", "-t", tmpl, "--data", data, "--report", tmp_path / "no" / "r.json"])
+    assert result.exit_code == 3  # a data error, raised before the (bad) model is even looked at
+    assert result.stderr == f"error: --report '{tmp_path / 'no' / 'r.json'}': folder '{tmp_path / 'no'}' does not exist; create it first\n"
+
+
+def test_eval_report_onto_a_directory_fails_before_the_run(data, toy, tmp_path):
+    result = invoke(["eval", "-m", "./not-loaded", "-t", toy, "--data", data, "--report", tmp_path])
+    assert result.exit_code == 3
+    assert result.stderr.startswith(f"error: --report '{tmp_path}' is a directory; give a file name inside it")
+
+
+def test_two_templates_each_on_its_own_data_one_table(tiny_models, data, toy, tmp_path):
+    topic = tmp_path / "topic.yaml"
+    topic.write_text("name: topic\ntask: classify\ninput: 'Text: {text}\\nTopic:'\ntarget: label\n"
+                     "labels: [World, Sports]\n")
+    news = tmp_path / "news.jsonl"
+    news.write_text('{"text": "the match", "label": "Sports"}\n{"text": "the summit", "label": "World"}\n'
+                    '{"text": "a goal", "label": "Sports"}\n')
+    result = invoke(["eval", "-m", tiny_models["llama"], "-t", f"{toy}={data}", "-t", f"{topic}={news}"])
+    assert result.exit_code == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"{tiny_models['llama']} on data.jsonl (5 items), news.jsonl (3 items)"
+    assert [line.split()[:6] for line in lines[2:4]] == [["toy", "data.jsonl", "0", "no", "1", "5"],
+                                                          ["topic", "news.jsonl", "0", "no", "1", "3"]]
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(f"tasks:\n  - {{template: {toy}, data: data.jsonl}}\n  - {{template: {topic}, data: news.jsonl}}\n")
+    by_plan = invoke(["eval", "-m", tiny_models["llama"], "--plan", plan])
+    assert by_plan.exit_code == 0, by_plan.stderr
+    assert [line.split()[:6] for line in by_plan.stdout.splitlines()[2:4]] == [line.split()[:6] for line in lines[2:4]]
+
+
+@pytest.mark.parametrize("args, error", [
+    (["-t", "sentiment"], "error: template 'sentiment' has no data: give --data FILE, or -t sentiment=FILE"),
+    ([], "error: nothing to evaluate: give -t TEMPLATE --data FILE, -t TEMPLATE=FILE, or --plan FILE"),
+    (["-t", "sentiment=nope.jsonl"], "error: input file 'nope.jsonl' not found"),
+    (["-t", "TOY=DATA", "--seeds", "0"], "error: invalid --seeds 0: must be >= 1"),
+    (["-t", "TOY=DATA", "--calibration", "maybe"], "error: Invalid value for '--calibration': 'maybe' is not one of"),
+])
+def test_eval_mistakes_before_any_model(data, toy, args, error):
+    args = [a.replace("DATA", str(data)).replace("TOY", str(toy)) for a in args]
+    result = invoke(["eval", "-m", "./not-loaded", *args])
+    assert result.exit_code in (2, 3) and result.stderr.startswith(error), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

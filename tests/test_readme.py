@@ -1,0 +1,135 @@
+"""Every shell command shown in README.md and prompts/README.md runs: each fenced ```sh line is
+extracted, its data files are swapped for tiny ones written here, a tiny model is added where the
+command takes -m (or the embedded smollm2 for the few listed), and it must exit 0. So the README can
+never drift from the code."""
+
+import json
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from llmlab.cli import app
+
+ROOT = Path(__file__).resolve().parent.parent
+READMES = [ROOT / "README.md", ROOT / "prompts" / "README.md"]
+
+# Commands that can't run inside the test suite, each with the reason. Keep this short.
+CANNOT_RUN = {
+    "make demo": "builds .venv and installs torch from PyPI (minutes, network); its three llmlab commands "
+                 "are the qa and sentiment commands run below",
+    "make test": "runs this very test suite",
+}
+# Run as written on the real embedded model (no -m added), to check the answer is right.
+REAL_SMOLLM2 = {'llmlab generate -t qa "Where is Ganymede located in the solar system?" --shots 2': "Jupiter"}
+
+SHARED = {  # the shared data sets -> tiny files with the same fields
+    "../shared/data/sst2/sst2.validation.jsonl": "sst2.jsonl",
+    "../shared/data/ag_news/ag_news.test.jsonl": "ag_news.jsonl",
+    "../shared/data/dialogsum/dialogsum.test.jsonl": "dialogsum.jsonl",
+}
+TAKES_MODEL = ("generate", "classify", "eval", "render")
+
+
+def readme_commands() -> list[tuple[str, str]]:
+    """(file:line, command) for every line of every ```sh block (comments dropped)."""
+    found = []
+    for path in READMES:
+        if not path.exists():
+            continue
+        inside = False
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip().startswith("```"):
+                inside = line.strip() in ("```sh", "```bash", "```shell") and not inside
+                continue
+            text = line.split(" #")[0].strip() if inside else ""
+            if text and not text.startswith("#"):
+                found.append((f"{path.relative_to(ROOT)}:{n}", text))
+    return found
+
+
+def write_data(folder: Path) -> None:
+    rows = lambda items: "".join(json.dumps(r) + "\n" for r in items)  # noqa: E731
+    (folder / "sst2.jsonl").write_text(rows(
+        [{"text": t, "label": l} for t, l in [("a charming film", "positive"), ("bleak and dull", "negative"),
+                                               ("loved it", "positive")]]))
+    (folder / "ag_news.jsonl").write_text(rows(
+        [{"text": t, "label": l} for t, l in [("the match ended 2-1", "Sports"), ("stocks fell", "Business"),
+                                               ("a new chip", "Sci/Tech"), ("talks in Geneva", "World")]]))
+    (folder / "dialogsum.jsonl").write_text(rows(
+        [{"id": f"d{n}", "dialogue": f"#Person1#: hello {n}\n#Person2#: hi", "summary1": "they greet",
+          "summary2": "a greeting", "summary3": "hello"} for n in range(3)]))
+    (folder / "prompts.jsonl").write_text(rows([{"id": f"p{n}", "prompt": f"the movie was {n}"} for n in range(6)]))
+    (folder / "big.jsonl").write_text(rows([{"id": f"b{n}", "prompt": f"hello {n}"} for n in range(4)]))
+    (folder / "questions.csv").write_text('id,question\nq1,Where is Ganymede?\nq2,"the movie, was"\n')
+    (folder / "reviews.csv").write_text("text,label\na warm film,positive\ntwo dull hours,negative\n")
+    (folder / "plan.yaml").write_text("tasks:\n  - {template: sentiment, data: sst2.jsonl}\n"
+                                      "  - {template: news-topic, data: ag_news.jsonl}\n")
+
+
+def prepare(command: str, model: str | None) -> tuple[list[str], str | None, str | None]:
+    """(llmlab arguments, stdin, file for stdout) with data and model swapped in."""
+    stdin = None
+    if "|" in command:
+        left, command = (part.strip() for part in command.split("|", 1))
+        assert left.startswith("echo "), f"unsupported pipe in {command!r}"
+        stdin = " ".join(shlex.split(left)[1:]) + "\n"
+    redirect = None
+    if " > " in command:
+        command, redirect = (part.strip() for part in command.split(" > ", 1))
+    for real, tiny in SHARED.items():
+        command = command.replace(real, tiny)
+    args = shlex.split(command)
+    assert args[0] == "llmlab", f"not an llmlab command: {command!r}"
+    args = args[1:]
+    if model is not None and any(word in args[:2] for word in TAKES_MODEL):
+        if "-m" in args:
+            args[args.index("-m") + 1] = model
+        else:
+            args += ["-m", model]
+    return args, stdin, redirect
+
+
+def run(args, stdin, redirect) -> None:
+    result = CliRunner().invoke(app, args, input=stdin, catch_exceptions=False)
+    assert result.exit_code == 0, f"llmlab {' '.join(args)}: {result.stderr}"
+    if redirect:
+        Path(redirect).write_text(result.stdout)
+    return result
+
+
+COMMANDS = readme_commands()
+
+
+def test_the_readmes_have_commands():
+    assert len(COMMANDS) > 20
+    listed = {c for _, c in COMMANDS if c.startswith("make ")}
+    assert listed <= set(CANNOT_RUN), f"make targets not accounted for: {listed - set(CANNOT_RUN)}"
+
+
+@pytest.mark.parametrize("where, command", [c for c in COMMANDS if not c[1].startswith("make ")],
+                         ids=[w for w, c in COMMANDS if not c.startswith("make ")])
+def test_readme_command_runs(tiny_models, tmp_path, monkeypatch, where, command):
+    if command in REAL_SMOLLM2:
+        pytest.skip("runs on the real smollm2 in test_readme_smollm2_commands")
+    monkeypatch.chdir(tmp_path)
+    write_data(tmp_path)
+    # Commands that need an earlier command's output (rendered.jsonl) find it: run those first.
+    for _, earlier in COMMANDS:
+        if "> rendered.jsonl" in earlier and "rendered.jsonl" in command and earlier != command:
+            run(*prepare(earlier, str(tiny_models["llama"])))
+    if "--resume" in command:
+        Path("out.jsonl").write_text("")
+    model = str(tiny_models["t5"] if "flan-t5" in command else tiny_models["llama"])
+    run(*prepare(command, model))
+
+
+def test_readme_smollm2_commands(smollm2_cache, monkeypatch, tmp_path):
+    monkeypatch.setenv("LLMLAB_CACHE", str(smollm2_cache))
+    monkeypatch.chdir(tmp_path)
+    for command, answer in REAL_SMOLLM2.items():
+        assert command in [c for _, c in COMMANDS], f"not in the README any more: {command}"
+        result = run(*prepare(command, None))
+        assert answer in result.stdout, result.stdout
