@@ -19,7 +19,7 @@ except ImportError:  # pragma: no cover - older typer on real click
     from click import exceptions as click_exceptions
 
 from llmlab import __version__, console
-from llmlab.config import Calibration, InputFormat, Method, Normalize, OutputFormat, Overflow, Dtype, value
+from llmlab.config import Backend, Calibration, InputFormat, Method, Normalize, OutputFormat, Overflow, Dtype, value
 from llmlab.errors import LlmlabError, UsageError
 from llmlab.options import *  # noqa: F403 - the shared option declarations
 
@@ -111,10 +111,33 @@ def hooks():
     return Hooks(progress=console.progress, warn=console.warn, info=console.info, note=console.note)
 
 
-def _model(model, device, dtype, chat):
+def _model(model, device, dtype, chat, device_map=None, max_memory=None, backend="hf", tensor_parallel_size=1):
+    """The model options, checked before any model time (placement options: llmlab.placement)."""
+    from llmlab import placement
     from llmlab.config import ModelConfig
 
-    return ModelConfig(model, device, value(dtype), value(chat))
+    cfg = ModelConfig(model, device, value(dtype), value(chat), placement.parse_device_map(device_map),
+                      placement.parse_max_memory(max_memory), value(backend), tensor_parallel_size)
+    if cfg.backend == "vllm":
+        from llmlab.backends import vllm
+
+        vllm.check_options(cfg)
+    else:
+        placement.check(device, cfg.device_map, cfg.max_memory)
+        if tensor_parallel_size != 1:
+            raise UsageError("--tensor-parallel-size needs --backend vllm; with hf use --device-map auto")
+    return cfg
+
+
+def _dry_run(cfg) -> None:
+    """--dry-run: the placement --device-map (default auto) would give, on stdout; then exit."""
+    from llmlab import loading
+
+    if cfg.backend == "vllm":
+        raise UsageError("--dry-run shows accelerate placements (--backend hf); vLLM places models itself")
+    for line in loading.placement_plan(cfg.spec, cfg.dtype, cfg.device_map or "auto", cfg.max_memory):
+        print(line)
+    raise typer.Exit(0)
 
 
 def _prompt(template, shots=0, selection=None, seed=None, shot_format=None, overflow=Overflow.drop_shots,
@@ -136,6 +159,11 @@ def generate(
     device: Device = "auto",
     dtype: DtypeOpt = Dtype.auto,
     chat: Chat = None,
+    device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None,
+    backend: BackendOpt = Backend.hf,
+    tensor_parallel_size: TensorParallel = 1,
+    dry_run: DryRun = False,
     max_new_tokens: MaxNewTokens = None,
     greedy: Greedy = None,
     temperature: Temperature = None,
@@ -176,11 +204,14 @@ def generate(
     from llmlab.config import GenerateConfig, InputConfig, OutputConfig, batch_size as parse_batch
 
     console.configure(quiet, verbose)
+    model_cfg = _model(model, device, dtype, chat, device_map, max_memory, backend, tensor_parallel_size)
+    if dry_run:
+        _dry_run(model_cfg)
     flags = dict(max_new_tokens=max_new_tokens, do_sample=None if greedy is None else not greedy,
                  temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
                  num_beams=num_beams, num_return_sequences=num_return_sequences, seed=seed, stop=stop or None)
     cfg = GenerateConfig(
-        model=_model(model, device, dtype, chat),
+        model=model_cfg,
         prompt=_prompt(template, shots, shot_selection, seed, shot_format, overflow, examples, prompts_dir, var),
         input=InputConfig(input, value(input_format), field, offset, limit),
         output=OutputConfig(output, value(format), resume),
@@ -202,6 +233,11 @@ def classify(
     device: Device = "auto",
     dtype: DtypeOpt = Dtype.auto,
     chat: Chat = None,
+    device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None,
+    backend: BackendOpt = Backend.hf,
+    tensor_parallel_size: TensorParallel = 1,
+    dry_run: DryRun = False,
     method: MethodOpt = Method.score,
     normalize: NormalizeOpt = Normalize.none,
     calibrate: Annotated[bool, typer.Option(rich_help_panel=CLASSIFY_PANEL,
@@ -234,8 +270,11 @@ def classify(
     from llmlab.config import ClassifyConfig, InputConfig, OutputConfig, batch_size as parse_batch
 
     console.configure(quiet, verbose)
+    model_cfg = _model(model, device, dtype, chat, device_map, max_memory, backend, tensor_parallel_size)
+    if dry_run:
+        _dry_run(model_cfg)
     cfg = ClassifyConfig(
-        model=_model(model, device, dtype, chat),
+        model=model_cfg,
         prompt=_prompt(template, shots, shot_selection, seed, shot_format, overflow, examples, prompts_dir, var),
         input=InputConfig(input, value(input_format), "text", offset, limit),
         output=OutputConfig(output, value(format), resume),
@@ -283,6 +322,11 @@ def eval_cmd(
     device: Device = "auto",
     dtype: DtypeOpt = Dtype.auto,
     chat: Chat = None,
+    device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None,
+    backend: BackendOpt = Backend.hf,
+    tensor_parallel_size: TensorParallel = 1,
+    dry_run: DryRun = False,
     method: MethodOpt = Method.score,
     normalize: NormalizeOpt = Normalize.none,
     shot_selection: ShotSelection = None,
@@ -305,6 +349,9 @@ def eval_cmd(
     from llmlab.session import Session
 
     console.configure(quiet, verbose)
+    model_cfg = _model(model, device, dtype, chat, device_map, max_memory, backend, tensor_parallel_size)
+    if dry_run:
+        _dry_run(model_cfg)
     specs = [evaluate.parse_task(t, data) for t in template or []]
     specs += evaluate.load_plan_file(plan) if plan else []
     if not specs:
@@ -322,7 +369,7 @@ def eval_cmd(
 
     for combo in combos:
         settings_for(combo.template, None, {"max_new_tokens": max_new_tokens})
-    session = Session(_model(model, device, dtype, chat))
+    session = Session(model_cfg)
     with console.progress(the_plan.total(), "evaluating") as bar:
         result = evaluate.evaluate(session, the_plan, bar)
     render.eval_table(result)  # the table first: a report that can't be written loses nothing

@@ -105,7 +105,12 @@ class Session:
         from llmlab import models
 
         self.model = model
-        self.lm = lm if lm is not None else models.load(model.spec, model.device, model.dtype)
+        if lm is None and model.backend == "vllm":
+            from llmlab.backends import vllm
+
+            lm = vllm.load(model.spec, model.dtype, model.tensor_parallel_size)
+        self.lm = lm if lm is not None else models.load(model.spec, model.device, model.dtype,
+                                                        device_map=model.device_map, max_memory=model.max_memory)
 
     def chat(self, template: Any = None) -> bool:
         return chat_for(self.lm.tokenizer, self.model.chat, template)
