@@ -337,6 +337,10 @@ def eval_cmd(
     max_new_tokens: MaxNewTokens = None,
     batch_size: BatchSize = "16",
     input_format: InputFormatOpt = InputFormat.auto,
+    processes: Annotated[int, typer.Option(rich_help_panel=MODEL_PANEL,
+                                           help="Split the items over N processes (torchrun; one per GPU, or CPU "
+                                           "processes over gloo); same results as 1. Or run under "
+                                           "`accelerate launch -m llmlab eval`.")] = 1,
     quiet: Quiet = False,
     verbose: Verbose = False,
 ) -> None:
@@ -344,7 +348,7 @@ def eval_cmd(
 
     Each template can have its own data: llmlab eval -t sentiment=sst2.jsonl -t news-topic=ag_news.jsonl
     """
-    from llmlab import evaluate, render
+    from llmlab import evaluate, parallel, render
     from llmlab.config import batch_size as parse_batch
     from llmlab.session import Session
 
@@ -369,9 +373,18 @@ def eval_cmd(
 
     for combo in combos:
         settings_for(combo.template, None, {"max_new_tokens": max_new_tokens})
+    parallel.check(processes, [t.data for t in tasks])
+    if processes > 1:  # checked all we can; now the same command in N processes (llmlab.parallel)
+        raise typer.Exit(parallel.launch(sys.argv[1:], processes))
+    parallel.init()
+    if not parallel.is_main():
+        console.configure(True, False)  # one progress bar and one set of messages: process 0's
     session = Session(model_cfg)
     with console.progress(the_plan.total(), "evaluating") as bar:
         result = evaluate.evaluate(session, the_plan, bar)
+    if not parallel.is_main():
+        return
+    result["processes"] = parallel.size()
     render.eval_table(result)  # the table first: a report that can't be written loses nothing
     if report:
         evaluate.write_report(report, result)

@@ -151,8 +151,11 @@ class EvalPlan:
         return plan(self.tasks, self.shots, self.seeds, self.calibration, self.method)
 
     def total(self) -> int:
-        """Items to score over the whole run: the progress bar's total."""
-        return sum(len(c.task.items) * len(c.seeds) for c in self.combos())
+        """Items this process scores over the whole run (all of them when it runs alone): the
+        progress bar's total."""
+        from llmlab.parallel import share_count
+
+        return sum(share_count(len(c.task.items)) * len(c.seeds) for c in self.combos())
 
 
 def plan(tasks: Sequence[EvalTask], shots: Sequence[int], seeds: int, calibration: str, method: str) -> list[Combo]:
@@ -266,9 +269,10 @@ def summarize(runs: list[dict[str, Any]], task: str) -> dict[str, Any]:
 
 def _run_seed(session: Any, combo: Combo, seed: int, plan_: EvalPlan, settings: Any, bar: Any) -> dict[str, Any]:
     """One seed of one combination: predictions, metrics, speed (and samples with --log-samples)."""
-    from llmlab import classify, session as sessions
+    from llmlab import classify, parallel, session as sessions
 
     template, items, lm = combo.template, combo.task.items, session.lm
+    mine = parallel.share(items)  # this process's items (all of them when it runs alone)
     # Seeds only matter if the draw is random, so generate templates draw at random here.
     prompt = replace(plan_.prompt, shots=combo.shots, seed=seed)
     builder = session.builder(template, prompt, settings.max_new_tokens, combo.task.data, default_selection="random")
@@ -277,8 +281,9 @@ def _run_seed(session: Any, combo: Combo, seed: int, plan_: EvalPlan, settings: 
     if template.task == "classify":
         clf = classify.Classifier(lm, builder, plan_.method, plan_.normalize, combo.calibrate, plan_.batch_size,
                                   settings)
-        results = clf.classify(items, on_result=lambda r: bar.advance(1), chunk=2 * (plan_.batch_size or 16))
-        elapsed = time.perf_counter() - started
+        results = clf.classify(mine, on_result=lambda r: bar.advance(1), chunk=2 * (plan_.batch_size or 16))
+        results = parallel.gather(results, len(items))  # every process's share, in input order
+        elapsed = parallel.slowest(time.perf_counter() - started)
         golds = [str(i.fields[template.target]) for i in items]
         metrics = classification_metrics(golds, [r.prediction for r in results], list(template.labels))
         if plan_.log_samples:
@@ -287,8 +292,10 @@ def _run_seed(session: Any, combo: Combo, seed: int, plan_: EvalPlan, settings: 
         from llmlab import generation
 
         jobs = generation.template_jobs(builder, items)
-        outputs = sessions.run_jobs(lm, jobs, settings, plan_.batch_size, lambda job, out: bar.advance(1))
-        elapsed = time.perf_counter() - started
+        outputs = sessions.run_jobs(lm, parallel.share(jobs), settings, plan_.batch_size,
+                                    lambda job, out: bar.advance(1))
+        outputs = parallel.gather(outputs, len(jobs))
+        elapsed = parallel.slowest(time.perf_counter() - started)
         preds = [o.completions[0].strip() for o in outputs]
         refs = [[str(i.fields[f]) for f in combo.task.refs] for i in items]
         metrics = generation_metrics(preds, refs)

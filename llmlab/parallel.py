@@ -1,0 +1,144 @@
+"""Data-parallel evaluation over processes, with torch.distributed (no scheduler of our own).
+
+Every process loads the whole model (one per GPU, or several on a CPU), builds the SAME prompts
+and shots (they depend on the template, the seed and the demonstration pool, never on the
+process), and scores its share of the items: item i goes to process i mod N. The shares are then
+gathered, put back in input order, and every process holds the full results; only process 0
+(the main one) prints the table and writes the report. Metrics come from the full, ordered list,
+so they are the same for any number of processes.
+
+Processes come from a launcher that sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT:
+`accelerate launch -m llmlab eval ...`, `torchrun -m llmlab eval ...`, or `llmlab eval
+--processes N`, which starts torchrun for you. GPUs talk over NCCL, CPUs over gloo.
+Torch is imported only when a run is actually distributed."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from typing import Any, Sequence, TypeVar
+
+from llmlab.errors import UsageError
+
+T = TypeVar("T")
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) from the launcher's environment; (0, 1) when run alone."""
+    try:
+        return int(os.environ.get("RANK", "0")), max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 0, 1
+
+
+def size() -> int:
+    return world()[1]
+
+
+def is_main() -> bool:
+    return world()[0] == 0
+
+
+def init() -> None:
+    """Join the process group (once): NCCL when this process has a GPU, else gloo. Each process
+    takes the GPU of its LOCAL_RANK, so `--device auto` means "my GPU"."""
+    if size() == 1:
+        return
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def share(items: Sequence[T]) -> list[T]:
+    """This process's items: every N-th one, starting at its rank (N = world size). Strided, so
+    every process gets a similar mix of short and long items."""
+    rank, n = world()
+    return list(items[rank::n])
+
+
+def share_count(total: int) -> int:
+    """How many of `total` items this process scores."""
+    rank, n = world()
+    return len(range(rank, total, n))
+
+
+def _all_gather(value: Any) -> list[Any]:
+    """value from every process, indexed by rank (any picklable object)."""
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def gather(mine: Sequence[T], total: int) -> list[T]:
+    """Every process's share back in input order: item i is element i // N of rank i mod N's share."""
+    if size() == 1:
+        return list(mine)
+    parts = _all_gather(list(mine))
+    n = len(parts)
+    return [parts[i % n][i // n] for i in range(total)]
+
+
+def slowest(seconds: float) -> float:
+    """The longest of the processes' times: the wall time of a step they ran side by side."""
+    return seconds if size() == 1 else max(_all_gather(seconds))
+
+
+# ---------------------------------------------------------------- llmlab eval --processes N
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def strip_processes(args: Sequence[str]) -> list[str]:
+    """The command line without --processes N / --processes=N (the children run alone each)."""
+    out, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == "--processes":
+            skip = True
+        elif not arg.startswith("--processes="):
+            out.append(arg)
+    return out
+
+
+def launch_command(args: Sequence[str], processes: int) -> list[str]:
+    """torchrun (torch.distributed.run) starting `processes` copies of `python -m llmlab ARGS` on
+    this machine, on a free port."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(processes),
+            "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+            "-m", "llmlab", *strip_processes(args)]
+
+
+def launch(args: Sequence[str], processes: int) -> int:
+    """Run the command in `processes` processes and wait; the exit status of the group. CPU
+    threads are divided between the processes (OMP_NUM_THREADS) unless already set."""
+    if size() > 1:
+        raise UsageError("--processes: this already runs under a launcher (WORLD_SIZE is set); drop --processes")
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
+    env["LOGLEVEL"] = env.get("LOGLEVEL", "WARNING")  # torchrun's own info lines stay off stderr
+    try:
+        return subprocess.call(launch_command(args, processes), env=env)
+    except KeyboardInterrupt:
+        return 130
+
+
+def check(processes: int, data_paths: Sequence[str]) -> None:
+    """--processes N, before any model time: N >= 1, and every process must be able to read the data."""
+    if processes < 1:
+        raise UsageError(f"invalid --processes {processes}: must be >= 1")
+    if processes > 1 and "-" in data_paths:
+        raise UsageError("--processes: each process reads the data itself, so give --data FILE, not stdin")
