@@ -35,11 +35,16 @@ def _no_flag_types(self: TyperOption, ctx: Any) -> Optional[str]:
 TyperOption.display_type_rich = _no_flag_types  # type: ignore[method-assign]
 
 
+_ARGS: list[str] = []  # this run's command line (after `llmlab`), for eval --processes
+
+
 class LlmlabGroup(TyperGroup):
     """Runs commands and maps every failure to one stderr line and an exit code."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # type: ignore[override]
         debug = os.environ.get("LLMLAB_DEBUG", "") not in ("", "0")
+        global _ARGS
+        _ARGS = [str(a) for a in (sys.argv[1:] if args is None else args)]  # eval --processes re-runs them
         try:
             code = super().main(args, prog_name or "llmlab", complete_var, standalone_mode=False, **extra)
         except click_exceptions.NoArgsIsHelpError as exc:
@@ -375,7 +380,7 @@ def eval_cmd(
         settings_for(combo.template, None, {"max_new_tokens": max_new_tokens})
     parallel.check(processes, [t.data for t in tasks])
     if processes > 1:  # checked all we can; now the same command in N processes (llmlab.parallel)
-        raise typer.Exit(parallel.launch(sys.argv[1:], processes))
+        raise typer.Exit(parallel.launch(_ARGS, processes))
     parallel.init()
     if not parallel.is_main():
         console.configure(True, False)  # one progress bar and one set of messages: process 0's

@@ -101,3 +101,14 @@ def test_process_mistakes_before_any_model_time(args, message, monkeypatch):
     monkeypatch.setattr(parallel, "launch", lambda *a: pytest.fail("nothing may launch"))
     result = invoke(["eval", "-t", "sentiment", *args], input=DATA.read_text())
     assert (result.exit_code, result.stderr.strip()) == (2, message)
+
+
+def test_processes_relaunches_this_command_line(monkeypatch):
+    """In-process (CliRunner) runs hand the launcher their own arguments, not the test runner's."""
+    seen = []
+    monkeypatch.setattr(parallel, "launch", lambda args, n: seen.append((list(args), n)) or 0)
+    monkeypatch.setattr("llmlab.loading.load", lambda *a, **k: pytest.fail("the launcher loads, not this process"))
+    args = ["eval", "-t", "sentiment", "--data", str(DATA), "--processes", "2", "-q"]
+    result = invoke(args)
+    assert result.exit_code == 0, result.stderr
+    assert seen == [(args, 2)]
