@@ -38,7 +38,7 @@ def _comparable(report: dict) -> list:
 def _probabilities(report: dict) -> list[float]:
     """Every label probability of every item. A process's batches hold other rows (padded to other
     widths) than one process's, and the matrix products round differently in the last bits, so
-    the rounded probabilities may differ by one in the 6th decimal."""
+    the rounded probabilities may differ by a few units in the 6th decimal."""
     return [p for r in report["results"] for run in r["runs"] for s in run["samples"]
             for p in s["probabilities"].values()]
 
@@ -51,7 +51,7 @@ def test_two_processes_give_the_one_process_report(tiny_models, tmp_path):
     first, second = (json.loads((tmp_path / n).read_text()) for n in ("one.json", "two.json"))
     assert (first["processes"], second["processes"]) == (1, 2)
     assert _comparable(second) == _comparable(first)
-    assert _probabilities(second) == pytest.approx(_probabilities(first), abs=2e-6)
+    assert _probabilities(second) == pytest.approx(_probabilities(first), abs=5e-6)
     assert [s["index"] for s in second["results"][0]["runs"][0]["samples"]] == list(range(11))  # input order
     assert _table(two.stdout) == _table(one.stdout)  # one table, from process 0 only
 
