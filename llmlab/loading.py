@@ -386,6 +386,10 @@ def load(spec: str | None, device: str = "auto", dtype: str = "auto", device_map
     torch_dtype = resolve_dtype(dtype, device_name, count_parameters(model_class, config) if needs_size else None)
     spread = {} if device_map is None else {
         "device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder or _offload_folder()}
+    if device_map is not None:  # accelerate's "parameters on the meta device" warning: the info line below says it
+        import logging
+
+        logging.getLogger("accelerate.big_modeling").setLevel(logging.ERROR)
     try:
         model = _from_pretrained(ref, model_class.from_pretrained, config=config, dtype=torch_dtype, **spread)
     except ValueError as exc:  # e.g. an architecture transformers doesn't know for this class
