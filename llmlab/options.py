@@ -52,7 +52,7 @@ DryRun = Annotated[
 BackendOpt = Annotated[
     Backend, typer.Option("--backend", rich_help_panel=MODEL_PANEL,
                           help="hf: transformers (any device, --device-map); vllm: vLLM on CUDA GPUs "
-                          "(pip install 'llmlab[vllm]').")
+                          "(pip install vllm; CUDA only).")
 ]
 TensorParallel = Annotated[
     int, typer.Option("--tensor-parallel-size", rich_help_panel=MODEL_PANEL,
