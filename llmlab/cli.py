@@ -345,7 +345,7 @@ def eval_cmd(
     processes: Annotated[int, typer.Option(rich_help_panel=MODEL_PANEL,
                                            help="Split the items over N processes (torchrun; one per GPU, or CPU "
                                            "processes over gloo); same results as 1. Or run under "
-                                           "`accelerate launch -m llmlab eval`.")] = 1,
+                                           "`accelerate launch --multi_gpu -m llmlab eval`.")] = 1,
     quiet: Quiet = False,
     verbose: Verbose = False,
 ) -> None:
