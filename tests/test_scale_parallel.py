@@ -97,7 +97,7 @@ def test_launch_command_drops_processes_and_uses_torchrun():
     (["--data", str(DATA), "--processes", "0"], "error: invalid --processes 0: must be >= 1"),
 ])
 def test_process_mistakes_before_any_model_time(args, message, monkeypatch):
-    monkeypatch.setattr("llmlab.loading.load", lambda *a, **k: pytest.fail("no model may load"))
+    monkeypatch.setattr("llmlab.models.load", lambda *a, **k: pytest.fail("no model may load"))
     monkeypatch.setattr(parallel, "launch", lambda *a: pytest.fail("nothing may launch"))
     result = invoke(["eval", "-t", "sentiment", *args], input=DATA.read_text())
     assert (result.exit_code, result.stderr.strip()) == (2, message)
@@ -107,7 +107,7 @@ def test_processes_relaunches_this_command_line(monkeypatch):
     """In-process (CliRunner) runs hand the launcher their own arguments, not the test runner's."""
     seen = []
     monkeypatch.setattr(parallel, "launch", lambda args, n: seen.append((list(args), n)) or 0)
-    monkeypatch.setattr("llmlab.loading.load", lambda *a, **k: pytest.fail("the launcher loads, not this process"))
+    monkeypatch.setattr("llmlab.models.load", lambda *a, **k: pytest.fail("the launcher loads, not this process"))
     args = ["eval", "-t", "sentiment", "--data", str(DATA), "--processes", "2", "-q"]
     result = invoke(args)
     assert result.exit_code == 0, result.stderr

@@ -106,7 +106,7 @@ def test_placement_mistakes_are_one_line_before_any_model_time(args, message, mo
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr("llmlab.loading.load", lambda *a, **k: pytest.fail("no model may load"))
+    monkeypatch.setattr("llmlab.models.load", lambda *a, **k: pytest.fail("no model may load"))
     result = invoke(["generate", "hi", "--model", "nowhere", *args])
     assert (result.exit_code, result.stderr.strip()) == (2, message)
 
