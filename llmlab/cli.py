@@ -380,7 +380,11 @@ def eval_cmd(
         settings_for(combo.template, None, {"max_new_tokens": max_new_tokens})
     parallel.check(processes, [t.data for t in tasks])
     if processes > 1:  # checked all we can; now the same command in N processes (llmlab.parallel)
-        raise typer.Exit(parallel.launch(_ARGS, processes))
+        from llmlab.models import resolve_model
+
+        resolve_model(model_cfg.spec)  # a model that isn't there: one line here, not one per process
+        raise typer.Exit(parallel.launch(_ARGS, processes, sys.stderr.write,
+                                         os.environ.get("LLMLAB_DEBUG", "") not in ("", "0")))
     parallel.init()
     if not parallel.is_main():
         console.configure(True, False)  # one progress bar and one set of messages: process 0's

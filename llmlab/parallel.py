@@ -15,10 +15,11 @@ Torch is imported only when a run is actually distributed."""
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
-from typing import Any, Sequence, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 from llmlab.errors import UsageError
 
@@ -122,18 +123,41 @@ def launch_command(args: Sequence[str], processes: int) -> list[str]:
             "-m", "llmlab", *strip_processes(args)]
 
 
-def launch(args: Sequence[str], processes: int) -> int:
-    """Run the command in `processes` processes and wait; the exit status of the group. CPU
-    threads are divided between the processes (OMP_NUM_THREADS) unless already set."""
+# torchrun's own log lines ("W1126 21:01:18.000 ...") and its closing report: not for the user
+_TORCHRUN_LOG = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d")
+_EXIT_CODE = re.compile(r"exitcode\s*:\s*(-?\d+)")
+
+
+def launch(args: Sequence[str], processes: int, write: Callable[[str], Any], debug: bool = False) -> int:
+    """Run the command in `processes` processes and wait; the exit status of the group (a failed
+    process's own status when one failed). The processes' stderr passes through write(); torchrun's
+    own log lines and failure report are dropped (kept with debug). CPU threads are divided
+    between the processes (OMP_NUM_THREADS) unless already set."""
     if size() > 1:
         raise UsageError("--processes: this already runs under a launcher (WORLD_SIZE is set); drop --processes")
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
-    env["LOGLEVEL"] = env.get("LOGLEVEL", "WARNING")  # torchrun's own info lines stay off stderr
+    env.setdefault("LOGLEVEL", "ERROR")  # torchrun's own logging
+    proc = subprocess.Popen(launch_command(args, processes), env=env, stderr=subprocess.PIPE, text=True)
+    report, codes, said = False, [], set()  # said: error lines already passed on (each process says the same)
     try:
-        return subprocess.call(launch_command(args, processes), env=env)
+        for line in proc.stderr:  # type: ignore[union-attr]
+            report = report or line.startswith("Traceback (most recent call last)")
+            if report or _TORCHRUN_LOG.match(line):
+                codes += [int(c) for c in _EXIT_CODE.findall(line)]
+                if not debug:
+                    continue
+            if line.startswith("error:") and not debug:
+                if line in said:
+                    continue
+                said.add(line)
+            write(line)
+        status = proc.wait()
     except KeyboardInterrupt:
+        proc.wait()
         return 130
+    # torchrun's report lists each failed process's exitcode; the root cause comes last
+    return (codes[-1] if codes and codes[-1] > 0 else 1) if status else 0
 
 
 def check(processes: int, data_paths: Sequence[str]) -> None:

@@ -106,7 +106,7 @@ def test_process_mistakes_before_any_model_time(args, message, monkeypatch):
 def test_processes_relaunches_this_command_line(monkeypatch):
     """In-process (CliRunner) runs hand the launcher their own arguments, not the test runner's."""
     seen = []
-    monkeypatch.setattr(parallel, "launch", lambda args, n: seen.append((list(args), n)) or 0)
+    monkeypatch.setattr(parallel, "launch", lambda args, n, *rest: seen.append((list(args), n)) or 0)
     monkeypatch.setattr("llmlab.models.load", lambda *a, **k: pytest.fail("the launcher loads, not this process"))
     args = ["eval", "-t", "sentiment", "--data", str(DATA), "--processes", "2", "-q"]
     result = invoke(args)
