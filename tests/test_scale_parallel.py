@@ -112,3 +112,17 @@ def test_processes_relaunches_this_command_line(monkeypatch):
     result = invoke(args)
     assert result.exit_code == 0, result.stderr
     assert seen == [(args, 2)]
+
+
+def test_a_failing_process_is_one_error_line(tiny_models, tmp_path):
+    """A model that breaks while loading, in both processes: one error line, no torchrun report."""
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_models["llama"], broken)
+    (broken / "model.safetensors").write_text("not a safetensors file")
+    result = _eval(broken, tmp_path / "r.json", "--processes", "2")
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: SafetensorError"), result.stderr
+    assert not (tmp_path / "r.json").exists()
