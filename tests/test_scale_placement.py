@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import invoke, jsonl
+from helpers import invoke
 from llmlab import placement
 from llmlab.backends.base import GenRequest, LLRequest
 from llmlab.errors import UsageError
