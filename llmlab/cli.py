@@ -378,7 +378,7 @@ def eval_cmd(
 
     for combo in combos:
         settings_for(combo.template, None, {"max_new_tokens": max_new_tokens})
-    parallel.check(processes, [t.data for t in tasks])
+    parallel.check(processes, [t.data for t in tasks], model_cfg.device_map)
     if processes > 1:  # checked all we can; now the same command in N processes (llmlab.parallel)
         from llmlab.models import resolve_model
 

@@ -160,9 +160,13 @@ def launch(args: Sequence[str], processes: int, write: Callable[[str], Any], deb
     return (codes[-1] if codes and codes[-1] > 0 else 1) if status else 0
 
 
-def check(processes: int, data_paths: Sequence[str]) -> None:
-    """--processes N, before any model time: N >= 1, and every process must be able to read the data."""
+def check(processes: int, data_paths: Sequence[str], device_map: str | None = None) -> None:
+    """--processes N, before any model time: N >= 1, every process must be able to read the data,
+    and a device map (one model over all devices) can't be loaded once per process."""
     if processes < 1:
         raise UsageError(f"invalid --processes {processes}: must be >= 1")
+    if device_map is not None and (processes > 1 or size() > 1):
+        raise UsageError("--device-map spreads one model over all devices, so it can't run once per process; "
+                         "use --device-map or several processes, not both")
     if processes > 1 and "-" in data_paths:
         raise UsageError("--processes: each process reads the data itself, so give --data FILE, not stdin")

@@ -95,6 +95,9 @@ def test_launch_command_drops_processes_and_uses_torchrun():
     (["--data", "-", "--processes", "2"], "error: --processes: each process reads the data itself, so give "
                                           "--data FILE, not stdin"),
     (["--data", str(DATA), "--processes", "0"], "error: invalid --processes 0: must be >= 1"),
+    (["--data", str(DATA), "--processes", "2", "--device-map", "auto"],
+     "error: --device-map spreads one model over all devices, so it can't run once per process; use "
+     "--device-map or several processes, not both"),
 ])
 def test_process_mistakes_before_any_model_time(args, message, monkeypatch):
     monkeypatch.setattr("llmlab.models.load", lambda *a, **k: pytest.fail("no model may load"))
