@@ -337,7 +337,9 @@ def evaluate(session: Any, plan_: EvalPlan, bar: Any = None) -> dict[str, Any]:
         "command": " ".join(["llmlab", *sys.argv[1:]]) if sys.argv else "llmlab eval",
         "model": {"name": lm.name, "type": getattr(lm.model.config, "model_type", None),
                   "encoder_decoder": lm.is_encoder_decoder, "device": lm.device,
-                  "dtype": str(lm.model.dtype).removeprefix("torch."), "window": lm.window},
+                  "dtype": str(lm.model.dtype).removeprefix("torch."), "window": lm.window,
+                  # --device-map: where accelerate put each module (None: all on `device`)
+                  "device_map": {k: str(v) for k, v in getattr(lm.model, "hf_device_map", {}).items()} or None},
         "data": [{"template": t.template.name, "path": t.data, "name": data_name(t.data), "items": len(t.items)}
                  for t in plan_.tasks],
         "config": {"shots": list(plan_.shots), "seeds": plan_.seeds, "calibration": plan_.calibration,

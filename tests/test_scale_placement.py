@@ -114,3 +114,22 @@ def test_placement_mistakes_are_one_line_before_any_model_time(args, message, mo
 def test_parse_errors_are_usage_errors():
     with pytest.raises(UsageError):
         placement.parse_max_memory(",")
+
+
+def test_eval_with_a_device_map_reports_it_and_scores_the_same(tiny_models, tmp_path):
+    import json
+    from pathlib import Path
+
+    data = Path(__file__).parent / "data" / "obvious_reviews.jsonl"
+    reports = []
+    for extra in ([], ["--device-map", "auto", "--max-memory", SPLIT]):
+        report = tmp_path / f"r{len(reports)}.json"
+        result = invoke(["eval", "-t", "sentiment", "--data", data, "--model", tiny_models["llama"], "--dtype",
+                         "float32", "--shots", "2", "--limit", "4", "--log-samples", "--report", report, "-q", *extra])
+        assert result.exit_code == 0, result.stderr
+        reports.append(json.loads(report.read_text()))
+    whole, split = reports
+    assert whole["model"]["device_map"] is None
+    assert split["model"]["device_map"] == {"model.embed_tokens": "cpu", "lm_head": "cpu", "model.norm": "disk",
+                                            "model.rotary_emb": "disk", "model.layers": "disk"}
+    assert split["results"][0]["runs"][0]["samples"] == whole["results"][0]["runs"][0]["samples"]
