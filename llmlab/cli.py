@@ -18,13 +18,12 @@ except ImportError:  # pragma: no cover - older typer on real click
     from click import exceptions as click_exceptions
 
 from llmlab import __version__, console
-from llmlab.config import InputFormat, Method, Normalize, OutputFormat, Overflow, Dtype, value
+from llmlab.config import Backend, InputFormat, Method, Normalize, OutputFormat, Overflow, Dtype, value
 from llmlab.errors import LlmlabError, UsageError
 from llmlab.options import *  # noqa: F403 - the shared option declarations
 
 
 _display_type = TyperOption.display_type_rich
-_ARGV: list[str] = ["llmlab"]  # this invocation's command line, as typed
 
 
 def _no_flag_types(self: TyperOption, ctx: Any) -> Optional[str]:
@@ -35,13 +34,16 @@ def _no_flag_types(self: TyperOption, ctx: Any) -> Optional[str]:
 TyperOption.display_type_rich = _no_flag_types  # type: ignore[method-assign]
 
 
+_ARGS: list[str] = []  # this run's command line after `llmlab`: the run log records it, eval --processes re-runs it
+
+
 class LlmlabGroup(TyperGroup):
     """Runs commands and maps every failure to one stderr line and an exit code."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # type: ignore[override]
         debug = os.environ.get("LLMLAB_DEBUG", "") not in ("", "0")
-        global _ARGV
-        _ARGV = ["llmlab", *(sys.argv[1:] if args is None else args)]  # the run log records it
+        global _ARGS
+        _ARGS = [str(a) for a in (sys.argv[1:] if args is None else args)]  # eval --processes re-runs them
         try:
             code = super().main(args, prog_name or "llmlab", complete_var, standalone_mode=False, **extra)
         except click_exceptions.NoArgsIsHelpError as exc:
@@ -113,16 +115,39 @@ def hooks(no_log: bool = False):
     from llmlab.session import Hooks
 
     def open_run(command: str, **details: Any) -> Any:
-        return runlog.open_run(command, _ARGV, no_log=no_log, **details)
+        return runlog.open_run(command, ["llmlab", *_ARGS], no_log=no_log, **details)
 
     return Hooks(progress=console.progress, warn=console.warn, info=console.info, note=console.note,
                  open_run=open_run)
 
 
-def _model(model, device, dtype, chat):
+def _model(model, device, dtype, chat, device_map=None, max_memory=None, backend="hf", tensor_parallel_size=1):
+    """The model options, checked before any model time (placement options: llmlab.placement)."""
+    from llmlab import placement
     from llmlab.config import ModelConfig
 
-    return ModelConfig(model, device, value(dtype), value(chat))
+    cfg = ModelConfig(model, device, value(dtype), value(chat), placement.parse_device_map(device_map),
+                      placement.parse_max_memory(max_memory), value(backend), tensor_parallel_size)
+    if cfg.backend == "vllm":
+        from llmlab.backends import vllm
+
+        vllm.check_options(cfg)
+    else:
+        placement.check(device, cfg.device_map, cfg.max_memory)
+        if tensor_parallel_size != 1:
+            raise UsageError("--tensor-parallel-size needs --backend vllm; with hf use --device-map auto")
+    return cfg
+
+
+def _dry_run(cfg) -> None:
+    """--dry-run: the placement --device-map (default auto) would give, on stdout; then exit."""
+    from llmlab import loading
+
+    if cfg.backend == "vllm":
+        raise UsageError("--dry-run shows accelerate placements (--backend hf); vLLM places models itself")
+    for line in loading.placement_plan(cfg.spec, cfg.dtype, cfg.device_map or "auto", cfg.max_memory):
+        print(line)
+    raise typer.Exit(0)
 
 
 def _prompt(template, shots=None, selection=None, seed=None, shot_format=None, overflow=Overflow.drop_shots,
@@ -144,6 +169,11 @@ def generate(
     device: Device = "auto",
     dtype: DtypeOpt = Dtype.auto,
     chat: Chat = None,
+    device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None,
+    backend: BackendOpt = Backend.hf,
+    tensor_parallel_size: TensorParallel = 1,
+    dry_run: DryRun = False,
     max_new_tokens: MaxNewTokens = None,
     greedy: Greedy = None,
     temperature: Temperature = None,
@@ -185,11 +215,14 @@ def generate(
     from llmlab.config import GenerateConfig, InputConfig, OutputConfig, batch_size as parse_batch
 
     console.configure(quiet, verbose)
+    model_cfg = _model(model, device, dtype, chat, device_map, max_memory, backend, tensor_parallel_size)
+    if dry_run:
+        _dry_run(model_cfg)
     flags = dict(max_new_tokens=max_new_tokens, do_sample=None if greedy is None else not greedy,
                  temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
                  num_beams=num_beams, num_return_sequences=num_return_sequences, seed=seed, stop=stop or None)
     cfg = GenerateConfig(
-        model=_model(model, device, dtype, chat),
+        model=model_cfg,
         prompt=_prompt(template, shots, shot_selection, seed, shot_format, overflow, examples, prompts_dir, var),
         input=InputConfig(input, value(input_format), field, offset, limit),
         output=OutputConfig(output, value(format), resume),
@@ -211,6 +244,11 @@ def classify(
     device: Device = "auto",
     dtype: DtypeOpt = Dtype.auto,
     chat: Chat = None,
+    device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None,
+    backend: BackendOpt = Backend.hf,
+    tensor_parallel_size: TensorParallel = 1,
+    dry_run: DryRun = False,
     method: MethodOpt = Method.score,
     normalize: NormalizeOpt = Normalize.none,
     calibrate: Annotated[bool, typer.Option(rich_help_panel=CLASSIFY_PANEL,
@@ -252,8 +290,11 @@ def classify(
     from llmlab.config import ClassifyConfig, InputConfig, OutputConfig, batch_size as parse_batch
 
     console.configure(quiet, verbose)
+    model_cfg = _model(model, device, dtype, chat, device_map, max_memory, backend, tensor_parallel_size)
+    if dry_run:
+        _dry_run(model_cfg)
     cfg = ClassifyConfig(
-        model=_model(model, device, dtype, chat),
+        model=model_cfg,
         prompt=_prompt(template, shots, shot_selection, seed, shot_format, overflow, examples, prompts_dir, var),
         input=InputConfig(input, value(input_format), "text", offset, limit),
         output=OutputConfig(output, value(format), resume),
@@ -305,6 +346,11 @@ def eval_cmd(
     device: Device = "auto",
     dtype: DtypeOpt = Dtype.auto,
     chat: Chat = None,
+    device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None,
+    backend: BackendOpt = Backend.hf,
+    tensor_parallel_size: TensorParallel = 1,
+    dry_run: DryRun = False,
     method: MethodOpt = Method.score,
     normalize: NormalizeOpt = Normalize.none,
     ensemble: Ensemble = 1,
@@ -317,6 +363,10 @@ def eval_cmd(
     batch_size: BatchSize = "16",
     input_format: InputFormatOpt = InputFormat.auto,
     no_log: NoLog = False,
+    processes: Annotated[int, typer.Option(rich_help_panel=MODEL_PANEL,
+                                           help="Split the items over N processes (torchrun; one per GPU, or CPU "
+                                           "processes over gloo); same results as 1. Or run under "
+                                           "`accelerate launch --multi_gpu -m llmlab eval`.")] = 1,
     quiet: Quiet = False,
     verbose: Verbose = False,
 ) -> None:
@@ -324,10 +374,13 @@ def eval_cmd(
 
     Each template can have its own data: llmlab eval -t sentiment=sst2.jsonl -t news-topic=ag_news.jsonl
     """
-    from llmlab import evaluate, render, session
+    from llmlab import evaluate, parallel, render, session
     from llmlab.config import batch_size as parse_batch
 
     console.configure(quiet, verbose)
+    model_cfg = _model(model, device, dtype, chat, device_map, max_memory, backend, tensor_parallel_size)
+    if dry_run:
+        _dry_run(model_cfg)
     specs = [evaluate.parse_task(t, data) for t in template or []]
     specs += evaluate.load_plan_file(plan) if plan else []
     if not specs:
@@ -343,7 +396,21 @@ def eval_cmd(
         evaluate.check_report_path(report)
     for combo in combos:
         session.settings_for(combo.template, None, {"max_new_tokens": max_new_tokens})
-    result = session.evaluate(the_plan, _model(model, device, dtype, chat), hooks(no_log))
+    parallel.check(processes, [t.data for t in tasks], model_cfg.device_map)
+    if processes > 1:  # checked all we can; now the same command in N processes (llmlab.parallel)
+        from llmlab.models import resolve_model
+
+        resolve_model(model_cfg.spec)  # a model that isn't there: one line here, not one per process
+        raise typer.Exit(parallel.launch(_ARGS, processes, sys.stderr.write,
+                                         os.environ.get("LLMLAB_DEBUG", "") not in ("", "0")))
+    parallel.init()
+    if not parallel.is_main():
+        console.configure(True, False)  # one progress bar and one set of messages: process 0's
+    # Only process 0 keeps the run log (it logs every process's items once they are gathered).
+    result = session.evaluate(the_plan, model_cfg, hooks(no_log or not parallel.is_main()))
+    if not parallel.is_main():
+        return
+    result["processes"] = parallel.size()
     render.eval_table(result)  # the table first: a report that can't be written loses nothing
     if report:
         evaluate.write_report(report, result)

@@ -77,6 +77,11 @@ class Dtype(str, enum.Enum):
     float16 = "float16"
 
 
+class Backend(str, enum.Enum):
+    hf = "hf"  # transformers + torch (llmlab.backends.hf)
+    vllm = "vllm"  # vLLM on CUDA GPUs (llmlab.backends.vllm)
+
+
 def value(choice: Any) -> Any:
     """An enum member's string (or None / a plain value unchanged)."""
     return choice.value if isinstance(choice, enum.Enum) else choice
@@ -91,6 +96,10 @@ class ModelConfig:
     device: str = "auto"
     dtype: str = "auto"
     chat: Optional[str] = None  # auto/on/off; None = the template's, else auto
+    device_map: Optional[str] = None  # accelerate strategy (llmlab.placement.STRATEGIES); None = all on device
+    max_memory: Optional[dict] = None  # {gpu index or 'cpu': bytes}, with device_map only
+    backend: str = "hf"  # hf or vllm
+    tensor_parallel_size: int = 1  # vllm: GPUs per layer, >= 1
 
 
 @dataclass

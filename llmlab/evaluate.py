@@ -170,8 +170,11 @@ class EvalPlan:
         return plan(self.tasks, self.shots, self.seeds, self.calibration, self.method)
 
     def total(self) -> int:
-        """Items to score over the whole run: the progress bar's total."""
-        return sum(len(c.task.items) * len(c.seeds) for c in self.combos())
+        """Items this process scores over the whole run (all of them when it runs alone): the
+        progress bar's total."""
+        from llmlab.parallel import share_count
+
+        return sum(share_count(len(c.task.items)) * len(c.seeds) for c in self.combos())
 
 
 def plan(tasks: Sequence[EvalTask], shots: Sequence[int], seeds: int, calibration: str, method: str) -> list[Combo]:
@@ -286,10 +289,12 @@ def _run_seed(session: Any, combo: Combo, seed: int, plan_: EvalPlan, settings: 
               log: Any) -> dict[str, Any]:
     """One seed of one combination: predictions, metrics, speed (and samples with --log-samples).
     Each item goes to the run log `log` as soon as it is scored."""
-    from llmlab import classify, runlog, session as sessions
+    from llmlab import classify, parallel, runlog, session as sessions
 
     template, items, lm = combo.template, combo.task.items, session.lm
     where = {"template": template.name, "combo": runlog.combo(combo.shots, seed, combo.calibrate)}
+    mine = parallel.share(items)  # this process's items (all of them when it runs alone)
+    alone = parallel.size() == 1  # else items are logged once gathered, by process 0
     # Seeds only matter if the draw is random, so generate templates draw at random here.
     prompt = replace(plan_.prompt, shots=combo.shots, seed=seed)
     builder = session.builder(template, prompt, settings.max_new_tokens, combo.task.data, default_selection="random")
@@ -299,13 +304,20 @@ def _run_seed(session: Any, combo: Combo, seed: int, plan_: EvalPlan, settings: 
         clf = classify.Classifier(lm, builder, plan_.method, plan_.normalize, combo.calibrate, plan_.batch_size,
                                   settings, plan_.ensemble)
 
-        def scored(r: Any) -> None:
+        def logged(r: Any) -> None:
             log.item(r.item.index, r.prompt, r.completion, r.prediction, r.probabilities,
                      str(r.item.fields[template.target]), {"input": r.item.fields}, key=r.item.key, **where)
+
+        def scored(r: Any) -> None:
+            if alone:
+                logged(r)
             bar.advance(1)
 
-        results = clf.classify(items, on_result=scored, chunk=2 * (plan_.batch_size or 16))
-        elapsed = time.perf_counter() - started
+        results = clf.classify(mine, on_result=scored, chunk=2 * (plan_.batch_size or 16))
+        results = parallel.gather(results, len(items))  # every process's share, in input order
+        for r in [] if alone else results:
+            logged(r)
+        elapsed = parallel.slowest(time.perf_counter() - started)
         golds = [str(i.fields[template.target]) for i in items]
         metrics = classification_metrics(golds, [r.prediction for r in results], list(template.labels))
         if plan_.log_samples:
@@ -317,15 +329,22 @@ def _run_seed(session: Any, combo: Combo, seed: int, plan_: EvalPlan, settings: 
         refs = [[str(i.fields[f]) for f in combo.task.refs] for i in items]
         refs_of = {i.index: r for i, r in zip(items, refs)}
 
-        def generated(job: Any, out: Any) -> None:
+        def logged(job: Any, out: Any) -> None:
             i = job.item
             # gold: the first reference (what `runs compare` scores ROUGE-L against); all of them in extra.
             log.item(i.index, job.model_text, out.completions[0].strip(), gold=refs_of[i.index][0],
                      extra={"input": i.fields, "references": refs_of[i.index]}, key=i.key, **where)
+
+        def generated(job: Any, out: Any) -> None:
+            if alone:
+                logged(job, out)
             bar.advance(1)
 
-        outputs = sessions.run_jobs(lm, jobs, settings, plan_.batch_size, generated)
-        elapsed = time.perf_counter() - started
+        outputs = sessions.run_jobs(lm, parallel.share(jobs), settings, plan_.batch_size, generated)
+        outputs = parallel.gather(outputs, len(jobs))
+        for job, out in [] if alone else zip(jobs, outputs):
+            logged(job, out)
+        elapsed = parallel.slowest(time.perf_counter() - started)
         preds = [o.completions[0].strip() for o in outputs]
         metrics = generation_metrics(preds, refs)
         if plan_.log_samples:
@@ -375,7 +394,9 @@ def evaluate(session: Any, plan_: EvalPlan, bar: Any = None, log: Any = None) ->
         "command": " ".join(["llmlab", *sys.argv[1:]]) if sys.argv else "llmlab eval",
         "model": {"name": lm.name, "type": getattr(lm.model.config, "model_type", None),
                   "encoder_decoder": lm.is_encoder_decoder, "device": lm.device,
-                  "dtype": str(lm.model.dtype).removeprefix("torch."), "window": lm.window},
+                  "dtype": str(lm.model.dtype).removeprefix("torch."), "window": lm.window,
+                  # --device-map: where accelerate put each module (None: all on `device`)
+                  "device_map": {k: str(v) for k, v in getattr(lm.model, "hf_device_map", {}).items()} or None},
         "data": [{"template": t.template.name, "path": t.data, "name": data_name(t.data), "items": len(t.items)}
                  for t in plan_.tasks],
         "config": plan_config(plan_, session.model.chat),

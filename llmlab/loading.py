@@ -359,15 +359,21 @@ def count_parameters(model_class: Any, config: Any) -> int | None:
         return None
 
 
-def load(spec: str | None, device: str = "auto", dtype: str = "auto") -> Any:
-    """Load a model and its tokenizer onto a device. Architecture comes from the config."""
+def load(spec: str | None, device: str = "auto", dtype: str = "auto", device_map: str | None = None,
+         max_memory: dict | None = None, offload_folder: str | None = None) -> Any:
+    """Load a model and its tokenizer onto a device. Architecture comes from the config.
+    device_map (auto, balanced, balanced_low_0, sequential) and max_memory ({0: bytes, 'cpu':
+    bytes}) spread it over devices with accelerate instead (see llmlab.placement); layers that fit
+    nowhere go to offload_folder on disk (a temporary folder when None)."""
     _quiet_transformers()
     from transformers import AutoConfig
 
+    from llmlab import placement
     from llmlab.backends.hf import HFLM as LM
 
     ref = resolve_model(spec)
-    device_name = resolve_device(device)
+    placement.check(device, device_map, max_memory)
+    device_name = resolve_device(device) if device_map is None else _map_device(max_memory)
     if (dtype or "auto").strip().lower() not in DTYPES:
         resolve_dtype(dtype, device_name)  # refuse a bad name before any model time
     started = time.perf_counter()
@@ -378,16 +384,67 @@ def load(spec: str | None, device: str = "auto", dtype: str = "auto") -> Any:
     model_class = _model_class(config)
     needs_size = (dtype or "auto").strip().lower() == "auto" and device_name.startswith("cuda")
     torch_dtype = resolve_dtype(dtype, device_name, count_parameters(model_class, config) if needs_size else None)
+    spread = {} if device_map is None else {
+        "device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder or _offload_folder()}
+    if device_map is not None:  # accelerate's "parameters on the meta device" warning: the info line below says it
+        import logging
+
+        logging.getLogger("accelerate.big_modeling").setLevel(logging.ERROR)
     try:
-        model = _from_pretrained(ref, model_class.from_pretrained, config=config, dtype=torch_dtype)
+        model = _from_pretrained(ref, model_class.from_pretrained, config=config, dtype=torch_dtype, **spread)
     except ValueError as exc:  # e.g. an architecture transformers doesn't know for this class
         raise ModelError(f"cannot load '{ref.name}': {_first_line(exc)}") from exc
     tokenizer = _tokenizer(ref)
-    model.to(device_name)
+    if device_map is None:
+        model.to(device_name)
+        where = device_name
+    else:  # accelerate placed it (no hf_device_map when it all fit one device); inputs go to its main device
+        placed = getattr(model, "hf_device_map", None) or {"": str(model.device)}
+        device_name = placement.input_device(placed)
+        where = ", ".join(sorted({placement.device_name(d) for d in placed.values()}))
     model.eval()
     console.info(
         f"loaded {ref.name} ({config.model_type}, {model_class.__name__.removeprefix('AutoModelFor')}) "
-        f"on {device_name} as {str(torch_dtype).removeprefix('torch.')} "
+        f"on {where} as {str(torch_dtype).removeprefix('torch.')} "
         f"in {time.perf_counter() - started:.1f} s"
     )
     return LM(ref.name, model, tokenizer, device_name)
+
+
+def _map_device(max_memory: dict | None) -> str:
+    """The device the dtype policy looks at for a device map: a GPU if one may hold weights."""
+    import torch
+
+    gpus = torch.cuda.is_available() and (max_memory is None or any(isinstance(k, int) for k in max_memory))
+    return "cuda" if gpus else "cpu"
+
+
+def _offload_folder() -> str:
+    """A temporary folder for disk-offloaded weights, removed when the process ends."""
+    import atexit
+    import shutil
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="llmlab-offload-")
+    atexit.register(shutil.rmtree, folder, True)
+    return folder
+
+
+def placement_plan(spec: str | None, dtype: str = "auto", device_map: str = "auto",
+                   max_memory: dict | None = None) -> list[str]:
+    """--dry-run: how `load(spec, dtype=dtype, device_map=..., max_memory=...)` would place the
+    model, as lines of text; reads the config only (no weights)."""
+    _quiet_transformers()
+    from transformers import AutoConfig
+
+    from llmlab import placement
+
+    ref = resolve_model(spec)
+    placement.check("auto", device_map, max_memory)
+    device_name = _map_device(max_memory)
+    config = _from_pretrained(ref, AutoConfig.from_pretrained)
+    model_class = _model_class(config)
+    needs_size = (dtype or "auto").strip().lower() == "auto" and device_name.startswith("cuda")
+    torch_dtype = resolve_dtype(dtype, device_name, count_parameters(model_class, config) if needs_size else None)
+    shares = placement.plan(model_class, config, torch_dtype, device_map, max_memory)
+    return placement.describe(ref.name, shares)

@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from llmlab.config import (ChatMode, Dtype, InputFormat, Method, Normalize, OutputFormat, Overflow,
+from llmlab.config import (Backend, ChatMode, Dtype, InputFormat, Method, Normalize, OutputFormat, Overflow,
                            Selection, ShotFormat)
 
 MODEL_PANEL = "Model"
@@ -34,6 +34,30 @@ Device = Annotated[
 DtypeOpt = Annotated[
     Dtype, typer.Option("--dtype", help="auto: bfloat16 on a GPU that supports it, float32 on CPU.",
                         rich_help_panel=MODEL_PANEL)
+]
+DeviceMapOpt = Annotated[
+    Optional[str], typer.Option("--device-map", show_default="none: all on --device", rich_help_panel=MODEL_PANEL,
+                                help="Spread the model over the visible GPUs, then CPU, then disk, with accelerate: "
+                                "auto|balanced|balanced_low_0|sequential (see docs/scaling.md).")
+]
+MaxMemoryOpt = Annotated[
+    Optional[str], typer.Option("--max-memory", show_default="what is free", rich_help_panel=MODEL_PANEL,
+                                help="With --device-map: most weight memory per device, e.g. 0=20GiB,1=20GiB,cpu=64GiB; "
+                                "what fits nowhere goes to disk.")
+]
+DryRun = Annotated[
+    bool, typer.Option("--dry-run", rich_help_panel=MODEL_PANEL,
+                       help="Print how the model would be placed on each device (and how much memory each gets), "
+                       "then exit without loading weights.")
+]
+BackendOpt = Annotated[
+    Backend, typer.Option("--backend", rich_help_panel=MODEL_PANEL,
+                          help="hf: transformers (any device, --device-map); vllm: vLLM on CUDA GPUs "
+                          "(pip install vllm; CUDA only).")
+]
+TensorParallel = Annotated[
+    int, typer.Option("--tensor-parallel-size", rich_help_panel=MODEL_PANEL,
+                      help="--backend vllm: GPUs each layer is split over (tensor parallelism).")
 ]
 Chat = Annotated[
     Optional[ChatMode], typer.Option(help="Wrap prompts in the model's chat template: auto (when it has one), on, "

@@ -115,7 +115,12 @@ class Session:
         from llmlab import models
 
         self.model = model
-        self.lm = lm if lm is not None else models.load(model.spec, model.device, model.dtype)
+        if lm is None and model.backend == "vllm":
+            from llmlab.backends import vllm
+
+            lm = vllm.load(model.spec, model.dtype, model.tensor_parallel_size)
+        self.lm = lm if lm is not None else models.load(model.spec, model.device, model.dtype,
+                                                        device_map=model.device_map, max_memory=model.max_memory)
         if hooks is not None:  # the backend's messages (out-of-memory back-off, unreachable stop texts)
             self.lm.on_event = lambda level, message: (hooks.warn if level >= 30 else hooks.info)(message)
 
