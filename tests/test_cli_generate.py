@@ -189,7 +189,7 @@ def test_debug_shows_the_traceback(tiny_models):
 def test_help_explains_the_settings():
     result = invoke(["generate", "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0
-    for phrase in ["[default: (greedy)]", "<first|random|balanced>", "[default: (the template's, else 64)]", "1.0 leaves the distribution unchanged", "Nucleus sampling", "0 = no limit"]:
+    for phrase in ["[default: (greedy)]", "<first|random|balanced|similar|similar-tfidf|similar-hidden>", "[default: (the template's, else 64)]", "1.0 leaves the distribution unchanged", "Nucleus sampling", "0 = no limit"]:
         assert phrase in result.stdout
 
 
