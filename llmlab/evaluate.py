@@ -237,15 +237,10 @@ def load_plan_file(path: str) -> list[tuple[str, str]]:
 
 
 def versions() -> dict[str, str]:
-    import importlib.metadata as md
+    """llmlab, python and the libraries' versions (the run log's list), for the report."""
+    from llmlab.runlog import versions as library_versions
 
-    found = {"llmlab": __version__, "python": platform.python_version()}
-    for name in ("torch", "transformers", "rouge-score", "tokenizers"):
-        try:
-            found[name] = md.version(name)
-        except md.PackageNotFoundError:
-            pass
-    return found
+    return library_versions()
 
 
 def check_report_path(path: str) -> None:

@@ -177,7 +177,7 @@ def versions() -> dict[str, str]:
     from llmlab import __version__
 
     found = {"llmlab": __version__, "python": platform.python_version()}
-    for name in ("torch", "transformers", "tokenizers"):
+    for name in ("torch", "transformers", "tokenizers", "rouge-score"):
         try:
             found[name] = md.version(name)
         except md.PackageNotFoundError:
