@@ -111,10 +111,10 @@ def _load_once(monkeypatch):
     """Each model goes through llmlab's real loading path once per session, not once per command."""
     real_load, real_tokenizer = models.load, models.load_tokenizer
 
-    def load(spec=None, device="auto", dtype="auto"):
-        key = ("lm", spec, device, dtype)
+    def load(spec=None, device="auto", dtype="auto", **placement):
+        key = ("lm", spec, device, dtype, tuple(sorted((k, str(v)) for k, v in placement.items())))
         if key not in _LOADED:
-            _LOADED[key] = real_load(spec, device, dtype)
+            _LOADED[key] = real_load(spec, device, dtype, **placement)
         return _LOADED[key]
 
     def load_tokenizer(spec=None):
@@ -279,8 +279,8 @@ def test_eval(archs, tmp_path, name, arch):
     assert result.exit_code == 0, result.stderr
     lines = result.stdout.splitlines()
     metric = "accuracy" if template.task == "classify" else "rouge"
-    assert metric in lines[0].lower()
-    body = [ln for ln in lines[1:] if name in ln]
+    assert metric in lines[1].lower()  # lines[0] is the title: model on data (n items)
+    body = [ln for ln in lines[2:] if ln.split()[:1] == [name]]
     assert len(body) == 2, result.stdout
     report = json.loads((tmp_path / "report.json").read_text())
     assert report
