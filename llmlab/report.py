@@ -10,7 +10,7 @@ import statistics
 from pathlib import Path
 from typing import Any, Sequence
 
-from llmlab import compare
+from llmlab import compare, runlog
 
 # A colour per series (colour-blind safe, Okabe-Ito).
 COLORS = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
@@ -33,15 +33,15 @@ def sweep(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             metric = headline(r.get("task", "classify"))
             if metric not in r.get("metrics", {}):
                 continue
-            at = (run["id"], r["template"], bool(r.get("calibrate")))
+            at = (run["id"], r["template"], runlog.calibration_suffix(r.get("calibrate")))
             series.setdefault(at, {}).setdefault(int(r["shots"]), []).append(float(r["metrics"][metric]))
             tasks[at] = r.get("task", "classify")
     out = []
     for (run_id, template, calibrated), by_shots in series.items():
         points = [(s, statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v))
                   for s, v in sorted(by_shots.items())]
-        label = f"#{run_id} {template}" + (" calibrated" if calibrated else "")
-        out.append({"label": label, "calibrated": calibrated, "metric": headline(tasks[(run_id, template, calibrated)]),
+        label = f"#{run_id} {template}" + calibrated
+        out.append({"label": label, "calibrated": bool(calibrated), "metric": headline(tasks[(run_id, template, calibrated)]),
                     "points": points})
     return out
 
@@ -54,7 +54,7 @@ def confusions(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             conf = r.get("metrics", {}).get("confusion")
             if not conf:
                 continue
-            at = (run["id"], r["template"], bool(r.get("calibrate")), int(r["shots"]))
+            at = (run["id"], r["template"], runlog.calibration_suffix(r.get("calibrate")), int(r["shots"]))
             if at not in found:
                 found[at] = {"labels": conf["labels"], "predicted": list(conf["predicted"]),
                              "matrix": [[0] * len(conf["predicted"]) for _ in conf["labels"]], "seeds": 0}
@@ -68,7 +68,7 @@ def confusions(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 for j, count in enumerate(row):
                     acc["matrix"][i][acc["predicted"].index(conf["predicted"][j])] += count
             acc["seeds"] += 1
-    return [{"title": f"#{k[0]} {k[1]}, {k[3]} shots" + (", calibrated" if k[2] else "") +
+    return [{"title": f"#{k[0]} {k[1]}, {k[3]} shots" + ("," + k[2] if k[2] else "") +
              (f" ({v['seeds']} seeds)" if v["seeds"] > 1 else ""), **v} for k, v in found.items()]
 
 

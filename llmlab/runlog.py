@@ -190,9 +190,24 @@ def text_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
 
 
-def combo(shots: int = 0, seed: int = 0, calibrate: bool = False) -> str:
+def calibration(value: Any) -> str:
+    """A combination's calibration as a name: "" for none (False, None, "off"), else the method
+    ("contextual" for a bare True, as logged before methods had names)."""
+    if value in (None, False, "", "off"):
+        return ""
+    return "contextual" if value is True else str(value)
+
+
+def calibration_suffix(value: Any) -> str:
+    """" calibrated" for contextual calibration (the name runs have always used), " METHOD" for the
+    others, "" for none."""
+    name = calibration(value)
+    return " calibrated" if name == "contextual" else f" {name}" if name else ""
+
+
+def combo(shots: int = 0, seed: int = 0, calibrate: Any = False) -> str:
     """The canonical name of an eval combination, matched across runs by `runs compare`."""
-    return f"shots={shots} seed={seed}" + (" calibrated" if calibrate else "")
+    return f"shots={shots} seed={seed}" + calibration_suffix(calibrate)
 
 
 def _json(value: Any) -> str | None:

@@ -136,12 +136,14 @@ def runs_show(run_id: RunId, show_items: Annotated[bool, typer.Option("--items",
 
 def _metrics_text(metrics: Any) -> str:
     """Metrics for people: eval results as one line per combination, without confusion matrices."""
+    from llmlab import runlog
+
     if not metrics:
         return ""
     lines = []
     for r in metrics.get("results", []):
         shown = " ".join(f"{k} {v * 100:.1f}" for k, v in r["metrics"].items() if isinstance(v, (int, float)))
-        lines.append(f"{r['template']} shots={r['shots']} seed={r['seed']}{' calibrated' if r.get('calibrate') else ''}: {shown}")
+        lines.append(f"{r['template']} shots={r['shots']} seed={r['seed']}{runlog.calibration_suffix(r.get('calibrate'))}: {shown}")
     lines += [f"{k}: {v}" for k, v in metrics.items() if k != "results"]
     return "\n".join(lines)
 

@@ -135,7 +135,7 @@ def test_truncate_keeps_the_end_and_fits(tiny_models, toy):
         ("name: x\ninput: [oops\n", [], "line 3, column 1: invalid YAML"),
         (TEMPLATE, ["--var", "txt=hi"], "error: --var: no field 'text' for the template (fields: txt)"),
         (TEMPLATE.replace("label: neg}", "label: meh}", 1), [], "example 2 has label 'meh', not one of the template's labels: pos, neg"),
-        (TEMPLATE, ["--shot-selection", "clever", "--shots", "1"], "error: Invalid value for '--shot-selection': 'clever' is not one of 'first', 'random', 'balanced'."),
+        (TEMPLATE, ["--shot-selection", "clever", "--shots", "1"], "error: Invalid value for '--shot-selection': 'clever' is not one of 'first', 'random', 'balanced', 'similar', 'similar-tfidf', 'similar-hidden'."),
         (TEMPLATE.split("examples:")[0], ["--shots", "2"], "has no examples, so --shots 2 has nothing to show"),
         (TEMPLATE.replace("task: classify", "task: translate"), [], "task must be generate or classify, not 'translate'"),
         (TEMPLATE.replace("name: toy", "name: toy\nsuffix: x"), [], "unknown key 'suffix'"),
@@ -244,7 +244,8 @@ def test_a_template_name_given_inside_the_file_survives_a_broken_neighbour(tmp_p
 
 @pytest.mark.parametrize(
     "keys, shots, calibrate",
-    [("", 0, False), ("shots: 3\n", 3, False), ("calibrate: true\n", 0, True), ("shots: 0\ncalibrate: false\n", 0, False)],
+    [("", 0, "off"), ("shots: 3\n", 3, "off"), ("calibrate: true\n", 0, "contextual"),
+     ("calibrate: batch\n", 0, "batch"), ("shots: 0\ncalibrate: false\n", 0, "off")],
 )
 def test_template_defaults_for_shots_and_calibrate(tmp_path, keys, shots, calibrate):
     from llmlab import prompts
@@ -254,8 +255,9 @@ def test_template_defaults_for_shots_and_calibrate(tmp_path, keys, shots, calibr
     template = prompts.load_template(str(path))
     options = prompts.options_for(template)
     assert (options.shots, options.calibrate) == (shots, calibrate)
-    flagged = prompts.options_for(template, shots=1, calibrate=not calibrate)  # a flag always wins
-    assert (flagged.shots, flagged.calibrate) == (1, not calibrate)
+    other = "domain" if calibrate == "off" else "off"
+    flagged = prompts.options_for(template, shots=1, calibrate=other)  # a flag always wins
+    assert (flagged.shots, flagged.calibrate) == (1, other)
 
 
 @pytest.mark.parametrize(
@@ -263,7 +265,7 @@ def test_template_defaults_for_shots_and_calibrate(tmp_path, keys, shots, calibr
     [
         (TEMPLATE + "shots: -1\n", "'shots' must be a whole number >= 0, not '-1'"),
         (TEMPLATE + "shots: two\n", "'shots' must be a whole number >= 0, not 'two'"),
-        (TEMPLATE + "calibrate: maybe\n", "'calibrate' must be true or false, not 'maybe'"),
+        (TEMPLATE + "calibrate: maybe\n", "'calibrate' must be off, contextual, batch or domain, not 'maybe'"),
         (TEMPLATE.replace("task: classify", "task: generate") + "calibrate: true\n", "'calibrate' applies to classify templates only"),
         (TEMPLATE.split("examples:")[0] + "shots: 2\n", "'shots: 2' needs 'examples' to draw demonstrations from"),
     ],

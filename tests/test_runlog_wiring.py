@@ -110,12 +110,12 @@ def test_a_bad_log_location_fails_before_the_model_loads(tmp_path, toy, monkeypa
 
 
 def eval_table(stdout):
-    """(shots, calibrated) -> (accuracy %, macro-F1 %) as the table prints them."""
+    """(shots, calibration method) -> (accuracy %, macro-F1 %) as the table prints them."""
     rows = {}
     for line in stdout.splitlines()[2:]:
         cells = line.split()
         if len(cells) > 8 and cells[2].isdigit():
-            rows[(int(cells[2]), cells[3] == "yes")] = (cells[6], cells[7])
+            rows[(int(cells[2]), cells[3])] = (cells[6], cells[7])
     return rows
 
 
