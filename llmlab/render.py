@@ -143,7 +143,8 @@ def eval_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 
 
 EVAL_CAPTION = ("accuracy, macro-F1, ROUGE: mean ± std over seeds [min–max]; P/R and confusion: all seeds' "
-                "predictions summed (columns in label order, then unknown); items/s: mean over seeds")
+                "predictions summed (columns in label order, then unknown); items/s: mean over seeds (a calibration "
+                "method after the first reuses the label scores: its items/s counts only its own work)")
 
 
 def _calibration(value: Any) -> str:

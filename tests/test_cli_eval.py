@@ -9,7 +9,8 @@ from helpers import invoke
 from test_classify import ITEMS, TEMPLATE
 
 CAPTION = ("accuracy, macro-F1, ROUGE: mean ± std over seeds [min–max]; P/R and confusion: all seeds' "
-           "predictions summed (columns in label order, then unknown); items/s: mean over seeds")
+           "predictions summed (columns in label order, then unknown); items/s: mean over seeds (a calibration "
+           "method after the first reuses the label scores: its items/s counts only its own work)")
 
 
 @pytest.fixture

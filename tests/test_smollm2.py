@@ -47,7 +47,8 @@ def test_sentiment_on_obvious_reviews(smollm2):
 
 
 def test_calibration_fixes_the_zero_shot_bias(smollm2):
-    plain = jsonl(invoke(["classify", "-t", "sentiment", "-i", REVIEWS]).stdout)
-    calibrated = jsonl(invoke(["classify", "-t", "sentiment", "-i", REVIEWS, "--calibrate"]).stdout)
+    # zero-shot, explicitly: the template's own defaults (4 shots, calibrated) would hide the bias
+    plain = jsonl(invoke(["classify", "-t", "sentiment", "-i", REVIEWS, "--shots", "0", "--calibration", "off"]).stdout)
+    calibrated = jsonl(invoke(["classify", "-t", "sentiment", "-i", REVIEWS, "--shots", "0", "--calibrate"]).stdout)
     assert sum(r["correct"] for r in calibrated) >= 11
     assert sum(r["correct"] for r in calibrated) > sum(r["correct"] for r in plain)

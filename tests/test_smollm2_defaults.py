@@ -37,7 +37,8 @@ NEGATIVE = [
 ]
 
 
-@pytest.mark.xfail(strict=True, reason="needs icl branch: sentiment defaults")
+@pytest.mark.xfail(strict=True, reason="not met yet: with the measured defaults (4 balanced shots, contextual) "
+                   "smollm2 calls 'A boring, pointless mess. Avoid it.' positive (23 of 24 right)")
 def test_obvious_reviews_right_with_no_flags(smollm2_cache, monkeypatch, tmp_path):
     monkeypatch.setenv("LLMLAB_CACHE", str(smollm2_cache))
     data = tmp_path / "reviews.jsonl"
