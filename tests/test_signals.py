@@ -26,8 +26,11 @@ EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGKILL: -signal.SIGKILL
 
 def spawn(args: list[str], cwd: Path) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # A shell without job control starts background jobs with SIGINT ignored, and Python keeps an
+    # inherited "ignore": give the child the default disposition, as a terminal's Ctrl-C would find it.
     return subprocess.Popen([sys.executable, "-m", "llmlab", *args], cwd=cwd, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def wait_for(predicate, proc: subprocess.Popen, timeout: float = 300) -> bool:
