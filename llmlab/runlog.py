@@ -139,11 +139,14 @@ def migrate(db: sqlite3.Connection, upto: int | None = None) -> int:
 @contextlib.contextmanager
 def transaction(db: sqlite3.Connection) -> Iterator[None]:
     """BEGIN IMMEDIATE (take the write lock now, waiting up to busy_timeout) ... COMMIT, or ROLLBACK."""
+    if db.in_transaction:  # an interrupt (Ctrl-C, SIGTERM) landed between a BEGIN and its COMMIT: drop that half
+        db.execute("ROLLBACK")
     db.execute("BEGIN IMMEDIATE")
     try:
         yield
     except BaseException:
-        db.execute("ROLLBACK")
+        if db.in_transaction:
+            db.execute("ROLLBACK")
         raise
     db.execute("COMMIT")
 
@@ -226,13 +229,15 @@ class Run:
         self._old_sigterm: Any = None
         self.broken = False  # a write failed: log nothing more
 
-    @contextlib.contextmanager
-    def _write(self) -> Iterator[None]:
-        """One transaction. A log that fails mid-run (disk full, a lock held too long) warns once and
-        stops logging: the run itself, and its output file, go on. Callers return early when broken."""
+    def _write(self, *statements: tuple[str, tuple[Any, ...]]) -> None:
+        """Run (sql, parameters) statements as one transaction. A log that fails mid-run (disk full, a
+        lock held too long) warns once and stops logging: the run itself, and its output file, go on."""
+        if self.broken:
+            return
         try:
             with self._lock, transaction(self.db):
-                yield
+                for sql, parameters in statements:
+                    self.db.execute(sql, parameters)
         except sqlite3.Error as exc:
             from llmlab import console
 
@@ -245,19 +250,13 @@ class Run:
         """Log one finished item (committed at once). key: the input's identity (its id, else index)."""
         row = (self.id, index, key or f"index:{index}", template, combo, prompt, output, prediction,
                None if gold is None else str(gold), _json(probabilities), _json(extra), time.time())
-        if self.broken:
-            return
-        with self._write():
-            self.db.execute("INSERT INTO items (run_id, idx, key, template, combo, prompt, output, prediction, "
-                            "gold, probabilities, extra, created) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", row)
-            self.db.execute("UPDATE runs SET n_items = n_items + 1 WHERE id = ?", (self.id,))
+        self._write(("INSERT INTO items (run_id, idx, key, template, combo, prompt, output, prediction, "
+                     "gold, probabilities, extra, created) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", row),
+                    ("UPDATE runs SET n_items = n_items + 1 WHERE id = ?", (self.id,)))
 
     def metrics(self, metrics: dict[str, Any]) -> None:
         """Save (replace) the run's metrics."""
-        if self.broken:
-            return
-        with self._write():
-            self.db.execute("UPDATE runs SET metrics = ? WHERE id = ?", (_json(metrics), self.id))
+        self._write(("UPDATE runs SET metrics = ? WHERE id = ?", (_json(metrics), self.id)))
 
     def result(self, template: str, task: str, shots: int, seed: int, calibrate: bool, metrics: dict[str, Any],
                **more: Any) -> None:
@@ -274,18 +273,12 @@ class Run:
 
     def update(self, model: str | None = None, device: str | None = None) -> None:
         """Fill in what is known only once the model is loaded (open the run before loading it)."""
-        if self.broken:
-            return
-        with self._write():
-            self.db.execute("UPDATE runs SET model = coalesce(?, model), device = coalesce(?, device) WHERE id = ?",
-                            (model, device, self.id))
+        self._write(("UPDATE runs SET model = coalesce(?, model), device = coalesce(?, device) WHERE id = ?",
+                     (model, device, self.id)))
 
     def finish(self, status: str = "complete") -> None:
-        if self.broken:
-            return
-        with self._write():
-            self.db.execute("UPDATE runs SET status = ?, finished = ?, seconds = ? WHERE id = ?",
-                            (status, time.time(), time.perf_counter() - self.started, self.id))
+        self._write(("UPDATE runs SET status = ?, finished = ?, seconds = ? WHERE id = ?",
+                     (status, time.time(), time.perf_counter() - self.started, self.id)))
 
     def __enter__(self) -> "Run":
         # SIGTERM (kill, a scheduler's timeout) ends the run like Ctrl-C: marked, then exit 143.

@@ -246,3 +246,17 @@ def test_a_failing_log_warns_once_and_the_run_goes_on(home, capsys):
     err = capsys.readouterr().err
     assert err.count("warning:") == 1 and f"run {log.id} is logged only up to here" in err
     assert log.broken
+
+
+def test_an_interrupt_between_begin_and_commit_still_ends_the_run(home):
+    # SIGTERM or Ctrl-C can land after a write's BEGIN and before its COMMIT; the run must still be
+    # marked (here: interrupted), with the items committed before it, and no second error.
+    with pytest.raises(KeyboardInterrupt):
+        with runlog.open_run("classify", ["llmlab"], {}) as log:
+            log.item(0, "p", prediction="pos")
+            log.db.execute("BEGIN IMMEDIATE")  # a write cut short: its transaction is still open
+            log.db.execute("UPDATE runs SET n_items = 99 WHERE id = ?", (log.id,))
+            raise KeyboardInterrupt
+    run = runlog.get_run(runlog.connect(), log.id)
+    assert (run["status"], run["n_items"]) == ("interrupted", 1)
+    assert not log.broken
