@@ -113,3 +113,9 @@ def _isolated(monkeypatch, tmp_path):
     monkeypatch.delenv("LLMLAB_DEBUG", raising=False)
     console.configure(False, False)
     yield
+
+
+@pytest.fixture
+def home(tmp_path):
+    """The run log's folder for this test (the autouse fixture above points LLMLAB_HOME here)."""
+    return tmp_path / "home"

@@ -20,12 +20,6 @@ labels: {positive: good, negative: bad}
 """
 
 
-@pytest.fixture
-def home(monkeypatch, tmp_path):
-    monkeypatch.setenv("LLMLAB_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("LLMLAB_LOG", raising=False)
-    return tmp_path / "home"
-
 
 @pytest.fixture
 def evals(home):

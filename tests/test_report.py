@@ -6,7 +6,6 @@ import re
 import shutil
 import statistics
 import subprocess
-from pathlib import Path
 
 import pytest
 
@@ -18,12 +17,6 @@ CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "goog
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary: apt-get install -y chromium "
                                     "(CI installs it) to test the report in a real browser")
 
-
-@pytest.fixture
-def home(monkeypatch, tmp_path):
-    monkeypatch.setenv("LLMLAB_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("LLMLAB_LOG", raising=False)
-    return tmp_path / "home"
 
 
 @pytest.fixture

@@ -1,13 +1,11 @@
 """The run log: schema, migrations, items written as they go, two writers, killed and interrupted runs."""
 
-import json
 import os
 import signal
 import sqlite3
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -17,12 +15,6 @@ from llmlab.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-@pytest.fixture
-def home(monkeypatch, tmp_path):
-    monkeypatch.setenv("LLMLAB_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("LLMLAB_LOG", raising=False)
-    return tmp_path / "home"
 
 
 class FakeTemplate:
