@@ -118,7 +118,7 @@ def hooks(no_log: bool = False):
         return runlog.open_run(command, ["llmlab", *_ARGS], no_log=no_log, **details)
 
     return Hooks(progress=console.progress, warn=console.warn, info=console.info, note=console.note,
-                 open_run=open_run)
+                 open_run=open_run, emit=console.emit)
 
 
 def _model(model, device, dtype, chat, device_map=None, max_memory=None, backend="hf", tensor_parallel_size=1):
@@ -184,6 +184,8 @@ def generate(
     num_return_sequences: NumReturn = None,
     seed: Seed = None,
     stop: Stop = None,
+    logprobs: Logprobs = None,
+    top_logprobs: TopLogprobs = None,
     config: ConfigFile = None,
     input: InputFile = None,
     input_format: InputFormatOpt = InputFormat.auto,
@@ -220,7 +222,8 @@ def generate(
         _dry_run(model_cfg)
     flags = dict(max_new_tokens=max_new_tokens, do_sample=None if greedy is None else not greedy,
                  temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
-                 num_beams=num_beams, num_return_sequences=num_return_sequences, seed=seed, stop=stop or None)
+                 num_beams=num_beams, num_return_sequences=num_return_sequences, seed=seed, stop=stop or None,
+                 logprobs=logprobs, top_logprobs=top_logprobs)
     cfg = GenerateConfig(
         model=model_cfg,
         prompt=_prompt(template, shots, shot_selection, seed, shot_format, overflow, examples, prompts_dir, var),
@@ -228,7 +231,11 @@ def generate(
         output=OutputConfig(output, value(format), resume),
         flags=flags, preset=config, text=prompt, batch_size=parse_batch(batch_size), echo=echo,
     )
-    session.generate(cfg, hooks(no_log))
+    shown = session.generate(cfg, hooks(no_log), display=console.stdout_is_terminal())
+    if shown is not None:  # --logprobs on a terminal: colour each token by its probability
+        from llmlab import render
+
+        render.token_probabilities(*shown, echo=echo)
 
 
 # ---------------------------------------------------------------- classify

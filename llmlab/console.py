@@ -30,6 +30,12 @@ def stdout_is_terminal() -> bool:
     return sys.stdout.isatty()
 
 
+def emit(text: str) -> None:
+    """Data for stdout as it is made (a streamed completion), flushed at once."""
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
 def _interactive() -> bool:
     return sys.stderr.isatty()
 

@@ -14,6 +14,13 @@ from llmlab import console
 from llmlab.errors import LlmlabError, UsageError
 
 PROMPT = "lab> "
+
+
+def _write(text: str) -> None:
+    """The lab is a terminal program: completions stream to stdout."""
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
 HELP = """\
 Type a prompt and press Enter: the completion streams below it.
   /set                 show the generation settings
@@ -96,7 +103,7 @@ class Session:
         from llmlab import generation
 
         self.last = text
-        generation.run_single(self.lm, self.job(text), self.settings, echo=False)
+        generation.run_single(self.lm, self.job(text), self.settings, echo=False, emit=_write)
 
     def command(self, line: str, out: Any) -> bool:
         """Run a /command; False means quit."""

@@ -116,6 +116,16 @@ Stop = Annotated[
     Optional[list[str]], typer.Option(show_default="the template's, else none", rich_help_panel=GEN_PANEL,
                                       help="Stop text (repeatable): the completion is cut before it.")
 ]
+Logprobs = Annotated[
+    Optional[bool], typer.Option("--logprobs", show_default="off", rich_help_panel=GEN_PANEL,
+                                 help="Report each completion token's log-probability under the model (JSONL "
+                                 "\"logprobs\"; coloured by probability on a terminal).")
+]
+TopLogprobs = Annotated[
+    Optional[int], typer.Option(show_default="0", rich_help_panel=GEN_PANEL,
+                                help="With each token, the N most likely tokens at that step (0-20; implies "
+                                "--logprobs).")
+]
 ConfigFile = Annotated[
     Optional[Path], typer.Option("--config", show_default="none", rich_help_panel=GEN_PANEL,
                                  help="YAML preset of generation settings (same names as the flags); flags "

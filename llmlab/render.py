@@ -205,3 +205,61 @@ def size_text(size: int | None) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     return "-"
+
+
+# ---------------------------------------------------------------- generate --logprobs
+
+# Token colours by probability p = exp(logprob), from sure to surprising: (lowest p, style).
+PROB_BANDS = ((0.9, "green"), (0.5, "yellow"), (0.1, "dark_orange"), (0.0, "red"))
+
+
+def prob_style(logprob: float) -> str:
+    import math
+
+    p = math.exp(logprob)
+    return next(style for low, style in PROB_BANDS if p >= low)
+
+
+def prob_text(logprob: float) -> str:
+    import math
+
+    return f"{100 * math.exp(logprob):.1f}%"
+
+
+def coloured(tokens: Sequence[Any], before: str = "") -> Any:
+    """A completion as rich Text: `before` plain, then each token's text in its probability's colour."""
+    from rich.text import Text
+
+    line = Text(before)
+    for t in tokens:
+        line.append(t.text, style=prob_style(t.logprob))
+    return line
+
+
+def token_probabilities(job: Any, output: Any, echo: bool) -> None:
+    """One prompt's completions on a terminal, each token coloured by how likely the model found
+    it (a legend follows); with --top-logprobs, a table of every step's alternatives."""
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    out = Console(file=sys.stdout, highlight=False, soft_wrap=True)
+    for n, tokens in enumerate(output.logprobs):
+        line = coloured(tokens, job.prompt if echo else "")
+        out.print(Text(f"[{n + 1}] ") + line if len(output.logprobs) > 1 else line)
+    legend = Text("token colour = its probability under the model: ", style="dim")
+    bands = [">= 90%", "50-90%", "10-50%", "< 10%"]
+    for n, ((_, style), band) in enumerate(zip(PROB_BANDS, bands)):
+        legend.append("  " if n else "").append(band, style=style)
+    out.print(legend)
+    for n, tokens in enumerate(output.logprobs):
+        if not any(t.top for t in tokens):
+            continue
+        table = Table("#", "token", "p", "alternatives (most likely first)",
+                      title=f"completion {n + 1}" if len(output.logprobs) > 1 else None)
+        for k, t in enumerate(tokens):
+            alts = Text()
+            for text, _, lp in t.top:
+                alts.append(repr(text), style=prob_style(lp)).append(f" {prob_text(lp)}  ")
+            table.add_row(str(k + 1), Text(repr(t.text), style=prob_style(t.logprob)), prob_text(t.logprob), alts)
+        out.print(table)

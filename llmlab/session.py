@@ -48,6 +48,7 @@ class Hooks:
     info: Callable[[str], None] = lambda message: None
     note: Callable[[str], None] = lambda message: None
     open_run: Callable[..., Any] = _no_log
+    emit: Callable[[str], None] = lambda text: None  # stdout text streamed to a person (a completion)
 
 
 # ---------------------------------------------------------------- shared steps
@@ -256,39 +257,45 @@ def _generate_items(cfg: GenerateConfig, template: Any) -> list[Any]:
     return [io.Item(0, {cfg.input.field: text}, "the prompt")]
 
 
-def generate(cfg: GenerateConfig, hooks: Hooks = Hooks(), lm: Any = None) -> None:
-    """`llmlab generate`: one prompt streamed to stdout, or a batch written record by record."""
+def generate(cfg: GenerateConfig, hooks: Hooks = Hooks(), lm: Any = None, display: bool = False) -> Any:
+    """`llmlab generate`: one prompt streamed to stdout through hooks.emit, or a batch written
+    record by record. display: stdout is a terminal; one prompt with --logprobs is then returned
+    as (job, output) for the CLI to colour by probability, else None is returned. Piped, one prompt
+    with --logprobs is written as a record (streamed text would lose the numbers)."""
     from llmlab import generation, io
 
     template = find_template(cfg.prompt)
     settings = settings_for(template, cfg.preset, cfg.flags)
     io.check_output_path(cfg.output.path, inputs=[cfg.input.path])
+    if settings.logprobs and io.output_format(cfg.output.path, cfg.output.format) == "text":
+        raise UsageError("--logprobs: the text format keeps only the completion; write JSONL or CSV "
+                         "(-o FILE.jsonl or --format jsonl)")
     items = _generate_items(cfg, template)
-    single = cfg.input.path is None and cfg.output.terminal
+    single = cfg.input.path is None and cfg.output.terminal and (display or not settings.logprobs)
     sink = io.Output(cfg.output.path, cfg.output.format, resume=cfg.output.resume)
     todo = sink.pending(items)
     if cfg.output.resume and len(todo) < len(items):
         hooks.info(f"--resume: {len(items) - len(todo)} of {len(items)} inputs already done")
     if not todo:
-        return
+        return None
     # Opened before the model loads: a log that can't be written fails before any model time.
     with hooks.open_run("generate", config=_logged_config(cfg, settings), templates=template,
                         data=cfg.input.path) as log:
         session = _loaded(cfg.model, lm, log, hooks)
-        if template is None:
-            jobs = plain_jobs(todo, cfg.input.field, session.lm, session.chat())
-            jobs = fit_plain(jobs, session.lm, settings.max_new_tokens, cfg.prompt.overflow, hooks)
-        else:
-            builder = session.builder(template, cfg.prompt, settings.max_new_tokens, cfg.input.path)
-            jobs = generation.template_jobs(builder, todo)
+        jobs = _jobs(cfg, session, template, todo, settings, hooks)
 
         def logged(job: Any, rec: dict[str, Any]) -> None:
             log.item(job.item.index, job.model_text, rec["completion"], key=job.item.key,
                      extra={"input": job.item.fields, **({"completions": rec["completions"]}
                                                          if "completions" in rec else {})})
 
-        if single:
-            output = generation.run_single(session.lm, jobs[0], settings, cfg.echo)
+        shown = None
+        if single and settings.logprobs:  # a person reads coloured tokens: nothing to stream
+            output = session.lm.generate(requests(jobs[:1]), settings, batch_size=1)[0]
+            logged(jobs[0], generation.record(jobs[0], output, session.lm.name, cfg.echo))
+            shown = (jobs[0], output)
+        elif single:
+            output = generation.run_single(session.lm, jobs[0], settings, cfg.echo, hooks.emit)
             logged(jobs[0], generation.record(jobs[0], output, session.lm.name, cfg.echo))
         else:
             with sink as writer, hooks.progress(len(jobs), "generating") as bar:
@@ -301,6 +308,19 @@ def generate(cfg: GenerateConfig, hooks: Hooks = Hooks(), lm: Any = None) -> Non
 
                 run_jobs(session.lm, jobs, settings, cfg.batch_size, done)
         log.metrics({"items": len(jobs)})
+    return shown
+
+
+def _jobs(cfg: GenerateConfig, session: "Session", template: Any, todo: list[Any], settings: Any,
+          hooks: Hooks) -> list[Any]:
+    """The prompts to complete: a plain field (window-checked) or the template's, one per input."""
+    from llmlab import generation
+
+    if template is None:
+        jobs = plain_jobs(todo, cfg.input.field, session.lm, session.chat())
+        return fit_plain(jobs, session.lm, settings.max_new_tokens, cfg.prompt.overflow, hooks)
+    builder = session.builder(template, cfg.prompt, settings.max_new_tokens, cfg.input.path)
+    return generation.template_jobs(builder, todo)
 
 
 def _loaded(model: ModelConfig, lm: Any, log: Any, hooks: Optional[Hooks] = None) -> "Session":

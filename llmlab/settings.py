@@ -10,6 +10,10 @@ from typing import Any
 from llmlab.errors import UsageError
 
 
+# --top-logprobs: at most this many alternatives per token (as OpenAI's API allows).
+MAX_TOP_LOGPROBS = 20
+
+
 @dataclass
 class GenerationSettings:
     # max_new_tokens: how many tokens the model may add after the prompt, >= 1.
@@ -35,6 +39,11 @@ class GenerationSettings:
     seed: int | None = None
     # stop: the completion is cut before the first of these texts, and generation stops there.
     stop: list[str] = field(default_factory=list)
+    # logprobs: also report each completion token's log-probability (JSONL "logprobs"; coloured by
+    # probability on a terminal). top_logprobs: and the N most likely tokens at each step, 0..20
+    # (> 0 implies logprobs).
+    logprobs: bool = False
+    top_logprobs: int = 0
 
     def validate(self) -> "GenerationSettings":
         def bad(option: str, value: Any, rule: str) -> UsageError:
@@ -58,6 +67,16 @@ class GenerationSettings:
             raise bad("--seed", self.seed, "an integer >= 0")
         if any(not isinstance(s, str) or s == "" for s in self.stop):
             raise UsageError("invalid --stop: stop texts must be non-empty strings")
+        if not isinstance(self.logprobs, bool):
+            raise bad("logprobs", self.logprobs, "true or false")
+        if not isinstance(self.top_logprobs, int) or isinstance(self.top_logprobs, bool) \
+                or not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise bad("--top-logprobs", self.top_logprobs, f"an integer from 0 to {MAX_TOP_LOGPROBS}")
+        if self.top_logprobs:
+            self.logprobs = True
+        if self.logprobs and self.num_beams > 1:
+            raise UsageError("--logprobs reports the tokens of greedy or sampled decoding, not of beam search; "
+                             "use --num-beams 1")
         if self.temperature == 0:
             self.do_sample = False
         if not self.do_sample and self.num_return_sequences > self.num_beams:
@@ -76,6 +95,8 @@ class GenerationSettings:
             "num_return_sequences": self.num_return_sequences,
             "repetition_penalty": self.repetition_penalty,
         }
+        if self.logprobs:  # the raw logits of every step, to read each token's log-probability
+            kwargs.update(output_logits=True, return_dict_in_generate=True)
         if self.do_sample:
             kwargs.update(temperature=self.temperature, top_k=self.top_k or None, top_p=self.top_p)
         return kwargs

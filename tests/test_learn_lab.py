@@ -67,7 +67,7 @@ def test_lab_in_a_terminal(tiny_models, env, tmp_path):
     term.wait_for("temperature = 0.5 (sampling on)")
     preset = tmp_path / "preset.yaml"
     term.send(f"/save {preset}\r")
-    term.wait_for("saved 8 settings")
+    term.wait_for("saved 10 settings")
     term.send("/nonsense\r")
     term.wait_for("error: unknown command /nonsense; /help lists them")
     term.send("/quit\r")

@@ -32,6 +32,7 @@ class CompletionOutput:  # vllm.outputs.CompletionOutput
     text: str
     token_ids: list[int]
     finish_reason: str
+    logprobs: list[dict[int, Logprob]] | None = None
 
 
 @dataclass
@@ -54,6 +55,7 @@ class SamplingParams:  # the fields llmlab sets on vllm.SamplingParams
     skip_special_tokens: bool = True
     prompt_logprobs: int | None = None
     detokenize: bool = True
+    logprobs: int | None = None
 
 
 class StandInLLM:
@@ -91,9 +93,25 @@ class StandInLLM:
                 for stop in params.stop or []:
                     if stop in text:
                         text, reason = text[: text.index(stop)], "stop"
-                completions.append(CompletionOutput(0, text, gen, reason))
+                steps = self.sample_logprobs(ids, gen, params.logprobs) if params.logprobs is not None else None
+                completions.append(CompletionOutput(0, text, gen, reason, steps))
             out.append(RequestOutput(ids, prompt_lps, completions))
         return out
+
+    def sample_logprobs(self, ids, gen, top):
+        """As vLLM: per generated token {id: Logprob(logprob, rank, decoded)}, the top `top` by rank
+        and the sampled token (which may rank lower)."""
+        import torch
+
+        tok = self.hf.tokenizer
+        with torch.inference_mode():
+            logits = self.hf.model(input_ids=torch.tensor([ids + gen])).logits[0, len(ids) - 1 : -1]
+        steps = []
+        for token, row in zip(gen, torch.log_softmax(logits.float(), -1)):
+            order = row.argsort(descending=True).tolist()
+            keep = order[:top] + ([token] if token not in order[:top] else [])
+            steps.append({i: Logprob(float(row[i]), order.index(i) + 1, tok.decode([i])) for i in keep})
+        return steps
 
 
 @pytest.fixture(scope="module")
@@ -146,6 +164,19 @@ def test_greedy_generation_matches_the_transformers_backend(pair):
     assert [o.prompt_tokens for o in got] == [o.prompt_tokens for o in want]
     assert [o.completion_tokens for o in got] == [o.completion_tokens for o in want]
     assert seen == [0, 1, 2]
+
+
+@pytest.mark.parametrize("top", [0, 3])
+def test_logprobs_match_the_transformers_backend(pair, top):
+    hf, lm, engine = pair
+    settings = settings_for(None, None, {"max_new_tokens": 5, "logprobs": True, "top_logprobs": top})
+    got = lm.generate([GenRequest("the movie was")], settings)[0].logprobs[0]
+    want = hf.generate([GenRequest("the movie was")], settings)[0].logprobs[0]
+    assert engine.calls[-1][1].logprobs == top
+    assert [t.id for t in got] == [t.id for t in want] and [t.text for t in got] == [t.text for t in want]
+    assert [t.logprob for t in got] == pytest.approx([t.logprob for t in want], abs=1e-4)
+    assert [[i for _, i, _ in t.top] for t in got] == [[i for _, i, _ in t.top] for t in want]
+    assert all(len(t.top) == top for t in got)
 
 
 def test_stop_texts_and_finish_reasons(pair):

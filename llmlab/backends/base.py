@@ -31,11 +31,35 @@ class GenRequest:
 
 
 @dataclass
+class TokenLogprob:
+    """One generated token and how likely the model found it: logprob = log P(token | everything
+    before it) under the model's own next-token distribution (before temperature, top-k, top-p or a
+    repetition penalty reshape it), in (-inf, 0]; 0 = certain. text: the characters this token
+    added to the decoded text ("" for the first byte of a character split over two tokens); the
+    texts of a completion's tokens join to the completion, plus the stop text that ended it. top: the N most likely tokens at that step,
+    most likely first, as (text, id, logprob); empty unless asked for."""
+
+    text: str
+    id: int
+    logprob: float
+    top: list[tuple[str, int, float]] = field(default_factory=list)
+
+    def as_record(self) -> dict[str, Any]:
+        rec: dict[str, Any] = {"token": self.text, "id": self.id, "logprob": self.logprob}
+        if self.top:
+            rec["top_logprobs"] = [{"token": t, "id": i, "logprob": lp} for t, i, lp in self.top]
+        return rec
+
+
+@dataclass
 class GenOutput:
     completions: list[str]
     prompt_tokens: int
     completion_tokens: list[int]
     finish_reasons: list[str]  # "stop" (end of text or a stop text) or "length" (max_new_tokens)
+    # With settings.logprobs: for each completion, its completion_tokens tokens (up to end of text,
+    # or up to the one that completed a stop text) with their log-probabilities; else None.
+    logprobs: list[list[TokenLogprob]] | None = None
 
 
 @dataclass

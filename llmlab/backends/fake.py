@@ -8,10 +8,11 @@ is recorded in `requests`.
 
 from __future__ import annotations
 
+import math
 import zlib
 from typing import Any, Callable, Sequence
 
-from llmlab.backends.base import LM, GenOutput, GenRequest, HoldBack, LLOutput, LLRequest, cut_at_stop
+from llmlab.backends.base import LM, GenOutput, GenRequest, HoldBack, LLOutput, LLRequest, TokenLogprob, cut_at_stop
 
 
 class CharTokenizer:
@@ -70,6 +71,17 @@ class FakeLM(LM):
         self.requests.extend(requests)
         return [LLOutput(self.score(r), max(1, len(r.continuation))) for r in requests]
 
+    @staticmethod
+    def _logprobs(text: str, top: int) -> list[TokenLogprob]:
+        """One token per character; the k-th is given probability 0.9 ** (k + 1), and its
+        alternatives are it and the next characters, each 10 times less likely than the one before."""
+        tokens = []
+        for k, c in enumerate(text):
+            lp = (k + 1) * math.log(0.9)
+            alts = [(chr(ord(c) + j), ord(c) + 3 + j, lp - j * math.log(10)) for j in range(top)]
+            tokens.append(TokenLogprob(c, ord(c) + 3, lp, alts))
+        return tokens
+
     def generate(self, requests: Sequence[GenRequest], settings: Any, batch_size: int | None = 8,
                  on_output: Callable[[int, GenOutput], None] | None = None,
                  stream: Callable[[str], None] | None = None) -> list[GenOutput]:
@@ -87,6 +99,8 @@ class FakeLM(LM):
                 texts.append(text if cut is None else cut)
                 counts.append(len(texts[-1]))
             output = GenOutput(texts, len(self.token_ids(request.prompt, request.templated)), counts, reasons)
+            if settings.logprobs:
+                output.logprobs = [self._logprobs(text, settings.top_logprobs) for text in texts]
             if stream and len(requests) == 1:
                 hold = HoldBack(settings.stop)
                 for piece in list(answer[: settings.max_new_tokens]) + [""]:

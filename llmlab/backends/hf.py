@@ -8,7 +8,8 @@ from typing import Any, Callable, Sequence
 
 from llmlab import prefix_cache
 from llmlab.backends import hf_score, stopping
-from llmlab.backends.base import LM, EventSink, GenOutput, GenRequest, LLOutput, LLRequest, cut_at_stop, log_event
+from llmlab.backends.base import (LM, EventSink, GenOutput, GenRequest, LLOutput, LLRequest, TokenLogprob, cut_at_stop,
+                                  log_event)
 from llmlab.batching import run_batched
 from llmlab.errors import ContextOverflowError, UsageError
 
@@ -270,14 +271,41 @@ class HFLM(LM):
         with torch.inference_mode():
             out = self.model.generate(input_ids=ids, attention_mask=mask,
                                       pad_token_id=self.tokenizer.pad_token_id, **kwargs)
+        scores = None
+        if settings.logprobs:  # generate() returned a dict: the sequences and every step's logits
+            scores = hf_score.step_logprobs(out.sequences[:, skip:], out.logits, settings.top_logprobs)
+            out = out.sequences
         per = settings.num_return_sequences
         new = out[:, skip:].tolist()  # one device->host copy for the whole batch
         results = []
         for i, row in enumerate(rows):
-            finished = [self._finish(seq, eos, settings.stop) for seq in new[i * per : (i + 1) * per]]
-            results.append(GenOutput([f[0] for f in finished], len(row), [f[1] for f in finished],
-                                     [f[2] for f in finished]))
+            span = range(i * per, (i + 1) * per)
+            finished = [self._finish(new[k], eos, settings.stop) for k in span]
+            output = GenOutput([f[0] for f in finished], len(row), [f[1] for f in finished],
+                               [f[2] for f in finished])
+            if scores is not None:
+                output.logprobs = [self._token_logprobs(new[k], f[1], scores, k) for k, f in zip(span, finished)]
+            results.append(output)
         return results
+
+    def _token_logprobs(self, generated: list[int], count: int, scores: tuple[list, list, list],
+                        row: int) -> list[TokenLogprob]:
+        """The completion's first `count` tokens (its completion_tokens: up to end-of-text, or up to
+        the token that completed a stop text), each with its log-probability and top alternatives,
+        read from row `row` of `scores`. A token's text is what it adds to the decoded text."""
+        chosen, values, ids = scores
+        out: list[TokenLogprob] = []
+        done = ""  # the decoded text of the tokens so far
+        for n, token in enumerate(generated[:count]):
+            text = self.tokenizer.decode(generated[: n + 1], skip_special_tokens=True)
+            piece = ""
+            # A text ending in U+FFFD may be a character split over tokens: it comes with its last
+            # token (or with the completion's last token, whatever it decodes to).
+            if not text.endswith("\ufffd") or n == count - 1:
+                piece, done = text[len(done):], text
+            top = [(self.tokenizer.decode([t]), t, v) for t, v in zip(ids[row][n], values[row][n])] if ids else []
+            out.append(TokenLogprob(piece, token, chosen[row][n], top))
+        return out
 
     def _finish(self, generated: list[int], eos: set[int], stops: Sequence[str]) -> tuple[str, int, str]:
         """Cut at end-of-text and at the first stop text; count tokens; say why it ended."""

@@ -103,3 +103,31 @@ def gather(logits: Any, which: Sequence[int], conts: Sequence[list[int]], align_
     greedy = ((best == targets) | ~valid).all(-1)
     sums, flags = torch.stack([picked.sum(-1), greedy.float()]).cpu().tolist()
     return [LLOutput(s, len(c), bool(f)) for s, c, f in zip(sums, conts, flags)]
+
+
+def step_logprobs(new: Any, logits: Sequence[Any], top: int) -> tuple[list, list, list]:
+    """The log-probability of each generated token and, with top > 0, the `top` most likely tokens
+    at each step, for generate()'s output.
+
+    new: [R, T] the generated ids (R = rows x return sequences); logits: T tensors [R, V], the raw
+    next-token logits of each step (before temperature/top-k/top-p: the model's own distribution).
+    Rows that finished early hold padding after their end; those steps are read and ignored later.
+    Returns plain lists (ONE device->host copy): chosen [R][T], top values [R][T][top], top ids.
+    """
+    import torch
+
+    steps = min(len(logits), new.shape[1])
+    chosen, values, ids = [], [], []
+    for t in range(steps):  # one step at a time: never more than one [R, V] float32 copy alive
+        lp = torch.log_softmax(logits[t].float(), dim=-1)  # [R, V], float32 whatever the model dtype
+        chosen.append(lp.gather(1, new[:, t : t + 1]).squeeze(1))  # [R]: the token that was generated
+        if top:
+            v, i = lp.topk(top, dim=-1)  # [R, top], most likely first
+            values.append(v)
+            ids.append(i)
+    if not steps:
+        return [[] for _ in range(new.shape[0])], [], []
+    picked = torch.stack(chosen, 1)  # [R, T]
+    if not top:
+        return picked.tolist(), [], []
+    return picked.tolist(), torch.stack(values, 1).tolist(), torch.stack(ids, 1).tolist()

@@ -25,7 +25,8 @@ import importlib.util
 from types import SimpleNamespace
 from typing import Any, Callable, Sequence
 
-from llmlab.backends.base import LM, EventSink, GenOutput, GenRequest, LLOutput, LLRequest, cut_at_stop, log_event
+from llmlab.backends.base import (LM, EventSink, GenOutput, GenRequest, LLOutput, LLRequest, TokenLogprob, cut_at_stop,
+                                  log_event)
 from llmlab.errors import ContextOverflowError, ModelError, UsageError
 
 # generate hands this many prompts to vLLM per call: vLLM batches them itself; the chunks only
@@ -176,7 +177,10 @@ class VLLM(LM):
             temperature=settings.temperature if sample else 0.0,
             top_k=(settings.top_k or -1) if sample else -1, top_p=settings.top_p if sample else 1.0,
             repetition_penalty=settings.repetition_penalty, seed=settings.seed,
-            stop=list(settings.stop) or None, skip_special_tokens=True)
+            stop=list(settings.stop) or None, skip_special_tokens=True,
+            # logprobs=N: each sampled token's log-probability plus the N most likely (vLLM's
+            # default logprobs mode is the raw model distribution, as HFLM reports it)
+            **({"logprobs": settings.top_logprobs} if settings.logprobs else {}))
 
     def generate(self, requests: Sequence[GenRequest], settings: Any, batch_size: int | None = 8,
                  on_output: Callable[[int, GenOutput], None] | None = None,
@@ -196,7 +200,7 @@ class VLLM(LM):
         for start in range(0, len(prompts), _GEN_CHUNK):
             chunk = prompts[start : start + _GEN_CHUNK]
             for offset, out in enumerate(self.llm.generate([_prompt(ids) for ids in chunk], params, use_tqdm=False)):
-                result = self.to_output(out, settings.stop)
+                result = self.to_output(out, settings.stop, settings.top_logprobs if settings.logprobs else None)
                 results.append(result)
                 if on_output:
                     on_output(start + offset, result)
@@ -205,13 +209,29 @@ class VLLM(LM):
         return results
 
     @staticmethod
-    def to_output(out: Any, stops: Sequence[str]) -> GenOutput:
+    def to_output(out: Any, stops: Sequence[str], top: int | None = None) -> GenOutput:
         """A vLLM RequestOutput as a GenOutput. vLLM already cuts at stop texts (finish_reason
-        'stop'); the cut is repeated here for safety on text vLLM decoded differently."""
+        'stop'); the cut is repeated here for safety on text vLLM decoded differently. top: None,
+        or the alternatives per token asked for with --logprobs (0..20)."""
         texts, counts, reasons = [], [], []
         for c in out.outputs:
             cut = cut_at_stop(c.text, stops)
             texts.append(c.text if cut is None else cut)
             counts.append(len(c.token_ids))
             reasons.append("stop" if cut is not None or c.finish_reason == "stop" else "length")
-        return GenOutput(texts, len(out.prompt_token_ids), counts, reasons)
+        result = GenOutput(texts, len(out.prompt_token_ids), counts, reasons)
+        if top is not None:
+            result.logprobs = [token_logprobs(c.token_ids, c.logprobs or [], top) for c in out.outputs]
+        return result
+
+
+def token_logprobs(token_ids: Sequence[int], steps: Sequence[dict[int, Any]], top: int) -> list[TokenLogprob]:
+    """vLLM's per-step {token id: Logprob(logprob, rank, decoded_token)} (the top `top` tokens by
+    rank 1..top, plus the sampled token, which may rank lower) as TokenLogprobs."""
+    tokens = []
+    for token, step in zip(token_ids, steps):
+        ranked = sorted((e.rank, i) for i, e in step.items() if e.rank is not None and e.rank <= top)
+        alternatives = [(step[i].decoded_token or "", i, _value(step[i])) for _, i in ranked]
+        mine = step[token]
+        tokens.append(TokenLogprob(mine.decoded_token or "", token, _value(mine), alternatives))
+    return tokens
