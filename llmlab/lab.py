@@ -25,7 +25,8 @@ HELP = """\
 Type a prompt and press Enter: the completion streams below it.
   /set                 show the generation settings
   /set NAME VALUE      change one: temperature 0.7, top_k 40, top_p 0.9, max_new_tokens 20, sample on,
-                       seed 1, repetition_penalty 1.2, num_beams 2, stop "\\n" ...
+                       seed 1, repetition_penalty 1.2, num_beams 2, stop "\\n", logprobs on,
+                       top_logprobs 3 (colour each token by its probability) ...
   /template NAME|off   build prompts with a template (llmlab prompt list); off for plain prompts
   /shots N             demonstrations in templated prompts
   /chat on|off|auto    wrap prompts in the model's chat template
@@ -100,10 +101,16 @@ class Session:
     # -- commands
 
     def complete(self, text: str) -> None:
-        from llmlab import generation
+        from llmlab import generation, render
+        from llmlab.backends.base import GenRequest
 
         self.last = text
-        generation.run_single(self.lm, self.job(text), self.settings, echo=False, emit=_write)
+        job = self.job(text)
+        if self.settings.logprobs:  # /set logprobs on (or top_logprobs N): coloured tokens, not a stream
+            output = self.lm.generate([GenRequest(job.model_text, job.chat)], self.settings)[0]
+            render.token_probabilities(job, output, echo=False)
+            return
+        generation.run_single(self.lm, job, self.settings, echo=False, emit=_write)
 
     def command(self, line: str, out: Any) -> bool:
         """Run a /command; False means quit."""

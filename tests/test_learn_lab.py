@@ -1,5 +1,7 @@
 """llmlab lab: driven through a pseudo-terminal (keys in, screen out) and as a piped script."""
 
+import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -105,6 +107,20 @@ def test_lab_script_from_stdin(tiny_models, tmp_path):
     assert "step 1: next token after" in out  # /next
     assert result.stderr.splitlines()[:3] == ["max_new_tokens = 3", "template: sentiment", "shots: 1"]
     assert single.stdout.strip() and out.endswith(single.stdout)  # the plain prompt completes as generate does
+
+
+def test_lab_shows_token_probabilities(tiny_models):
+    """/set top_logprobs N: each completion as tokens with their probabilities and alternatives."""
+    script = "/set max_new_tokens 3\n/set top_logprobs 2\nthe movie was\n/quit\n"
+    result = invoke(["lab", "-m", tiny_models["llama"]], input=script)
+    assert result.exit_code == 0, result.stderr
+    single = invoke(["generate", "-m", tiny_models["llama"], "the movie was", "--max-new-tokens", 3,
+                     "--top-logprobs", 2, "--format", "jsonl"])
+    tokens = json.loads(single.stdout)["logprobs"]
+    rows = [line.split("│")[2:4] for line in result.stdout.splitlines() if line.startswith("│")]
+    assert [(r[0].strip(), r[1].strip()) for r in rows] == [
+        (repr(t["token"]), f"{100 * math.exp(t['logprob']):.1f}%") for t in tokens]
+    assert "token colour = its probability under the model" in result.stdout
 
 
 def test_lab_bad_setting_keeps_the_session(tiny_models):
