@@ -100,7 +100,7 @@ def prompt_render(
     Token counts go to stderr: one line for a single prompt (each prompt with -v), else a summary.
     Loads only the tokenizer, never the weights.
     """
-    from llmlab import render, session
+    from llmlab import prompt_render, render
     from llmlab.config import InputConfig, RenderConfig
 
     console.configure(quiet, False)
@@ -110,7 +110,7 @@ def prompt_render(
                        _prompt(template, shots, shot_selection, seed, shot_format, overflow, examples, prompts_dir,
                                var),
                        InputConfig(input, value(input_format), "text", offset, limit), format, max_new_tokens, verbose)
-    run = session.render(cfg, hooks())
+    run = prompt_render.render(cfg, hooks())
     of = f" of {run.window}" if run.window else ""
     counts = []
     for n, r in enumerate(run.prompts):
@@ -121,7 +121,7 @@ def prompt_render(
         if input is None or verbose:
             console.note(f"{r.item.source}: {r.prompt.tokens} tokens{of} ({len(r.prompt.shots)} shots)")
         if format == "jsonl":
-            print(json.dumps(session.render_record(r), ensure_ascii=False), flush=True)
+            print(json.dumps(prompt_render.render_record(r), ensure_ascii=False), flush=True)
         else:
             print(("-" * 40 + "\n" if n else "") + r.seen, flush=True)
     if input is not None and not verbose and counts:

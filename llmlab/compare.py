@@ -177,7 +177,7 @@ def variants(templates: Sequence[Any], models: Sequence[str], presets: Sequence[
 
 
 def run_variant(variant: Variant, items: Sequence[Any], opts: dict[str, Any], lms: dict[Any, Any],
-                on_item: Callable[[dict[str, Any]], None]) -> Any:
+                on_item: Callable[[dict[str, Any]], None], warn: Callable[[str], None]) -> Any:
     """THE adapter to the model side: load (cached in `lms`), build prompts, classify or generate,
     and hand each finished item to on_item as a runlog item dict. Returns the loaded model."""
     from llmlab import classify, generation, models, prompts, settings as settings_mod
@@ -211,15 +211,16 @@ def run_variant(variant: Variant, items: Sequence[Any], opts: dict[str, Any], lm
     if tmpl is None:
         jobs = generation.plain_jobs(items, opts["field"], lm.tokenizer, chat)
     else:
-        jobs = generation.template_jobs(builder, items)
+        jobs = generation.template_jobs(builder, items, warn)
     lm.generate([GenRequest(j.model_text, j.chat) for j in jobs], settings, batch_size=opts["batch_size"],
                 on_output=lambda i, out: emit(jobs[i].item, jobs[i].model_text, output=out.completions[0].strip()))
     return lm
 
 
 def run_compare(chosen: Sequence[Variant], items: Sequence[Any], opts: dict[str, Any], open_run: Callable[..., Any],
-                progress: Any = None) -> Matrix:
-    """Run every variant over the same items, each logged as its own `compare` run; the matrix of them."""
+                progress: Any = None, warn: Callable[[str], None] = lambda message: None) -> Matrix:
+    """Run every variant over the same items, each logged as its own `compare` run; the matrix of
+    them. warn(message): what the prompt builder notes (dropped demonstrations...)."""
     lms: dict[Any, Any] = {}
     found: list[list[dict[str, Any]]] = []
     for variant in chosen:
@@ -236,7 +237,7 @@ def run_compare(chosen: Sequence[Variant], items: Sequence[Any], opts: dict[str,
                 if progress:
                     progress.advance(1)
 
-            lm = run_variant(variant, items, opts, lms, keep)
+            lm = run_variant(variant, items, opts, lms, keep, warn)
             log.update(model=lm.name, device=lm.device)
             column = matrix([{"id": 0, "label": variant.label}], lambda _: kept).columns[0]
             log.metrics({column.metric_name: column.metric} if column.metric_name else {})

@@ -73,7 +73,7 @@ def compare_cmd(
         return runlog.open_run(*args, no_log=no_log, data=input, **kwargs)
 
     with console.progress(len(items) * len(chosen), "comparing") as bar:
-        m = compare.run_compare(chosen, items, opts, open_run, bar)
+        m = compare.run_compare(chosen, items, opts, open_run, bar, console.warn)
     rows = compare.select(m, show)
     if html:
         from llmlab import report

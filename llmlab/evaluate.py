@@ -319,7 +319,7 @@ def _run_seed(session: Any, combo: Combo, seed: int, plan_: EvalPlan, settings: 
     else:
         from llmlab import generation
 
-        jobs = generation.template_jobs(builder, items)
+        jobs = generation.template_jobs(builder, items, session.hooks.warn)
         refs = [[str(i.fields[f]) for f in combo.task.refs] for i in items]
         refs_of = {i.index: r for i, r in zip(items, refs)}
 

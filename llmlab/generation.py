@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from llmlab import console
 from llmlab.errors import UsageError
 from llmlab.io import Item
 
@@ -48,13 +47,13 @@ def plain_jobs(items: Sequence[Item], field: str, tokenizer: Any, chat: bool) ->
     return jobs
 
 
-def template_jobs(builder: Any, items: Sequence[Item]) -> list[Job]:
-    """Jobs whose prompts the template builder makes; its notes (dropped shots...) become warnings."""
+def template_jobs(builder: Any, items: Sequence[Item], warn: Callable[[str], None]) -> list[Job]:
+    """Jobs whose prompts the template builder makes; its notes (dropped shots...) go to warn."""
     jobs = []
     for item in items:
         prompt = builder.build(item)
         for note in prompt.notes:
-            console.warn(note)
+            warn(note)
         jobs.append(Job(item, prompt.plain, prompt.text, prompt.chat))
     return jobs
 

@@ -96,7 +96,8 @@ class Session:
         builder = prompts.make_builder(self.template, self.lm.tokenizer, self.lm.window, options, None, None,
                                        self.lm.is_encoder_decoder)
         self._builder = builder
-        return generation.template_jobs(builder, [io.Item(0, {self.template.fields[0]: text}, "your prompt")])[0]
+        return generation.template_jobs(builder, [io.Item(0, {self.template.fields[0]: text}, "your prompt")],
+                                       console.warn)[0]
 
     # -- commands
 

@@ -1,24 +1,20 @@
 """One run of a command: load the model once, decide chat once, build the prompt builder once;
-then the library functions the commands call (generate, classify, render). They never print:
-progress, warnings and logs go through the Hooks the CLI hands in.
+then the library functions the commands call (generate, classify, evaluate; prompt render is in
+prompt_render.py, plain prompts' window check in plain.py). They never print: progress, warnings,
+logs and streamed text go through the Hooks the CLI hands in.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterator, Optional, Sequence
 
 from llmlab import config as cfgmod
-from llmlab.config import ClassifyConfig, GenerateConfig, ModelConfig, PromptConfig, RenderConfig
-from llmlab.errors import ContextOverflowError, DataError, UsageError
-
-# A token is rarely longer than this many characters, so a prompt with more than window x this
-# characters cannot fit: it is refused (or cut) before the tokenizer ever sees all of it.
-MAX_CHARS_PER_TOKEN = 32
+from llmlab.config import ClassifyConfig, GenerateConfig, ModelConfig, PromptConfig
+from llmlab.errors import UsageError
 
 
 class _Null:
@@ -116,6 +112,7 @@ class Session:
         from llmlab import models
 
         self.model = model
+        self.hooks = hooks or Hooks()
         if lm is None and model.backend == "vllm":
             from llmlab.backends import vllm
 
@@ -152,86 +149,6 @@ def find_template(prompt: PromptConfig) -> Any:
 
     check_prompt_options(prompt)
     return prompts.find_template(prompt.template, prompt.prompts_dir) if prompt.template else None
-
-
-# ---------------------------------------------------------------- plain prompts and the window
-
-
-def fit_plain(jobs: list[Any], lm: Any, max_new_tokens: int, overflow: str, hooks: Hooks) -> list[Any]:
-    """The context-window check for prompts that no template built: a prompt over the window is
-    refused (exit 5), or with --overflow truncate cut from the left to fit, with a warning.
-    A prompt of more than window x MAX_CHARS_PER_TOKEN characters is judged by its length alone,
-    so a 10 MB line is never tokenized whole."""
-    window = lm.window
-    if not window:
-        return jobs
-    budget = window if lm.is_encoder_decoder else window - max_new_tokens
-    if budget < 1:
-        raise ContextOverflowError(f"--max-new-tokens {max_new_tokens} leaves no room in the {window}-token window")
-    chars = budget * MAX_CHARS_PER_TOKEN
-    out = []
-    for job in jobs:
-        # Records rendered by `prompt render` are final text: cutting them would cut the chat header.
-        can_cut = overflow == "truncate" and job.item.fields.get("templated") is not True
-        if len(job.model_text) > chars:
-            if not can_cut:
-                raise _too_long(job, f"{len(job.model_text):,} characters", window, max_new_tokens, lm)
-            out.append(_cut(job, lm, budget, hooks, f"{len(job.model_text):,} characters"))
-            continue
-        count = len(lm.token_ids(job.model_text, job.chat))
-        if count <= budget:
-            out.append(job)
-        elif can_cut:
-            out.append(_cut(job, lm, budget, hooks, f"{count} tokens"))
-        else:
-            raise _too_long(job, f"{count} tokens", window, max_new_tokens, lm)
-    return out
-
-
-def _too_long(job: Any, size: str, window: int, max_new: int, lm: Any) -> ContextOverflowError:
-    room = "" if lm.is_encoder_decoder else f" + {max_new} new tokens"
-    return ContextOverflowError(
-        f"{job.item.source}: the prompt has {size}{room}, over the model's {window}-token window; "
-        "shorten it, lower --max-new-tokens, or use --overflow truncate to keep its end")
-
-
-def _cut(job: Any, lm: Any, budget: int, hooks: Hooks, before: str) -> Any:
-    """Keep the end of the user's prompt, re-wrapped in the chat template when chatting, so the
-    whole model text fits `budget` tokens."""
-    from llmlab import generation
-
-    tokenizer = lm.tokenizer
-    ids = tokenizer(job.prompt[-budget * MAX_CHARS_PER_TOKEN:], add_special_tokens=False)["input_ids"]
-    keep = min(len(ids), budget)
-    while keep > 0:
-        text = tokenizer.decode(ids[len(ids) - keep:])
-        model_text = generation.chat_text(tokenizer, [{"role": "user", "content": text}]) if job.chat else text
-        count = len(lm.token_ids(model_text, job.chat))
-        if count <= budget:
-            hooks.warn(f"{job.item.source}: prompt of {before} did not fit the {lm.window}-token window; "
-                       f"kept its last {keep} tokens ({count} tokens now)")
-            return generation.Job(job.item, text, model_text, job.chat)
-        keep -= count - budget  # the wrapper and special tokens need this much more room
-    raise ContextOverflowError(f"{job.item.source}: the chat template alone fills the {lm.window}-token window")
-
-
-def plain_jobs(items: Sequence[Any], field_name: str, lm: Any, chat: bool) -> list[Any]:
-    """Jobs for prompts taken from one field; records from `prompt render -f jsonl` say
-    `templated: true` and go to the model as they are (never wrapped a second time)."""
-    from llmlab import generation
-
-    jobs = []
-    for item in items:
-        text = item.fields[field_name]
-        if isinstance(text, (int, float)) and not isinstance(text, bool):
-            text = json.dumps(text)  # io.require_text allowed it (finite) and warned: a number is its JSON text
-        if not isinstance(text, str) or not text.strip():
-            raise DataError(f"no prompt: {item.source} has an empty or non-text '{field_name}' field")
-        if item.fields.get("templated") is True:
-            jobs.append(generation.Job(item, text, text, True))
-        else:
-            jobs += generation.plain_jobs([item], field_name, lm.tokenizer, chat)
-    return jobs
 
 
 # ---------------------------------------------------------------- generate
@@ -314,13 +231,13 @@ def generate(cfg: GenerateConfig, hooks: Hooks = Hooks(), lm: Any = None, displa
 def _jobs(cfg: GenerateConfig, session: "Session", template: Any, todo: list[Any], settings: Any,
           hooks: Hooks) -> list[Any]:
     """The prompts to complete: a plain field (window-checked) or the template's, one per input."""
-    from llmlab import generation
+    from llmlab import generation, plain
 
     if template is None:
-        jobs = plain_jobs(todo, cfg.input.field, session.lm, session.chat())
-        return fit_plain(jobs, session.lm, settings.max_new_tokens, cfg.prompt.overflow, hooks)
+        jobs = plain.jobs(todo, cfg.input.field, session.lm, session.chat())
+        return plain.fit(jobs, session.lm, settings.max_new_tokens, cfg.prompt.overflow, hooks.warn)
     builder = session.builder(template, cfg.prompt, settings.max_new_tokens, cfg.input.path)
-    return generation.template_jobs(builder, todo)
+    return generation.template_jobs(builder, todo, hooks.warn)
 
 
 def _loaded(model: ModelConfig, lm: Any, log: Any, hooks: Optional[Hooks] = None) -> "Session":
@@ -438,60 +355,6 @@ def evaluate(plan: Any, model: ModelConfig, hooks: Hooks = Hooks(), lm: Any = No
 def _check_classify_options(cfg: ClassifyConfig) -> None:
     if cfg.calibrate not in (None, "off") and cfg.method != "score":
         raise UsageError("--calibrate needs --method score: it adjusts label probabilities")
-
-
-# ---------------------------------------------------------------- prompt render
-
-
-@dataclass
-class Rendered:
-    item: Any
-    prompt: Any  # prompts.Prompt
-    seen: str  # the prompt as the model sees it: decoded from its ids (T5 normalises newlines to spaces)
-
-
-@dataclass
-class RenderRun:
-    window: Optional[int]
-    budget: Optional[int]
-    prompts: Iterator[Rendered] = field(default_factory=lambda: iter(()))
-
-
-def render(cfg: RenderConfig, hooks: Hooks = Hooks()) -> RenderRun:
-    """`llmlab prompt render`: the exact prompts, built with the tokenizer only (no weights)."""
-    from llmlab import models, prompts
-
-    template = find_template(cfg.prompt)
-    if cfg.input.path is not None:
-        items = read_input(cfg.input.path, cfg.input.format, template.fields[0], cfg.input.offset, cfg.input.limit)
-        prompts.require_fields(items, template)
-    else:
-        items = [template_item(template, None, cfg.prompt.vars, "prompt render")]
-    tokenizer, window, encoder_decoder = models.load_tokenizer(cfg.model.spec)
-    settings = settings_for(template, None, {"max_new_tokens": cfg.max_new_tokens})
-    options = prompts.options_for(template, cfg.prompt.shots, cfg.prompt.selection, cfg.prompt.seed,
-                                  chat_for(tokenizer, cfg.model.chat, template), cfg.prompt.shot_format,
-                                  cfg.prompt.overflow, settings.max_new_tokens)
-    builder = prompts.make_builder(template, tokenizer, window, options, cfg.prompt.examples, cfg.input.path,
-                                   encoder_decoder)
-
-    def each() -> Iterator[Rendered]:
-        for item in items:
-            built = builder.build(item)
-            for note in built.notes:
-                hooks.warn(note)
-            # What the model sees after the tokenizer's normalisation (T5: newlines become spaces).
-            yield Rendered(item, built, prompts.model_view(tokenizer, built.text))
-
-    return RenderRun(window, builder.budget(), each())
-
-
-def render_record(r: Rendered) -> dict[str, Any]:
-    """A `prompt render -f jsonl` record; `templated` says the prompt went through the chat template,
-    so `generate --input` sends it as it is."""
-    extra = {"model_text": r.seen} if r.seen != r.prompt.text else {}
-    return {"index": r.item.index, **r.item.fields, "prompt": r.prompt.text, **extra, "templated": r.prompt.chat,
-            "tokens": r.prompt.tokens, "shots": len(r.prompt.shots)}
 
 
 def with_prompt(prompt: PromptConfig, **changes: Any) -> PromptConfig:
