@@ -161,53 +161,29 @@ def _prompt(template, shots=None, selection=None, seed=None, shot_format=None, o
 # ---------------------------------------------------------------- generate
 
 
+PromptArg = Annotated[Optional[str], typer.Argument(help="The prompt. Omit it to read stdin or use --input.",
+                                                   show_default=False)]
+PromptField = Annotated[str, typer.Option("--field", rich_help_panel=IO_PANEL, help="Input field holding the prompt.")]
+Echo = Annotated[bool, typer.Option(rich_help_panel=IO_PANEL, help="Print the prompt before the completion.")]
+
+
 @app.command()
 def generate(
-    prompt: Annotated[Optional[str], typer.Argument(help="The prompt. Omit it to read stdin or use --input.",
-                                                    show_default=False)] = None,
-    model: Model = None,
-    device: Device = "auto",
-    dtype: DtypeOpt = Dtype.auto,
-    chat: Chat = None,
-    device_map: DeviceMapOpt = None,
-    max_memory: MaxMemoryOpt = None,
-    backend: BackendOpt = Backend.hf,
-    tensor_parallel_size: TensorParallel = 1,
-    dry_run: DryRun = False,
-    max_new_tokens: MaxNewTokens = None,
-    greedy: Greedy = None,
-    temperature: Temperature = None,
-    top_k: TopK = None,
-    top_p: TopP = None,
-    repetition_penalty: RepetitionPenalty = None,
-    num_beams: NumBeams = None,
-    num_return_sequences: NumReturn = None,
-    seed: Seed = None,
-    stop: Stop = None,
-    logprobs: Logprobs = None,
-    top_logprobs: TopLogprobs = None,
-    config: ConfigFile = None,
-    input: InputFile = None,
-    input_format: InputFormatOpt = InputFormat.auto,
-    field: Annotated[str, typer.Option(rich_help_panel=IO_PANEL, help="Input field holding the prompt.")] = "prompt",
-    offset: Offset = 0,
-    limit: Limit = None,
-    output: OutputFile = None,
-    format: OutputFormatOpt = OutputFormat.auto,
-    batch_size: BatchSize = "8",
-    resume: Resume = False,
-    echo: Annotated[bool, typer.Option(rich_help_panel=IO_PANEL, help="Print the prompt before the completion.")] = False,
-    template: TemplateOpt = None,
-    shots: Shots = None,
-    shot_selection: ShotSelection = None,
-    shot_format: ShotFormatOpt = None,
-    overflow: OverflowOpt = Overflow.drop_shots,
-    examples: Examples = None,
-    prompts_dir: PromptsDir = None,
-    var: Vars = None,
-    no_log: NoLog = False,
-    quiet: Quiet = False,
-    verbose: Verbose = False,
+    prompt: PromptArg = None,
+    model: Model = None, device: Device = "auto", dtype: DtypeOpt = Dtype.auto, chat: Chat = None,
+    device_map: DeviceMapOpt = None, max_memory: MaxMemoryOpt = None, backend: BackendOpt = Backend.hf,
+    tensor_parallel_size: TensorParallel = 1, dry_run: DryRun = False,
+    max_new_tokens: MaxNewTokens = None, greedy: Greedy = None, temperature: Temperature = None, top_k: TopK = None,
+    top_p: TopP = None, repetition_penalty: RepetitionPenalty = None, num_beams: NumBeams = None,
+    num_return_sequences: NumReturn = None, seed: Seed = None, stop: Stop = None, logprobs: Logprobs = None,
+    top_logprobs: TopLogprobs = None, config: ConfigFile = None,
+    input: InputFile = None, input_format: InputFormatOpt = InputFormat.auto, field: PromptField = "prompt",
+    offset: Offset = 0, limit: Limit = None, output: OutputFile = None, format: OutputFormatOpt = OutputFormat.auto,
+    batch_size: BatchSize = "8", resume: Resume = False, echo: Echo = False,
+    template: TemplateOpt = None, shots: Shots = None, shot_selection: ShotSelection = None,
+    shot_format: ShotFormatOpt = None, overflow: OverflowOpt = Overflow.drop_shots, examples: Examples = None,
+    prompts_dir: PromptsDir = None, var: Vars = None,
+    no_log: NoLog = False, quiet: Quiet = False, verbose: Verbose = False,
 ) -> None:
     """Complete prompts: one from the argument or stdin (streamed), or a batch from --input (JSONL out).
 
@@ -241,53 +217,35 @@ def generate(
 # ---------------------------------------------------------------- classify
 
 
+TextArg = Annotated[Optional[str], typer.Argument(help="The input for a one-field template. Omit it to read stdin "
+                                                 "or use --input.", show_default=False)]
+ClassifyTemplate = Annotated[str, typer.Option("--template", "-t", rich_help_panel=PROMPT_PANEL, show_default=False,
+                                               help="A classify template: name or .yaml path. [required]")]
+CalibrateFlag = Annotated[bool, typer.Option("--calibrate", rich_help_panel=CLASSIFY_PANEL,
+                                             help="Contextual calibration: divide out the label bias measured on "
+                                             "content-free inputs (N/A, empty, [MASK]); -v shows it. Same as "
+                                             "--calibration contextual.")]
+Calibration = Annotated[Optional[str], typer.Option("--calibration", rich_help_panel=CLASSIFY_PANEL,
+                                                    show_default="the template's calibrate:, else off",
+                                                    help="Calibration method: off, contextual (Zhao et al. 2021), "
+                                                    "batch (Zhou et al. 2024: the bias is the mean over the "
+                                                    "inputs), domain (Fei et al. 2023: random in-domain words).")]
+
+
 @app.command()
 def classify(
-    text: Annotated[Optional[str], typer.Argument(help="The input for a one-field template. Omit it to read stdin "
-                                                  "or use --input.", show_default=False)] = None,
-    template: Annotated[str, typer.Option("--template", "-t", rich_help_panel=PROMPT_PANEL, show_default=False,
-                                          help="A classify template: name or .yaml path. [required]")] = ...,
-    model: Model = None,
-    device: Device = "auto",
-    dtype: DtypeOpt = Dtype.auto,
-    chat: Chat = None,
-    device_map: DeviceMapOpt = None,
-    max_memory: MaxMemoryOpt = None,
-    backend: BackendOpt = Backend.hf,
-    tensor_parallel_size: TensorParallel = 1,
-    dry_run: DryRun = False,
-    method: MethodOpt = Method.score,
-    normalize: NormalizeOpt = Normalize.none,
-    calibrate: Annotated[bool, typer.Option(rich_help_panel=CLASSIFY_PANEL,
-                                            help="Contextual calibration: divide out the label bias measured on "
-                                            "content-free inputs (N/A, empty, [MASK]); -v shows it. Same as "
-                                            "--calibration contextual.")] = False,
-    calibration: Annotated[Optional[str], typer.Option(rich_help_panel=CLASSIFY_PANEL,
-                                                       show_default="the template's calibrate:, else off",
-                                                       help="Calibration method: off, contextual (Zhao et al. 2021), "
-                                                       "batch (Zhou et al. 2024: the bias is the mean over the "
-                                                       "inputs), domain (Fei et al. 2023: random in-domain words)."
-                                                       )] = None,
-    ensemble: Ensemble = 1,
-    shots: Shots = None,
-    shot_selection: ShotSelection = None,
-    seed: ShotSeed = None,
-    shot_format: ShotFormatOpt = None,
-    overflow: OverflowOpt = Overflow.drop_shots,
-    examples: Examples = None,
-    prompts_dir: PromptsDir = None,
+    text: TextArg = None, template: ClassifyTemplate = ...,
+    model: Model = None, device: Device = "auto", dtype: DtypeOpt = Dtype.auto, chat: Chat = None,
+    device_map: DeviceMapOpt = None, max_memory: MaxMemoryOpt = None, backend: BackendOpt = Backend.hf,
+    tensor_parallel_size: TensorParallel = 1, dry_run: DryRun = False,
+    method: MethodOpt = Method.score, normalize: NormalizeOpt = Normalize.none, calibrate: CalibrateFlag = False,
+    calibration: Calibration = None, ensemble: Ensemble = 1,
+    shots: Shots = None, shot_selection: ShotSelection = None, seed: ShotSeed = None, shot_format: ShotFormatOpt = None,
+    overflow: OverflowOpt = Overflow.drop_shots, examples: Examples = None, prompts_dir: PromptsDir = None,
     var: Vars = None,
-    input: InputFile = None,
-    input_format: InputFormatOpt = InputFormat.auto,
-    offset: Offset = 0,
-    limit: Limit = None,
-    output: OutputFile = None,
-    format: OutputFormatOpt = OutputFormat.auto,
-    batch_size: BatchSize = "16",
-    resume: Resume = False,
-    no_log: NoLog = False,
-    quiet: Quiet = False,
-    verbose: Verbose = False,
+    input: InputFile = None, input_format: InputFormatOpt = InputFormat.auto, offset: Offset = 0, limit: Limit = None,
+    output: OutputFile = None, format: OutputFormatOpt = OutputFormat.auto, batch_size: BatchSize = "16",
+    resume: Resume = False, no_log: NoLog = False, quiet: Quiet = False, verbose: Verbose = False,
 ) -> None:
     """Pick a label for each input by scoring every label's text after the prompt.
 

@@ -29,10 +29,17 @@ def test_gguf_is_cached_as_safetensors(smollm2, smollm2_cache):
 
 def test_batch_of_questions_in_order(smollm2):
     data = '{"id": "q1", "prompt": "What is the capital of France?"}\n{"id": "q2", "prompt": "What color is the sky on a clear day?"}\n'
-    result = invoke(["generate", "-i", "-", "--max-new-tokens", 24], input=data)
+    result = invoke(["generate", "-i", "-", "--max-new-tokens", 24, "--top-logprobs", 2], input=data)
     rows = jsonl(result.stdout)
     assert [r["id"] for r in rows] == ["q1", "q2"]
     assert "Paris" in rows[0]["completion"] and "blue" in rows[1]["completion"].lower()
+    for row in rows:  # --top-logprobs on the real model: greedy picks each step's most likely token
+        tokens = row["logprobs"]
+        assert len(tokens) == row["completion_tokens"] and "".join(t["token"] for t in tokens) == row["completion"]
+        assert all(t["top_logprobs"][0]["id"] == t["id"] and t["logprob"] <= 0 for t in tokens)
+        assert all(t["top_logprobs"][0]["logprob"] >= t["top_logprobs"][1]["logprob"] for t in tokens)
+    paris = next(t for t in rows[0]["logprobs"] if "Paris" in t["token"])
+    assert paris["logprob"] > -0.7  # the model is sure of it: p > 0.5
 
 
 REVIEWS = str(__import__("pathlib").Path(__file__).parent / "data" / "obvious_reviews.jsonl")
