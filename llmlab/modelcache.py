@@ -313,7 +313,7 @@ class CachedModel:
 
 def cached_models() -> list[CachedModel]:
     """Aliases, the embedded model, converted GGUF entries and the local Hugging Face cache."""
-    from llmlab.loading import ALIASES, embedded_gguf
+    from llmlab.modelspec import ALIASES, embedded_gguf
 
     hub = _hub_models()
     rows = []
