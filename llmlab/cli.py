@@ -115,7 +115,7 @@ def hooks(no_log: bool = False):
     from llmlab.session import Hooks
 
     def open_run(command: str, **details: Any) -> Any:
-        return runlog.open_run(command, ["llmlab", *_ARGS], no_log=no_log, **details)
+        return runlog.open_run(command, ["llmlab", *_ARGS], no_log=no_log, on_warn=console.warn, **details)
 
     return Hooks(progress=console.progress, warn=console.warn, info=console.info, note=console.note,
                  open_run=open_run)

@@ -70,7 +70,7 @@ def compare_cmd(
         runlog.connect().close()  # a log that can't be opened fails now, not after the first variant
 
     def open_run(*args, **kwargs):
-        return runlog.open_run(*args, no_log=no_log, data=input, **kwargs)
+        return runlog.open_run(*args, no_log=no_log, data=input, on_warn=console.warn, **kwargs)
 
     with console.progress(len(items) * len(chosen), "comparing") as bar:
         m = compare.run_compare(chosen, items, opts, open_run, bar)
