@@ -118,7 +118,7 @@ def hooks(no_log: bool = False):
         return runlog.open_run(command, ["llmlab", *_ARGS], no_log=no_log, on_warn=console.warn, **details)
 
     return Hooks(progress=console.progress, warn=console.warn, info=console.info, note=console.note,
-                 open_run=open_run)
+                 detail=console.detail, open_run=open_run)
 
 
 def _model(model, device, dtype, chat, device_map=None, max_memory=None, backend="hf", tensor_parallel_size=1):

@@ -56,6 +56,12 @@ def note(message: str) -> None:
         stderr().print(message, markup=False)
 
 
+def detail(message: str) -> None:
+    """A fact shown only with --verbose (a calibration's bias...)."""
+    if _state["verbose"]:
+        note(message)
+
+
 def error(message: str) -> None:
     Console(file=sys.stderr, highlight=False, soft_wrap=True).print(
         f"[red]error:[/red] {message}", markup=True

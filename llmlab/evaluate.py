@@ -73,7 +73,7 @@ def _run_seed(session: Any, combo: Combo, seed: int, plan_: EvalPlan, settings: 
                               default_selection="random")
     where = {"template": combo.template.name, "combo": runlog.combo(combo.shots, seed, combo.calibrate)}
     measure = _classify_seed if combo.template.task == "classify" else _generate_seed
-    metrics, samples, elapsed = measure(session.lm, combo, builder, plan_, settings, bar, log, where)
+    metrics, samples, elapsed = measure(session, combo, builder, plan_, settings, bar, log, where)
     n = len(combo.task.items)
     run = {"seed": seed, "metrics": metrics, "items": n, "seconds": elapsed,
            "items_per_s": n / elapsed if elapsed > 0 else 0.0}
@@ -105,15 +105,15 @@ def _log_gathered(logged: Callable[..., None], results: Iterable[tuple[Any, ...]
         logged(*result)
 
 
-def _classify_seed(lm: Any, combo: Combo, builder: Any, plan_: EvalPlan, settings: Any, bar: Any, log: Any,
+def _classify_seed(session: Any, combo: Combo, builder: Any, plan_: EvalPlan, settings: Any, bar: Any, log: Any,
                    where: dict[str, str]) -> tuple[dict[str, Any], list[dict[str, Any]], float]:
     """(metrics, samples, seconds) of one seed of a classify combination."""
     from llmlab import classify, parallel
 
-    template, items = combo.template, combo.task.items
+    template, items, lm = combo.template, combo.task.items, session.lm
     started = time.perf_counter()
     clf = classify.Classifier(lm, builder, plan_.method, plan_.normalize, combo.calibrate, plan_.batch_size,
-                              settings, plan_.ensemble)
+                              settings, plan_.ensemble, session.hooks.detail)
 
     def logged(r: Any) -> None:
         log.item(r.item.index, r.prompt, r.completion, r.prediction, r.probabilities,
@@ -130,12 +130,12 @@ def _classify_seed(lm: Any, combo: Combo, builder: Any, plan_: EvalPlan, setting
     return metrics, samples, elapsed
 
 
-def _generate_seed(lm: Any, combo: Combo, builder: Any, plan_: EvalPlan, settings: Any, bar: Any, log: Any,
+def _generate_seed(session: Any, combo: Combo, builder: Any, plan_: EvalPlan, settings: Any, bar: Any, log: Any,
                    where: dict[str, str]) -> tuple[dict[str, Any], list[dict[str, Any]], float]:
     """(metrics, samples, seconds) of one seed of a generate combination."""
     from llmlab import generation, parallel, session as sessions
 
-    items = combo.task.items
+    items, lm = combo.task.items, session.lm
     started = time.perf_counter()
     jobs = generation.template_jobs(builder, items)
     refs = [[str(i.fields[f]) for f in combo.task.refs] for i in items]

@@ -6,7 +6,6 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from llmlab import console
 from llmlab.errors import UsageError
 from llmlab.io import Item
 
@@ -55,7 +54,7 @@ def template_jobs(builder: Any, items: Sequence[Item]) -> list[Job]:
     for item in items:
         prompt = builder.build(item)
         for note in prompt.notes:
-            console.warn(note)
+            builder.on_warn(note)
         jobs.append(Job(item, prompt.plain, prompt.text, prompt.chat))
     return jobs
 

@@ -47,6 +47,7 @@ class Hooks:
     warn: Callable[[str], None] = lambda message: None
     info: Callable[[str], None] = lambda message: None
     note: Callable[[str], None] = lambda message: None
+    detail: Callable[[str], None] | None = None  # facts shown only with --verbose (None: not asked for)
     open_run: Callable[..., Any] = _no_log
 
 
@@ -115,6 +116,7 @@ class Session:
         from llmlab import models
 
         self.model = model
+        self.hooks = hooks or Hooks()
         if lm is None and model.backend == "vllm":
             from llmlab.backends import vllm
 
@@ -136,7 +138,7 @@ class Session:
                                       prompt.shot_format, prompt.overflow, max_new_tokens,
                                       default_selection=default_selection)
         return prompts.make_builder(template, lm.tokenizer, lm.window, options, prompt.examples, input_path,
-                                    lm.is_encoder_decoder, lm=lm)
+                                    lm.is_encoder_decoder, lm=lm, on_warn=self.hooks.warn)
 
 
 def check_prompt_options(prompt: PromptConfig) -> None:
@@ -373,7 +375,7 @@ def classify(cfg: ClassifyConfig, hooks: Hooks = Hooks(), table: bool = False, l
         session = _loaded(cfg.model, lm, log, hooks)
         builder = session.builder(template, cfg.prompt, settings.max_new_tokens, cfg.input.path)
         classifier = clf.Classifier(session.lm, builder, cfg.method, cfg.normalize, mode, cfg.batch_size,
-                                    settings, cfg.ensemble)
+                                    settings, cfg.ensemble, hooks.detail)
         # Results are handed on per chunk: small chunks keep the progress bar true to the work done.
         chunk = 2 * (cfg.batch_size or 16)
         with contextlib.ExitStack() as stack:
@@ -453,7 +455,7 @@ def render(cfg: RenderConfig, hooks: Hooks = Hooks()) -> RenderRun:
                                   chat_for(tokenizer, cfg.model.chat, template), cfg.prompt.shot_format,
                                   cfg.prompt.overflow, settings.max_new_tokens)
     builder = prompts.make_builder(template, tokenizer, window, options, cfg.prompt.examples, cfg.input.path,
-                                   encoder_decoder)
+                                   encoder_decoder, on_warn=hooks.warn)
 
     def each() -> Iterator[Rendered]:
         for item in items:
