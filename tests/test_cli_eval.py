@@ -87,28 +87,28 @@ def test_eval_generate_template(tiny_models, tmp_path):
         ('{"id": 1, "text": "a", "label": "pos"}\n{"id": 1, "text": "b", "label": "neg"}\n', "line 2: duplicate id 1"),
     ],
 )
-def test_eval_bad_data(tiny_models, tmp_path, rows, error):
+def test_eval_bad_data(no_model, tmp_path, rows, error):
     tmpl = tmp_path / "toy.yaml"
     tmpl.write_text(TEMPLATE)
     data = tmp_path / "bad.jsonl"
     data.write_text(rows)
     report = tmp_path / "r.json"
-    result = invoke(["eval", "-m", tiny_models["llama"], "-t", tmpl, "--data", data, "--report", report])
+    result = invoke(["eval", "-m", "./never-loaded", "-t", tmpl, "--data", data, "--report", report])
     assert result.exit_code == 3
     assert error in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert result.stdout == "" and not report.exists()
 
 
-def test_eval_non_utf8(tiny_models, tmp_path):
+def test_eval_non_utf8(no_model, tmp_path):
     tmpl = tmp_path / "toy.yaml"
     tmpl.write_text(TEMPLATE)
     data = tmp_path / "bad.jsonl"
     data.write_bytes(b'{"text": "caf\xe9", "label": "pos"}\n')
-    result = invoke(["eval", "-m", tiny_models["llama"], "-t", tmpl, "--data", data])
+    result = invoke(["eval", "-m", "./never-loaded", "-t", tmpl, "--data", data])
     assert result.exit_code == 3 and "line 1: not UTF-8 text" in result.stderr
 
 
-def test_eval_report_folder_is_checked_before_the_run(tiny_models, data, tmp_path):
+def test_eval_report_folder_is_checked_before_the_run(data, tmp_path):
     tmpl = tmp_path / "toy.yaml"
     tmpl.write_text(TEMPLATE)
     result = invoke(["eval", "-m", "./not-loaded", "-t", tmpl, "--data", data, "--report", tmp_path / "no" / "r.json"])

@@ -142,10 +142,10 @@ def test_truncate_keeps_the_end_and_fits(tiny_models, toy):
         (TEMPLATE.replace("{text}", "{text!r}"), [], "bad placeholder"),
     ],
 )
-def test_bad_templates(tiny_models, tmp_path, body, args, error):
+def test_bad_templates(fake_lm, tmp_path, body, args, error):
     path = tmp_path / "bad.yaml"
     path.write_text(body)
-    result = render(tiny_models["llama"], path, *(args if "--var" in args else [*args, "--var", "text=hi"]))
+    result = render("fake", path, *(args if "--var" in args else [*args, "--var", "text=hi"]))
     assert result.exit_code != 0
     assert error in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
