@@ -16,6 +16,13 @@ from llmlab.errors import DataError, UsageError
 from llmlab.locks import OutputLock, SigtermAsExit
 from llmlab.resume import check_same_input, finished_records, record_key  # noqa: F401 - record_key re-exported
 
+# this module's public names, and record_key (from llmlab.resume) that callers import from here
+__all__ = [
+    "INPUT_FORMATS", "Item", "OUTPUT_FORMATS", "Output", "Writer", "check_output_path", "check_unique_ids",
+    "detect_format", "lines", "output_format", "read_items", "read_text", "record_key", "require_field",
+    "require_text",
+]
+
 INPUT_FORMATS = ("auto", "jsonl", "csv", "tsv", "text")
 OUTPUT_FORMATS = ("auto", "jsonl", "csv", "text")
 _EXTENSIONS = {

@@ -16,6 +16,14 @@ from llmlab.templates import (  # noqa: F401 - re-exported: llmlab.prompts.find_
     placeholders, require_fields, scan_templates, search_dirs,
 )
 
+# this module's public names and those it re-exports from llmlab.templates (callers import them from here)
+__all__ = [
+    "BuildOptions", "KEYS", "OVERFLOW_MODES", "Prompt", "PromptBuilder", "SELECTIONS", "SHOT_FORMATS", "SOURCE_DIR",
+    "TASKS", "Template", "builtin_dir", "check_examples", "fill", "find_template", "list_templates", "load_examples",
+    "load_template", "make_builder", "model_view", "options_for", "parse_vars", "placeholders", "require_fields",
+    "scan_templates", "search_dirs", "select_shots", "shot_order", "shots_note",
+]
+
 def shot_order(size: int, selection: str, seed: int) -> list[int]:
     """The order a pool of `size` examples is drawn in: pool order for first (and similar, which
     ranks the pool per item instead), else a seeded shuffle."""
