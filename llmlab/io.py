@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
 import os
 import sys
@@ -215,12 +216,10 @@ def require_text(items: Iterable[Item], fields: Sequence[str]) -> None:
             raise DataError(f"{item.source}: field '{name}' is {_kind(value)}, not text; "
                             f"give it a string (e.g. \"{name}\": \"...\") or drop the line")
     if numbers:
-        from llmlab import console
-
         item, name = numbers[0]
         text = json.dumps(item.fields[name])
         more = f" ({len(numbers)} numbers in all are used as text)" if len(numbers) > 1 else ""
-        console.warn(f"{item.source}: field '{name}' is the number {text}, not text; using the text "
+        logging.getLogger("llmlab").warning(f"{item.source}: field '{name}' is the number {text}, not text; using the text "
                      f"'{text}'{more}")
 
 

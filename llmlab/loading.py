@@ -6,6 +6,7 @@ names are re-exported here)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import socket
@@ -14,7 +15,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable
 
-from llmlab import console, modelcache
+from llmlab import modelcache
 from llmlab.devices import (  # noqa: F401 - re-exported
     DEVICES, DTYPES, FP32_MAX_PARAMS, auto_dtype, count_parameters, map_device, resolve_device, resolve_dtype,
     weights_dtype)
@@ -45,7 +46,7 @@ def _first_line(exc: BaseException) -> str:
 def _quiet_transformers() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    if not console.verbose():
+    if not logging.getLogger("llmlab").isEnabledFor(logging.DEBUG):  # the CLI's --verbose enables DEBUG
         os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF converter's own tqdm bar
     import warnings
 
@@ -248,7 +249,7 @@ def load(spec: str | None, device: str = "auto", dtype: str = "auto", device_map
     tokenizer = _tokenizer(ref)
     device_name, where = _place(model, device_name, device_map)
     model.eval()
-    console.info(
+    logging.getLogger("llmlab").info(
         f"loaded {ref.name} ({config.model_type}, {model_class.__name__.removeprefix('AutoModelFor')}) "
         f"on {where} as {str(torch_dtype).removeprefix('torch.')} "
         f"in {time.perf_counter() - started:.1f} s"
