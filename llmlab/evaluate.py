@@ -23,7 +23,7 @@ from llmlab.metrics import (  # noqa: F401 - re-exported
 # this module's public names and those it re-exports (callers import them from here)
 __all__ = [
     "CALIBRATION", "Combo", "EvalPlan", "EvalTask", "check_data", "check_report_path", "classification_metrics",
-    "data_name", "evaluate", "generation_metrics", "load_plan_file", "mean_std", "normalize_answer",
+    "data_name", "evaluate", "generation_metrics", "load_plan_file", "mean_std", "model_facts", "normalize_answer",
     "parse_calibration", "parse_shots", "parse_task", "plan", "plan_config", "prepare", "run_combo", "summarize",
     "versions", "write_report",
 ]
@@ -192,11 +192,7 @@ def evaluate(session: Any, plan_: EvalPlan, bar: Any = None, log: Any = None) ->
         "llmlab": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": " ".join(["llmlab", *sys.argv[1:]]) if sys.argv else "llmlab eval",
-        "model": {"name": lm.name, "type": getattr(lm.model.config, "model_type", None),
-                  "encoder_decoder": lm.is_encoder_decoder, "device": lm.device,
-                  "dtype": str(lm.model.dtype).removeprefix("torch."), "window": lm.window,
-                  # --device-map: where accelerate put each module (None: all on `device`)
-                  "device_map": {k: str(v) for k, v in getattr(lm.model, "hf_device_map", {}).items()} or None},
+        "model": model_facts(lm),
         "data": [{"template": t.template.name, "path": t.data, "name": data_name(t.data), "items": len(t.items)}
                  for t in plan_.tasks],
         "config": plan_config(plan_, session.model.chat),
@@ -205,3 +201,15 @@ def evaluate(session: Any, plan_: EvalPlan, bar: Any = None, log: Any = None) ->
         "results": results,
         "versions": versions(),
     }
+
+
+def model_facts(lm: Any) -> dict[str, Any]:
+    """The report's model: name, type, device, dtype, window and placement. A backend without a
+    transformers model behind it (FakeLM) has no type, dtype or placement: None."""
+    model = getattr(lm, "model", None)
+    dtype = getattr(model, "dtype", None)
+    return {"name": lm.name, "type": getattr(getattr(model, "config", None), "model_type", None),
+            "encoder_decoder": lm.is_encoder_decoder, "device": lm.device,
+            "dtype": None if dtype is None else str(dtype).removeprefix("torch."), "window": lm.window,
+            # --device-map: where accelerate put each module (None: all on `device`)
+            "device_map": {k: str(v) for k, v in (getattr(model, "hf_device_map", None) or {}).items()} or None}

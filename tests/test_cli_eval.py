@@ -122,23 +122,26 @@ def test_eval_report_onto_a_directory_fails_before_the_run(data, toy, tmp_path):
     assert result.stderr.startswith(f"error: --report '{tmp_path}' is a directory; give a file name inside it")
 
 
-def test_two_templates_each_on_its_own_data_one_table(tiny_models, data, toy, tmp_path):
+def test_two_templates_each_on_its_own_data_one_table(fake_lm, data, toy, tmp_path):
     topic = tmp_path / "topic.yaml"
     topic.write_text("name: topic\ntask: classify\ninput: 'Text: {text}\\nTopic:'\ntarget: label\n"
                      "labels: [World, Sports]\n")
     news = tmp_path / "news.jsonl"
     news.write_text('{"text": "the match", "label": "Sports"}\n{"text": "the summit", "label": "World"}\n'
                     '{"text": "a goal", "label": "Sports"}\n')
-    result = invoke(["eval", "-m", tiny_models["llama"], "-t", f"{toy}={data}", "-t", f"{topic}={news}"])
+    result = invoke(["eval", "-m", "fake", "-t", f"{toy}={data}", "-t", f"{topic}={news}"])
     assert result.exit_code == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0] == f"{tiny_models['llama']} on data.jsonl (5 items), news.jsonl (3 items)"
+    assert lines[0] == "fake on data.jsonl (5 items), news.jsonl (3 items)"
     assert [line.split()[:6] for line in lines[2:4]] == [["toy", "data.jsonl", "0", "off", "1", "5"],
                                                           ["topic", "news.jsonl", "0", "off", "1", "3"]]
     plan = tmp_path / "plan.yaml"
     plan.write_text(f"tasks:\n  - {{template: {toy}, data: data.jsonl}}\n  - {{template: {topic}, data: news.jsonl}}\n")
-    by_plan = invoke(["eval", "-m", tiny_models["llama"], "--plan", plan])
+    by_plan = invoke(["eval", "-m", "fake", "--plan", plan, "--report", tmp_path / "r.json"])
     assert by_plan.exit_code == 0, by_plan.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["model"] == {
+        "name": "fake", "type": None, "encoder_decoder": False, "device": "cpu", "dtype": None, "window": 4096,
+        "device_map": None}  # a backend with no transformers model behind it
     assert [line.split()[:6] for line in by_plan.stdout.splitlines()[2:4]] == [line.split()[:6] for line in lines[2:4]]
 
 
