@@ -284,3 +284,21 @@ def test_render_uses_the_template_shots(tiny_models, tmp_path):
     (tmp_path / "toy.yaml").write_text(TEMPLATE + "shots: 2\n")
     result = invoke(["prompt", "render", "toy", "--prompts-dir", tmp_path, "-m", tiny_models["llama"], "--var", "text=x"])
     assert result.exit_code == 0 and result.stderr.endswith("(2 shots)\n")
+
+
+def test_the_builder_warns_through_on_warn_and_never_prints(toy, capsys):
+    from llmlab import prompts
+    from llmlab.backends.fake import CharTokenizer
+    from llmlab.io import Item
+
+    template = prompts.load_template(str(toy))
+    warnings = []
+    builder = prompts.make_builder(template, CharTokenizer(), 4096, prompts.options_for(template, shots=9),
+                                   on_warn=warnings.append)
+    assert warnings == ["--shots 9, but template 'toy' has only 5 examples to show: using 5"]
+    prompts.make_builder(template, CharTokenizer(), 4096, prompts.options_for(template, shots=9))
+    assert capsys.readouterr().err == ""  # no on_warn: nothing is said, nothing printed
+    small = prompts.make_builder(template, CharTokenizer(), 60, prompts.options_for(template, shots=2),
+                                 on_warn=warnings.append)
+    built = small.build(Item(0, {"text": "fine"}, "row 1"))
+    assert built.notes and capsys.readouterr().err == ""  # dropped shots are notes, for the caller's on_warn
