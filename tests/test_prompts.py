@@ -293,8 +293,8 @@ def test_the_builder_warns_through_on_warn_and_never_prints(toy, capsys):
 
     template = prompts.load_template(str(toy))
     warnings = []
-    builder = prompts.make_builder(template, CharTokenizer(), 4096, prompts.options_for(template, shots=9),
-                                   on_warn=warnings.append)
+    prompts.make_builder(template, CharTokenizer(), 4096, prompts.options_for(template, shots=9),
+                         on_warn=warnings.append)
     assert warnings == ["--shots 9, but template 'toy' has only 5 examples to show: using 5"]
     prompts.make_builder(template, CharTokenizer(), 4096, prompts.options_for(template, shots=9))
     assert capsys.readouterr().err == ""  # no on_warn: nothing is said, nothing printed
