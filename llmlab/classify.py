@@ -9,7 +9,6 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from llmlab import console
 from llmlab.errors import UsageError
 from llmlab.io import Item
 
@@ -100,7 +99,8 @@ class Classifier:
     """Classifies items with a classify template's labels."""
 
     def __init__(self, lm: Any, builder: Any, method: str = "score", normalize: str = "none",
-                 calibrate: bool | str = False, batch_size: int = 16, settings: Any = None, ensemble: int = 1):
+                 calibrate: bool | str = False, batch_size: int = 16, settings: Any = None, ensemble: int = 1,
+                 on_detail: Callable[[str], None] | None = None):
         if method not in METHODS:
             raise UsageError(f"invalid --method '{method}': choose score or generate")
         if normalize not in NORMALIZE:
@@ -124,6 +124,7 @@ class Classifier:
         self.ensemble = ensemble
         self.batch_size = batch_size
         self.settings = settings
+        self.on_detail = on_detail  # told each calibration bias (the CLI shows it with --verbose); None: not told
         self._bias: dict[tuple[Any, ...], list[float]] = {}
         self._domain: list[str] = []  # Fei et al.'s random in-domain texts, made from the items classified
         self.label_tokens = max(len(lm.continuation_ids(" " + v)) for v in self.template.labels.values())
@@ -170,8 +171,8 @@ class Classifier:
         return self._bias[key]
 
     def _show_bias(self, what: str, bias: Sequence[float]) -> None:
-        if console.verbose():
-            console.note(f"{what}: " + ", ".join(f"{label} {p:.3f}" for label, p in zip(self.labels, bias)))
+        if self.on_detail is not None:
+            self.on_detail(f"{what}: " + ", ".join(f"{label} {p:.3f}" for label, p in zip(self.labels, bias)))
 
     def classify(self, items: Sequence[Item], on_result: Callable[[Classification], None] | None = None,
                  chunk: int = 64) -> list[Classification]:
@@ -214,7 +215,7 @@ class Classifier:
         prompts = [self.builder.build(item, self.label_tokens, draw=draw) for item in part]
         for prompt in prompts:
             for note in prompt.notes:
-                console.warn(note)
+                self.builder.on_warn(note)
         return prompts
 
     def _scored_draws(self, part: Sequence[Item]) -> list[tuple[Item, list[tuple[Any, list[float], list[float]]]]]:

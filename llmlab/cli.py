@@ -115,10 +115,10 @@ def hooks(no_log: bool = False):
     from llmlab.session import Hooks
 
     def open_run(command: str, **details: Any) -> Any:
-        return runlog.open_run(command, ["llmlab", *_ARGS], no_log=no_log, **details)
+        return runlog.open_run(command, ["llmlab", *_ARGS], no_log=no_log, on_warn=console.warn, **details)
 
     return Hooks(progress=console.progress, warn=console.warn, info=console.info, note=console.note,
-                 open_run=open_run, emit=console.emit)
+                 detail=console.detail, open_run=open_run, emit=console.emit)
 
 
 def _model(model, device, dtype, chat, device_map=None, max_memory=None, backend="hf", tensor_parallel_size=1):

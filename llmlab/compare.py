@@ -177,7 +177,7 @@ def variants(templates: Sequence[Any], models: Sequence[str], presets: Sequence[
 
 
 def run_variant(variant: Variant, items: Sequence[Any], opts: dict[str, Any], lms: dict[Any, Any],
-                on_item: Callable[[dict[str, Any]], None], warn: Callable[[str], None]) -> Any:
+                on_item: Callable[[dict[str, Any]], None], on_warn: Callable[[str], None] | None = None) -> Any:
     """THE adapter to the model side: load (cached in `lms`), build prompts, classify or generate,
     and hand each finished item to on_item as a runlog item dict. Returns the loaded model."""
     from llmlab import classify, generation, models, prompts, settings as settings_mod
@@ -202,7 +202,7 @@ def run_variant(variant: Variant, items: Sequence[Any], opts: dict[str, Any], lm
         build_opts = prompts.options_for(tmpl, opts["shots"], None, opts["seed"], chat, None, "drop-shots",
                                          settings.max_new_tokens)
         builder = prompts.make_builder(tmpl, lm.tokenizer, lm.window, build_opts, None, opts["input"],
-                                       lm.is_encoder_decoder)
+                                       lm.is_encoder_decoder, on_warn=on_warn)
     if tmpl is not None and tmpl.task == "classify":
         clf = classify.Classifier(lm, builder, opts["method"], "none", opts["calibrate"], opts["batch_size"], settings)
         clf.classify(items, on_result=lambda r: emit(r.item, r.prompt, prediction=r.prediction,
@@ -211,16 +211,16 @@ def run_variant(variant: Variant, items: Sequence[Any], opts: dict[str, Any], lm
     if tmpl is None:
         jobs = generation.plain_jobs(items, opts["field"], lm.tokenizer, chat)
     else:
-        jobs = generation.template_jobs(builder, items, warn)
+        jobs = generation.template_jobs(builder, items)
     lm.generate([GenRequest(j.model_text, j.chat) for j in jobs], settings, batch_size=opts["batch_size"],
                 on_output=lambda i, out: emit(jobs[i].item, jobs[i].model_text, output=out.completions[0].strip()))
     return lm
 
 
 def run_compare(chosen: Sequence[Variant], items: Sequence[Any], opts: dict[str, Any], open_run: Callable[..., Any],
-                progress: Any = None, warn: Callable[[str], None] = lambda message: None) -> Matrix:
-    """Run every variant over the same items, each logged as its own `compare` run; the matrix of
-    them. warn(message): what the prompt builder notes (dropped demonstrations...)."""
+                progress: Any = None, on_warn: Callable[[str], None] | None = None) -> Matrix:
+    """Run every variant over the same items, each logged as its own `compare` run; the matrix of them.
+    on_warn: where prompt warnings go (dropped shots...); the CLI's console.warn."""
     lms: dict[Any, Any] = {}
     found: list[list[dict[str, Any]]] = []
     for variant in chosen:
@@ -237,7 +237,7 @@ def run_compare(chosen: Sequence[Variant], items: Sequence[Any], opts: dict[str,
                 if progress:
                     progress.advance(1)
 
-            lm = run_variant(variant, items, opts, lms, keep, warn)
+            lm = run_variant(variant, items, opts, lms, keep, on_warn)
             log.update(model=lm.name, device=lm.device)
             column = matrix([{"id": 0, "label": variant.label}], lambda _: kept).columns[0]
             log.metrics({column.metric_name: column.metric} if column.metric_name else {})

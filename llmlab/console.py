@@ -7,6 +7,7 @@ Progress bars and info logs show only when stderr is a terminal; warnings show u
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
 from typing import Iterator
 
@@ -18,6 +19,24 @@ _state = {"quiet": False, "verbose": False}
 def configure(quiet: bool = False, verbose: bool = False) -> None:
     _state["quiet"] = quiet
     _state["verbose"] = verbose and not quiet
+    _show_library_log()
+
+
+class _LibraryLog(logging.Handler):
+    """The logger "llmlab" (library code's warnings and progress logs) shown here: a warning as
+    warn(), anything less as info()."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        (warn if record.levelno >= logging.WARNING else info)(record.getMessage())
+
+
+def _show_library_log() -> None:
+    log = logging.getLogger("llmlab")
+    if not any(isinstance(h, _LibraryLog) for h in log.handlers):
+        log.addHandler(_LibraryLog())
+        log.propagate = False  # shown once, here, whatever the root logger does
+    # DEBUG with --verbose: library code may then show more (the GGUF converter's progress bar)
+    log.setLevel(logging.DEBUG if _state["verbose"] else logging.INFO)
 
 
 def stderr() -> Console:
@@ -60,6 +79,12 @@ def note(message: str) -> None:
     """A fact the user asked for on stderr (token counts...): shown unless --quiet."""
     if not _state["quiet"]:
         stderr().print(message, markup=False)
+
+
+def detail(message: str) -> None:
+    """A fact shown only with --verbose (a calibration's bias...)."""
+    if _state["verbose"]:
+        note(message)
 
 
 def error(message: str) -> None:

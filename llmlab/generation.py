@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from llmlab.errors import UsageError
 from llmlab.io import Item
@@ -47,13 +48,13 @@ def plain_jobs(items: Sequence[Item], field: str, tokenizer: Any, chat: bool) ->
     return jobs
 
 
-def template_jobs(builder: Any, items: Sequence[Item], warn: Callable[[str], None]) -> list[Job]:
-    """Jobs whose prompts the template builder makes; its notes (dropped shots...) go to warn."""
+def template_jobs(builder: Any, items: Sequence[Item]) -> list[Job]:
+    """Jobs whose prompts the template builder makes; its notes (dropped shots...) become warnings."""
     jobs = []
     for item in items:
         prompt = builder.build(item)
         for note in prompt.notes:
-            warn(note)
+            builder.on_warn(note)
         jobs.append(Job(item, prompt.plain, prompt.text, prompt.chat))
     return jobs
 
@@ -67,17 +68,17 @@ def record(job: Job, output: Any, model_name: str, echo: bool) -> dict[str, Any]
     rec["prompt_tokens"] = output.prompt_tokens
     rec["completion_tokens"] = output.completion_tokens[0] if len(completions) == 1 else output.completion_tokens
     rec["finish_reason"] = output.finish_reasons[0] if len(completions) == 1 else output.finish_reasons
-    if output.logprobs is not None:
-        tokens = [[t.as_record() for t in seq] for seq in output.logprobs]
-        rec["logprobs"] = tokens[0] if len(completions) == 1 else tokens
     rec["model"] = model_name
     return rec
 
 
-def run_single(lm: Any, job: Job, settings: Any, echo: bool, emit: Callable[[str], None]) -> Any:
-    """One prompt: stream the completion through emit(text) (stdout for a person) as it is
-    generated; several completions (beams, -n) are emitted whole, one per line."""
+def run_single(lm: Any, job: Job, settings: Any, echo: bool) -> Any:
+    """One prompt: stream the completion to stdout as it is generated."""
     from llmlab.models import GenRequest
+
+    def emit(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
 
     request = GenRequest(job.model_text, job.chat)
     if settings.num_return_sequences == 1 and settings.num_beams == 1:

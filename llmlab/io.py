@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
 import os
 import sys
@@ -15,6 +16,13 @@ from typing import Any, Iterable, Sequence, TextIO
 from llmlab.errors import DataError, UsageError
 from llmlab.locks import OutputLock, SigtermAsExit
 from llmlab.resume import check_same_input, finished_records, record_key  # noqa: F401 - record_key re-exported
+
+# this module's public names, and record_key (from llmlab.resume) that callers import from here
+__all__ = [
+    "INPUT_FORMATS", "Item", "OUTPUT_FORMATS", "Output", "Writer", "check_output_path", "check_unique_ids",
+    "detect_format", "lines", "output_format", "read_items", "read_text", "record_key", "require_field",
+    "require_text",
+]
 
 INPUT_FORMATS = ("auto", "jsonl", "csv", "tsv", "text")
 OUTPUT_FORMATS = ("auto", "jsonl", "csv", "text")
@@ -208,12 +216,10 @@ def require_text(items: Iterable[Item], fields: Sequence[str]) -> None:
             raise DataError(f"{item.source}: field '{name}' is {_kind(value)}, not text; "
                             f"give it a string (e.g. \"{name}\": \"...\") or drop the line")
     if numbers:
-        from llmlab import console
-
         item, name = numbers[0]
         text = json.dumps(item.fields[name])
         more = f" ({len(numbers)} numbers in all are used as text)" if len(numbers) > 1 else ""
-        console.warn(f"{item.source}: field '{name}' is the number {text}, not text; using the text "
+        logging.getLogger("llmlab").warning(f"{item.source}: field '{name}' is the number {text}, not text; using the text "
                      f"'{text}'{more}")
 
 

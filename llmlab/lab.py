@@ -94,10 +94,9 @@ class Session:
         options = prompts.options_for(self.template, self.shots, None, None, self.use_chat(), None, "drop-shots",
                                       self.settings.max_new_tokens)
         builder = prompts.make_builder(self.template, self.lm.tokenizer, self.lm.window, options, None, None,
-                                       self.lm.is_encoder_decoder)
+                                       self.lm.is_encoder_decoder, on_warn=console.warn)
         self._builder = builder
-        return generation.template_jobs(builder, [io.Item(0, {self.template.fields[0]: text}, "your prompt")],
-                                       console.warn)[0]
+        return generation.template_jobs(builder, [io.Item(0, {self.template.fields[0]: text}, "your prompt")])[0]
 
     # -- commands
 

@@ -6,53 +6,27 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 
 from llmlab import console
+from llmlab.config import ChatMode, Dtype, value
 from llmlab.errors import UsageError
+from llmlab.options import (GEN_PANEL, IO_PANEL, MODEL_PANEL, PROMPT_PANEL, Chat, ConfigFile, Device, DtypeOpt,
+                            Greedy, InputFile, Model, PromptsDir, Quiet, RepetitionPenalty, Seed, Temperature,
+                            TemplateOpt, TopK, TopP, Vars)
 
-MODEL_PANEL = "Model"
-GEN_PANEL = "Generation settings"
-IO_PANEL = "Input and output"
-PROMPT_PANEL = "Prompt building"
-
-Model = Annotated[Optional[str], typer.Option(
-    "--model", "-m", envvar="LLMLAB_MODEL", rich_help_panel=MODEL_PANEL, show_default="smollm2",
-    help="Hub id, a save_pretrained folder (a tokenizer folder is enough for tokenize), a .gguf file, "
-    "or an alias: smollm2 (embedded, offline), flan-t5-small|base|large.")]
-Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.", rich_help_panel=MODEL_PANEL)]
-Dtype = Annotated[str, typer.Option(help="auto, float32, bfloat16, float16.", rich_help_panel=MODEL_PANEL)]
-Chat = Annotated[Optional[str], typer.Option(
-    help="Wrap the text in the model's chat template: auto (when it has one), on, off.", rich_help_panel=MODEL_PANEL)]
-Template = Annotated[Optional[str], typer.Option(
-    "--template", "-t", rich_help_panel=PROMPT_PANEL, help="A prompt template: a name from `llmlab prompt list` "
-    "or a .yaml path.")]
+# Options these commands share with the others are declared once, in llmlab.options; below, the ones
+# that mean something else here (a different default, or choices of these commands only).
 Shots = Annotated[int, typer.Option(rich_help_panel=PROMPT_PANEL, help="Demonstrations in the prompt (>= 0).")]
-PromptsDir = Annotated[Optional[list[str]], typer.Option(
-    rich_help_panel=PROMPT_PANEL, envvar="LLMLAB_PROMPTS_DIR", help="More folders of templates (repeatable).")]
 Format = Annotated[str, typer.Option("--format", "-f", rich_help_panel=IO_PANEL,
                                      help="auto (text on a terminal, JSONL when piped), jsonl, or text (the "
                                      "human view: tables, bars, coloured spans on a terminal).")]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No logs or notes on stderr.")]
-Temperature = Annotated[Optional[float], typer.Option(
-    rich_help_panel=GEN_PANEL, help="Divide the logits by T >= 0 before the softmax: < 1 sharpens, > 1 flattens, "
-    "0 = greedy. Implies --sample.")]
-TopK = Annotated[Optional[int], typer.Option(
-    rich_help_panel=GEN_PANEL, help="Keep only the k most likely tokens (0 = no limit). Implies --sample.")]
-TopP = Annotated[Optional[float], typer.Option(
-    rich_help_panel=GEN_PANEL, help="Keep the fewest most likely tokens whose probabilities add up to p, in "
-    "(0, 1]. Implies --sample.")]
-RepetitionPenalty = Annotated[Optional[float], typer.Option(
-    rich_help_panel=GEN_PANEL, help="> 1 lowers the logits of tokens already in the text; 1 = none.")]
-Greedy = Annotated[Optional[bool], typer.Option(
-    "--greedy/--sample", show_default=False, rich_help_panel=GEN_PANEL,
-    help="Greedy (default): pick the most likely token. Sample: draw from the reshaped distribution.")]
-Seed = Annotated[Optional[int], typer.Option(rich_help_panel=GEN_PANEL, help="Random seed for --sample.")]
-ConfigFile = Annotated[Optional[Path], typer.Option(
-    "--config", rich_help_panel=GEN_PANEL, help="YAML preset of generation settings; flags override it.")]
+TokenizeChat = Annotated[Optional[ChatMode], typer.Option(
+    rich_help_panel=MODEL_PANEL, show_default="off for plain text; with a template, the template's, else auto",
+    help="Wrap the text in the chat template: auto, on, off.")]
+TextField = Annotated[str, typer.Option(rich_help_panel=IO_PANEL, help="Input field holding the text.")]
 
 
 def _piped(format: str) -> bool:
@@ -84,17 +58,13 @@ def _text(text: Optional[str]) -> Optional[str]:
 def tokenize(
     text: Annotated[Optional[str], typer.Argument(help="The text. Omit it to read stdin or use --input.")] = None,
     model: Model = None,
-    chat: Annotated[Optional[str], typer.Option(
-        rich_help_panel=MODEL_PANEL, help="Wrap the text in the chat template: auto, on, off. [default: off for "
-        "plain text; with a template, the template's, else auto]")] = None,
-    template: Template = None,
+    chat: TokenizeChat = None,
+    template: TemplateOpt = None,
     shots: Shots = 0,
     prompts_dir: PromptsDir = None,
-    var: Annotated[Optional[list[str]], typer.Option("--var", rich_help_panel=PROMPT_PANEL,
-                                                     help="A template field: field=value (repeatable).")] = None,
-    input: Annotated[Optional[str], typer.Option("--input", "-i", rich_help_panel=IO_PANEL,
-                                                 help="Texts (or template items) from JSONL, CSV or text; - = stdin.")] = None,
-    field: Annotated[str, typer.Option(rich_help_panel=IO_PANEL, help="Input field holding the text.")] = "prompt",
+    var: Vars = None,
+    input: InputFile = None,
+    field: TextField = "prompt",
     format: Format = "auto",
     quiet: Quiet = False,
 ) -> None:
@@ -103,26 +73,12 @@ def tokenize(
     With --template, the token budget of each part of the built prompt: instruction, each
     demonstration, the input, formatting, and the room left for new tokens. Loads only the tokenizer.
     """
-    from llmlab import generation, io, models, prompts, tokens
+    from llmlab import generation, models, prompts, tokens
 
     console.configure(quiet, False)
-    piped = _piped(format)
+    piped, chat = _piped(format), value(chat)
     tmpl = prompts.find_template(template, prompts_dir or []) if template else None
-    if input is not None and (text is not None or var):
-        raise UsageError("give either a TEXT argument (or --var) or --input FILE, not both")
-    if input is not None:
-        items = io.read_items(input, text_field=field if tmpl is None else tmpl.fields[0])
-        if tmpl is not None:
-            prompts.require_fields(items, tmpl)
-        else:
-            io.require_field(items, field)
-    elif tmpl is not None:
-        items = [_template_item(tmpl, _text(text), var)]
-    else:
-        found = _text(text)
-        if found is None:
-            raise UsageError('no text: run llmlab tokenize "some text", pipe it on stdin, or use --input FILE')
-        items = [io.Item(0, {field: found}, "the text")]
+    items = _tokenize_items(text, tmpl, var, input, field)
     tokenizer, window, encoder_decoder = models.load_tokenizer(model)
     out = _stdout()
     builder = None
@@ -132,7 +88,8 @@ def tokenize(
         gen = settings_mod.build(settings_mod.normalize_keys(tmpl.generation, f"template '{tmpl.name}'"))
         use = generation.use_chat(tokenizer, chat or tmpl.chat or "auto")
         options = prompts.options_for(tmpl, shots, None, None, use, None, "drop-shots", gen.max_new_tokens)
-        builder = prompts.make_builder(tmpl, tokenizer, window, options, None, input, encoder_decoder)
+        builder = prompts.make_builder(tmpl, tokenizer, window, options, None, input, encoder_decoder,
+                                       on_warn=console.warn)
     use_chat = generation.use_chat(tokenizer, chat or "off") if tmpl is None else None
     for item in items:
         budget = None
@@ -155,6 +112,28 @@ def tokenize(
         out.print(f"\n[bold]{summary}[/bold]")
         if budget:
             tokens.render_budget(budget, out)
+
+
+def _tokenize_items(text: Optional[str], tmpl: Any, var: Optional[list[str]], input: Optional[str],
+                    field: str) -> list[Any]:
+    """What `tokenize` shows: the rows of --input, else the argument (or stdin) as one item."""
+    from llmlab import io, prompts
+
+    if input is not None and (text is not None or var):
+        raise UsageError("give either a TEXT argument (or --var) or --input FILE, not both")
+    if input is not None:
+        items = io.read_items(input, text_field=field if tmpl is None else tmpl.fields[0])
+        if tmpl is not None:
+            prompts.require_fields(items, tmpl)
+        else:
+            io.require_field(items, field)
+        return items
+    if tmpl is not None:
+        return [_template_item(tmpl, _text(text), var)]
+    found = _text(text)
+    if found is None:
+        raise UsageError('no text: run llmlab tokenize "some text", pipe it on stdin, or use --input FILE')
+    return [io.Item(0, {field: found}, "the text")]
 
 
 def _template_item(tmpl: Any, text: Optional[str], var: Optional[list[str]]) -> Any:
@@ -259,7 +238,7 @@ def next_token(
     prompt: Annotated[Optional[str], typer.Argument(help="The prompt. Omit it to read stdin.")] = None,
     model: Model = None,
     device: Device = "auto",
-    dtype: Dtype = "auto",
+    dtype: DtypeOpt = Dtype.auto,
     chat: Chat = None,
     steps: Annotated[int, typer.Option(rich_help_panel=GEN_PANEL, help="Tokens to walk, one distribution each (>= 1).")] = 1,
     show: Annotated[int, typer.Option(rich_help_panel=IO_PANEL, help="List the N most likely tokens (>= 1).")] = 10,
@@ -292,8 +271,8 @@ def next_token(
     text = _text(prompt)
     if text is None:
         raise UsageError('no prompt: run llmlab next "your prompt" or pipe one on stdin')
-    lm = models.load(model, device, dtype)
-    use_chat = generation.use_chat(lm.tokenizer, chat or "auto")
+    lm = models.load(model, device, value(dtype))
+    use_chat = generation.use_chat(lm.tokenizer, value(chat) or "auto")
     out = None if piped else _stdout()
     for step in nexttoken.walk(lm, generation.chat_text(lm.tokenizer, [{"role": "user", "content": text}])
                                if use_chat else text, use_chat, settings, steps, show):
@@ -309,9 +288,9 @@ def next_token(
 def lab(
     model: Model = None,
     device: Device = "auto",
-    dtype: Dtype = "auto",
+    dtype: DtypeOpt = Dtype.auto,
     chat: Chat = None,
-    template: Template = None,
+    template: TemplateOpt = None,
     shots: Shots = 0,
     prompts_dir: PromptsDir = None,
     config: ConfigFile = None,
@@ -326,7 +305,8 @@ def lab(
     from llmlab import lab as lab_mod
 
     console.configure(quiet, False)
-    session = lab_mod.Session.start(model, device, dtype, chat, template, shots, prompts_dir or [], config)
+    session = lab_mod.Session.start(model, device, value(dtype), value(chat), template, shots, prompts_dir or [],
+                                    config)
     session.run()
 
 

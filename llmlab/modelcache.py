@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -20,8 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llmlab import console
 from llmlab.errors import ModelError
+
+_log = logging.getLogger("llmlab")  # library code never prints; the CLI shows this log
 
 # A staging or moved-aside folder older than this is a leftover of a killed process.
 STALE_SECONDS = 3600
@@ -171,7 +173,7 @@ def check_gguf(path: Path) -> None:
 
 def move_aside(folder: Path, why: str) -> None:
     """Rename a broken entry out of the way (atomic; readers keep their open files), then delete it."""
-    console.warn(f"the cached model in '{folder}' is damaged ({why}); rebuilding it")
+    _log.warning(f"the cached model in '{folder}' is damaged ({why}); rebuilding it")
     aside = folder.with_name(f"{folder.name}.broken-{os.getpid()}-{int(time.time())}")
     try:
         os.replace(folder, aside)
@@ -218,7 +220,7 @@ def source(gguf: Path) -> tuple[str, str | None]:
         return str(prepare(gguf)), None
     if not _warned_direct:
         _warned_direct.append(why)
-        console.warn(f"model cache {why}: reading {gguf.name} directly, without the converted copy "
+        _log.warning(f"model cache {why}: reading {gguf.name} directly, without the converted copy "
                      "(slower every run); set LLMLAB_CACHE to a writable folder")
     stat = gguf.stat()
     if (str(gguf), stat.st_size, stat.st_mtime_ns) not in _checked:
@@ -238,7 +240,7 @@ def prepare(gguf: Path) -> Path:
         move_aside(target, problem)
     remove_stale()
     check_gguf(gguf)
-    console.info(f"converting {gguf.name} to safetensors once (about 20 s); cache: {target}")
+    _log.info(f"converting {gguf.name} to safetensors once (about 20 s); cache: {target}")
     started = time.perf_counter()
     model, tokenizer = _read_gguf(gguf)
     staging = staging_dir(target)
@@ -259,7 +261,7 @@ def prepare(gguf: Path) -> Path:
     except BaseException:  # Ctrl-C, a crash in the writer: leave no half-written folder behind
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    console.info(f"converted in {time.perf_counter() - started:.1f} s")
+    _log.info(f"converted in {time.perf_counter() - started:.1f} s")
     return target
 
 
@@ -313,7 +315,7 @@ class CachedModel:
 
 def cached_models() -> list[CachedModel]:
     """Aliases, the embedded model, converted GGUF entries and the local Hugging Face cache."""
-    from llmlab.loading import ALIASES, embedded_gguf
+    from llmlab.modelspec import ALIASES, embedded_gguf
 
     hub = _hub_models()
     rows = []

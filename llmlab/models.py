@@ -41,3 +41,34 @@ from llmlab.backends.base import (  # noqa: E402,F401
 )
 from llmlab.backends.hf import HFLM as LM  # noqa: E402,F401
 from llmlab.backends.hf import context_window  # noqa: E402,F401
+
+__all__ = [  # the names this facade re-exports (callers import them from here)
+    "ALIASES",
+    "DEFAULT_MODEL",
+    "DEVICES",
+    "DTYPES",
+    "SMOLLM2_FILE",
+    "SMOLLM2_PACKAGE",
+    "ModelRef",
+    "auto_dtype",
+    "cache_root",
+    "cached_models",
+    "check_cache_writable",
+    "embedded_gguf",
+    "gguf_cache_dir",
+    "load",
+    "load_tokenizer",
+    "prepare_gguf",
+    "resolve_device",
+    "resolve_dtype",
+    "resolve_model",
+    "ModelInterface",
+    "GenOutput",
+    "GenRequest",
+    "HoldBack",
+    "LLOutput",
+    "LLRequest",
+    "cut_at_stop",
+    "LM",
+    "context_window",
+]

@@ -40,7 +40,7 @@ def render(cfg: RenderConfig, hooks: Hooks = Hooks()) -> RenderRun:
                                   chat_for(tokenizer, cfg.model.chat, template), cfg.prompt.shot_format,
                                   cfg.prompt.overflow, settings.max_new_tokens)
     builder = prompts.make_builder(template, tokenizer, window, options, cfg.prompt.examples, cfg.input.path,
-                                   encoder_decoder)
+                                   encoder_decoder, on_warn=hooks.warn)
 
     def each() -> Iterator[Rendered]:
         for item in items:

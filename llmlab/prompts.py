@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from llmlab.errors import ContextOverflowError, TemplateError, UsageError
 from llmlab.io import Item
@@ -15,6 +15,14 @@ from llmlab.templates import (  # noqa: F401 - re-exported: llmlab.prompts.find_
     check_examples, fill, find_template, list_templates, load_examples, load_template, parse_vars,
     placeholders, require_fields, scan_templates, search_dirs,
 )
+
+# this module's public names and those it re-exports from llmlab.templates (callers import them from here)
+__all__ = [
+    "BuildOptions", "KEYS", "OVERFLOW_MODES", "Prompt", "PromptBuilder", "SELECTIONS", "SHOT_FORMATS", "SOURCE_DIR",
+    "TASKS", "Template", "builtin_dir", "check_examples", "fill", "find_template", "list_templates", "load_examples",
+    "load_template", "make_builder", "model_view", "options_for", "parse_vars", "placeholders", "require_fields",
+    "scan_templates", "search_dirs", "select_shots", "shot_order", "shots_note",
+]
 
 def shot_order(size: int, selection: str, seed: int) -> list[int]:
     """The order a pool of `size` examples is drawn in: pool order for first (and similar, which
@@ -128,11 +136,16 @@ class Prompt:
         return self.prefix, self.text[len(self.prefix) :]
 
 
+def _ignore(message: str) -> None:
+    """The default for a callback nobody gave: library code never prints."""
+
+
 class PromptBuilder:
     """Builds every prompt of a run: one code path for generate, classify, eval and render."""
 
     def __init__(self, template: Template, tokenizer: Any, window: int | None, options: BuildOptions,
-                 pool: list[dict[str, Any]] | None = None, encoder_decoder: bool = False, lm: Any = None):
+                 pool: list[dict[str, Any]] | None = None, encoder_decoder: bool = False, lm: Any = None,
+                 on_warn: Callable[[str], None] | None = None):
         if options.overflow not in OVERFLOW_MODES:
             raise UsageError(f"invalid --overflow '{options.overflow}': choose drop-shots, truncate or error")
         if options.shot_format not in SHOT_FORMATS:
@@ -146,6 +159,9 @@ class PromptBuilder:
         self.pool = template.examples if pool is None else pool
         self.encoder_decoder = encoder_decoder
         self.lm = lm  # the loaded model, for similar-hidden (None where only the tokenizer is loaded)
+        # Where warnings go (more shots than examples, a prompt's dropped shots): the CLI's console.warn;
+        # library code never prints. Callers that build prompts pass each Prompt.notes here too.
+        self.on_warn = on_warn or _ignore
         self._retriever: Any = None
         self._similar: dict[tuple[str, ...], list[int]] = {}  # item input -> its nearest pool rows
         if options.shots > 0 and not self.pool:
@@ -159,9 +175,7 @@ class PromptBuilder:
             check_examples(template, self.pool, "examples")
             note = shots_note(template, options.shots, len(self.pool) - int(options.pool_is_data))
             if note:
-                from llmlab import console
-
-                console.warn(note)
+                self.on_warn(note)
         # Computed once per run, not per item: the draw order and an index of the pool by input text.
         self._order = shot_order(len(self.pool), options.selection, options.seed)  # validates the selection
         self._orders = {0: self._order}  # --ensemble: the draw order of each extra draw, made when needed
@@ -339,7 +353,8 @@ class PromptBuilder:
 
 def make_builder(template: Template, tokenizer: Any, window: int | None, options: BuildOptions,
                  examples: str | None = None, input_path: str | None = None,
-                 encoder_decoder: bool = False, lm: Any = None) -> PromptBuilder:
+                 encoder_decoder: bool = False, lm: Any = None,
+                 on_warn: Callable[[str], None] | None = None) -> PromptBuilder:
     """A builder whose pool is --examples FILE or the template's own examples; when that pool is the
     input file itself, each item is left out of its own demonstrations."""
     pool = None
@@ -350,7 +365,7 @@ def make_builder(template: Template, tokenizer: Any, window: int | None, options
         pool_path = Path(examples).resolve()
     if input_path and input_path != "-" and pool_path is not None:
         options.pool_is_data = Path(input_path).resolve() == pool_path
-    return PromptBuilder(template, tokenizer, window, options, pool, encoder_decoder, lm)
+    return PromptBuilder(template, tokenizer, window, options, pool, encoder_decoder, lm, on_warn)
 
 
 def model_view(tokenizer: Any, text: str) -> str:

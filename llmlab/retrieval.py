@@ -14,6 +14,7 @@ pool's input texts (and, for hidden, the model's name), so a 67k-row pool is ind
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 import pickle
 import tempfile
@@ -75,7 +76,7 @@ class TfidfRetriever:
 
     def __init__(self, texts: Sequence[str]):
         try:
-            import sklearn  # noqa: F401
+            importlib.import_module("sklearn")  # scikit-learn is an optional extra
         except ImportError:
             raise UsageError("--shot-selection similar needs scikit-learn: pip install scikit-learn") from None
         self.index = _load_or_build(f"tfidf-{pool_hash(texts)}", lambda: self._fit(texts))

@@ -31,142 +31,27 @@ log.eval_combo(result) logs every seed of an evaluate.run_combo() result, as `ll
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import re
 import signal
 import sqlite3
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
-from llmlab.errors import DataError
+from llmlab.rundb import (  # noqa: F401 - re-exported
+    BUSY_TIMEOUT_MS, MIGRATIONS, connect, db_path, enabled, migrate, transaction)
+from llmlab.runquery import delete, get_run, items, list_runs, search  # noqa: F401 - re-exported
 
-BUSY_TIMEOUT_MS = 10_000  # wait this long for another llmlab process's write before failing
-
-
-# ---------------------------------------------------------------- where, and whether
-
-
-def db_path() -> Path:
-    home = os.environ.get("LLMLAB_HOME")
-    if home:
-        return Path(home).expanduser() / "runs.db"
-    data = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(data) / "llmlab" / "runs.db"
-
-
-def enabled(no_log: bool = False) -> bool:
-    """False with --no-log or LLMLAB_LOG=0/false/no/off."""
-    return not no_log and os.environ.get("LLMLAB_LOG", "1").strip().lower() not in ("0", "false", "no", "off")
-
-
-# ---------------------------------------------------------------- schema and migrations
-
-
-def _m1(db: sqlite3.Connection) -> None:
-    _script(db, """
-        CREATE TABLE runs (
-            id INTEGER PRIMARY KEY, command TEXT NOT NULL, status TEXT NOT NULL, created REAL NOT NULL,
-            finished REAL, seconds REAL, argv TEXT, model TEXT, device TEXT, data TEXT,
-            config TEXT, metrics TEXT, versions TEXT, pid INTEGER, n_items INTEGER NOT NULL DEFAULT 0);
-        CREATE TABLE templates (run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
-            name TEXT NOT NULL, hash TEXT NOT NULL, text TEXT, PRIMARY KEY (run_id, name));
-        CREATE TABLE items (id INTEGER PRIMARY KEY, run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
-            idx INTEGER NOT NULL, key TEXT NOT NULL, template TEXT NOT NULL DEFAULT '',
-            combo TEXT NOT NULL DEFAULT '', prompt TEXT, output TEXT, prediction TEXT, gold TEXT,
-            probabilities TEXT, extra TEXT, created REAL NOT NULL);
-        CREATE INDEX items_run ON items(run_id, template, combo, idx);
-    """)
-
-
-def _script(db: sqlite3.Connection, sql: str) -> None:
-    """Statements separated by ';' at a line's end (executescript would COMMIT the migration's transaction)."""
-    for statement in re.split(r";\s*\n", sql):
-        if statement.strip():
-            db.execute(statement)
-
-
-def _m2(db: sqlite3.Connection) -> None:
-    """Full-text search over prompts and outputs (FTS5 when this SQLite has it; else LIKE is used)."""
-    db.execute("CREATE INDEX runs_created ON runs(created)")
-    if not _has_fts5(db):
-        return
-    _script(db, """
-        CREATE VIRTUAL TABLE items_fts USING fts5(prompt, output, prediction, content='items', content_rowid='id');
-        CREATE TRIGGER items_ai AFTER INSERT ON items BEGIN
-            INSERT INTO items_fts(rowid, prompt, output, prediction) VALUES (new.id, new.prompt, new.output, new.prediction); END;
-        CREATE TRIGGER items_ad AFTER DELETE ON items BEGIN
-            INSERT INTO items_fts(items_fts, rowid, prompt, output, prediction)
-            VALUES ('delete', old.id, old.prompt, old.output, old.prediction); END;
-        INSERT INTO items_fts(items_fts) VALUES ('rebuild');
-    """)
-
-
-# Migration N (1-based) takes a database at PRAGMA user_version N-1 to N. Append, never edit.
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_m1, _m2]
-
-
-def _has_fts5(db: sqlite3.Connection) -> bool:
-    try:
-        db.execute("CREATE VIRTUAL TABLE temp._fts_probe USING fts5(x)")
-        db.execute("DROP TABLE temp._fts_probe")
-        return True
-    except sqlite3.OperationalError:
-        return False
-
-
-def migrate(db: sqlite3.Connection, upto: int | None = None) -> int:
-    """Apply the missing migrations, each in its own transaction; returns the schema version."""
-    target = len(MIGRATIONS) if upto is None else upto
-    version = db.execute("PRAGMA user_version").fetchone()[0]
-    if version > len(MIGRATIONS):
-        raise DataError(f"run log {db_path()} is schema v{version}, newer than this llmlab (v{len(MIGRATIONS)}); "
-                        "upgrade llmlab or set LLMLAB_HOME to another folder")
-    while version < target:
-        with transaction(db):
-            if db.execute("PRAGMA user_version").fetchone()[0] == version:  # another process may have done it
-                MIGRATIONS[version](db)
-                db.execute(f"PRAGMA user_version = {version + 1}")
-        version = db.execute("PRAGMA user_version").fetchone()[0]
-    return version
-
-
-@contextlib.contextmanager
-def transaction(db: sqlite3.Connection) -> Iterator[None]:
-    """BEGIN IMMEDIATE (take the write lock now, waiting up to busy_timeout) ... COMMIT, or ROLLBACK."""
-    if db.in_transaction:  # an interrupt (Ctrl-C, SIGTERM) landed between a BEGIN and its COMMIT: drop that half
-        db.execute("ROLLBACK")
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    except BaseException:
-        if db.in_transaction:
-            db.execute("ROLLBACK")
-        raise
-    db.execute("COMMIT")
-
-
-def connect(path: Path | str | None = None, upto: int | None = None) -> sqlite3.Connection:
-    """Open (creating and migrating) the run log. autocommit off: writers commit explicitly."""
-    path = Path(path) if path else db_path()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False)
-        db.row_factory = sqlite3.Row
-        db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        db.execute("PRAGMA journal_mode = WAL")  # readers never block the writer; commits are appends
-        db.execute("PRAGMA synchronous = NORMAL")  # survives a killed process; a power cut may lose the last commits
-        db.execute("PRAGMA foreign_keys = ON")
-        migrate(db, upto)
-    except (OSError, sqlite3.Error) as exc:
-        raise DataError(f"cannot open the run log {path}: {exc}; set LLMLAB_HOME to a writable folder "
-                        "or turn logging off with --no-log / LLMLAB_LOG=0") from None
-    return db
+# this module's public names and those it re-exports (callers import them from here)
+__all__ = [
+    "BUSY_TIMEOUT_MS", "MIGRATIONS", "NoRun", "Run", "Terminated", "calibration", "calibration_suffix", "combo",
+    "connect", "db_path", "delete", "enabled", "get_run", "items", "list_runs", "migrate", "open_run", "search",
+    "text_hash", "transaction", "versions",
+]
 
 
 # ---------------------------------------------------------------- writing a run
@@ -213,6 +98,10 @@ def combo(shots: int = 0, seed: int = 0, calibrate: Any = False) -> str:
     return f"shots={shots} seed={seed}" + calibration_suffix(calibrate)
 
 
+def _ignore(message: str) -> None:
+    """The default for a callback nobody gave: library code never prints."""
+
+
 def _json(value: Any) -> str | None:
     return None if value is None else json.dumps(value, ensure_ascii=False, default=str)
 
@@ -220,9 +109,10 @@ def _json(value: Any) -> str | None:
 class Run:
     """One logged run. Use as a context manager; every method commits before it returns."""
 
-    def __init__(self, db: sqlite3.Connection, run_id: int):
+    def __init__(self, db: sqlite3.Connection, run_id: int, on_warn: Callable[[str], None] | None = None):
         self.db = db
         self.id = run_id
+        self.on_warn = on_warn or _ignore  # where a failed write is reported (the CLI: console.warn)
         self.started = time.perf_counter()
         self._results: list[dict[str, Any]] = []
         self._lock = threading.Lock()  # items may arrive from a worker thread
@@ -239,10 +129,8 @@ class Run:
                 for sql, parameters in statements:
                     self.db.execute(sql, parameters)
         except sqlite3.Error as exc:
-            from llmlab import console
-
             self.broken = True
-            console.warn(f"run log {db_path()}: {exc}; run {self.id} is logged only up to here")
+            self.on_warn(f"run log {db_path()}: {exc}; run {self.id} is logged only up to here")
 
     def item(self, index: int, prompt: str | None = None, output: str | None = None, prediction: str | None = None,
              probabilities: dict[str, float] | None = None, gold: Any = None, extra: dict[str, Any] | None = None,
@@ -329,8 +217,9 @@ class NoRun:
 def open_run(command: str, argv: Sequence[str] | None = None, config: dict[str, Any] | None = None,
              model: str | None = None, templates: Any = None, device: str | None = None,
              data: str | None = None, no_log: bool = False, path: Path | str | None = None,
-             template: Any = None) -> Run | NoRun:
+             template: Any = None, on_warn: Callable[[str], None] | None = None) -> Run | NoRun:
     """Start a run (status partial). templates (or template): a prompts.Template, a list of them, or None.
+    on_warn: told (once) when a write fails mid-run and logging stops.
     Raises DataError (with the fix) when the log can't be opened; call it before any model time."""
     if not enabled(no_log):
         return NoRun()
@@ -350,87 +239,4 @@ def open_run(command: str, argv: Sequence[str] | None = None, config: dict[str, 
             text = getattr(t, "source_text", "") or ""
             db.execute("INSERT OR REPLACE INTO templates (run_id, name, hash, text) VALUES (?, ?, ?, ?)",
                        (run_id, t.name, text_hash(text), text))
-    return Run(db, run_id)
-
-
-# ---------------------------------------------------------------- reading
-
-
-def _decode(row: sqlite3.Row, *json_fields: str) -> dict[str, Any]:
-    out = dict(row)
-    for name in json_fields:
-        if out.get(name) is not None:
-            out[name] = json.loads(out[name])
-    return out
-
-
-def list_runs(db: sqlite3.Connection, command: str | None = None, model: str | None = None,
-              template: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
-    """Newest first. model matches a substring; template a name or a hash prefix."""
-    sql, args = "SELECT * FROM runs WHERE 1=1", []
-    if command:
-        sql += " AND command = ?"
-        args.append(command)
-    if model:
-        sql += " AND model LIKE ?"
-        args.append(f"%{model}%")
-    if template:
-        sql += " AND id IN (SELECT run_id FROM templates WHERE name = ? OR hash LIKE ?)"
-        args += [template, f"{template}%"]
-    sql += " ORDER BY created DESC, id DESC" + (f" LIMIT {int(limit)}" if limit else "")
-    runs = [_decode(r, "argv", "config", "metrics", "versions") for r in db.execute(sql, args)]
-    names = _templates(db, [r["id"] for r in runs])
-    for r in runs:
-        r["templates"] = names.get(r["id"], [])
-    return runs
-
-
-def _templates(db: sqlite3.Connection, ids: Iterable[int]) -> dict[int, list[dict[str, str]]]:
-    found: dict[int, list[dict[str, str]]] = {}
-    ids = list(ids)
-    for start in range(0, len(ids), 500):
-        part = ids[start : start + 500]
-        marks = ",".join("?" * len(part))
-        for r in db.execute(f"SELECT * FROM templates WHERE run_id IN ({marks}) ORDER BY rowid", part):
-            found.setdefault(r["run_id"], []).append({"name": r["name"], "hash": r["hash"], "text": r["text"]})
-    return found
-
-
-def get_run(db: sqlite3.Connection, run_id: int) -> dict[str, Any]:
-    row = db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
-    if row is None:
-        raise DataError(f"no run {run_id} in {db_path()}; see `llmlab runs list`")
-    run = _decode(row, "argv", "config", "metrics", "versions")
-    run["templates"] = _templates(db, [run_id]).get(run_id, [])
-    return run
-
-
-def items(db: sqlite3.Connection, run_id: int) -> list[dict[str, Any]]:
-    rows = db.execute("SELECT * FROM items WHERE run_id = ? ORDER BY template, combo, idx, id", (run_id,))
-    return [_decode(r, "probabilities", "extra") for r in rows]
-
-
-def search(db: sqlite3.Connection, text: str, limit: int = 50) -> list[dict[str, Any]]:
-    """Items whose prompt, output or prediction contain `text` (every word, FTS5; else a substring)."""
-    has_fts = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'items_fts'").fetchone()
-    if has_fts:
-        # Each word quoted: user text is matched literally, never parsed as FTS5 syntax.
-        query = " ".join('"' + w.replace('"', '""') + '"' for w in text.split())
-        if query:
-            rows = db.execute(
-                "SELECT items.*, runs.command, runs.model FROM items_fts JOIN items ON items.id = items_fts.rowid "
-                "JOIN runs ON runs.id = items.run_id WHERE items_fts MATCH ? ORDER BY items.id DESC LIMIT ?",
-                (query, limit))
-            return [_decode(r, "probabilities", "extra") for r in rows]
-    like = f"%{text}%"
-    rows = db.execute(
-        "SELECT items.*, runs.command, runs.model FROM items JOIN runs ON runs.id = items.run_id "
-        "WHERE items.prompt LIKE ? OR items.output LIKE ? OR items.prediction LIKE ? ORDER BY items.id DESC LIMIT ?",
-        (like, like, like, limit))
-    return [_decode(r, "probabilities", "extra") for r in rows]
-
-
-def delete(db: sqlite3.Connection, run_id: int) -> None:
-    get_run(db, run_id)
-    with transaction(db):
-        db.execute("DELETE FROM runs WHERE id = ?", (run_id,))
+    return Run(db, run_id, on_warn)

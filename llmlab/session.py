@@ -43,6 +43,7 @@ class Hooks:
     warn: Callable[[str], None] = lambda message: None
     info: Callable[[str], None] = lambda message: None
     note: Callable[[str], None] = lambda message: None
+    detail: Callable[[str], None] | None = None  # facts shown only with --verbose (None: not asked for)
     open_run: Callable[..., Any] = _no_log
     emit: Callable[[str], None] = lambda text: None  # stdout text streamed to a person (a completion)
 
@@ -134,7 +135,7 @@ class Session:
                                       prompt.shot_format, prompt.overflow, max_new_tokens,
                                       default_selection=default_selection)
         return prompts.make_builder(template, lm.tokenizer, lm.window, options, prompt.examples, input_path,
-                                    lm.is_encoder_decoder, lm=lm)
+                                    lm.is_encoder_decoder, lm=lm, on_warn=self.hooks.warn)
 
 
 def check_prompt_options(prompt: PromptConfig) -> None:
@@ -237,7 +238,7 @@ def _jobs(cfg: GenerateConfig, session: "Session", template: Any, todo: list[Any
         jobs = plain.jobs(todo, cfg.input.field, session.lm, session.chat())
         return plain.fit(jobs, session.lm, settings.max_new_tokens, cfg.prompt.overflow, hooks.warn)
     builder = session.builder(template, cfg.prompt, settings.max_new_tokens, cfg.input.path)
-    return generation.template_jobs(builder, todo, hooks.warn)
+    return generation.template_jobs(builder, todo)
 
 
 def _loaded(model: ModelConfig, lm: Any, log: Any, hooks: Optional[Hooks] = None) -> "Session":
@@ -310,7 +311,7 @@ def classify(cfg: ClassifyConfig, hooks: Hooks = Hooks(), table: bool = False, l
         session = _loaded(cfg.model, lm, log, hooks)
         builder = session.builder(template, cfg.prompt, settings.max_new_tokens, cfg.input.path)
         classifier = clf.Classifier(session.lm, builder, cfg.method, cfg.normalize, mode, cfg.batch_size,
-                                    settings, cfg.ensemble)
+                                    settings, cfg.ensemble, hooks.detail)
         # Results are handed on per chunk: small chunks keep the progress bar true to the work done.
         chunk = 2 * (cfg.batch_size or 16)
         with contextlib.ExitStack() as stack:

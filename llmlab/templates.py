@@ -170,17 +170,7 @@ def load_template(path_text: str) -> Template:
     path = Path(path_text)
     raw = load_yaml_mapping(path, "template")
     where = str(path)
-    unknown = sorted(set(raw) - KEYS)
-    if unknown:
-        raise TemplateError(f"{where}: unknown key '{unknown[0]}' (known: {', '.join(sorted(KEYS))})")
-    task = raw.get("task", "generate")
-    if task not in TASKS:
-        raise TemplateError(f"{where}: task must be generate or classify, not '{task}'")
-    if not isinstance(raw.get("input"), str) or not raw["input"].strip():
-        raise TemplateError(f"{where}: missing 'input', the per-item template, e.g. \"Review: {{text}}\\nSentiment:\"")
-    for key in ("instruction", "separator", "answer_prefix", "description", "target", "name"):
-        if key in raw and raw[key] is not None and not isinstance(raw[key], str):
-            raise TemplateError(f"{where}: '{key}' must be a string")
+    task = _check_keys(raw, where)
     labels = _labels(raw.get("labels"), where)
     if task == "classify" and len(labels) < 2:
         raise TemplateError(f"{where}: a classify template needs 'labels' (at least two)")
@@ -192,11 +182,7 @@ def load_template(path_text: str) -> Template:
     shot_format = raw.get("shot_format")
     if shot_format is not None and shot_format not in SHOT_FORMATS:
         raise TemplateError(f"{where}: shot_format must be turns or inline, not '{shot_format}'")
-    chat = raw.get("chat")
-    if isinstance(chat, bool):  # YAML reads a bare on/off as a boolean
-        chat = "on" if chat else "off"
-    if chat is not None and chat not in ("auto", "on", "off"):
-        raise TemplateError(f"{where}: chat must be auto, on or off, not '{chat}'")
+    chat = _chat(raw.get("chat"), where)
     defaults = _defaults(raw, task, where)
     references = raw.get("references") or []
     if isinstance(references, str):
@@ -221,9 +207,39 @@ def load_template(path_text: str) -> Template:
     )
     template.fields  # placeholders are checked here
     placeholders(template.instruction, f"{where} instruction")
-    examples = raw.get("examples") or []
+    _attach_examples(template, raw.get("examples") or [], where)
+    return template
+
+
+def _check_keys(raw: dict[str, Any], where: str) -> str:
+    """No unknown key, a known task, an input, and text where text belongs; returns the task."""
+    unknown = sorted(set(raw) - KEYS)
+    if unknown:
+        raise TemplateError(f"{where}: unknown key '{unknown[0]}' (known: {', '.join(sorted(KEYS))})")
+    task = raw.get("task", "generate")
+    if task not in TASKS:
+        raise TemplateError(f"{where}: task must be generate or classify, not '{task}'")
+    if not isinstance(raw.get("input"), str) or not raw["input"].strip():
+        raise TemplateError(f"{where}: missing 'input', the per-item template, e.g. \"Review: {{text}}\\nSentiment:\"")
+    for key in ("instruction", "separator", "answer_prefix", "description", "target", "name"):
+        if key in raw and raw[key] is not None and not isinstance(raw[key], str):
+            raise TemplateError(f"{where}: '{key}' must be a string")
+    return task
+
+
+def _chat(chat: Any, where: str) -> str | None:
+    """The template's chat: auto, on, off or None (not said)."""
+    if isinstance(chat, bool):  # YAML reads a bare on/off as a boolean
+        chat = "on" if chat else "off"
+    if chat is not None and chat not in ("auto", "on", "off"):
+        raise TemplateError(f"{where}: chat must be auto, on or off, not '{chat}'")
+    return chat
+
+
+def _attach_examples(template: Template, examples: Any, where: str) -> None:
+    """The template's examples: a list of mappings, or a JSONL/CSV file named relative to it."""
     if isinstance(examples, str):
-        template.examples_path = (path.parent / examples).resolve()
+        template.examples_path = (template.path.parent / examples).resolve()
         examples = load_examples(str(template.examples_path))
     elif isinstance(examples, list):
         if not all(isinstance(e, dict) for e in examples):
@@ -234,7 +250,6 @@ def load_template(path_text: str) -> Template:
     check_examples(template, examples, where)
     if template.shots and not examples:
         raise TemplateError(f"{where}: 'shots: {template.shots}' needs 'examples' to draw demonstrations from")
-    return template
 
 
 def _defaults(raw: dict[str, Any], task: str, where: str) -> dict[str, Any]:

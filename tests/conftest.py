@@ -119,3 +119,33 @@ def _isolated(monkeypatch, tmp_path):
 def home(tmp_path):
     """The run log's folder for this test (the autouse fixture above points LLMLAB_HOME here)."""
     return tmp_path / "home"
+
+
+@pytest.fixture
+def fake_lm(monkeypatch):
+    """A FakeLM (llmlab.backends.fake) where a model would load: models.load hands it out, and
+    models.load_tokenizer its tokenizer. For tests of option and input handling: no torch, no weights."""
+    from llmlab import models
+    from llmlab.backends.fake import FakeLM
+
+    lm = FakeLM()
+    lm.loads = []  # the model spec of each models.load call
+
+    def load(spec, *args, **kwargs):
+        lm.loads.append(spec)
+        return lm
+
+    monkeypatch.setattr(models, "load", load)
+    monkeypatch.setattr(models, "load_tokenizer", lambda *args, **kwargs: (lm.tokenizer, lm.window,
+                                                                           lm.is_encoder_decoder))
+    return lm
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """For mistakes that must be caught before any model time: loading a model (or its tokenizer)
+    fails the test."""
+    from llmlab import models
+
+    monkeypatch.setattr(models, "load", lambda *args, **kwargs: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(models, "load_tokenizer", lambda *args, **kwargs: pytest.fail("a tokenizer was loaded"))

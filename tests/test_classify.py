@@ -247,6 +247,6 @@ def test_classify_cli_calibrate(tiny_models, data, tmp_path):
     assert len(rows) == len(ITEMS) and all(set(r["raw_probabilities"]) == {"pos", "neg"} for r in rows)
 
 
-def test_classify_needs_a_classify_template(tiny_models):
-    result = invoke(["classify", "-m", tiny_models["llama"], "-t", "qa", "x"])
+def test_classify_needs_a_classify_template(no_model):
+    result = invoke(["classify", "-m", "./never-loaded", "-t", "qa", "x"])
     assert result.exit_code == 2 and "is a generate template" in result.stderr

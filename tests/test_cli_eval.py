@@ -87,28 +87,28 @@ def test_eval_generate_template(tiny_models, tmp_path):
         ('{"id": 1, "text": "a", "label": "pos"}\n{"id": 1, "text": "b", "label": "neg"}\n', "line 2: duplicate id 1"),
     ],
 )
-def test_eval_bad_data(tiny_models, tmp_path, rows, error):
+def test_eval_bad_data(no_model, tmp_path, rows, error):
     tmpl = tmp_path / "toy.yaml"
     tmpl.write_text(TEMPLATE)
     data = tmp_path / "bad.jsonl"
     data.write_text(rows)
     report = tmp_path / "r.json"
-    result = invoke(["eval", "-m", tiny_models["llama"], "-t", tmpl, "--data", data, "--report", report])
+    result = invoke(["eval", "-m", "./never-loaded", "-t", tmpl, "--data", data, "--report", report])
     assert result.exit_code == 3
     assert error in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert result.stdout == "" and not report.exists()
 
 
-def test_eval_non_utf8(tiny_models, tmp_path):
+def test_eval_non_utf8(no_model, tmp_path):
     tmpl = tmp_path / "toy.yaml"
     tmpl.write_text(TEMPLATE)
     data = tmp_path / "bad.jsonl"
     data.write_bytes(b'{"text": "caf\xe9", "label": "pos"}\n')
-    result = invoke(["eval", "-m", tiny_models["llama"], "-t", tmpl, "--data", data])
+    result = invoke(["eval", "-m", "./never-loaded", "-t", tmpl, "--data", data])
     assert result.exit_code == 3 and "line 1: not UTF-8 text" in result.stderr
 
 
-def test_eval_report_folder_is_checked_before_the_run(tiny_models, data, tmp_path):
+def test_eval_report_folder_is_checked_before_the_run(data, tmp_path):
     tmpl = tmp_path / "toy.yaml"
     tmpl.write_text(TEMPLATE)
     result = invoke(["eval", "-m", "./not-loaded", "-t", tmpl, "--data", data, "--report", tmp_path / "no" / "r.json"])
@@ -122,23 +122,26 @@ def test_eval_report_onto_a_directory_fails_before_the_run(data, toy, tmp_path):
     assert result.stderr.startswith(f"error: --report '{tmp_path}' is a directory; give a file name inside it")
 
 
-def test_two_templates_each_on_its_own_data_one_table(tiny_models, data, toy, tmp_path):
+def test_two_templates_each_on_its_own_data_one_table(fake_lm, data, toy, tmp_path):
     topic = tmp_path / "topic.yaml"
     topic.write_text("name: topic\ntask: classify\ninput: 'Text: {text}\\nTopic:'\ntarget: label\n"
                      "labels: [World, Sports]\n")
     news = tmp_path / "news.jsonl"
     news.write_text('{"text": "the match", "label": "Sports"}\n{"text": "the summit", "label": "World"}\n'
                     '{"text": "a goal", "label": "Sports"}\n')
-    result = invoke(["eval", "-m", tiny_models["llama"], "-t", f"{toy}={data}", "-t", f"{topic}={news}"])
+    result = invoke(["eval", "-m", "fake", "-t", f"{toy}={data}", "-t", f"{topic}={news}"])
     assert result.exit_code == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0] == f"{tiny_models['llama']} on data.jsonl (5 items), news.jsonl (3 items)"
+    assert lines[0] == "fake on data.jsonl (5 items), news.jsonl (3 items)"
     assert [line.split()[:6] for line in lines[2:4]] == [["toy", "data.jsonl", "0", "off", "1", "5"],
                                                           ["topic", "news.jsonl", "0", "off", "1", "3"]]
     plan = tmp_path / "plan.yaml"
     plan.write_text(f"tasks:\n  - {{template: {toy}, data: data.jsonl}}\n  - {{template: {topic}, data: news.jsonl}}\n")
-    by_plan = invoke(["eval", "-m", tiny_models["llama"], "--plan", plan])
+    by_plan = invoke(["eval", "-m", "fake", "--plan", plan, "--report", tmp_path / "r.json"])
     assert by_plan.exit_code == 0, by_plan.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["model"] == {
+        "name": "fake", "type": None, "encoder_decoder": False, "device": "cpu", "dtype": None, "window": 4096,
+        "device_map": None}  # a backend with no transformers model behind it
     assert [line.split()[:6] for line in by_plan.stdout.splitlines()[2:4]] == [line.split()[:6] for line in lines[2:4]]
 
 

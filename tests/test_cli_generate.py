@@ -43,9 +43,12 @@ def test_echo_prints_the_prompt_first(tiny_models):
     assert echoed.stdout == "the movie" + plain.stdout
 
 
-def test_model_from_environment(tiny_models):
-    result = invoke(["generate", "hi", "--max-new-tokens", 3, "-f", "jsonl"], env={"LLMLAB_MODEL": str(tiny_models["gpt2"])})
-    assert jsonl(result.stdout)[0]["model"] == str(tiny_models["gpt2"])
+def test_model_from_environment(fake_lm):
+    result = invoke(["generate", "hi", "--max-new-tokens", 3, "-f", "jsonl"], env={"LLMLAB_MODEL": "from/env"})
+    assert result.exit_code == 0, result.stderr
+    assert fake_lm.loads == ["from/env"]
+    assert invoke(["generate", "hi", "-m", "from/flag"], env={"LLMLAB_MODEL": "from/env"}).exit_code == 0
+    assert fake_lm.loads == ["from/env", "from/flag"]  # --model wins over the environment
 
 
 def test_csv_and_text_inputs_and_outputs(tiny_models, tmp_path):
@@ -170,13 +173,14 @@ def test_bad_device(tiny_models):
     assert result.exit_code == 2 and result.stderr.startswith("error: invalid --device 'tpu'")
 
 
-def test_chat_on_without_template(tiny_models):
-    result = invoke(["generate", "-m", tiny_models["gpt2"], "--chat", "on", "x"])
+def test_chat_on_without_template(fake_lm):
+    assert fake_lm.tokenizer.chat_template is None
+    result = invoke(["generate", "-m", "fake", "--chat", "on", "x"])
     assert result.exit_code == 2
     assert result.stderr == "error: --chat on: this model's tokenizer has no chat template; use --chat off or auto\n"
 
 
-def test_debug_shows_the_traceback(tiny_models):
+def test_debug_shows_the_traceback():
     from typer.testing import CliRunner
 
     from llmlab.cli import app
@@ -202,6 +206,6 @@ def test_beams_and_repetition_penalty(tiny_models):
     assert "was was was" not in row["completions"][0]  # the penalty breaks the random model's loop
 
 
-def test_duplicate_ids_in_a_batch(tiny_models):
-    result = invoke(["generate", "-m", tiny_models["gpt2"], "-i", "-"], input='{"id": 1, "prompt": "a"}\n{"id": 1, "prompt": "b"}\n')
+def test_duplicate_ids_in_a_batch(no_model):
+    result = invoke(["generate", "-m", "./never-loaded", "-i", "-"], input='{"id": 1, "prompt": "a"}\n{"id": 1, "prompt": "b"}\n')
     assert result.exit_code == 3 and "stdin line 2: duplicate id 1" in result.stderr

@@ -36,8 +36,8 @@ def test_terminal_classify_shows_gold_mark_and_accuracy(tiny_models, reviews, mo
     assert lines[-1] == f"accuracy {100 * right / 5:.1f}% ({right} of 5 labeled inputs)"
 
 
-def test_limit_and_offset_keep_the_original_row_numbers(tiny_models, reviews):
-    result = invoke(["classify", "-t", "sentiment", "-m", tiny_models["llama"], "-i", reviews, "--offset", 1,
+def test_limit_and_offset_keep_the_original_row_numbers(fake_lm, reviews):
+    result = invoke(["classify", "-t", "sentiment", "-m", "fake", "-i", reviews, "--offset", 1,
                      "--limit", 2, "-f", "jsonl"])
     assert result.exit_code == 0, result.stderr
     assert [(r["index"], r["id"]) for r in jsonl(result.stdout)] == [(1, "r1"), (2, "r2")]

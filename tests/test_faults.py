@@ -2,15 +2,17 @@
 a user would run it (in-process CliRunner, tiny models), with the exit code, a piece of the one stderr
 line, and the records left in the output file. Signals during batch runs: tests/test_signals.py.
 
-Placeholders in args, files and env: {tmp} the test's folder, {llama} {gpt2} {t5} tiny models,
-{nomodel} a model path that does not exist (a case using it proves its check runs before model load:
-otherwise the run would fail with exit 4 on the model instead).
+Placeholders in args, files and env: {tmp} the test's folder, {llama} {gpt2} {t5} a model (all the same
+FakeLM: the table checks input and option handling, not the model), {nomodel} a model path that does not
+exist (a case using it proves its check runs before model load: otherwise the run would fail with exit 4
+on the model instead). Cases with `real` go through llmlab's real loading path (GGUF files, the cache).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +62,8 @@ class Case:
     check: Callable[[Path, Any], None] | None = None
     needs: str | None = None  # "branch: what": fails until that helper's branch is merged (strict xfail)
     skip: str | None = None
+    real: bool = False  # the real loading path, not the FakeLM
+    window: int = 4096  # the FakeLM's context window, in tokens (characters)
 
 
 G = ["generate", "-m", "{llama}", "--max-new-tokens", "2"]
@@ -106,14 +110,15 @@ def _bad_gguf(tmp: Path) -> None:
 
 
 def _corrupt_cache(tmp: Path) -> None:
-    """A converted-model cache entry for bad.gguf whose model.safetensors was cut short by a crash."""
+    """A converted-model cache entry for bad.gguf whose model.safetensors was cut short by a crash:
+    its header describes 400 bytes of tensor data, and only half of them were written."""
     _bad_gguf(tmp)
     target = models.gguf_cache_dir(models.resolve_model(str(tmp / "bad.gguf")))
     target.mkdir(parents=True)
-    source = Path(os.environ["TINY_LLAMA"])
-    for f in source.iterdir():
-        data = f.read_bytes()
-        (target / f.name).write_bytes(data[: len(data) // 2] if f.name == "model.safetensors" else data)
+    (target / "config.json").write_text('{"model_type": "llama"}')
+    (target / "tokenizer_config.json").write_text("{}")
+    header = json.dumps({"w": {"dtype": "F32", "shape": [100], "data_offsets": [0, 400]}}).encode()
+    (target / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 200)
 
 
 def _corrupt_moved_aside(tmp: Path, result: Any) -> None:
@@ -241,18 +246,20 @@ CASES = [
          files={"toy.yaml": TOY, "in.jsonl": LABELED}),
     Case("empty-prompt", G + [""], 2, "no prompt"),
     Case("empty-prompt-chat-off", G + ["--chat", "off", ""], 2, "no prompt"),
-    Case("plain-prompt-overflow", ["generate", "-m", "{gpt2}", "--max-new-tokens", "2", LONG], 5, "window"),
+    Case("plain-prompt-overflow", ["generate", "-m", "{gpt2}", "--max-new-tokens", "2", LONG], 5, "window",
+         window=64),
     Case("plain-prompt-overflow-batch", ["generate", "-m", "{gpt2}", "--max-new-tokens", "2", "-i", "{tmp}/in.jsonl",
                                          "-o", "{tmp}/out.jsonl"], 5, "in.jsonl line 2", rows=None,
-         files={"in.jsonl": json.dumps({"prompt": "a"}) + "\n" + json.dumps({"prompt": LONG}) + "\n"}),
+         files={"in.jsonl": json.dumps({"prompt": "a"}) + "\n" + json.dumps({"prompt": LONG}) + "\n"}, window=64),
     Case("prompts-dir-missing", ["prompt", "list", "--prompts-dir", "{tmp}/nosuchdir"], 2, "nosuchdir"),
-    Case("truncated-gguf", ["generate", "-m", "{tmp}/bad.gguf", "hi"], 4, "truncated", setup=_bad_gguf),
+    Case("truncated-gguf", ["generate", "-m", "{tmp}/bad.gguf", "hi"], 4, "truncated", setup=_bad_gguf, real=True),
     Case("corrupt-cache-entry", ["generate", "-m", "{tmp}/bad.gguf", "hi"], 4, "corrupt", setup=_corrupt_cache,
-         check=_corrupt_moved_aside),
-    Case("stale-staging", ["generate", "-m", "{tmp}/bad.gguf", "hi"], 4, "", setup=_stale_staging, check=_staging_gone),
+         check=_corrupt_moved_aside, real=True),
+    Case("stale-staging", ["generate", "-m", "{tmp}/bad.gguf", "hi"], 4, "", setup=_stale_staging, check=_staging_gone,
+         real=True),
     # (a bad.gguf keeps it fast: the warning about the cache, then the plain error on the file itself)
     Case("cache-is-a-file", ["generate", "-m", "{tmp}/bad.gguf", "hi"], 4, "warning:", env={"LLMLAB_CACHE": "{tmp}/cachefile"},
-         setup=_cache_is_a_file, check=_says_truncated),
+         setup=_cache_is_a_file, check=_says_truncated, real=True),
 ]
 
 
@@ -276,10 +283,11 @@ def _params():
 
 
 @pytest.mark.parametrize("case", _params())
-def test_fault(case: Case, tiny_models, tmp_path, monkeypatch):
+def test_fault(case: Case, tmp_path, request):
     subs = {"{tmp}": str(tmp_path), "{nomodel}": str(tmp_path / "no-such-model"),
-            **{"{" + k + "}": str(v) for k, v in tiny_models.items()}}
-    monkeypatch.setenv("TINY_LLAMA", str(tiny_models["llama"]))
+            **{"{" + k + "}": f"fake-{k}" for k in ("llama", "gpt2", "t5")}}
+    if not case.real:
+        request.getfixturevalue("fake_lm").window = case.window
     for name, content in case.files.items():
         path = tmp_path / name
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -245,10 +245,10 @@ def test_eval_compares_calibration_methods(tiny_models, tmp_path):
     (["--ensemble", "0", "great"], "Invalid value for '--ensemble'"),
     (["--shot-selection", "nearest", "--shots", "1", "great"], "Invalid value for '--shot-selection': 'nearest'"),
 ])
-def test_classify_usage_errors(tiny_models, tmp_path, args, message):
+def test_classify_usage_errors(no_model, tmp_path, args, message):
     tmpl = tmp_path / "toy.yaml"
     tmpl.write_text(TEMPLATE)
-    result = invoke(["classify", "-m", tiny_models["llama"], "-t", tmpl, *args])
+    result = invoke(["classify", "-m", "./never-loaded", "-t", tmpl, *args])
     assert result.exit_code == 2 and message in result.stderr
 
 

@@ -181,3 +181,18 @@ def test_sigterm_stops_a_write_like_ctrl_c(tmp_path):
     assert out.read_text() == "".join(json.dumps({"index": n}) + "\n" for n in range(3))
     assert signal.getsignal(signal.SIGTERM) == before
     assert not (tmp_path / ".out.jsonl.lock").exists()
+
+
+def test_library_warnings_go_to_the_llmlab_log_and_the_cli_shows_them(capsys, monkeypatch):
+    import logging
+
+    from llmlab import console
+
+    items = [io.Item(0, {"prompt": 42}, "row 1")]
+    # A program that imports llmlab and configures no logging sees nothing: library code never prints.
+    monkeypatch.setattr(logging.getLogger("llmlab"), "handlers", [logging.NullHandler()])
+    io.require_text(items, ["prompt"])
+    assert capsys.readouterr().err == ""
+    console.configure()  # what every command does: the "llmlab" log is shown on stderr
+    io.require_text(items, ["prompt"])
+    assert capsys.readouterr().err == "warning: row 1: field 'prompt' is the number 42, not text; using the text '42'\n"

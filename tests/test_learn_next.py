@@ -104,6 +104,7 @@ def test_mistakes_before_loading(args, message):
     assert result.exit_code == 2 and result.stderr.startswith(message) and result.stderr.count("\n") == 1
 
 
-def test_window_overflow_is_refused(tiny_models):
-    result = invoke(["next", "-m", tiny_models["gpt2"], "the " * 70, "--steps", 1])
+def test_window_overflow_is_refused(fake_lm):
+    fake_lm.window = 64
+    result = invoke(["next", "-m", "fake", "the " * 70, "--steps", 1])
     assert result.exit_code == 5 and "64-token window" in result.stderr

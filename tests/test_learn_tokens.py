@@ -94,8 +94,8 @@ def test_chat_wraps_the_text_in_the_template(tiny_models):
     (["tokenize", "x", "-f", "csv"], "error: invalid --format 'csv': choose auto, jsonl or text", 2),
     (["tokenize", "-t", "no-such-template", "x"], "error: no template named 'no-such-template'", 3),
 ])
-def test_mistakes_are_one_line(tiny_models, args, message, code):
-    result = invoke(args + ["-m", tiny_models["llama"]])
+def test_mistakes_are_one_line(fake_lm, args, message, code):
+    result = invoke(args + ["-m", "fake"])
     assert result.exit_code == code
     assert result.stderr.startswith(message) and result.stderr.count("\n") == 1
     assert result.stdout == ""

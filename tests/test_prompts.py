@@ -142,10 +142,10 @@ def test_truncate_keeps_the_end_and_fits(tiny_models, toy):
         (TEMPLATE.replace("{text}", "{text!r}"), [], "bad placeholder"),
     ],
 )
-def test_bad_templates(tiny_models, tmp_path, body, args, error):
+def test_bad_templates(fake_lm, tmp_path, body, args, error):
     path = tmp_path / "bad.yaml"
     path.write_text(body)
-    result = render(tiny_models["llama"], path, *(args if "--var" in args else [*args, "--var", "text=hi"]))
+    result = render("fake", path, *(args if "--var" in args else [*args, "--var", "text=hi"]))
     assert result.exit_code != 0
     assert error in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
@@ -284,3 +284,21 @@ def test_render_uses_the_template_shots(tiny_models, tmp_path):
     (tmp_path / "toy.yaml").write_text(TEMPLATE + "shots: 2\n")
     result = invoke(["prompt", "render", "toy", "--prompts-dir", tmp_path, "-m", tiny_models["llama"], "--var", "text=x"])
     assert result.exit_code == 0 and result.stderr.endswith("(2 shots)\n")
+
+
+def test_the_builder_warns_through_on_warn_and_never_prints(toy, capsys):
+    from llmlab import prompts
+    from llmlab.backends.fake import CharTokenizer
+    from llmlab.io import Item
+
+    template = prompts.load_template(str(toy))
+    warnings = []
+    prompts.make_builder(template, CharTokenizer(), 4096, prompts.options_for(template, shots=9),
+                         on_warn=warnings.append)
+    assert warnings == ["--shots 9, but template 'toy' has only 5 examples to show: using 5"]
+    prompts.make_builder(template, CharTokenizer(), 4096, prompts.options_for(template, shots=9))
+    assert capsys.readouterr().err == ""  # no on_warn: nothing is said, nothing printed
+    small = prompts.make_builder(template, CharTokenizer(), 60, prompts.options_for(template, shots=2),
+                                 on_warn=warnings.append)
+    built = small.build(Item(0, {"text": "fine"}, "row 1"))
+    assert built.notes and capsys.readouterr().err == ""  # dropped shots are notes, for the caller's on_warn

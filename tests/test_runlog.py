@@ -229,15 +229,29 @@ def test_eval_combo_logs_each_seed(home):
         (0, 1, 0.25, 4), (1, 1, 0.75, 4)]
 
 
+def _break_mid_run(log):
+    log.item(0, "p0", output="o0")
+    log.db.execute("DROP TABLE items")  # the log breaks mid-run
+    log.item(1, "p1", output="o1")
+    log.item(2, "p2", output="o2")
+
+
 def test_a_failing_log_warns_once_and_the_run_goes_on(home, capsys):
-    with runlog.open_run("generate") as log:
-        log.item(0, "p0", output="o0")
-        log.db.execute("DROP TABLE items")  # the log breaks mid-run
-        log.item(1, "p1", output="o1")
-        log.item(2, "p2", output="o2")
+    warnings = []
+    with runlog.open_run("generate", on_warn=warnings.append) as log:
+        _break_mid_run(log)
+    assert warnings == [f"run log {home / 'runs.db'}: no such table: items; run {log.id} is logged only up to here"]
+    assert log.broken
+    assert capsys.readouterr().err == ""  # library code never prints: the warning went to on_warn
+
+
+def test_the_cli_hooks_show_a_failing_log_on_stderr(home, capsys):
+    from llmlab.cli import hooks
+
+    with hooks().open_run("generate") as log:
+        _break_mid_run(log)
     err = capsys.readouterr().err
     assert err.count("warning:") == 1 and f"run {log.id} is logged only up to here" in err
-    assert log.broken
 
 
 def test_an_interrupt_between_begin_and_commit_still_ends_the_run(home):

@@ -1,0 +1,71 @@
+"""Metrics of `llmlab eval`: accuracy, macro-F1, per-label scores and the confusion matrix for
+classification; ROUGE and exact match for generation; mean, std, min and max over seeds."""
+
+from __future__ import annotations
+
+import statistics
+import string
+from typing import Any, Sequence
+
+
+def classification_metrics(golds: Sequence[str], preds: Sequence[str], labels: Sequence[str]) -> dict[str, Any]:
+    """Accuracy, macro-F1 (over the template's labels), per-label precision/recall/F1 and the
+    confusion matrix (rows: gold label, columns: predicted label, plus 'unknown' if predicted)."""
+    columns = list(labels) + (["unknown"] if any(p not in labels for p in preds) else [])
+    confusion = [[0] * len(columns) for _ in labels]
+    for gold, pred in zip(golds, preds):
+        confusion[labels.index(gold)][columns.index(pred if pred in labels else "unknown")] += 1
+    per_label = {}
+    for i, label in enumerate(labels):
+        tp = confusion[i][i]
+        predicted = sum(row[i] for row in confusion)
+        actual = sum(confusion[i])
+        precision = tp / predicted if predicted else 0.0
+        recall = tp / actual if actual else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_label[label] = {"precision": precision, "recall": recall, "f1": f1, "support": actual}
+    n = len(golds)
+    return {
+        "accuracy": sum(g == p for g, p in zip(golds, preds)) / n if n else 0.0,
+        "macro_f1": sum(v["f1"] for v in per_label.values()) / len(labels),
+        "per_label": per_label,
+        "confusion": {"labels": list(labels), "predicted": columns, "matrix": confusion},
+    }
+
+
+def normalize_answer(text: str) -> str:
+    """Lowercase, drop punctuation and extra whitespace (SQuAD-style) for exact match."""
+    text = text.lower().translate(str.maketrans("", "", string.punctuation))
+    return " ".join(text.split())
+
+
+def generation_metrics(preds: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float]:
+    """ROUGE-1/2/L F-measure (rouge-score, stemmed; best over an item's references) and exact match."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    totals = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
+    exact = 0
+    for pred, refs in zip(preds, references):
+        scores = scorer.score_multi(list(refs), pred)
+        for key in totals:
+            totals[key] += scores[key].fmeasure
+        exact += any(normalize_answer(pred) == normalize_answer(r) for r in refs)
+    n = len(preds) or 1
+    return {**{k: v / n for k, v in totals.items()}, "exact_match": exact / n}
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    return (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarize(runs: list[dict[str, Any]], task: str) -> dict[str, Any]:
+    """Each metric's mean, std, min and max over the seeds; items/s averaged over seeds."""
+    keys = ["accuracy", "macro_f1"] if task == "classify" else ["rouge1", "rouge2", "rougeL", "exact_match"]
+    summary: dict[str, Any] = {}
+    for key in keys:
+        values = [r["metrics"][key] for r in runs]
+        mean, std = mean_std(values)
+        summary[key] = {"mean": mean, "std": std, "min": min(values), "max": max(values)}
+    summary["items_per_s"] = statistics.fmean(r["items_per_s"] for r in runs)
+    return summary
