@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from llmlab.errors import UsageError
 from llmlab.io import Item
@@ -49,7 +48,8 @@ def plain_jobs(items: Sequence[Item], field: str, tokenizer: Any, chat: bool) ->
 
 
 def template_jobs(builder: Any, items: Sequence[Item]) -> list[Job]:
-    """Jobs whose prompts the template builder makes; its notes (dropped shots...) become warnings."""
+    """Jobs whose prompts the template builder makes; its notes (dropped shots...) go to the
+    builder's on_warn."""
     jobs = []
     for item in items:
         prompt = builder.build(item)
@@ -68,17 +68,17 @@ def record(job: Job, output: Any, model_name: str, echo: bool) -> dict[str, Any]
     rec["prompt_tokens"] = output.prompt_tokens
     rec["completion_tokens"] = output.completion_tokens[0] if len(completions) == 1 else output.completion_tokens
     rec["finish_reason"] = output.finish_reasons[0] if len(completions) == 1 else output.finish_reasons
+    if output.logprobs is not None:
+        tokens = [[t.as_record() for t in seq] for seq in output.logprobs]
+        rec["logprobs"] = tokens[0] if len(completions) == 1 else tokens
     rec["model"] = model_name
     return rec
 
 
-def run_single(lm: Any, job: Job, settings: Any, echo: bool) -> Any:
-    """One prompt: stream the completion to stdout as it is generated."""
+def run_single(lm: Any, job: Job, settings: Any, echo: bool, emit: Callable[[str], None]) -> Any:
+    """One prompt: stream the completion through emit(text) (stdout for a person) as it is
+    generated; several completions (beams, -n) are emitted whole, one per line."""
     from llmlab.models import GenRequest
-
-    def emit(text: str) -> None:
-        sys.stdout.write(text)
-        sys.stdout.flush()
 
     request = GenRequest(job.model_text, job.chat)
     if settings.num_return_sequences == 1 and settings.num_beams == 1:
