@@ -18,7 +18,7 @@ except ImportError:  # pragma: no cover - older typer on real click
     from click import exceptions as click_exceptions
 
 from llmlab import __version__, console
-from llmlab.config import Backend, InputFormat, Method, Normalize, OutputFormat, Overflow, Dtype, value
+from llmlab.config import Backend, Dtype, GenEngine, InputFormat, Method, Normalize, OutputFormat, Overflow, value
 from llmlab.errors import LlmlabError, UsageError
 from llmlab.options import *  # noqa: F403 - the shared option declarations
 
@@ -193,6 +193,7 @@ def generate(
     output: OutputFile = None,
     format: OutputFormatOpt = OutputFormat.auto,
     batch_size: BatchSize = "8",
+    gen_engine: GenEngineOpt = GenEngine.auto,
     resume: Resume = False,
     echo: Annotated[bool, typer.Option(rich_help_panel=IO_PANEL, help="Print the prompt before the completion.")] = False,
     template: TemplateOpt = None,
@@ -227,6 +228,7 @@ def generate(
         input=InputConfig(input, value(input_format), field, offset, limit),
         output=OutputConfig(output, value(format), resume),
         flags=flags, preset=config, text=prompt, batch_size=parse_batch(batch_size), echo=echo,
+        gen_engine=value(gen_engine),
     )
     session.generate(cfg, hooks(no_log))
 

@@ -11,8 +11,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from llmlab.config import (Backend, ChatMode, Dtype, InputFormat, Method, Normalize, OutputFormat, Overflow,
-                           Selection, ShotFormat)
+from llmlab.config import (Backend, ChatMode, Dtype, GenEngine, InputFormat, Method, Normalize, OutputFormat,
+                           Overflow, Selection, ShotFormat)
 
 MODEL_PANEL = "Model"
 GEN_PANEL = "Generation settings"
@@ -145,6 +145,11 @@ OutputFormatOpt = Annotated[
 BatchSize = Annotated[
     str, typer.Option(rich_help_panel=IO_PANEL, help="Inputs per forward pass (>= 1), or auto (start large, "
                       "halve on out-of-memory).")
+]
+GenEngineOpt = Annotated[
+    GenEngine, typer.Option("--gen-engine", rich_help_panel=GEN_PANEL,
+                            help="padded: generate() on padded batches; continuous: transformers' continuous "
+                            "batching (greedy only); auto: whichever was measured faster on this device.")
 ]
 Resume = Annotated[
     bool, typer.Option(rich_help_panel=IO_PANEL,

@@ -260,8 +260,11 @@ def generate(cfg: GenerateConfig, hooks: Hooks = Hooks(), lm: Any = None) -> Non
     """`llmlab generate`: one prompt streamed to stdout, or a batch written record by record."""
     from llmlab import generation, io
 
+    from llmlab.backends import hf_continuous
+
     template = find_template(cfg.prompt)
     settings = settings_for(template, cfg.preset, cfg.flags)
+    hf_continuous.check(cfg.gen_engine, settings, cfg.model.backend)
     io.check_output_path(cfg.output.path, inputs=[cfg.input.path])
     items = _generate_items(cfg, template)
     single = cfg.input.path is None and cfg.output.terminal
@@ -275,6 +278,7 @@ def generate(cfg: GenerateConfig, hooks: Hooks = Hooks(), lm: Any = None) -> Non
     with hooks.open_run("generate", config=_logged_config(cfg, settings), templates=template,
                         data=cfg.input.path) as log:
         session = _loaded(cfg.model, lm, log, hooks)
+        session.lm.gen_engine = cfg.gen_engine
         if template is None:
             jobs = plain_jobs(todo, cfg.input.field, session.lm, session.chat())
             jobs = fit_plain(jobs, session.lm, settings.max_new_tokens, cfg.prompt.overflow, hooks)

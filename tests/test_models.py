@@ -3,6 +3,7 @@ import time
 
 import pytest
 
+from helpers import TEST_DEVICE
 from llmlab import loading, models
 from llmlab.errors import ModelError, UsageError
 from llmlab.settings import build
@@ -10,7 +11,7 @@ from llmlab.settings import build
 
 @pytest.fixture(scope="module")
 def lms(tiny_models):
-    return {k: models.load(str(v)) for k, v in tiny_models.items()}
+    return {k: models.load(str(v), TEST_DEVICE) for k, v in tiny_models.items()}
 
 
 def test_architecture_is_detected_from_the_config(lms):
@@ -218,7 +219,7 @@ def test_stop_text_the_tokenizer_cannot_produce(lms, tokenizer_kind):
             vocab_size=len(tokenizer), d_model=16, d_kv=4, d_ff=32, num_layers=1, num_decoder_layers=1,
             num_heads=2, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)).eval()
     events = []
-    lm = HFLM("t5", model, tokenizer, "cpu", on_event=lambda level, msg: events.append((level, msg)))
+    lm = HFLM("t5", model.to(TEST_DEVICE), tokenizer, TEST_DEVICE, on_event=lambda level, msg: events.append((level, msg)))
     prompts = ["Dialogue: hello there.\n\nWhat was going on?", "the movie", "Summarize the following conversation."]
     free = lm.generate([models.GenRequest(p) for p in prompts], build({"max_new_tokens": 6}), batch_size=3)
     stopped = build({"max_new_tokens": 6, "stop": ["\n\n", "\n"]})
@@ -237,7 +238,7 @@ def test_reachable_stop_with_a_t5_tokenizer(lms):
     """A stop text T5 can produce still stops each row on its own."""
     from llmlab.backends.hf import HFLM
 
-    lm = HFLM("t5", lms["t5"].model, t5_without_newline(lms["t5"]), "cpu")
+    lm = HFLM("t5", lms["t5"].model, t5_without_newline(lms["t5"]), TEST_DEVICE)
     prompts = ["Dialogue: hello there.\n\nWhat was going on?", "the movie", "Where is Ganymede?"]
     free = lm.generate([models.GenRequest(p) for p in prompts], build({"max_new_tokens": 8}), batch_size=3)
     text = next(f.completions[0] for f in free if len(f.completions[0].strip()) > 2)
