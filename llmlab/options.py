@@ -32,8 +32,8 @@ Device = Annotated[
     str, typer.Option(help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.", rich_help_panel=MODEL_PANEL)
 ]
 DtypeOpt = Annotated[
-    Dtype, typer.Option("--dtype", help="auto: bfloat16 on a GPU that supports it, float32 on CPU.",
-                        rich_help_panel=MODEL_PANEL)
+    Dtype, typer.Option("--dtype", help="auto: float32 on CPU/MPS, and on CUDA for models up to 1B parameters; "
+                        "bfloat16 (float16 on cards without it) for bigger ones on CUDA.", rich_help_panel=MODEL_PANEL)
 ]
 DeviceMapOpt = Annotated[
     Optional[str], typer.Option("--device-map", show_default="none: all on --device", rich_help_panel=MODEL_PANEL,
