@@ -53,6 +53,8 @@ def test_stop_texts_cut_where_the_padded_engine_cuts(lms):
 
 @pytest.mark.parametrize("device, engine, flags, expected", [
     ("cpu", "auto", {}, hf_continuous.AUTO["cpu"]),
+    ("cpu", "auto", {"requests": 1}, "padded"),  # nothing to batch; the padded engine streams it
+    ("cpu", "continuous", {"requests": 1}, "continuous"),
     ("cuda", "auto", {}, "padded"),  # not measured on a GPU yet
     ("cuda:1", "continuous", {}, "continuous"),
     ("cpu", "padded", {}, "padded"),
@@ -63,7 +65,8 @@ def test_stop_texts_cut_where_the_padded_engine_cuts(lms):
 def test_choice_of_engine(device, engine, flags, expected):
     lm = SimpleNamespace(gen_engine=engine, device=device, is_encoder_decoder=False,
                          model=SimpleNamespace(generate_batch=None))
-    assert hf_continuous.choose(lm, build({"max_new_tokens": 4, **flags})) == expected
+    settings = {k: v for k, v in flags.items() if k != "requests"}
+    assert hf_continuous.choose(lm, build({"max_new_tokens": 4, **settings}), flags.get("requests", 2)) == expected
 
 
 def test_encoder_decoder_models_run_padded_and_refuse_continuous(lms):
@@ -100,3 +103,10 @@ def test_cli_engines_write_the_same_records(tiny_models, tmp_path):
         assert result.exit_code == 0, result.stderr
         out[engine] = jsonl(result.stdout)
     assert out["continuous"] == out["padded"] and len(out["padded"]) == len(PROMPTS)
+
+
+def test_one_prompt_on_the_terminal_prints_the_same_text(tiny_models):
+    out = {engine: invoke(["generate", "-m", tiny_models["llama"], "--max-new-tokens", 5, "--gen-engine", engine,
+                           "the movie"]) for engine in ("padded", "continuous")}
+    assert out["padded"].exit_code == out["continuous"].exit_code == 0
+    assert out["continuous"].stdout == out["padded"].stdout and out["padded"].stdout.strip()

@@ -216,7 +216,7 @@ class HFLM(LM):
         per_prompt = max(settings.num_return_sequences, settings.num_beams)
         lengths = [(len(p) + settings.max_new_tokens) * per_prompt for p in prompts]
         eos = self._eos_ids()
-        engine = self._generate_batch if hf_continuous.choose(self, settings) == "padded" else \
+        engine = self._generate_batch if hf_continuous.choose(self, settings, len(requests)) == "padded" else \
             lambda *args: hf_continuous.generate_rows(self, *args)
 
         def run(batch: list[int]) -> list[GenOutput]:

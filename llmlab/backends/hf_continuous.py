@@ -67,8 +67,11 @@ def check(engine: str, settings: Any, backend: str = "hf") -> None:
                          "use --gen-engine padded (or auto)")
 
 
-def choose(lm: Any, settings: Any) -> str:
-    """'padded' or 'continuous' for this model and these settings (lm.gen_engine: the user's choice)."""
+def choose(lm: Any, settings: Any, requests: int = 2) -> str:
+    """'padded' or 'continuous' for this model, these settings and this many requests (lm.gen_engine:
+    the user's choice). auto keeps one request on the padded engine: there is nothing to batch, the
+    padded engine streams it, and a generate_batch call has a fixed cost (about 2 s on the 2-core
+    CPU, mostly the two full garbage collections its manager runs when it stops)."""
     engine = getattr(lm, "gen_engine", "auto")
     check(engine, settings)
     if engine == "padded":
@@ -81,8 +84,9 @@ def choose(lm: Any, settings: Any) -> str:
         return "padded"
     if engine == "continuous":
         return "continuous"
-    kind = lm.device.split(":")[0]
-    return AUTO.get(kind, "padded") if unsupported(settings) is None else "padded"
+    if requests < 2 or unsupported(settings) is not None:
+        return "padded"
+    return AUTO.get(lm.device.split(":")[0], "padded")
 
 
 def batch_config(rows: Sequence[Sequence[int]], new_tokens: int, device: str) -> Any:
