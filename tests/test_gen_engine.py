@@ -53,7 +53,8 @@ def test_stop_texts_cut_where_the_padded_engine_cuts(lms):
 
 @pytest.mark.parametrize("device, engine, flags, expected", [
     ("cpu", "auto", {}, hf_continuous.AUTO["cpu"]),
-    ("cpu", "auto", {"requests": 1}, "padded"),  # nothing to batch; the padded engine streams it
+    ("cpu", "auto", {"requests": 1, "max_new_tokens": 400}, "padded"),  # nothing to batch; padded streams it
+    ("cpu", "auto", {"requests": 4, "max_new_tokens": 4}, "padded"),  # too little work for its fixed cost
     ("cpu", "continuous", {"requests": 1}, "continuous"),
     ("cuda", "auto", {}, "padded"),  # not measured on a GPU yet
     ("cuda:1", "continuous", {}, "continuous"),
@@ -65,8 +66,8 @@ def test_stop_texts_cut_where_the_padded_engine_cuts(lms):
 def test_choice_of_engine(device, engine, flags, expected):
     lm = SimpleNamespace(gen_engine=engine, device=device, is_encoder_decoder=False,
                          model=SimpleNamespace(generate_batch=None))
-    settings = {k: v for k, v in flags.items() if k != "requests"}
-    assert hf_continuous.choose(lm, build({"max_new_tokens": 4, **settings}), flags.get("requests", 2)) == expected
+    settings = {"max_new_tokens": 64, **{k: v for k, v in flags.items() if k != "requests"}}
+    assert hf_continuous.choose(lm, build(settings), flags.get("requests", 8)) == expected
 
 
 def test_encoder_decoder_models_run_padded_and_refuse_continuous(lms):

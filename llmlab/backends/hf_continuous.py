@@ -31,6 +31,10 @@ ENGINES = ("auto", "padded", "continuous")
 # cuda: NOT measured yet (no GPU in this project's sessions so far); padded until
 # bench/gpu_check.sh has measured both engines on a GPU. mps: not measured either.
 AUTO = {"cpu": "continuous", "cuda": "padded", "mps": "padded"}
+# ... but only for calls with at least this many new tokens in all (requests x max_new_tokens):
+# generate_batch has a fixed cost per batch, and 4 prompts x 4 tokens ran at 0.7x the padded
+# engine on that CPU. The threshold lies between the two measured sizes (16 and 800).
+AUTO_MIN_NEW_TOKENS = 256
 
 # Tokens per KV-cache page (generate_batch's page_size, >= 4): smaller pages waste less of a
 # request's last page, larger ones mean fewer block-table entries.
@@ -85,7 +89,9 @@ def choose(lm: Any, settings: Any, requests: int = 2) -> str:
         return "padded"
     if engine == "continuous":
         return "continuous"
-    if requests < 2 or unsupported(settings) is not None or getattr(lm.model, "hf_device_map", None):
+    if requests < 2 or requests * settings.max_new_tokens < AUTO_MIN_NEW_TOKENS:
+        return "padded"
+    if unsupported(settings) is not None or getattr(lm.model, "hf_device_map", None):
         return "padded"  # (a model spread by --device-map: not measured with generate_batch)
     return AUTO.get(lm.device.split(":")[0], "padded")
 
