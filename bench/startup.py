@@ -1,6 +1,6 @@
 """Start-up cost of short runs: wall and CPU seconds of whole `llmlab` processes.
 
-    python bench/startup.py [--runs 3]
+    python bench/startup.py [--runs 3] [--model smollm2] [--device auto] [COMMAND...]
 
 Runs each command --runs times in a fresh process and prints min/median wall and CPU time.
 CPU time (user+sys of the child) is steadier than wall time on a shared machine.
@@ -37,8 +37,12 @@ def run(args: list[str]) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--model", help="the model of `generate 1 token` (default: llmlab's, smollm2)")
+    parser.add_argument("--device", help="its --device (default: llmlab's, auto)")
     parser.add_argument("only", nargs="*", help="command names to run (default: all)")
     opts = parser.parse_args()
+    COMMANDS["generate 1 token"] += (["-m", opts.model] if opts.model else []) + (
+        ["--device", opts.device] if opts.device else [])
     run(COMMANDS["generate 1 token"])  # warm the GGUF cache and the page cache first
     print(f"{'command':<18} {'wall min':>9} {'wall med':>9} {'cpu min':>8} {'cpu med':>8}  (seconds, "
           f"{opts.runs} runs, load {os.getloadavg()[0]:.1f})")

@@ -18,7 +18,7 @@ except ImportError:  # pragma: no cover - older typer on real click
     from click import exceptions as click_exceptions
 
 from llmlab import __version__, console
-from llmlab.config import Backend, InputFormat, Method, Normalize, OutputFormat, Overflow, Dtype, value
+from llmlab.config import Backend, Dtype, GenEngine, InputFormat, Method, Normalize, OutputFormat, Overflow, value
 from llmlab.errors import LlmlabError, UsageError
 from llmlab.options import *  # noqa: F403 - the shared option declarations
 
@@ -179,7 +179,7 @@ def generate(
     top_logprobs: TopLogprobs = None, config: ConfigFile = None,
     input: InputFile = None, input_format: InputFormatOpt = InputFormat.auto, field: PromptField = "prompt",
     offset: Offset = 0, limit: Limit = None, output: OutputFile = None, format: OutputFormatOpt = OutputFormat.auto,
-    batch_size: BatchSize = "8", resume: Resume = False, echo: Echo = False,
+    batch_size: BatchSize = "8", gen_engine: GenEngineOpt = GenEngine.auto, resume: Resume = False, echo: Echo = False,
     template: TemplateOpt = None, shots: Shots = None, shot_selection: ShotSelection = None,
     shot_format: ShotFormatOpt = None, overflow: OverflowOpt = Overflow.drop_shots, examples: Examples = None,
     prompts_dir: PromptsDir = None, var: Vars = None,
@@ -206,6 +206,7 @@ def generate(
         input=InputConfig(input, value(input_format), field, offset, limit),
         output=OutputConfig(output, value(format), resume),
         flags=flags, preset=config, text=prompt, batch_size=parse_batch(batch_size), echo=echo,
+        gen_engine=value(gen_engine),
     )
     shown = session.generate(cfg, hooks(no_log), display=console.stdout_is_terminal())
     if shown is not None:  # --logprobs on a terminal: colour each token by its probability

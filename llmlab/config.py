@@ -82,6 +82,12 @@ class Backend(str, enum.Enum):
     vllm = "vllm"  # vLLM on CUDA GPUs (llmlab.backends.vllm)
 
 
+class GenEngine(str, enum.Enum):
+    auto = "auto"  # the engine measured faster on this kind of device (llmlab.backends.hf_continuous.AUTO)
+    padded = "padded"  # model.generate on left-padded batches
+    continuous = "continuous"  # model.generate_batch: continuous batching, paged attention, greedy only
+
+
 def value(choice: Any) -> Any:
     """An enum member's string (or None / a plain value unchanged)."""
     return choice.value if isinstance(choice, enum.Enum) else choice
@@ -147,6 +153,7 @@ class GenerateConfig:
     text: Optional[str] = None  # the PROMPT argument (or stdin)
     batch_size: Optional[int] = 8  # None = auto
     echo: bool = False
+    gen_engine: str = "auto"  # auto, padded or continuous (GenEngine)
 
 
 @dataclass

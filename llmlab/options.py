@@ -11,8 +11,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from llmlab.config import (Backend, ChatMode, Dtype, InputFormat, Method, Normalize, OutputFormat, Overflow,
-                           Selection, ShotFormat)
+from llmlab.config import (Backend, ChatMode, Dtype, GenEngine, InputFormat, Method, Normalize, OutputFormat,
+                           Overflow, Selection, ShotFormat)
 
 MODEL_PANEL = "Model"
 GEN_PANEL = "Generation settings"
@@ -32,8 +32,8 @@ Device = Annotated[
     str, typer.Option(help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.", rich_help_panel=MODEL_PANEL)
 ]
 DtypeOpt = Annotated[
-    Dtype, typer.Option("--dtype", help="auto: bfloat16 on a GPU that supports it, float32 on CPU.",
-                        rich_help_panel=MODEL_PANEL)
+    Dtype, typer.Option("--dtype", help="auto: float32 on CPU/MPS, and on CUDA for models up to 1B parameters; "
+                        "bfloat16 (float16 on cards without it) for bigger ones on CUDA.", rich_help_panel=MODEL_PANEL)
 ]
 DeviceMapOpt = Annotated[
     Optional[str], typer.Option("--device-map", show_default="none: all on --device", rich_help_panel=MODEL_PANEL,
@@ -155,6 +155,11 @@ OutputFormatOpt = Annotated[
 BatchSize = Annotated[
     str, typer.Option(rich_help_panel=IO_PANEL, help="Inputs per forward pass (>= 1), or auto (start large, "
                       "halve on out-of-memory).")
+]
+GenEngineOpt = Annotated[
+    GenEngine, typer.Option("--gen-engine", rich_help_panel=GEN_PANEL,
+                            help="padded: generate() on padded batches; continuous: transformers' continuous "
+                            "batching (greedy only); auto: whichever was measured faster on this device.")
 ]
 Resume = Annotated[
     bool, typer.Option(rich_help_panel=IO_PANEL,

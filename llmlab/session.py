@@ -182,8 +182,11 @@ def generate(cfg: GenerateConfig, hooks: Hooks = Hooks(), lm: Any = None, displa
     with --logprobs is written as a record (streamed text would lose the numbers)."""
     from llmlab import generation, io
 
+    from llmlab.backends import hf_continuous
+
     template = find_template(cfg.prompt)
     settings = settings_for(template, cfg.preset, cfg.flags)
+    hf_continuous.check(cfg.gen_engine, settings, cfg.model.backend)
     io.check_output_path(cfg.output.path, inputs=[cfg.input.path])
     if settings.logprobs and io.output_format(cfg.output.path, cfg.output.format) == "text":
         raise UsageError("--logprobs: the text format keeps only the completion; write JSONL or CSV "
@@ -200,6 +203,7 @@ def generate(cfg: GenerateConfig, hooks: Hooks = Hooks(), lm: Any = None, displa
     with hooks.open_run("generate", config=_logged_config(cfg, settings), templates=template,
                         data=cfg.input.path) as log:
         session = _loaded(cfg.model, lm, log, hooks)
+        session.lm.gen_engine = cfg.gen_engine
         jobs = _jobs(cfg, session, template, todo, settings, hooks)
 
         def logged(job: Any, rec: dict[str, Any]) -> None:

@@ -7,8 +7,47 @@ from pathlib import Path
 
 import pytest
 
+from helpers import TEST_DEVICE, device_from_env
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ["COLUMNS"] = "100"  # pin rich's width
+
+
+def _show_only_the_test_gpu() -> None:
+    """LLMLAB_TEST_DEVICE=cpu hides every GPU and cuda:N shows only card N (as "cuda"), before torch
+    initialises CUDA: CLI tests run with --device auto and must land where direct loads do."""
+    raw = os.environ.get("LLMLAB_TEST_DEVICE", "").strip().lower() or "cpu"
+    if raw == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    elif raw.startswith("cuda:") and raw[5:].isdigit():
+        visible = [v for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+        index = int(raw[5:])
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible[index] if index < len(visible) else str(index)
+
+
+_show_only_the_test_gpu()
+
+
+def pytest_configure(config):
+    """A wrong LLMLAB_TEST_DEVICE stops the session with one line, before any test or model time."""
+    _, problem = device_from_env()
+    if problem is None and TEST_DEVICE == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            problem = (f"LLMLAB_TEST_DEVICE={os.environ['LLMLAB_TEST_DEVICE'].strip()}: no such CUDA GPU is visible; "
+                       "unset it to test on the CPU")
+    if problem is None and TEST_DEVICE == "mps":
+        import torch
+
+        if not torch.backends.mps.is_available():
+            problem = "LLMLAB_TEST_DEVICE=mps but Apple MPS is not available here: unset it to test on the CPU"
+    if problem:
+        pytest.exit(problem, returncode=4)
+
+
+def pytest_report_header(config):
+    return f"llmlab test device: {TEST_DEVICE} (LLMLAB_TEST_DEVICE)"
 
 CORPUS = [
     "the movie was great and I loved it",

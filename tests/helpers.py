@@ -1,8 +1,33 @@
 import json
+import os
+import re
 
 from typer.testing import CliRunner
 
 from llmlab.cli import app
+
+# Where the tests run their models: LLMLAB_TEST_DEVICE=cpu (the default; what CI uses), cuda, cuda:N
+# or mps. conftest.py checks the value once and, for cuda:N, shows the test process that one GPU as
+# "cuda", so that CLI tests (which run with --device auto) land on the same card as direct loads.
+TEST_DEVICE_CHOICES = "cpu (the default), cuda, cuda:N or mps"
+
+
+def device_from_env() -> tuple[str, str | None]:
+    """(the device tests load models onto, the problem with LLMLAB_TEST_DEVICE or None)."""
+    raw = os.environ.get("LLMLAB_TEST_DEVICE", "").strip().lower() or "cpu"
+    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", raw):
+        return "cpu", f"LLMLAB_TEST_DEVICE={raw!r} is not a device the tests can use: choose {TEST_DEVICE_CHOICES}"
+    return ("cuda" if raw.startswith("cuda") else raw), None
+
+
+TEST_DEVICE = device_from_env()[0]
+
+
+def on_device(lm, data, **kwargs):
+    """torch.tensor(data) on the device the model runs on (hand computations next to llmlab's)."""
+    import torch
+
+    return torch.tensor(data, device=lm.device, **kwargs)
 
 
 def invoke(args, input=None, env=None):

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from helpers import invoke, jsonl
+from helpers import TEST_DEVICE, invoke, jsonl, on_device
 from llmlab import classify, evaluate, models, prompts
 from llmlab.errors import ContextOverflowError
 from llmlab.io import Item
@@ -44,7 +44,7 @@ def data(tmp_path):
 
 @pytest.fixture(scope="module")
 def lms(tiny_models):
-    return {k: models.load(str(tiny_models[k])) for k in ("llama", "t5", "gpt2")}
+    return {k: models.load(str(tiny_models[k]), TEST_DEVICE) for k in ("llama", "t5", "gpt2")}
 
 
 def by_hand(lm, context_ids, cont_ids):
@@ -54,11 +54,11 @@ def by_hand(lm, context_ids, cont_ids):
     with torch.no_grad():
         if lm.is_encoder_decoder:
             start = lm.model.config.decoder_start_token_id
-            logits = lm.model(input_ids=torch.tensor([context_ids]),
-                              decoder_input_ids=torch.tensor([[start] + cont_ids[:-1]])).logits[0]
+            logits = lm.model(input_ids=on_device(lm, [context_ids]),
+                              decoder_input_ids=on_device(lm, [[start] + cont_ids[:-1]])).logits[0]
             positions = range(len(cont_ids))
         else:
-            logits = lm.model(torch.tensor([context_ids + cont_ids])).logits[0]
+            logits = lm.model(on_device(lm, [context_ids + cont_ids])).logits[0]
             positions = range(len(context_ids) - 1, len(context_ids) + len(cont_ids) - 1)
     logprobs = torch.log_softmax(logits.float(), -1)
     return sum(float(logprobs[p, t]) for p, t in zip(positions, cont_ids))

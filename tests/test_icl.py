@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from helpers import invoke, jsonl
+from helpers import TEST_DEVICE, invoke, jsonl, on_device
 from llmlab import classify, models, prompts, retrieval
 from llmlab.io import Item
 from test_classify import ITEMS, TEMPLATE, by_hand
@@ -31,7 +31,7 @@ def toy(tmp_path):
 
 @pytest.fixture(scope="module")
 def llama(tiny_models):
-    return models.load(str(tiny_models["llama"]))
+    return models.load(str(tiny_models["llama"]), TEST_DEVICE)
 
 
 def items():
@@ -196,8 +196,8 @@ def test_hidden_embedding_is_the_mean_last_hidden_state(llama):
     for text in ("so dull", "a great fun movie for all"):
         ids = llama.tokenizer(text, add_special_tokens=False)["input_ids"]
         with torch.no_grad():
-            last = llama.model(torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0]
-        expected = torch.nn.functional.normalize(last.mean(0), dim=0).numpy()
+            last = llama.model(on_device(llama, [ids]), output_hidden_states=True).hidden_states[-1][0]
+        expected = torch.nn.functional.normalize(last.mean(0), dim=0).cpu().numpy()
         assert retriever.embed([text, "x"])[0] == pytest.approx(expected, abs=1e-5)
     sims = retriever.similarities(["so dull"])
     assert int(sims[0].argmax()) == 1  # a pool row is nearest to itself

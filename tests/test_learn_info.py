@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import invoke
+from helpers import TEST_DEVICE, invoke, on_device
 
 FLAN = Path(__file__).resolve().parents[2] / "shared" / "data" / "flan-t5-config"
 if not FLAN.is_dir():
@@ -23,7 +23,7 @@ def _info(model):
 def loaded(tiny_models):
     from llmlab import models
 
-    return {k: models.load(str(tiny_models[k]), "cpu", "float32") for k in ("t5", "llama", "gpt2")}
+    return {k: models.load(str(tiny_models[k]), TEST_DEVICE, "float32") for k in ("t5", "llama", "gpt2")}
 
 
 @pytest.mark.parametrize("kind, arch, tied", [
@@ -50,10 +50,10 @@ def test_kv_cache_per_token_equals_a_real_cache(tiny_models, loaded, kind):
     import torch
 
     lm = loaded[kind]
-    ids = torch.tensor([lm.tokenizer("the movie was great and")["input_ids"]])
+    ids = on_device(lm, [lm.tokenizer("the movie was great and")["input_ids"]])
     with torch.inference_mode():
         if lm.is_encoder_decoder:
-            out = lm.model(input_ids=ids, decoder_input_ids=torch.zeros((1, 3), dtype=torch.long), use_cache=True)
+            out = lm.model(input_ids=ids, decoder_input_ids=on_device(lm, [[0, 0, 0]]), use_cache=True)
         else:
             out = lm.model(input_ids=ids, use_cache=True)
     cache = getattr(out, "past_key_values", None) or out.cache

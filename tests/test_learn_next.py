@@ -3,7 +3,7 @@ and walking K tokens gives what generate gives."""
 
 import pytest
 
-from helpers import invoke, jsonl
+from helpers import TEST_DEVICE, invoke, jsonl, on_device
 
 PROMPT = "the movie was"
 
@@ -12,7 +12,7 @@ PROMPT = "the movie was"
 def loaded(tiny_models):
     from llmlab import models
 
-    return {k: models.load(str(tiny_models[k]), "cpu", "float32") for k in ("t5", "llama")}
+    return {k: models.load(str(tiny_models[k]), TEST_DEVICE, "float32") for k in ("t5", "llama")}
 
 
 def _oracle(lm, temperature, top_k, top_p):
@@ -20,10 +20,10 @@ def _oracle(lm, temperature, top_k, top_p):
     import torch
     from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-    ids = torch.tensor([lm.token_ids(PROMPT)])
+    ids = on_device(lm, [lm.token_ids(PROMPT)])
     with torch.inference_mode():
         if lm.is_encoder_decoder:
-            logits = lm.model(input_ids=ids, decoder_input_ids=torch.tensor([[0]])).logits[0, -1]
+            logits = lm.model(input_ids=ids, decoder_input_ids=on_device(lm, [[0]])).logits[0, -1]
         else:
             logits = lm.model(input_ids=ids).logits[0, -1]
     scores = logits[None]
@@ -61,7 +61,7 @@ def test_matches_generates_own_scores(loaded):
     lm = loaded["llama"]
     s = settings.build({"temperature": 0.8, "top_k": 30, "top_p": 0.95, "repetition_penalty": 1.3, "seed": 0})
     steps = list(nexttoken.walk(lm, PROMPT, False, s, steps=3, show=400))
-    ids = torch.tensor([lm.token_ids(PROMPT)])
+    ids = on_device(lm, [lm.token_ids(PROMPT)])
     torch.manual_seed(0)
     out = lm.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=True,
                             temperature=0.8, top_k=30, top_p=0.95, repetition_penalty=1.3, pad_token_id=0,

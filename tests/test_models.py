@@ -3,14 +3,15 @@ import time
 
 import pytest
 
-from llmlab import models, modelspec
+from helpers import TEST_DEVICE
+from llmlab import loading, models, modelspec
 from llmlab.errors import ModelError, UsageError
 from llmlab.settings import build
 
 
 @pytest.fixture(scope="module")
 def lms(tiny_models):
-    return {k: models.load(str(v)) for k, v in tiny_models.items()}
+    return {k: models.load(str(v), TEST_DEVICE) for k, v in tiny_models.items()}
 
 
 def test_architecture_is_detected_from_the_config(lms):
@@ -131,6 +132,7 @@ def test_out_of_memory_halves_the_batch(lms, monkeypatch):
         return real(input_ids=input_ids, **kwargs)
 
     monkeypatch.setattr(lm.model, "generate", fussy)
+    monkeypatch.setattr(lm, "gen_engine", "padded")  # the padded engine's batches
     got = lm.generate([models.GenRequest(p) for p in prompts], build({"max_new_tokens": 3}), batch_size=None)
     assert [g.completions for g in got] == [e.completions for e in expected]
     assert sizes == [4, 2, 1, 1, 1, 1]  # auto: all 4 at once, then halved down to 1
@@ -143,6 +145,7 @@ def test_other_runtime_errors_are_not_swallowed(lms, monkeypatch):
         raise RuntimeError("shape mismatch")
 
     monkeypatch.setattr(lm.model, "generate", broken)
+    monkeypatch.setattr(lm, "gen_engine", "padded")  # the padded engine's batches
     with pytest.raises(RuntimeError, match="shape mismatch"):
         lm.generate([models.GenRequest("a")], build({"max_new_tokens": 3}), batch_size=None)
 
@@ -157,6 +160,7 @@ def test_generate_hands_on_each_batch_in_input_order(lms, monkeypatch):
         return real(input_ids=input_ids, **kwargs)
 
     monkeypatch.setattr(lm.model, "generate", watched)
+    monkeypatch.setattr(lm, "gen_engine", "padded")  # the padded engine's batches
     prompts = ["the movie was great and I loved it", "a", "hello there", "the film", "Where is Ganymede?"]
     lm.generate([models.GenRequest(p) for p in prompts], build({"max_new_tokens": 2}), batch_size=2,
                 on_output=lambda i, out: events.append(("out", i)))
@@ -218,7 +222,7 @@ def test_stop_text_the_tokenizer_cannot_produce(lms, tokenizer_kind):
             vocab_size=len(tokenizer), d_model=16, d_kv=4, d_ff=32, num_layers=1, num_decoder_layers=1,
             num_heads=2, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)).eval()
     events = []
-    lm = HFLM("t5", model, tokenizer, "cpu", on_event=lambda level, msg: events.append((level, msg)))
+    lm = HFLM("t5", model.to(TEST_DEVICE), tokenizer, TEST_DEVICE, on_event=lambda level, msg: events.append((level, msg)))
     prompts = ["Dialogue: hello there.\n\nWhat was going on?", "the movie", "Summarize the following conversation."]
     free = lm.generate([models.GenRequest(p) for p in prompts], build({"max_new_tokens": 6}), batch_size=3)
     stopped = build({"max_new_tokens": 6, "stop": ["\n\n", "\n"]})
@@ -237,7 +241,7 @@ def test_reachable_stop_with_a_t5_tokenizer(lms):
     """A stop text T5 can produce still stops each row on its own."""
     from llmlab.backends.hf import HFLM
 
-    lm = HFLM("t5", lms["t5"].model, t5_without_newline(lms["t5"]), "cpu")
+    lm = HFLM("t5", lms["t5"].model, t5_without_newline(lms["t5"]), TEST_DEVICE)
     prompts = ["Dialogue: hello there.\n\nWhat was going on?", "the movie", "Where is Ganymede?"]
     free = lm.generate([models.GenRequest(p) for p in prompts], build({"max_new_tokens": 8}), batch_size=3)
     text = next(f.completions[0] for f in free if len(f.completions[0].strip()) > 2)

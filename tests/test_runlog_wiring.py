@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import invoke, jsonl
+from helpers import TEST_DEVICE, invoke, jsonl
 from llmlab import runlog
 from test_classify import ITEMS, TEMPLATE
 
@@ -62,7 +62,7 @@ def test_classify_logs_each_record(tiny_models, toy, data, tmp_path):
     stored = runlog.get_run(runlog.connect(), run["id"])
     accuracy = sum(r["correct"] for r in records) / len(records)
     assert stored["metrics"] == {"items": 5, "labeled": 5, "accuracy": pytest.approx(accuracy)}
-    assert stored["argv"][:2] == ["llmlab", "classify"] and stored["device"] == "cpu"
+    assert stored["argv"][:2] == ["llmlab", "classify"] and stored["device"] == TEST_DEVICE
     assert stored["templates"][0]["text"] == TEMPLATE
     assert stored["templates"][0]["hash"] == runlog.text_hash(TEMPLATE)
     assert stored["versions"]["transformers"] and stored["config"]["method"] == "score"

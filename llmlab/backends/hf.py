@@ -7,7 +7,7 @@ import logging
 from typing import Any, Callable, Sequence
 
 from llmlab import prefix_cache
-from llmlab.backends import hf_score, stopping
+from llmlab.backends import hf_continuous, hf_score, stopping
 from llmlab.backends.base import (LM, EventSink, GenOutput, GenRequest, LLOutput, LLRequest, TokenLogprob, cut_at_stop,
                                   log_event)
 from llmlab.batching import run_batched
@@ -40,6 +40,8 @@ def context_window(model_config: Any, tokenizer: Any) -> int | None:
 
 class HFLM(LM):
     """A loaded transformers model and its tokenizer on one device."""
+
+    gen_engine = "auto"  # --gen-engine: auto, padded or continuous (see hf_continuous)
 
     def __init__(self, name: str, model: Any, tokenizer: Any, device: str, on_event: EventSink | None = None):
         self.name = name
@@ -215,10 +217,11 @@ class HFLM(LM):
         per_prompt = max(settings.num_return_sequences, settings.num_beams)
         lengths = [(len(p) + settings.max_new_tokens) * per_prompt for p in prompts]
         eos = self._eos_ids()
+        engine = self._generate_batch if hf_continuous.choose(self, settings, len(requests)) == "padded" else \
+            lambda *args: hf_continuous.generate_rows(self, *args)
 
         def run(batch: list[int]) -> list[GenOutput]:
-            return self._generate_batch([prompts[i] for i in batch], settings, stops, eos,
-                                        stream if len(requests) == 1 else None)
+            return engine([prompts[i] for i in batch], settings, stops, eos, stream if len(requests) == 1 else None)
 
         def hand_on(batch: list[int], outputs: list[GenOutput]) -> None:
             for i, output in zip(batch, outputs):
