@@ -4,7 +4,7 @@ import time
 import pytest
 
 from helpers import TEST_DEVICE
-from llmlab import loading, models, modelspec
+from llmlab import models, modelspec
 from llmlab.errors import ModelError, UsageError
 from llmlab.settings import build
 
