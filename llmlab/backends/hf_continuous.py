@@ -16,8 +16,11 @@ of consecutive inputs, handed on in input order.
 
 from __future__ import annotations
 
+import signal
+import threading
+from contextlib import contextmanager
 from math import ceil
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from llmlab.backends.base import GenOutput
 from llmlab.errors import ModelError, UsageError
@@ -108,6 +111,30 @@ def batch_config(rows: Sequence[Sequence[int]], new_tokens: int, device: str) ->
     return cu.ContinuousBatchingConfig(num_blocks=pages, max_batch_tokens=step, page_size=_PAGE)
 
 
+@contextmanager
+def signals_after_the_call() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM while generate_batch runs, and deliver them when it returns.
+
+    Its manager runs full garbage collections when it stops; an exception that a signal handler
+    raises (KeyboardInterrupt, llmlab's SIGTERM exit) while a finalizer runs is printed and dropped
+    by Python, and the run went on to the end (seen with SIGTERM). Held, the signal stops the run
+    right after this batch: a stop waits for the batch in progress, and loses at most that batch."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in previous:
+        signal.signal(s, lambda number, frame: held.append(number))
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if held:
+            signal.raise_signal(held[0])  # now through the handler it had (ignored stays ignored)
+
+
 def generate_rows(lm: Any, rows: list[list[int]], settings: Any, stops: list[str], eos: set[int],
                   stream: Callable[[str], None] | None) -> list[GenOutput]:
     """One batch through generate_batch; the same GenOutput as HFLM._generate_batch, row by row.
@@ -118,9 +145,10 @@ def generate_rows(lm: Any, rows: list[list[int]], settings: Any, stops: list[str
 
     config = GenerationConfig(max_new_tokens=settings.max_new_tokens, do_sample=False,
                               eos_token_id=sorted(eos) or None, pad_token_id=lm.tokenizer.pad_token_id)
-    out = lm.model.generate_batch([list(r) for r in rows], generation_config=config,
-                                  continuous_batching_config=batch_config(rows, settings.max_new_tokens, lm.device),
-                                  progress_bar=False)
+    with signals_after_the_call():
+        out = lm.model.generate_batch([list(r) for r in rows], generation_config=config,
+                                      continuous_batching_config=batch_config(rows, settings.max_new_tokens, lm.device),
+                                      progress_bar=False)
     results = list(out.values())  # generate_batch returns them in input order; failed rows are missing
     failed = [r.error for r in results if r.error is not None]
     if failed or len(results) != len(rows):
