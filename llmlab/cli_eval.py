@@ -46,6 +46,10 @@ References = Annotated[Optional[list[str]], typer.Option("--reference", rich_hel
                                                          show_default="the template's",
                                                          help="Reference field(s) for generate templates "
                                                          "(repeatable).")]
+SampleSize = Annotated[Optional[int], typer.Option("--sample", rich_help_panel=IO_PANEL, show_default="all rows",
+                                                  help="Evaluate a fixed seeded sample of N rows (the rows shuffled "
+                                                  "with --sample-seed, the first N kept; before --offset/--limit).")]
+SampleSeed = Annotated[int, typer.Option(rich_help_panel=IO_PANEL, help="Seed of --sample's shuffle.")]
 Processes = Annotated[int, typer.Option(rich_help_panel=MODEL_PANEL,
                                         help="Split the items over N processes (torchrun; one per GPU, or CPU "
                                         "processes over gloo); same results as 1. Or run under "
@@ -56,6 +60,7 @@ Processes = Annotated[int, typer.Option(rich_help_panel=MODEL_PANEL,
 def eval_cmd(
     template: Templates = None, data: Data = None, plan: PlanFile = None, shots: ShotList = "0", seeds: Seeds = 1,
     calibration: Calibrations = "off", calibrate: CalibrateOn = False, offset: Offset = 0, limit: Limit = None,
+    sample: SampleSize = None, sample_seed: SampleSeed = 0,
     report: Report = None, log_samples: LogSamples = False, reference: References = None,
     model: Model = None, device: Device = "auto", dtype: DtypeOpt = Dtype.auto, chat: Chat = None,
     device_map: DeviceMapOpt = None, max_memory: MaxMemoryOpt = None, backend: BackendOpt = Backend.hf,
@@ -82,11 +87,11 @@ def eval_cmd(
     if not specs:
         raise UsageError("nothing to evaluate: give -t TEMPLATE --data FILE, -t TEMPLATE=FILE, or --plan FILE")
     prompt = _prompt(None, 0, shot_selection, None, shot_format, overflow, examples, prompts_dir)
-    tasks = evaluate.prepare(specs, prompt, value(input_format), offset, limit, reference or [])
+    tasks = evaluate.prepare(specs, prompt, value(input_format), offset, limit, reference or [], sample, sample_seed)
     the_plan = evaluate.EvalPlan(
         tasks, evaluate.parse_shots(shots), seeds, "on" if calibrate else calibration, value(method),
         value(normalize), parse_batch(batch_size), prompt, max_new_tokens, log_samples, list(reference or []),
-        offset, limit, ensemble=ensemble)
+        offset, limit, ensemble=ensemble, sample=sample, sample_seed=sample_seed)
     combos = the_plan.combos()  # validates seeds and calibration before the model loads
     if report:
         evaluate.check_report_path(report)

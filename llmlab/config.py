@@ -202,6 +202,23 @@ def check_prompts_dirs(dirs: list[str]) -> None:
             raise UsageError(f"--prompts-dir '{folder}' is not a folder; give a folder of template .yaml files")
 
 
+def sample(items: list[Any], size: Optional[int], seed: int, source: str) -> list[Any]:
+    """--sample N: a fixed seeded sample of the rows, taken before --offset/--limit: the rows
+    shuffled with Python's random.Random(seed) and the first N kept, in that shuffled order (each
+    keeps its original index). The same as shuffling the file's lines that way and taking N."""
+    if size is None:
+        return items
+    if size < 1:
+        raise UsageError(f"invalid --sample {size}: must be >= 1")
+    if size > len(items):
+        raise UsageError(f"--sample {size}: {source} has only {len(items)} rows; use a smaller --sample")
+    import random
+
+    rows = list(items)
+    random.Random(seed).shuffle(rows)
+    return rows[:size]
+
+
 def window(items: list[Any], offset: int, limit: Optional[int], source: str) -> list[Any]:
     """Rows offset..offset+limit of the input, keeping their original index (so --resume and
     records still say which row each one was)."""

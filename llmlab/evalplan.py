@@ -75,6 +75,8 @@ class EvalPlan:
     offset: int = 0
     limit: Optional[int] = None
     ensemble: int = 1  # demonstration draws whose label probabilities are averaged (classify)
+    sample: Optional[int] = None  # --sample N: a seeded sample of N rows, before offset/limit
+    sample_seed: int = 0
 
     def combos(self) -> list[Combo]:
         return plan(self.tasks, self.shots, self.seeds, self.calibration, self.method)
@@ -150,7 +152,8 @@ def plan_config(plan_: EvalPlan, chat: Optional[str]) -> dict[str, Any]:
     """The settings of an eval, as the JSON report and the run log record them."""
     return {"shots": list(plan_.shots), "seeds": plan_.seeds, "calibration": plan_.calibration,
             "method": plan_.method, "normalize": plan_.normalize, "batch_size": plan_.batch_size,
-            "offset": plan_.offset, "limit": plan_.limit, "log_samples": plan_.log_samples,
+            "offset": plan_.offset, "limit": plan_.limit, "sample": plan_.sample, "sample_seed": plan_.sample_seed,
+            "log_samples": plan_.log_samples,
             "references": plan_.references, "chat": chat,
             "shot_selection": plan_.prompt.selection, "shot_format": plan_.prompt.shot_format,
             "overflow": plan_.prompt.overflow, "examples": plan_.prompt.examples,
@@ -185,7 +188,7 @@ def check_data(items: list[Item], template: Any, references: Sequence[str]) -> l
 
 
 def prepare(specs: Sequence[tuple[str, str]], prompt: PromptConfig, fmt: str, offset: int, limit: Optional[int],
-            references: Sequence[str]) -> list[EvalTask]:
+            references: Sequence[str], sample: Optional[int] = None, sample_seed: int = 0) -> list[EvalTask]:
     """Templates found, data read (each file once) and checked against its templates, before any
     model time."""
     from llmlab import prompts, session
@@ -196,7 +199,7 @@ def prepare(specs: Sequence[tuple[str, str]], prompt: PromptConfig, fmt: str, of
     for name, data in specs:
         template = prompts.find_template(name, prompt.prompts_dir)
         if data not in read:
-            read[data] = session.read_input(data, fmt, "text", offset, limit)
+            read[data] = session.read_input(data, fmt, "text", offset, limit, sample, sample_seed)
         refs = check_data(read[data], template, references)
         tasks.append(EvalTask(template, data, read[data], refs))
     names = [t.template.name for t in tasks]

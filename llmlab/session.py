@@ -70,11 +70,13 @@ def chat_for(tokenizer: Any, chat: Optional[str], template: Any = None) -> bool:
     return generation.use_chat(tokenizer, chat or (template.chat if template is not None else None) or "auto")
 
 
-def read_input(path: str, fmt: str, field_name: str, offset: int = 0, limit: Optional[int] = None) -> list[Any]:
+def read_input(path: str, fmt: str, field_name: str, offset: int = 0, limit: Optional[int] = None,
+               sample: Optional[int] = None, sample_seed: int = 0) -> list[Any]:
     from llmlab import io
 
     items = io.read_items(path, fmt, text_field=field_name)
-    items = cfgmod.window(items, offset, limit, "stdin" if path == "-" else path)
+    source = "stdin" if path == "-" else path
+    items = cfgmod.window(cfgmod.sample(items, sample, sample_seed, source), offset, limit, source)
     io.check_unique_ids(items)
     return items
 

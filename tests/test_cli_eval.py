@@ -151,9 +151,32 @@ def test_two_templates_each_on_its_own_data_one_table(fake_lm, data, toy, tmp_pa
     (["-t", "sentiment=nope.jsonl"], "error: input file 'nope.jsonl' not found"),
     (["-t", "TOY=DATA", "--seeds", "0"], "error: invalid --seeds 0: must be >= 1"),
     (["-t", "TOY=DATA", "--calibration", "maybe"], "error: invalid --calibration 'maybe': give off, on, both or a list of off, contextual, batch, domain"),
+    (["-t", "TOY=DATA", "--sample", "0"], "error: invalid --sample 0: must be >= 1"),
+    (["-t", "TOY=DATA", "--sample", "6"], "error: --sample 6: DATA has only 5 rows; use a smaller --sample"),
 ])
 def test_eval_mistakes_before_any_model(data, toy, args, error):
     args = [a.replace("DATA", str(data)).replace("TOY", str(toy)) for a in args]
+    error = error.replace("DATA", str(data))
     result = invoke(["eval", "-m", "./not-loaded", *args])
     assert result.exit_code in (2, 3) and result.stderr.startswith(error), result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_sample_is_a_seeded_shuffle_before_offset_and_limit(fake_lm, toy, tmp_path):
+    """--sample N keeps the first N rows of random.Random(seed).shuffle of the file's rows (the
+    recipe prompts/README.md states for AG News); --limit then takes the first of those."""
+    import random
+
+    rows = [{"text": f"review {n}", "label": "pos" if n % 2 else "neg", "id": f"r{n}"} for n in range(20)]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    expected = list(rows)
+    random.Random(3).shuffle(expected)
+    report = tmp_path / "r.json"
+    result = invoke(["eval", "-m", "fake", "-t", f"{toy}={data}", "--sample", 8, "--sample-seed", 3, "--limit", 5,
+                     "--report", report, "--log-samples"])
+    assert result.exit_code == 0, result.stderr
+    got = json.loads(report.read_text())
+    samples = got["results"][0]["runs"][0]["samples"]
+    assert [s["id"] for s in samples] == [r["id"] for r in expected[:5]]
+    assert got["config"]["sample"] == 8 and got["config"]["sample_seed"] == 3
