@@ -27,6 +27,7 @@ REAL_SMOLLM2 = {'llmlab generate -t qa "Where is Ganymede located in the solar s
 
 SHARED = {  # the shared data sets -> tiny files with the same fields
     "../shared/data/sst2/sst2.validation.jsonl": "sst2.jsonl",
+    "../shared/data/sst2/sst2.train.jsonl": "sst2.jsonl",
     "../shared/data/ag_news/ag_news.test.jsonl": "ag_news.jsonl",
     "../shared/data/dialogsum/dialogsum.test.jsonl": "dialogsum.jsonl",
 }

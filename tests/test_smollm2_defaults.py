@@ -37,7 +37,11 @@ NEGATIVE = [
 ]
 
 
-@pytest.mark.xfail(strict=True, reason="not met yet: with the measured defaults (4 balanced shots, contextual) "
+# Not met, measured (prompts/README.md, "Measured defaults"): with the shipped defaults (4 balanced
+# shots, contextual) smollm2 gets 23 of these 24 right for each of 3 demonstration draws; every other
+# setting tried (4 or 8 shots, off or contextual; `good`/`bad` or lower-case labels; a 16-review pool)
+# also stops at 23 of 24 at best (one negative review called positive).
+@pytest.mark.xfail(strict=True, reason="not met: with the measured defaults (4 balanced shots, contextual) "
                    "smollm2 calls 'A boring, pointless mess. Avoid it.' positive (23 of 24 right)")
 def test_obvious_reviews_right_with_no_flags(smollm2_cache, monkeypatch, tmp_path):
     monkeypatch.setenv("LLMLAB_CACHE", str(smollm2_cache))
