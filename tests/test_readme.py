@@ -99,6 +99,8 @@ def prepare(command: str, model: str | None) -> tuple[list[str], str | None, str
     args = shlex.split(command)
     assert args[0] == "llmlab", f"not an llmlab command: {command!r}"
     args = args[1:]
+    if "--sample" in args:  # a sample of the real data set: as many rows as the tiny file has at most
+        args[args.index("--sample") + 1] = "2"
     if model is not None and any(word in args[:2] for word in TAKES_MODEL):
         if "-m" in args:
             args[args.index("-m") + 1] = model
