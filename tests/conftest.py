@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import TEST_DEVICE, device_from_env
+from helpers import TEST_DEVICE, device_from_env, save_tiny
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ["COLUMNS"] = "100"  # pin rich's width
@@ -112,12 +112,7 @@ def build_model(kind: str, folder: Path, window: int = 256) -> Path:
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=window,
                              bos_token_id=3, eos_token_id=1, pad_token_id=0, tie_word_embeddings=True)
         model = LlamaForCausalLM(config)
-    model.generation_config.eos_token_id = 1
-    model.generation_config.pad_token_id = 0
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny(model, tokenizer, folder)
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,7 @@
 import json
 import os
 import re
+from pathlib import Path
 
 from typer.testing import CliRunner
 
@@ -37,3 +38,14 @@ def invoke(args, input=None, env=None):
 
 def jsonl(text):
     return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def save_tiny(model, tokenizer, folder: Path) -> Path:
+    """Save a tiny test model and its tokenizer as a model folder: end of text is id 1 and padding
+    id 0 in every tokenizer the tests build."""
+    model.generation_config.eos_token_id = 1
+    model.generation_config.pad_token_id = 0
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import invoke, jsonl
+from helpers import invoke, jsonl, save_tiny
 from llmlab import models, prompts
 
 # ../shared/data next to the repository (LLMLAB_SHARED_DATA overrides it, e.g. in a worktree).
@@ -84,13 +84,8 @@ def build_t5_real(folder: Path) -> Path:
 
 
 def _save(model, tokenizer, folder: Path) -> Path:
-    model.generation_config.eos_token_id = 1
-    model.generation_config.pad_token_id = 0
     model.generation_config.decoder_start_token_id = 0
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny(model, tokenizer, folder)
 
 
 @pytest.fixture(scope="session")
