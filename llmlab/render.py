@@ -3,6 +3,7 @@ they return text or print to stdout (data), never to stderr."""
 
 from __future__ import annotations
 
+import math
 import statistics
 import sys
 from typing import Any, Sequence
@@ -214,15 +215,11 @@ PROB_BANDS = ((0.9, "green"), (0.5, "yellow"), (0.1, "dark_orange"), (0.0, "red"
 
 
 def prob_style(logprob: float) -> str:
-    import math
-
     p = math.exp(logprob)
     return next(style for low, style in PROB_BANDS if p >= low)
 
 
 def prob_text(logprob: float) -> str:
-    import math
-
     return f"{100 * math.exp(logprob):.1f}%"
 
 
