@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import weakref
@@ -23,7 +24,9 @@ NORMALIZE = ("none", "length")
 #   inputs' own text, no labels used), each as many words as an input has on average.
 # - batch (Zhou et al. 2024, "Batch Calibration"): b = mean label probabilities over the evaluated
 #   inputs themselves; no extra prompts, but every input is scored before the first prediction.
-CALIBRATIONS = ("off", "contextual", "batch", "domain")
+# - probe is no division: the label is read from the model's hidden states at the answer position
+#   by a logistic regression fitted on labelled rows (--probe-data; llmlab.probe).
+CALIBRATIONS = ("off", "contextual", "batch", "domain", "probe")
 CONTENT_FREE = ("N/A", "", "[MASK]")
 DOMAIN_SAMPLES = 20  # random in-domain texts averaged per demonstration set (the paper's 20)
 UNKNOWN = "unknown"
@@ -100,7 +103,7 @@ class Classifier:
 
     def __init__(self, lm: Any, builder: Any, method: str = "score", normalize: str = "none",
                  calibrate: bool | str = False, batch_size: int = 16, settings: Any = None, ensemble: int = 1,
-                 on_detail: Callable[[str], None] | None = None):
+                 on_detail: Callable[[str], None] | None = None, probe: Any = None):
         if method not in METHODS:
             raise UsageError(f"invalid --method '{method}': choose score or generate")
         if normalize not in NORMALIZE:
@@ -128,22 +131,34 @@ class Classifier:
         self._bias: dict[tuple[Any, ...], list[float]] = {}
         self._domain: list[str] = []  # Fei et al.'s random in-domain texts, made from the items classified
         self.label_tokens = max(len(lm.continuation_ids(" " + v)) for v in self.template.labels.values())
+        if self.calibrate == "probe" and probe is None:
+            raise UsageError("--calibration probe needs --probe-data FILE: labelled rows to fit the probe on")
+        self.probe_source = probe  # llmlab.probe.Source, or None
+        self._probes: dict[int, Any] = {}  # draw -> fitted probe
+        self.hidden_layers: list[int] | None = None
+        if probe is not None:
+            from llmlab import probe as probes
+
+            self.hidden_layers = probes.parse_layers(probe.layers, lm.num_layers)
 
     def _continuations(self, prompt: Any) -> list[str]:
         return [prompt.answer_prefix + self.template.verbalize(label) for label in self.labels]
 
-    def _score(self, prompts: Sequence[Any]) -> list[tuple[list[float], list[float]]]:
-        """(label probabilities, label log-probabilities) for each prompt. Scores are remembered per
-        model for the run, so eval's calibration methods (which differ only after scoring) and
-        repeated content-free prompts score each distinct prompt once."""
+    def _score(self, prompts: Sequence[Any], hidden: bool = False) -> list[tuple[list[float], list[float], Any]]:
+        """(label probabilities, label log-probabilities, hidden states or None) for each prompt.
+        Scores are remembered per model for the run, so eval's calibration methods (which differ
+        only after scoring) and repeated content-free prompts score each distinct prompt once.
+        hidden: also read self.hidden_layers' states at the answer position (for the probe)."""
         from llmlab.models import LLRequest
 
+        layers = self.hidden_layers if hidden or self.hidden_layers else None
         memo = _SCORES.setdefault(self.lm, {})
         keys = [(p.text, p.chat, tuple(self._continuations(p)), self.normalize) for p in prompts]
-        todo = [(key, p) for key, p in dict(zip(keys, prompts)).items() if key not in memo]
+        todo = [(key, p) for key, p in dict(zip(keys, prompts)).items()
+                if key not in memo or (layers and memo[key][2] is None)]
         requests = [LLRequest(p.text, c, p.chat, prefix=p.prefix, context_ids=p.ids)
                     for _, p in todo for c in self._continuations(p)]
-        outputs = self.lm.loglikelihood(requests, batch_size=self.batch_size) if requests else []
+        outputs = self.lm.loglikelihood(requests, batch_size=self.batch_size, hidden_layers=layers) if requests else []
         k = len(self.labels)
         if len(memo) > _MEMO_LIMIT:
             memo.clear()
@@ -151,8 +166,40 @@ class Classifier:
             outs = outputs[n * k : (n + 1) * k]
             logprobs = [o.logprob for o in outs]
             scores = [o.logprob / o.tokens for o in outs] if self.normalize == "length" else logprobs
-            memo[key] = (softmax(scores), logprobs)
+            memo[key] = (softmax(scores), logprobs, outs[0].hidden)  # one state per prompt: every label's is the same
         return [memo[key] for key in keys]
+
+    def probe(self, draw: int) -> Any:
+        """The probe for demonstration draw `draw`: fitted on the probe rows' states under that
+        draw's demonstrations (or loaded from the cache when they were fitted before)."""
+        from llmlab import probe as probes
+
+        if draw in self._probes:
+            return self._probes[draw]
+        source = self.probe_source
+        target = self.template.target
+        gold = [str(item.fields[target]) for item in source.items]
+        prompts = self._prompts(source.items, draw)
+        name = probes.key(self.lm.name, self.hidden_layers, [p.text for p in prompts], gold)
+
+        def states() -> Any:
+            where = ", ".join(map(str, self.hidden_layers))
+            source.info(f"fitting the probe: {len(prompts)} rows of {source.path}, layers {where} (once; then cached)")
+            out: list[Any] = []
+            with contextlib.ExitStack() as stack:
+                bar = stack.enter_context(source.progress(len(prompts), "probe rows")) if source.progress else None
+                for start in range(0, len(prompts), 64):
+                    out += [h for _, _, h in self._score(prompts[start : start + 64], hidden=True)]
+                    if bar is not None:
+                        bar.advance(len(prompts[start : start + 64]))
+            return out
+
+        fitted, cached = probes.load_or_fit(name, states, gold, self.labels)
+        self._probes[draw] = fitted
+        if self.on_detail is not None:
+            self.on_detail(f"probe (draw {draw}): {fitted.rows} rows, layers {self.hidden_layers}, C {fitted.c}, "
+                           f"train accuracy {fitted.train_accuracy:.1%}{' (cached)' if cached else ''}")
+        return fitted
 
     def bias(self, shots: list[int], mode: str = "contextual") -> list[float]:
         """b: the mean label probabilities of the content-free inputs of `mode` (contextual: "N/A",
@@ -165,7 +212,7 @@ class Classifier:
                 values = {f: text for f in self.template.fields}
                 prompts.append(self.builder.build(Item(-1, values, f"content-free input {text!r}"),
                                                   self.label_tokens, shots=list(shots)))
-            probs = [p for p, _ in self._score(prompts)]
+            probs = [p for p, _, _ in self._score(prompts)]
             self._bias[key] = [sum(col) / len(col) for col in zip(*probs)]
             self._show_bias(f"{mode} calibration bias p_cf (shots {list(shots)})", self._bias[key])
         return self._bias[key]
@@ -218,8 +265,8 @@ class Classifier:
                 self.builder.on_warn(note)
         return prompts
 
-    def _scored_draws(self, part: Sequence[Item]) -> list[tuple[Item, list[tuple[Any, list[float], list[float]]]]]:
-        """Each item with its (prompt, probabilities, log-probabilities) per demonstration draw.
+    def _scored_draws(self, part: Sequence[Item]) -> list[tuple[Item, list[tuple[Any, list[float], list[float], Any]]]]:
+        """Each item with its (prompt, probabilities, log-probabilities, hidden) per demonstration draw.
         All draws are scored in one call, so each draw's shared prefix is still encoded once."""
         prompts = [p for d in range(self.ensemble) for p in self._prompts(part, d)]
         scores = self._score(prompts)
@@ -227,21 +274,24 @@ class Classifier:
         return [(item, [(prompts[d * n + i], *scores[d * n + i]) for d in range(self.ensemble)])
                 for i, item in enumerate(part)]
 
-    def _combine(self, item: Item, runs: list[tuple[Any, list[float], list[float]]],
+    def _combine(self, item: Item, runs: list[tuple[Any, list[float], list[float], Any]],
                  batch_bias: list[list[float]] | None = None) -> Classification:
-        """Calibrate each draw's probabilities by its own bias, then average over draws (--ensemble)."""
+        """Calibrate each draw's probabilities by its own bias (or read them with its own probe),
+        then average over draws (--ensemble)."""
         raws, finals = [], []
-        for d, (prompt, probs, _) in enumerate(runs):
+        for d, (prompt, probs, _, hidden) in enumerate(runs):
             raws.append(probs)
             if self.calibrate == "off":
                 finals.append(probs)
+            elif self.calibrate == "probe":
+                finals.append(self.probe(d).predict([hidden])[0])
             elif self.calibrate == "batch":
                 finals.append(calibrate(probs, batch_bias[d]))
             else:
                 finals.append(calibrate(probs, self.bias(prompt.shots, self.calibrate)))
         mean = [sum(col) / len(col) for col in zip(*finals)]
         raw = [sum(col) / len(col) for col in zip(*raws)]
-        logprobs = [sum(col) / len(col) for col in zip(*(lp for _, _, lp in runs))]
+        logprobs = [sum(col) / len(col) for col in zip(*(lp for _, _, lp, _ in runs))]
         best = max(range(len(mean)), key=mean.__getitem__)
         prompt = runs[0][0]
         return Classification(

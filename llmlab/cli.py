@@ -230,7 +230,8 @@ Calibration = Annotated[Optional[str], typer.Option("--calibration", rich_help_p
                                                     show_default="the template's calibrate:, else off",
                                                     help="Calibration method: off, contextual (Zhao et al. 2021), "
                                                     "batch (Zhou et al. 2024: the bias is the mean over the "
-                                                    "inputs), domain (Fei et al. 2023: random in-domain words).")]
+                                                    "inputs), domain (Fei et al. 2023: random in-domain words), "
+                                                    "probe (a probe on the hidden states, fit on --probe-data).")]
 
 
 @app.command()
@@ -240,8 +241,8 @@ def classify(
     device_map: DeviceMapOpt = None, max_memory: MaxMemoryOpt = None, backend: BackendOpt = Backend.hf,
     tensor_parallel_size: TensorParallel = 1, dry_run: DryRun = False,
     method: MethodOpt = Method.score, normalize: NormalizeOpt = Normalize.none, calibrate: CalibrateFlag = False,
-    calibration: Calibration = None, ensemble: Ensemble = 1,
-    shots: Shots = None, shot_selection: ShotSelection = None, seed: ShotSeed = None, shot_format: ShotFormatOpt = None,
+    calibration: Calibration = None, ensemble: Ensemble = 1, probe_data: ProbeData = None, probe_size: ProbeSize = 2000,
+    probe_layers: ProbeLayers = None, shots: Shots = None, shot_selection: ShotSelection = None, seed: ShotSeed = None, shot_format: ShotFormatOpt = None,
     overflow: OverflowOpt = Overflow.drop_shots, examples: Examples = None, prompts_dir: PromptsDir = None,
     var: Vars = None,
     input: InputFile = None, input_format: InputFormatOpt = InputFormat.auto, offset: Offset = 0, limit: Limit = None,
@@ -253,7 +254,7 @@ def classify(
     On a terminal: a table (gold label, a mark and the accuracy when inputs are labeled); else JSONL/CSV.
     """
     from llmlab import render, session
-    from llmlab.config import ClassifyConfig, InputConfig, OutputConfig, batch_size as parse_batch
+    from llmlab.config import ClassifyConfig, InputConfig, OutputConfig, ProbeConfig, batch_size as parse_batch
 
     console.configure(quiet, verbose)
     model_cfg = _model(model, device, dtype, chat, device_map, max_memory, backend, tensor_parallel_size)
@@ -266,7 +267,7 @@ def classify(
         output=OutputConfig(output, value(format), resume),
         text=text, method=value(method), normalize=value(normalize),
         calibrate="contextual" if calibrate else calibration, ensemble=ensemble,
-        batch_size=parse_batch(batch_size),
+        batch_size=parse_batch(batch_size), probe=ProbeConfig(probe_data, probe_size, probe_layers) if probe_data else None,
     )
     table = cfg.output.terminal and console.stdout_is_terminal()
     done = session.classify(cfg, hooks(no_log), table=table)

@@ -15,7 +15,8 @@ from llmlab.errors import UsageError
 from llmlab.options import (CLASSIFY_PANEL, IO_PANEL, MODEL_PANEL, PROMPT_PANEL, BackendOpt, BatchSize, Chat, Device,
                             DeviceMapOpt, DryRun, DtypeOpt, Ensemble, Examples, InputFormatOpt, Limit, MaxMemoryOpt,
                             MaxNewTokens, MethodOpt, Model, NoLog, NormalizeOpt, Offset, OverflowOpt, PromptsDir,
-                            Quiet, ShotFormatOpt, ShotSelection, TensorParallel, Verbose)
+                            ProbeData, ProbeLayers, ProbeSize, Quiet, ShotFormatOpt, ShotSelection, TensorParallel,
+                            Verbose)
 
 
 # eval's own options (the shared ones are in options.py)
@@ -35,7 +36,8 @@ Seeds = Annotated[int, typer.Option(rich_help_panel=PROMPT_PANEL,
                                     "min–max over them.")]
 Calibrations = Annotated[str, typer.Option("--calibration", rich_help_panel=CLASSIFY_PANEL,
                                            help="Calibration methods to compare, comma-separated: off, "
-                                           "contextual, batch, domain (on = contextual, both = off,contextual).")]
+                                           "contextual, batch, domain, probe (on = contextual, both = "
+                                           "off,contextual).")]
 CalibrateOn = Annotated[bool, typer.Option("--calibrate", rich_help_panel=CLASSIFY_PANEL,
                                            help="Same as --calibration on.")]
 Report = Annotated[Optional[str], typer.Option(rich_help_panel=IO_PANEL, show_default="none",
@@ -66,7 +68,7 @@ def eval_cmd(
     device_map: DeviceMapOpt = None, max_memory: MaxMemoryOpt = None, backend: BackendOpt = Backend.hf,
     tensor_parallel_size: TensorParallel = 1, dry_run: DryRun = False,
     method: MethodOpt = Method.score, normalize: NormalizeOpt = Normalize.none, ensemble: Ensemble = 1,
-    shot_selection: ShotSelection = None, shot_format: ShotFormatOpt = None,
+    probe_data: ProbeData = None, probe_size: ProbeSize = 2000, probe_layers: ProbeLayers = None, shot_selection: ShotSelection = None, shot_format: ShotFormatOpt = None,
     overflow: OverflowOpt = Overflow.drop_shots, examples: Examples = None, prompts_dir: PromptsDir = None,
     max_new_tokens: MaxNewTokens = None, batch_size: BatchSize = "16", input_format: InputFormatOpt = InputFormat.auto,
     no_log: NoLog = False, processes: Processes = 1, quiet: Quiet = False, verbose: Verbose = False,
@@ -76,7 +78,7 @@ def eval_cmd(
     Each template can have its own data: llmlab eval -t sentiment=sst2.jsonl -t news-topic=ag_news.jsonl
     """
     from llmlab import evaluate, parallel, render, session
-    from llmlab.config import batch_size as parse_batch
+    from llmlab.config import ProbeConfig, batch_size as parse_batch
 
     console.configure(quiet, verbose)
     model_cfg = _model(model, device, dtype, chat, device_map, max_memory, backend, tensor_parallel_size)
@@ -91,8 +93,10 @@ def eval_cmd(
     the_plan = evaluate.EvalPlan(
         tasks, evaluate.parse_shots(shots), seeds, "on" if calibrate else calibration, value(method),
         value(normalize), parse_batch(batch_size), prompt, max_new_tokens, log_samples, list(reference or []),
-        offset, limit, ensemble=ensemble, sample=sample, sample_seed=sample_seed)
+        offset, limit, ensemble=ensemble, sample=sample, sample_seed=sample_seed,
+        probe=ProbeConfig(probe_data, probe_size, probe_layers) if probe_data else None)
     combos = the_plan.combos()  # validates seeds and calibration before the model loads
+    the_plan.probe_sources()  # and --probe-data's rows
     if report:
         evaluate.check_report_path(report)
     for combo in combos:

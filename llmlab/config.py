@@ -165,9 +165,20 @@ class ClassifyConfig:
     text: Optional[str] = None
     method: str = "score"
     normalize: str = "none"
-    calibrate: Optional[str] = None  # off, contextual, batch, domain; None: the template's calibrate: (else off)
+    calibrate: Optional[str] = None  # off, contextual, batch, domain, probe; None: the template's calibrate: (else off)
     ensemble: int = 1  # demonstration draws averaged, >= 1
     batch_size: Optional[int] = 16
+    probe: Optional["ProbeConfig"] = None  # --probe-data: what --calibration probe fits on
+
+
+@dataclass
+class ProbeConfig:
+    """--calibration probe's training rows: --probe-data FILE, a fixed sample of `size` of them,
+    and the layers read (None = llmlab.probe's defaults)."""
+
+    data: str
+    size: int = 2000
+    layers: Optional[str] = None
 
 
 @dataclass

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from llmlab.config import PromptConfig
+from llmlab.config import ProbeConfig, PromptConfig
 from llmlab.errors import DataError, UsageError
 from llmlab.io import Item
 
@@ -77,9 +77,25 @@ class EvalPlan:
     ensemble: int = 1  # demonstration draws whose label probabilities are averaged (classify)
     sample: Optional[int] = None  # --sample N: a seeded sample of N rows, before offset/limit
     sample_seed: int = 0
+    probe: Optional[ProbeConfig] = None  # --probe-data etc.: what --calibration probe fits on
+    _sources: dict[str, Any] = field(default_factory=dict, repr=False)  # template name -> probe.Source
 
     def combos(self) -> list[Combo]:
         return plan(self.tasks, self.shots, self.seeds, self.calibration, self.method)
+
+    def probe_sources(self) -> dict[str, Any]:
+        """Each classify template's probe rows, read and checked once, before any model time
+        (empty when the plan has no probe)."""
+        from llmlab.session import probe_source
+
+        if not self._sources:
+            modes = parse_calibration(self.calibration) if self.method == "score" else ["off"]
+            for task in self.tasks:
+                if task.template.task == "classify" and task.template.name not in self._sources:
+                    source = probe_source(self.probe, modes, task.template)
+                    if source is not None:
+                        self._sources[task.template.name] = source
+        return self._sources
 
     def total(self) -> int:
         """Items this process scores over the whole run (all of them when it runs alone): the

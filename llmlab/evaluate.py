@@ -112,8 +112,13 @@ def _classify_seed(session: Any, combo: Combo, builder: Any, plan_: EvalPlan, se
 
     template, items, lm = combo.template, combo.task.items, session.lm
     started = time.perf_counter()
+    source = plan_.probe_sources().get(template.name)
+    if source is not None:
+        source.info = session.hooks.info
     clf = classify.Classifier(lm, builder, plan_.method, plan_.normalize, combo.calibrate, plan_.batch_size,
-                              settings, plan_.ensemble, session.hooks.detail)
+                              settings, plan_.ensemble, session.hooks.detail, source)
+    for draw in range(plan_.ensemble if combo.calibrate == "probe" else 0):
+        clf.probe(draw)  # fitted (or loaded) up front: its time is not the items'
 
     def logged(r: Any) -> None:
         log.item(r.item.index, r.prompt, r.completion, r.prediction, r.probabilities,

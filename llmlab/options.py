@@ -223,3 +223,16 @@ Ensemble = Annotated[
     int, typer.Option(min=1, rich_help_panel=CLASSIFY_PANEL,
                       help="Average the label probabilities over N draws (or orders) of the demonstrations.")
 ]
+ProbeData = Annotated[
+    Optional[str], typer.Option(rich_help_panel=CLASSIFY_PANEL, show_default=False,
+                                help="Labelled rows (JSONL/CSV, the template's fields) to fit --calibration "
+                                "probe on: a logistic regression on the model's hidden states at the answer.")
+]
+ProbeSize = Annotated[
+    int, typer.Option(rich_help_panel=CLASSIFY_PANEL,
+                      help="Rows of --probe-data to fit on: a fixed seeded sample (all when fewer).")
+]
+ProbeLayers = Annotated[
+    Optional[str], typer.Option(rich_help_panel=CLASSIFY_PANEL, show_default="60%, 80% and 100% of the depth",
+                                help="Layers whose states the probe reads, e.g. 18,24,30 (0 = embeddings, -1 = last).")
+]

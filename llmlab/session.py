@@ -307,17 +307,21 @@ def classify(cfg: ClassifyConfig, hooks: Hooks = Hooks(), table: bool = False, l
     todo = sink.pending(items)
     if not todo:
         return None
-    # An explicit --calibration wins; else the template's calibrate: (which only applies to scoring).
-    mode = clf.calibration_mode(cfg.calibrate) if cfg.calibrate is not None else \
+    # An explicit --calibration wins; else --probe-data means probe; else the template's calibrate:
+    # (which only applies to scoring).
+    mode = clf.calibration_mode(cfg.calibrate) if cfg.calibrate is not None else "probe" if cfg.probe else \
         (template.calibrate or "off") if cfg.method == "score" else "off"
     if mode == "batch" and len(todo) < 2:
         raise UsageError("--calibration batch estimates the bias from the inputs themselves: give several "
                          "(--input FILE), or use contextual or domain for one input")
+    source = probe_source(cfg.probe, mode, template, hooks)
     with hooks.open_run("classify", config=_logged_config(cfg), templates=template, data=cfg.input.path) as log:
         session = _loaded(cfg.model, lm, log, hooks)
         builder = session.builder(template, cfg.prompt, settings.max_new_tokens, cfg.input.path)
         classifier = clf.Classifier(session.lm, builder, cfg.method, cfg.normalize, mode, cfg.batch_size,
-                                    settings, cfg.ensemble, hooks.detail)
+                                    settings, cfg.ensemble, hooks.detail, source)
+        for draw in range(cfg.ensemble if source else 0):
+            classifier.probe(draw)  # fitted (or loaded) before the classifying bar starts
         # Results are handed on per chunk: small chunks keep the progress bar true to the work done.
         chunk = 2 * (cfg.batch_size or 16)
         with contextlib.ExitStack() as stack:
@@ -357,6 +361,20 @@ def evaluate(plan: Any, model: ModelConfig, hooks: Hooks = Hooks(), lm: Any = No
         session = _loaded(model, lm, log, hooks)
         with hooks.progress(plan.total(), "evaluating") as bar:
             return ev.evaluate(session, plan, bar, log)
+
+
+def probe_source(probe: Any, modes: str | Sequence[str], template: Any, hooks: Hooks = Hooks()) -> Any:
+    """--probe-data read and checked before any model time (None when no probe is asked for)."""
+    modes = [modes] if isinstance(modes, str) else list(modes)
+    if "probe" in modes and probe is None:
+        raise UsageError("--calibration probe needs --probe-data FILE: labelled rows to fit the probe on")
+    if probe is None:
+        return None
+    if "probe" not in modes:
+        raise UsageError("--probe-data is read only with --calibration probe: add it, or drop --probe-data")
+    from llmlab import probe as probes
+
+    return probes.load_source(probe.data, probe.size, probe.layers, template, hooks.progress, hooks.info)
 
 
 def _check_classify_options(cfg: ClassifyConfig) -> None:

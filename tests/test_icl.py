@@ -103,7 +103,8 @@ def test_contextual_calibration_by_name(llama, toy):
 
 
 @pytest.mark.parametrize("value, mode", [(True, "contextual"), ("on", "contextual"), (False, "off"), (None, "off"),
-                                         ("batch", "batch"), ("domain", "domain")])
+                                         ("batch", "batch"), ("domain", "domain"),
+                                         ("probe", "probe")])
 def test_calibration_mode(value, mode):
     assert classify.calibration_mode(value) == mode
 

@@ -203,6 +203,14 @@ def test_sampling_settings_translate_to_sampling_params(pair):
         lm.generation_params(settings_for(None, None, {"num_beams": 2}))
 
 
+def test_no_hidden_states_for_a_probe(pair):
+    _, lm, engine = pair
+    before = len(engine.calls)
+    with pytest.raises(UsageError, match="--calibration probe reads hidden states, which --backend vllm does not give"):
+        lm.loglikelihood(REQUESTS[:1], hidden_layers=[1])
+    assert len(engine.calls) == before
+
+
 def test_window_is_checked_before_vllm_runs(pair):
     hf, _, engine = pair
     small = VLLM("tiny", engine, hf.tokenizer, 8, sampling_params=SamplingParams)

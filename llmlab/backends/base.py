@@ -9,6 +9,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+from llmlab.errors import UsageError
+
 # on_event(level, message): how a backend reports what the user may want to know (an out-of-memory
 # retry, a stop text the tokenizer can never produce). level is a logging level (logging.INFO,
 # logging.WARNING). The CLI passes its own; library code never prints.
@@ -93,6 +95,10 @@ class LLOutput:
     logprob: float  # sum of the continuation tokens' log-probabilities, <= 0
     tokens: int  # how many tokens the continuation has
     greedy: bool = False  # True when every continuation token was the argmax
+    # Asked for with loglikelihood(hidden_layers=[...]): the model's hidden states where the
+    # continuation's first token is predicted (the last context token; an encoder-decoder's first
+    # decoder position), the asked layers concatenated: a float32 numpy vector [layers x hidden].
+    hidden: Any = field(default=None, repr=False)
 
 
 class LM(ABC):
@@ -119,8 +125,21 @@ class LM(ABC):
 
     @abstractmethod
     def loglikelihood(self, requests: Sequence[LLRequest], batch_size: int | None = 16,
-                      prefix_cache: bool = True) -> list[LLOutput]:
-        """log P(continuation | context) for each request, in request order."""
+                      prefix_cache: bool = True, hidden_layers: Sequence[int] | None = None) -> list[LLOutput]:
+        """log P(continuation | context) for each request, in request order. hidden_layers:
+        indices into (embeddings, layer 1, ..., last layer) whose states each LLOutput.hidden holds;
+        a backend that cannot read hidden states raises UsageError."""
+
+    @property
+    def num_layers(self) -> int:
+        """How many transformer layers the hidden states come from (the decoder's, for T5)."""
+        config = getattr(getattr(self, "model", None), "config", None)
+        config = getattr(config, "get_text_config", lambda **k: config)(decoder=True) if config else None
+        for name in ("num_decoder_layers", "num_hidden_layers", "n_layer", "num_layers"):
+            value = getattr(config, name, None)
+            if isinstance(value, int):
+                return value
+        raise UsageError(f"{self.name}: its config does not say how many layers it has")
 
     @abstractmethod
     def generate(self, requests: Sequence[GenRequest], settings: Any, batch_size: int | None = 8,

@@ -66,10 +66,25 @@ class FakeLM(LM):
     def _hash_score(request: LLRequest) -> float:
         return -(zlib.crc32(f"{request.context}\x00{request.continuation}".encode()) % 1000) / 100
 
+    num_layers = 2
+
     def loglikelihood(self, requests: Sequence[LLRequest], batch_size: int | None = 16,
-                      prefix_cache: bool = True) -> list[LLOutput]:
+                      prefix_cache: bool = True, hidden_layers: Sequence[int] | None = None) -> list[LLOutput]:
         self.requests.extend(requests)
-        return [LLOutput(self.score(r), max(1, len(r.continuation))) for r in requests]
+        outputs = [LLOutput(self.score(r), max(1, len(r.continuation))) for r in requests]
+        for r, out in zip(requests, outputs) if hidden_layers else []:
+            out.hidden = self.hidden(r.context, hidden_layers)
+        return outputs
+
+    @staticmethod
+    def hidden(context: str, layers: Sequence[int]) -> Any:
+        """A made-up state per layer, readable by a probe: [count of 'good', count of 'bad', a hash
+        of the text in [0, 1)], times (layer + 1)."""
+        import numpy as np
+
+        text = context.rsplit("\n", 2)[-2] if context.count("\n") >= 2 else context
+        base = [text.count("good"), text.count("bad"), (zlib.crc32(text.encode()) % 1000) / 1000]
+        return np.array([v * (layer + 1) for layer in layers for v in base], dtype=np.float32)
 
     @staticmethod
     def _logprobs(text: str, top: int) -> list[TokenLogprob]:

@@ -94,33 +94,35 @@ class HFLM(LM):
     # -- scoring
 
     def loglikelihood(self, requests: Sequence[LLRequest], batch_size: int | None = 16,
-                      prefix_cache: bool = True) -> list[LLOutput]:
+                      prefix_cache: bool = True, hidden_layers: Sequence[int] | None = None) -> list[LLOutput]:
         """log P(continuation | context) for each request: the sum over the continuation's tokens.
 
         Decoder-only: requests sharing a prefix (a few-shot prompt's instruction and
         demonstrations) run its tokens once and reuse their KV cache, where exact (see
         llmlab.prefix_cache; prefix_cache=False turns it off). Rows are sorted longest first,
-        batched, and results come back in input order.
+        batched, and results come back in input order. hidden_layers: each output also carries
+        those layers' states at the last context token (LLOutput.hidden; the forward pass then
+        keeps every layer's states for the batch, so memory grows with depth).
         """
         rows = self.encode_pairs(requests)
         self._check_rows(requests, rows)
         results: list[LLOutput | None] = [None] * len(requests)
         sizes = self._sizes(batch_size)
         if self.is_encoder_decoder:
-            return run_batched(lambda b: hf_score.seq2seq(self, [rows[i] for i in b]),
+            return run_batched(lambda b: hf_score.seq2seq(self, [rows[i] for i in b], hidden_layers),
                                [len(c) + len(k) for c, k in rows], *sizes, on_event=self.on_event)
         plain = set(range(len(rows)))
         for group in self._groups(requests, rows) if prefix_cache else []:
             cache = self.prefix_kv(group.prefix_ids)
             past = len(group.prefix_ids)
             tails = [(rows[i][0][past:], rows[i][1]) for i in group.members]
-            scored = run_batched(lambda b: hf_score.causal(self, [tails[k] for k in b], cache, past),
+            scored = run_batched(lambda b: hf_score.causal(self, [tails[k] for k in b], cache, past, hidden_layers),
                                  [len(c) + len(k) for c, k in tails], *sizes, on_event=self.on_event)
             for i, out in zip(group.members, scored):
                 results[i] = out
             plain -= set(group.members)
         rest = sorted(plain)
-        scored = run_batched(lambda b: hf_score.causal(self, [rows[rest[k]] for k in b]),
+        scored = run_batched(lambda b: hf_score.causal(self, [rows[rest[k]] for k in b], layers=hidden_layers),
                              [len(rows[i][0]) + len(rows[i][1]) for i in rest], *sizes, on_event=self.on_event)
         for i, out in zip(rest, scored):
             results[i] = out

@@ -25,9 +25,11 @@ def pad(rows: Sequence[list[int]], pad_id: int, left: bool, device: str) -> tupl
     return ids.to(device), mask.to(device)
 
 
-def causal(lm: Any, rows: Sequence[tuple[list[int], list[int]]], cache: Any = None, past: int = 0) -> list[LLOutput]:
+def causal(lm: Any, rows: Sequence[tuple[list[int], list[int]]], cache: Any = None, past: int = 0,
+           layers: Sequence[int] | None = None) -> list[LLOutput]:
     """Decoder-only scoring of rows, optionally continuing a cached prefix of `past` tokens.
-    Identical inputs run once (single-token labels of one prompt share context + [] as input)."""
+    Identical inputs run once (single-token labels of one prompt share context + [] as input).
+    layers: also return each row's hidden states at its last context token (see states())."""
     import torch
 
     from llmlab import prefix_cache
@@ -46,11 +48,18 @@ def causal(lm: Any, rows: Sequence[tuple[list[int], list[int]]], cache: Any = No
     if "logits_to_keep" in params:
         kwargs["logits_to_keep"] = keep
     with torch.inference_mode():
-        logits = lm.model(**kwargs).logits[:, -keep:, :]
-    return gather(logits, which, [cont for _, cont in rows], align_right=True)
+        out = lm.model(**kwargs, output_hidden_states=bool(layers))
+        logits = out.logits[:, -keep:, :]
+        results = gather(logits, which, [cont for _, cont in rows], align_right=True)
+        if layers:
+            # A row's input is context + continuation[:-1], left-padded to width W, so its last
+            # context token sits len(continuation) places from the right end.
+            width = ids.shape[1]
+            states(results, out.hidden_states, layers, which, [width - len(cont) for _, cont in rows])
+    return results
 
 
-def seq2seq(lm: Any, rows: Sequence[tuple[list[int], list[int]]]) -> list[LLOutput]:
+def seq2seq(lm: Any, rows: Sequence[tuple[list[int], list[int]]], layers: Sequence[int] | None = None) -> list[LLOutput]:
     """Encoder reads each distinct context once; the decoder scores every continuation in one pass."""
     import torch
 
@@ -65,13 +74,31 @@ def seq2seq(lm: Any, rows: Sequence[tuple[list[int], list[int]]]) -> list[LLOutp
     which = torch.tensor([contexts[tuple(ctx)] for ctx, _ in rows], device=enc_ids.device)
     with torch.inference_mode():
         encoded = lm.model.get_encoder()(input_ids=enc_ids, attention_mask=enc_mask).last_hidden_state
-        logits = lm.model(
+        out = lm.model(
             encoder_outputs=(encoded.index_select(0, which),),
             attention_mask=enc_mask.index_select(0, which),
             decoder_input_ids=dec_ids,
             decoder_attention_mask=dec_mask,
-        ).logits
-    return gather(logits, list(range(len(rows))), [cont for _, cont in rows], align_right=False)
+            output_hidden_states=bool(layers),
+        )
+        results = gather(out.logits, list(range(len(rows))), [cont for _, cont in rows], align_right=False)
+        if layers:  # the decoder's first position (its start token) predicts the first label token
+            states(results, out.decoder_hidden_states, layers, range(len(rows)), [0] * len(rows))
+    return results
+
+
+def states(results: list[LLOutput], hidden: Sequence[Any], layers: Sequence[int], which: Sequence[int],
+           positions: Sequence[int]) -> None:
+    """Fill each result's `hidden`: the states of `layers` (indices into hidden = (embeddings, layer
+    1, ..., last layer), each [B, W, D]) at row which[k], position positions[k], concatenated into
+    one float32 vector [len(layers) x D]. One device->host copy for the batch."""
+    import torch
+
+    rows = torch.tensor(list(which), dtype=torch.long, device=hidden[0].device)
+    cols = torch.tensor(list(positions), dtype=torch.long, device=hidden[0].device)
+    picked = torch.cat([hidden[layer][rows, cols].float() for layer in layers], dim=-1).cpu().numpy()
+    for result, vector in zip(results, picked):
+        result.hidden = vector
 
 
 def gather(logits: Any, which: Sequence[int], conts: Sequence[list[int]], align_right: bool) -> list[LLOutput]:

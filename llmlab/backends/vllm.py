@@ -136,10 +136,17 @@ class VLLM(LM):
             out.append((ctx, whole[len(ctx) :]))
         return out
 
+    @property
+    def num_layers(self) -> int:
+        raise UsageError("--calibration probe reads hidden states, which --backend vllm does not give; "
+                         "use --backend hf")
+
     def loglikelihood(self, requests: Sequence[LLRequest], batch_size: int | None = 16,
-                      prefix_cache: bool = True) -> list[LLOutput]:
+                      prefix_cache: bool = True, hidden_layers: Sequence[int] | None = None) -> list[LLOutput]:
         """log P(continuation | context) per request, from vLLM's prompt log-probabilities.
         batch_size is ignored (vLLM batches itself); identical inputs are scored once."""
+        if hidden_layers:
+            self.num_layers  # noqa: B018 - raises: no hidden states here
         rows = self.pairs(requests)
         for (ctx, cont), r in zip(rows, requests):
             if not cont:
