@@ -267,7 +267,7 @@ def classify(
         output=OutputConfig(output, value(format), resume),
         text=text, method=value(method), normalize=value(normalize),
         calibrate="contextual" if calibrate else calibration, ensemble=ensemble,
-        batch_size=parse_batch(batch_size), probe=ProbeConfig(probe_data, probe_size, probe_layers) if probe_data else None,
+        batch_size=parse_batch(batch_size), probe=ProbeConfig(probe_data, probe_size, probe_layers),
     )
     table = cfg.output.terminal and console.stdout_is_terminal()
     done = session.classify(cfg, hooks(no_log), table=table)

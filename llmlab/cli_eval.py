@@ -94,7 +94,7 @@ def eval_cmd(
         tasks, evaluate.parse_shots(shots), seeds, "on" if calibrate else calibration, value(method),
         value(normalize), parse_batch(batch_size), prompt, max_new_tokens, log_samples, list(reference or []),
         offset, limit, ensemble=ensemble, sample=sample, sample_seed=sample_seed,
-        probe=ProbeConfig(probe_data, probe_size, probe_layers) if probe_data else None)
+        probe=ProbeConfig(probe_data, probe_size, probe_layers))
     combos = the_plan.combos()  # validates seeds and calibration before the model loads
     the_plan.probe_sources()  # and --probe-data's rows
     if report:

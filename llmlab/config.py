@@ -173,11 +173,11 @@ class ClassifyConfig:
 
 @dataclass
 class ProbeConfig:
-    """--calibration probe's training rows: --probe-data FILE, a fixed sample of `size` of them,
-    and the layers read (None = llmlab.probe's defaults)."""
+    """--calibration probe's training rows: --probe-data FILE (None: the template's probe: file), a
+    fixed sample of `size` of them, and the layers read (None = llmlab.probe's defaults)."""
 
-    data: str
-    size: int = 2000
+    data: Optional[str] = None
+    size: int = 2000  # llmlab.probe.DEFAULT_SIZE
     layers: Optional[str] = None
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterator, Optional, Sequence
 
 from llmlab import config as cfgmod
-from llmlab.config import ClassifyConfig, GenerateConfig, ModelConfig, PromptConfig
+from llmlab.config import ClassifyConfig, GenerateConfig, ModelConfig, ProbeConfig, PromptConfig
 from llmlab.errors import UsageError
 
 
@@ -309,7 +309,8 @@ def classify(cfg: ClassifyConfig, hooks: Hooks = Hooks(), table: bool = False, l
         return None
     # An explicit --calibration wins; else --probe-data means probe; else the template's calibrate:
     # (which only applies to scoring).
-    mode = clf.calibration_mode(cfg.calibrate) if cfg.calibrate is not None else "probe" if cfg.probe else \
+    mode = clf.calibration_mode(cfg.calibrate) if cfg.calibrate is not None else \
+        "probe" if cfg.probe and cfg.probe.data else \
         (template.calibrate or "off") if cfg.method == "score" else "off"
     if mode == "batch" and len(todo) < 2:
         raise UsageError("--calibration batch estimates the bias from the inputs themselves: give several "
@@ -364,17 +365,22 @@ def evaluate(plan: Any, model: ModelConfig, hooks: Hooks = Hooks(), lm: Any = No
 
 
 def probe_source(probe: Any, modes: str | Sequence[str], template: Any, hooks: Hooks = Hooks()) -> Any:
-    """--probe-data read and checked before any model time (None when no probe is asked for)."""
+    """The probe's rows, read and checked before any model time: --probe-data, else the template's
+    probe: file (None when no mode is probe)."""
     modes = [modes] if isinstance(modes, str) else list(modes)
-    if "probe" in modes and probe is None:
-        raise UsageError("--calibration probe needs --probe-data FILE: labelled rows to fit the probe on")
-    if probe is None:
-        return None
+    data = probe.data if probe is not None else None
     if "probe" not in modes:
-        raise UsageError("--probe-data is read only with --calibration probe: add it, or drop --probe-data")
+        if data is not None or (probe is not None and (probe.layers or probe.size != ProbeConfig.size)):
+            flag = "--probe-data" if data is not None else "--probe-layers" if probe.layers else "--probe-size"
+            raise UsageError(f"{flag} is read only with --calibration probe: add it, or drop {flag}")
+        return None
+    if data is None and template.probe_path is None:
+        raise UsageError("--calibration probe needs --probe-data FILE: labelled rows to fit the probe on")
     from llmlab import probe as probes
 
-    return probes.load_source(probe.data, probe.size, probe.layers, template, hooks.progress, hooks.info)
+    probe = probe or ProbeConfig()
+    data = data or str(template.probe_path)
+    return probes.load_source(data, probe.size, probe.layers, template, hooks.progress, hooks.info)
 
 
 def _check_classify_options(cfg: ClassifyConfig) -> None:

@@ -27,7 +27,7 @@ OVERFLOW_MODES = ("drop-shots", "truncate", "error")
 KEYS = {
     "name", "description", "task", "instruction", "input", "target", "labels", "separator",
     "answer_prefix", "examples", "generation", "shot_format", "references", "chat",
-    "shots", "calibrate", "shot_selection",  # measured defaults (prompts/README.md)
+    "shots", "calibrate", "shot_selection", "probe",  # measured defaults (prompts/README.md)
 }
 
 
@@ -55,6 +55,7 @@ class Template:
     shots: int | None = None  # default --shots
     calibrate: str | None = None  # default calibration method (classify.CALIBRATIONS)
     shot_selection: str | None = None  # default --shot-selection
+    probe_path: Path | None = None  # probe: the default --probe-data (labelled rows) of --calibration probe
     source_text: str = ""
 
     @property
@@ -208,7 +209,21 @@ def load_template(path_text: str) -> Template:
     template.fields  # placeholders are checked here
     placeholders(template.instruction, f"{where} instruction")
     _attach_examples(template, raw.get("examples") or [], where)
+    _attach_probe(template, raw.get("probe"), where)
     return template
+
+
+def _attach_probe(template: Template, probe: Any, where: str) -> None:
+    """probe: a JSONL/CSV file of labelled rows, named relative to the template (read when used)."""
+    if probe is not None:
+        if not isinstance(probe, str) or template.task != "classify":
+            raise TemplateError(f"{where}: 'probe' must be the path of a JSONL/CSV file of labelled rows "
+                                "(classify templates only)")
+        template.probe_path = (template.path.parent / probe).resolve()
+        if not template.probe_path.is_file():
+            raise TemplateError(f"{where}: probe file '{probe}' not found next to the template")
+    if template.calibrate == "probe" and template.probe_path is None:
+        raise TemplateError(f"{where}: 'calibrate: probe' needs 'probe', the labelled rows to fit it on")
 
 
 def _check_keys(raw: dict[str, Any], where: str) -> str:
@@ -262,8 +277,8 @@ def _defaults(raw: dict[str, Any], task: str, where: str) -> dict[str, Any]:
         raise TemplateError(f"{where}: 'shots: {shots}' needs 'target', the field shown as each demonstration's answer")
     if isinstance(calibrate, bool):  # YAML reads a bare true/false (or on/off) as a boolean
         calibrate = "contextual" if calibrate else "off"
-    if calibrate is not None and calibrate not in ("off", "contextual", "batch", "domain"):
-        raise TemplateError(f"{where}: 'calibrate' must be off, contextual, batch or domain, not '{calibrate}'")
+    if calibrate is not None and calibrate not in ("off", "contextual", "batch", "domain", "probe"):
+        raise TemplateError(f"{where}: 'calibrate' must be off, contextual, batch, domain or probe, not '{calibrate}'")
     if calibrate not in (None, "off") and task != "classify":
         raise TemplateError(f"{where}: 'calibrate' applies to classify templates only")
     if selection is not None and selection not in SELECTIONS:

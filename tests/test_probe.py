@@ -216,3 +216,23 @@ def test_probe_layers_out_of_range(fake_lm, tmp_path):
 ])
 def test_parse_layers(text, layers, expected):
     assert probe.parse_layers(text, layers) == expected
+
+
+def test_a_template_can_default_to_its_own_probe(fake_lm, tmp_path):
+    write(tmp_path, "rows.jsonl", TRAIN)
+    (tmp_path / "toy.yaml").write_text(TEMPLATE + "calibrate: probe\nprobe: rows.jsonl\nshots: 1\n")
+    result = invoke(["classify", "-t", tmp_path / "toy.yaml", "-v", "-o", "-", "--format", "jsonl", "so bad"])
+    assert result.exit_code == 0, result.stderr
+    assert jsonl(result.stdout)[0]["prediction"] == "neg"
+    assert f"fitting the probe: 12 rows of {tmp_path / 'rows.jsonl'}, layers 1, 2" in result.stderr
+    result = invoke(["classify", "-t", tmp_path / "toy.yaml", "-v", "--calibration", "off", "so bad"])
+    assert result.exit_code == 0 and "probe" not in result.stderr  # a flag wins: no probe is read
+
+
+@pytest.mark.parametrize("flag", [["--probe-size", "50"], ["--probe-layers", "1"]])
+def test_probe_options_without_a_probe(no_model, tmp_path, flag):
+    tmpl = tmp_path / "toy.yaml"
+    tmpl.write_text(TEMPLATE)
+    result = invoke(["classify", "-m", "./never-loaded", "-t", tmpl, *flag, "x"])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == f"error: {flag[0]} is read only with --calibration probe: add it, or drop {flag[0]}"
