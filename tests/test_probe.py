@@ -236,3 +236,20 @@ def test_probe_options_without_a_probe(no_model, tmp_path, flag):
     result = invoke(["classify", "-m", "./never-loaded", "-t", tmpl, *flag, "x"])
     assert result.exit_code == 2
     assert result.stderr.strip() == f"error: {flag[0]} is read only with --calibration probe: add it, or drop {flag[0]}"
+
+
+def test_an_ensemble_averages_each_draws_own_probe(toy):
+    lm = FakeLM()
+    source = probe.Source(rows(TRAIN), "1")
+
+    def run(seed, ensemble):
+        options = prompts.BuildOptions(shots=2, selection="random", seed=seed)
+        builder = prompts.PromptBuilder(toy, lm.tokenizer, lm.window, options)
+        clf = classify.Classifier(lm, builder, calibrate="probe", probe=source, ensemble=ensemble)
+        return [list(r.probabilities.values()) for r in clf.classify(rows(ITEMS))], clf
+
+    both, clf = run(0, 2)
+    (first, _), (second, _) = run(0, 1), run(1, 1)
+    assert clf.probe(0) is not clf.probe(1) and first != second  # one probe per draw of demonstrations
+    for got, a, b in zip(both, first, second):
+        assert got == pytest.approx([(x + y) / 2 for x, y in zip(a, b)])

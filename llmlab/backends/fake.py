@@ -78,12 +78,13 @@ class FakeLM(LM):
 
     @staticmethod
     def hidden(context: str, layers: Sequence[int]) -> Any:
-        """A made-up state per layer, readable by a probe: [count of 'good', count of 'bad', a hash
-        of the text in [0, 1)], times (layer + 1)."""
+        """A made-up state per layer, readable by a probe: [count of 'good' and of 'bad' in the
+        prompt's last two lines (its input), a hash of the whole prompt in [0, 1) (so other
+        demonstrations give other states)], times (layer + 1)."""
         import numpy as np
 
         text = context.rsplit("\n", 2)[-2] if context.count("\n") >= 2 else context
-        base = [text.count("good"), text.count("bad"), (zlib.crc32(text.encode()) % 1000) / 1000]
+        base = [text.count("good"), text.count("bad"), (zlib.crc32(context.encode()) % 1000) / 1000]
         return np.array([v * (layer + 1) for layer in layers for v in base], dtype=np.float32)
 
     @staticmethod
