@@ -18,14 +18,15 @@ $(VENV)/.installed: pyproject.toml
 
 # The demo: a question the embedded 135M model answers right with the qa template and two shots, then the
 # difference a prompt makes: the same negative review, zero-shot without calibration (the model says positive,
-# as it does for almost everything) and with the template's defaults, 4 shots + calibration (negative).
+# as it does for almost everything) and with the template's defaults, 4 shots + a probe on the model's hidden
+# states fitted on the template's 120 written reviews (negative; the probe is fitted once, then cached).
 REVIEW := The jokes fall flat and the story drags.
 demo: install
 	@echo '$$ llmlab generate -t qa "Where is Ganymede located in the solar system?" --shots 2'
 	@$(BIN)/llmlab generate -t qa "Where is Ganymede located in the solar system?" --shots 2
 	@echo '$$ llmlab classify -t sentiment "$(REVIEW)" --shots 0 --calibration off, then with the template defaults'
 	@printf '  zero-shot, uncalibrated:                ' && $(BIN)/llmlab classify -t sentiment "$(REVIEW)" --shots 0 --calibration off -f text
-	@printf '  template defaults (4 shots, calibrated): ' && $(BIN)/llmlab classify -t sentiment "$(REVIEW)" -f text
+	@printf '  template defaults (4 shots + probe):     ' && $(BIN)/llmlab classify -t sentiment "$(REVIEW)" -f text
 
 test: install
 	$(BIN)/python -m pytest -q

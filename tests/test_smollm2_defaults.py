@@ -3,7 +3,6 @@ obvious reviews right. The reviews are written for this test (none comes from a 
 
 import json
 
-import pytest
 
 from helpers import invoke, jsonl
 
@@ -37,12 +36,9 @@ NEGATIVE = [
 ]
 
 
-# Not met, measured (prompts/README.md, "Measured defaults"): with the shipped defaults (4 balanced
-# shots, contextual) smollm2 gets 23 of these 24 right for each of 3 demonstration draws; every other
-# setting tried (4 or 8 shots, off or contextual; `good`/`bad` or lower-case labels; a 16-review pool)
-# also stops at 23 of 24 at best (one negative review called positive).
-@pytest.mark.xfail(strict=True, reason="not met: with the measured defaults (4 balanced shots, contextual) "
-                   "smollm2 calls 'A boring, pointless mess. Avoid it.' positive (23 of 24 right)")
+# Measured (prompts/README.md, "Measured defaults"): with the defaults before the probe (4 balanced
+# shots, contextual) smollm2 got 23 of these 24 ("A boring, pointless mess. Avoid it." -> positive);
+# with the template's probe (fitted on its 120 written reviews) it gets all 24.
 def test_obvious_reviews_right_with_no_flags(smollm2_cache, monkeypatch, tmp_path):
     monkeypatch.setenv("LLMLAB_CACHE", str(smollm2_cache))
     data = tmp_path / "reviews.jsonl"
