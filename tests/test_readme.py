@@ -98,7 +98,8 @@ def prepare(command: str, model: str | None) -> tuple[list[str], str | None, str
         command = command.replace(real, tiny)
     args = shlex.split(command)
     assert args[0] == "llmlab", f"not an llmlab command: {command!r}"
-    args = args[1:]
+    # a file of the repository named from its root (where the README's commands run): the test runs elsewhere
+    args = [str(ROOT / a) if a.startswith("prompts/") and (ROOT / a).is_file() else a for a in args[1:]]
     if "--sample" in args:  # a sample of the real data set: as many rows as the tiny file has at most
         args[args.index("--sample") + 1] = "2"
     if model is not None and any(word in args[:2] for word in TAKES_MODEL):
