@@ -224,7 +224,7 @@ Ensemble = Annotated[
                       help="Average the label probabilities over N draws (or orders) of the demonstrations.")
 ]
 ProbeData = Annotated[
-    Optional[str], typer.Option(rich_help_panel=CLASSIFY_PANEL, show_default=False,
+    Optional[str], typer.Option(rich_help_panel=CLASSIFY_PANEL, show_default="the template's probe: file",
                                 help="Labelled rows (JSONL/CSV, the template's fields) to fit --calibration "
                                 "probe on: a logistic regression on the model's hidden states at the answer.")
 ]
