@@ -144,14 +144,14 @@ class Classifier:
     def _continuations(self, prompt: Any) -> list[str]:
         return [prompt.answer_prefix + self.template.verbalize(label) for label in self.labels]
 
-    def _score(self, prompts: Sequence[Any], hidden: bool = False) -> list[tuple[list[float], list[float], Any]]:
+    def _score(self, prompts: Sequence[Any]) -> list[tuple[list[float], list[float], Any]]:
         """(label probabilities, label log-probabilities, hidden states or None) for each prompt.
         Scores are remembered per model for the run, so eval's calibration methods (which differ
         only after scoring) and repeated content-free prompts score each distinct prompt once.
-        hidden: also read self.hidden_layers' states at the answer position (for the probe)."""
+        With a probe source, the states of self.hidden_layers at the answer position come too."""
         from llmlab.models import LLRequest
 
-        layers = self.hidden_layers if hidden or self.hidden_layers else None
+        layers = self.hidden_layers
         memo = _SCORES.setdefault(self.lm, {})
         keys = [(p.text, p.chat, tuple(self._continuations(p)), self.normalize) for p in prompts]
         todo = [(key, p) for key, p in dict(zip(keys, prompts)).items()
@@ -189,7 +189,7 @@ class Classifier:
             with contextlib.ExitStack() as stack:
                 bar = stack.enter_context(source.progress(len(prompts), "probe rows")) if source.progress else None
                 for start in range(0, len(prompts), 64):
-                    out += [h for _, _, h in self._score(prompts[start : start + 64], hidden=True)]
+                    out += [h for _, _, h in self._score(prompts[start : start + 64])]
                     if bar is not None:
                         bar.advance(len(prompts[start : start + 64]))
             return out

@@ -18,7 +18,8 @@ except ImportError:  # pragma: no cover - older typer on real click
     from click import exceptions as click_exceptions
 
 from llmlab import __version__, console
-from llmlab.config import Backend, Dtype, GenEngine, InputFormat, Method, Normalize, OutputFormat, Overflow, value
+from llmlab.config import (Backend, Dtype, GenEngine, InputFormat, Method, Normalize, OutputFormat, Overflow, ProbeConfig,
+                           value)
 from llmlab.errors import LlmlabError, UsageError
 from llmlab.options import *  # noqa: F403 - the shared option declarations
 
@@ -241,8 +242,8 @@ def classify(
     device_map: DeviceMapOpt = None, max_memory: MaxMemoryOpt = None, backend: BackendOpt = Backend.hf,
     tensor_parallel_size: TensorParallel = 1, dry_run: DryRun = False,
     method: MethodOpt = Method.score, normalize: NormalizeOpt = Normalize.none, calibrate: CalibrateFlag = False,
-    calibration: Calibration = None, ensemble: Ensemble = 1, probe_data: ProbeData = None, probe_size: ProbeSize = 2000,
-    probe_layers: ProbeLayers = None, shots: Shots = None, shot_selection: ShotSelection = None, seed: ShotSeed = None, shot_format: ShotFormatOpt = None,
+    calibration: Calibration = None, ensemble: Ensemble = 1, probe_data: ProbeData = None,
+    probe_size: ProbeSize = ProbeConfig.size, probe_layers: ProbeLayers = None, shots: Shots = None, shot_selection: ShotSelection = None, seed: ShotSeed = None, shot_format: ShotFormatOpt = None,
     overflow: OverflowOpt = Overflow.drop_shots, examples: Examples = None, prompts_dir: PromptsDir = None,
     var: Vars = None,
     input: InputFile = None, input_format: InputFormatOpt = InputFormat.auto, offset: Offset = 0, limit: Limit = None,
@@ -254,7 +255,7 @@ def classify(
     On a terminal: a table (gold label, a mark and the accuracy when inputs are labeled); else JSONL/CSV.
     """
     from llmlab import render, session
-    from llmlab.config import ClassifyConfig, InputConfig, OutputConfig, ProbeConfig, batch_size as parse_batch
+    from llmlab.config import ClassifyConfig, InputConfig, OutputConfig, batch_size as parse_batch
 
     console.configure(quiet, verbose)
     model_cfg = _model(model, device, dtype, chat, device_map, max_memory, backend, tensor_parallel_size)

@@ -10,7 +10,7 @@ import typer
 
 from llmlab import cli, console
 from llmlab.cli import _dry_run, _model, _prompt, app, hooks
-from llmlab.config import Backend, Dtype, InputFormat, Method, Normalize, Overflow, value
+from llmlab.config import Backend, Dtype, InputFormat, Method, Normalize, Overflow, ProbeConfig, value
 from llmlab.errors import UsageError
 from llmlab.options import (CLASSIFY_PANEL, IO_PANEL, MODEL_PANEL, PROMPT_PANEL, BackendOpt, BatchSize, Chat, Device,
                             DeviceMapOpt, DryRun, DtypeOpt, Ensemble, Examples, InputFormatOpt, Limit, MaxMemoryOpt,
@@ -68,7 +68,8 @@ def eval_cmd(
     device_map: DeviceMapOpt = None, max_memory: MaxMemoryOpt = None, backend: BackendOpt = Backend.hf,
     tensor_parallel_size: TensorParallel = 1, dry_run: DryRun = False,
     method: MethodOpt = Method.score, normalize: NormalizeOpt = Normalize.none, ensemble: Ensemble = 1,
-    probe_data: ProbeData = None, probe_size: ProbeSize = 2000, probe_layers: ProbeLayers = None, shot_selection: ShotSelection = None, shot_format: ShotFormatOpt = None,
+    probe_data: ProbeData = None, probe_size: ProbeSize = ProbeConfig.size, probe_layers: ProbeLayers = None,
+    shot_selection: ShotSelection = None, shot_format: ShotFormatOpt = None,
     overflow: OverflowOpt = Overflow.drop_shots, examples: Examples = None, prompts_dir: PromptsDir = None,
     max_new_tokens: MaxNewTokens = None, batch_size: BatchSize = "16", input_format: InputFormatOpt = InputFormat.auto,
     no_log: NoLog = False, processes: Processes = 1, quiet: Quiet = False, verbose: Verbose = False,
@@ -78,7 +79,7 @@ def eval_cmd(
     Each template can have its own data: llmlab eval -t sentiment=sst2.jsonl -t news-topic=ag_news.jsonl
     """
     from llmlab import evaluate, parallel, render, session
-    from llmlab.config import ProbeConfig, batch_size as parse_batch
+    from llmlab.config import batch_size as parse_batch
 
     console.configure(quiet, verbose)
     model_cfg = _model(model, device, dtype, chat, device_map, max_memory, backend, tensor_parallel_size)

@@ -177,7 +177,7 @@ class ProbeConfig:
     fixed sample of `size` of them, and the layers read (None = llmlab.probe's defaults)."""
 
     data: Optional[str] = None
-    size: int = 2000  # llmlab.probe.DEFAULT_SIZE
+    size: int = 2000  # labelled rows fitted on: a seeded sample of --probe-data (the CLI's default too)
     layers: Optional[str] = None
 
 

@@ -118,7 +118,7 @@ def _classify_seed(session: Any, combo: Combo, builder: Any, plan_: EvalPlan, se
     clf = classify.Classifier(lm, builder, plan_.method, plan_.normalize, combo.calibrate, plan_.batch_size,
                               settings, plan_.ensemble, session.hooks.detail, source)
     for draw in range(plan_.ensemble if combo.calibrate == "probe" else 0):
-        clf.probe(draw)  # fitted (or loaded) up front: its time is not the items'
+        clf.probe(draw)  # fitted (or loaded) before the items; inside `started`, so items/s includes the fit
 
     def logged(r: Any) -> None:
         log.item(r.item.index, r.prompt, r.completion, r.prediction, r.probabilities,

@@ -21,7 +21,6 @@ from typing import Any, Callable, Sequence
 
 from llmlab.errors import DataError, UsageError
 
-DEFAULT_SIZE = 2000  # labelled rows the probe is fitted on: a seeded sample of --probe-data
 # Default layers, as fractions of the model's depth (smollm2: layers 18, 24 and 30 of 30), their
 # states concatenated. Measured on SST-2 with smollm2 (prompts/README.md): the first half of the
 # layers carries little of the label (layer 12 alone: 74%), layers 18-30 carry most of it.
