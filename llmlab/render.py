@@ -219,6 +219,13 @@ def prob_style(logprob: float) -> str:
     return next(style for low, style in PROB_BANDS if p >= low)
 
 
+def prob_bands() -> list[tuple[str, str]]:
+    """(label, style) of each band of PROB_BANDS, for the legend: ">= 90%", "50-90%", ..., "< 10%"."""
+    lows = [round(100 * low) for low, _ in PROB_BANDS]
+    labels = [f">= {lows[0]}%"] + [f"{lo}-{hi}%" for lo, hi in zip(lows[1:-1], lows)] + [f"< {lows[-2]}%"]
+    return [(label, style) for label, (_, style) in zip(labels, PROB_BANDS)]
+
+
 def prob_text(logprob: float) -> str:
     return f"{100 * math.exp(logprob):.1f}%"
 
@@ -245,9 +252,8 @@ def token_probabilities(job: Any, output: Any, echo: bool) -> None:
         line = coloured(tokens, job.prompt if echo else "")
         out.print(Text(f"[{n + 1}] ") + line if len(output.logprobs) > 1 else line)
     legend = Text("token colour = its probability under the model: ", style="dim")
-    bands = [">= 90%", "50-90%", "10-50%", "< 10%"]
-    for n, ((_, style), band) in enumerate(zip(PROB_BANDS, bands)):
-        legend.append("  " if n else "").append(band, style=style)
+    for n, band in enumerate(prob_bands()):
+        legend.append("  " if n else "").append(*band)
     out.print(legend)
     for n, tokens in enumerate(output.logprobs):
         if not any(t.top for t in tokens):
