@@ -92,10 +92,11 @@ def naive_classify(lm, prompts, labels_text):
 
 def case_classify(model: str, data: Path, template: str, shots: int, limit: int | None, batch_size: int | None,
                   device: str = "auto", dtype: str = "auto") -> dict:
-    from llmlab import classify, prompts
-    from llmlab.config import ModelConfig, PromptConfig
-    from llmlab.io import Item
-    from llmlab.session import Session
+    from llmlab.scoring import classify
+    from llmlab.prompting import prompts
+    from llmlab.core.config import ModelConfig, PromptConfig
+    from llmlab.io.records import Item
+    from llmlab.orchestration.session import Session
 
     # The same session helper as `llmlab classify`: model, chat decision and prompt builder.
     session = Session(ModelConfig(model, device, dtype))
@@ -127,9 +128,9 @@ def case_classify(model: str, data: Path, template: str, shots: int, limit: int 
 
 
 def generation_requests(model: str, prompts_text: list[str], device: str, dtype: str):
-    from llmlab import models
-    from llmlab.generation import chat_text
-    from llmlab.session import chat_for
+    from llmlab.backends import models
+    from llmlab.scoring.generation import chat_text
+    from llmlab.orchestration.session import chat_for
 
     lm = models.load(model, device, dtype)
     chat = chat_for(lm.tokenizer, None)
@@ -148,7 +149,7 @@ def timed_generate(lm, requests, settings, batch_size, engine: str) -> tuple[lis
 def case_generate(model: str, prompts_text: list[str], max_new_tokens: int, batch_size: int | None,
                   device: str = "auto", dtype: str = "auto") -> dict:
     """llmlab's batched generate (--gen-engine auto) against generate() one prompt at a time."""
-    from llmlab.settings import build
+    from llmlab.core.settings import build
 
     lm, requests = generation_requests(model, prompts_text, device, dtype)
     settings = build({"max_new_tokens": max_new_tokens})
@@ -180,7 +181,7 @@ def case_engines(model: str, prompts_text: list[str], max_new_tokens: int, batch
     """The two generate engines on the same prompts and batches: padded generate() against
     transformers' continuous batching (generate_batch). Both warm up on two short prompts first;
     then padded, continuous, padded again (the best padded time counts: the CPU is shared)."""
-    from llmlab.settings import build
+    from llmlab.core.settings import build
 
     lm, requests = generation_requests(model, prompts_text, device, dtype)
     settings = build({"max_new_tokens": max_new_tokens})

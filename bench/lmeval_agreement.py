@@ -23,9 +23,11 @@ SHARED = Path(os.environ.get("LLMLAB_SHARED", ROOT.parent / "shared")) / "data"
 
 
 def llmlab_side(args: argparse.Namespace):
-    from llmlab import classify, models, prompts
-    from llmlab.generation import use_chat
-    from llmlab.io import Item
+    from llmlab.scoring import classify
+    from llmlab.backends import models
+    from llmlab.prompting import prompts
+    from llmlab.scoring.generation import use_chat
+    from llmlab.io.records import Item
 
     lm = models.load(args.model, "cpu", args.dtype)
     tmpl = prompts.find_template(args.template)

@@ -1,3 +1,3 @@
-from llmlab.cli import main
+from llmlab.commands.cli import main
 
 main()

@@ -138,7 +138,7 @@ def smollm2_cache(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def _isolated(monkeypatch, tmp_path):
-    from llmlab import console
+    from llmlab.core import console
 
     monkeypatch.setenv("LLMLAB_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("LLMLAB_HOME", str(tmp_path / "home"))  # the run log: never the user's real one
@@ -159,7 +159,7 @@ def home(tmp_path):
 def fake_lm(monkeypatch):
     """A FakeLM (llmlab.backends.fake) where a model would load: models.load hands it out, and
     models.load_tokenizer its tokenizer. For tests of option and input handling: no torch, no weights."""
-    from llmlab import models
+    from llmlab.backends import models
     from llmlab.backends.fake import FakeLM
 
     lm = FakeLM()
@@ -179,7 +179,7 @@ def fake_lm(monkeypatch):
 def no_model(monkeypatch):
     """For mistakes that must be caught before any model time: loading a model (or its tokenizer)
     fails the test."""
-    from llmlab import models
+    from llmlab.backends import models
 
     monkeypatch.setattr(models, "load", lambda *args, **kwargs: pytest.fail("a model was loaded"))
     monkeypatch.setattr(models, "load_tokenizer", lambda *args, **kwargs: pytest.fail("a tokenizer was loaded"))

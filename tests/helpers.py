@@ -5,7 +5,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from llmlab.cli import app
+from llmlab.commands.cli import app
 
 # Where the tests run their models: LLMLAB_TEST_DEVICE=cpu (the default; what CI uses), cuda, cuda:N
 # or mps. conftest.py checks the value once and, for cuda:N, shows the test process that one GPU as

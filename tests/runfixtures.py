@@ -5,7 +5,8 @@ import json
 import random
 from pathlib import Path
 
-from llmlab import evaluate, runlog
+from llmlab.orchestration import evaluate
+from llmlab.runs import runlog
 
 DATA = Path(__file__).parent / "data" / "obvious_reviews.jsonl"
 LABELS = ["positive", "negative"]

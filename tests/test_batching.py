@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llmlab.backends.base import HoldBack, cut_at_stop
-from llmlab.batching import is_out_of_memory, run_batched
+from llmlab.backends.batching import is_out_of_memory, run_batched
 
 lengths_st = st.lists(st.integers(min_value=1, max_value=50), max_size=40)
 limits_st = st.one_of(st.none(), st.integers(min_value=1, max_value=9))

@@ -3,9 +3,12 @@ import json
 import pytest
 
 from helpers import TEST_DEVICE, invoke, jsonl, on_device
-from llmlab import classify, evaluate, models, prompts
-from llmlab.errors import ContextOverflowError
-from llmlab.io import Item
+from llmlab.scoring import classify
+from llmlab.orchestration import evaluate
+from llmlab.backends import models
+from llmlab.prompting import prompts
+from llmlab.core.errors import ContextOverflowError
+from llmlab.io.records import Item
 
 TEMPLATE = """\
 name: toy

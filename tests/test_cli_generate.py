@@ -100,7 +100,7 @@ def test_chat_template_wraps_the_prompt(tiny_models):
 
 
 def test_resume_after_an_interrupted_run(tiny_models, data, tmp_path, monkeypatch):
-    from llmlab import generation
+    from llmlab.scoring import generation
 
     out = tmp_path / "out.jsonl"
     base = ["generate", "-m", tiny_models["llama"], "-i", data, "-o", out, "--max-new-tokens", 4, "--batch-size", 2]
@@ -183,8 +183,8 @@ def test_chat_on_without_template(fake_lm):
 def test_debug_shows_the_traceback():
     from typer.testing import CliRunner
 
-    from llmlab.cli import app
-    from llmlab.errors import ModelError
+    from llmlab.commands.cli import app
+    from llmlab.core.errors import ModelError
 
     result = CliRunner().invoke(app, ["generate", "-m", "./nowhere", "x"], env={"LLMLAB_DEBUG": "1"})
     assert isinstance(result.exception, ModelError)

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from helpers import invoke, jsonl
-from llmlab import console
+from llmlab.core import console
 
 REVIEWS = [{"id": f"r{n}", "text": t, "label": l} for n, (t, l) in enumerate(
     [("the movie was great", "positive"), ("the film was terrible and boring", "negative"),

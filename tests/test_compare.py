@@ -8,7 +8,8 @@ import pytest
 
 import runfixtures
 from helpers import invoke, jsonl
-from llmlab import compare, runlog
+from llmlab.orchestration import compare
+from llmlab.runs import runlog
 
 SECOND_TEMPLATE = """\
 name: sentiment-terse
@@ -220,8 +221,8 @@ def test_cli_import_stays_light():
     import subprocess
     import sys
 
-    code = ("import sys, llmlab.cli; heavy = {'torch', 'transformers', 'sqlite3', 'matplotlib', 'rouge_score', "
-            "'llmlab.runlog', 'llmlab.report', 'llmlab.compare'}; print(sorted(heavy & set(sys.modules)))")
+    code = ("import sys, llmlab.commands.cli; heavy = {'torch', 'transformers', 'sqlite3', 'matplotlib', 'rouge_score', "
+            "'llmlab.runs.runlog', 'llmlab.orchestration.report', 'llmlab.orchestration.compare'}; print(sorted(heavy & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "[]", out.stderr
     commands = subprocess.run([sys.executable, "-m", "llmlab", "--help"], capture_output=True, text=True, timeout=60)

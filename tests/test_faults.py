@@ -21,7 +21,8 @@ from typing import Any, Callable
 import pytest
 
 from helpers import invoke
-from llmlab import locks, models
+from llmlab.io import locks
+from llmlab.backends import models
 
 TOY = """\
 name: toy

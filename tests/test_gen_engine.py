@@ -11,10 +11,10 @@ from types import SimpleNamespace
 import pytest
 
 from helpers import TEST_DEVICE, invoke, jsonl
-from llmlab import models
+from llmlab.backends import models
 from llmlab.backends import hf_continuous
-from llmlab.errors import UsageError
-from llmlab.settings import build
+from llmlab.core.errors import UsageError
+from llmlab.core.settings import build
 
 PROMPTS = ["the movie", "a", "hello there", "the film was great and I loved it", "Review: a charming story."]
 

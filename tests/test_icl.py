@@ -8,8 +8,11 @@ import math
 import pytest
 
 from helpers import TEST_DEVICE, invoke, jsonl, on_device
-from llmlab import classify, models, prompts, retrieval
-from llmlab.io import Item
+from llmlab.scoring import classify
+from llmlab.backends import models
+from llmlab.prompting import prompts
+from llmlab.prompting import retrieval
+from llmlab.io.records import Item
 from test_classify import ITEMS, TEMPLATE, by_hand
 
 POOL = [
@@ -219,7 +222,7 @@ def test_similar_selection_in_the_builder(llama, toy, selection):
 
 
 def test_similar_hidden_needs_a_model(toy):
-    from llmlab.errors import UsageError
+    from llmlab.core.errors import UsageError
 
     builder = prompts.PromptBuilder(toy, None, None, prompts.BuildOptions(shots=1, selection="similar-hidden"), POOL)
     with pytest.raises(UsageError, match="needs the model's hidden states"):

@@ -5,8 +5,8 @@ import signal
 
 import pytest
 
-from llmlab import io
-from llmlab.errors import DataError, UsageError
+from llmlab.io import records as io
+from llmlab.core.errors import DataError, UsageError
 
 
 def test_jsonl_csv_and_text_inputs(tmp_path):
@@ -186,7 +186,7 @@ def test_sigterm_stops_a_write_like_ctrl_c(tmp_path):
 def test_library_warnings_go_to_the_llmlab_log_and_the_cli_shows_them(capsys, monkeypatch):
     import logging
 
-    from llmlab import console
+    from llmlab.core import console
 
     items = [io.Item(0, {"prompt": 42}, "row 1")]
     # A program that imports llmlab and configures no logging sees nothing: library code never prints.

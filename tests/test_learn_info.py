@@ -21,7 +21,7 @@ def _info(model):
 
 @pytest.fixture(scope="module")
 def loaded(tiny_models):
-    from llmlab import models
+    from llmlab.backends import models
 
     return {k: models.load(str(tiny_models[k]), TEST_DEVICE, "float32") for k in ("t5", "llama", "gpt2")}
 
@@ -69,7 +69,7 @@ def test_untied_output_head_counts_once_more(tmp_path):
     from transformers import T5Config, T5ForConditionalGeneration
 
     from conftest import build_tokenizer
-    from llmlab import models
+    from llmlab.backends import models
 
     config = T5Config(vocab_size=400, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2,
                       decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)

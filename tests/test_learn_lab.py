@@ -76,7 +76,7 @@ def test_lab_in_a_terminal(tiny_models, env, tmp_path):
     term.child.expect(pexpect.EOF)
     term.child.close()
     assert term.child.exitstatus == 0
-    from llmlab import settings
+    from llmlab.core import settings
 
     saved = settings.build(settings.load_preset(preset))
     assert (saved.max_new_tokens, saved.temperature, saved.do_sample) == (4, 0.5, True)

@@ -10,7 +10,7 @@ PROMPT = "the movie was"
 
 @pytest.fixture(scope="module")
 def loaded(tiny_models):
-    from llmlab import models
+    from llmlab.backends import models
 
     return {k: models.load(str(tiny_models[k]), TEST_DEVICE, "float32") for k in ("t5", "llama")}
 
@@ -56,7 +56,8 @@ def test_matches_generates_own_scores(loaded):
     """The same distribution generate() samples from (output_scores), not just the same formula."""
     import torch
 
-    from llmlab import nexttoken, settings
+    from llmlab.learn import nexttoken
+    from llmlab.core import settings
 
     lm = loaded["llama"]
     s = settings.build({"temperature": 0.8, "top_k": 30, "top_p": 0.95, "repetition_penalty": 1.3, "seed": 0})

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from conftest import build_tokenizer
-from llmlab import loading, modelcache
-from llmlab.errors import ModelError
+from llmlab.backends import loading
+from llmlab.backends import modelcache
+from llmlab.core.errors import ModelError
 
 
 def build_tiny_gguf(target: Path, dim: int = 16, ff: int = 32, heads: int = 2, kv_heads: int = 1) -> Path:
@@ -302,7 +303,7 @@ def test_parameters_are_counted_without_weights(tiny_models):
 def test_tokenizer_path_matches_auto_classes(tiny_models, kind):
     from transformers import AutoConfig, AutoTokenizer
 
-    from llmlab.models import context_window
+    from llmlab.backends.models import context_window
 
     tokenizer, window, encoder_decoder = loading.load_tokenizer(str(tiny_models[kind]))
     auto = AutoTokenizer.from_pretrained(tiny_models[kind])

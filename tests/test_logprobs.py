@@ -8,11 +8,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from llmlab import models
+from llmlab.backends import models
 from llmlab.backends.fake import FakeLM
-from llmlab.cli import app
-from llmlab.errors import UsageError
-from llmlab.settings import build
+from llmlab.commands.cli import app
+from llmlab.core.errors import UsageError
+from llmlab.core.settings import build
 
 runner = CliRunner()
 
@@ -179,13 +179,14 @@ def test_fake_model_logprobs_flow_through(monkeypatch):
 @pytest.mark.parametrize("p, style", [(1.0, "green"), (0.9, "green"), (0.89, "yellow"), (0.5, "yellow"),
                                       (0.2, "dark_orange"), (0.1, "dark_orange"), (0.05, "red"), (1e-9, "red")])
 def test_probability_colours(p, style):
-    from llmlab import render
+    from llmlab.io import render
 
     assert render.prob_style(math.log(p)) == style
 
 
 def test_terminal_shows_coloured_tokens_and_the_alternatives(monkeypatch):
-    from llmlab import console, render
+    from llmlab.core import console
+    from llmlab.io import render
 
     lm = FakeLM(answers=["ok!"])  # token k has probability 0.9 ** (k + 1): 90%, 81%, 72.9%
     monkeypatch.setattr(models, "load", lambda *a, **k: lm)

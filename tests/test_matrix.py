@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from helpers import invoke, jsonl, save_tiny
-from llmlab import models, prompts
+from llmlab.backends import models
+from llmlab.prompting import prompts
 
 # ../shared/data next to the repository (LLMLAB_SHARED_DATA overrides it, e.g. in a worktree).
 SHARED = Path(os.environ.get("LLMLAB_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
@@ -292,7 +293,7 @@ def test_t5_sees_every_template_whole(name):
     demonstration starts once the newlines are gone (so the model can tell the shots apart)."""
     from transformers import AutoTokenizer
 
-    from llmlab.io import Item
+    from llmlab.io.records import Item
 
     tokenizer = AutoTokenizer.from_pretrained(T5_TOKENIZER)
     template = BY_NAME[name]
@@ -321,7 +322,7 @@ def test_flan_form_of_the_dialogue_template():
     tokenizer = AutoTokenizer.from_pretrained(T5_TOKENIZER)
     template = BY_NAME["dialogue-summary-flan"]
     builder = prompts.make_builder(template, tokenizer, 512, prompts.options_for(template), encoder_decoder=True)
-    from llmlab.io import Item
+    from llmlab.io.records import Item
 
     text = builder.build(Item(0, {"dialogue": "#Person1#: Hi.\n#Person2#: Hello."}, "test")).text
     assert prompts.model_view(tokenizer, text) == "Dialogue: #Person1#: Hi. #Person2#: Hello. What was going on?"

@@ -4,9 +4,10 @@ import time
 import pytest
 
 from helpers import TEST_DEVICE
-from llmlab import models, modelspec
-from llmlab.errors import ModelError, UsageError
-from llmlab.settings import build
+from llmlab.backends import models
+from llmlab.backends import modelspec
+from llmlab.core.errors import ModelError, UsageError
+from llmlab.core.settings import build
 
 
 @pytest.fixture(scope="module")
@@ -253,7 +254,7 @@ def test_reachable_stop_with_a_t5_tokenizer(lms):
 
 
 def test_prompt_over_the_window_is_refused_before_any_model_time(lms, monkeypatch):
-    from llmlab.errors import ContextOverflowError
+    from llmlab.core.errors import ContextOverflowError
 
     lm = lms["gpt2"]  # 64-token window
     monkeypatch.setattr(lm.model, "generate", lambda **kwargs: pytest.fail("the model ran"))

@@ -7,10 +7,13 @@ import json
 import pytest
 
 from helpers import TEST_DEVICE, invoke, jsonl, on_device
-from llmlab import classify, models, probe, prompts
+from llmlab.scoring import classify
+from llmlab.backends import models
+from llmlab.scoring import probe
+from llmlab.prompting import prompts
 from llmlab.backends.fake import FakeLM
-from llmlab.io import Item
-from llmlab.models import LLRequest
+from llmlab.io.records import Item
+from llmlab.backends.models import LLRequest
 from test_classify import ITEMS, TEMPLATE
 
 # Written for these tests: two labels, three words each way.

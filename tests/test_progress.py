@@ -14,7 +14,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from llmlab import console
+from llmlab.core import console
 
 ROOT = Path(__file__).resolve().parent.parent
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")

@@ -237,7 +237,7 @@ def test_a_broken_file_hides_no_other_template(tiny_models, tmp_path, toy):
 def test_a_template_name_given_inside_the_file_survives_a_broken_neighbour(tmp_path, toy):
     (tmp_path / "aaa.yaml").write_text("task: [\n")
     (tmp_path / "file-name.yaml").write_text(TEMPLATE.replace("name: toy", "name: inner-name"))
-    from llmlab import prompts
+    from llmlab.prompting import prompts
 
     assert prompts.find_template("inner-name", [str(tmp_path)]).name == "inner-name"
 
@@ -248,7 +248,7 @@ def test_a_template_name_given_inside_the_file_survives_a_broken_neighbour(tmp_p
      ("calibrate: batch\n", 0, "batch"), ("shots: 0\ncalibrate: false\n", 0, "off")],
 )
 def test_template_defaults_for_shots_and_calibrate(tmp_path, keys, shots, calibrate):
-    from llmlab import prompts
+    from llmlab.prompting import prompts
 
     path = tmp_path / "t.yaml"
     path.write_text(TEMPLATE + keys)
@@ -275,8 +275,8 @@ def test_template_defaults_for_shots_and_calibrate(tmp_path, keys, shots, calibr
     ],
 )
 def test_bad_template_defaults(tmp_path, body, error):
-    from llmlab import prompts
-    from llmlab.errors import TemplateError
+    from llmlab.prompting import prompts
+    from llmlab.core.errors import TemplateError
 
     path = tmp_path / "t.yaml"
     path.write_text(body)
@@ -291,9 +291,9 @@ def test_render_uses_the_template_shots(tiny_models, tmp_path):
 
 
 def test_the_builder_warns_through_on_warn_and_never_prints(toy, capsys):
-    from llmlab import prompts
+    from llmlab.prompting import prompts
     from llmlab.backends.fake import CharTokenizer
-    from llmlab.io import Item
+    from llmlab.io.records import Item
 
     template = prompts.load_template(str(toy))
     warnings = []

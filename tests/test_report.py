@@ -11,7 +11,8 @@ import pytest
 
 import runfixtures
 from helpers import invoke
-from llmlab import report, runlog
+from llmlab.orchestration import report
+from llmlab.runs import runlog
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary: apt-get install -y chromium "
@@ -123,7 +124,7 @@ def test_report_of_a_missing_run(runs, tmp_path):
 
 
 def test_prompts_and_outputs_cannot_break_the_page():
-    from llmlab import compare
+    from llmlab.orchestration import compare
 
     nasty = 'Review: </script><script>alert(1)</script> & "quotes"'
     items = [{"idx": 0, "key": "index:0", "combo": "", "template": "t", "prompt": nasty, "prediction": "<b>pos</b>",

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from llmlab import runlog
-from llmlab.errors import DataError
+from llmlab.runs import runlog
+from llmlab.core.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -157,7 +157,7 @@ def test_unwritable_home_names_the_fix(monkeypatch, tmp_path):
 
 WRITER = textwrap.dedent("""
     import sys, time
-    from llmlab import runlog
+    from llmlab.runs import runlog
     n, pause = int(sys.argv[1]), float(sys.argv[2])
     with runlog.open_run("generate", ["writer"]) as log:
         for i in range(n):
@@ -246,7 +246,7 @@ def test_a_failing_log_warns_once_and_the_run_goes_on(home, capsys):
 
 
 def test_the_cli_hooks_show_a_failing_log_on_stderr(home, capsys):
-    from llmlab.cli import hooks
+    from llmlab.commands.cli import hooks
 
     with hooks().open_run("generate") as log:
         _break_mid_run(log)

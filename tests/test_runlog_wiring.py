@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from helpers import TEST_DEVICE, invoke, jsonl
-from llmlab import runlog
+from llmlab.runs import runlog
 from test_classify import ITEMS, TEMPLATE
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,4 +1,4 @@
-"""Data-parallel eval (llmlab.parallel): 2 CPU processes over gloo give the same report metrics
+"""Data-parallel eval (llmlab.orchestration.parallel): 2 CPU processes over gloo give the same report metrics
 and per-item predictions as 1 process; only process 0 writes."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from helpers import invoke
-from llmlab import parallel
+from llmlab.orchestration import parallel
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).parent / "data" / "obvious_reviews.jsonl"  # 12 labeled reviews
@@ -100,7 +100,7 @@ def test_launch_command_drops_processes_and_uses_torchrun():
      "--device-map or several processes, not both"),
 ])
 def test_process_mistakes_before_any_model_time(args, message, monkeypatch):
-    monkeypatch.setattr("llmlab.models.load", lambda *a, **k: pytest.fail("no model may load"))
+    monkeypatch.setattr("llmlab.backends.models.load", lambda *a, **k: pytest.fail("no model may load"))
     monkeypatch.setattr(parallel, "launch", lambda *a: pytest.fail("nothing may launch"))
     result = invoke(["eval", "-t", "sentiment", *args], input=DATA.read_text())
     assert (result.exit_code, result.stderr.strip()) == (2, message)
@@ -110,7 +110,7 @@ def test_processes_relaunches_this_command_line(monkeypatch):
     """In-process (CliRunner) runs hand the launcher their own arguments, not the test runner's."""
     seen = []
     monkeypatch.setattr(parallel, "launch", lambda args, n, *rest: seen.append((list(args), n)) or 0)
-    monkeypatch.setattr("llmlab.models.load", lambda *a, **k: pytest.fail("the launcher loads, not this process"))
+    monkeypatch.setattr("llmlab.backends.models.load", lambda *a, **k: pytest.fail("the launcher loads, not this process"))
     args = ["eval", "-t", "sentiment", "--data", str(DATA), "--processes", "2", "-q"]
     result = invoke(args)
     assert result.exit_code == 0, result.stderr

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 
 from helpers import invoke
-from llmlab import placement
+from llmlab.backends import placement
 from llmlab.backends.base import GenRequest, LLRequest
-from llmlab.errors import UsageError
-from llmlab.session import settings_for
+from llmlab.core.errors import UsageError
+from llmlab.orchestration.session import settings_for
 
 # Room on the CPU for the tiny Llama's embedding (tied with the head) but not its layers, which
 # then go to disk: the model runs split over two places.
@@ -19,7 +19,7 @@ PREFIX = "Review: a charming story. Sentiment: positive\nReview: the film was te
 
 @pytest.fixture(scope="module")
 def whole_and_split(tiny_models):
-    from llmlab import models
+    from llmlab.backends import models
 
     folder = str(tiny_models["llama"])
     whole = models.load(folder, "cpu", "float32")
@@ -67,7 +67,7 @@ def test_dry_run_shows_the_placement_without_loading(tiny_models):
 
 
 def test_dry_run_matches_what_loading_does(tiny_models, whole_and_split):
-    from llmlab import loading
+    from llmlab.backends import loading
 
     _, split = whole_and_split
     lines = loading.placement_plan(str(tiny_models["llama"]), "float32", "auto", placement.parse_max_memory(SPLIT))
@@ -106,7 +106,7 @@ def test_placement_mistakes_are_one_line_before_any_model_time(args, message, mo
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr("llmlab.models.load", lambda *a, **k: pytest.fail("no model may load"))
+    monkeypatch.setattr("llmlab.backends.models.load", lambda *a, **k: pytest.fail("no model may load"))
     result = invoke(["generate", "hi", "--model", "nowhere", *args])
     assert (result.exit_code, result.stderr.strip()) == (2, message)
 

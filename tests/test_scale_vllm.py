@@ -14,9 +14,9 @@ import pytest
 
 from llmlab.backends.base import GenRequest, LLRequest
 from llmlab.backends.vllm import VLLM, check_options, parse_prompt_logprobs
-from llmlab.config import ModelConfig
-from llmlab.errors import ContextOverflowError, UsageError
-from llmlab.session import settings_for
+from llmlab.core.config import ModelConfig
+from llmlab.core.errors import ContextOverflowError, UsageError
+from llmlab.orchestration.session import settings_for
 
 
 @dataclass
@@ -116,7 +116,7 @@ class StandInLLM:
 
 @pytest.fixture(scope="module")
 def pair(tiny_models):
-    from llmlab import models
+    from llmlab.backends import models
 
     hf = models.load(str(tiny_models["llama"]), "cpu", "float32")
     engine = StandInLLM(hf)
@@ -257,7 +257,7 @@ def test_real_vllm_agrees_with_transformers(tmp_path):
     from conftest import build_tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from llmlab import models
+    from llmlab.backends import models
     from llmlab.backends import vllm as backend
 
     tok = build_tokenizer("plain")

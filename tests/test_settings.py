@@ -1,7 +1,7 @@
 import pytest
 
-from llmlab import settings
-from llmlab.errors import TemplateError, UsageError
+from llmlab.core import settings
+from llmlab.core.errors import TemplateError, UsageError
 
 
 @pytest.mark.parametrize(

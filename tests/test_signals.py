@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from helpers import invoke
-from llmlab import locks
+from llmlab.io import locks
 
 ROOT = Path(__file__).resolve().parent.parent
 EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGKILL: -signal.SIGKILL}

@@ -20,7 +20,7 @@ def test_gguf_is_cached_as_safetensors(smollm2, smollm2_cache):
     invoke(["generate", "Say hi.", "--max-new-tokens", 2])
     cached = list((smollm2_cache / "gguf").glob("SmolLM2-135M-Instruct.Q4_1-*/model.safetensors"))
     assert len(cached) == 1
-    from llmlab import models
+    from llmlab.backends import models
 
     lm = models.load(str(cached[0].parent))  # the cache is an ordinary save_pretrained-style folder
     assert lm.model.lm_head.weight.data_ptr() == lm.model.model.embed_tokens.weight.data_ptr()  # re-tied

@@ -9,7 +9,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from llmlab.errors import UsageError
+from llmlab.core.errors import UsageError
 
 # on_event(level, message): how a backend reports what the user may want to know (an out-of-memory
 # retry, a stop text the tokenizer can never produce). level is a logging level (logging.INFO,

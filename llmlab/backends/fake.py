@@ -3,7 +3,7 @@
 is recorded in `requests`.
 
     lm = FakeLM(answers=["positive", "negative"])
-    monkeypatch.setattr(llmlab.models, "load", lambda *a, **k: lm)
+    monkeypatch.setattr(llmlab.backends.models, "load", lambda *a, **k: lm)
 """
 
 from __future__ import annotations

@@ -6,12 +6,12 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable, Sequence
 
-from llmlab import prefix_cache
+from llmlab.backends import prefix_cache
 from llmlab.backends import hf_continuous, hf_score, stopping
 from llmlab.backends.base import (LM, EventSink, GenOutput, GenRequest, LLOutput, LLRequest, TokenLogprob, cut_at_stop,
                                   log_event)
-from llmlab.batching import run_batched
-from llmlab.errors import ContextOverflowError, UsageError
+from llmlab.backends.batching import run_batched
+from llmlab.core.errors import ContextOverflowError, UsageError
 
 # Window sizes above this are tokenizer sentinels ("no limit known"), not real windows.
 _ABSURD_WINDOW = 1_000_000
@@ -99,7 +99,7 @@ class HFLM(LM):
 
         Decoder-only: requests sharing a prefix (a few-shot prompt's instruction and
         demonstrations) run its tokens once and reuse their KV cache, where exact (see
-        llmlab.prefix_cache; prefix_cache=False turns it off). Rows are sorted longest first,
+        llmlab.backends.prefix_cache; prefix_cache=False turns it off). Rows are sorted longest first,
         batched, and results come back in input order. hidden_layers: each output also carries
         those layers' states at the last context token (LLOutput.hidden; the forward pass then
         keeps every layer's states for the batch, so memory grows with depth).

@@ -23,7 +23,7 @@ from math import ceil
 from typing import Any, Callable, Iterator, Sequence
 
 from llmlab.backends.base import GenOutput
-from llmlab.errors import ModelError, UsageError
+from llmlab.core.errors import ModelError, UsageError
 
 ENGINES = ("auto", "padded", "continuous")
 

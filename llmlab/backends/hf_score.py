@@ -32,7 +32,7 @@ def causal(lm: Any, rows: Sequence[tuple[list[int], list[int]]], cache: Any = No
     layers: also return each row's hidden states at its last context token (see states())."""
     import torch
 
-    from llmlab import prefix_cache
+    from llmlab.backends import prefix_cache
 
     seqs: dict[tuple[int, ...], int] = {}
     which = [seqs.setdefault(tuple(ctx + cont[:-1]), len(seqs)) for ctx, cont in rows]

@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 
 from llmlab.backends.base import (LM, EventSink, GenOutput, GenRequest, LLOutput, LLRequest, TokenLogprob, cut_at_stop,
                                   log_event)
-from llmlab.errors import ContextOverflowError, ModelError, UsageError
+from llmlab.core.errors import ContextOverflowError, ModelError, UsageError
 
 # generate hands this many prompts to vLLM per call: vLLM batches them itself; the chunks only
 # bound how much work a Ctrl-C can lose (outputs are handed on after each chunk).
@@ -58,7 +58,7 @@ def engine_args(location: str, dtype: str, tensor_parallel_size: int) -> dict[st
 
 def load(spec: str | None, dtype: str = "auto", tensor_parallel_size: int = 1) -> "VLLM":
     """A vllm.LLM for a hub id or a save_pretrained folder (not a .gguf: convert it first)."""
-    from llmlab import loading
+    from llmlab.backends import loading
 
     ref = loading.resolve_model(spec)
     if ref.kind == "gguf":

@@ -1,0 +1,101 @@
+"""`llmlab compare`: several templates, models or settings presets over the same inputs, side by side.
+Imports only typer and the standard library at module level (`llmlab --help` stays instant)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from llmlab.core import console
+from llmlab.core.config import Dtype, value
+from llmlab.core.errors import UsageError
+from llmlab.commands.options import Chat, Device, DtypeOpt, MaxNewTokens, NoLog, PromptsDir, Quiet
+
+PANEL = "Variants (every template x model x preset)"
+
+
+def compare_cmd(
+    input: Annotated[str, typer.Option("--input", "-i", help="The inputs every variant runs on: JSONL or CSV (- = stdin).")] = ...,
+    template: Annotated[Optional[list[str]], typer.Option("--template", "-t", rich_help_panel=PANEL,
+                                                          help="A template to compare (repeatable).")] = None,
+    model: Annotated[Optional[list[str]], typer.Option("--model", "-m", rich_help_panel=PANEL,
+                                                       help="A model to compare (repeatable). [default: smollm2]")] = None,
+    config: Annotated[Optional[list[Path]], typer.Option("--config", rich_help_panel=PANEL,
+                                                         help="A YAML generation preset to compare (repeatable).")] = None,
+    shots: Annotated[int, typer.Option(min=0, help="Demonstrations in each templated prompt.")] = 0,
+    seed: Annotated[Optional[int], typer.Option(help="Seed for the shot draw and sampling.")] = None,
+    method: Annotated[str, typer.Option(help="Classify templates: score or generate.")] = "score",
+    calibrate: Annotated[bool, typer.Option(help="Classify templates: contextual calibration.")] = False,
+    field: Annotated[str, typer.Option(help="Without --template: the input field holding the prompt.")] = "prompt",
+    reference: Annotated[Optional[str], typer.Option(help="Without --template: the field with the reference output (ROUGE-L).")] = None,
+    max_new_tokens: MaxNewTokens = None,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Use only the first N inputs.")] = None,
+    show: Annotated[str, typer.Option(help="Rows to show: all, differing, wrong.")] = "all",
+    format: Annotated[str, typer.Option("--format", "-f", help="auto (a table on a terminal, else JSONL), jsonl, csv.")] = "auto",
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Write the matrix here (.jsonl or .csv).")] = None,
+    html: Annotated[Optional[str], typer.Option("--html", help="Also write the matrix as a self-contained HTML page.")] = None,
+    device: Device = "auto",
+    dtype: DtypeOpt = Dtype.auto,
+    chat: Chat = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Inputs per forward pass.")] = 8,
+    prompts_dir: PromptsDir = None,
+    no_log: NoLog = False,
+    quiet: Quiet = False,
+) -> None:
+    """Templates, models or settings presets side by side over the same inputs.
+
+    A matrix: a row per input, a column per variant (output, or prediction with a ✓/✗ mark), and each column's
+    accuracy or ROUGE-L. Each variant is logged as a run."""
+    from llmlab.orchestration import compare
+    from llmlab.prompting import prompts
+    from llmlab.runs import runlog
+    from llmlab.commands.runs_cmd import _check_choice, _show_matrix
+
+    console.configure(quiet, False)
+    _check_choice("--show", show, ("all", "differing", "wrong"))
+    _check_choice("--format", format, ("auto", "jsonl", "csv"))
+    _check_folders(output, html)
+    templates = [prompts.find_template(t, prompts_dir or []) for t in template or []]
+    chosen = compare.variants(templates, model or [], config or [])
+    items = _items(input, field, limit, templates)
+    opts = {"input": input, "shots": shots, "seed": seed, "method": method, "calibrate": calibrate,
+            "field": field, "reference": reference, "device": device, "dtype": value(dtype), "chat": value(chat),
+            "batch_size": batch_size, "generation": {"max_new_tokens": max_new_tokens, "seed": seed}}
+    if runlog.enabled(no_log):
+        runlog.connect().close()  # a log that can't be opened fails now, not after the first variant
+
+    def open_run(*args, **kwargs):
+        return runlog.open_run(*args, no_log=no_log, data=input, on_warn=console.warn, **kwargs)
+
+    with console.progress(len(items) * len(chosen), "comparing") as bar:
+        m = compare.run_compare(chosen, items, opts, open_run, bar, on_warn=console.warn)
+    rows = compare.select(m, show)
+    if html:
+        from llmlab.orchestration import report
+
+        Path(html).write_text(report.render([], m, title=f"llmlab compare on {input}"), encoding="utf-8")
+        console.note(f"wrote {html}")
+    _show_matrix(m, rows, format, output)
+
+
+def _check_folders(*paths: Optional[str]) -> None:
+    """Each output file's folder exists (checked before any model time)."""
+    for path in [p for p in paths if p]:
+        if not Path(path).parent.is_dir():
+            raise UsageError(f"folder of '{path}' does not exist; create it or write elsewhere")
+
+
+def _items(path: str, field: str, limit: Optional[int], templates: list) -> list:
+    """The inputs every variant runs on, checked against each template (or the prompt field)."""
+    from llmlab.io import records as io
+    from llmlab.prompting import prompts
+
+    items = io.read_items(path, "auto", text_field=field)[:limit]
+    io.check_unique_ids(items)
+    for t in templates:
+        prompts.require_fields(items, t)
+    if not templates:
+        io.require_field(items, field)
+    return items

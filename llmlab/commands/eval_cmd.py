@@ -1,0 +1,134 @@
+"""`llmlab eval`: every template x shot count x seed x calibration on labeled data, one table."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from llmlab.commands import cli
+from llmlab.core import console
+from llmlab.commands.cli import _dry_run, _model, _prompt, app, hooks
+from llmlab.core.config import Backend, Dtype, InputFormat, Method, Normalize, Overflow, ProbeConfig, value
+from llmlab.core.errors import UsageError
+from llmlab.commands.options import (CLASSIFY_PANEL, IO_PANEL, MODEL_PANEL, PROMPT_PANEL, BackendOpt, BatchSize, Chat, Device,
+                            DeviceMapOpt, DryRun, DtypeOpt, Ensemble, Examples, InputFormatOpt, Limit, MaxMemoryOpt,
+                            MaxNewTokens, MethodOpt, Model, NoLog, NormalizeOpt, Offset, OverflowOpt, PromptsDir,
+                            ProbeData, ProbeLayers, ProbeSize, Quiet, ShotFormatOpt, ShotSelection, TensorParallel,
+                            Verbose)
+
+
+# eval's own options (the shared ones are in options.py)
+Templates = Annotated[Optional[list[str]], typer.Option(
+    "--template", "-t", rich_help_panel=PROMPT_PANEL, show_default="none",
+    help="Template to evaluate (repeatable): NAME (on --data) or NAME=DATA (on its own data file).")]
+Data = Annotated[Optional[str], typer.Option(rich_help_panel=IO_PANEL, show_default="none",
+                                             help="Labeled data for templates given without =DATA: JSONL or CSV "
+                                             "(- = stdin).")]
+PlanFile = Annotated[Optional[str], typer.Option("--plan", rich_help_panel=IO_PANEL, show_default="none",
+                                                 help="YAML file listing tasks: {template: NAME, data: FILE} each "
+                                                 "(added to any -t).")]
+ShotList = Annotated[str, typer.Option("--shots", rich_help_panel=PROMPT_PANEL,
+                                       help="Shot counts to compare, e.g. 0,1,4,8.")]
+Seeds = Annotated[int, typer.Option(rich_help_panel=PROMPT_PANEL,
+                                    help="Demonstration draws per shot count (seeds 0..N-1); mean ± std and "
+                                    "min–max over them.")]
+Calibrations = Annotated[str, typer.Option("--calibration", rich_help_panel=CLASSIFY_PANEL,
+                                           help="Calibration methods to compare, comma-separated: off, "
+                                           "contextual, batch, domain, probe (on = contextual, both = "
+                                           "off,contextual).")]
+CalibrateOn = Annotated[bool, typer.Option("--calibrate", rich_help_panel=CLASSIFY_PANEL,
+                                           help="Same as --calibration on.")]
+Report = Annotated[Optional[str], typer.Option(rich_help_panel=IO_PANEL, show_default="none",
+                                               help="Write the whole result as JSON: config, model, template text, "
+                                               "metrics per seed, versions.")]
+LogSamples = Annotated[bool, typer.Option(rich_help_panel=IO_PANEL, help="Put per-item predictions in the report.")]
+References = Annotated[Optional[list[str]], typer.Option("--reference", rich_help_panel=IO_PANEL,
+                                                         show_default="the template's",
+                                                         help="Reference field(s) for generate templates "
+                                                         "(repeatable).")]
+SampleSize = Annotated[Optional[int], typer.Option("--sample", rich_help_panel=IO_PANEL, show_default="all rows",
+                                                  help="Evaluate a fixed seeded sample of N rows (the rows shuffled "
+                                                  "with --sample-seed, the first N kept; before --offset/--limit).")]
+SampleSeed = Annotated[int, typer.Option(rich_help_panel=IO_PANEL, help="Seed of --sample's shuffle.")]
+Processes = Annotated[int, typer.Option(rich_help_panel=MODEL_PANEL,
+                                        help="Split the items over N processes (torchrun; one per GPU, or CPU "
+                                        "processes over gloo); same results as 1. Or run under "
+                                        "`accelerate launch --multi_gpu -m llmlab eval`.")]
+
+
+@app.command("eval")
+def eval_cmd(
+    template: Templates = None, data: Data = None, plan: PlanFile = None, shots: ShotList = "0", seeds: Seeds = 1,
+    calibration: Calibrations = "off", calibrate: CalibrateOn = False, offset: Offset = 0, limit: Limit = None,
+    sample: SampleSize = None, sample_seed: SampleSeed = 0,
+    report: Report = None, log_samples: LogSamples = False, reference: References = None,
+    model: Model = None, device: Device = "auto", dtype: DtypeOpt = Dtype.auto, chat: Chat = None,
+    device_map: DeviceMapOpt = None, max_memory: MaxMemoryOpt = None, backend: BackendOpt = Backend.hf,
+    tensor_parallel_size: TensorParallel = 1, dry_run: DryRun = False,
+    method: MethodOpt = Method.score, normalize: NormalizeOpt = Normalize.none, ensemble: Ensemble = 1,
+    probe_data: ProbeData = None, probe_size: ProbeSize = ProbeConfig.size, probe_layers: ProbeLayers = None,
+    shot_selection: ShotSelection = None, shot_format: ShotFormatOpt = None,
+    overflow: OverflowOpt = Overflow.drop_shots, examples: Examples = None, prompts_dir: PromptsDir = None,
+    max_new_tokens: MaxNewTokens = None, batch_size: BatchSize = "16", input_format: InputFormatOpt = InputFormat.auto,
+    no_log: NoLog = False, processes: Processes = 1, quiet: Quiet = False, verbose: Verbose = False,
+) -> None:
+    """Measure prompt files on labeled data: every template x shot count x seed x calibration, one table.
+
+    Each template can have its own data: llmlab eval -t sentiment=sst2.jsonl -t news-topic=ag_news.jsonl
+    """
+    from llmlab.orchestration import evaluate
+    from llmlab.orchestration import parallel
+    from llmlab.io import render
+    from llmlab.orchestration import session
+    from llmlab.core.config import batch_size as parse_batch
+
+    console.configure(quiet, verbose)
+    model_cfg = _model(model, device, dtype, chat, device_map, max_memory, backend, tensor_parallel_size)
+    if dry_run:
+        _dry_run(model_cfg)
+    specs = [evaluate.parse_task(t, data) for t in template or []]
+    specs += evaluate.load_plan_file(plan) if plan else []
+    if not specs:
+        raise UsageError("nothing to evaluate: give -t TEMPLATE --data FILE, -t TEMPLATE=FILE, or --plan FILE")
+    prompt = _prompt(None, 0, shot_selection, None, shot_format, overflow, examples, prompts_dir)
+    tasks = evaluate.prepare(specs, prompt, value(input_format), offset, limit, reference or [], sample, sample_seed)
+    the_plan = evaluate.EvalPlan(
+        tasks, evaluate.parse_shots(shots), seeds, "on" if calibrate else calibration, value(method),
+        value(normalize), parse_batch(batch_size), prompt, max_new_tokens, log_samples, list(reference or []),
+        offset, limit, ensemble=ensemble, sample=sample, sample_seed=sample_seed,
+        probe=ProbeConfig(probe_data, probe_size, probe_layers))
+    combos = the_plan.combos()  # validates seeds and calibration before the model loads
+    the_plan.probe_sources()  # and --probe-data's rows
+    if report:
+        evaluate.check_report_path(report)
+    for combo in combos:
+        session.settings_for(combo.template, None, {"max_new_tokens": max_new_tokens})
+    _in_processes(processes, [t.data for t in tasks], model_cfg)
+    # Only process 0 keeps the run log (it logs every process's items once they are gathered).
+    result = session.evaluate(the_plan, model_cfg, hooks(no_log or not parallel.is_main()))
+    if not parallel.is_main():
+        return
+    result["processes"] = parallel.size()
+    render.eval_table(result)  # the table first: a report that can't be written loses nothing
+    if report:
+        evaluate.write_report(report, result)
+
+
+def _in_processes(processes: int, data: list, model_cfg) -> None:
+    """--processes N > 1: everything is checked, so re-run this command in N processes and exit
+    with their status (llmlab.orchestration.parallel). Inside one of them: join the group; only process 0 talks."""
+    from llmlab.orchestration import parallel
+
+    parallel.check(processes, data, model_cfg.device_map)
+    if processes > 1:
+        from llmlab.backends.models import resolve_model
+
+        resolve_model(model_cfg.spec)  # a model that isn't there: one line here, not one per process
+        raise typer.Exit(parallel.launch(cli._ARGS, processes, sys.stderr.write,
+                                         os.environ.get("LLMLAB_DEBUG", "") not in ("", "0")))
+    parallel.init()
+    if not parallel.is_main():
+        console.configure(True, False)  # one progress bar and one set of messages: process 0's

@@ -1,0 +1,243 @@
+"""Typed command configurations: what each command was asked to do, checked before any model time.
+
+The CLI parses options into these dataclasses and hands one of them to one library function
+(session.generate, session.classify, evaluate.run, session.render). No torch here.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from llmlab.core.errors import UsageError
+
+
+# ---------------------------------------------------------------- the choices, one place each
+# str-valued enums: typer shows their values as [a|b|c] in --help and rejects anything else
+# before a command runs.
+
+
+class ChatMode(str, enum.Enum):
+    auto = "auto"  # wrap prompts in the chat template when the tokenizer has one
+    on = "on"
+    off = "off"
+
+
+class Selection(str, enum.Enum):
+    first = "first"
+    random = "random"
+    balanced = "balanced"
+    similar = "similar"  # the k pool examples nearest to each input (llmlab.prompting.retrieval; tf-idf)
+    similar_tfidf = "similar-tfidf"
+    similar_hidden = "similar-hidden"  # nearest by the loaded model's mean-pooled hidden states
+
+
+class ShotFormat(str, enum.Enum):
+    turns = "turns"
+    inline = "inline"
+
+
+class Overflow(str, enum.Enum):
+    drop_shots = "drop-shots"
+    truncate = "truncate"
+    error = "error"
+
+
+class Method(str, enum.Enum):
+    score = "score"
+    generate = "generate"
+
+
+class Normalize(str, enum.Enum):
+    none = "none"
+    length = "length"
+
+
+class InputFormat(str, enum.Enum):
+    auto = "auto"
+    jsonl = "jsonl"
+    csv = "csv"
+    tsv = "tsv"
+    text = "text"
+
+
+class OutputFormat(str, enum.Enum):
+    auto = "auto"
+    jsonl = "jsonl"
+    csv = "csv"
+    text = "text"
+
+
+class Dtype(str, enum.Enum):
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class Backend(str, enum.Enum):
+    hf = "hf"  # transformers + torch (llmlab.backends.hf)
+    vllm = "vllm"  # vLLM on CUDA GPUs (llmlab.backends.vllm)
+
+
+class GenEngine(str, enum.Enum):
+    auto = "auto"  # the engine measured faster on this kind of device (llmlab.backends.hf_continuous.AUTO)
+    padded = "padded"  # model.generate on left-padded batches
+    continuous = "continuous"  # model.generate_batch: continuous batching, paged attention, greedy only
+
+
+def value(choice: Any) -> Any:
+    """An enum member's string (or None / a plain value unchanged)."""
+    return choice.value if isinstance(choice, enum.Enum) else choice
+
+
+# ---------------------------------------------------------------- the pieces
+
+
+@dataclass
+class ModelConfig:
+    spec: Optional[str] = None  # hub id, folder, .gguf or alias; None = smollm2
+    device: str = "auto"
+    dtype: str = "auto"
+    chat: Optional[str] = None  # auto/on/off; None = the template's, else auto
+    device_map: Optional[str] = None  # accelerate strategy (llmlab.backends.placement.STRATEGIES); None = all on device
+    max_memory: Optional[dict] = None  # {gpu index or 'cpu': bytes}, with device_map only
+    backend: str = "hf"  # hf or vllm
+    tensor_parallel_size: int = 1  # vllm: GPUs per layer, >= 1
+
+
+@dataclass
+class PromptConfig:
+    template: Optional[str] = None  # name or .yaml path; None = plain prompts
+    shots: int | None = None  # demonstrations per prompt, >= 0; None: the template's `shots:` (else 0)
+    selection: Optional[str] = None  # None = balanced for classify templates, else first
+    seed: Optional[int] = None  # shot draw seed; None = 0
+    shot_format: Optional[str] = None  # None = the template's, else turns
+    overflow: str = "drop-shots"
+    examples: Optional[str] = None  # another demonstration pool
+    prompts_dir: list[str] = field(default_factory=list)
+    vars: list[str] = field(default_factory=list)  # --var field=value for one input
+
+
+@dataclass
+class InputConfig:
+    path: Optional[str] = None  # None = one prompt from the argument or stdin
+    format: str = "auto"
+    field: str = "prompt"  # the prompt field of plain (template-less) inputs
+    offset: int = 0  # skip this many rows first, >= 0
+    limit: Optional[int] = None  # then use at most this many, >= 1
+
+
+@dataclass
+class OutputConfig:
+    path: Optional[str] = None  # None = stdout
+    format: str = "auto"
+    resume: bool = False
+
+    @property
+    def terminal(self) -> bool:
+        """No file and no forced format: a person is reading (table or streamed text)."""
+        return self.path in (None, "-") and self.format == "auto"
+
+
+@dataclass
+class GenerateConfig:
+    model: ModelConfig
+    prompt: PromptConfig
+    input: InputConfig
+    output: OutputConfig
+    flags: dict[str, Any]  # generation settings given as flags (None = not given)
+    preset: Optional[Path] = None  # --config YAML
+    text: Optional[str] = None  # the PROMPT argument (or stdin)
+    batch_size: Optional[int] = 8  # None = auto
+    echo: bool = False
+    gen_engine: str = "auto"  # auto, padded or continuous (GenEngine)
+
+
+@dataclass
+class ClassifyConfig:
+    model: ModelConfig
+    prompt: PromptConfig
+    input: InputConfig
+    output: OutputConfig
+    text: Optional[str] = None
+    method: str = "score"
+    normalize: str = "none"
+    calibrate: Optional[str] = None  # off, contextual, batch, domain, probe; None: the template's calibrate: (else off)
+    ensemble: int = 1  # demonstration draws averaged, >= 1
+    batch_size: Optional[int] = 16
+    probe: Optional["ProbeConfig"] = None  # --probe-data: what --calibration probe fits on
+
+
+@dataclass
+class ProbeConfig:
+    """--calibration probe's training rows: --probe-data FILE (None: the template's probe: file), a
+    fixed sample of `size` of them, and the layers read (None = llmlab.scoring.probe's defaults)."""
+
+    data: Optional[str] = None
+    size: int = 2000  # labelled rows fitted on: a seeded sample of --probe-data (the CLI's default too)
+    layers: Optional[str] = None
+
+
+@dataclass
+class RenderConfig:
+    model: ModelConfig
+    prompt: PromptConfig
+    input: InputConfig
+    format: str = "text"  # text or jsonl
+    max_new_tokens: Optional[int] = None
+    verbose: bool = False  # one token-count line per item instead of a summary
+
+
+# ---------------------------------------------------------------- checks that need no model
+
+
+def batch_size(text: str) -> Optional[int]:
+    """--batch-size: an integer >= 1, or auto (None)."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        size = int(text)
+    except ValueError:
+        size = 0
+    if size < 1:
+        raise UsageError(f"invalid --batch-size '{text}': give an integer >= 1 or auto")
+    return size
+
+
+def check_prompts_dirs(dirs: list[str]) -> None:
+    for folder in dirs:
+        if not Path(folder).is_dir():
+            raise UsageError(f"--prompts-dir '{folder}' is not a folder; give a folder of template .yaml files")
+
+
+def sample(items: list[Any], size: Optional[int], seed: int, source: str) -> list[Any]:
+    """--sample N: a fixed seeded sample of the rows, taken before --offset/--limit: the rows
+    shuffled with Python's random.Random(seed) and the first N kept, in that shuffled order (each
+    keeps its original index). The same as shuffling the file's lines that way and taking N."""
+    if size is None:
+        return items
+    if size < 1:
+        raise UsageError(f"invalid --sample {size}: must be >= 1")
+    if size > len(items):
+        raise UsageError(f"--sample {size}: {source} has only {len(items)} rows; use a smaller --sample")
+    import random
+
+    rows = list(items)
+    random.Random(seed).shuffle(rows)
+    return rows[:size]
+
+
+def window(items: list[Any], offset: int, limit: Optional[int], source: str) -> list[Any]:
+    """Rows offset..offset+limit of the input, keeping their original index (so --resume and
+    records still say which row each one was)."""
+    if offset < 0:
+        raise UsageError(f"invalid --offset {offset}: must be >= 0")
+    if limit is not None and limit < 1:
+        raise UsageError(f"invalid --limit {limit}: must be >= 1")
+    if offset and offset >= len(items):
+        raise UsageError(f"--offset {offset}: {source} has only {len(items)} rows")
+    end = None if limit is None else offset + limit
+    return items[offset:end]

@@ -1,0 +1,377 @@
+"""Input and output: JSONL / CSV / plain text, `-` for stdin, streaming writers, --resume."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence, TextIO
+
+from llmlab.core.errors import DataError, UsageError
+from llmlab.io.locks import OutputLock, SigtermAsExit
+from llmlab.io.resume import check_same_input, finished_records, record_key  # noqa: F401 - record_key re-exported
+
+# this module's public names, and record_key (from llmlab.io.resume) that callers import from here
+__all__ = [
+    "INPUT_FORMATS", "Item", "OUTPUT_FORMATS", "Output", "Writer", "check_output_path", "check_unique_ids",
+    "detect_format", "lines", "output_format", "read_items", "read_text", "record_key", "require_field",
+    "require_text",
+]
+
+INPUT_FORMATS = ("auto", "jsonl", "csv", "tsv", "text")
+OUTPUT_FORMATS = ("auto", "jsonl", "csv", "text")
+_EXTENSIONS = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "jsonl",
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".txt": "text",
+}
+
+
+@dataclass
+class Item:
+    """One input: its position among the inputs, its fields, and where it came from."""
+
+    index: int
+    fields: dict[str, Any]
+    source: str  # "data.jsonl line 3", for error messages
+
+    @property
+    def key(self) -> str:
+        """Identity for --resume and duplicate checks: the `id` field, else the position."""
+        if "id" in self.fields and self.fields["id"] not in (None, ""):
+            return f"id:{self.fields['id']}"
+        return f"index:{self.index}"
+
+
+def _name(path: str) -> str:
+    return "stdin" if path == "-" else path
+
+
+def lines(text: str) -> list[str]:
+    """The lines of a text, split on "\n" only (a "\r" before it is dropped).
+
+    Not str.splitlines(): that also breaks on U+2028, U+2029, U+0085, form feeds..., which a valid
+    JSON string may hold unescaped (llmlab's own output does) and a text prompt may contain.
+    """
+    parts = text.split("\n")
+    if parts[-1] == "":
+        parts.pop()
+    return [p[:-1] if p.endswith("\r") else p for p in parts]
+
+
+def read_text(path: str) -> str:
+    """The whole text of a file or stdin, with errors for missing files and non-UTF-8 bytes."""
+    try:
+        if path == "-":
+            data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read()
+        else:
+            data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"input file '{path}' not found") from None
+    except IsADirectoryError:
+        raise DataError(f"input '{path}' is a directory, not a file") from None
+    except OSError as exc:
+        raise DataError(f"cannot read '{path}': {exc.strerror}") from None
+    if isinstance(data, str):
+        return data
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise DataError(
+            f"{_name(path)} line {line}: not UTF-8 text (byte {exc.start}); re-save the file as UTF-8"
+        ) from None
+    return text.removeprefix("\ufeff")
+
+
+def detect_format(path: str, text: str, fmt: str = "auto") -> str:
+    if fmt != "auto":
+        return fmt
+    suffix = Path(path).suffix.lower() if path != "-" else ""
+    if suffix in _EXTENSIONS:
+        return _EXTENSIONS[suffix]
+    first = next((line.strip() for line in lines(text) if line.strip()), "")
+    return "jsonl" if first.startswith("{") else "text"
+
+
+def read_items(path: str, fmt: str = "auto", text_field: str = "prompt") -> list[Item]:
+    """Read every input up front, so a malformed file fails before any output is written.
+
+    Plain text gives one item per non-empty line, stored under `text_field`.
+    """
+    if fmt not in INPUT_FORMATS:
+        raise UsageError(f"invalid --input-format '{fmt}': choose one of {', '.join(INPUT_FORMATS)}")
+    text = read_text(path)
+    fmt = detect_format(path, text, fmt)
+    name = _name(path)
+    if fmt == "jsonl":
+        items = _read_jsonl(text, name)
+    elif fmt in ("csv", "tsv"):
+        items = _read_csv(text, name, "\t" if fmt == "tsv" else ",")
+    else:
+        items = []
+        for n, line in enumerate(lines(text), 1):
+            if line.strip():
+                items.append(Item(len(items), {text_field: line}, f"{name} line {n}"))
+    if not items:
+        raise DataError(f"{name} holds no inputs; give at least one line")
+    return items
+
+
+def _read_jsonl(text: str, name: str) -> list[Item]:
+    items = []
+    for n, line in enumerate(lines(text), 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(
+                f"{name} line {n}: invalid JSON ({exc.msg} at column {exc.colno}); "
+                "each line must be one JSON object"
+            ) from None
+        if not isinstance(value, dict):
+            raise DataError(
+                f"{name} line {n}: expected a JSON object like {{\"prompt\": \"...\"}}, "
+                f"got {type(value).__name__}"
+            )
+        items.append(Item(len(items), value, f"{name} line {n}"))
+    return items
+
+
+def _read_csv(text: str, name: str, delimiter: str) -> list[Item]:
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    try:
+        header = next(reader, None)
+        if header is None:
+            return []
+        header = [h.strip() for h in header]
+        if any(not h for h in header) or len(set(header)) != len(header):
+            raise DataError(
+                f"{name} line 1: the header needs unique, non-empty column names (got {header})"
+            )
+        items = []
+        for row in reader:
+            if not any(cell.strip() for cell in row):
+                continue
+            line = reader.line_num
+            if len(row) != len(header):
+                raise DataError(
+                    f"{name} line {line}: {len(row)} columns but the header has {len(header)}; "
+                    "quote cells that contain the delimiter"
+                )
+            items.append(Item(len(items), dict(zip(header, row)), f"{name} line {line}"))
+    except csv.Error as exc:
+        raise DataError(f"{name} line {reader.line_num}: malformed CSV ({exc})") from None
+    return items
+
+
+def require_field(items: Iterable[Item], field: str, option: str = "--field") -> None:
+    """Every item has `field`, and it holds text (see require_text)."""
+    items = list(items)
+    for item in items:
+        if field not in item.fields:
+            known = ", ".join(item.fields) or "none"
+            raise DataError(
+                f"{item.source}: no field '{field}' (fields: {known}); choose one with {option}"
+            )
+    require_text(items, [field])
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return json.dumps(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"the number {value}"
+    return {list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def require_text(items: Iterable[Item], fields: Sequence[str]) -> None:
+    """Every item's `fields` (those it has) must hold text, checked before any model time.
+
+    null, true/false, lists, objects and NaN/Infinity are errors naming the line and the field (null
+    is never turned into the text "None"). A finite number is used as its JSON text (42 -> "42",
+    2.5 -> "2.5"), with one warning per call naming the first such value and how many there are.
+    """
+    numbers: list[tuple[Item, str]] = []
+    for item in items:
+        for name in fields:
+            value = item.fields.get(name, "")
+            if isinstance(value, str):
+                continue
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                numbers.append((item, name))
+                continue
+            raise DataError(f"{item.source}: field '{name}' is {_kind(value)}, not text; "
+                            f"give it a string (e.g. \"{name}\": \"...\") or drop the line")
+    if numbers:
+        item, name = numbers[0]
+        text = json.dumps(item.fields[name])
+        more = f" ({len(numbers)} numbers in all are used as text)" if len(numbers) > 1 else ""
+        logging.getLogger("llmlab").warning(f"{item.source}: field '{name}' is the number {text}, not text; using the text "
+                     f"'{text}'{more}")
+
+
+def check_unique_ids(items: list[Item]) -> None:
+    seen: dict[str, str] = {}
+    for item in items:
+        if item.key.startswith("id:"):
+            if item.key in seen:
+                raise DataError(
+                    f"{item.source}: duplicate id {item.fields['id']!r} (first at {seen[item.key]}); "
+                    "ids must be unique"
+                )
+            seen[item.key] = item.source
+
+
+# ---------------------------------------------------------------- output
+
+
+def output_format(path: str | None, fmt: str) -> str:
+    if fmt not in OUTPUT_FORMATS:
+        raise UsageError(f"invalid --format '{fmt}': choose one of {', '.join(OUTPUT_FORMATS)}")
+    if fmt != "auto":
+        return fmt
+    if path and path != "-":
+        suffix = Path(path).suffix.lower()
+        if suffix in (".csv", ".tsv", ".txt", ".jsonl", ".ndjson", ".json"):
+            return {"tsv": "csv"}.get(_EXTENSIONS[suffix], _EXTENSIONS[suffix])
+    return "jsonl"
+
+
+def _cell(value: Any) -> Any:
+    return json.dumps(value, ensure_ascii=False) if isinstance(value, (list, dict)) else value
+
+
+class Writer:
+    """Writes one record at a time and flushes it, so an interrupted run keeps every finished row."""
+
+    def __init__(self, stream: TextIO, fmt: str, text_key: str = "completion", append: bool = False):
+        self.stream = stream
+        self.fmt = fmt
+        self.text_key = text_key
+        self._csv: csv.DictWriter | None = None
+        self._append = append
+        self.count = 0
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.fmt == "jsonl":
+            self.stream.write(json.dumps(record, ensure_ascii=False) + "\n")
+        elif self.fmt == "csv":
+            if self._csv is None:
+                self._csv = csv.DictWriter(self.stream, fieldnames=list(record), extrasaction="ignore")
+                if not self._append:
+                    self._csv.writeheader()
+            self._csv.writerow({k: _cell(v) for k, v in record.items()})
+        else:
+            value = record.get(self.text_key, "")
+            self.stream.write((value if isinstance(value, str) else json.dumps(value)) + "\n")
+        self.stream.flush()
+        self.count += 1
+
+
+class Output:
+    """Context manager for stdout or a file; with resume, appends to what is already there.
+
+    A file output is checked (folder exists and is writable, not a directory) and locked against a
+    second llmlab writer as soon as this is built, before any model time. While it lives, SIGTERM
+    stops the run like Ctrl-C: every finished record stays in the file; the exit status is 143
+    (130 for Ctrl-C). `close()` (or leaving the `with` block) drops the lock.
+    """
+
+    def __init__(self, path: str | None, fmt: str = "auto", resume: bool = False, text_key: str = "completion"):
+        self.path = None if path in (None, "-") else path
+        self.fmt = output_format(path, fmt)
+        self.resume = resume
+        self.text_key = text_key
+        self.done: set[str] = set()
+        # key -> (line, record) of each record already in the file (with resume)
+        self.records: dict[str, tuple[int, dict[str, Any]]] = {}
+        self._file: TextIO | None = None
+        self._lock: OutputLock | None = None
+        self._sigterm = SigtermAsExit()
+        if resume:
+            if self.path is None:
+                raise UsageError("--resume needs --output FILE: it skips inputs already in that file")
+            if self.fmt == "text":
+                raise UsageError("--resume needs a .jsonl or .csv output: plain text keeps no ids")
+        if self.path:
+            check_output_path(self.path)
+        if self.path and (not os.path.exists(self.path) or os.path.isfile(self.path)):  # not /dev/stdout, a FIFO
+            self._lock = OutputLock(self.path)
+            self._lock.acquire()  # before reading what is done: two resumed runs must not both do the rest
+        try:
+            self._sigterm.install()
+            if resume:
+                self.records = finished_records(self.path, self.fmt)
+                self.done = set(self.records)
+        except BaseException:
+            self.close()
+            raise
+
+    def pending(self, items: Sequence[Item]) -> list[Item]:
+        """The items not yet in the output. With --resume, first checks that the records there were
+        written from these inputs (same keys, same input fields): two runs are never mixed."""
+        if self.records:
+            check_same_input(self.path or "", self.fmt, self.records, items)
+        return [it for it in items if it.key not in self.done]
+
+    def __enter__(self) -> Writer:
+        append = bool(self.resume and self.path and os.path.exists(self.path) and self.done)
+        if self.path:
+            self._file = open(self.path, "a" if append else "w", encoding="utf-8", newline="")
+            stream = self._file
+        else:
+            stream = sys.stdout
+        return Writer(stream, self.fmt, self.text_key, append=append)
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the file, drop the lock, give SIGTERM back its previous handler."""
+        if getattr(self, "_file", None):
+            self._file.close()
+            self._file = None
+        if getattr(self, "_lock", None):
+            self._lock.release()
+            self._lock = None
+        if getattr(self, "_sigterm", None):
+            self._sigterm.restore()
+
+    def __del__(self) -> None:  # an Output never entered (nothing to do, an error) still unlocks
+        self.close()
+
+
+def check_output_path(path: str | None, option: str = "--output", inputs: Sequence[str | None] = ()) -> None:
+    """Fail before any model time when results could not be written to `path`: a folder, a missing
+    or unwritable folder (the lock file goes beside the output, so the folder must be writable), an
+    unwritable file, or the very file being read (writing would truncate the input)."""
+    if path in (None, "-"):
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise DataError(f"{option} '{path}' is a directory; give a file name inside it, e.g. {target / 'out.jsonl'}")
+    parent = target.parent
+    if not parent.is_dir():
+        raise DataError(f"{option} '{path}': folder '{parent}' does not exist; create it first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise DataError(f"{option} '{path}': folder '{parent}' is not writable; choose another folder")
+    if target.exists() and not os.access(target, os.W_OK):
+        raise DataError(f"{option} '{path}' is not writable; choose another file or fix its permissions")
+    for source in inputs:
+        if source not in (None, "-") and target.exists() and Path(source).exists() \
+                and os.path.samefile(source, target):
+            raise DataError(f"{option} '{path}' is the input file itself; writing there would destroy the input: "
+                            "choose another file")

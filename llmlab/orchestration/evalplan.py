@@ -1,0 +1,227 @@
+"""The plan of `llmlab eval`: tasks (a template and its labeled data) x shot counts x seeds x
+calibration, parsed from options or a --plan file, and the data checked before any model time."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from llmlab.core.config import ProbeConfig, PromptConfig
+from llmlab.core.errors import DataError, UsageError
+from llmlab.io.records import Item
+
+CALIBRATION = ("off", "on", "both")  # on = contextual, both = off,contextual; or a list of methods
+
+
+def parse_calibration(text: str) -> list[str]:
+    """--calibration: a comma list of off, contextual, batch, domain (on = contextual, both = off,contextual)."""
+    from llmlab.scoring.classify import CALIBRATIONS
+
+    modes: list[str] = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        named = {"on": ["contextual"], "both": ["off", "contextual"]}.get(part, [part])
+        for mode in named:
+            if mode not in CALIBRATIONS:
+                raise UsageError(f"invalid --calibration '{text}': give off, on, both or a list of "
+                                 f"{', '.join(CALIBRATIONS)}")
+            if mode not in modes:
+                modes.append(mode)
+    if not modes:
+        raise UsageError(f"invalid --calibration '{text}': give off, on, both or a list of methods")
+    return modes
+
+
+# ---------------------------------------------------------------- the plan
+
+
+@dataclass
+class Combo:
+    task: "EvalTask"
+    shots: int
+    calibrate: str  # off or a calibration method (classify.CALIBRATIONS)
+    seeds: list[int]
+
+    @property
+    def template(self) -> Any:
+        return self.task.template
+
+
+@dataclass
+class EvalTask:
+    """One template and the labeled data it is measured on."""
+
+    template: Any
+    data: str  # the data file's path ("-" = stdin)
+    items: list[Item]
+    refs: list[str] = field(default_factory=list)  # reference fields (generate templates)
+
+
+@dataclass
+class EvalPlan:
+    """Everything `llmlab eval` runs: each task x shot count x seed x calibration."""
+
+    tasks: list[EvalTask]
+    shots: list[int]
+    seeds: int = 1  # demonstration draws per shot count (seeds 0..N-1)
+    calibration: str = "off"  # off, on, both, or a comma list of off, contextual, batch, domain
+    method: str = "score"
+    normalize: str = "none"
+    batch_size: Optional[int] = 16
+    prompt: PromptConfig = field(default_factory=PromptConfig)  # selection, format, overflow, examples
+    max_new_tokens: Optional[int] = None
+    log_samples: bool = False
+    references: list[str] = field(default_factory=list)
+    offset: int = 0
+    limit: Optional[int] = None
+    ensemble: int = 1  # demonstration draws whose label probabilities are averaged (classify)
+    sample: Optional[int] = None  # --sample N: a seeded sample of N rows, before offset/limit
+    sample_seed: int = 0
+    probe: Optional[ProbeConfig] = None  # --probe-data etc.: what --calibration probe fits on
+    _sources: dict[str, Any] = field(default_factory=dict, repr=False)  # template name -> probe.Source
+
+    def combos(self) -> list[Combo]:
+        return plan(self.tasks, self.shots, self.seeds, self.calibration, self.method)
+
+    def probe_sources(self) -> dict[str, Any]:
+        """Each classify template's probe rows, read and checked once, before any model time
+        (empty when the plan has no probe)."""
+        from llmlab.orchestration.session import probe_source
+
+        if not self._sources:
+            modes = parse_calibration(self.calibration) if self.method == "score" else ["off"]
+            for task in self.tasks:
+                if task.template.task == "classify" and task.template.name not in self._sources:
+                    source = probe_source(self.probe, modes, task.template)
+                    if source is not None:
+                        self._sources[task.template.name] = source
+        return self._sources
+
+    def total(self) -> int:
+        """Items this process scores over the whole run (all of them when it runs alone): the
+        progress bar's total."""
+        from llmlab.orchestration.parallel import share_count
+
+        return sum(share_count(len(c.task.items)) * len(c.seeds) for c in self.combos())
+
+
+def plan(tasks: Sequence[EvalTask], shots: Sequence[int], seeds: int, calibration: str, method: str) -> list[Combo]:
+    """Every combination; zero-shot needs one seed only (no demonstrations to draw)."""
+    methods = parse_calibration(calibration)
+    if seeds < 1:
+        raise UsageError(f"invalid --seeds {seeds}: must be >= 1")
+    combos = []
+    for task in tasks:
+        modes = ["off"]
+        if task.template.task == "classify" and method == "score":
+            modes = methods
+        for n in shots:
+            for calibrate in modes:
+                combos.append(Combo(task, n, calibrate, list(range(seeds)) if n else [0]))
+    return combos
+
+
+def parse_shots(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UsageError(f"invalid --shots '{text}': give counts like 0,1,4,8") from None
+    if not values or any(v < 0 for v in values):
+        raise UsageError(f"invalid --shots '{text}': give counts >= 0 like 0,1,4,8")
+    return list(dict.fromkeys(values))
+
+
+def parse_task(spec: str, default_data: Optional[str]) -> tuple[str, str]:
+    """-t NAME or -t NAME=DATA: a template and the data file it is measured on."""
+    name, sep, data = spec.partition("=")
+    if sep and data.strip():
+        return name.strip(), data.strip()
+    if default_data is None:
+        raise UsageError(f"template '{name}' has no data: give --data FILE, or -t {name}=FILE")
+    return name.strip(), default_data
+
+
+def load_plan_file(path: str) -> list[tuple[str, str]]:
+    """--plan FILE: a YAML mapping with `tasks:`, a list of {template: NAME, data: FILE}; relative
+    data paths are read from the plan's folder."""
+    from llmlab.core.yamlfile import load_yaml_mapping
+
+    raw = load_yaml_mapping(Path(path), "eval plan")
+    tasks = raw.get("tasks")
+    if not isinstance(tasks, list) or not tasks:
+        raise UsageError(f"{path}: an eval plan needs 'tasks:', a list of {{template: NAME, data: FILE}}")
+    unknown = sorted(set(raw) - {"tasks"})
+    if unknown:
+        raise UsageError(f"{path}: unknown key '{unknown[0]}' (an eval plan has only 'tasks')")
+    out = []
+    for n, task in enumerate(tasks, 1):
+        if not isinstance(task, dict) or not isinstance(task.get("template"), str) or not isinstance(task.get("data"), str):
+            raise UsageError(f"{path}: task {n} needs 'template' and 'data' (strings)")
+        data = Path(task["data"]).expanduser()
+        if not data.is_absolute():
+            data = Path(path).parent / data
+        out.append((task["template"], str(data)))
+    return out
+
+
+def plan_config(plan_: EvalPlan, chat: Optional[str]) -> dict[str, Any]:
+    """The settings of an eval, as the JSON report and the run log record them."""
+    return {"shots": list(plan_.shots), "seeds": plan_.seeds, "calibration": plan_.calibration,
+            "method": plan_.method, "normalize": plan_.normalize, "batch_size": plan_.batch_size,
+            "offset": plan_.offset, "limit": plan_.limit, "sample": plan_.sample, "sample_seed": plan_.sample_seed,
+            "log_samples": plan_.log_samples,
+            "references": plan_.references, "chat": chat,
+            "shot_selection": plan_.prompt.selection, "shot_format": plan_.prompt.shot_format,
+            "overflow": plan_.prompt.overflow, "examples": plan_.prompt.examples,
+            "generation": {"max_new_tokens": plan_.max_new_tokens} if plan_.max_new_tokens else {}}
+
+
+# ---------------------------------------------------------------- data checks
+
+
+def check_data(items: list[Item], template: Any, references: Sequence[str]) -> list[str]:
+    """Validate labeled data for a template; returns the reference fields for generate templates."""
+    from llmlab.io import records as io
+    from llmlab.prompting import prompts
+
+    io.check_unique_ids(items)
+    prompts.require_fields(items, template)
+    if template.task == "classify":
+        for item in items:
+            if template.target not in item.fields:
+                raise DataError(f"{item.source}: no label field '{template.target}' "
+                                f"(fields: {', '.join(item.fields)})")
+            if str(item.fields[template.target]) not in template.labels:
+                raise DataError(f"{item.source}: label '{item.fields[template.target]}' is not one of "
+                                f"template '{template.name}''s labels: {', '.join(template.labels)}")
+        return []
+    fields = list(references) or [f for f in [template.target, *template.references] if f]
+    present = [f for f in fields if all(f in item.fields for item in items)]
+    if not present:
+        raise DataError(f"no reference field for template '{template.name}' in every row "
+                        f"(looked for {', '.join(fields) or 'none'}; fields: {', '.join(items[0].fields)}); "
+                        "name one with --reference FIELD")
+    return present
+
+
+def prepare(specs: Sequence[tuple[str, str]], prompt: PromptConfig, fmt: str, offset: int, limit: Optional[int],
+            references: Sequence[str], sample: Optional[int] = None, sample_seed: int = 0) -> list[EvalTask]:
+    """Templates found, data read (each file once) and checked against its templates, before any
+    model time."""
+    from llmlab.prompting import prompts
+    from llmlab.orchestration import session
+
+    session.check_prompt_options(prompt)
+    read: dict[str, list[Item]] = {}
+    tasks = []
+    for name, data in specs:
+        template = prompts.find_template(name, prompt.prompts_dir)
+        if data not in read:
+            read[data] = session.read_input(data, fmt, "text", offset, limit, sample, sample_seed)
+        refs = check_data(read[data], template, references)
+        tasks.append(EvalTask(template, data, read[data], refs))
+    names = [t.template.name for t in tasks]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup and len({(t.template.name, t.data) for t in tasks}) < len(tasks):
+        raise UsageError(f"template '{dup}' is given twice with the same data")
+    return tasks

@@ -1,0 +1,223 @@
+"""`llmlab eval`: run a plan (templates x shots x seeds x calibration) over labeled data; the JSON
+report. The plan and its checks: llmlab.orchestration.evalplan; the metrics: llmlab.scoring.metrics (their public names
+are re-exported here)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from llmlab import __version__
+from llmlab.orchestration.evalplan import (  # noqa: F401 - re-exported
+    CALIBRATION, Combo, EvalPlan, EvalTask, check_data, load_plan_file, parse_calibration, parse_shots, parse_task,
+    plan, plan_config, prepare)
+from llmlab.scoring.metrics import (  # noqa: F401 - re-exported
+    classification_metrics, generation_metrics, mean_std, normalize_answer, summarize)
+
+# this module's public names and those it re-exports (callers import them from here)
+__all__ = [
+    "CALIBRATION", "Combo", "EvalPlan", "EvalTask", "check_data", "check_report_path", "classification_metrics",
+    "data_name", "evaluate", "generation_metrics", "load_plan_file", "mean_std", "model_facts", "normalize_answer",
+    "parse_calibration", "parse_shots", "parse_task", "plan", "plan_config", "prepare", "run_combo", "summarize",
+    "versions", "write_report",
+]
+
+
+def versions() -> dict[str, str]:
+    """llmlab, python and the libraries' versions (the run log's list), for the report."""
+    from llmlab.runs.runlog import versions as library_versions
+
+    return library_versions()
+
+
+def check_report_path(path: str) -> None:
+    """Fail before the run, not after it, when the report can't be written there."""
+    from llmlab.io.records import check_output_path
+
+    check_output_path(path, "--report")
+
+
+def write_report(path: str, report: dict[str, Any]) -> None:
+    """Write the JSON report atomically: a crash never leaves half a file."""
+    target = Path(path)
+    check_report_path(path)
+    fd, tmp = tempfile.mkstemp(prefix=target.name, dir=target.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ---------------------------------------------------------------- running
+
+
+def _run_seed(session: Any, combo: Combo, seed: int, plan_: EvalPlan, settings: Any, bar: Any,
+              log: Any) -> dict[str, Any]:
+    """One seed of one combination: predictions, metrics, speed (and samples with --log-samples).
+    Each item goes to the run log `log` as soon as it is scored."""
+    from llmlab.runs import runlog
+
+    # Seeds only matter if the draw is random, so generate templates draw at random here.
+    prompt = replace(plan_.prompt, shots=combo.shots, seed=seed)
+    builder = session.builder(combo.template, prompt, settings.max_new_tokens, combo.task.data,
+                              default_selection="random")
+    where = {"template": combo.template.name, "combo": runlog.combo(combo.shots, seed, combo.calibrate)}
+    measure = _classify_seed if combo.template.task == "classify" else _generate_seed
+    metrics, samples, elapsed = measure(session, combo, builder, plan_, settings, bar, log, where)
+    n = len(combo.task.items)
+    run = {"seed": seed, "metrics": metrics, "items": n, "seconds": elapsed,
+           "items_per_s": n / elapsed if elapsed > 0 else 0.0}
+    if plan_.log_samples:
+        run["samples"] = samples
+    return run
+
+
+def _live(logged: Callable[..., None], bar: Any) -> Callable[..., None]:
+    """The callback for each item as it is scored: logged at once when this process runs alone
+    (with several, process 0 logs every item once they are gathered: _log_gathered), and counted."""
+    from llmlab.orchestration import parallel
+
+    alone = parallel.size() == 1
+
+    def done(*result: Any) -> None:
+        if alone:
+            logged(*result)
+        bar.advance(1)
+
+    return done
+
+
+def _log_gathered(logged: Callable[..., None], results: Iterable[tuple[Any, ...]]) -> None:
+    """With several processes, log every gathered item (in input order) once, here."""
+    from llmlab.orchestration import parallel
+
+    for result in [] if parallel.size() == 1 else results:
+        logged(*result)
+
+
+def _classify_seed(session: Any, combo: Combo, builder: Any, plan_: EvalPlan, settings: Any, bar: Any, log: Any,
+                   where: dict[str, str]) -> tuple[dict[str, Any], list[dict[str, Any]], float]:
+    """(metrics, samples, seconds) of one seed of a classify combination."""
+    from llmlab.scoring import classify
+    from llmlab.orchestration import parallel
+
+    template, items, lm = combo.template, combo.task.items, session.lm
+    started = time.perf_counter()
+    source = plan_.probe_sources().get(template.name)
+    if source is not None:
+        source.info = session.hooks.info
+    clf = classify.Classifier(lm, builder, plan_.method, plan_.normalize, combo.calibrate, plan_.batch_size,
+                              settings, plan_.ensemble, session.hooks.detail, source)
+    for draw in range(plan_.ensemble if combo.calibrate == "probe" else 0):
+        clf.probe(draw)  # fitted (or loaded) before the items; inside `started`, so items/s includes the fit
+
+    def logged(r: Any) -> None:
+        log.item(r.item.index, r.prompt, r.completion, r.prediction, r.probabilities,
+                 str(r.item.fields[template.target]), {"input": r.item.fields}, key=r.item.key, **where)
+
+    # This process's items (all of them when it runs alone); then every process's share, in input order.
+    results = clf.classify(parallel.share(items), on_result=_live(logged, bar), chunk=2 * (plan_.batch_size or 16))
+    results = parallel.gather(results, len(items))
+    _log_gathered(logged, [(r,) for r in results])
+    elapsed = parallel.slowest(time.perf_counter() - started)
+    golds = [str(i.fields[template.target]) for i in items]
+    metrics = classification_metrics(golds, [r.prediction for r in results], list(template.labels))
+    samples = [classify.record(r, template, lm.name) for r in results] if plan_.log_samples else []
+    return metrics, samples, elapsed
+
+
+def _generate_seed(session: Any, combo: Combo, builder: Any, plan_: EvalPlan, settings: Any, bar: Any, log: Any,
+                   where: dict[str, str]) -> tuple[dict[str, Any], list[dict[str, Any]], float]:
+    """(metrics, samples, seconds) of one seed of a generate combination."""
+    from llmlab.scoring import generation
+    from llmlab.orchestration import parallel
+    from llmlab.orchestration import session as sessions
+
+    items, lm = combo.task.items, session.lm
+    started = time.perf_counter()
+    jobs = generation.template_jobs(builder, items)
+    refs = [[str(i.fields[f]) for f in combo.task.refs] for i in items]
+    refs_of = {i.index: r for i, r in zip(items, refs)}
+
+    def logged(job: Any, out: Any) -> None:
+        i = job.item
+        # gold: the first reference (what `runs compare` scores ROUGE-L against); all of them in extra.
+        log.item(i.index, job.model_text, out.completions[0].strip(), gold=refs_of[i.index][0],
+                 extra={"input": i.fields, "references": refs_of[i.index]}, key=i.key, **where)
+
+    outputs = sessions.run_jobs(lm, parallel.share(jobs), settings, plan_.batch_size, _live(logged, bar))
+    outputs = parallel.gather(outputs, len(jobs))
+    _log_gathered(logged, zip(jobs, outputs))
+    elapsed = parallel.slowest(time.perf_counter() - started)
+    preds = [o.completions[0].strip() for o in outputs]
+    samples = [{"index": i.index, **i.fields, "prompt": j.prompt, "completion": p, "references": r}
+               for i, j, p, r in zip(items, jobs, preds, refs)] if plan_.log_samples else []
+    return generation_metrics(preds, refs), samples, elapsed
+
+
+def run_combo(session: Any, combo: Combo, plan_: EvalPlan, bar: Any, log: Any = None) -> dict[str, Any]:
+    """All seeds of one combination, with mean, std, min and max over the seeds. log: a run log
+    (runlog.open_run) that gets each item as it is scored."""
+    from llmlab.runs import runlog
+    from llmlab.orchestration.session import settings_for
+
+    log = log or runlog.NoRun()
+    settings = settings_for(combo.template, None, {"max_new_tokens": plan_.max_new_tokens})
+    runs = [_run_seed(session, combo, seed, plan_, settings, bar, log) for seed in combo.seeds]
+    return {"template": combo.template.name, "data": combo.task.data, "data_name": data_name(combo.task.data),
+            "task": combo.template.task, "shots": combo.shots, "calibrate": combo.calibrate, "seeds": combo.seeds,
+            "summary": summarize(runs, combo.template.task), "runs": runs}
+
+
+def data_name(path: str) -> str:
+    return "stdin" if path == "-" else Path(path).name
+
+
+def evaluate(session: Any, plan_: EvalPlan, bar: Any = None, log: Any = None) -> dict[str, Any]:
+    """Run every combination of the plan (data already checked); `bar.advance(n)` counts items.
+    log (a runlog run, optional) gets each item as it is scored and each combination's metrics
+    (log.eval_combo) as soon as the combination is done."""
+    from llmlab.runs import runlog
+    from llmlab.orchestration.session import _Null
+
+    bar, log = bar or _Null(), log or runlog.NoRun()
+    results = []
+    for combo in plan_.combos():
+        results.append(run_combo(session, combo, plan_, bar, log))
+        log.eval_combo(results[-1])
+    lm = session.lm
+    return {
+        "llmlab": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": " ".join(["llmlab", *sys.argv[1:]]) if sys.argv else "llmlab eval",
+        "model": model_facts(lm),
+        "data": [{"template": t.template.name, "path": t.data, "name": data_name(t.data), "items": len(t.items)}
+                 for t in plan_.tasks],
+        "config": plan_config(plan_, session.model.chat),
+        "templates": {t.template.name: {"path": str(t.template.path), "task": t.template.task,
+                                        "text": t.template.source_text} for t in plan_.tasks},
+        "results": results,
+        "versions": versions(),
+    }
+
+
+def model_facts(lm: Any) -> dict[str, Any]:
+    """The report's model: name, type, device, dtype, window and placement. A backend without a
+    transformers model behind it (FakeLM) has no type, dtype or placement: None."""
+    model = getattr(lm, "model", None)
+    dtype = getattr(model, "dtype", None)
+    return {"name": lm.name, "type": getattr(getattr(model, "config", None), "model_type", None),
+            "encoder_decoder": lm.is_encoder_decoder, "device": lm.device,
+            "dtype": None if dtype is None else str(dtype).removeprefix("torch."), "window": lm.window,
+            # --device-map: where accelerate put each module (None: all on `device`)
+            "device_map": {k: str(v) for k, v in (getattr(model, "hf_device_map", None) or {}).items()} or None}

@@ -1,0 +1,62 @@
+"""`llmlab prompt render`: the exact prompts a template builds, with the tokenizer only (no
+weights), and what the model sees of them after its tokenizer's normalisation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional
+
+from llmlab.core.config import RenderConfig
+from llmlab.orchestration.session import Hooks, chat_for, find_template, read_input, settings_for, template_item
+
+
+@dataclass
+class Rendered:
+    item: Any
+    prompt: Any  # prompts.Prompt
+    seen: str  # the prompt as the model sees it: decoded from its ids (T5 normalises newlines to spaces)
+
+
+@dataclass
+class RenderRun:
+    window: Optional[int]
+    budget: Optional[int]
+    prompts: Iterator[Rendered] = field(default_factory=lambda: iter(()))
+
+
+def render(cfg: RenderConfig, hooks: Hooks = Hooks()) -> RenderRun:
+    """`llmlab prompt render`: the exact prompts, built with the tokenizer only (no weights)."""
+    from llmlab.backends import models
+    from llmlab.prompting import prompts
+
+    template = find_template(cfg.prompt)
+    if cfg.input.path is not None:
+        items = read_input(cfg.input.path, cfg.input.format, template.fields[0], cfg.input.offset, cfg.input.limit)
+        prompts.require_fields(items, template)
+    else:
+        items = [template_item(template, None, cfg.prompt.vars, "prompt render")]
+    tokenizer, window, encoder_decoder = models.load_tokenizer(cfg.model.spec)
+    settings = settings_for(template, None, {"max_new_tokens": cfg.max_new_tokens})
+    options = prompts.options_for(template, cfg.prompt.shots, cfg.prompt.selection, cfg.prompt.seed,
+                                  chat_for(tokenizer, cfg.model.chat, template), cfg.prompt.shot_format,
+                                  cfg.prompt.overflow, settings.max_new_tokens)
+    builder = prompts.make_builder(template, tokenizer, window, options, cfg.prompt.examples, cfg.input.path,
+                                   encoder_decoder, on_warn=hooks.warn)
+
+    def each() -> Iterator[Rendered]:
+        for item in items:
+            built = builder.build(item)
+            for note in built.notes:
+                hooks.warn(note)
+            # What the model sees after the tokenizer's normalisation (T5: newlines become spaces).
+            yield Rendered(item, built, prompts.model_view(tokenizer, built.text))
+
+    return RenderRun(window, builder.budget(), each())
+
+
+def render_record(r: Rendered) -> dict[str, Any]:
+    """A `prompt render -f jsonl` record; `templated` says the prompt went through the chat template,
+    so `generate --input` sends it as it is."""
+    extra = {"model_text": r.seen} if r.seen != r.prompt.text else {}
+    return {"index": r.item.index, **r.item.fields, "prompt": r.prompt.text, **extra, "templated": r.prompt.chat,
+            "tokens": r.prompt.tokens, "shots": len(r.prompt.shots)}

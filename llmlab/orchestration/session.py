@@ -1,0 +1,398 @@
+"""One run of a command: load the model once, decide chat once, build the prompt builder once;
+then the library functions the commands call (generate, classify, evaluate; prompt render is in
+prompt_render.py, plain prompts' window check in plain.py). They never print: progress, warnings,
+logs and streamed text go through the Hooks the CLI hands in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Iterator, Optional, Sequence
+
+from llmlab.core import config as cfgmod
+from llmlab.core.config import ClassifyConfig, GenerateConfig, ModelConfig, ProbeConfig, PromptConfig
+from llmlab.core.errors import UsageError
+
+
+class _Null:
+    def advance(self, n: int = 1) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _no_progress(total: int | None, description: str) -> Iterator[Any]:
+    yield _Null()
+
+
+def _no_log(command: str, **details: Any) -> Any:
+    from llmlab.runs import runlog
+
+    return runlog.NoRun()
+
+
+@dataclass
+class Hooks:
+    """How library code talks to the person running it; the CLI fills these with console.* and
+    with open_run, which records the run in the run log (runlog.open_run with the command line and
+    --no-log filled in; called as open_run(command, config=..., templates=..., data=...))."""
+
+    progress: Callable[[Optional[int], str], ContextManager[Any]] = _no_progress
+    warn: Callable[[str], None] = lambda message: None
+    info: Callable[[str], None] = lambda message: None
+    note: Callable[[str], None] = lambda message: None
+    detail: Callable[[str], None] | None = None  # facts shown only with --verbose (None: not asked for)
+    open_run: Callable[..., Any] = _no_log
+    emit: Callable[[str], None] = lambda text: None  # stdout text streamed to a person (a completion)
+
+
+# ---------------------------------------------------------------- shared steps
+
+
+def settings_for(template: Any = None, preset: Optional[Path] = None, flags: dict[str, Any] | None = None):
+    """Generation settings: the template's defaults, then a --config preset, then flags."""
+    from llmlab.core import settings
+
+    layers = []
+    if template is not None and template.generation:
+        layers.append(settings.normalize_keys(template.generation, f"template '{template.name}'"))
+    if preset:
+        layers.append(settings.load_preset(preset))
+    return settings.build(*layers, flags or {})
+
+
+def chat_for(tokenizer: Any, chat: Optional[str], template: Any = None) -> bool:
+    """--chat, else the template's chat, else auto."""
+    from llmlab.scoring import generation
+
+    return generation.use_chat(tokenizer, chat or (template.chat if template is not None else None) or "auto")
+
+
+def read_input(path: str, fmt: str, field_name: str, offset: int = 0, limit: Optional[int] = None,
+               sample: Optional[int] = None, sample_seed: int = 0) -> list[Any]:
+    from llmlab.io import records as io
+
+    items = io.read_items(path, fmt, text_field=field_name)
+    source = "stdin" if path == "-" else path
+    items = cfgmod.window(cfgmod.sample(items, sample, sample_seed, source), offset, limit, source)
+    io.check_unique_ids(items)
+    return items
+
+
+def single_prompt(text: Optional[str]) -> Optional[str]:
+    """The prompt from the argument, else from piped stdin; None when there is none or it is blank."""
+    if text is None and sys.stdin is not None and not sys.stdin.isatty():
+        text = sys.stdin.read().rstrip("\n")
+    return text if text is not None and text.strip() else None
+
+
+NO_PROMPT = 'no prompt: run llmlab {cmd} "your prompt", pipe one on stdin, or use --input FILE'
+
+
+def template_item(template: Any, text: Optional[str], pairs: Sequence[str], cmd: str) -> Any:
+    """A single item for a template: from --var field=value, or the argument for a one-field template."""
+    from llmlab.io import records as io
+    from llmlab.prompting import prompts
+
+    values = prompts.parse_vars(pairs)
+    if text is not None:
+        fields = [f for f in template.fields if f not in values]
+        if len(fields) != 1:
+            raise UsageError(
+                f"template '{template.name}' has fields {', '.join(template.fields)}: give them with --var field=value"
+            )
+        values[fields[0]] = text
+    if not values:
+        raise UsageError(NO_PROMPT.format(cmd=cmd) + f" (or --var {template.fields[0]}=...)")
+    return io.Item(0, values, "--var")
+
+
+class Session:
+    """A loaded model plus the decisions every command makes the same way."""
+
+    def __init__(self, model: ModelConfig, lm: Any = None, hooks: Optional[Hooks] = None):
+        from llmlab.backends import models
+
+        self.model = model
+        self.hooks = hooks or Hooks()
+        if lm is None and model.backend == "vllm":
+            from llmlab.backends import vllm
+
+            lm = vllm.load(model.spec, model.dtype, model.tensor_parallel_size)
+        self.lm = lm if lm is not None else models.load(model.spec, model.device, model.dtype,
+                                                        device_map=model.device_map, max_memory=model.max_memory)
+        if hooks is not None:  # the backend's messages (out-of-memory back-off, unreachable stop texts)
+            self.lm.on_event = lambda level, message: (hooks.warn if level >= 30 else hooks.info)(message)
+
+    def chat(self, template: Any = None) -> bool:
+        return chat_for(self.lm.tokenizer, self.model.chat, template)
+
+    def builder(self, template: Any, prompt: PromptConfig, max_new_tokens: int, input_path: Optional[str],
+                default_selection: str = "first"):
+        from llmlab.prompting import prompts
+
+        lm = self.lm
+        options = prompts.options_for(template, prompt.shots, prompt.selection, prompt.seed, self.chat(template),
+                                      prompt.shot_format, prompt.overflow, max_new_tokens,
+                                      default_selection=default_selection)
+        return prompts.make_builder(template, lm.tokenizer, lm.window, options, prompt.examples, input_path,
+                                    lm.is_encoder_decoder, lm=lm, on_warn=self.hooks.warn)
+
+
+def check_prompt_options(prompt: PromptConfig) -> None:
+    """Option values a prompt builder would reject, rejected before the model loads."""
+    if prompt.shots is not None and prompt.shots < 0:
+        raise UsageError(f"invalid --shots {prompt.shots}: must be >= 0")
+    cfgmod.check_prompts_dirs(prompt.prompts_dir)
+
+
+def find_template(prompt: PromptConfig) -> Any:
+    from llmlab.prompting import prompts
+
+    check_prompt_options(prompt)
+    return prompts.find_template(prompt.template, prompt.prompts_dir) if prompt.template else None
+
+
+# ---------------------------------------------------------------- generate
+
+
+def _generate_items(cfg: GenerateConfig, template: Any) -> list[Any]:
+    from llmlab.io import records as io
+    from llmlab.prompting import prompts
+
+    if cfg.input.path is not None:
+        if cfg.text is not None or cfg.prompt.vars:
+            raise UsageError("give either a PROMPT argument (or --var) or --input FILE, not both")
+        items = read_input(cfg.input.path, cfg.input.format, cfg.input.field, cfg.input.offset, cfg.input.limit)
+        if template is None:
+            io.require_field(items, cfg.input.field)
+        else:
+            prompts.require_fields(items, template)
+        return items
+    text = single_prompt(cfg.text)
+    if template is not None:
+        return [template_item(template, text, cfg.prompt.vars, "generate")]
+    if text is None:
+        raise UsageError(NO_PROMPT.format(cmd="generate"))
+    return [io.Item(0, {cfg.input.field: text}, "the prompt")]
+
+
+def generate(cfg: GenerateConfig, hooks: Hooks = Hooks(), lm: Any = None, display: bool = False) -> Any:
+    """`llmlab generate`: one prompt streamed to stdout through hooks.emit, or a batch written
+    record by record. display: stdout is a terminal; one prompt with --logprobs is then returned
+    as (job, output) for the CLI to colour by probability, else None is returned. Piped, one prompt
+    with --logprobs is written as a record (streamed text would lose the numbers)."""
+    from llmlab.scoring import generation
+    from llmlab.io import records as io
+
+    from llmlab.backends import hf_continuous
+
+    template = find_template(cfg.prompt)
+    settings = settings_for(template, cfg.preset, cfg.flags)
+    hf_continuous.check(cfg.gen_engine, settings, cfg.model.backend)
+    io.check_output_path(cfg.output.path, inputs=[cfg.input.path])
+    if settings.logprobs and io.output_format(cfg.output.path, cfg.output.format) == "text":
+        raise UsageError("--logprobs: the text format keeps only the completion; write JSONL or CSV "
+                         "(-o FILE.jsonl or --format jsonl)")
+    items = _generate_items(cfg, template)
+    single = cfg.input.path is None and cfg.output.terminal and (display or not settings.logprobs)
+    sink = io.Output(cfg.output.path, cfg.output.format, resume=cfg.output.resume)
+    todo = sink.pending(items)
+    if cfg.output.resume and len(todo) < len(items):
+        hooks.info(f"--resume: {len(items) - len(todo)} of {len(items)} inputs already done")
+    if not todo:
+        return None
+    # Opened before the model loads: a log that can't be written fails before any model time.
+    with hooks.open_run("generate", config=_logged_config(cfg, settings), templates=template,
+                        data=cfg.input.path) as log:
+        session = _loaded(cfg.model, lm, log, hooks)
+        session.lm.gen_engine = cfg.gen_engine
+        jobs = _jobs(cfg, session, template, todo, settings, hooks)
+
+        def logged(job: Any, rec: dict[str, Any]) -> None:
+            log.item(job.item.index, job.model_text, rec["completion"], key=job.item.key,
+                     extra={"input": job.item.fields, **({"completions": rec["completions"]}
+                                                         if "completions" in rec else {})})
+
+        shown = None
+        if single and settings.logprobs:  # a person reads coloured tokens: nothing to stream
+            output = session.lm.generate(requests(jobs[:1]), settings, batch_size=1)[0]
+            logged(jobs[0], generation.record(jobs[0], output, session.lm.name, cfg.echo))
+            shown = (jobs[0], output)
+        elif single:
+            output = generation.run_single(session.lm, jobs[0], settings, cfg.echo, hooks.emit)
+            logged(jobs[0], generation.record(jobs[0], output, session.lm.name, cfg.echo))
+        else:
+            with sink as writer, hooks.progress(len(jobs), "generating") as bar:
+
+                def done(job: Any, output: Any) -> None:
+                    rec = generation.record(job, output, session.lm.name, cfg.echo)
+                    writer.write(rec)
+                    logged(job, rec)
+                    bar.advance(1)
+
+                run_jobs(session.lm, jobs, settings, cfg.batch_size, done)
+        log.metrics({"items": len(jobs)})
+    return shown
+
+
+def _jobs(cfg: GenerateConfig, session: "Session", template: Any, todo: list[Any], settings: Any,
+          hooks: Hooks) -> list[Any]:
+    """The prompts to complete: a plain field (window-checked) or the template's, one per input."""
+    from llmlab.scoring import generation
+    from llmlab.scoring import plain
+
+    if template is None:
+        jobs = plain.jobs(todo, cfg.input.field, session.lm, session.chat())
+        return plain.fit(jobs, session.lm, settings.max_new_tokens, cfg.prompt.overflow, hooks.warn)
+    builder = session.builder(template, cfg.prompt, settings.max_new_tokens, cfg.input.path)
+    return generation.template_jobs(builder, todo)
+
+
+def _loaded(model: ModelConfig, lm: Any, log: Any, hooks: Optional[Hooks] = None) -> "Session":
+    """The session (its model loaded), with the model's name and device filled into the run log."""
+    session = Session(model, lm, hooks)
+    log.update(model=session.lm.name, device=str(session.lm.device))
+    return session
+
+
+def _logged_config(cfg: Any, settings: Any = None) -> dict[str, Any]:
+    """What a run was asked to do, for the run log: the typed config, plus the generation settings
+    in force (template defaults, preset and flags merged)."""
+    import dataclasses
+
+    logged = dataclasses.asdict(cfg)
+    logged.pop("text", None)  # the prompt itself is logged as the item
+    if settings is not None:
+        logged["settings"] = dataclasses.asdict(settings) if dataclasses.is_dataclass(settings) else vars(settings)
+    return logged
+
+
+def requests(jobs: Sequence[Any]) -> list[Any]:
+    """The backend's requests: the model text, and whether it is already templated (no special
+    tokens added)."""
+    from llmlab.backends.models import GenRequest
+
+    return [GenRequest(j.model_text, j.chat) for j in jobs]
+
+
+def run_jobs(lm: Any, jobs: Sequence[Any], settings: Any, batch_size: Optional[int],
+             done: Callable[[Any, Any], Any]) -> list[Any]:
+    """Generate for every job; done(job, output) is called in input order as results arrive."""
+    return lm.generate(requests(jobs), settings, batch_size=batch_size,
+                       on_output=lambda index, output: done(jobs[index], output))
+
+
+# ---------------------------------------------------------------- classify
+
+
+def classify(cfg: ClassifyConfig, hooks: Hooks = Hooks(), table: bool = False, lm: Any = None):
+    """`llmlab classify`: returns (results, classifier) when `table` (a person reads them), else
+    writes one record per input as it is done and returns None."""
+    from llmlab.scoring import classify as clf
+    from llmlab.io import records as io
+    from llmlab.prompting import prompts
+
+    template = find_template(cfg.prompt)
+    if template is None or template.task != "classify":
+        name = template.name if template else cfg.prompt.template
+        raise UsageError(f"template '{name}' is a generate template; classify needs task: classify with labels")
+    _check_classify_options(cfg)
+    settings = settings_for(template)
+    io.check_output_path(cfg.output.path, inputs=[cfg.input.path])
+    if cfg.input.path is not None:
+        if cfg.text is not None or cfg.prompt.vars:
+            raise UsageError("give either a TEXT argument (or --var) or --input FILE, not both")
+        items = read_input(cfg.input.path, cfg.input.format, template.fields[0], cfg.input.offset, cfg.input.limit)
+    else:
+        items = [template_item(template, single_prompt(cfg.text), cfg.prompt.vars, "classify")]
+    prompts.require_fields(items, template)
+    sink = io.Output(cfg.output.path, cfg.output.format, resume=cfg.output.resume, text_key="prediction")
+    todo = sink.pending(items)
+    if not todo:
+        return None
+    # An explicit --calibration wins; else --probe-data means probe; else the template's calibrate:
+    # (which only applies to scoring).
+    mode = clf.calibration_mode(cfg.calibrate) if cfg.calibrate is not None else \
+        "probe" if cfg.probe and cfg.probe.data else \
+        (template.calibrate or "off") if cfg.method == "score" else "off"
+    if mode == "batch" and len(todo) < 2:
+        raise UsageError("--calibration batch estimates the bias from the inputs themselves: give several "
+                         "(--input FILE), or use contextual or domain for one input")
+    source = probe_source(cfg.probe, mode, template, hooks)
+    with hooks.open_run("classify", config=_logged_config(cfg), templates=template, data=cfg.input.path) as log:
+        session = _loaded(cfg.model, lm, log, hooks)
+        builder = session.builder(template, cfg.prompt, settings.max_new_tokens, cfg.input.path)
+        classifier = clf.Classifier(session.lm, builder, cfg.method, cfg.normalize, mode, cfg.batch_size,
+                                    settings, cfg.ensemble, hooks.detail, source)
+        for draw in range(cfg.ensemble if source else 0):
+            classifier.probe(draw)  # fitted (or loaded) before the classifying bar starts
+        # Results are handed on per chunk: small chunks keep the progress bar true to the work done.
+        chunk = 2 * (cfg.batch_size or 16)
+        with contextlib.ExitStack() as stack:
+            writer = None if table else stack.enter_context(sink)
+            bar = stack.enter_context(hooks.progress(len(todo), "classifying"))
+
+            def done(r: Any) -> None:
+                if writer is not None:
+                    writer.write(clf.record(r, template, session.lm.name))
+                log.item(r.item.index, r.prompt, r.completion, r.prediction, r.probabilities,
+                         r.item.fields.get(template.target), {"input": r.item.fields}, key=r.item.key)
+                bar.advance(1)
+
+            results = classifier.classify(todo, on_result=done, chunk=chunk)
+        log.metrics(classify_metrics(results, template))
+    return (results, classifier) if table else None
+
+
+def classify_metrics(results: Sequence[Any], template: Any) -> dict[str, Any]:
+    """The run log's metrics of a classify run: items, and accuracy over the labeled ones."""
+    golds = [(r.prediction, str(r.item.fields[template.target])) for r in results
+             if template.target and r.item.fields.get(template.target) is not None]
+    metrics: dict[str, Any] = {"items": len(results)}
+    if golds:
+        metrics.update(accuracy=sum(p == g for p, g in golds) / len(golds), labeled=len(golds))
+    return metrics
+
+
+def evaluate(plan: Any, model: ModelConfig, hooks: Hooks = Hooks(), lm: Any = None) -> dict[str, Any]:
+    """`llmlab eval` on a checked plan: one logged run, each item logged as it is scored and each
+    combination's metrics as it finishes. Returns the report (evaluate.evaluate's)."""
+    from llmlab.orchestration import evaluate as ev
+
+    data = ", ".join(dict.fromkeys(t.data for t in plan.tasks))
+    with hooks.open_run("eval", config=ev.plan_config(plan, model.chat), templates=[t.template for t in plan.tasks],
+                        data=data) as log:
+        session = _loaded(model, lm, log, hooks)
+        with hooks.progress(plan.total(), "evaluating") as bar:
+            return ev.evaluate(session, plan, bar, log)
+
+
+def probe_source(probe: Any, modes: str | Sequence[str], template: Any, hooks: Hooks = Hooks()) -> Any:
+    """The probe's rows, read and checked before any model time: --probe-data, else the template's
+    probe: file (None when no mode is probe)."""
+    modes = [modes] if isinstance(modes, str) else list(modes)
+    data = probe.data if probe is not None else None
+    if "probe" not in modes:
+        if data is not None or (probe is not None and (probe.layers or probe.size != ProbeConfig.size)):
+            flag = "--probe-data" if data is not None else "--probe-layers" if probe.layers else "--probe-size"
+            raise UsageError(f"{flag} is read only with --calibration probe: add it, or drop {flag}")
+        return None
+    if data is None and template.probe_path is None:
+        raise UsageError("--calibration probe needs --probe-data FILE: labelled rows to fit the probe on")
+    from llmlab.scoring import probe as probes
+
+    probe = probe or ProbeConfig()
+    data = data or str(template.probe_path)
+    return probes.load_source(data, probe.size, probe.layers, template, hooks.progress, hooks.info)
+
+
+def _check_classify_options(cfg: ClassifyConfig) -> None:
+    if cfg.calibrate not in (None, "off") and cfg.method != "score":
+        raise UsageError("--calibrate needs --method score: it adjusts label probabilities")
+
+
+def with_prompt(prompt: PromptConfig, **changes: Any) -> PromptConfig:
+    return replace(prompt, **changes)
