@@ -25,8 +25,8 @@ demo: install
 	@echo '$$ llmlab generate -t qa "Where is Ganymede located in the solar system?" --shots 2'
 	@$(BIN)/llmlab generate -t qa "Where is Ganymede located in the solar system?" --shots 2
 	@echo '$$ llmlab classify -t sentiment "$(REVIEW)" --shots 0 --calibration off, then with the template defaults'
-	@printf '  zero-shot, uncalibrated:                ' && $(BIN)/llmlab classify -t sentiment "$(REVIEW)" --shots 0 --calibration off -f text
-	@printf '  template defaults (4 shots + probe):     ' && $(BIN)/llmlab classify -t sentiment "$(REVIEW)" -f text
+	@a=$$($(BIN)/llmlab classify -t sentiment "$(REVIEW)" --shots 0 --calibration off -f text) && printf '  zero-shot, uncalibrated:              %s\n' "$$a"
+	@a=$$($(BIN)/llmlab classify -t sentiment "$(REVIEW)" -f text) && printf '  template defaults (4 shots + probe):  %s\n' "$$a"
 
 test: install
 	$(BIN)/python -m pytest -q

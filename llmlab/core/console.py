@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 from typing import Iterator
 
 from rich.console import Console
 
-_state = {"quiet": False, "verbose": False}
+_state: dict = {"quiet": False, "verbose": False, "bar": None}  # bar: the progress bar on screen now
 
 
 def configure(quiet: bool = False, verbose: bool = False) -> None:
@@ -40,8 +41,61 @@ def _show_library_log() -> None:
 
 
 def stderr() -> Console:
-    # Built on demand so tests that swap sys.stderr see the output.
+    """Where messages go: the console of the progress bar on screen (which prints them above the
+    bar and redraws it below), else a console on stderr, built on demand so tests that swap
+    sys.stderr see the output."""
+    bar = _state["bar"]
+    if bar is not None:
+        return bar.console
     return Console(file=sys.stderr, highlight=False, soft_wrap=True)
+
+
+def _same_terminal() -> bool:
+    """stdout and stderr are one terminal: data lines printed while a bar is drawn must go above it."""
+    try:
+        return sys.stdout.isatty() and sys.stderr.isatty() and os.path.samestat(os.fstat(sys.stdout.fileno()),
+                                                                                os.fstat(sys.stderr.fileno()))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+class _DataStream:
+    """stdout for records and answers. While a progress bar is drawn on the same terminal, each whole
+    line is printed above the bar (never glued to it); anywhere else, plain sys.stdout."""
+
+    def __init__(self) -> None:
+        self._partial = ""
+
+    def write(self, text: str) -> int:
+        bar = _state["bar"]
+        if bar is None or not _same_terminal():
+            self._flush_partial()
+            return sys.stdout.write(text)
+        from rich.text import Text
+
+        lines = (self._partial + text).split("\n")
+        self._partial = lines.pop()
+        for line in lines:
+            bar.console.print(Text(line.rstrip("\r")), soft_wrap=True)
+        return len(text)
+
+    def _flush_partial(self) -> None:
+        if self._partial:
+            sys.stdout.write(self._partial)
+            self._partial = ""
+
+    def flush(self) -> None:
+        if _state["bar"] is None:
+            self._flush_partial()
+        sys.stdout.flush()
+
+
+_DATA = _DataStream()
+
+
+def data_stream() -> _DataStream:
+    """The stream data goes to on stdout (io.records writes records here)."""
+    return _DATA
 
 
 def stdout_is_terminal() -> bool:
@@ -51,8 +105,8 @@ def stdout_is_terminal() -> bool:
 
 def emit(text: str) -> None:
     """Data for stdout as it is made (a streamed completion), flushed at once."""
-    sys.stdout.write(text)
-    sys.stdout.flush()
+    _DATA.write(text)
+    _DATA.flush()
 
 
 def _interactive() -> bool:
@@ -88,7 +142,7 @@ def detail(message: str) -> None:
 
 
 def error(message: str) -> None:
-    Console(file=sys.stderr, highlight=False, soft_wrap=True).print(
+    stderr().print(
         f"[red]error:[/red] {message}", markup=True
     )
 
@@ -139,11 +193,19 @@ def progress(total: int | None, description: str, console: Console | None = None
         console = stderr()
     from rich.progress import Progress
 
-    with Progress(*_columns(), console=console, transient=False, get_time=get_time) as bar:
+    # No redirection of sys.stdout into the bar's console (data would land on stderr when stdout is a
+    # pipe): data_stream() and stderr() put lines above the bar themselves.
+    with Progress(*_columns(), console=console, transient=False, get_time=get_time, redirect_stdout=False,
+                  redirect_stderr=False) as bar:
         task = bar.add_task(description, total=total)
+        outer, _state["bar"] = _state["bar"], bar
 
         class _Handle:
             def advance(self, n: int = 1) -> None:
                 bar.advance(task, n)
 
-        yield _Handle()
+        try:
+            yield _Handle()
+        finally:
+            _state["bar"] = outer
+    _DATA.flush()  # a last line without its newline, held while the bar was drawn

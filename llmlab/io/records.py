@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence, TextIO
 
+from llmlab.core import console
 from llmlab.core.errors import DataError, UsageError
 from llmlab.io.locks import OutputLock, SigtermAsExit
 from llmlab.io.resume import check_same_input, finished_records, record_key  # noqa: F401 - record_key re-exported
@@ -333,7 +334,7 @@ class Output:
             self._file = open(self.path, "a" if append else "w", encoding="utf-8", newline="")
             stream = self._file
         else:
-            stream = sys.stdout
+            stream = console.data_stream()  # above a progress bar on the same terminal, never glued to it
         return Writer(stream, self.fmt, self.text_key, append=append)
 
     def __exit__(self, *exc: object) -> None:
