@@ -98,3 +98,22 @@ def test_real_terminal_bar_advances_monotonically_to_the_total(tiny_models, tmp_
     assert len(set(counts)) >= 2  # it moved on the way, not only at the end
     # The rate shown can't exceed what was done over the time the command ran at all.
     assert all(rate is None or done / rate <= wall for done, _, rate in seen if rate)
+
+
+def test_first_results_come_after_one_item_not_a_whole_chunk(fake_lm, tmp_path):
+    """Chunks grow 1, 2, 4, ... up to the chunk size: the bar moves within the first forward pass."""
+    from helpers import invoke
+
+    from llmlab.scoring import classify
+
+    assert classify.chunk_bounds(100, 32) == [(0, 1), (1, 3), (3, 7), (7, 15), (15, 31), (31, 63), (63, 95), (95, 100)]
+    assert classify.chunk_bounds(3, 1) == [(0, 1), (1, 2), (2, 3)] and classify.chunk_bounds(0, 8) == []
+    calls = []
+    real = fake_lm.loglikelihood
+    fake_lm.loglikelihood = lambda requests, *a, **k: calls.append(len(requests)) or real(requests, *a, **k)
+    data = tmp_path / "in.jsonl"
+    data.write_text("".join(json.dumps({"text": f"review {n}"}) + "\n" for n in range(40)))
+    result = invoke(["classify", "-t", "sentiment", "-m", "fake", "-i", data, "--shots", "0", "--calibration", "off",
+                     "--batch-size", "16", "-o", tmp_path / "out.jsonl"])
+    assert result.exit_code == 0, result.stderr
+    assert [n // 2 for n in calls] == [1, 2, 4, 8, 16, 9]  # items per pass (2 labels each), the bar advancing after each

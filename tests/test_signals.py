@@ -127,6 +127,9 @@ def test_interrupted_batch_run_resumes_to_the_full_result(runs, command, sig, tm
     same_records(kept, want[: len(kept)])
     if sig != signal.SIGKILL:
         assert not locks.lock_path(str(out)).exists()  # a clean stop takes its lock file with it
+        # one line says what is kept and how to finish
+        assert f"interrupted: {len(kept)} of {len(want)} written to {out}; rerun the same command with --resume " \
+               "to finish" in stderr, stderr
     resumed = invoke(commands[command] + ["-o", out, "--resume"])
     assert resumed.exit_code == 0, resumed.stderr
     same_records(records(out), want)

@@ -21,7 +21,7 @@ from llmlab import __version__
 from llmlab.core import console
 from llmlab.core.config import (Backend, Dtype, GenEngine, InputFormat, Method, Normalize, OutputFormat, Overflow, ProbeConfig,
                            value)
-from llmlab.core.errors import LlmlabError, UsageError
+from llmlab.core.errors import Interrupted, LlmlabError, UsageError
 from llmlab.commands.options import *  # noqa: F403 - the shared option declarations
 
 
@@ -60,6 +60,9 @@ class LlmlabGroup(TyperGroup):
             code = exc.exit_code
         except typer.Abort:
             code = 130
+        except Interrupted as exc:  # Ctrl-C or SIGTERM with records kept: how many, and how to finish
+            console.stderr().print(str(exc), markup=False)
+            code = exc.exit_code
         except LlmlabError as exc:
             if debug:
                 raise

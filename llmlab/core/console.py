@@ -14,6 +14,8 @@ from typing import Iterator
 
 from rich.console import Console
 
+from llmlab import NOTICE
+
 _state: dict = {"quiet": False, "verbose": False, "bar": None}  # bar: the progress bar on screen now
 
 
@@ -25,10 +27,11 @@ def configure(quiet: bool = False, verbose: bool = False) -> None:
 
 class _LibraryLog(logging.Handler):
     """The logger "llmlab" (library code's warnings and progress logs) shown here: a warning as
-    warn(), anything less as info()."""
+    warn(), a NOTICE (long first-time work) as note(), anything less as info()."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        (warn if record.levelno >= logging.WARNING else info)(record.getMessage())
+        level = record.levelno
+        (warn if level >= logging.WARNING else note if level >= NOTICE else info)(record.getMessage())
 
 
 def _show_library_log() -> None:

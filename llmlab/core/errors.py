@@ -35,3 +35,12 @@ class ContextOverflowError(LlmlabError):
     """A prompt that does not fit the model's context window."""
 
     exit_code = 5
+
+
+class Interrupted(LlmlabError):
+    """A run stopped by Ctrl-C (exit 130) or SIGTERM (exit 143) with its finished records kept: the
+    message says how many and how to finish."""
+
+    def __init__(self, message: str, exit_code: int = 130):
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence, TextIO
 
 from llmlab.core import console
-from llmlab.core.errors import DataError, UsageError
-from llmlab.io.locks import OutputLock, SigtermAsExit
+from llmlab.core.errors import DataError, Interrupted, UsageError
+from llmlab.io.locks import SIGTERM_EXIT, OutputLock, SigtermAsExit
 from llmlab.io.resume import check_same_input, finished_records, record_key  # noqa: F401 - record_key re-exported
 
 # this module's public names, and record_key (from llmlab.io.resume) that callers import from here
@@ -326,6 +326,7 @@ class Output:
         written from these inputs (same keys, same input fields): two runs are never mixed."""
         if self.records:
             check_same_input(self.path or "", self.fmt, self.records, items)
+        self._total = len(items)
         return [it for it in items if it.key not in self.done]
 
     def __enter__(self) -> Writer:
@@ -337,8 +338,18 @@ class Output:
             stream = console.data_stream()  # above a progress bar on the same terminal, never glued to it
         return Writer(stream, self.fmt, self.text_key, append=append)
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, kind: Any, exc: Any, tb: Any) -> None:
         self.close()
+        stopped = kind is not None and (issubclass(kind, KeyboardInterrupt) or
+                                        (issubclass(kind, SystemExit) and exc.code == SIGTERM_EXIT))
+        if stopped and self.path and getattr(self, "_total", None):
+            try:  # what is on disk now, whole records only
+                written = len(finished_records(self.path, self.fmt))
+            except Exception:  # noqa: BLE001 - the message must not hide the interruption
+                written = len(self.done)
+            raise Interrupted(f"interrupted: {written} of {self._total} written to {self.path}; rerun the same "
+                              "command with --resume to finish", 130 if issubclass(kind, KeyboardInterrupt) else SIGTERM_EXIT
+                              ) from exc
 
     def close(self) -> None:
         """Close the file, drop the lock, give SIGTERM back its previous handler."""

@@ -115,7 +115,7 @@ def _classify_seed(session: Any, combo: Combo, builder: Any, plan_: EvalPlan, se
     started = time.perf_counter()
     source = plan_.probe_sources().get(template.name)
     if source is not None:
-        source.info = session.hooks.info
+        source.info = session.hooks.note  # a probe fit is long: said even when piped
     clf = classify.Classifier(lm, builder, plan_.method, plan_.normalize, combo.calibrate, plan_.batch_size,
                               settings, plan_.ensemble, session.hooks.detail, source)
     for draw in range(plan_.ensemble if combo.calibrate == "probe" else 0):

@@ -386,7 +386,8 @@ def probe_source(probe: Any, modes: str | Sequence[str], template: Any, hooks: H
 
     probe = probe or ProbeConfig()
     data = data or str(template.probe_path)
-    return probes.load_source(data, probe.size, probe.layers, template, hooks.progress, hooks.info)
+    # hooks.note: a probe fit is long, so it is said even when piped (quiet only with -q)
+    return probes.load_source(data, probe.size, probe.layers, template, hooks.progress, hooks.note)
 
 
 def _check_classify_options(cfg: ClassifyConfig) -> None:

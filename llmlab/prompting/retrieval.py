@@ -15,16 +15,19 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import logging
 import os
 import pickle
 import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
+from llmlab import NOTICE
 from llmlab.core.errors import UsageError
 
 RETRIEVERS = ("tfidf", "hidden")
 DEFAULT = "tfidf"  # measured better than hidden on SST-2 and AG News with smollm2 (prompts/README.md)
+TFIDF_ANNOUNCE = 5000  # pool rows from which a TF-IDF index build takes long enough to say so
 _MEMO: dict[str, Any] = {}  # indexes loaded in this process, by cache key
 
 
@@ -43,8 +46,9 @@ def pool_hash(texts: Sequence[str], extra: str = "") -> str:
     return digest.hexdigest()[:24]
 
 
-def _load_or_build(key: str, build: Any) -> Any:
-    """The index for `key`: from this process, else from the disk cache, else built and cached."""
+def _load_or_build(key: str, build: Any, announce: str | None = None) -> Any:
+    """The index for `key`: from this process, else from the disk cache, else built and cached
+    (`announce`, when given, is logged first: the build is long and happens once)."""
     if key in _MEMO:
         return _MEMO[key]
     path = cache_dir() / f"{key}.pkl"
@@ -56,6 +60,8 @@ def _load_or_build(key: str, build: Any) -> Any:
         except Exception:  # a damaged or foreign cache file: rebuild it
             index = None
     if index is None:
+        if announce:
+            logging.getLogger("llmlab").log(NOTICE, announce)
         index = build()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -79,7 +85,9 @@ class TfidfRetriever:
             importlib.import_module("sklearn")  # scikit-learn is an optional extra
         except ImportError:
             raise UsageError("--shot-selection similar needs scikit-learn: pip install scikit-learn") from None
-        self.index = _load_or_build(f"tfidf-{pool_hash(texts)}", lambda: self._fit(texts))
+        announce = f"indexing {len(texts)} pool rows for similar shots (tfidf; once, then cached)"
+        self.index = _load_or_build(f"tfidf-{pool_hash(texts)}", lambda: self._fit(texts),
+                                    announce if len(texts) >= TFIDF_ANNOUNCE else None)
 
     @staticmethod
     def _fit(texts: Sequence[str]) -> tuple[Any, Any]:
@@ -106,7 +114,9 @@ class HiddenRetriever:
                              "use similar-tfidf where only the tokenizer is loaded (prompt render)")
         self.lm = lm
         self.batch_size = batch_size
-        self.index = _load_or_build(f"hidden-{pool_hash(texts, lm.name)}", lambda: self.embed(texts))
+        self.index = _load_or_build(f"hidden-{pool_hash(texts, lm.name)}", lambda: self.embed(texts),
+                                    f"indexing {len(texts)} pool rows for similar shots (the model's hidden "
+                                    "states, one forward pass each; once, then cached)")
 
     def embed(self, texts: Sequence[str]) -> Any:
         """(len(texts) x hidden) float32 numpy array of L2-normalized mean-pooled last hidden states."""

@@ -42,6 +42,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from llmlab.core.errors import Interrupted
 from llmlab.runs.rundb import (  # noqa: F401 - re-exported
     BUSY_TIMEOUT_MS, MIGRATIONS, connect, db_path, enabled, migrate, transaction)
 from llmlab.runs.runquery import delete, get_run, items, list_runs, search  # noqa: F401 - re-exported
@@ -179,7 +180,7 @@ class Run:
             signal.signal(signal.SIGTERM, self._old_sigterm)
         if kind is None:
             status = "complete"
-        elif issubclass(kind, (KeyboardInterrupt, Terminated)) or type(exc).__name__ == "Abort":
+        elif issubclass(kind, (KeyboardInterrupt, Terminated, Interrupted)) or type(exc).__name__ == "Abort":
             status = "interrupted"
         else:
             status = "failed"
