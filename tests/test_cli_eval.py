@@ -2,15 +2,16 @@
 number means, the JSON report, and data / path mistakes caught before any model time."""
 
 import json
+import re
 
 import pytest
 
 from helpers import invoke
 from test_classify import ITEMS, TEMPLATE
 
-CAPTION = ("accuracy, macro-F1, ROUGE: mean ± std over seeds [min–max]; P/R and confusion: all seeds' "
-           "predictions summed (columns in label order, then unknown); items/s: mean over seeds (a calibration "
-           "method after the first reuses the label scores: its items/s counts only its own work)")
+CAPTION = ["mean ± std over seeds; items/s: mean over seeds (a calibration method after the first reuses the",
+           "label scores: its items/s counts only its own work); --detail: min–max, per-label precision/recall",
+           "and confusion; --report FILE: every number as JSON"]
 
 
 @pytest.fixture
@@ -40,7 +41,7 @@ def test_eval_table_and_report(tiny_models, data, tmp_path):
     assert [line.split()[:6] for line in lines[2:6]] == [
         ["toy", "data.jsonl", "0", "off", "1", "5"], ["toy", "data.jsonl", "0", "contextual", "1", "5"],
         ["toy", "data.jsonl", "2", "off", "2", "5"], ["toy", "data.jsonl", "2", "contextual", "2", "5"]]
-    assert lines[6:] == [CAPTION]
+    assert lines[6:] == CAPTION
     doc = json.loads(report.read_text())
     assert set(doc) >= {"model", "data", "config", "templates", "results", "versions", "created"}
     assert doc["templates"]["toy"]["text"] == TEMPLATE and doc["versions"]["transformers"]
@@ -49,16 +50,44 @@ def test_eval_table_and_report(tiny_models, data, tmp_path):
     assert set(first["summary"]) == {"accuracy", "macro_f1", "items_per_s"}
     accs = [r["metrics"]["accuracy"] for r in first["runs"]]
     assert first["summary"]["accuracy"]["min"] == min(accs) and first["summary"]["accuracy"]["max"] == max(accs)
-    # The table's confusion is both seeds summed: 10 predictions over 5 items.
-    row = lines[4]
-    confusion = row[row.index("pos:["):].split("  ")[0]
-    assert sum(int(n) for n in confusion.replace("pos:[", ",").replace("neg:[", ",").replace("]", ",").split(",")
-               if n.strip()) == 10
     run = first["runs"][0]
     assert set(run["metrics"]) == {"accuracy", "macro_f1", "per_label", "confusion"}
     assert len(run["samples"]) == 5 and run["samples"][0]["id"] == "i0"
     accuracy = sum(s["correct"] for s in run["samples"]) / 5
     assert run["metrics"]["accuracy"] == pytest.approx(accuracy)
+
+
+def test_eval_table_fits_120_columns_and_detail_keeps_every_number(tiny_models, data, tmp_path, monkeypatch):
+    """Piped and on a 120-column terminal every line fits; --detail adds each combination's range,
+    precision/recall and confusion (both seeds summed: 10 predictions over 5 items) under the table."""
+    from llmlab.core import console
+
+    tmpl = tmp_path / "a-rather-long-template-name.yaml"
+    tmpl.write_text(TEMPLATE)
+    long_data = tmp_path / "sst2.validation.sample.jsonl"
+    long_data.write_text(data.read_text())
+    args = ["eval", "-m", tiny_models["llama"], "-t", tmpl, "--data", long_data, "--shots", "0,2", "--seeds", 2,
+            "--calibration", "both", "--no-log"]
+    piped = invoke(args + ["--detail"])
+    assert piped.exit_code == 0, piped.stderr
+    lines = piped.stdout.splitlines()
+    assert max(map(len, lines)) <= 120, max(lines, key=len)
+    detail = lines[lines.index(CAPTION[-1]) + 1:]
+    assert detail[:2] == ["toy on sst2.validation.sample.jsonl: 0 shots, calibration off, 1 seed", detail[1]]
+    assert detail[1].startswith("  accuracy ") and "macro-F1 " in detail[1]
+    assert len(detail) == 4 * 4  # per combination: what it is, metrics with min–max, P/R, confusion
+    assert detail[8] == "toy on sst2.validation.sample.jsonl: 2 shots, calibration off, 2 seeds"
+    assert detail[10].startswith("  precision/recall %: pos ") and ", neg " in detail[10]
+    confusion = detail[11].split("): ", 1)[1]
+    assert detail[11].startswith("  confusion (rows gold, columns pos, neg")
+    assert sum(int(n) for n in re.findall(r"\d+", confusion)) == 10
+    monkeypatch.setattr(console, "stdout_is_terminal", lambda: True)
+    monkeypatch.setenv("COLUMNS", "120")
+    table = invoke(args)
+    assert table.exit_code == 0, table.stderr
+    assert max(len(line) for line in table.stdout.splitlines()) <= 120
+    assert "…" not in table.stdout  # no cell cut short
+    assert "sst2.validation.sample.jsonl" in table.stdout.replace("│\n│", "")
 
 
 def test_eval_generate_template(tiny_models, tmp_path):
@@ -70,7 +99,8 @@ def test_eval_generate_template(tiny_models, tmp_path):
                     '{"id": "b", "dialogue": "bye", "summary1": "they part", "summary2": "farewell"}\n')
     result = invoke(["eval", "-m", tiny_models["t5"], "-t", tmpl, "--data", data])
     assert result.exit_code == 0, result.stderr
-    title, header, row, caption = result.stdout.splitlines()
+    title, header, row, *caption = result.stdout.splitlines()
+    assert caption == CAPTION
     assert header.split() == ["template", "data", "shots", "calibration", "seeds", "n", "ROUGE-1", "ROUGE-2", "ROUGE-L",
                               "exact", "%", "items/s"]
     assert row.split()[:6] == ["sum", "d.jsonl", "0", "off", "1", "2"]

@@ -44,6 +44,9 @@ CalibrateOn = Annotated[bool, typer.Option("--calibrate", rich_help_panel=CLASSI
 Report = Annotated[Optional[str], typer.Option(rich_help_panel=IO_PANEL, show_default="none",
                                                help="Write the whole result as JSON: config, model, template text, "
                                                "metrics per seed, versions.")]
+Detail = Annotated[bool, typer.Option("--detail", rich_help_panel=IO_PANEL,
+                                      help="Under the table: each combination's min–max over seeds, per-label "
+                                      "precision/recall and confusion (all are in --report too).")]
 LogSamples = Annotated[bool, typer.Option(rich_help_panel=IO_PANEL, help="Put per-item predictions in the report.")]
 References = Annotated[Optional[list[str]], typer.Option("--reference", rich_help_panel=IO_PANEL,
                                                          show_default="the template's",
@@ -64,7 +67,7 @@ def eval_cmd(
     template: Templates = None, data: Data = None, plan: PlanFile = None, shots: ShotList = "0", seeds: Seeds = 1,
     calibration: Calibrations = "off", calibrate: CalibrateOn = False, offset: Offset = 0, limit: Limit = None,
     sample: SampleSize = None, sample_seed: SampleSeed = 0,
-    report: Report = None, log_samples: LogSamples = False, reference: References = None,
+    report: Report = None, detail: Detail = False, log_samples: LogSamples = False, reference: References = None,
     model: Model = None, device: Device = "auto", dtype: DtypeOpt = Dtype.auto, chat: Chat = None,
     device_map: DeviceMapOpt = None, max_memory: MaxMemoryOpt = None, backend: BackendOpt = Backend.hf,
     tensor_parallel_size: TensorParallel = 1, dry_run: DryRun = False,
@@ -112,7 +115,7 @@ def eval_cmd(
     if not parallel.is_main():
         return
     result["processes"] = parallel.size()
-    render.eval_table(result)  # the table first: a report that can't be written loses nothing
+    render.eval_table(result, detail)  # the table first: a report that can't be written loses nothing
     if report:
         evaluate.write_report(report, result)
 

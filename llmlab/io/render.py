@@ -107,45 +107,58 @@ def precision_recall(labels: Sequence[str], columns: Sequence[str], matrix: Sequ
         actual = sum(matrix[i])
         p = 100 * tp / predicted if predicted else 0.0
         r = 100 * tp / actual if actual else 0.0
-        parts.append(f"{label}:{p:.0f}/{r:.0f}")
-    return " ".join(parts)
+        parts.append(f"{label} {p:.0f}/{r:.0f}")
+    return ", ".join(parts)
 
 
-def eval_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    results = report["results"]
-    classify = any(r["task"] == "classify" for r in results)
-    generate = any(r["task"] == "generate" for r in results)
-    headers = ["template", "data", "shots", "calibration", "seeds", "n"]
-    if classify:
-        headers += ["accuracy %", "macro-F1 %", "P/R % (all seeds)", "confusion (all seeds, rows gold)"]
-    if generate:
-        headers += ["ROUGE-1", "ROUGE-2", "ROUGE-L", "exact %"]
-    headers.append("items/s")
+def mean_std(stat: dict[str, float], scale: float = 100.0) -> str:
+    """mean ± std (the table's cell; the range is in the detail and the report)."""
+    text = f"{stat['mean'] * scale:.1f}"
+    return text + (f" ± {stat['std'] * scale:.1f}" if stat.get("std") else "")
+
+
+METRICS = {"classify": [("accuracy %", "accuracy"), ("macro-F1 %", "macro_f1")],
+           "generate": [("ROUGE-1", "rouge1"), ("ROUGE-2", "rouge2"), ("ROUGE-L", "rougeL"), ("exact %", "exact_match")]}
+
+
+def eval_rows(report: dict[str, Any], task: str) -> tuple[list[str], list[list[str]]]:
+    """The table of one task's combinations: what fits 120 columns (per-label detail: eval_detail)."""
+    headers = ["template", "data", "shots", "calibration", "seeds", "n", *(h for h, _ in METRICS[task]), "items/s"]
     rows = []
-    for r in results:
+    for r in (r for r in report["results"] if r["task"] == task):
         s = r["summary"]
-        row = [r["template"], r.get("data_name", ""), str(r["shots"]), _calibration(r["calibrate"]),
-               str(len(r["seeds"])), str(r["runs"][0]["items"])]
-        if classify:
-            if r["task"] == "classify":
-                labels, columns, matrix = summed_confusion(r["runs"])
-                conf = " ".join(f"{lab}:[{','.join(map(str, row_))}]" for lab, row_ in zip(labels, matrix))
-                row += [pct(s["accuracy"]), pct(s["macro_f1"]), precision_recall(labels, columns, matrix), conf]
-            else:
-                row += ["", "", "", ""]
-        if generate:
-            if r["task"] == "generate":
-                row += [pct(s["rouge1"]), pct(s["rouge2"]), pct(s["rougeL"]), pct(s["exact_match"])]
-            else:
-                row += ["", "", "", ""]
-        row.append(rate_text(s["items_per_s"]))
-        rows.append(row)
+        rows.append([r["template"], r.get("data_name", ""), str(r["shots"]), _calibration(r["calibrate"]),
+                     str(len(r["seeds"])), str(r["runs"][0]["items"]), *(mean_std(s[k]) for _, k in METRICS[task]),
+                     rate_text(s["items_per_s"])])
     return headers, rows
 
 
-EVAL_CAPTION = ("accuracy, macro-F1, ROUGE: mean ± std over seeds [min–max]; P/R and confusion: all seeds' "
-                "predictions summed (columns in label order, then unknown); items/s: mean over seeds (a calibration "
-                "method after the first reuses the label scores: its items/s counts only its own work)")
+EVAL_CAPTION = ("mean ± std over seeds; items/s: mean over seeds (a calibration method after the first reuses the\n"
+                "label scores: its items/s counts only its own work); --detail: min–max, per-label precision/recall\n"
+                "and confusion; --report FILE: every number as JSON")
+
+
+def eval_detail(report: dict[str, Any]) -> list[str]:
+    """Under the table (eval --detail): each combination's min–max over seeds and, for classify, its
+    per-label precision/recall and confusion matrix (every seed's predictions summed)."""
+    lines = []
+    for r in report["results"]:
+        seeds = len(r["seeds"])
+        lines.append(f"{r['template']} on {r.get('data_name', '')}: {plural(r['shots'], 'shot')}, calibration "
+                     f"{_calibration(r['calibrate'])}, {plural(seeds, 'seed')}")
+        lines.append("  " + ", ".join(f"{h.removesuffix(' %')} {pct(r['summary'][k])}" for h, k in METRICS[r["task"]]))
+        if r["task"] != "classify":
+            continue
+        labels, columns, matrix = summed_confusion(r["runs"])
+        lines.append(f"  precision/recall %: {precision_recall(labels, columns, matrix)}")
+        lines.append(f"  confusion (rows gold, columns {', '.join(columns)}): "
+                     + "  ".join(f"{lab} [{', '.join(map(str, row))}]" for lab, row in zip(labels, matrix)))
+    return lines
+
+
+def plural(n: int, word: str) -> str:
+    """'1 shot', '4 shots'."""
+    return f"{n} {word}" + ("" if n == 1 else "s")
 
 
 def _calibration(value: Any) -> str:
@@ -155,11 +168,16 @@ def _calibration(value: Any) -> str:
     return str(value)
 
 
-def eval_table(report: dict[str, Any]) -> None:
-    headers, rows = eval_rows(report)
+def eval_table(report: dict[str, Any], detail: bool = False) -> None:
+    """One table per task (classify, generate), each within 120 columns; with detail, the per-label
+    numbers under it. Every number is also in the JSON report (eval --report)."""
     datas = {(d["name"], d["items"]) for d in report["data"]}
     title = f"{report['model']['name']} on " + ", ".join(f"{n} ({k} items)" for n, k in sorted(datas))
-    show(headers, rows, title=title, caption=EVAL_CAPTION)
+    tasks = [t for t in METRICS if any(r["task"] == t for r in report["results"])]
+    for n, task in enumerate(tasks):
+        last = n == len(tasks) - 1
+        show(*eval_rows(report, task), title=title if n == 0 else None, caption=EVAL_CAPTION if last else None,
+             footer="\n".join(eval_detail(report)) if last and detail else None)
 
 
 # ---------------------------------------------------------------- prompt render / show / models
