@@ -54,6 +54,19 @@ def test_matrix_marks_differing_and_wrong_rows():
     assert [r.key for r in compare.select(m, "wrong")] == ["index:1", "index:2"]
 
 
+def test_inputs_never_show_the_gold_label_or_its_id():
+    """SST-2 rows carry label and label_id: compare, runs compare and the HTML report show the text only."""
+    from llmlab.orchestration import report
+
+    run, items = _run(1, "sentiment", ["negative"], ["negative"])
+    items[0]["extra"] = {"input": {"id": "r7", "text": "unflinchingly bleak and desperate", "label": "negative",
+                                   "label_id": 0, "Label_Text": "neg"}}
+    m = compare.matrix([run], lambda rid: items)
+    assert [r.input for r in m.rows] == ["unflinchingly bleak and desperate"]
+    page = report.render([], m, title="t")
+    assert "unflinchingly bleak and desperate</td>" in page and "desperate | " not in page
+
+
 def test_matrix_generate_scores_rouge_l_and_leaves_missing_cells_empty():
     (ra, ia), (rb, ib) = _run(1, "", ["the cat sat", "a dog"], ["the cat sat", "a dog ran"], "generate"), \
         _run(2, "", ["the cat"], ["the cat sat"], "generate")

@@ -60,10 +60,12 @@ class Matrix:
 
 
 def _input_text(item: dict[str, Any]) -> str:
-    """The input's own fields (extra["input"], as logged), without the gold label; else the prompt's end."""
+    """The input's own fields (extra["input"], as logged), without the id and the gold label in any
+    form (label, label_id, label_text...: never `text | 0`); else the prompt's end."""
     fields = (item.get("extra") or {}).get("input")
     if isinstance(fields, dict):
-        shown = [str(v) for k, v in fields.items() if k not in ("id", "label") and str(v) != item.get("gold")]
+        shown = [str(v) for k, v in fields.items()
+                 if k != "id" and "label" not in k.lower() and str(v) != item.get("gold")]
         if shown:
             return " | ".join(shown)
     return (item.get("prompt") or "")[-200:]
