@@ -103,3 +103,14 @@ def test_compare_log_lines_stay_out_of_the_bar(tiny_models, tmp_path):
     for line in lines:
         assert not ("━" in line and "loaded" in line), "\n".join(lines)
         assert "━" not in line or line.startswith("comparing "), "\n".join(lines)
+
+
+@pytest.mark.slow
+def test_classify_to_a_file_ends_with_a_summary_on_the_terminal(tiny_models, tmp_path):
+    data = tmp_path / "reviews.jsonl"
+    data.write_text("".join(json.dumps({"text": f"review {n}", "label": LABELS[n % 2]}) + "\n" for n in range(5)))
+    code, lines = screen(f"{LLMLAB} classify -t sentiment -i {data} --shots 0 --calibration off -m {tiny_models['llama']} "
+                         "-o out.jsonl --no-log", cwd=tmp_path)
+    assert code == 0, "\n".join(lines)
+    right = sum(json.loads(line)["correct"] for line in (tmp_path / "out.jsonl").read_text().splitlines())
+    assert lines[-1] == f"wrote 5 predictions to out.jsonl; accuracy {100 * right / 5:.1f}% on 5 labeled inputs"

@@ -42,10 +42,18 @@ _ARGS: list[str] = []  # this run's command line after `llmlab`: the run log rec
 class LlmlabGroup(TyperGroup):
     """Runs commands and maps every failure to one stderr line and an exit code."""
 
+    def invoke(self, ctx: Any) -> Any:  # type: ignore[override]
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:  # `llmlab ... | head -1`: the reader is gone, nothing is wrong (exit 0)
+            _drop_stdout()
+            return None
+
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # type: ignore[override]
         debug = os.environ.get("LLMLAB_DEBUG", "") not in ("", "0")
         global _ARGS
         _ARGS = [str(a) for a in (sys.argv[1:] if args is None else args)]  # eval --processes re-runs them
+        was_null = _stdout_is_null()
         try:
             code = super().main(args, prog_name or "llmlab", complete_var, standalone_mode=False, **extra)
         except click_exceptions.NoArgsIsHelpError as exc:
@@ -60,6 +68,13 @@ class LlmlabGroup(TyperGroup):
             code = exc.exit_code
         except typer.Abort:
             code = 130
+        except SystemExit as exc:  # a closed pipe met by typer or rich (--help, a table): quiet, exit 0
+            piped_away = type(sys.stdout).__name__ == "PacifyFlushWrapper" or (  # typer's EPIPE exit
+                exc.code == 1 and not was_null and _stdout_is_null())  # rich's: stdout moved to /dev/null
+            if not piped_away:
+                raise
+            _drop_stdout()
+            code = 0
         except Interrupted as exc:  # Ctrl-C or SIGTERM with records kept: how many, and how to finish
             console.stderr().print(str(exc), markup=False)
             code = exc.exit_code
@@ -68,17 +83,39 @@ class LlmlabGroup(TyperGroup):
                 raise
             console.error(str(exc))
             code = exc.exit_code
-        except BrokenPipeError:
-            sys.stderr.close()
-            code = 1
+        except BrokenPipeError:  # `llmlab ... | head -1`: the reader is gone, nothing is wrong
+            _drop_stdout()
+            code = 0
         except Exception as exc:  # noqa: BLE001 - last line of defence: no tracebacks for users
             if debug:
                 raise
             console.error(f"{type(exc).__name__}: {exc} (set LLMLAB_DEBUG=1 for the traceback)")
             code = 1
+        try:
+            sys.stdout.flush()  # here, not at exit, where a closed pipe would print "Exception ignored"
+        except BrokenPipeError:
+            _drop_stdout()
+        except (OSError, ValueError):
+            pass
         if standalone_mode:
             sys.exit(code if isinstance(code, int) else 0)
         return code
+
+
+def _stdout_is_null() -> bool:
+    try:
+        return os.path.samestat(os.fstat(sys.stdout.fileno()), os.stat(os.devnull))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _drop_stdout() -> None:
+    """stdout's reader has gone (a closed pipe): what is still buffered goes to /dev/null, quietly."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 app = typer.Typer(
@@ -232,6 +269,7 @@ CalibrateFlag = Annotated[bool, typer.Option("--calibrate", rich_help_panel=CLAS
                                              "content-free inputs (N/A, empty, [MASK]); -v shows it. Same as "
                                              "--calibration contextual.")]
 Calibration = Annotated[Optional[str], typer.Option("--calibration", rich_help_panel=CLASSIFY_PANEL,
+                                                    metavar="[off|contextual|batch|domain|probe]",
                                                     show_default="the template's calibrate:, else off",
                                                     help="Calibration method: off, contextual (Zhao et al. 2021), "
                                                     "batch (Zhou et al. 2024: the bias is the mean over the "
@@ -280,7 +318,10 @@ def classify(
     if done is not None:
         results, classifier = done
         tmpl = classifier.template
-        render.classifications(results, classifier.labels, tmpl.fields[0], tmpl.target)
+        if table:
+            render.classifications(results, classifier.labels, tmpl.fields[0], tmpl.target)
+        elif cfg.output.path:  # a closing line on a terminal (or with -v): what was written where
+            console.info(render.classify_summary(session.classify_metrics(results, tmpl), cfg.output.path))
 
 
 from llmlab.commands import eval_cmd as cli_eval  # noqa: E402,F401 - registers `eval` on app (after classify, for --help's order)

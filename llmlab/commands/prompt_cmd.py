@@ -40,6 +40,7 @@ def prompt_list(prompts_dir: PromptsDir = None, format: ListFormat = "auto") -> 
     fmt = _list_format(format)
     config.check_prompts_dirs(list(prompts_dir or []))
     found, problems = prompts.scan_templates(prompts_dir or [])
+    found = sorted(found, key=lambda t: t.name)  # stable: a name in several folders keeps the search order
     for problem in problems:  # a broken file is named on stderr; it never hides the others
         console.warn(problem)
     if fmt == "jsonl":
@@ -123,7 +124,7 @@ def prompt_render(
             console.note(f"shown as the model sees it: {model or 'the model'}'s tokenizer normalises the template "
                          "text (e.g. newlines become spaces)")
         if input is None or verbose:
-            console.note(f"{r.item.source}: {r.prompt.tokens} tokens{of} ({len(r.prompt.shots)} shots)")
+            console.note(f"{r.item.source}: {r.prompt.tokens} tokens{of} ({render.plural(len(r.prompt.shots), 'shot')})")
         if format == "jsonl":
             print(json.dumps(prompt_render.render_record(r), ensure_ascii=False), flush=True)
         else:

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from llmlab.core import console
+from llmlab.core.config import plural
 from llmlab.core.errors import UsageError
 
 runs_app = typer.Typer(help="The run log: list, show, search, compare, export and delete logged runs.",
@@ -65,7 +66,7 @@ def _headline(run: dict[str, Any]) -> str:
     series = report.sweep([run])
     if series:
         best = max(((p[1], p[0], s) for s in series for p in s["points"]), key=lambda t: t[0])
-        return f"{best[2]['metric']} {best[0] * 100:.1f} ({best[1]} shots)"
+        return f"{best[2]['metric']} {best[0] * 100:.1f} ({plural(best[1], 'shot')})"
     for name in ("accuracy", "rougeL"):
         if isinstance(metrics.get(name), (int, float)):
             return f"{name} {metrics[name] * 100:.1f}"
@@ -189,7 +190,7 @@ def _metric_rows(runs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]
         for s in report.sweep([run]):
             template = s["label"].split(" ", 1)[1].removesuffix(" calibrated")
             for shots, mean, std, _ in s["points"]:
-                name = f"{template + ' ' if several else ''}{shots} shots{' calibrated' if s['calibrated'] else ''} {s['metric']}"
+                name = f"{template + ' ' if several else ''}{plural(shots, 'shot')}{' calibrated' if s['calibrated'] else ''} {s['metric']}"
                 table.setdefault(name, {})[run["id"]] = f"{mean * 100:.1f}" + (f" ± {std * 100:.1f}" if std else "")
         for k, v in (run["metrics"] or {}).items():
             if isinstance(v, (int, float)):

@@ -88,6 +88,11 @@ class GenEngine(str, enum.Enum):
     continuous = "continuous"  # model.generate_batch: continuous batching, paged attention, greedy only
 
 
+def plural(n: int, word: str) -> str:
+    """'1 shot', '4 shots', '0 shots'."""
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
 def value(choice: Any) -> Any:
     """An enum member's string (or None / a plain value unchanged)."""
     return choice.value if isinstance(choice, enum.Enum) else choice

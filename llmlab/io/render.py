@@ -8,6 +8,7 @@ import statistics
 import sys
 from typing import Any, Sequence
 
+from llmlab.core.config import plural  # noqa: F401 - used here and by the commands
 from llmlab.core.console import rate_text
 
 
@@ -67,6 +68,14 @@ def classifications(results: Sequence[Any], labels: Sequence[str], field: str, t
         right = sum(r.prediction == str(r.item.fields[target]) for r in labeled)
         footer = f"accuracy {100 * right / len(labeled):.1f}% ({right} of {len(labeled)} labeled inputs)"
     show(headers, rows, footer=footer)
+
+
+def classify_summary(metrics: dict[str, Any], path: str) -> str:
+    """classify -o's closing line: 'wrote 40 predictions to out.jsonl; accuracy 85.0% on 40 labeled inputs'."""
+    line = f"wrote {plural(metrics['items'], 'prediction')} to {path}"
+    if metrics.get("labeled"):
+        line += f"; accuracy {100 * metrics['accuracy']:.1f}% on {plural(metrics['labeled'], 'labeled input')}"
+    return line
 
 
 # ---------------------------------------------------------------- eval
@@ -156,11 +165,6 @@ def eval_detail(report: dict[str, Any]) -> list[str]:
     return lines
 
 
-def plural(n: int, word: str) -> str:
-    """'1 shot', '4 shots'."""
-    return f"{n} {word}" + ("" if n == 1 else "s")
-
-
 def _calibration(value: Any) -> str:
     """The calibration method of a combination (reports from before methods had names hold a bool)."""
     if isinstance(value, bool):
@@ -201,7 +205,9 @@ def template_info(template: Any) -> list[tuple[str, str]]:
     settings = build(normalize_keys(template.generation, template.name) if template.generation else {})
     pool = str(template.examples_path) if template.examples_path else "inline in the template"
     labels = ", ".join(f"{k} ({v})" if v != k else k for k, v in template.labels.items())
-    defaults = (f"chat {template.chat or 'auto'}, shot format {template.shot_format or 'turns'}, shot selection "
+    shots = template.shots or 0
+    defaults = f"shots {shots}" + (f", calibrate {template.calibrate or 'off'}" if template.task == "classify" else "")
+    defaults += (f", chat {template.chat or 'auto'}, shot format {template.shot_format or 'turns'}, shot selection "
                 f"{'balanced' if template.task == 'classify' else 'first'}, max_new_tokens {settings.max_new_tokens}")
     if settings.stop:
         defaults += f", stop {settings.stop!r}"

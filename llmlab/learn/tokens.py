@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from llmlab.core.config import plural
+
 # Background colours cycled over neighbouring tokens so their boundaries show (like the OpenAI
 # tokenizer page); a token keeps its colour in the text view and in the id view.
 COLOURS = ("on #3b4f7a", "on #5a3b7a", "on #2f6b4f", "on #7a5a2f", "on #7a2f3b", "on #2f6b7a")
@@ -186,7 +188,7 @@ def render(tokens: list[Token], console: Any) -> None:
 def render_budget(b: Budget, console: Any) -> None:
     from rich.table import Table
 
-    table = Table("part", "tokens", "share of the prompt", title=f"token budget ({b.shots} shots)")
+    table = Table("part", "tokens", "share of the prompt", title=f"token budget ({plural(b.shots, 'shot')})")
     for p in b.parts:
         if p.tokens or p.name != FORMAT:
             table.add_row(p.name, str(p.tokens), f"{p.tokens / b.total:.0%}" if b.total else "-")

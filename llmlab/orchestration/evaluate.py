@@ -52,6 +52,9 @@ def write_report(path: str, report: dict[str, Any]) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2, ensure_ascii=False)
             f.write("\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private (0600): give it the mode any new file gets
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

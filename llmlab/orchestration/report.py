@@ -10,6 +10,7 @@ import statistics
 from pathlib import Path
 from typing import Any, Sequence
 
+from llmlab.core.config import plural
 from llmlab.orchestration import compare
 from llmlab.runs import runlog
 
@@ -69,7 +70,7 @@ def confusions(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 for j, count in enumerate(row):
                     acc["matrix"][i][acc["predicted"].index(conf["predicted"][j])] += count
             acc["seeds"] += 1
-    return [{"title": f"#{k[0]} {k[1]}, {k[3]} shots" + ("," + k[2] if k[2] else "") +
+    return [{"title": f"#{k[0]} {k[1]}, {plural(k[3], 'shot')}" + ("," + k[2] if k[2] else "") +
              (f" ({v['seeds']} seeds)" if v["seeds"] > 1 else ""), **v} for k, v in found.items()]
 
 
@@ -113,7 +114,7 @@ def svg_curve(series: list[dict[str, Any]], width: int = 720, height: int = 340)
                 parts.append(f'<line x1="{cx:.1f}" x2="{cx:.1f}" y1="{y(mean - std):.1f}" y2="{y(mean + std):.1f}" '
                              f'stroke="{color}"/>')
             parts.append(f'<circle cx="{cx:.1f}" cy="{y(mean):.1f}" r="3.5" fill="{color}">'
-                         f'<title>{html.escape(s["label"])}: {shot} shots, {mean * 100:.1f} ± {std * 100:.1f}</title></circle>')
+                         f'<title>{html.escape(s["label"])}: {plural(shot, "shot")}, {mean * 100:.1f} ± {std * 100:.1f}</title></circle>')
         ly = top + 16 * n + 8
         parts.append(f'<line x1="{width - right + 10}" x2="{width - right + 34}" y1="{ly}" y2="{ly}" stroke="{color}" '
                      f'stroke-width="2"{dash}/><text x="{width - right + 40}" y="{ly + 4}">{html.escape(s["label"])}</text>')

@@ -344,7 +344,7 @@ def classify(cfg: ClassifyConfig, hooks: Hooks = Hooks(), table: bool = False, l
 
             results = classifier.classify(todo, on_result=done, chunk=chunk)
         log.metrics(classify_metrics(results, template))
-    return (results, classifier) if table else None
+    return results, classifier
 
 
 def classify_metrics(results: Sequence[Any], template: Any) -> dict[str, Any]:

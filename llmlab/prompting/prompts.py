@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from llmlab.core.config import plural
 from llmlab.core.errors import ContextOverflowError, TemplateError, UsageError
 from llmlab.io.records import Item
 from llmlab.prompting.templates import (  # noqa: F401 - re-exported: llmlab.prompting.prompts.find_template etc. keep working
@@ -311,7 +312,7 @@ class PromptBuilder:
                     tokens = self.count(text)
                 if len(kept) < len(shots):
                     notes.append(f"{item.source}: prompt of {before} tokens did not fit the {self.window}-token "
-                                 f"window; dropped {len(shots) - len(kept)} of {len(shots)} shots ({tokens} tokens now)")
+                                 f"window; dropped {len(shots) - len(kept)} of {plural(len(shots), 'shot')} ({tokens} tokens now)")
                 shots = kept
             if tokens > budget:
                 text, plain, tokens, notes_ = self._truncate(item, shots, budget, tokens)
