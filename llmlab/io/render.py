@@ -28,7 +28,11 @@ def show(headers: Sequence[str], rows: Sequence[Sequence[str]], title: str | Non
         from rich.console import Console
         from rich.table import Table
 
-        table = Table(*headers, title=title, caption=caption, caption_justify="left")
+        from rich.table import Column
+
+        # overflow fold: a long word (a data file's name) wraps inside its cell, never cut to "…"
+        table = Table(*(Column(h, overflow="fold") for h in headers), title=title, caption=caption,
+                      caption_justify="left")
         for row in rows:
             table.add_row(*row)
         out = Console(file=sys.stdout)
@@ -136,8 +140,10 @@ def eval_rows(report: dict[str, Any], task: str) -> tuple[list[str], list[list[s
     rows = []
     for r in (r for r in report["results"] if r["task"] == task):
         s = r["summary"]
-        rows.append([r["template"], r.get("data_name", ""), str(r["shots"]), _calibration(r["calibrate"]),
-                     str(len(r["seeds"])), str(r["runs"][0]["items"]), *(mean_std(s[k]) for _, k in METRICS[task]),
+        sources = r.get("sources") or {}
+        rows.append([r["template"], r.get("data_name", ""), _sourced(r["shots"], sources.get("shots")),
+                     _sourced(_calibration(r["calibrate"]), sources.get("calibrate")), str(len(r["seeds"])),
+                     str(r["runs"][0]["items"]), *(mean_std(s[k]) for _, k in METRICS[task]),
                      rate_text(s["items_per_s"])])
     return headers, rows
 
@@ -163,6 +169,11 @@ def eval_detail(report: dict[str, Any]) -> list[str]:
         lines.append(f"  confusion (rows gold, columns {', '.join(columns)}): "
                      + "  ".join(f"{lab} [{', '.join(map(str, row))}]" for lab, row in zip(labels, matrix)))
     return lines
+
+
+def _sourced(value: Any, source: str | None) -> str:
+    """A resolved setting: `4 (template)` when the template's own default gave it, else just `4`."""
+    return f"{value} (template)" if source == "template" else str(value)
 
 
 def _calibration(value: Any) -> str:
