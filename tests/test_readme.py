@@ -4,6 +4,7 @@ command takes -m (or the embedded smollm2 for the few listed), and it must exit 
 never drift from the code."""
 
 import json
+import re
 
 import shlex
 from pathlib import Path
@@ -74,12 +75,7 @@ def write_data(folder: Path) -> None:
     (folder / "dialogsum.jsonl").write_text(rows(
         [{"id": f"d{n}", "dialogue": f"#Person1#: hello {n}\n#Person2#: hi", "summary1": "they greet",
           "summary2": "a greeting", "summary3": "hello"} for n in range(3)]))
-    (folder / "prompts.jsonl").write_text(rows([{"id": f"p{n}", "prompt": f"the movie was {n}"} for n in range(6)]))
-    (folder / "big.jsonl").write_text(rows([{"id": f"b{n}", "prompt": f"hello {n}"} for n in range(4)]))
-    (folder / "questions.csv").write_text('id,question\nq1,Where is Ganymede?\nq2,"the movie, was"\n')
-    (folder / "reviews.csv").write_text("text,label\na warm film,positive\ntwo dull hours,negative\n")
-    (folder / "plan.yaml").write_text("tasks:\n  - {template: sentiment, data: sst2.jsonl}\n"
-                                      "  - {template: news-topic, data: ag_news.jsonl}\n")
+    # Nothing else: every other file a README command reads is shipped (prompts/, prompts/examples/).
 
 
 def prepare(command: str, model: str | None) -> tuple[list[str], str | None, str | None]:
@@ -156,3 +152,38 @@ def test_readme_smollm2_commands(smollm2_cache, monkeypatch, tmp_path):
         assert command in [c for _, c in COMMANDS], f"not in the README any more: {command}"
         result = run(*prepare(command, None))
         assert answer in result.stdout, result.stdout
+
+
+OUTPUT_FLAGS = ("-o", "--output", "--report", "--html", ">")
+FILE_SUFFIXES = (".jsonl", ".csv", ".yaml", ".yml", ".txt", ".json")
+
+
+def test_readme_commands_read_only_shipped_files():
+    """A fresh clone can run every command: each file a command reads is in the repository, is the
+    shared data sets' (mapped to tiny files here), or is written by a command before it."""
+    written, missing = set(), []
+    for where, command in COMMANDS:
+        words = shlex.split(command.split("|")[-1])
+        for n, word in enumerate(words):
+            path = word.split("=", 1)[-1]
+            if not path.endswith(FILE_SUFFIXES):
+                continue
+            if n and words[n - 1] in OUTPUT_FLAGS:
+                written.add(path)
+            elif not (path.startswith("../shared/") or path in written or (ROOT / path).is_file()):
+                missing.append(f"{where}: {path}")
+    assert missing == []
+
+
+def test_readme_opens_with_five_shipped_minutes():
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    sections = text.split("\n## ")
+    first = sections[1]
+    assert first.startswith("First five minutes\n") and len(first.splitlines()) <= 30  # one screen
+    commands = [c for w, c in COMMANDS if w.startswith("README.md:") and
+                int(w.split(":")[1]) < len(sections[0].splitlines()) + len(first.splitlines()) + 2]
+    assert commands[0] == "make demo" and len(commands) >= 5
+    assert not [c for c in commands if "../shared" in c]  # shipped files only
+    assert "Q4_1" in first and "float32" in first and "517 MB" in first  # what the embedded model is
+    assert "it takes minutes" in text  # the suite's duration, said before anyone runs it
+    assert not re.search(r"\bissues?\b|#\d|this session|first landing", text, re.I)  # stands alone
