@@ -47,7 +47,8 @@ def test_exact_zero_one_few_shot_prompts(tiny_models, toy, shots, expected):
     result = render(tiny_models["llama"], toy, "--var", "text=what a film", "--shots", shots, "--shot-selection", "first")
     assert result.exit_code == 0, result.stderr
     assert result.stdout == expected
-    assert result.stderr.startswith("--var: ") and result.stderr.endswith(f"tokens of 2048 ({shots} shots)\n")
+    unit = "shot" if shots == 1 else "shots"
+    assert result.stderr.startswith("--var: ") and result.stderr.endswith(f"tokens of 2048 ({shots} {unit})\n")
 
 
 def shots_of(stdout):
