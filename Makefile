@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install install-test demo test bench clean
+.PHONY: install install-test demo test test-fast typecheck bench clean
 
 # `make install` (and `make demo`): the runtime only. `make test` adds the test extras (pytest, matplotlib...).
 install: $(VENV)/.installed
@@ -36,6 +36,10 @@ demo: install
 
 test: install-test
 	$(BIN)/python -m pytest -q
+
+# The fast tier: FakeLM and argument handling, no model loads and no subprocesses (under a minute).
+test-fast: install-test
+	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: install
 	$(BIN)/python bench/bench.py
