@@ -42,6 +42,9 @@ class HFLM(LM):
     """A loaded transformers model and its tokenizer on one device."""
 
     gen_engine = "auto"  # --gen-engine: auto, padded or continuous (see hf_continuous)
+    # Rows continuing a cached prefix attend to ONE copy of it (shared_prefix) where the model's
+    # family supports that; False: every batch repeats the prefix's KV cache per row (prefix_cache.extend).
+    share_prefix = True
 
     def __init__(self, name: str, model: Any, tokenizer: Any, device: str, on_event: EventSink | None = None):
         self.name = name
