@@ -59,6 +59,7 @@ def test_shared_prefix_scores_equal_the_full_forward_pass(lms, monkeypatch, kind
     lm = lms[kind]
     requests = requests_for(CASES)
     full = lm.loglikelihood(requests, batch_size=4, prefix_cache=False)
+    getattr(lm, "_prefixes", {}).clear()  # no prefix kept from an earlier test
     shared = Spy(monkeypatch, shared_prefix, "forward_kwargs")
     computed = Spy(monkeypatch, lm, "prefix_kv")
     monkeypatch.setattr(prefix_cache, "extend", lambda *a, **k: pytest.fail("the prefix's KV cache was copied"))
@@ -107,7 +108,10 @@ def test_attention_equals_one_softmax_over_prefix_and_row(monkeypatch, fused, gr
     k, v = torch.randn(batch, kv, width, dim), torch.randn(batch, kv, width, dim)
     pk, pv = torch.randn(1, kv, past, dim), torch.randn(1, kv, past, dim)
     real = torch.tensor([[1] * 5, [0, 0, 1, 1, 1], [0, 0, 0, 0, 1]])  # left padding
-    own = torch.ones(width, width, dtype=torch.bool).tril()[None, None] & real.bool()[:, None, None, :]
+    ids = torch.zeros(batch, width, dtype=torch.long)
+    own = shared_prefix.forward_kwargs(shared_prefix.Prefix([], past), ids, real, set())["attention_mask"]
+    # causal, never onto padding, except that a padding position sees itself (so no query sees nothing)
+    assert own[1, 0, 3].tolist() == [False, False, True, True, False] and own[1, 0, 1].tolist()[:2] == [False, True]
 
     class Layer:
         layer_idx = 0
@@ -143,6 +147,22 @@ def test_a_family_not_known_to_fit_keeps_the_copying_path(lms, monkeypatch):
     out = lm.loglikelihood(requests, batch_size=4)
     assert copied.calls >= 1
     assert [o.logprob for o in out] == pytest.approx([e.logprob for e in expected], abs=1e-5)
+
+
+def test_a_prefix_is_computed_once_across_calls_and_few_are_kept(lms, monkeypatch):
+    """classify calls loglikelihood once per chunk of items, with the same demonstrations."""
+    lm = lms["llama"]
+    lm._prefixes.clear()
+    computed = Spy(monkeypatch, lm, "prefix_kv")
+    requests = requests_for(CASES[:3])
+    lm.loglikelihood(requests[:2], batch_size=4)
+    out = lm.loglikelihood(requests, batch_size=4)
+    assert computed.calls == 1
+    expected = lm.loglikelihood(requests, batch_size=4, prefix_cache=False)
+    assert [o.logprob for o in out] == pytest.approx([e.logprob for e in expected], abs=1e-5)
+    for n in range(6):  # six more prefixes: only the last _PREFIX_MEMO stay
+        lm.loglikelihood(requests_for([(SHOTS + f"Review: number {n} was fine\n\n", t) for t in ("a", "b")]))
+    assert computed.calls == 7 and len(lm._prefixes) == 4
 
 
 def peak_bytes(run) -> int:

@@ -6,15 +6,14 @@ and lets forward() append each row's keys to its copy: rows x layers x prefix to
 Here the model runs on the rows' own tokens only, as if there were no cache; each attention layer
 is handed the prefix's keys and values [1, kv_heads, P, head_dim] and splits attention in two:
 
-  prefix part: scores of every query of every row against the ONE prefix copy, computed as a
-               single matmul with the batch folded into the query axis ([kv_heads, B*G*T, D] @
-               [kv_heads, D, P]), so the prefix is read, never repeated;
-  own part:    scores of each row's queries against its own keys, under the causal + padding mask.
+  prefix part: every query of every row against the ONE prefix: its keys and values are broadcast
+               over the batch with expand (a stride-0 view that the attention kernel reads in place);
+  own part:    each row's queries against its own keys, under the causal + padding mask.
 
-Both are combined under one softmax (a shared running maximum, the two exponential sums added):
-softmax([s_p, s_o]) @ [V_p; V_o] = (exp(s_p - m) @ V_p + exp(s_o - m) @ V_o) / (sum exp(s_p - m) +
-sum exp(s_o - m)), m = max over both. That is the same arithmetic as one attention over the whole
-row, so scores match the full forward pass to float rounding.
+Each part returns its output and the log of its exponential sum (lse); one softmax over both is
+out = out_p * exp(lse_p - lse) + out_o * exp(lse_o - lse), lse = logaddexp(lse_p, lse_o): the same
+arithmetic as one attention over the whole row, so scores match the full forward pass to float
+rounding. On a CPU both parts run in torch's fused flash-attention kernel (which returns lse).
 
 The model's own attention modules do everything else (projections, rotary positions, scaling,
 heads); only the attention function is swapped, through transformers' AttentionInterface, for the
@@ -34,7 +33,7 @@ from typing import Any, Iterator
 SUPPORTED = {"llama", "gpt2"}
 NAME = "llmlab_shared_prefix"  # the attention implementation registered with transformers
 KWARG = "llmlab_prefix"  # the forward() keyword that carries the prefix to every attention call
-FUSED = True  # on a CPU, the prefix part runs in torch's fused flash-attention kernel (tests turn it off)
+FUSED = True  # on a CPU, both parts run in torch's fused flash-attention kernel (tests turn it off)
 
 
 @dataclass
@@ -63,14 +62,16 @@ def forward_kwargs(prefix: Prefix, ids: Any, mask: Any, forward_params: set[str]
       shift them); pad positions are clamped to a valid index (their outputs are ignored).
     - attention_mask is the rows' own part only, ready-made ([B, 1, T, T] bool, True = attend:
       causal, and not onto a row's left padding); transformers passes a 4D mask through unchanged.
-      Every query also sees the whole prefix, so no query row is ever fully masked.
+      A padding position also sees itself, so that no query is left with no key in either part
+      (its output is ignored; no real token ever sees a padding position).
     - No cache: the rows' keys are not kept (scoring needs no next step).
     """
     import torch
 
     width = ids.shape[1]
     causal = torch.ones((width, width), dtype=torch.bool, device=ids.device).tril()
-    own = causal[None, None] & mask.bool()[:, None, None, :]
+    itself = torch.eye(width, dtype=torch.bool, device=ids.device)
+    own = causal[None, None] & (mask.bool()[:, None, None, :] | itself)
     kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": own, "use_cache": False, KWARG: prefix}
     if "position_ids" in forward_params:
         kwargs["position_ids"] = prefix.past + (mask.cumsum(-1) - 1).clamp(min=0)
@@ -105,40 +106,36 @@ def attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any
     kv = key.shape[1]
     group = heads // kv  # query heads per key/value head (grouped-query attention)
     scaling = dim**-0.5 if scaling is None else scaling
-    q = query.reshape(batch, kv, group, width, dim)
-    # Prefix part: every query of the batch against the one prefix, the batch folded into the query
-    # axis ([1, KV, B*G*T, D]); its output is already normalised, lse = log of its exponential sum.
-    folded = q.permute(1, 0, 2, 3, 4).reshape(1, kv, batch * group * width, dim)
-    out_p, lse_p = prefix_part(folded, pk, pv, scaling)
-    rows = batch * group
-    out_p = out_p.view(kv, rows, width, dim).float()
-    lse_p = lse_p.view(kv, rows, width, 1).float()
-    # Own part [KV, B*G, T, T]: each row against its own keys, causal and not onto its padding.
-    own = torch.matmul(q, key[:, :, None].transpose(-1, -2)).float().mul_(scaling)
-    own.masked_fill_(~attention_mask[:, :, None], float("-inf"))
-    own = own.permute(1, 0, 2, 3, 4).reshape(kv, rows, width, width)
-    own_v = value[:, :, None].expand(batch, kv, group, width, dim).permute(1, 0, 2, 3, 4)
-    own_v = own_v.reshape(kv, rows, width, dim).float()  # a copy, but of the rows' own values only
-    # One softmax over both: a shared maximum (finite: every query sees the prefix), sums added.
-    top = torch.maximum(lse_p, own.amax(-1, keepdim=True))
-    weight_p = (lse_p - top).exp_()  # the prefix's exponential sum, relative to top
-    own = own.sub_(top).exp_()
-    total = own.sum(-1, keepdim=True).add_(weight_p)
-    out = torch.matmul(own, own_v).add_(out_p * weight_p).div_(total)
-    out = out.to(query.dtype).view(kv, batch, group, width, dim).permute(1, 3, 0, 2, 4)
+    # The G query heads of one key/value head side by side on the query axis: [B, KV, G*T, D].
+    q = query.reshape(batch, kv, group, width, dim).reshape(batch, kv, group * width, dim)
+    # Prefix part: the one prefix, broadcast over the batch (expand: a view, never copied).
+    out_p, lse_p = part(q, pk.expand(batch, -1, -1, -1), pv.expand(batch, -1, -1, -1), None, scaling)
+    # Own part: each row against its own keys, causal and not onto its padding.
+    mask = attention_mask[:, :, None].expand(batch, 1, group, width, width).reshape(batch, 1, group * width, width)
+    out_o, lse_o = part(q, key, value, mask, scaling)
+    # One softmax over both: each part's output weighted by its share of the total exponential sum,
+    # the prefix's share exp(lse_p) / (exp(lse_p) + exp(lse_o)) = sigmoid(lse_p - lse_o).
+    share = torch.sigmoid(lse_p - lse_o)[..., None]
+    out = torch.lerp(out_o.float(), out_p.float(), share).to(query.dtype).view(batch, kv, group, width, dim).permute(0, 3, 1, 2, 4)
     return out.reshape(batch, width, heads, dim), None
 
 
-def prefix_part(query: Any, key: Any, value: Any, scaling: float) -> tuple[Any, Any]:
-    """(softmax(q k^T * scaling) v, logsumexp(q k^T * scaling)) for [1, KV, L, D] queries against
-    [1, KV, P, D] keys/values, no mask. On a CPU one fused kernel (torch's flash attention, which
-    returns the logsumexp too); elsewhere the plain arithmetic in float32."""
+def part(query: Any, key: Any, value: Any, mask: Any, scaling: float) -> tuple[Any, Any]:
+    """(softmax(q k^T * scaling) v, logsumexp(q k^T * scaling)) over the allowed keys (mask: bool,
+    True = attend; every query must see at least one key) for [B, KV, L, D] queries and [B, KV, S,
+    D] keys/values. On a CPU one fused kernel (torch's flash attention, which returns the
+    logsumexp too, and reads a stride-0 batch in place); elsewhere the plain arithmetic in float32."""
     import torch
 
     if FUSED and query.device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        bias = None
+        if mask is not None:
+            bias = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill_(~mask, float("-inf"))
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, False,
-                                                                              scale=scaling)
-        return out, lse
+                                                                              attn_mask=bias, scale=scaling)
+        return out, lse.float()
     scores = torch.matmul(query.float(), key.float().transpose(-1, -2)).mul_(scaling)
+    if mask is not None:
+        scores.masked_fill_(~mask, float("-inf"))
     lse = scores.logsumexp(-1)
     return torch.matmul(scores.sub_(lse[..., None]).exp_(), value.float()), lse
