@@ -123,11 +123,18 @@ def hooks(no_log: bool = False):
                  detail=console.detail, open_run=open_run, emit=console.emit)
 
 
-def _model(model, device, dtype, chat, device_map=None, max_memory=None, backend="hf", tensor_parallel_size=1):
-    """The model options, checked before any model time (placement options: llmlab.backends.placement)."""
-    from llmlab.backends import placement
+def _model(model, device, dtype, chat, device_map=None, max_memory=None, backend="hf", tensor_parallel_size=1,
+           adapter=None):
+    """The model options, checked before any model time (placement options: llmlab.backends.placement);
+    --adapter DIR becomes the model spec BASE+DIR, whose folder is checked here."""
+    from llmlab.backends import adapters, placement
     from llmlab.core.config import ModelConfig
 
+    model = adapters.join(model, adapter)
+    if adapters.split(model)[1] is not None:
+        adapters.read_record(adapters.split(model)[1])
+        if backend == Backend.vllm or backend == "vllm":
+            raise UsageError("--adapter runs on --backend hf; vLLM loads the base model only")
     cfg = ModelConfig(model, device, value(dtype), value(chat), placement.parse_device_map(device_map),
                       placement.parse_max_memory(max_memory), value(backend), tensor_parallel_size)
     if cfg.backend == "vllm":
@@ -174,7 +181,7 @@ def generate(
     prompt: PromptArg = None,
     model: Model = None, device: Device = "auto", dtype: DtypeOpt = Dtype.auto, chat: Chat = None,
     device_map: DeviceMapOpt = None, max_memory: MaxMemoryOpt = None, backend: BackendOpt = Backend.hf,
-    tensor_parallel_size: TensorParallel = 1, dry_run: DryRun = False,
+    tensor_parallel_size: TensorParallel = 1, dry_run: DryRun = False, adapter: AdapterOpt = None,
     max_new_tokens: MaxNewTokens = None, greedy: Greedy = None, temperature: Temperature = None, top_k: TopK = None,
     top_p: TopP = None, repetition_penalty: RepetitionPenalty = None, num_beams: NumBeams = None,
     num_return_sequences: NumReturn = None, seed: Seed = None, stop: Stop = None, logprobs: Logprobs = None,
@@ -195,7 +202,7 @@ def generate(
     from llmlab.core.config import GenerateConfig, InputConfig, OutputConfig, batch_size as parse_batch
 
     console.configure(quiet, verbose)
-    model_cfg = _model(model, device, dtype, chat, device_map, max_memory, backend, tensor_parallel_size)
+    model_cfg = _model(model, device, dtype, chat, device_map, max_memory, backend, tensor_parallel_size, adapter)
     if dry_run:
         _dry_run(model_cfg)
     flags = dict(max_new_tokens=max_new_tokens, do_sample=None if greedy is None else not greedy,
@@ -241,7 +248,7 @@ def classify(
     text: TextArg = None, template: ClassifyTemplate = ...,
     model: Model = None, device: Device = "auto", dtype: DtypeOpt = Dtype.auto, chat: Chat = None,
     device_map: DeviceMapOpt = None, max_memory: MaxMemoryOpt = None, backend: BackendOpt = Backend.hf,
-    tensor_parallel_size: TensorParallel = 1, dry_run: DryRun = False,
+    tensor_parallel_size: TensorParallel = 1, dry_run: DryRun = False, adapter: AdapterOpt = None,
     method: MethodOpt = Method.score, normalize: NormalizeOpt = Normalize.none, calibrate: CalibrateFlag = False,
     calibration: Calibration = None, ensemble: Ensemble = 1, probe_data: ProbeData = None,
     probe_size: ProbeSize = ProbeConfig.size, probe_layers: ProbeLayers = None, shots: Shots = None, shot_selection: ShotSelection = None, seed: ShotSeed = None, shot_format: ShotFormatOpt = None,
@@ -260,7 +267,7 @@ def classify(
     from llmlab.core.config import ClassifyConfig, InputConfig, OutputConfig, batch_size as parse_batch
 
     console.configure(quiet, verbose)
-    model_cfg = _model(model, device, dtype, chat, device_map, max_memory, backend, tensor_parallel_size)
+    model_cfg = _model(model, device, dtype, chat, device_map, max_memory, backend, tensor_parallel_size, adapter)
     if dry_run:
         _dry_run(model_cfg)
     cfg = ClassifyConfig(
@@ -283,6 +290,7 @@ def classify(
 from llmlab.commands import eval_cmd as cli_eval  # noqa: E402,F401 - registers `eval` on app (after classify, for --help's order)
 from llmlab.commands import prompt_cmd as cli_prompt  # noqa: E402,F401 - registers `prompt` and `models` on app
 from llmlab.commands import runs_cmd as runs_cli  # noqa: E402  (runs, compare, report)
+from llmlab.commands import tune_cmd as tune_cli  # noqa: E402,F401 - registers `tune` on app
 
 from llmlab.commands import learn_cmd as learn_cli  # noqa: E402  (tokenize, info, next, lab)
 

@@ -124,9 +124,10 @@ def _in_processes(processes: int, data: list, model_cfg) -> None:
 
     parallel.check(processes, data, model_cfg.device_map)
     if processes > 1:
+        from llmlab.backends import adapters
         from llmlab.backends.models import resolve_model
 
-        resolve_model(model_cfg.spec)  # a model that isn't there: one line here, not one per process
+        resolve_model(adapters.split(model_cfg.spec)[0])  # a model that isn't there: one line here, not one per process
         raise typer.Exit(parallel.launch(cli._ARGS, processes, sys.stderr.write,
                                          os.environ.get("LLMLAB_DEBUG", "") not in ("", "0")))
     parallel.init()

@@ -15,10 +15,14 @@ from typing import Any, Callable, ContextManager, Iterator, Optional, Sequence
 from llmlab.core import config as cfgmod
 from llmlab.core.config import ClassifyConfig, GenerateConfig, ModelConfig, ProbeConfig, PromptConfig
 from llmlab.core.errors import UsageError
+from llmlab.orchestration import adapted
 
 
 class _Null:
     def advance(self, n: int = 1) -> None:
+        pass
+
+    def describe(self, text: str) -> None:
         pass
 
 
@@ -190,6 +194,9 @@ def generate(cfg: GenerateConfig, hooks: Hooks = Hooks(), lm: Any = None, displa
     from llmlab.backends import hf_continuous
 
     template = find_template(cfg.prompt)
+    if template is not None and adapted.adapters_in(cfg.model):
+        model, prompt = adapted.adapter_defaults(cfg.model, cfg.prompt, template, hooks)
+        cfg = replace(cfg, model=model, prompt=prompt)
     settings = settings_for(template, cfg.preset, cfg.flags)
     hf_continuous.check(cfg.gen_engine, settings, cfg.model.backend)
     io.check_output_path(cfg.output.path, inputs=[cfg.input.path])
@@ -299,6 +306,10 @@ def classify(cfg: ClassifyConfig, hooks: Hooks = Hooks(), table: bool = False, l
     if template is None or template.task != "classify":
         name = template.name if template else cfg.prompt.template
         raise UsageError(f"template '{name}' is a generate template; classify needs task: classify with labels")
+    if adapted.adapters_in(cfg.model):  # an adapter scores the prompts it was trained on, uncalibrated by default
+        model, prompt = adapted.adapter_defaults(cfg.model, cfg.prompt, template, hooks)
+        cfg = replace(cfg, model=model, prompt=prompt,
+                      calibrate=cfg.calibrate or ("probe" if cfg.probe and cfg.probe.data else "off"))
     _check_classify_options(cfg)
     settings = settings_for(template)
     io.check_output_path(cfg.output.path, inputs=[cfg.input.path])
