@@ -115,6 +115,14 @@ def lm_class(record: dict[str, Any] | None) -> type:
     return PromptTunedLM if record and record.get("method") == "prompt" else HFLM
 
 
+def parameter_count(lm: Any) -> int | None:
+    """Parameters of the model an LM runs (None for a backend without a torch model, e.g. FakeLM)."""
+    model = getattr(lm, "model", None)
+    if model is None or not hasattr(model, "parameters"):
+        return None
+    return sum(p.numel() for p in model.parameters())
+
+
 def size_bytes(folder: str | Path) -> int:
     """Bytes of the adapter's weights on disk."""
     return sum(p.stat().st_size for p in Path(folder).glob("adapter_model.*") if p.is_file())

@@ -83,17 +83,19 @@ class Trainable:
         if self.lm.is_encoder_decoder:
             return self._seq2seq(rows)
         pad = self.lm.tokenizer.pad_token_id
-        seqs = [ctx + cont[:-1] for ctx, cont in rows]
+        distinct: dict[tuple[int, ...], int] = {}  # single-token labels of one prompt share one input
+        which = [distinct.setdefault(tuple(ctx + cont[:-1]), len(distinct)) for ctx, cont in rows]
+        seqs = list(distinct)
         width = max(len(s) for s in seqs)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
         for i, s in enumerate(seqs):  # right padding: real tokens keep positions 0.. after the virtual ones
             ids[i, : len(s)] = torch.tensor(s)
             mask[i, : len(s)] = 1
         out = self.model(input_ids=ids.to(self.lm.device), attention_mask=mask.to(self.lm.device))
         logp = torch.log_softmax(out.logits.float(), dim=-1)
         result = []
-        for i, (ctx, cont) in enumerate(rows):
+        for i, (ctx, cont) in zip(which, rows):
             start = self.virtual + len(ctx) - 1  # the position whose output predicts cont[0]
             steps = logp[i, start : start + len(cont)]
             result.append(steps.gather(-1, torch.tensor(cont, device=steps.device)[:, None])[:, 0])

@@ -53,6 +53,11 @@ SampleSize = Annotated[Optional[int], typer.Option("--sample", rich_help_panel=I
                                                   help="Evaluate a fixed seeded sample of N rows (the rows shuffled "
                                                   "with --sample-seed, the first N kept; before --offset/--limit).")]
 SampleSeed = Annotated[int, typer.Option(rich_help_panel=IO_PANEL, help="Seed of --sample's shuffle.")]
+AdapterList = Annotated[Optional[str], typer.Option("--adapter", rich_help_panel=MODEL_PANEL, show_default="none",
+                                                   help="Adapter folders from `llmlab tune`, comma-separated: a row "
+                                                   "per adapter (on -m, with the prompts it was trained on) beside "
+                                                   "the in-context rows, with k, training time, trainable "
+                                                   "parameters, size, prompt tokens and FLOPs per item.")]
 Processes = Annotated[int, typer.Option(rich_help_panel=MODEL_PANEL,
                                         help="Split the items over N processes (torchrun; one per GPU, or CPU "
                                         "processes over gloo); same results as 1. Or run under "
@@ -67,7 +72,7 @@ def eval_cmd(
     report: Report = None, log_samples: LogSamples = False, reference: References = None,
     model: Model = None, device: Device = "auto", dtype: DtypeOpt = Dtype.auto, chat: Chat = None,
     device_map: DeviceMapOpt = None, max_memory: MaxMemoryOpt = None, backend: BackendOpt = Backend.hf,
-    tensor_parallel_size: TensorParallel = 1, dry_run: DryRun = False,
+    tensor_parallel_size: TensorParallel = 1, dry_run: DryRun = False, adapter: AdapterList = None,
     method: MethodOpt = Method.score, normalize: NormalizeOpt = Normalize.none, ensemble: Ensemble = 1,
     probe_data: ProbeData = None, probe_size: ProbeSize = ProbeConfig.size, probe_layers: ProbeLayers = None,
     shot_selection: ShotSelection = None, shot_format: ShotFormatOpt = None,
@@ -79,7 +84,7 @@ def eval_cmd(
 
     Each template can have its own data: llmlab eval -t sentiment=sst2.jsonl -t news-topic=ag_news.jsonl
     """
-    from llmlab.orchestration import evaluate
+    from llmlab.orchestration import adapted, evaluate
     from llmlab.orchestration import parallel
     from llmlab.io import render
     from llmlab.orchestration import session
@@ -99,7 +104,7 @@ def eval_cmd(
         tasks, evaluate.parse_shots(shots), seeds, "on" if calibrate else calibration, value(method),
         value(normalize), parse_batch(batch_size), prompt, max_new_tokens, log_samples, list(reference or []),
         offset, limit, ensemble=ensemble, sample=sample, sample_seed=sample_seed,
-        probe=ProbeConfig(probe_data, probe_size, probe_layers))
+        probe=ProbeConfig(probe_data, probe_size, probe_layers), adapters=adapted.parse_adapters(adapter))
     combos = the_plan.combos()  # validates seeds and calibration before the model loads
     the_plan.probe_sources()  # and --probe-data's rows
     if report:

@@ -68,9 +68,10 @@ def tune(
     The record of the training (base, template, data hash, k, seed, settings, trainable parameters,
     time, best held-out step) is printed as JSON and kept in the folder.
     """
-    from llmlab.tuning import train
+    from llmlab.tuning import plan, train
 
     console.configure(quiet, verbose)
+    plan.check_base_spec(model)
     cfg = TuneConfig(_model(model, device, dtype, chat), template, data, output, value(method), k, seed, steps,
                      batch_size, lr, rank, alpha, virtual_tokens, held_out, eval_every, patience, target, shots,
                      list(prompts_dir or []), value(input_format))

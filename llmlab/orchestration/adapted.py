@@ -31,3 +31,75 @@ def adapter_defaults(model: ModelConfig, prompt: PromptConfig, template: Any,
     if model.chat is None and record.get("chat") is not None:
         model = replace(model, chat="on" if record["chat"] else "off")
     return model, (replace(prompt, shots=record.get("shots", 0)) if prompt.shots is None else prompt)
+
+
+# ---------------------------------------------------------------- llmlab eval --adapter a,b
+
+
+def parse_adapters(text: str | None) -> list[str]:
+    """--adapter a,b: the folders, each checked (one line for a missing one) before any model time."""
+    from llmlab.backends import adapters
+
+    folders = [f.strip() for f in (text or "").split(",") if f.strip()]
+    for folder in folders:
+        adapters.read_record(folder)
+    return folders
+
+
+def _matching(plan_: Any, record: dict[str, Any]) -> list[Any]:
+    return [t for t in plan_.tasks if t.template.name == record.get("template")]
+
+
+def extra_items(plan_: Any) -> int:
+    """Items the adapter rows score (for the progress bar's total)."""
+    from llmlab.backends import adapters
+
+    return sum(len(t.items) for f in plan_.adapters for t in _matching(plan_, adapters.read_record(f)))
+
+
+def adapter_results(plan_: Any, model: ModelConfig, hooks: Any, bar: Any, log: Any) -> list[dict[str, Any]]:
+    """One row per adapter and task of its template: the adapter on the base, its training prompts
+    (its shots, no calibration), on the same items as the in-context rows."""
+    from llmlab.backends import adapters
+    from llmlab.orchestration import evaluate as ev
+    from llmlab.orchestration import session as sessions
+    from llmlab.orchestration.evalplan import Combo
+
+    results = []
+    for folder in plan_.adapters:
+        record = adapters.read_record(folder)
+        tasks = _matching(plan_, record)
+        if not tasks:
+            hooks.warn(f"adapter '{folder}' was trained for template '{record.get('template')}', which this "
+                       "eval does not run: skipped")
+            continue
+        chat = model.chat or ("on" if record.get("chat") else "off")
+        run = sessions.Session(replace(model, spec=adapters.join(model.spec, folder), chat=chat), hooks=hooks)
+        for task in tasks:
+            result = ev.run_combo(run, Combo(task, record.get("shots", 0), "off", [0]), plan_, bar, log)
+            result.update(model=run.lm.name, adapter=folder)
+            result["cost"] = cost(result, run.lm, record, folder)
+            log.eval_combo(result)
+            results.append(result)
+    return results
+
+
+def cost(result: dict[str, Any], lm: Any, record: dict[str, Any] | None = None, folder: str | None = None,
+         probe_rows: int = 0) -> dict[str, Any]:
+    """What a row cost: labelled rows used (k), training time, trainable parameters, adapter bytes,
+    prompt tokens per item and inference FLOPs per item (2N per token the model reads, N its
+    parameters; prompt tuning's virtual tokens count as read)."""
+    from llmlab.backends import adapters
+
+    tokens = [r["metrics"].get("prompt_tokens") for r in result["runs"]]
+    tokens = sum(tokens) / len(tokens) if all(t is not None for t in tokens) else None
+    n = adapters.parameter_count(lm)
+    virtual = (record or {}).get("settings", {}).get("virtual_tokens", 0) if (record or {}).get("method") == "prompt" else 0
+    if record is None:  # in-context learning: the demonstrations shown (+ the probe's rows)
+        k, seconds, trainable, size = result["shots"] + probe_rows, None, 0, None
+    else:
+        k, seconds, trainable = record.get("k"), record.get("train_seconds"), record.get("trainable_params")
+        size = adapters.size_bytes(folder) if folder else None
+    flops = 2 * n * (tokens + virtual) if n and tokens is not None else None
+    return {"k": k, "train_seconds": seconds, "trainable_params": trainable, "adapter_bytes": size,
+            "prompt_tokens": tokens, "parameters": n, "flops_per_item": flops}

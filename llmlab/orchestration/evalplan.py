@@ -78,6 +78,7 @@ class EvalPlan:
     sample: Optional[int] = None  # --sample N: a seeded sample of N rows, before offset/limit
     sample_seed: int = 0
     probe: Optional[ProbeConfig] = None  # --probe-data etc.: what --calibration probe fits on
+    adapters: list[str] = field(default_factory=list)  # --adapter a,b: a row per adapter beside the others
     _sources: dict[str, Any] = field(default_factory=dict, repr=False)  # template name -> probe.Source
 
     def combos(self) -> list[Combo]:
@@ -172,7 +173,7 @@ def plan_config(plan_: EvalPlan, chat: Optional[str]) -> dict[str, Any]:
             "log_samples": plan_.log_samples,
             "references": plan_.references, "chat": chat,
             "shot_selection": plan_.prompt.selection, "shot_format": plan_.prompt.shot_format,
-            "overflow": plan_.prompt.overflow, "examples": plan_.prompt.examples,
+            "overflow": plan_.prompt.overflow, "examples": plan_.prompt.examples, "adapters": list(plan_.adapters),
             "generation": {"max_new_tokens": plan_.max_new_tokens} if plan_.max_new_tokens else {}}
 
 

@@ -377,8 +377,16 @@ def evaluate(plan: Any, model: ModelConfig, hooks: Hooks = Hooks(), lm: Any = No
     with hooks.open_run("eval", config=ev.plan_config(plan, model.chat), templates=[t.template for t in plan.tasks],
                         data=data) as log:
         session = _loaded(model, lm, log, hooks)
-        with hooks.progress(plan.total(), "evaluating") as bar:
-            return ev.evaluate(session, plan, bar, log)
+        with hooks.progress(plan.total() + adapted.extra_items(plan), "evaluating") as bar:
+            report = ev.evaluate(session, plan, bar, log)
+            if plan.adapters:  # in-context rows and adapter rows in one table, with what each cost
+                sources = plan.probe_sources()
+                for result in report["results"]:
+                    source = sources.get(result["template"]) if result["calibrate"] == "probe" else None
+                    result.update(model=session.lm.name, cost=adapted.cost(
+                        result, session.lm, probe_rows=len(source.items) if source else 0))
+                report["results"] += adapted.adapter_results(plan, model, hooks, bar, log)
+            return report
 
 
 def probe_source(probe: Any, modes: str | Sequence[str], template: Any, hooks: Hooks = Hooks()) -> Any:

@@ -50,12 +50,16 @@ def _check_output(folder: str) -> None:
         raise DataError(f"-o '{folder}': folder '{path.parent}' does not exist; create it first")
 
 
-def _check_model(cfg: TuneConfig) -> None:
+def check_base_spec(spec: str | None) -> None:
     from llmlab.backends import adapters
 
-    if adapters.split(cfg.model.spec)[1] is not None:
-        raise UsageError(f"-m '{cfg.model.spec}' names an adapter; tune trains a new one on a base model: "
+    if adapters.split(spec)[1] is not None:
+        raise UsageError(f"-m '{spec}' names an adapter; tune trains a new one on a base model: "
                          "give the base alone")
+
+
+def _check_model(cfg: TuneConfig) -> None:
+    check_base_spec(cfg.model.spec)
     if cfg.model.backend != "hf":
         raise UsageError("llmlab tune trains with --backend hf")
 
