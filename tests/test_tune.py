@@ -205,7 +205,6 @@ def test_encoder_decoder_learns_a_generate_templates_target(tiny_models, dialogu
 
 @pytest.mark.slow
 def test_models_lists_adapters_under_a_folder(tiny_models, reviews, tmp_path):
-    (tmp_path / "adapters").mkdir()
     assert tune(tiny_models["llama"], reviews, tmp_path / "adapters" / "one").exit_code == 0
     result = invoke(["models", "--adapters", tmp_path / "adapters", "-f", "jsonl"])
     rows = [r for r in jsonl(result.stdout) if r["kind"] == "adapter"]

@@ -47,12 +47,14 @@ class Saver:
     def line(self, step: int, loss: float, score: tuple[float, float | None]) -> str:
         accuracy = "" if score[1] is None else f", accuracy {score[1]:.1%}"
         mark = " (best, saved)" if self.best_step == step else ""
-        return f"step {step}/{self.cfg.steps}: train loss {loss:.4f}, held-out loss {score[0]:.4f}{accuracy}{mark}"
+        return (f"step {step}/{self.cfg.steps} ({self.seconds:.0f} s): train loss {loss:.4f}, held-out loss "
+                f"{score[0]:.4f}{accuracy}{mark}")
 
     def save(self, step: int) -> None:
         """Write the adapter as it is now, with its record, in place of the folder's last one."""
         self.best_step = step
         out = Path(self.cfg.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
         fresh = out.with_name(out.name + ".writing")
         shutil.rmtree(fresh, ignore_errors=True)
         self.model.save(str(fresh))

@@ -46,8 +46,9 @@ def _check_output(folder: str) -> None:
     path = Path(folder)
     if path.exists():
         raise DataError(f"-o '{folder}' already exists; choose a new folder (an adapter is never overwritten)")
-    if not path.parent.is_dir():
-        raise DataError(f"-o '{folder}': folder '{path.parent}' does not exist; create it first")
+    parent = next((p for p in path.parents if p.exists()), Path("."))
+    if not parent.is_dir():
+        raise DataError(f"-o '{folder}': '{parent}' is not a folder; choose another place")
 
 
 def check_base_spec(spec: str | None) -> None:
