@@ -211,3 +211,48 @@ def test_models_lists_adapters_under_a_folder(tiny_models, reviews, tmp_path):
     assert [(r["name"], r["where"]) for r in rows] == [
         (f"{tiny_models['llama']}+{tmp_path / 'adapters' / 'one'}", str(tmp_path / "adapters" / "one"))]
     assert rows[0]["size"] == (tmp_path / "adapters" / "one" / "adapter_model.safetensors").stat().st_size
+
+
+@pytest.mark.parametrize("a, b, expected", [
+    ([True] * 4, [True] * 4, (0.0, 0.0, 0.0)),  # identical outcomes: no difference in any resample
+    ([False] * 5, [True] * 5, (1.0, 1.0, 1.0)),  # b right everywhere a is wrong
+    ([True, False], [False, True], (0.0, -1.0, 1.0)),  # one item each way: resamples range over -1..1
+])
+def test_paired_bootstrap(a, b, expected):
+    from llmlab.scoring.metrics import paired_bootstrap
+
+    assert paired_bootstrap(a, b) == expected
+    with pytest.raises(ValueError):
+        paired_bootstrap([True], [True, False])
+
+
+@pytest.mark.slow
+def test_eval_puts_adapters_beside_in_context_rows(tiny_models, reviews, tmp_path):
+    from llmlab.backends import adapters
+
+    base = tiny_models["llama"]
+    assert tune(base, reviews, tmp_path / "ad").exit_code == 0
+    result = invoke(["eval", "-t", "sentiment", "--data", reviews, "-m", base, "--shots", "0,2",
+                     "--adapter", tmp_path / "ad", "--report", tmp_path / "r.json", "--device", "cpu", "--no-log"])
+    assert result.exit_code == 0, result.stderr
+    rows = json.loads((tmp_path / "r.json").read_text())["results"]
+    assert [(r["model"], r["shots"]) for r in rows] == [(str(base), 0), (str(base), 2), (f"{base}+{tmp_path / 'ad'}", 0)]
+    record = adapters.read_record(tmp_path / "ad")
+    n = sum(p.numel() for p in _model(base).parameters())
+    icl, adapter = rows[1]["cost"], rows[2]["cost"]
+    assert (icl["k"], icl["trainable_params"], icl["train_seconds"], icl["adapter_bytes"]) == (2, 0, None, None)
+    assert (adapter["k"], adapter["trainable_params"], adapter["train_seconds"]) == (
+        8, record["trainable_params"], record["train_seconds"])
+    assert adapter["adapter_bytes"] == (tmp_path / "ad" / "adapter_model.safetensors").stat().st_size
+    assert adapter["parameters"] == n and adapter["flops_per_item"] == 2 * n * adapter["prompt_tokens"]
+    assert icl["prompt_tokens"] > adapter["prompt_tokens"] > 0  # two demonstrations make longer prompts
+    correct = [rows[0]["runs"][0]["metrics"]["correct"], rows[2]["runs"][0]["metrics"]["correct"]]
+    diff = (sum(correct[1]) - sum(correct[0])) / len(REVIEWS)
+    assert adapter["vs_in_context"]["diff"] == diff and adapter["vs_in_context"]["baseline"].startswith("0 shots")
+    assert "Δ acc vs in-context [95% CI]" in result.stdout and "8,192" in result.stdout
+
+
+def _model(folder):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder)

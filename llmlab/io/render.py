@@ -146,7 +146,8 @@ def eval_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return headers, rows
 
 
-COST_HEADERS = ["model", "k", "train s", "trainable", "adapter", "prompt tok/item", "GFLOPs/item"]
+COST_HEADERS = ["model", "k", "train s", "trainable", "adapter", "prompt tok/item", "GFLOPs/item",
+                "Δ acc vs in-context [95% CI]"]
 
 
 def cost_cells(result: dict[str, Any]) -> list[str]:
@@ -157,7 +158,8 @@ def cost_cells(result: dict[str, Any]) -> list[str]:
     return [result.get("model", "base"), dash(c.get("k"), str), dash(c.get("train_seconds"), lambda v: f"{v:.0f}"),
             dash(c.get("trainable_params"), lambda v: f"{v:,}"), dash(c.get("adapter_bytes"), size_text),
             dash(c.get("prompt_tokens"), lambda v: f"{v:.1f}"),
-            dash(c.get("flops_per_item"), lambda v: f"{v / 1e9:.1f}")]
+            dash(c.get("flops_per_item"), lambda v: f"{v / 1e9:.1f}"),
+            dash(c.get("vs_in_context"), lambda v: f"{100 * v['diff']:+.1f} [{100 * v['low']:+.1f}, {100 * v['high']:+.1f}]")]
 
 
 EVAL_CAPTION = ("accuracy, macro-F1, ROUGE: mean ± std over seeds [min–max]; P/R and confusion: all seeds' "

@@ -57,9 +57,11 @@ def extra_items(plan_: Any) -> int:
     return sum(len(t.items) for f in plan_.adapters for t in _matching(plan_, adapters.read_record(f)))
 
 
-def adapter_results(plan_: Any, model: ModelConfig, hooks: Any, bar: Any, log: Any) -> list[dict[str, Any]]:
+def adapter_results(plan_: Any, model: ModelConfig, hooks: Any, bar: Any, log: Any,
+                    report_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per adapter and task of its template: the adapter on the base, its training prompts
-    (its shots, no calibration), on the same items as the in-context rows."""
+    (its shots, no calibration), on the same items as the in-context rows (report_rows), each
+    compared with the first of them on its task item by item."""
     from llmlab.backends import adapters
     from llmlab.orchestration import evaluate as ev
     from llmlab.orchestration import session as sessions
@@ -79,9 +81,24 @@ def adapter_results(plan_: Any, model: ModelConfig, hooks: Any, bar: Any, log: A
             result = ev.run_combo(run, Combo(task, record.get("shots", 0), "off", [0]), plan_, bar, log)
             result.update(model=run.lm.name, adapter=folder)
             result["cost"] = cost(result, run.lm, record, folder)
+            result["cost"]["vs_in_context"] = versus(result, report_rows, task)
             log.eval_combo(result)
             results.append(result)
     return results
+
+
+def versus(result: dict[str, Any], rows: list[dict[str, Any]], task: Any) -> dict[str, Any] | None:
+    """The adapter's accuracy minus the first in-context row's on the same items (that row's first
+    seed), with a 95% paired bootstrap interval."""
+    from llmlab.scoring.metrics import paired_bootstrap
+
+    base = next((r for r in rows if r["template"] == task.template.name and r["data"] == task.data
+                 and r["task"] == "classify"), None)
+    if base is None or "correct" not in result["runs"][0]["metrics"]:
+        return None
+    diff, low, high = paired_bootstrap(base["runs"][0]["metrics"]["correct"], result["runs"][0]["metrics"]["correct"])
+    return {"baseline": f"{base['shots']} shots, calibration {base['calibrate']}, seed {base['seeds'][0]}",
+            "diff": diff, "low": low, "high": high}
 
 
 def cost(result: dict[str, Any], lm: Any, record: dict[str, Any] | None = None, folder: str | None = None,

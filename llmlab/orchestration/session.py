@@ -385,7 +385,7 @@ def evaluate(plan: Any, model: ModelConfig, hooks: Hooks = Hooks(), lm: Any = No
                     source = sources.get(result["template"]) if result["calibrate"] == "probe" else None
                     result.update(model=session.lm.name, cost=adapted.cost(
                         result, session.lm, probe_rows=len(source.items) if source else 0))
-                report["results"] += adapted.adapter_results(plan, model, hooks, bar, log)
+                report["results"] += adapted.adapter_results(plan, model, hooks, bar, log, report["results"])
             return report
 
 
