@@ -256,3 +256,35 @@ def _model(folder):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(folder)
+
+
+@pytest.mark.slow
+def test_ctrl_c_keeps_the_last_checkpoint(tiny_models, reviews, tmp_path):
+    import contextlib
+
+    from llmlab.core.config import ModelConfig, TuneConfig
+    from llmlab.orchestration.session import Hooks
+    from llmlab.tuning import train
+
+    class Bar:
+        steps = 0
+
+        def advance(self, n=1):
+            Bar.steps += n
+            if Bar.steps == 3:
+                raise KeyboardInterrupt
+
+        def describe(self, text):
+            pass
+
+    hooks = Hooks(progress=lambda total, what: contextlib.nullcontext(Bar()))
+    cfg = TuneConfig(ModelConfig(str(tiny_models["llama"]), "cpu"), "sentiment", str(reviews), str(tmp_path / "ad"),
+                     k=8, steps=10, eval_every=1, lr=0.05)
+    with pytest.raises(KeyboardInterrupt):
+        train.tune(cfg, hooks)
+    record = json.loads((tmp_path / "ad" / "llmlab_adapter.json").read_text())
+    assert (record["status"], record["steps_done"]) == ("interrupted", 3)
+    assert record["best_step"] in (1, 2) and not (tmp_path / "ad.writing").exists()
+    result = invoke(["classify", "-t", "sentiment", "good", "--adapter", tmp_path / "ad", "-m", tiny_models["llama"],
+                     "-f", "jsonl"])
+    assert result.exit_code == 0, result.stderr

@@ -131,9 +131,9 @@ def _loop(cfg: TuneConfig, saver: Any, train: list[Example], held: list[Example]
                 optimizer.zero_grad()
                 value.backward()
                 optimizer.step()
+                saver.progress(step, value.item(), time.perf_counter() - started)
                 bar.advance(1)
                 bar.describe(f"tuning {cfg.method}, loss {value.item():.3f}")
-                saver.progress(step, value.item(), time.perf_counter() - started)
                 if held and (step % cfg.eval_every == 0 or step == cfg.steps):
                     score = held_out_score(model, held, cfg.batch_size)
                     if saver.better(score):
