@@ -288,3 +288,16 @@ def test_ctrl_c_keeps_the_last_checkpoint(tiny_models, reviews, tmp_path):
     result = invoke(["classify", "-t", "sentiment", "good", "--adapter", tmp_path / "ad", "-m", tiny_models["llama"],
                      "-f", "jsonl"])
     assert result.exit_code == 0, result.stderr
+
+
+@pytest.mark.parametrize("scores, kept", [
+    ([(2.0, 0.5), (1.0, 0.5), (3.0, 0.75), (0.5, 0.6)], [True, True, True, False]),  # accuracy first, then loss
+    ([(2.0, None), (1.5, None), (1.7, None)], [True, True, False]),  # generate templates: the loss alone
+])
+def test_the_best_step_is_the_most_accurate_then_the_lowest_loss(scores, kept):
+    from types import SimpleNamespace
+
+    from llmlab.tuning.checkpoint import Saver
+
+    saver = Saver(None, None, SimpleNamespace(lm=None), False)
+    assert [saver.better(s) for s in scores] == kept

@@ -92,6 +92,10 @@ def attach(model: Any, folder: str, record: dict[str, Any]) -> Any:
     peft_model = PeftModel.from_pretrained(model, folder)
     peft_model.eval()
     if record.get("method") == "prompt":
+        import warnings
+
+        # generate() hands position ids that PEFT drops (one row per pass: none are needed)
+        warnings.filterwarnings("ignore", message="Position ids are not supported", module="peft")
         return peft_model
     return peft_model.merge_and_unload()
 

@@ -38,8 +38,10 @@ class Saver:
         self.steps_done, self.last_loss, self.seconds = step, loss, seconds
 
     def better(self, score: tuple[float, float | None]) -> bool:
-        """A lower held-out loss than the best so far (the first score always is)."""
-        if self.best is not None and score[0] >= self.best[0]:
+        """Better on the held-out rows than the best so far (the first score always is): a higher
+        accuracy, ties to the lower loss, for classify templates; a lower loss for generate ones."""
+        key = lambda s: (-(s[1] or 0.0), s[0])  # noqa: E731
+        if self.best is not None and key(score) >= key(self.best):
             return False
         self.best = score
         return True
