@@ -45,7 +45,7 @@ HeldOut = Annotated[float, typer.Option(rich_help_panel=TRAIN_PANEL,
                                         help="Share of the k rows held out to pick the best step (none below 4 rows).")]
 EvalEvery = Annotated[int, typer.Option(rich_help_panel=TRAIN_PANEL, help="Steps between held-out checks.")]
 Patience = Annotated[int, typer.Option(rich_help_panel=TRAIN_PANEL,
-                                       help="Held-out checks without a better loss before stopping early.")]
+                                       help="Held-out checks without a better step before stopping early.")]
 Target = Annotated[Optional[str], typer.Option(rich_help_panel=PROMPT_PANEL, show_default="the template's target",
                                                help="Generate templates: the field holding the text to learn.")]
 Shots = Annotated[int, typer.Option(rich_help_panel=PROMPT_PANEL,

@@ -132,8 +132,8 @@ def _classify_seed(session: Any, combo: Combo, builder: Any, plan_: EvalPlan, se
     elapsed = parallel.slowest(time.perf_counter() - started)
     golds = [str(i.fields[template.target]) for i in items]
     metrics = classification_metrics(golds, [r.prediction for r in results], list(template.labels))
-    metrics["prompt_tokens"] = sum(r.prompt_tokens for r in results) / max(1, len(results))
-    if plan_.adapters:  # each item's outcome: adapter rows are compared with in-context rows item by item
+    if plan_.adapters:  # eval --adapter's costs, and each item's outcome (rows are compared item by item)
+        metrics["prompt_tokens"] = sum(r.prompt_tokens for r in results) / max(1, len(results))
         metrics["correct"] = [r.prediction == g for r, g in zip(results, golds)]
     samples = [classify.record(r, template, lm.name) for r in results] if plan_.log_samples else []
     return metrics, samples, elapsed
