@@ -301,3 +301,31 @@ def test_the_best_step_is_the_most_accurate_then_the_lowest_loss(scores, kept):
 
     saver = Saver(None, None, SimpleNamespace(lm=None), False)
     assert [saver.better(s) for s in scores] == kept
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["llama", "t5"])
+def test_training_scores_the_tokens_classify_scores(tiny_models, reviews, kind):
+    """Before any step a LoRA adapter changes nothing (its B is zero), so the training forward pass
+    must give exactly the label log-probabilities the scorer gives for the same prompts."""
+    import torch
+
+    from llmlab.backends.base import LLRequest
+    from llmlab.backends.trainable import AdapterSettings, Trainable
+
+    lm, builder, rows = _examples(tiny_models[kind], reviews)
+    prompts = [builder.build(i) for i in read_reviews(reviews)]
+    requests = [LLRequest(p.text, p.answer_prefix + v, p.chat, prefix=p.prefix, context_ids=p.ids)
+                for p in prompts for v in ("Positive", "Negative")]
+    scored = [o.logprob for o in lm.loglikelihood(requests)]
+    model = Trainable(lm, AdapterSettings("lora"), seed=0)
+    with torch.no_grad():
+        trained = [float(lp.sum()) for lp in model.logprobs([row for ex in rows for row in ex.rows])]
+    assert trained == pytest.approx(scored, abs=1e-4)
+    assert [ex.gold for ex in rows] == [0 if label == "positive" else 1 for _, label in REVIEWS]
+
+
+def read_reviews(path):
+    from llmlab.io.records import read_items
+
+    return read_items(str(path), text_field="text")
