@@ -73,6 +73,11 @@ def shape(config: Any) -> dict[str, Any]:
     return {k: get(k) for k in _SHAPE_KEYS if get(k) is not None}
 
 
+def base_shape(lm: Any) -> dict[str, Any]:
+    """shape() of the model an LM runs."""
+    return shape(lm.model.config)
+
+
 def check_base(record: dict[str, Any], config: Any, base_name: str, folder: str) -> None:
     """Refuse a base whose shape differs from the one the adapter was trained on (before weights)."""
     trained = record.get("base_shape") or {}

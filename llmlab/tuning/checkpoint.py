@@ -93,7 +93,7 @@ class Saver:
 
         settings["lr"] = c.lr or LEARNING_RATES[c.method]
         return {
-            "base": self.lm.name, "base_shape": adapters.shape(self.lm.model.config), "method": c.method,
+            "base": self.lm.name, "base_shape": adapters.base_shape(self.lm), "method": c.method,
             "template": p.template.name, "task": p.template.task, "target": p.target, "shots": c.shots,
             "chat": self.chat, "data": c.data, "data_sha256": p.data_sha256, "k": c.k, "seed": c.seed,
             "train_rows": len(p.train), "held_out_rows": len(p.held_out), "settings": settings,
