@@ -232,7 +232,7 @@ def test_eval_puts_adapters_beside_in_context_rows(tiny_models, reviews, tmp_pat
 
     base = tiny_models["llama"]
     assert tune(base, reviews, tmp_path / "ad").exit_code == 0
-    result = invoke(["eval", "-t", "sentiment", "--data", reviews, "-m", base, "--shots", "0,2",
+    result = invoke(["eval", "-t", "sentiment", "--data", reviews, "-m", base, "--shots", "0,2", "--calibration", "off",
                      "--adapter", tmp_path / "ad", "--report", tmp_path / "r.json", "--device", "cpu", "--no-log"])
     assert result.exit_code == 0, result.stderr
     rows = json.loads((tmp_path / "r.json").read_text())["results"]

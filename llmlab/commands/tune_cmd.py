@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from llmlab.commands.cli import _model, app, hooks
+from llmlab.commands.app import hooks, model_config
 from llmlab.commands.options import (IO_PANEL, PROMPT_PANEL, Chat, Device, DtypeOpt, Model, PromptsDir, Quiet,
                                      Verbose)
 from llmlab.core import console
@@ -53,7 +53,6 @@ Shots = Annotated[int, typer.Option(rich_help_panel=PROMPT_PANEL,
                                     "unless --shots is given there).")]
 
 
-@app.command()
 def tune(
     template: Template = ..., data: Data = ..., output: Output = ..., method: MethodOpt = TuneMethod.lora,
     k: K = 64, seed: Seed = 0, steps: Steps = 200, batch_size: BatchSize = 8, lr: Lr = None, rank: Rank = 8,
@@ -72,8 +71,13 @@ def tune(
 
     console.configure(quiet, verbose)
     plan.check_base_spec(model)
-    cfg = TuneConfig(_model(model, device, dtype, chat), template, data, output, value(method), k, seed, steps,
+    cfg = TuneConfig(model_config(model, device, dtype, chat), template, data, output, value(method), k, seed, steps,
                      batch_size, lr, rank, alpha, virtual_tokens, held_out, eval_every, patience, target, shots,
                      list(prompts_dir or []), value(input_format))
     record = train.tune(cfg, hooks(True))
     print(json.dumps(record))
+
+
+def register(app: typer.Typer) -> None:
+    """Add tune to the llmlab app."""
+    app.command("tune")(tune)

@@ -46,7 +46,7 @@ def parse_adapters(text: str | None) -> list[str]:
     return folders
 
 
-def _matching(plan_: Any, record: dict[str, Any]) -> list[Any]:
+def matching(plan_: Any, record: dict[str, Any]) -> list[Any]:
     return [t for t in plan_.tasks if t.template.name == record.get("template")]
 
 
@@ -54,37 +54,7 @@ def extra_items(plan_: Any) -> int:
     """Items the adapter rows score (for the progress bar's total)."""
     from llmlab.backends import adapters
 
-    return sum(len(t.items) for f in plan_.adapters for t in _matching(plan_, adapters.read_record(f)))
-
-
-def adapter_results(plan_: Any, model: ModelConfig, hooks: Any, bar: Any, log: Any,
-                    report_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per adapter and task of its template: the adapter on the base, its training prompts
-    (its shots, no calibration), on the same items as the in-context rows (report_rows), each
-    compared with the first of them on its task item by item."""
-    from llmlab.backends import adapters
-    from llmlab.orchestration import evaluate as ev
-    from llmlab.orchestration import session as sessions
-    from llmlab.orchestration.evalplan import Combo
-
-    results = []
-    for folder in plan_.adapters:
-        record = adapters.read_record(folder)
-        tasks = _matching(plan_, record)
-        if not tasks:
-            hooks.warn(f"adapter '{folder}' was trained for template '{record.get('template')}', which this "
-                       "eval does not run: skipped")
-            continue
-        chat = model.chat or ("on" if record.get("chat") else "off")
-        run = sessions.Session(replace(model, spec=adapters.join(model.spec, folder), chat=chat), hooks=hooks)
-        for task in tasks:
-            result = ev.run_combo(run, Combo(task, record.get("shots", 0), "off", [0]), plan_, bar, log)
-            result.update(model=run.lm.name, adapter=folder)
-            result["cost"] = cost(result, run.lm, record, folder)
-            result["cost"]["vs_in_context"] = versus(result, report_rows, task)
-            log.eval_combo(result)
-            results.append(result)
-    return results
+    return sum(len(t.items) for f in plan_.adapters for t in matching(plan_, adapters.read_record(f)))
 
 
 def versus(result: dict[str, Any], rows: list[dict[str, Any]], task: Any) -> dict[str, Any] | None:
