@@ -20,7 +20,9 @@ from llmlab.backends.devices import (  # noqa: F401 - re-exported
     DEVICES, DTYPES, FP32_MAX_PARAMS, auto_dtype, count_parameters, map_device, resolve_device, resolve_dtype,
     weights_dtype)
 from llmlab.core.errors import ModelError
-from llmlab.backends.modelcache import cache_root, cached_models, check_cache_writable  # noqa: F401 - re-exported
+from llmlab.backends.catalog import cached_models  # noqa: F401 - re-exported
+from llmlab.backends.hfutil import model_class as _model_class, quiet_transformers as _quiet_transformers
+from llmlab.backends.modelcache import cache_root, check_cache_writable  # noqa: F401 - re-exported
 from llmlab.backends.modelspec import (  # noqa: F401 - re-exported
     ALIASES, DEFAULT_MODEL, SMOLLM2_FILE, SMOLLM2_PACKAGE, ModelRef, embedded_gguf, gguf_cache_dir, gguf_source,
     prepare_gguf, resolve_model)
@@ -41,27 +43,6 @@ __all__ = [
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0]
-
-
-def _quiet_transformers() -> None:
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    if not logging.getLogger("llmlab").isEnabledFor(logging.DEBUG):  # the CLI's --verbose enables DEBUG
-        os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF converter's own tqdm bar
-    import warnings
-
-    warnings.filterwarnings("ignore", module="transformers")
-    warnings.filterwarnings("ignore", module="torch")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-
-
-def _model_class(config: Any):
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
-
-    return AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
 
 
 def _hub_unreachable() -> str | None:
@@ -191,8 +172,10 @@ def load_tokenizer(spec: str | None) -> tuple[Any, int | None, bool]:
     A converted or saved model needs neither torch nor the model code for this."""
     from llmlab.backends.hf import context_window
 
+    from llmlab.backends import adapters
+
     _quiet_transformers()
-    ref = resolve_model(spec)
+    ref = resolve_model(adapters.split(spec)[0])  # an adapter keeps its base's tokenizer
     if ref.kind == "gguf" and modelcache.entry_problem(gguf_cache_dir(ref)) is not None:
         # Read straight from the GGUF metadata rather than dequantizing the weights.
         from transformers import AutoConfig, AutoTokenizer
@@ -226,10 +209,11 @@ def load(spec: str | None, device: str = "auto", dtype: str = "auto", device_map
     _quiet_transformers()
     from transformers import AutoConfig
 
-    from llmlab.backends import placement
-    from llmlab.backends.hf import HFLM as LM
+    from llmlab.backends import adapters, placement
 
-    ref = resolve_model(spec)
+    base_spec, adapter = adapters.split(spec)
+    record = adapters.read_record(adapter) if adapter else None  # a missing adapter: one line, no model time
+    ref = resolve_model(base_spec)
     placement.check(device, device_map, max_memory)
     device_name = resolve_device(device) if device_map is None else map_device(max_memory)
     if (dtype or "auto").strip().lower() not in DTYPES:
@@ -239,6 +223,8 @@ def load(spec: str | None, device: str = "auto", dtype: str = "auto", device_map
         raise ModelError(f"'{ref.location}' holds a tokenizer but no model (no config.json); "
                          "it can render prompts but not run them")
     config = _from_pretrained(ref, AutoConfig.from_pretrained)
+    if record is not None:
+        adapters.check_base(record, config, ref.name, adapter)  # before the weights
     model_class = _model_class(config)
     torch_dtype = weights_dtype(dtype, device_name, model_class, config)
     try:
@@ -247,6 +233,8 @@ def load(spec: str | None, device: str = "auto", dtype: str = "auto", device_map
     except ValueError as exc:  # e.g. an architecture transformers doesn't know for this class
         raise ModelError(f"cannot load '{ref.name}': {_first_line(exc)}") from exc
     tokenizer = _tokenizer(ref)
+    if record is not None:
+        model = adapters.attach(model, adapter, record)
     device_name, where = _place(model, device_name, device_map)
     model.eval()
     logging.getLogger("llmlab").info(
@@ -254,7 +242,8 @@ def load(spec: str | None, device: str = "auto", dtype: str = "auto", device_map
         f"on {where} as {str(torch_dtype).removeprefix('torch.')} "
         f"in {time.perf_counter() - started:.1f} s"
     )
-    return LM(ref.name, model, tokenizer, device_name)
+    name = f"{ref.name}+{adapter}" if adapter else ref.name
+    return adapters.lm_class(record)(name, model, tokenizer, device_name)
 
 
 def _spread(device_map: str | None, max_memory: dict | None, offload_folder: str | None) -> dict[str, Any]:
@@ -299,9 +288,9 @@ def placement_plan(spec: str | None, dtype: str = "auto", device_map: str = "aut
     _quiet_transformers()
     from transformers import AutoConfig
 
-    from llmlab.backends import placement
+    from llmlab.backends import adapters, placement
 
-    ref = resolve_model(spec)
+    ref = resolve_model(adapters.split(spec)[0])  # an adapter adds no weight worth placing
     placement.check("auto", device_map, max_memory)
     device_name = map_device(max_memory)
     config = _from_pretrained(ref, AutoConfig.from_pretrained)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
 from llmlab.core import console
-from llmlab.commands.cli import _model, _prompt, app, hooks
+from llmlab.commands.app import hooks, model_config, prompt_config
 from llmlab.core.config import InputFormat, Overflow, value
 from llmlab.core.errors import UsageError
 from llmlab.commands.options import (IO_PANEL, Chat, Examples, InputFile, InputFormatOpt, Limit, MaxNewTokens, Model,
@@ -18,7 +18,6 @@ from llmlab.commands.options import (IO_PANEL, Chat, Examples, InputFile, InputF
 
 prompt_app = typer.Typer(help="Prompt templates: list them, show one, render the exact prompts.",
                          no_args_is_help=True)
-app.add_typer(prompt_app, name="prompt")
 
 ListFormat = Annotated[str, typer.Option("--format", "-f", help="auto (a table on a terminal), text "
                                          "(tab-separated), jsonl.")]
@@ -110,8 +109,8 @@ def prompt_render(
     console.configure(quiet, False)
     if format not in ("text", "jsonl"):
         raise UsageError(f"invalid --format '{format}': choose text or jsonl")
-    cfg = RenderConfig(_model(model, "auto", "auto", chat),
-                       _prompt(template, shots, shot_selection, seed, shot_format, overflow, examples, prompts_dir,
+    cfg = RenderConfig(model_config(model, "auto", "auto", chat),
+                       prompt_config(template, shots, shot_selection, seed, shot_format, overflow, examples, prompts_dir,
                                var),
                        InputConfig(input, value(input_format), "text", offset, limit), format, max_new_tokens, verbose)
     run = prompt_render.render(cfg, hooks())
@@ -132,20 +131,22 @@ def prompt_render(
         console.note(render.token_summary(counts, run.window, run.budget))
 
 
-@app.command("models")
 def models_cmd(
     format: Annotated[str, typer.Option("--format", "-f", help="auto (a table on a terminal), text "
                                         "(tab-separated), jsonl.")] = "auto",
+    adapters: Annotated[Optional[str], typer.Option("--adapters", show_default="none",
+                                                    help="Also list the adapters (`llmlab tune` folders) found "
+                                                    "anywhere under this folder, as BASE+DIR models.")] = None,
 ) -> None:
     """List models: aliases, the embedded smollm2, llmlab's cache and the Hugging Face cache.
 
     With sizes on disk and whether each runs offline. Converted GGUF copies live in LLMLAB_CACHE.
     """
-    from llmlab.backends import modelcache
+    from llmlab.backends import catalog
     from llmlab.io import render
 
     fmt = _list_format(format)
-    found = modelcache.cached_models()
+    found = catalog.cached_models() + _adapter_models(adapters)
     if fmt == "jsonl":
         for m in found:
             print(json.dumps({"name": m.name, "kind": m.source, "size": m.size, "offline": m.offline,
@@ -157,3 +158,31 @@ def models_cmd(
         render.show(["model", "kind", "size", "offline", "where"], rows)
     else:
         sys.stdout.write("".join("\t".join(r) + "\n" for r in rows))
+
+
+def _adapter_models(folder: Optional[str]) -> list:
+    """`models --adapters DIR`: each adapter under DIR as a model row (BASE+DIR, its method, size)."""
+    if folder is None:
+        return []
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from llmlab.backends import adapters
+    from llmlab.core.errors import UsageError
+
+    if not Path(folder).is_dir():
+        raise UsageError(f"--adapters '{folder}' is not a folder; give the folder your adapters are in")
+    rows = []
+    for path, record in adapters.find(folder):
+        accuracy = record.get("held_out_accuracy")
+        note = (f"{record.get('method')} adapter, template {record.get('template')}, k {record.get('k')}"
+                + (f", held-out {accuracy:.1%}" if isinstance(accuracy, (int, float)) else ""))
+        rows.append(SimpleNamespace(name=f"{record.get('base')}+{path}", source="adapter",
+                                    size=adapters.size_bytes(path), offline=True, path=str(path), note=note))
+    return rows
+
+
+def register(app: typer.Typer) -> None:
+    """Add `prompt list|show|render` and `models` to the llmlab app."""
+    app.add_typer(prompt_app, name="prompt")
+    app.command("models")(models_cmd)

@@ -50,6 +50,12 @@ class Method(str, enum.Enum):
     generate = "generate"
 
 
+class TuneMethod(str, enum.Enum):
+    lora = "lora"
+    ia3 = "ia3"
+    prompt = "prompt"  # prompt tuning (Lester et al. 2021)
+
+
 class Normalize(str, enum.Enum):
     none = "none"
     length = "length"
@@ -172,6 +178,34 @@ class ClassifyConfig:
 
 
 @dataclass
+class EvalConfig:
+    """`llmlab eval`: templates (NAME or NAME=DATA) on labeled data, or a --plan file's tasks."""
+
+    templates: list[str]
+    data: Optional[str] = None  # --data: for templates given without =DATA
+    plan_file: Optional[str] = None
+    shots: Optional[str] = None  # counts like 0,1,4; None: each template's shots:, else 0
+    seeds: int = 1
+    calibration: Optional[str] = None  # a comma list of methods; None: each template's calibrate:, else off
+    method: str = "score"
+    normalize: str = "none"
+    ensemble: int = 1
+    probe: Optional["ProbeConfig"] = None
+    prompt: PromptConfig = field(default_factory=lambda: PromptConfig(None))
+    input_format: str = "auto"
+    offset: int = 0
+    limit: Optional[int] = None
+    sample: Optional[int] = None
+    sample_seed: int = 0
+    references: list[str] = field(default_factory=list)
+    max_new_tokens: Optional[int] = None
+    batch_size: Optional[int] = 16
+    report: Optional[str] = None
+    log_samples: bool = False
+    adapters: Optional[str] = None  # --adapter a,b: `llmlab tune` folders, a row each beside the others
+
+
+@dataclass
 class ProbeConfig:
     """--calibration probe's training rows: --probe-data FILE (None: the template's probe: file), a
     fixed sample of `size` of them, and the layers read (None = llmlab.scoring.probe's defaults)."""
@@ -241,3 +275,30 @@ def window(items: list[Any], offset: int, limit: Optional[int], source: str) -> 
         raise UsageError(f"--offset {offset}: {source} has only {len(items)} rows")
     end = None if limit is None else offset + limit
     return items[offset:end]
+
+
+@dataclass
+class TuneConfig:
+    """`llmlab tune`: an adapter trained on k rows of `data` in `template`'s prompt format, written to
+    `output` (a folder that must not exist yet). lr None: the method's default."""
+
+    model: ModelConfig
+    template: str
+    data: str
+    output: str
+    method: str = "lora"  # lora, ia3 or prompt
+    k: int = 64  # labelled rows drawn (balanced by label for classify templates), held-out slice included
+    seed: int = 0  # the draw, the held-out split, the initial weights, the batch order
+    steps: int = 200  # optimizer steps at most (early stopping may end sooner)
+    batch_size: int = 8  # rows per step
+    lr: Optional[float] = None
+    rank: int = 8  # LoRA
+    alpha: int = 16  # LoRA
+    virtual_tokens: int = 20  # prompt tuning
+    held_out: float = 0.2  # share of the k rows kept out of training to pick the best step
+    eval_every: int = 10  # steps between held-out evaluations
+    patience: int = 5  # held-out evaluations without improvement before stopping
+    target: Optional[str] = None  # generate templates: the field with the text to learn (None: the template's)
+    shots: int = 0  # demonstrations in the training prompts (the adapter's runs use the same by default)
+    prompts_dir: list[str] = field(default_factory=list)
+    input_format: str = "auto"

@@ -120,11 +120,15 @@ def eval_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         headers += ["accuracy %", "macro-F1 %", "P/R % (all seeds)", "confusion (all seeds, rows gold)"]
     if generate:
         headers += ["ROUGE-1", "ROUGE-2", "ROUGE-L", "exact %"]
+    costs = any("cost" in r for r in results)
+    headers += COST_HEADERS if costs else []
     headers.append("items/s")
     rows = []
     for r in results:
         s = r["summary"]
-        row = [r["template"], r.get("data_name", ""), str(r["shots"]), _calibration(r["calibrate"]),
+        sources = r.get("sources") or {}
+        row = [r["template"], r.get("data_name", ""), _sourced(r["shots"], sources.get("shots")),
+               _sourced(_calibration(r["calibrate"]), sources.get("calibrate")),
                str(len(r["seeds"])), str(r["runs"][0]["items"])]
         if classify:
             if r["task"] == "classify":
@@ -138,14 +142,36 @@ def eval_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                 row += [pct(s["rouge1"]), pct(s["rouge2"]), pct(s["rougeL"]), pct(s["exact_match"])]
             else:
                 row += ["", "", "", ""]
+        row += cost_cells(r) if costs else []
         row.append(rate_text(s["items_per_s"]))
         rows.append(row)
     return headers, rows
 
 
+COST_HEADERS = ["model", "k", "train s", "trainable", "adapter", "prompt tok/item", "GFLOPs/item",
+                "Δ acc vs in-context [95% CI]"]
+
+
+def cost_cells(result: dict[str, Any]) -> list[str]:
+    """eval --adapter's columns: which model, the labelled rows used, training time, trainable
+    parameters, adapter size, prompt tokens and inference GFLOPs per item ("-": not applicable)."""
+    c = result.get("cost") or {}
+    dash = lambda v, f: "-" if v is None else f(v)  # noqa: E731
+    return [result.get("model", "base"), dash(c.get("k"), str), dash(c.get("train_seconds"), lambda v: f"{v:.0f}"),
+            dash(c.get("trainable_params"), lambda v: f"{v:,}"), dash(c.get("adapter_bytes"), size_text),
+            dash(c.get("prompt_tokens"), lambda v: f"{v:.1f}"),
+            dash(c.get("flops_per_item"), lambda v: f"{v / 1e9:.1f}"),
+            dash(c.get("vs_in_context"), lambda v: f"{100 * v['diff']:+.1f} [{100 * v['low']:+.1f}, {100 * v['high']:+.1f}]")]
+
+
 EVAL_CAPTION = ("accuracy, macro-F1, ROUGE: mean ± std over seeds [min–max]; P/R and confusion: all seeds' "
                 "predictions summed (columns in label order, then unknown); items/s: mean over seeds (a calibration "
                 "method after the first reuses the label scores: its items/s counts only its own work)")
+
+
+def _sourced(value: Any, source: str | None) -> str:
+    """A resolved setting: `4 (template)` when the template's own default gave it, else just `4`."""
+    return f"{value} (template)" if source == "template" else str(value)
 
 
 def _calibration(value: Any) -> str:
