@@ -2,6 +2,7 @@
 scores equal the full forward pass, and a 16-shot batch needs less memory than repeating the
 prefix's KV cache per row (the copying path, HFLM.share_prefix = False)."""
 
+import copy
 import json
 import tempfile
 
@@ -92,6 +93,25 @@ def test_hidden_states_and_the_copying_path_agree(lms, kind):
         assert a.hidden == pytest.approx(b.hidden, abs=1e-5)
 
 
+def test_a_model_wrapped_with_an_unmerged_lora_adapter_scores_the_same(lms):
+    """PEFT's forward() has no position_ids parameter but passes them on: they must still be given."""
+    import torch
+
+    peft = pytest.importorskip("peft")
+    lm = lms["llama"]
+    torch.manual_seed(0)
+    wrapped = peft.get_peft_model(copy.deepcopy(lm.model), peft.LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj"]))
+    for name, weights in wrapped.named_parameters():
+        if "lora_B" in name:  # LoRA starts as the identity; make it change the keys and values
+            weights.data.normal_(0, 0.5)
+    adapted = HFLM("lora", wrapped.eval(), lm.tokenizer, "cpu")
+    requests = requests_for(CASES[:3])
+    full = adapted.loglikelihood(requests, batch_size=4, prefix_cache=False)
+    out = adapted.loglikelihood(requests, batch_size=4)
+    assert [o.logprob for o in out] == pytest.approx([f.logprob for f in full], abs=1e-5)
+    assert [o.logprob for o in out] != pytest.approx([o.logprob for o in lm.loglikelihood(requests)], abs=1e-3)
+
+
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("group", [1, 3])
 def test_attention_equals_one_softmax_over_prefix_and_row(monkeypatch, fused, group):
@@ -109,7 +129,7 @@ def test_attention_equals_one_softmax_over_prefix_and_row(monkeypatch, fused, gr
     pk, pv = torch.randn(1, kv, past, dim), torch.randn(1, kv, past, dim)
     real = torch.tensor([[1] * 5, [0, 0, 1, 1, 1], [0, 0, 0, 0, 1]])  # left padding
     ids = torch.zeros(batch, width, dtype=torch.long)
-    own = shared_prefix.forward_kwargs(shared_prefix.Prefix([], past), ids, real, set())["attention_mask"]
+    own = shared_prefix.forward_kwargs(shared_prefix.Prefix([], past), ids, real)["attention_mask"]
     # causal, never onto padding, except that a padding position sees itself (so no query sees nothing)
     assert own[1, 0, 3].tolist() == [False, False, True, True, False] and own[1, 0, 1].tolist()[:2] == [False, True]
 

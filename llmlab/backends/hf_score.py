@@ -43,7 +43,7 @@ def causal(lm: Any, rows: Sequence[tuple[list[int], list[int]]], cache: Any = No
     params = lm.forward_params()
     route: Any = contextlib.nullcontext()
     if cache is not None and lm.share_prefix and shared_prefix.supported(lm.model):
-        kwargs = shared_prefix.forward_kwargs(shared_prefix.from_cache(cache, past), ids, mask, params)
+        kwargs = shared_prefix.forward_kwargs(shared_prefix.from_cache(cache, past), ids, mask)
         route = shared_prefix.active(lm.model)  # attention over the one uncopied prefix
     elif cache is not None:
         kwargs = prefix_cache.extend(cache, past, ids, mask, params, lm.cache_kwarg())

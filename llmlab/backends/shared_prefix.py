@@ -55,7 +55,7 @@ def from_cache(cache: Any, past: int) -> Prefix:
     return Prefix([(layer.keys, layer.values) for layer in cache.layers], past)
 
 
-def forward_kwargs(prefix: Prefix, ids: Any, mask: Any, forward_params: set[str]) -> dict[str, Any]:
+def forward_kwargs(prefix: Prefix, ids: Any, mask: Any) -> dict[str, Any]:
     """forward() keyword arguments for left-padded rows [B, T] that continue `prefix`.
 
     - Position ids count real tokens only and start right after the prefix (left padding must not
@@ -72,10 +72,10 @@ def forward_kwargs(prefix: Prefix, ids: Any, mask: Any, forward_params: set[str]
     causal = torch.ones((width, width), dtype=torch.bool, device=ids.device).tril()
     itself = torch.eye(width, dtype=torch.bool, device=ids.device)
     own = causal[None, None] & (mask.bool()[:, None, None, :] | itself)
-    kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": own, "use_cache": False, KWARG: prefix}
-    if "position_ids" in forward_params:
-        kwargs["position_ids"] = prefix.past + (mask.cumsum(-1) - 1).clamp(min=0)
-    return kwargs
+    # Always given (without a cache, the model would count from 0): SUPPORTED families take them,
+    # also through a wrapper whose forward() passes **kwargs on (a PEFT model with a LoRA adapter).
+    positions = prefix.past + (mask.cumsum(-1) - 1).clamp(min=0)
+    return {"input_ids": ids, "attention_mask": own, "position_ids": positions, "use_cache": False, KWARG: prefix}
 
 
 @contextmanager
