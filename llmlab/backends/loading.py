@@ -178,7 +178,7 @@ def load_tokenizer(spec: str | None) -> tuple[Any, int | None, bool]:
         # Read straight from the GGUF metadata rather than dequantizing the weights.
         from transformers import AutoConfig, AutoTokenizer
 
-        modelcache.check_gguf(Path(ref.location) / ref.gguf_file)
+        modelcache.check_gguf(Path(ref.location) / (ref.gguf_file or ""))
         tokenizer = AutoTokenizer.from_pretrained(ref.location, gguf_file=ref.gguf_file)
         config = AutoConfig.from_pretrained(ref.location, gguf_file=ref.gguf_file)
         tokenizer = _prepare_tokenizer(tokenizer)

@@ -53,7 +53,7 @@ def processors(settings: Any) -> list[tuple[str, Any]]:
         TopPLogitsWarper,
     )
 
-    chain = []
+    chain: list[tuple[str, Any]] = []
     if settings.repetition_penalty != 1.0:
         chain.append((f"repetition_penalty={settings.repetition_penalty:g}",
                       RepetitionPenaltyLogitsProcessor(settings.repetition_penalty)))

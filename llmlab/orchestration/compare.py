@@ -110,7 +110,7 @@ def _natural(text: str) -> list[Any]:
 def _score(m: Matrix) -> None:
     """Each column's metric over its cells: accuracy for classify, ROUGE-L F for generate (vs gold)."""
     for n, column in enumerate(m.columns):
-        pairs = [(row.cells[n], row.gold) for row in m.rows if row.cells[n] is not None and row.gold is not None]
+        pairs = [(cell, row.gold) for row in m.rows if (cell := row.cells[n]) is not None and row.gold is not None]
         if not pairs:
             continue
         if column.task == "classify":
@@ -163,7 +163,8 @@ class Variant:
 def variants(templates: Sequence[Any], models: Sequence[str], presets: Sequence[Path]) -> list[Variant]:
     """Every template x model x preset; at least two, all of one task."""
     found = []
-    for t, m, p in itertools.product(templates or [None], models or [None], presets or [None]):
+    unset: list[None] = [None]  # the one "variant" of an axis that was not given
+    for t, m, p in itertools.product(templates or unset, models or unset, presets or unset):
         # A variant's label names only what varies: the template, the model (its folder's name), the preset.
         parts = [t.name if len(templates) > 1 else None, Path(m).name if m and len(models) > 1 else None,
                  p.stem if p and len(presets) > 1 else None]

@@ -180,7 +180,8 @@ def _generate_items(cfg: GenerateConfig, template: Any) -> list[Any]:
     return [io.Item(0, {cfg.input.field: text}, "the prompt")]
 
 
-def generate(cfg: GenerateConfig, hooks: Hooks = Hooks(), lm: Any = None, display: bool = False) -> Any:
+def generate(cfg: GenerateConfig, hooks: Hooks = Hooks(), lm: Any = None,
+             display: bool = False) -> tuple[Any, Any] | None:
     """`llmlab generate`: one prompt streamed to stdout through hooks.emit, or a batch written
     record by record. display: stdout is a terminal; one prompt with --logprobs is then returned
     as (job, output) for the CLI to colour by probability, else None is returned. Piped, one prompt
@@ -266,7 +267,8 @@ def _logged_config(cfg: Any, settings: Any = None) -> dict[str, Any]:
     logged = dataclasses.asdict(cfg)
     logged.pop("text", None)  # the prompt itself is logged as the item
     if settings is not None:
-        logged["settings"] = dataclasses.asdict(settings) if dataclasses.is_dataclass(settings) else vars(settings)
+        is_instance = dataclasses.is_dataclass(settings) and not isinstance(settings, type)
+        logged["settings"] = dataclasses.asdict(settings) if is_instance else vars(settings)
     return logged
 
 

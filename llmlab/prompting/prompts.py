@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import AbstractSet, Any, Callable, Sequence
 
 from llmlab.core.errors import ContextOverflowError, TemplateError, UsageError
 from llmlab.io.records import Item
@@ -44,7 +44,7 @@ def shots_note(template: Template, shots: int, available: int) -> str | None:
 
 
 def select_shots(template: Template, pool: Sequence[dict[str, Any]], shots: int, selection: str,
-                 seed: int, exclude: set[int] = frozenset(), order: Sequence[int] | None = None) -> list[int]:
+                 seed: int, exclude: AbstractSet[int] = frozenset(), order: Sequence[int] | None = None) -> list[int]:
     """Indexes into `pool` of the demonstrations for one item, never one of `exclude`.
 
     first: pool order; random: a seeded shuffle; balanced: round-robin over the labels (in the
@@ -67,7 +67,8 @@ def select_shots(template: Template, pool: Sequence[dict[str, Any]], shots: int,
         groups.setdefault(str(pool[i][template.target]), []).append(i)
         if enough and all(len(g) >= enough for g in groups.values()):
             break  # every label can give its share: the rest of the order can't change the pick
-    chosen, queues = [], [g for g in groups.values() if g]
+    chosen: list[int] = []
+    queues = [g for g in groups.values() if g]
     while len(chosen) < shots and queues:
         for queue in list(queues):
             if len(chosen) == shots:
@@ -186,7 +187,10 @@ class PromptBuilder:
         return fill(self.template.input, values, where)
 
     def _demo(self, example: dict[str, Any]) -> tuple[str, str]:
-        return self._item_input(example, "example"), self.template.verbalize(example[self.template.target])
+        target = self.template.target
+        if target is None:
+            raise TemplateError(f"template '{self.template.name}' has no 'target' field, so it can't show answers in shots")
+        return self._item_input(example, "example"), self.template.verbalize(example[target])
 
     def _instruction(self, values: dict[str, Any], where: str) -> str:
         return fill(self.template.instruction, values, where) if self.template.instruction else ""
@@ -292,7 +296,7 @@ class PromptBuilder:
         tokens = self.count(text)
         budget = self.budget(extra_tokens)
         notes: list[str] = []
-        if budget is not None and tokens > budget:
+        if budget is not None and self.window is not None and tokens > budget:  # budget is None iff window is
             need = f"{tokens} tokens" + ("" if self.encoder_decoder else f" + {self.window - budget} new")
             if o.overflow == "error":
                 raise ContextOverflowError(

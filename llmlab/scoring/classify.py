@@ -102,7 +102,7 @@ class Classifier:
     """Classifies items with a classify template's labels."""
 
     def __init__(self, lm: Any, builder: Any, method: str = "score", normalize: str = "none",
-                 calibrate: bool | str = False, batch_size: int = 16, settings: Any = None, ensemble: int = 1,
+                 calibrate: bool | str = False, batch_size: int | None = 16, settings: Any = None, ensemble: int = 1,
                  on_detail: Callable[[str], None] | None = None, probe: Any = None):
         if method not in METHODS:
             raise UsageError(f"invalid --method '{method}': choose score or generate")
@@ -176,14 +176,16 @@ class Classifier:
 
         if draw in self._probes:
             return self._probes[draw]
-        source = self.probe_source
+        source, layers = self.probe_source, self.hidden_layers
+        if source is None or layers is None:
+            raise UsageError("--calibration probe needs --probe-data FILE: labelled rows to fit the probe on")
         target = self.template.target
         gold = [str(item.fields[target]) for item in source.items]
         prompts = self._prompts(source.items, draw)
-        name = probes.key(self.lm.name, self.hidden_layers, [p.text for p in prompts], gold)
+        name = probes.key(self.lm.name, layers, [p.text for p in prompts], gold)
 
         def states() -> Any:
-            where = ", ".join(map(str, self.hidden_layers))
+            where = ", ".join(map(str, layers))
             source.info(f"fitting the probe: {len(prompts)} rows of {source.path}, layers {where} (once; then cached)")
             out: list[Any] = []
             with contextlib.ExitStack() as stack:
@@ -275,7 +277,7 @@ class Classifier:
                 for i, item in enumerate(part)]
 
     def _combine(self, item: Item, runs: list[tuple[Any, list[float], list[float], Any]],
-                 batch_bias: list[list[float]] | None = None) -> Classification:
+                 batch_bias: Sequence[list[float]] = ()) -> Classification:
         """Calibrate each draw's probabilities by its own bias (or read them with its own probe),
         then average over draws (--ensemble)."""
         raws, finals = [], []
