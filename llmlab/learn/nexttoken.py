@@ -9,9 +9,12 @@ The reshaping uses transformers' own logits processors in the order generate() a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from llmlab.core.errors import ContextOverflowError, UsageError
+
+if TYPE_CHECKING:  # types only: nothing more is imported at run time
+    from llmlab.core.settings import GenerationSettings
 
 
 @dataclass
@@ -44,7 +47,7 @@ class Step:
                 "top": [vars(c) for c in self.top], "completion": self.completion, "end": self.end}
 
 
-def processors(settings: Any) -> list[tuple[str, Any]]:
+def processors(settings: GenerationSettings) -> list[tuple[str, Any]]:
     """(name, processor) in generate()'s order. Warpers apply only when sampling, as in generate()."""
     from transformers import (
         RepetitionPenaltyLogitsProcessor,
@@ -82,7 +85,7 @@ def warp(logits: Any, context: Any, chain: list[tuple[str, Any]]) -> tuple[Any, 
     return scores[0], names
 
 
-def walk(lm: Any, text: str, chat: bool, settings: Any, steps: int = 1, show: int = 10) -> Iterator[Step]:
+def walk(lm: Any, text: str, chat: bool, settings: GenerationSettings, steps: int = 1, show: int = 10) -> Iterator[Step]:
     """Predict `steps` tokens after `text`, yielding each step's distribution before moving on.
     Greedy takes the most likely token (after the repetition penalty); sampling draws from the
     warped distribution with torch's generator seeded by settings.seed, as generate() does."""

@@ -11,13 +11,16 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from llmlab import __version__
 from llmlab.orchestration.evalplan import (  # noqa: F401 - re-exported
     Combo, EvalPlan, EvalTask, check_data, load_plan_file, make_plan, parse_task, plan, plan_config, prepare)
 from llmlab.scoring.metrics import (  # noqa: F401 - re-exported
     classification_metrics, generation_metrics, mean_std, normalize_answer, summarize)
+
+if TYPE_CHECKING:  # types only: nothing more is imported at run time
+    from llmlab.core.settings import GenerationSettings
 
 # this module's public names and those it re-exports (callers import them from here)
 __all__ = [
@@ -60,7 +63,7 @@ def write_report(path: str, report: dict[str, Any]) -> None:
 # ---------------------------------------------------------------- running
 
 
-def _run_seed(session: Any, combo: Combo, seed: int, plan_: EvalPlan, settings: Any, bar: Any,
+def _run_seed(session: Any, combo: Combo, seed: int, plan_: EvalPlan, settings: GenerationSettings, bar: Any,
               log: Any) -> dict[str, Any]:
     """One seed of one combination: predictions, metrics, speed (and samples with --log-samples).
     Each item goes to the run log `log` as soon as it is scored."""
@@ -104,7 +107,7 @@ def _log_gathered(logged: Callable[..., None], results: Iterable[tuple[Any, ...]
         logged(*result)
 
 
-def _classify_seed(session: Any, combo: Combo, builder: Any, plan_: EvalPlan, settings: Any, bar: Any, log: Any,
+def _classify_seed(session: Any, combo: Combo, builder: Any, plan_: EvalPlan, settings: GenerationSettings, bar: Any, log: Any,
                    where: dict[str, str]) -> tuple[dict[str, Any], list[dict[str, Any]], float]:
     """(metrics, samples, seconds) of one seed of a classify combination."""
     from llmlab.scoring import classify
@@ -135,7 +138,7 @@ def _classify_seed(session: Any, combo: Combo, builder: Any, plan_: EvalPlan, se
     return metrics, samples, elapsed
 
 
-def _generate_seed(session: Any, combo: Combo, builder: Any, plan_: EvalPlan, settings: Any, bar: Any, log: Any,
+def _generate_seed(session: Any, combo: Combo, builder: Any, plan_: EvalPlan, settings: GenerationSettings, bar: Any, log: Any,
                    where: dict[str, str]) -> tuple[dict[str, Any], list[dict[str, Any]], float]:
     """(metrics, samples, seconds) of one seed of a generate combination."""
     from llmlab.scoring import generation

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
 from llmlab.core.config import RenderConfig
-from llmlab.orchestration.session import Hooks, chat_for, find_template, read_input, settings_for, template_item
+from llmlab.orchestration.session import Hooks, chat_for, read_input, required_template, settings_for, template_item
 
 
 @dataclass
@@ -29,7 +29,7 @@ def render(cfg: RenderConfig, hooks: Hooks = Hooks()) -> RenderRun:
     from llmlab.backends import models
     from llmlab.prompting import prompts
 
-    template = find_template(cfg.prompt)
+    template = required_template(cfg.prompt)
     if cfg.input.path is not None:
         items = read_input(cfg.input.path, cfg.input.format, template.fields[0], cfg.input.offset, cfg.input.limit)
         prompts.require_fields(items, template)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from llmlab.core.errors import UsageError
 from llmlab.io.records import Item
+
+if TYPE_CHECKING:  # types only: nothing more is imported at run time
+    from llmlab.core.settings import GenerationSettings
 
 CHAT_MODES = ("auto", "on", "off")
 
@@ -75,7 +78,7 @@ def record(job: Job, output: Any, model_name: str, echo: bool) -> dict[str, Any]
     return rec
 
 
-def run_single(lm: Any, job: Job, settings: Any, echo: bool, emit: Callable[[str], None],
+def run_single(lm: Any, job: Job, settings: GenerationSettings, echo: bool, emit: Callable[[str], None],
                engine: str = "auto") -> Any:
     """One prompt: stream the completion through emit(text) (stdout for a person) as it is
     generated; several completions (beams, -n) are emitted whole, one per line. engine: --gen-engine."""
