@@ -11,9 +11,12 @@ import itertools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from llmlab.core.errors import UsageError
+
+if TYPE_CHECKING:  # types only: nothing more is imported at run time
+    from llmlab.prompting.templates import Template
 
 
 @dataclass
@@ -155,7 +158,7 @@ def summary(m: Matrix) -> dict[str, Any]:
 @dataclass
 class Variant:
     label: str
-    template: Any = None  # a prompts.Template, or None for plain prompts
+    template: Template | None = None  # None for plain prompts
     model: str | None = None
     preset: Path | None = None  # a YAML generation preset
 
@@ -227,7 +230,7 @@ def run_variant(variant: Variant, items: Sequence[Any], opts: dict[str, Any], se
     return lm
 
 
-def probe_for(template: Any, calibration: str | None, method: str) -> Any:
+def probe_for(template: Template, calibration: str | None, method: str) -> Any:
     """The template's probe rows (scoring.probe.Source) when its resolved calibration is probe, read
     and checked now, before any model time; else None."""
     from llmlab.orchestration import resolve

@@ -20,7 +20,9 @@ from llmlab.scoring.metrics import (  # noqa: F401 - re-exported
     classification_metrics, generation_metrics, mean_std, normalize_answer, summarize)
 
 if TYPE_CHECKING:  # types only: nothing more is imported at run time
+    from llmlab.backends.base import LM
     from llmlab.core.settings import GenerationSettings
+    from llmlab.prompting.prompts import PromptBuilder
 
 # this module's public names and those it re-exports (callers import them from here)
 __all__ = [
@@ -107,7 +109,7 @@ def _log_gathered(logged: Callable[..., None], results: Iterable[tuple[Any, ...]
         logged(*result)
 
 
-def _classify_seed(session: Any, combo: Combo, builder: Any, plan_: EvalPlan, settings: GenerationSettings, bar: Any, log: Any,
+def _classify_seed(session: Any, combo: Combo, builder: PromptBuilder, plan_: EvalPlan, settings: GenerationSettings, bar: Any, log: Any,
                    where: dict[str, str]) -> tuple[dict[str, Any], list[dict[str, Any]], float]:
     """(metrics, samples, seconds) of one seed of a classify combination."""
     from llmlab.scoring import classify
@@ -138,7 +140,7 @@ def _classify_seed(session: Any, combo: Combo, builder: Any, plan_: EvalPlan, se
     return metrics, samples, elapsed
 
 
-def _generate_seed(session: Any, combo: Combo, builder: Any, plan_: EvalPlan, settings: GenerationSettings, bar: Any, log: Any,
+def _generate_seed(session: Any, combo: Combo, builder: PromptBuilder, plan_: EvalPlan, settings: GenerationSettings, bar: Any, log: Any,
                    where: dict[str, str]) -> tuple[dict[str, Any], list[dict[str, Any]], float]:
     """(metrics, samples, seconds) of one seed of a generate combination."""
     from llmlab.scoring import generation
@@ -214,7 +216,7 @@ def evaluate(session: Any, plan_: EvalPlan, bar: Any = None, log: Any = None) ->
     }
 
 
-def model_facts(lm: Any) -> dict[str, Any]:
+def model_facts(lm: LM) -> dict[str, Any]:
     """The report's model: name, type, device, dtype, window and placement. A backend without a
     transformers model behind it (FakeLM) has no type, dtype or placement: None."""
     model = getattr(lm, "model", None)

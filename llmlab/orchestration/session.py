@@ -18,7 +18,10 @@ from llmlab.core.errors import UsageError
 from llmlab.orchestration import resolve
 
 if TYPE_CHECKING:  # types only: nothing more is imported at run time
+    from llmlab.backends.base import LM, GenRequest
     from llmlab.core.settings import GenerationSettings
+    from llmlab.io.items import Item
+    from llmlab.scoring.generation import Job
     from llmlab.prompting.templates import Template
 
 
@@ -97,7 +100,7 @@ def single_prompt(text: Optional[str]) -> Optional[str]:
 NO_PROMPT = 'no prompt: run llmlab {cmd} "your prompt", pipe one on stdin, or use --input FILE'
 
 
-def template_item(template: Template, text: Optional[str], pairs: Sequence[str], cmd: str) -> Any:
+def template_item(template: Template, text: Optional[str], pairs: Sequence[str], cmd: str) -> Item:
     """A single item for a template: from --var field=value, or the argument for a one-field template."""
     from llmlab.io import records as io
     from llmlab.prompting import prompts
@@ -118,7 +121,7 @@ def template_item(template: Template, text: Optional[str], pairs: Sequence[str],
 class Session:
     """A loaded model plus the decisions every command makes the same way."""
 
-    def __init__(self, model: ModelConfig, lm: Any = None, hooks: Optional[Hooks] = None):
+    def __init__(self, model: ModelConfig, lm: Optional[LM] = None, hooks: Optional[Hooks] = None):
         from llmlab.backends import registry
 
         from llmlab.scoring.scorecache import ScoreCache
@@ -196,7 +199,7 @@ def _generate_items(cfg: GenerateConfig, template: Optional[Template]) -> list[A
     return [io.Item(0, {cfg.input.field: text}, "the prompt")]
 
 
-def generate(cfg: GenerateConfig, hooks: Hooks = Hooks(), lm: Any = None,
+def generate(cfg: GenerateConfig, hooks: Hooks = Hooks(), lm: Optional[LM] = None,
              display: bool = False) -> tuple[Any, Any] | None:
     """`llmlab generate`: one prompt streamed to stdout through hooks.emit, or a batch written
     record by record. display: stdout is a terminal; one prompt with --logprobs is then returned
@@ -269,7 +272,7 @@ def _jobs(cfg: GenerateConfig, session: "Session", template: Optional[Template],
     return generation.template_jobs(builder, todo)
 
 
-def loaded(model: ModelConfig, lm: Any, log: Any, hooks: Optional[Hooks] = None) -> "Session":
+def loaded(model: ModelConfig, lm: Optional[LM], log: Any, hooks: Optional[Hooks] = None) -> "Session":
     """The session (its model loaded), with the model's name and device filled into the run log."""
     session = Session(model, lm, hooks)
     log.update(model=session.lm.name, device=str(session.lm.device))
@@ -289,7 +292,7 @@ def _logged_config(cfg: Any, settings: Any = None) -> dict[str, Any]:
     return logged
 
 
-def requests(jobs: Sequence[Any]) -> list[Any]:
+def requests(jobs: Sequence[Job]) -> list[GenRequest]:
     """The backend's requests: the model text, and whether it is already templated (no special
     tokens added)."""
     from llmlab.backends.models import GenRequest
@@ -297,7 +300,7 @@ def requests(jobs: Sequence[Any]) -> list[Any]:
     return [GenRequest(j.model_text, j.chat) for j in jobs]
 
 
-def run_jobs(lm: Any, jobs: Sequence[Any], settings: GenerationSettings, batch_size: Optional[int],
+def run_jobs(lm: LM, jobs: Sequence[Job], settings: GenerationSettings, batch_size: Optional[int],
              done: Callable[[Any, Any], Any], engine: str = "auto") -> list[Any]:
     """Generate for every job; done(job, output) is called in input order as results arrive.
     engine: --gen-engine (auto, padded, continuous)."""
@@ -308,7 +311,7 @@ def run_jobs(lm: Any, jobs: Sequence[Any], settings: GenerationSettings, batch_s
 # ---------------------------------------------------------------- classify
 
 
-def classify(cfg: ClassifyConfig, hooks: Hooks = Hooks(), table: bool = False, lm: Any = None):
+def classify(cfg: ClassifyConfig, hooks: Hooks = Hooks(), table: bool = False, lm: Optional[LM] = None):
     """`llmlab classify`: returns (results, classifier) when `table` (a person reads them), else
     writes one record per input as it is done and returns None."""
     from llmlab.scoring import classify as clf

@@ -7,10 +7,15 @@ import contextlib
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from llmlab.core.errors import UsageError
 from llmlab.io.records import Item
+
+if TYPE_CHECKING:  # types only: nothing more is imported at run time
+    from llmlab.backends.base import LM
+    from llmlab.prompting.prompts import PromptBuilder
+    from llmlab.prompting.templates import Template
 
 METHODS = ("score", "generate")
 NORMALIZE = ("none", "length")
@@ -98,7 +103,7 @@ def label_from_text(text: str, labels: dict[str, str]) -> str:
 class Classifier:
     """Classifies items with a classify template's labels."""
 
-    def __init__(self, lm: Any, builder: Any, method: str = "score", normalize: str = "none",
+    def __init__(self, lm: LM, builder: PromptBuilder, method: str = "score", normalize: str = "none",
                  calibrate: bool | str = False, batch_size: int | None = 16, settings: Any = None, ensemble: int = 1,
                  on_detail: Callable[[str], None] | None = None, probe: Any = None, cache: Any = None):
         if method not in METHODS:
@@ -316,7 +321,7 @@ class Classifier:
         return out
 
 
-def record(result: Classification, template: Any, model_name: str) -> dict[str, Any]:
+def record(result: Classification, template: Template, model_name: str) -> dict[str, Any]:
     rec: dict[str, Any] = {"index": result.item.index, **result.item.fields, "prediction": result.prediction}
     gold = result.item.fields.get(template.target) if template.target else None
     if gold is not None:  # a null label means unlabeled: no `correct`, never a comparison with "None"
