@@ -22,6 +22,7 @@ from llmlab.scoring.metrics import (  # noqa: F401 - re-exported
 if TYPE_CHECKING:  # types only: nothing more is imported at run time
     from llmlab.backends.base import LM
     from llmlab.core.settings import GenerationSettings
+    from llmlab.orchestration.session import Session
     from llmlab.prompting.prompts import PromptBuilder
 
 # this module's public names and those it re-exports (callers import them from here)
@@ -65,7 +66,7 @@ def write_report(path: str, report: dict[str, Any]) -> None:
 # ---------------------------------------------------------------- running
 
 
-def _run_seed(session: Any, combo: Combo, seed: int, plan_: EvalPlan, settings: GenerationSettings, bar: Any,
+def _run_seed(session: Session, combo: Combo, seed: int, plan_: EvalPlan, settings: GenerationSettings, bar: Any,
               log: Any) -> dict[str, Any]:
     """One seed of one combination: predictions, metrics, speed (and samples with --log-samples).
     Each item goes to the run log `log` as soon as it is scored."""
@@ -109,7 +110,7 @@ def _log_gathered(logged: Callable[..., None], results: Iterable[tuple[Any, ...]
         logged(*result)
 
 
-def _classify_seed(session: Any, combo: Combo, builder: PromptBuilder, plan_: EvalPlan, settings: GenerationSettings, bar: Any, log: Any,
+def _classify_seed(session: Session, combo: Combo, builder: PromptBuilder, plan_: EvalPlan, settings: GenerationSettings, bar: Any, log: Any,
                    where: dict[str, str]) -> tuple[dict[str, Any], list[dict[str, Any]], float]:
     """(metrics, samples, seconds) of one seed of a classify combination."""
     from llmlab.scoring import classify
@@ -140,7 +141,7 @@ def _classify_seed(session: Any, combo: Combo, builder: PromptBuilder, plan_: Ev
     return metrics, samples, elapsed
 
 
-def _generate_seed(session: Any, combo: Combo, builder: PromptBuilder, plan_: EvalPlan, settings: GenerationSettings, bar: Any, log: Any,
+def _generate_seed(session: Session, combo: Combo, builder: PromptBuilder, plan_: EvalPlan, settings: GenerationSettings, bar: Any, log: Any,
                    where: dict[str, str]) -> tuple[dict[str, Any], list[dict[str, Any]], float]:
     """(metrics, samples, seconds) of one seed of a generate combination."""
     from llmlab.scoring import generation
@@ -169,7 +170,7 @@ def _generate_seed(session: Any, combo: Combo, builder: PromptBuilder, plan_: Ev
     return generation_metrics(preds, refs), samples, elapsed
 
 
-def run_combo(session: Any, combo: Combo, plan_: EvalPlan, bar: Any, log: Any = None) -> dict[str, Any]:
+def run_combo(session: Session, combo: Combo, plan_: EvalPlan, bar: Any, log: Any = None) -> dict[str, Any]:
     """All seeds of one combination, with mean, std, min and max over the seeds. log: a run log
     (runlog.open_run) that gets each item as it is scored."""
     from llmlab.runs import runlog
@@ -188,7 +189,7 @@ def data_name(path: str) -> str:
     return "stdin" if path == "-" else Path(path).name
 
 
-def evaluate(session: Any, plan_: EvalPlan, bar: Any = None, log: Any = None) -> dict[str, Any]:
+def evaluate(session: Session, plan_: EvalPlan, bar: Any = None, log: Any = None) -> dict[str, Any]:
     """Run every combination of the plan (data already checked); `bar.advance(n)` counts items.
     log (a runlog run, optional) gets each item as it is scored and each combination's metrics
     (log.eval_combo) as soon as the combination is done."""

@@ -6,10 +6,13 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AbstractSet, Any, Callable, Sequence
+from typing import TYPE_CHECKING, AbstractSet, Any, Callable, Sequence
 
 from llmlab.core.errors import ContextOverflowError, TemplateError, UsageError
 from llmlab.io.records import Item
+
+if TYPE_CHECKING:  # types only: nothing more is imported at run time
+    from llmlab.backends.base import LM
 from llmlab.prompting.templates import (  # noqa: F401 - re-exported: llmlab.prompting.prompts.find_template etc. keep working
     _QUERY_MARK, KEYS, OVERFLOW_MODES, SELECTIONS, SHOT_FORMATS, SOURCE_DIR, TASKS, Template, builtin_dir,
     check_examples, fill, find_template, list_templates, load_examples, load_template, parse_vars,
@@ -142,7 +145,7 @@ class PromptBuilder:
     """Builds every prompt of a run: one code path for generate, classify, eval and render."""
 
     def __init__(self, template: Template, tokenizer: Any, window: int | None, options: BuildOptions,
-                 pool: list[dict[str, Any]] | None = None, encoder_decoder: bool = False, lm: Any = None,
+                 pool: list[dict[str, Any]] | None = None, encoder_decoder: bool = False, lm: LM | None = None,
                  on_warn: Callable[[str], None] | None = None):
         if options.overflow not in OVERFLOW_MODES:
             raise UsageError(f"invalid --overflow '{options.overflow}': choose drop-shots, truncate or error")
@@ -354,7 +357,7 @@ class PromptBuilder:
 
 def make_builder(template: Template, tokenizer: Any, window: int | None, options: BuildOptions,
                  examples: str | None = None, input_path: str | None = None,
-                 encoder_decoder: bool = False, lm: Any = None,
+                 encoder_decoder: bool = False, lm: LM | None = None,
                  on_warn: Callable[[str], None] | None = None) -> PromptBuilder:
     """A builder whose pool is --examples FILE or the template's own examples; when that pool is the
     input file itself, each item is left out of its own demonstrations."""
