@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator, Optio
 from llmlab.core import config as cfgmod
 from llmlab.core.config import ClassifyConfig, GenerateConfig, ModelConfig, ProbeConfig, PromptConfig
 from llmlab.core.errors import UsageError
+from llmlab.orchestration import adapted
 from llmlab.orchestration import resolve
 
 if TYPE_CHECKING:  # types only: nothing more is imported at run time
@@ -27,6 +28,9 @@ if TYPE_CHECKING:  # types only: nothing more is imported at run time
 
 class _Null:
     def advance(self, n: int = 1) -> None:
+        pass
+
+    def describe(self, text: str) -> None:
         pass
 
 
@@ -211,6 +215,9 @@ def generate(cfg: GenerateConfig, hooks: Hooks = Hooks(), lm: Optional[LM] = Non
     from llmlab.backends import hf_continuous
 
     template = find_template(cfg.prompt)
+    if template is not None and adapted.adapters_in(cfg.model):
+        model, prompt = adapted.adapter_defaults(cfg.model, cfg.prompt, template, hooks)
+        cfg = replace(cfg, model=model, prompt=prompt)
     settings = settings_for(template, cfg.preset, cfg.flags)
     hf_continuous.check(cfg.gen_engine, settings, cfg.model.backend)
     io.check_output_path(cfg.output.path, inputs=[cfg.input.path])
@@ -321,6 +328,10 @@ def classify(cfg: ClassifyConfig, hooks: Hooks = Hooks(), table: bool = False, l
     template = required_template(cfg.prompt)
     if template.task != "classify":
         raise UsageError(f"template '{template.name}' is a generate template; classify needs task: classify with labels")
+    if adapted.adapters_in(cfg.model):  # an adapter scores the prompts it was trained on, uncalibrated by default
+        model, prompt = adapted.adapter_defaults(cfg.model, cfg.prompt, template, hooks)
+        cfg = replace(cfg, model=model, prompt=prompt,
+                      calibrate=cfg.calibrate or ("probe" if cfg.probe and cfg.probe.data else "off"))
     settings = settings_for(template)
     io.check_output_path(cfg.output.path, inputs=[cfg.input.path])
     if cfg.input.path is not None:
