@@ -21,6 +21,7 @@ from llmlab.scoring.metrics import (  # noqa: F401 - re-exported
 
 if TYPE_CHECKING:  # types only: nothing more is imported at run time
     from llmlab.backends.base import LM
+    from llmlab.core.config import ModelConfig
     from llmlab.core.settings import GenerationSettings
     from llmlab.orchestration.session import Session
     from llmlab.prompting.prompts import PromptBuilder
