@@ -4,6 +4,7 @@ transformers loads. The only module (with hf_score, prefix_cache, stopping) that
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from typing import Any, Callable, Sequence
 
 from llmlab.backends import prefix_cache
@@ -23,6 +24,9 @@ _AUTO_ROWS = {"cpu": 32, "cuda": 512}
 _CPU_TOKEN_BUDGET = 16384
 # On a GPU, the share of free memory a batch may use (the rest: fragmentation, the allocator).
 _GPU_MEMORY_SHARE = 0.5
+# Prefix KV caches kept between loglikelihood calls (classify calls it once per chunk of items, with
+# the same demonstrations; an ensemble cycles through one prefix per draw).
+_PREFIX_MEMO = 4
 
 
 def context_window(model_config: Any, tokenizer: Any) -> int | None:
@@ -42,6 +46,10 @@ def context_window(model_config: Any, tokenizer: Any) -> int | None:
 class HFLM(LM):
     """A loaded transformers model and its tokenizer on one device."""
 
+    # Rows continuing a cached prefix attend to ONE copy of it (shared_prefix) where the model's
+    # family supports that; False: every batch repeats the prefix's KV cache per row (prefix_cache.extend).
+    share_prefix = True
+
     def __init__(self, name: str, model: Any, tokenizer: Any, device: str, on_event: EventSink | None = None):
         self.name = name
         self.model = model
@@ -51,6 +59,7 @@ class HFLM(LM):
         self.window = context_window(model.config, tokenizer)
         self.on_event = on_event or log_event
         self._noted: set[str] = set()  # stop texts already reported as unreachable
+        self._prefixes: OrderedDict[tuple[int, ...], Any] = OrderedDict()  # see cached_prefix
 
     # -- tokenization: one natural tokenization of each text
 
@@ -112,7 +121,11 @@ class HFLM(LM):
                                [len(c) + len(k) for c, k in rows], *sizes, on_event=self.on_event)
         plain = set(range(len(rows)))
         for group in self._groups(requests, rows) if prefix_cache else []:
+<<<<<<< HEAD
             cache = self._remembered_prefix(group.prefix_ids)
+=======
+            cache = self.cached_prefix(group.prefix_ids)
+>>>>>>> main
             past = len(group.prefix_ids)
             tails = [(rows[i][0][past:], rows[i][1]) for i in group.members]
             scored = run_batched(lambda b: hf_score.causal(self, [tails[k] for k in b], cache, past, hidden_layers),
@@ -135,6 +148,7 @@ class HFLM(LM):
         prefixes = [((r.prefix, r.templated), ids[(r.prefix, r.templated)]) if r.prefix else None for r in requests]
         return prefix_cache.plan(prefixes, rows)
 
+<<<<<<< HEAD
     def _remembered_prefix(self, ids: list[int]) -> Any:
         """prefix_kv, remembered for the last few prefixes: a classify run's chunks (which start small)
         and ensemble draws each share one prefix across calls, so it is encoded once per run."""
@@ -145,6 +159,22 @@ class HFLM(LM):
                 memo.pop(next(iter(memo)))  # the oldest
             memo[key] = self.prefix_kv(ids)
         return memo[key]
+=======
+    def cached_prefix(self, ids: list[int]) -> Any:
+        """The KV cache of a prefix, computed once for the last _PREFIX_MEMO prefixes used (nothing
+        writes to it: batches attend to it or copy it). Code that changes the weights calls
+        forget_prefixes() (backends/trainable.py does)."""
+        key = tuple(ids)
+        if key not in self._prefixes:
+            self._prefixes[key] = self.prefix_kv(ids)
+            while len(self._prefixes) > _PREFIX_MEMO:
+                self._prefixes.popitem(last=False)
+        self._prefixes.move_to_end(key)
+        return self._prefixes[key]
+
+    def forget_prefixes(self) -> None:
+        self._prefixes.clear()
+>>>>>>> main
 
     def prefix_kv(self, ids: list[int]) -> Any:
         """The KV cache of a shared prefix, computed once (a seam tests can watch)."""
@@ -199,11 +229,11 @@ class HFLM(LM):
         """Rough memory one token of a batch costs: the KV cache of every layer plus one layer's
         activations (inference frees each layer's as it goes)."""
         c = self.model.config
-        hidden = getattr(c, "hidden_size", None) or getattr(c, "d_model", 1024)
-        layers = getattr(c, "num_hidden_layers", None) or getattr(c, "num_layers", 24)
-        heads = getattr(c, "num_attention_heads", None) or getattr(c, "num_heads", 16)
-        kv_heads = getattr(c, "num_key_value_heads", None) or heads
-        inner = getattr(c, "intermediate_size", None) or getattr(c, "d_ff", None) or 4 * hidden
+        hidden = getattr(c, "hidden_size", 0) or getattr(c, "d_model", 1024)  # 0 = absent (falsy as None; keeps it int)
+        layers = getattr(c, "num_hidden_layers", 0) or getattr(c, "num_layers", 24)
+        heads = getattr(c, "num_attention_heads", 0) or getattr(c, "num_heads", 16)
+        kv_heads = getattr(c, "num_key_value_heads", 0) or heads
+        inner = getattr(c, "intermediate_size", 0) or getattr(c, "d_ff", 0) or 4 * hidden
         size = self.model.dtype.itemsize
         return size * (2 * layers * hidden * kv_heads // heads + 8 * hidden + 2 * inner)
 
@@ -229,11 +259,12 @@ class HFLM(LM):
         per_prompt = max(settings.num_return_sequences, settings.num_beams)
         lengths = [(len(p) + settings.max_new_tokens) * per_prompt for p in prompts]
         eos = self._eos_ids()
-        engine = self._generate_batch if hf_continuous.choose(self, settings, len(requests), engine) == "padded" else \
-            lambda *args: hf_continuous.generate_rows(self, *args)
+        padded = hf_continuous.choose(self, settings, len(requests), engine) == "padded"
+        batch_engine = self._generate_batch if padded else lambda *args: hf_continuous.generate_rows(self, *args)
 
         def run(batch: list[int]) -> list[GenOutput]:
-            return engine([prompts[i] for i in batch], settings, stops, eos, stream if len(requests) == 1 else None)
+            return batch_engine([prompts[i] for i in batch], settings, stops, eos,
+                                stream if len(requests) == 1 else None)
 
         def hand_on(batch: list[int], outputs: list[GenOutput]) -> None:
             for i, output in zip(batch, outputs):

@@ -154,6 +154,9 @@ class _NullProgress:
     def advance(self, n: int = 1) -> None:
         pass
 
+    def describe(self, text: str) -> None:
+        pass
+
 
 def rate_text(rate: float) -> str:
     """A rate with three significant digits, never rounded to 0 (0.0423 stays 0.0423)."""
@@ -207,8 +210,15 @@ def progress(total: int | None, description: str, console: Console | None = None
             def advance(self, n: int = 1) -> None:
                 bar.advance(task, n)
 
+<<<<<<< HEAD
         try:
             yield _Handle()
         finally:
             _state["bar"] = outer
     _DATA.flush()  # a last line without its newline, held while the bar was drawn
+=======
+            def describe(self, text: str) -> None:  # e.g. the running loss
+                bar.update(task, description=text)
+
+        yield _Handle()
+>>>>>>> main
