@@ -16,7 +16,6 @@ from llmlab.core.errors import ContextOverflowError, UsageError
 
 # Window sizes above this are tokenizer sentinels ("no limit known"), not real windows.
 _ABSURD_WINDOW = 1_000_000
-PREFIX_MEMO = 4  # shared-prefix KV caches kept across loglikelihood calls (ensemble draws of a run)
 # T5 uses relative positions, so its config has no window; FLAN-T5 was trained on 512 tokens.
 _T5_WINDOW = 512
 # --batch-size auto: rows per batch at most, and padded tokens per batch on a CPU.
@@ -121,11 +120,7 @@ class HFLM(LM):
                                [len(c) + len(k) for c, k in rows], *sizes, on_event=self.on_event)
         plain = set(range(len(rows)))
         for group in self._groups(requests, rows) if prefix_cache else []:
-<<<<<<< HEAD
-            cache = self._remembered_prefix(group.prefix_ids)
-=======
             cache = self.cached_prefix(group.prefix_ids)
->>>>>>> main
             past = len(group.prefix_ids)
             tails = [(rows[i][0][past:], rows[i][1]) for i in group.members]
             scored = run_batched(lambda b: hf_score.causal(self, [tails[k] for k in b], cache, past, hidden_layers),
@@ -148,18 +143,6 @@ class HFLM(LM):
         prefixes = [((r.prefix, r.templated), ids[(r.prefix, r.templated)]) if r.prefix else None for r in requests]
         return prefix_cache.plan(prefixes, rows)
 
-<<<<<<< HEAD
-    def _remembered_prefix(self, ids: list[int]) -> Any:
-        """prefix_kv, remembered for the last few prefixes: a classify run's chunks (which start small)
-        and ensemble draws each share one prefix across calls, so it is encoded once per run."""
-        memo = self.__dict__.setdefault("_prefix_memo", {})
-        key = tuple(ids)
-        if key not in memo:
-            if len(memo) >= PREFIX_MEMO:
-                memo.pop(next(iter(memo)))  # the oldest
-            memo[key] = self.prefix_kv(ids)
-        return memo[key]
-=======
     def cached_prefix(self, ids: list[int]) -> Any:
         """The KV cache of a prefix, computed once for the last _PREFIX_MEMO prefixes used (nothing
         writes to it: batches attend to it or copy it). Code that changes the weights calls
@@ -174,7 +157,6 @@ class HFLM(LM):
 
     def forget_prefixes(self) -> None:
         self._prefixes.clear()
->>>>>>> main
 
     def prefix_kv(self, ids: list[int]) -> Any:
         """The KV cache of a shared prefix, computed once (a seam tests can watch)."""

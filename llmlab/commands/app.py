@@ -72,7 +72,6 @@ def _closed_pipe_exit(exc: SystemExit, was_null: bool) -> int:
 class LlmlabGroup(TyperGroup):
     """Runs commands and maps every failure to one stderr line and an exit code."""
 
-<<<<<<< HEAD
     def invoke(self, ctx: Any) -> Any:  # type: ignore[override]
         try:
             return super().invoke(ctx)
@@ -80,10 +79,7 @@ class LlmlabGroup(TyperGroup):
             _drop_stdout()
             return None
 
-    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # type: ignore[override]
-=======
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
->>>>>>> main
         debug = os.environ.get("LLMLAB_DEBUG", "") not in ("", "0")
         global _ARGS
         _ARGS = [str(a) for a in (sys.argv[1:] if args is None else args)]  # eval --processes re-runs them

@@ -210,15 +210,11 @@ def progress(total: int | None, description: str, console: Console | None = None
             def advance(self, n: int = 1) -> None:
                 bar.advance(task, n)
 
-<<<<<<< HEAD
+            def describe(self, text: str) -> None:  # e.g. the running loss
+                bar.update(task, description=text)
+
         try:
             yield _Handle()
         finally:
             _state["bar"] = outer
     _DATA.flush()  # a last line without its newline, held while the bar was drawn
-=======
-            def describe(self, text: str) -> None:  # e.g. the running loss
-                bar.update(task, description=text)
-
-        yield _Handle()
->>>>>>> main

@@ -124,7 +124,6 @@ def precision_recall(labels: Sequence[str], columns: Sequence[str], matrix: Sequ
     return ", ".join(parts)
 
 
-<<<<<<< HEAD
 def mean_std(stat: dict[str, float], scale: float = 100.0) -> str:
     """mean ± std (the table's cell; the range is in the detail and the report)."""
     text = f"{stat['mean'] * scale:.1f}"
@@ -138,25 +137,10 @@ METRICS = {"classify": [("accuracy %", "accuracy"), ("macro-F1 %", "macro_f1")],
 def eval_rows(report: dict[str, Any], task: str) -> tuple[list[str], list[list[str]]]:
     """The table of one task's combinations: what fits 120 columns (per-label detail: eval_detail)."""
     headers = ["template", "data", "shots", "calibration", "seeds", "n", *(h for h, _ in METRICS[task]), "items/s"]
-=======
-def eval_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    results = report["results"]
-    classify = any(r["task"] == "classify" for r in results)
-    generate = any(r["task"] == "generate" for r in results)
-    headers = ["template", "data", "shots", "calibration", "seeds", "n"]
-    if classify:
-        headers += ["accuracy %", "macro-F1 %", "P/R % (all seeds)", "confusion (all seeds, rows gold)"]
-    if generate:
-        headers += ["ROUGE-1", "ROUGE-2", "ROUGE-L", "exact %"]
-    costs = any("cost" in r for r in results)
-    headers += COST_HEADERS if costs else []
-    headers.append("items/s")
->>>>>>> main
     rows = []
     for r in (r for r in report["results"] if r["task"] == task):
         s = r["summary"]
         sources = r.get("sources") or {}
-<<<<<<< HEAD
         rows.append([r["template"], r.get("data_name", ""), _sourced(r["shots"], sources.get("shots")),
                      _sourced(_calibration(r["calibrate"]), sources.get("calibrate")), str(len(r["seeds"])),
                      str(r["runs"][0]["items"]), *(mean_std(s[k]) for _, k in METRICS[task]),
@@ -185,26 +169,6 @@ def eval_detail(report: dict[str, Any]) -> list[str]:
         lines.append(f"  confusion (rows gold, columns {', '.join(columns)}): "
                      + "  ".join(f"{lab} [{', '.join(map(str, row))}]" for lab, row in zip(labels, matrix)))
     return lines
-=======
-        row = [r["template"], r.get("data_name", ""), _sourced(r["shots"], sources.get("shots")),
-               _sourced(_calibration(r["calibrate"]), sources.get("calibrate")),
-               str(len(r["seeds"])), str(r["runs"][0]["items"])]
-        if classify:
-            if r["task"] == "classify":
-                labels, columns, matrix = summed_confusion(r["runs"])
-                conf = " ".join(f"{lab}:[{','.join(map(str, row_))}]" for lab, row_ in zip(labels, matrix))
-                row += [pct(s["accuracy"]), pct(s["macro_f1"]), precision_recall(labels, columns, matrix), conf]
-            else:
-                row += ["", "", "", ""]
-        if generate:
-            if r["task"] == "generate":
-                row += [pct(s["rouge1"]), pct(s["rouge2"]), pct(s["rougeL"]), pct(s["exact_match"])]
-            else:
-                row += ["", "", "", ""]
-        row += cost_cells(r) if costs else []
-        row.append(rate_text(s["items_per_s"]))
-        rows.append(row)
-    return headers, rows
 
 
 COST_HEADERS = ["model", "k", "train s", "trainable", "adapter", "prompt tok/item", "GFLOPs/item",
@@ -221,12 +185,6 @@ def cost_cells(result: dict[str, Any]) -> list[str]:
             dash(c.get("prompt_tokens"), lambda v: f"{v:.1f}"),
             dash(c.get("flops_per_item"), lambda v: f"{v / 1e9:.1f}"),
             dash(c.get("vs_in_context"), lambda v: f"{100 * v['diff']:+.1f} [{100 * v['low']:+.1f}, {100 * v['high']:+.1f}]")]
-
-
-EVAL_CAPTION = ("accuracy, macro-F1, ROUGE: mean ± std over seeds [min–max]; P/R and confusion: all seeds' "
-                "predictions summed (columns in label order, then unknown); items/s: mean over seeds (a calibration "
-                "method after the first reuses the label scores: its items/s counts only its own work)")
->>>>>>> main
 
 
 def _sourced(value: Any, source: str | None) -> str:
@@ -247,10 +205,15 @@ def eval_table(report: dict[str, Any], detail: bool = False) -> None:
     datas = {(d["name"], d["items"]) for d in report["data"]}
     title = f"{report['model']['name']} on " + ", ".join(f"{n} ({k} items)" for n, k in sorted(datas))
     tasks = [t for t in METRICS if any(r["task"] == t for r in report["results"])]
+    costs = [r for r in report["results"] if "cost" in r]  # eval --adapter: a table of its own
     for n, task in enumerate(tasks):
-        last = n == len(tasks) - 1
+        last = n == len(tasks) - 1 and not costs
         show(*eval_rows(report, task), title=title if n == 0 else None, caption=EVAL_CAPTION if last else None,
              footer="\n".join(eval_detail(report)) if last and detail else None)
+    if costs:
+        show(["template", "shots", "calibration", *COST_HEADERS],
+             [[r["template"], str(r["shots"]), _calibration(r["calibrate"]), *cost_cells(r)] for r in costs],
+             title="cost", caption=EVAL_CAPTION, footer="\n".join(eval_detail(report)) if detail else None)
 
 
 # ---------------------------------------------------------------- prompt render / show / models
