@@ -150,6 +150,73 @@ def _says_truncated(tmp: Path, result: Any) -> None:
     assert "truncated" in result.stderr
 
 
+# ---- issue 27 helpers
+
+
+class _Planted:
+    """Unpickling this makes the folder `path`: proof that a cache file was unpickled."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.mkdir, (self.path,))
+
+
+def _pool_index(tmp: Path, kind: str = "tfidf") -> Path:
+    from llmlab.prompting import retrieval
+
+    retrieval._MEMO.clear()
+    texts = ["great fun", "so dull", "loved it", "awful mess"]  # TOY's examples
+    path = retrieval.cache_dir() / f"tfidf-{retrieval.pool_hash(texts)}.npz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _planted_pickle(tmp: Path) -> None:
+    import pickle
+
+    path = _pool_index(tmp)
+    payload = pickle.dumps(_Planted(str(tmp / "pwned")))
+    path.write_bytes(payload)
+    path.with_suffix(".pkl").write_bytes(payload)  # where the old loader looked
+
+
+def _planted_in_npz(tmp: Path) -> None:
+    import numpy as np
+
+    with open(_pool_index(tmp), "wb") as f:
+        np.savez(f, meta=np.array([_Planted(str(tmp / "pwned"))], dtype=object))
+
+
+def _wrong_shape_index(tmp: Path) -> None:
+    import numpy as np
+
+    from llmlab.prompting import retrieval
+
+    # a well-formed index of another pool (3 rows) under this pool's name
+    retrieval._save(_pool_index(tmp), {"idf": np.ones(2), "data": np.ones(3), "indices": np.array([0, 1, 0]),
+                                       "indptr": np.array([0, 1, 2, 3])},
+                    {"kind": "tfidf", "shape": [3, 2], "terms": ["a", "b"]})
+
+
+def _index_rebuilt(tmp: Path, result: Any) -> None:
+    from llmlab.prompting import retrieval
+
+    assert not (tmp / "pwned").exists()  # nothing was unpickled
+    path = _pool_index(tmp)
+    assert retrieval._load(path)[1]["shape"] == [4, 12]  # rebuilt: TOY's 4 examples, 8 words + 4 pairs
+    assert len(list(path.parent.glob(path.name + ".bad-*"))) == 1  # the bad file is kept aside
+    out = [json.loads(line) for line in (tmp / "out.jsonl").read_text().splitlines()]
+    assert all(r["prediction"] in ("pos", "neg") for r in out)
+
+
+SAME = "".join(json.dumps({"text": "the same words", "label": lab}) + "\n" for lab in ["pos", "neg"] * 6)
+# the FakeLM's states count 'good' and 'bad' in the input: a probe learns these
+VARIED = "".join(json.dumps({"text": f"{w} film {i}", "label": lab}) + "\n"
+                 for i, (w, lab) in enumerate([("good", "pos"), ("bad", "neg")] * 6))
+
+
 LONG = " ".join(["the film was terrible and boring"] * 40)  # ~240 tokens: over tiny gpt2's 64-token window
 ROOT = os.geteuid() == 0 if hasattr(os, "geteuid") else False
 
@@ -261,6 +328,24 @@ CASES = [
     # (a bad.gguf keeps it fast: the warning about the cache, then the plain error on the file itself)
     Case("cache-is-a-file", ["generate", "-m", "{tmp}/bad.gguf", "hi"], 4, "warning:", env={"LLMLAB_CACHE": "{tmp}/cachefile"},
          setup=_cache_is_a_file, check=_says_truncated, real=True),
+    # ---- issue 27: no cache is unpickled (1); user text is never rich markup (2)
+    Case("planted-pickle-index", CI + ["--shots", "2", "--shot-selection", "similar"], 0, "is unusable", rows=3,
+         files={"toy.yaml": TOY, "in.jsonl": LABELED}, setup=_planted_pickle, check=_index_rebuilt),
+    Case("pickle-inside-npz-index", CI + ["--shots", "2", "--shot-selection", "similar"], 0, "is unusable", rows=3,
+         files={"toy.yaml": TOY, "in.jsonl": LABELED}, setup=_planted_in_npz, check=_index_rebuilt),
+    Case("wrong-shape-index", CI + ["--shots", "2", "--shot-selection", "similar"], 0, "3 rows for a pool of 4",
+         rows=3, files={"toy.yaml": TOY, "in.jsonl": LABELED}, setup=_wrong_shape_index, check=_index_rebuilt),
+    Case("markup-in-file-name", G + ["-i", "{tmp}/[/x].jsonl"], 3, "input file '{tmp}/[/x].jsonl' not found"),
+    Case("markup-kept-as-text", G + ["-i", "{tmp}/[red]missing.jsonl"], 3, "'{tmp}/[red]missing.jsonl' not found"),
+    Case("markup-in-label", EV, 3, "label '[/x]' is not one of",
+         files={"toy.yaml": TOY, "in.jsonl": '{"text": "x", "label": "[/x]"}\n'}),
+    Case("markup-in-warning", G + ["-i", "{tmp}/[/w].jsonl", "-o", "{tmp}/out.jsonl"], 0,
+         "warning: {tmp}/[/w].jsonl line 1: field 'prompt' is the number 7", rows=1, files={"[/w].jsonl": '{"prompt": 7}\n'}),
+    Case("markup-template-name", C[:3] + ["-t", "[bold]t[/bold]", "x"], 3, "template file '[bold]t[/bold]' not found"),
+    Case("probe-at-chance", CI + ["--calibration", "probe", "--probe-data", "{tmp}/train.jsonl"], 0,
+         "warning: the probe scores 43.3% in cross-validation on its 12 rows, not clearly above always answering "
+         "the commonest label (50.0%)", rows=3,
+         files={"toy.yaml": TOY, "in.jsonl": LABELED, "train.jsonl": SAME}),
 ]
 
 
@@ -322,3 +407,33 @@ def test_fault(case: Case, tmp_path, request):
     assert not list(tmp_path.glob(".*.lock"))  # the lock file goes with its writer
     if case.check:
         case.check(tmp_path, result)
+
+
+def test_probe_cache_is_never_unpickled_nor_trusted(fake_lm, tmp_path):
+    """A probe cache file replaced by a pickle inside an .npz, then by one of the wrong shape: each is
+    refitted with a warning; nothing is unpickled. A probe that learns something gets no chance warning."""
+    import numpy as np
+
+    (tmp_path / "toy.yaml").write_text(TOY)
+    (tmp_path / "in.jsonl").write_text(LABELED)
+    (tmp_path / "train.jsonl").write_text(VARIED)
+    args = CI + ["--calibration", "probe", "--probe-data", "{tmp}/train.jsonl"]
+    args = [a.replace("{tmp}", str(tmp_path)).replace("{llama}", "fake-llama") for a in args]
+    first = invoke(args)
+    assert first.exit_code == 0 and first.stderr == "", first.stderr
+    expected = (tmp_path / "out.jsonl").read_text()  # the refitted probes answer the same
+    [cached] = (Path(os.environ["LLMLAB_CACHE"]) / "probes").glob("*.npz")
+    with open(cached, "wb") as f:
+        np.savez(f, meta=np.array([_Planted(str(tmp_path / "pwned"))], dtype=object))
+    again = invoke(args)
+    assert again.exit_code == 0 and not (tmp_path / "pwned").exists()
+    assert again.stderr.startswith(f"warning: the cached probe '{cached}' is unusable (ValueError: ")
+    assert again.stderr.endswith("); refitting it\n") and again.stderr.count("\n") == 1
+    with np.load(cached) as data:
+        arrays = dict(data)
+    arrays["coef"] = np.zeros((3, 5))  # three labels' rows of another width
+    with open(cached, "wb") as f:
+        np.savez(f, **arrays)
+    third = invoke(args)
+    assert third.exit_code == 0 and "do not fit a probe for ['pos', 'neg']" in third.stderr
+    assert (tmp_path / "out.jsonl").read_text() == expected
