@@ -211,6 +211,13 @@ def _index_rebuilt(tmp: Path, result: Any) -> None:
     assert all(r["prediction"] in ("pos", "neg") for r in out)
 
 
+def _link_held(kind: str) -> Callable[[Path], None]:
+    def setup(tmp: Path) -> None:
+        (os.symlink if kind == "symlink" else os.link)(tmp / "out.jsonl", tmp / "link.jsonl")
+        _hold_lock(tmp)
+    return setup
+
+
 SAME = "".join(json.dumps({"text": "the same words", "label": lab}) + "\n" for lab in ["pos", "neg"] * 6)
 # the FakeLM's states count 'good' and 'bad' in the input: a probe learns these
 VARIED = "".join(json.dumps({"text": f"{w} film {i}", "label": lab}) + "\n"
@@ -328,6 +335,16 @@ CASES = [
     # (a bad.gguf keeps it fast: the warning about the cache, then the plain error on the file itself)
     Case("cache-is-a-file", ["generate", "-m", "{tmp}/bad.gguf", "hi"], 4, "warning:", env={"LLMLAB_CACHE": "{tmp}/cachefile"},
          setup=_cache_is_a_file, check=_says_truncated, real=True),
+    # ---- issue 27: the lock is on the file, not its name (4)
+    Case("lock-through-symlink", G + ["-i", "{tmp}/in.jsonl", "-o", "{tmp}/link.jsonl"], 3,
+         "link.jsonl is being written by another llmlab process (pid ", rows=1,
+         files={"in.jsonl": P2, "out.jsonl": rec(0, prompt="a")}, setup=_link_held("symlink")),
+    Case("lock-through-hard-link", G + ["-i", "{tmp}/in.jsonl", "-o", "{tmp}/link.jsonl"], 3,
+         "link.jsonl is the same file as one another llmlab process is writing (a link to it)", rows=1,
+         files={"in.jsonl": P2, "out.jsonl": rec(0, prompt="a")}, setup=_link_held("hard link")),
+    Case("lock-through-symlink-resume", G + ["-i", "{tmp}/in.jsonl", "-o", "{tmp}/link.jsonl", "--resume"], 3,
+         "is being written by another llmlab process", rows=1,
+         files={"in.jsonl": P2, "out.jsonl": rec(0, prompt="a")}, setup=_link_held("symlink")),
     # ---- issue 27: no cache is unpickled (1); user text is never rich markup (2)
     Case("planted-pickle-index", CI + ["--shots", "2", "--shot-selection", "similar"], 0, "is unusable", rows=3,
          files={"toy.yaml": TOY, "in.jsonl": LABELED}, setup=_planted_pickle, check=_index_rebuilt),

@@ -331,6 +331,12 @@ class Output:
         append = bool(self.resume and self.path and os.path.exists(self.path) and self.done)
         if self.path:
             self._file = open(self.path, "a" if append else "w", encoding="utf-8", newline="")
+            if self._lock is not None:
+                try:
+                    self._lock.hold_file()  # a file made just now: lock its inode too
+                except BaseException:
+                    self.close()
+                    raise
             stream = self._file
         else:
             stream = sys.stdout
