@@ -218,6 +218,24 @@ def _link_held(kind: str) -> Callable[[Path], None]:
     return setup
 
 
+NOEX = TOY.split("examples:")[0]  # TOY without its examples
+EXFILE = TOY.split("examples:")[0] + "examples: {where}\n"
+POOL = "".join(json.dumps({"text": t, "label": lab}) + "\n" for t, lab in [("good", "pos"), ("bad", "neg")])
+
+
+def _fifo(name: str) -> Callable[[Path], None]:
+    return lambda tmp: os.mkfifo(tmp / name)
+
+
+def _sparse(tmp: Path) -> None:
+    with open(tmp / "t" / "big.jsonl", "wb") as f:  # a hole: 257 MiB that take no disk
+        f.truncate(257 << 20)
+
+
+def _listed_without_reading(tmp: Path, result: Any) -> None:
+    assert result.stdout.split("\t")[0] == "toy" and result.stderr == ""
+
+
 SAME = "".join(json.dumps({"text": "the same words", "label": lab}) + "\n" for lab in ["pos", "neg"] * 6)
 # the FakeLM's states count 'good' and 'bad' in the input: a probe learns these
 VARIED = "".join(json.dumps({"text": f"{w} film {i}", "label": lab}) + "\n"
@@ -345,6 +363,31 @@ CASES = [
     Case("lock-through-symlink-resume", G + ["-i", "{tmp}/in.jsonl", "-o", "{tmp}/link.jsonl", "--resume"], 3,
          "is being written by another llmlab process", rows=1,
          files={"in.jsonl": P2, "out.jsonl": rec(0, prompt="a")}, setup=_link_held("symlink")),
+    # ---- issue 27: templates read examples only from their own regular files (5)
+    Case("examples-dev-zero", C + ["--examples", "/dev/zero", "x"], 3,
+         "examples '/dev/zero' is not a regular file (a folder, device or pipe)", files={"toy.yaml": NOEX}),
+    Case("examples-fifo", C[:3] + ["-t", "{tmp}/t.yaml", "x"], 3, "is not a regular file",
+         files={"t.yaml": EXFILE.replace("{where}", "pipe.jsonl")}, setup=_fifo("pipe.jsonl")),
+    Case("examples-too-big", C[:3] + ["-t", "{tmp}/t/t.yaml", "x"], 3,
+         "big.jsonl' is 257 MiB, over the 256 MiB limit of a demonstration pool",
+         files={"t/t.yaml": EXFILE.replace("{where}", "big.jsonl")}, setup=_sparse),
+    Case("examples-etc-passwd", C[:1] + ["-m", "{nomodel}", "-t", "{tmp}/t.yaml", "x"], 3,
+         "examples file '/etc/passwd' is outside the template's folder; move it beside the template, or give it "
+         "with --examples FILE", files={"t.yaml": EXFILE.replace("{where}", "/etc/passwd")}),
+    Case("examples-parent-folder", C[:1] + ["-m", "{nomodel}", "-t", "{tmp}/t/t.yaml", "x"], 3,
+         "examples file '../pool.jsonl' is outside the template's folder",
+         files={"t/t.yaml": EXFILE.replace("{where}", "../pool.jsonl"), "pool.jsonl": POOL}),
+    Case("examples-outside-given", C[:3] + ["-t", "{tmp}/t/t.yaml", "--examples", "{tmp}/pool.jsonl", "x"], 0, "",
+         files={"t/t.yaml": EXFILE.replace("{where}", "../pool.jsonl"), "pool.jsonl": POOL}),
+    Case("examples-in-subfolder", C[:3] + ["-t", "{tmp}/t.yaml", "x"], 0, "",
+         files={"t.yaml": EXFILE.replace("{where}", "sub/pool.jsonl"), "sub/pool.jsonl": POOL}),
+    Case("prompt-list-reads-no-examples", ["prompt", "list", "--prompts-dir", "{tmp}", "-f", "text"], 0, "",
+         files={"toy.yaml": EXFILE.replace("{where}", "broken.jsonl"), "broken.jsonl": "not json\n"},
+         check=_listed_without_reading),
+    Case("shots-without-examples-classify", C[:1] + ["-m", "{nomodel}", "-t", "{tmp}/toy.yaml", "--shots", "2", "x"],
+         3, "template 'toy' has no examples, so --shots 2 has nothing to show", files={"toy.yaml": NOEX}),
+    Case("shots-without-examples-eval", EV[:1] + ["-m", "{nomodel}"] + EV[3:] + ["--shots", "0,1"], 3,
+         "template 'toy' has no examples, so --shots 1 has nothing to show", files={"toy.yaml": NOEX, "in.jsonl": LABELED}),
     # ---- issue 27: no cache is unpickled (1); user text is never rich markup (2)
     Case("planted-pickle-index", CI + ["--shots", "2", "--shot-selection", "similar"], 0, "is unusable", rows=3,
          files={"toy.yaml": TOY, "in.jsonl": LABELED}, setup=_planted_pickle, check=_index_rebuilt),
@@ -389,8 +432,9 @@ def _params():
 def test_fault(case: Case, tmp_path, request):
     subs = {"{tmp}": str(tmp_path), "{nomodel}": str(tmp_path / "no-such-model"),
             **{"{" + k + "}": f"fake-{k}" for k in ("llama", "gpt2", "t5")}}
-    if not case.real:
-        request.getfixturevalue("fake_lm").window = case.window
+    fake = None if case.real else request.getfixturevalue("fake_lm")
+    if fake is not None:
+        fake.window = case.window
     for name, content in case.files.items():
         path = tmp_path / name
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -408,6 +452,8 @@ def test_fault(case: Case, tmp_path, request):
             _held.pop().release()
     assert "Traceback" not in result.stderr
     assert result.exit_code == case.code, result.stderr
+    if fake is not None and "{nomodel}" in case.args:
+        assert fake.loads == [] and fake.requests == [], "a {nomodel} case must fail before any model time"
     assert _fill(case.stderr, subs) in result.stderr
     if case.code:
         errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]

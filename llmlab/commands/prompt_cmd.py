@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -42,13 +42,19 @@ def prompt_list(prompts_dir: PromptsDir = None, format: ListFormat = "auto") -> 
     found, problems = prompts.scan_templates(prompts_dir or [])
     for problem in problems:  # a broken file is named on stderr; it never hides the others
         console.warn(problem)
+    # a listing reads no examples file: it names the file (examples_file) instead of counting its rows
+    def examples(t: Any) -> str:
+        return t.examples_path.name if t.examples_path else str(len(t.examples))
+
     if fmt == "jsonl":
         for t in found:
-            print(json.dumps({"name": t.name, "task": t.task, "examples": len(t.examples),
+            print(json.dumps({"name": t.name, "task": t.task,
+                              "examples": None if t.examples_path else len(t.examples),
+                              "examples_file": str(t.examples_path) if t.examples_path else None,
                               "description": t.description, "path": str(t.path)}))
     elif fmt == "auto" and console.stdout_is_terminal():
         render.show(["name", "task", "examples", "description", "file"],
-                    [[t.name, t.task, str(len(t.examples)), t.description, str(t.path)] for t in found])
+                    [[t.name, t.task, examples(t), t.description, str(t.path)] for t in found])
     else:
         for t in found:
             print(f"{t.name}\t{t.task}\t{t.description}")

@@ -81,7 +81,13 @@ class EvalPlan:
     _sources: dict[str, Any] = field(default_factory=dict, repr=False)  # template name -> probe.Source
 
     def combos(self) -> list[Combo]:
-        return plan(self.tasks, self.shots, self.seeds, self.calibration, self.method)
+        """Every combination, each checked before any model time (a shot count needs examples)."""
+        from llmlab.prompting import prompts
+
+        combos = plan(self.tasks, self.shots, self.seeds, self.calibration, self.method)
+        for combo in combos if not self.prompt.examples else ():
+            prompts.check_shots(combo.task.template, combo.shots)
+        return combos
 
     def probe_sources(self) -> dict[str, Any]:
         """Each classify template's probe rows, read and checked once, before any model time
@@ -215,7 +221,7 @@ def prepare(specs: Sequence[tuple[str, str]], prompt: PromptConfig, fmt: str, of
     read: dict[str, list[Item]] = {}
     tasks = []
     for name, data in specs:
-        template = prompts.find_template(name, prompt.prompts_dir)
+        template = session.find_template(session.with_prompt(prompt, template=name, shots=None))
         if data not in read:
             read[data] = session.read_input(data, fmt, "text", offset, limit, sample, sample_seed)
         refs = check_data(read[data], template, references)

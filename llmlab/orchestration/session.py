@@ -14,7 +14,7 @@ from typing import Any, Callable, ContextManager, Iterator, Optional, Sequence
 
 from llmlab.core import config as cfgmod
 from llmlab.core.config import ClassifyConfig, GenerateConfig, ModelConfig, ProbeConfig, PromptConfig
-from llmlab.core.errors import UsageError
+from llmlab.core.errors import TemplateError, UsageError
 
 
 class _Null:
@@ -152,7 +152,12 @@ def find_template(prompt: PromptConfig) -> Any:
     from llmlab.prompting import prompts
 
     check_prompt_options(prompt)
-    return prompts.find_template(prompt.template, prompt.prompts_dir) if prompt.template else None
+    template = prompts.find_template(prompt.template, prompt.prompts_dir) if prompt.template else None
+    if template is not None and not prompt.examples:  # before any model time
+        if template.examples_error:
+            raise TemplateError(template.examples_error)
+        prompts.check_shots(template, prompt.shots or 0)
+    return template
 
 
 # ---------------------------------------------------------------- generate
