@@ -353,6 +353,9 @@ CASES = [
     # (a bad.gguf keeps it fast: the warning about the cache, then the plain error on the file itself)
     Case("cache-is-a-file", ["generate", "-m", "{tmp}/bad.gguf", "hi"], 4, "warning:", env={"LLMLAB_CACHE": "{tmp}/cachefile"},
          setup=_cache_is_a_file, check=_says_truncated, real=True),
+    Case("generate-to-dev-full", GI[:-1] + ["/dev/full"], 3,
+         "disk full while writing /dev/full: 0 records kept; free space and rerun with --resume",
+         files={"in.jsonl": P2}),
     # ---- issue 27: the lock is on the file, not its name (4)
     Case("lock-through-symlink", G + ["-i", "{tmp}/in.jsonl", "-o", "{tmp}/link.jsonl"], 3,
          "link.jsonl is being written by another llmlab process (pid ", rows=1,
@@ -500,3 +503,143 @@ def test_probe_cache_is_never_unpickled_nor_trusted(fake_lm, tmp_path):
     third = invoke(args)
     assert third.exit_code == 0 and "do not fit a probe for ['pos', 'neg']" in third.stderr
     assert (tmp_path / "out.jsonl").read_text() == expected
+
+
+# ---------------------------------------------------------------- issue 27: a full disk (3)
+
+
+def _libc():
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 KiB tmpfs at {tmp}/disk, mounted with mount(2) (root only; skipped where that fails).
+    disk.resize("1m") grows it: space freed."""
+    import ctypes
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if _libc().mount(b"tmpfs", str(disk).encode(), b"tmpfs", 0, b"size=64k") != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({os.strerror(ctypes.get_errno())}): needs root")
+
+    class Disk(type(disk)):
+        def resize(self, size: str) -> None:
+            assert _libc().mount(b"tmpfs", str(self).encode(), b"tmpfs", 32, f"size={size}".encode()) == 0  # MS_REMOUNT
+
+        def fill(self, leave: int = 0) -> None:
+            """Fill it with a file, leaving about `leave` bytes."""
+            stats = os.statvfs(self)
+            (self / "filler").write_bytes(b"\0" * (stats.f_bavail * stats.f_frsize - leave))
+
+    yield Disk(disk)
+    _libc().umount2(str(disk).encode(), 2)  # MNT_DETACH
+
+
+BIG = "".join(json.dumps({"id": f"r{i}", "text": f"item {i} " + "x" * 600, "label": "pos"}) + "\n" for i in range(150))
+
+
+def _whole_lines(path: Path) -> list[str]:
+    text = path.read_text(encoding="utf-8")
+    assert text.endswith("\n")  # no torn last record
+    return text.splitlines()
+
+
+def test_disk_full_generate_keeps_whole_records_then_resumes(fake_lm, small_disk, tmp_path):
+    (tmp_path / "in.jsonl").write_text(BIG.replace('"text"', '"prompt"'))
+    out = small_disk / "out.jsonl"
+    args = ["generate", "-m", "fake", "--max-new-tokens", "2", "-i", tmp_path / "in.jsonl", "-o", out]
+    result = invoke(args)
+    lines = _whole_lines(out)
+    assert 10 < len(lines) < 150 and all(json.loads(line)["index"] == i for i, line in enumerate(lines))
+    assert result.exit_code == 3
+    assert result.stderr == (f"error: disk full while writing {out}: {len(lines)} records kept; free space and "
+                             "rerun with --resume\n")
+    small_disk.resize("1m")
+    again = invoke(args + ["--resume"])
+    assert again.exit_code == 0, again.stderr
+    assert [json.loads(line)["id"] for line in _whole_lines(out)] == [f"r{i}" for i in range(150)]
+
+
+def test_disk_full_classify_csv_has_no_torn_row(fake_lm, small_disk, tmp_path):
+    import csv
+
+    (tmp_path / "in.jsonl").write_text(BIG)
+    (tmp_path / "toy.yaml").write_text(TOY)
+    out = small_disk / "out.csv"
+    result = invoke(["classify", "-m", "fake", "-t", tmp_path / "toy.yaml", "-i", tmp_path / "in.jsonl", "-o", out])
+    rows = list(csv.DictReader(_whole_lines(out)))
+    assert result.exit_code == 3 and f"{out}: {len(rows)} records kept" in result.stderr
+    assert len(rows) > 10 and all(r["model"] == "fake" and r["id"] == f"r{i}" for i, r in enumerate(rows))
+
+
+@pytest.mark.parametrize("leave", [5000, 0])  # room for the lock file only; none at all
+def test_disk_full_from_the_start_names_the_file(fake_lm, small_disk, tmp_path, leave):
+    (tmp_path / "in.jsonl").write_text(P2)
+    small_disk.fill(leave)
+    out = small_disk / "out.jsonl"
+    result = invoke(["generate", "-m", "fake", "--max-new-tokens", "2", "-i", tmp_path / "in.jsonl", "-o", out])
+    assert result.exit_code == 3 and "Traceback" not in result.stderr
+    expected = (f"error: disk full while writing {out}: 0 records kept; free space and rerun with --resume\n"
+                if leave else f"error: cannot write the lock file '{small_disk}/.out.jsonl.lock' beside the output: "
+                "No space left on device; free space or choose another --output\n")
+    assert result.stderr == expected
+    assert not list(small_disk.glob(".*.lock"))
+
+
+def _logged_run(home: Path) -> int:
+    import runfixtures
+
+    return runfixtures.eval_run(runfixtures.Template("sentiment", "Classify."), 0.6, shots=(0,), seeds=1,
+                                calibration=(False,))
+
+
+@pytest.mark.parametrize("command", [["report", "1"], ["runs", "export", "1"]])
+def test_disk_full_keeps_the_previous_report_and_export(home, small_disk, command):
+    _logged_run(home)
+    out = small_disk / ("report.html" if command[0] == "report" else "items.jsonl")
+    out.write_text("the previous good file\n")
+    small_disk.fill(2000)
+    result = invoke(command + ["-o", out])
+    assert result.exit_code == 3 and result.stderr == (
+        f"error: disk full while writing {out}: nothing was changed there; free space and rerun\n")
+    assert out.read_text() == "the previous good file\n"
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler", out.name]  # no temporary file left
+    (small_disk / "filler").unlink()
+    assert invoke(command + ["-o", out]).exit_code == 0 and out.stat().st_size > 1000
+
+
+def test_disk_full_eval_report(fake_lm, small_disk, tmp_path):
+    (tmp_path / "toy.yaml").write_text(TOY)
+    (tmp_path / "in.jsonl").write_text(LABELED)
+    report = small_disk / "report.json"
+    report.write_text("{}\n")
+    small_disk.fill(1000)
+    result = invoke(EV[:1] + ["-m", "fake", "-t", tmp_path / "toy.yaml", "--data", tmp_path / "in.jsonl",
+                              "--report", report])
+    assert result.exit_code == 3, result.stderr
+    assert result.stderr.endswith(f"error: disk full while writing {report}: nothing was changed there; "
+                                  "free space and rerun\n")
+    assert report.read_text() == "{}\n"
+
+
+@pytest.mark.parametrize("command", [["report", "1"], ["runs", "export", "1"], ["runs", "export", "1", "-f", "csv"]])
+def test_dev_full_is_written_in_place_never_replaced(home, command):
+    _logged_run(home)
+    result = invoke(command + ["-o", "/dev/full"])
+    assert result.exit_code == 3
+    assert result.stderr == "error: disk full while writing /dev/full: nothing was changed there; free space and rerun\n"
+    assert Path("/dev/full").is_char_device()
+
+
+@pytest.mark.parametrize("where, error", [
+    ("{tmp}", "--output '{tmp}' is a directory; give a file name inside it"),
+    ("{tmp}/no/x.jsonl", "--output '{tmp}/no/x.jsonl': folder '{tmp}/no' does not exist; create it first"),
+])
+def test_runs_export_checks_its_output_first(home, tmp_path, where, error):
+    _logged_run(home)
+    result = invoke(["runs", "export", "1", "-o", where.format(tmp=tmp_path)])
+    assert result.exit_code == 3 and result.stderr.startswith(f"error: {error.format(tmp=tmp_path)}")
+    assert result.stderr.count("\n") == 1

@@ -16,6 +16,7 @@ import typer
 
 from llmlab.core import console
 from llmlab.core.errors import UsageError
+from llmlab.io.records import check_output_path
 
 runs_app = typer.Typer(help="The run log: list, show, search, compare, export and delete logged runs.",
                        no_args_is_help=True)
@@ -216,8 +217,7 @@ def _show_matrix(m: Any, rows: list[Any], fmt: str, output: Optional[str] = None
         _print_table(headers + [c.label for c in m.columns], table)
         return
     fmt = fmt if fmt != "auto" else ("csv" if output and output.endswith(".csv") else "jsonl")
-    out = open(output, "w", encoding="utf-8", newline="") if output else sys.stdout
-    try:
+    with _written(output) as out:
         if fmt == "csv":
             writer = csv.DictWriter(out, fieldnames=list(records[0]) if records else ["combo", "key", "input", "gold"])
             writer.writeheader()
@@ -225,9 +225,15 @@ def _show_matrix(m: Any, rows: list[Any], fmt: str, output: Optional[str] = None
         else:
             for rec in [*records, compare.summary(m)]:
                 out.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    finally:
-        if output:
-            out.close()
+
+
+def _written(output: Optional[str]) -> Any:
+    """stdout, or the file `output` written whole or not at all (llmlab.io.safewrite)."""
+    import contextlib
+
+    from llmlab.io.safewrite import replacing
+
+    return replacing(output) if output else contextlib.nullcontext(sys.stdout)
 
 
 @runs_app.command("compare")
@@ -272,11 +278,11 @@ def runs_export(
 
     _check_choice("--format", format, ("auto", "jsonl", "csv"))
     fmt = format if format != "auto" else ("csv" if output and output.lower().endswith(".csv") else "jsonl")
+    check_output_path(output)  # a folder, a missing or read-only one: one line, before reading the log
     db = _db()
     runlog.get_run(db, run_id)
     listed = runlog.items(db, run_id)
-    out = open(output, "w", encoding="utf-8", newline="") if output else sys.stdout
-    try:
+    with _written(output) as out:
         if fmt == "csv":
             names = ["run_id", "idx", "key", "template", "combo", "prompt", "output", "prediction", "gold",
                      "probabilities", "extra"]
@@ -288,9 +294,6 @@ def runs_export(
         else:
             for item in listed:
                 out.write(json.dumps(item, ensure_ascii=False) + "\n")
-    finally:
-        if output:
-            out.close()
 
 
 @runs_app.command("path")
@@ -327,8 +330,7 @@ def report_cmd(
     from llmlab.orchestration import report
     from llmlab.runs import runlog
 
-    if not Path(output).parent.is_dir():
-        raise UsageError(f"folder of --output '{output}' does not exist; create it or write elsewhere")
+    check_output_path(output)
     if png is not None:
         import importlib.util
 
@@ -337,7 +339,9 @@ def report_cmd(
     db = _db()
     runs = [runlog.get_run(db, i) for i in run_ids]
     m = compare.matrix(runs, lambda i: runlog.items(db, i))
-    Path(output).write_text(report.render(runs, m), encoding="utf-8")
+    html = report.render(runs, m)
+    with _written(output) as out:  # a full disk leaves the previous report whole
+        out.write(html)
     console.note(f"wrote {output}")
     for path in report.write_pngs(runs, png) if png is not None else []:
         console.note(f"wrote {path}")

@@ -64,9 +64,14 @@ class OutputLock:
             if same:
                 break
             os.close(fd)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError as exc:  # a full disk: the lock holds, only the pid note is missing
+            self.release()
+            raise DataError(f"cannot write the lock file '{self.path}' beside the output: {exc.strerror}; "
+                            "free space or choose another --output") from None
         try:
             self.hold_file()
         except BaseException:

@@ -11,10 +11,11 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence, TextIO
+from typing import Any, Iterable, Sequence
 
 from llmlab.core.errors import DataError, UsageError
 from llmlab.io.locks import OutputLock, SigtermAsExit
+from llmlab.io.safewrite import write_error
 from llmlab.io.resume import check_same_input, finished_records, record_key  # noqa: F401 - record_key re-exported
 
 # this module's public names, and record_key (from llmlab.io.resume) that callers import from here
@@ -255,29 +256,55 @@ def _cell(value: Any) -> Any:
 
 
 class Writer:
-    """Writes one record at a time and flushes it, so an interrupted run keeps every finished row."""
+    """Writes one record at a time, each whole or not at all, so an interrupted run keeps every
+    finished row. A file is written unbuffered, one write per record; when a write fails (a full
+    disk) the file is cut back to its last whole record and the error names the file and the fix."""
 
-    def __init__(self, stream: TextIO, fmt: str, text_key: str = "completion", append: bool = False):
+    def __init__(self, stream: Any, fmt: str, text_key: str = "completion", append: bool = False,
+                 name: str = "", kept: int = 0):
         self.stream = stream
         self.fmt = fmt
         self.text_key = text_key
         self._csv: csv.DictWriter | None = None
+        self._buffer = io.StringIO()
         self._append = append
         self.count = 0
+        self.name, self.kept = name, kept  # the file, and the records already in it (--resume)
+        self._fd = stream.fileno() if isinstance(stream, io.RawIOBase) else None
+        self._good = os.fstat(self._fd).st_size if self._fd is not None else 0  # bytes of whole records
 
-    def write(self, record: dict[str, Any]) -> None:
+    def _text(self, record: dict[str, Any]) -> str:
         if self.fmt == "jsonl":
-            self.stream.write(json.dumps(record, ensure_ascii=False) + "\n")
-        elif self.fmt == "csv":
+            return json.dumps(record, ensure_ascii=False) + "\n"
+        if self.fmt == "csv":
+            self._buffer.seek(0)
+            self._buffer.truncate()
             if self._csv is None:
-                self._csv = csv.DictWriter(self.stream, fieldnames=list(record), extrasaction="ignore")
+                self._csv = csv.DictWriter(self._buffer, fieldnames=list(record), extrasaction="ignore")
                 if not self._append:
                     self._csv.writeheader()
             self._csv.writerow({k: _cell(v) for k, v in record.items()})
+            return self._buffer.getvalue()
+        value = record.get(self.text_key, "")
+        return (value if isinstance(value, str) else json.dumps(value)) + "\n"
+
+    def write(self, record: dict[str, Any]) -> None:
+        text = self._text(record)
+        if self._fd is None:
+            self.stream.write(text)
+            self.stream.flush()
         else:
-            value = record.get(self.text_key, "")
-            self.stream.write((value if isinstance(value, str) else json.dumps(value)) + "\n")
-        self.stream.flush()
+            data = memoryview(text.encode("utf-8"))
+            try:
+                while data:
+                    data = data[os.write(self._fd, data):]
+            except OSError as exc:
+                try:
+                    os.ftruncate(self._fd, self._good)  # no torn record: back to the last whole one
+                except OSError:
+                    pass  # not a regular file (/dev/full): nothing to cut
+                raise write_error(self.name, exc, self.kept + self.count) from None
+            self._good += len(text.encode("utf-8"))
         self.count += 1
 
 
@@ -298,7 +325,7 @@ class Output:
         self.done: set[str] = set()
         # key -> (line, record) of each record already in the file (with resume)
         self.records: dict[str, tuple[int, dict[str, Any]]] = {}
-        self._file: TextIO | None = None
+        self._file: Any = None  # the output file, unbuffered binary
         self._lock: OutputLock | None = None
         self._sigterm = SigtermAsExit()
         if resume:
@@ -330,7 +357,10 @@ class Output:
     def __enter__(self) -> Writer:
         append = bool(self.resume and self.path and os.path.exists(self.path) and self.done)
         if self.path:
-            self._file = open(self.path, "a" if append else "w", encoding="utf-8", newline="")
+            try:
+                self._file = open(self.path, "ab" if append else "wb", buffering=0)  # unbuffered: see Writer
+            except OSError as exc:
+                raise write_error(self.path, exc, len(self.done)) from None
             if self._lock is not None:
                 try:
                     self._lock.hold_file()  # a file made just now: lock its inode too
@@ -340,7 +370,7 @@ class Output:
             stream = self._file
         else:
             stream = sys.stdout
-        return Writer(stream, self.fmt, self.text_key, append=append)
+        return Writer(stream, self.fmt, self.text_key, append, self.path or "stdout", len(self.done) if append else 0)
 
     def __exit__(self, *exc: object) -> None:
         self.close()

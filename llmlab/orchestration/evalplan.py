@@ -214,7 +214,6 @@ def prepare(specs: Sequence[tuple[str, str]], prompt: PromptConfig, fmt: str, of
             references: Sequence[str], sample: Optional[int] = None, sample_seed: int = 0) -> list[EvalTask]:
     """Templates found, data read (each file once) and checked against its templates, before any
     model time."""
-    from llmlab.prompting import prompts
     from llmlab.orchestration import session
 
     session.check_prompt_options(prompt)
