@@ -356,6 +356,12 @@ CASES = [
     Case("generate-to-dev-full", GI[:-1] + ["/dev/full"], 3,
          "disk full while writing /dev/full: 0 records kept; free space and rerun with --resume",
          files={"in.jsonl": P2}),
+    Case("temperature-tiny", ["generate", "-m", "{nomodel}", "--temperature", "1e-300", "x"], 2,
+         "invalid --temperature 1e-300: must be 0 (greedy) or >= 0.01"),
+    Case("seed-over-64-bits", ["generate", "-m", "{nomodel}", "--sample", "--seed", str(2**64 + 1), "x"], 2,
+         f"invalid --seed {2**64 + 1}: must be an integer from 0 to {2**63 - 1}"),
+    Case("temperature-in-preset", ["generate", "-m", "{nomodel}", "--config", "{tmp}/p.yaml", "x"], 2,
+         "invalid --temperature 1e-40", files={"p.yaml": "temperature: 1.0e-40\n"}),
     # ---- issue 27: the lock is on the file, not its name (4)
     Case("lock-through-symlink", G + ["-i", "{tmp}/in.jsonl", "-o", "{tmp}/link.jsonl"], 3,
          "link.jsonl is being written by another llmlab process (pid ", rows=1,

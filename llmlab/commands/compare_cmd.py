@@ -73,9 +73,9 @@ def compare_cmd(
         m = compare.run_compare(chosen, items, opts, open_run, bar, on_warn=console.warn)
     rows = compare.select(m, show)
     if html:
+        from llmlab.io.safewrite import write_text
         from llmlab.orchestration import report
-
-        Path(html).write_text(report.render([], m, title=f"llmlab compare on {input}"), encoding="utf-8")
+        write_text(html, report.render([], m, title=f"llmlab compare on {input}"))  # whole, or the old one stays
         console.note(f"wrote {html}")
     _show_matrix(m, rows, format, output)
 

@@ -71,7 +71,7 @@ def finished_records(path: str, fmt: str) -> dict[str, tuple[int, dict[str, Any]
     if data and not data.endswith(b"\n"):
         # A run killed mid-write leaves a partial last line: cut it so it is redone cleanly.
         data = data[: data.rfind(b"\n") + 1]
-        Path(path).write_bytes(data)
+        os.truncate(path, len(data))  # in place: nothing rewritten, so nothing more to lose
     text = data.decode("utf-8", errors="replace")
     records: dict[str, tuple[int, dict[str, Any]]] = {}
     if fmt == "csv":

@@ -68,6 +68,12 @@ def replacing(path: str) -> Iterator[TextIO]:
             Path(tmp).unlink(missing_ok=True)
 
 
+def write_text(path: str, text: str) -> None:
+    """`text` as the whole of `path`, written through replacing()."""
+    with replacing(path) as out:
+        out.write(text)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
