@@ -649,3 +649,39 @@ def test_runs_export_checks_its_output_first(home, tmp_path, where, error):
     result = invoke(["runs", "export", "1", "-o", where.format(tmp=tmp_path)])
     assert result.exit_code == 3 and result.stderr.startswith(f"error: {error.format(tmp=tmp_path)}")
     assert result.stderr.count("\n") == 1
+
+
+# ---------------------------------------------------------------- issue 27: --resume with other settings
+
+
+@pytest.mark.parametrize("first, other, differs", [
+    (GI + ["--limit", "1"], ["--max-new-tokens", "3"], "settings.max_new_tokens 2 there, 3 now"),
+    (GI + ["--limit", "1"], ["--sample"], "settings.do_sample false there, true now"),
+    (GI + ["--limit", "1"], ["-m", "fake-gpt2"], 'model.spec "fake-llama" there, "fake-gpt2" now'),
+    (CI + ["--limit", "1"], ["--calibration", "contextual"], 'calibrate null there, "contextual" now'),
+    (CI + ["--limit", "1"], ["--shots", "1"], "prompt.shots null there, 1 now"),
+])
+def test_resume_refuses_other_settings(fake_lm, tmp_path, first, other, differs):
+    (tmp_path / "in.jsonl").write_text(LABELED if first[0] == "classify" else P2)
+    (tmp_path / "toy.yaml").write_text(TOY)
+    args = [a.replace("{tmp}", str(tmp_path)).replace("{llama}", "fake-llama") for a in first]
+    assert invoke(args).exit_code == 0
+    done = (tmp_path / "out.jsonl").read_text()
+    rest = [a for a in args if a not in ("--limit", "1")] + ["--resume"]
+    result = invoke(rest + other)
+    assert result.exit_code == 2
+    assert result.stderr == (f"error: --resume: {tmp_path}/out.jsonl was written with other settings ({differs}); "
+                             "give the same options to resume it, or write to a different --output\n")
+    assert (tmp_path / "out.jsonl").read_text() == done
+    again = invoke(rest)  # the same options: resumed
+    assert again.exit_code == 0, again.stderr
+    assert len((tmp_path / "out.jsonl").read_text().splitlines()) == (3 if first[0] == "classify" else 2)
+
+
+def test_resume_of_an_output_without_settings_beside_it(fake_lm, tmp_path):
+    """A file written by hand (or by an older llmlab) is resumed as it is."""
+    (tmp_path / "in.jsonl").write_text(P2)
+    (tmp_path / "out.jsonl").write_text(rec(0, prompt="a"))
+    args = [a.replace("{tmp}", str(tmp_path)).replace("{llama}", "fake-llama") for a in GI + ["--resume"]]
+    result = invoke(args)
+    assert result.exit_code == 0 and len((tmp_path / "out.jsonl").read_text().splitlines()) == 2

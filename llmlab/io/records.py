@@ -15,14 +15,15 @@ from typing import Any, Iterable, Sequence
 
 from llmlab.core.errors import DataError, UsageError
 from llmlab.io.locks import OutputLock, SigtermAsExit
-from llmlab.io.safewrite import write_error
-from llmlab.io.resume import check_same_input, finished_records, record_key  # noqa: F401 - record_key re-exported
+from llmlab.io.safewrite import Writer, write_error
+from llmlab.io.resume import (  # noqa: F401 - record_key re-exported
+    check_same_input, check_same_settings, finished_records, record_key, settings_of, write_settings)
 
 # this module's public names, and record_key (from llmlab.io.resume) that callers import from here
 __all__ = [
     "INPUT_FORMATS", "Item", "OUTPUT_FORMATS", "Output", "Writer", "check_output_path", "check_unique_ids",
     "detect_format", "lines", "output_format", "read_items", "read_text", "record_key", "require_field",
-    "require_text",
+    "require_text", "settings_of",
 ]
 
 INPUT_FORMATS = ("auto", "jsonl", "csv", "tsv", "text")
@@ -251,63 +252,6 @@ def output_format(path: str | None, fmt: str) -> str:
     return "jsonl"
 
 
-def _cell(value: Any) -> Any:
-    return json.dumps(value, ensure_ascii=False) if isinstance(value, (list, dict)) else value
-
-
-class Writer:
-    """Writes one record at a time, each whole or not at all, so an interrupted run keeps every
-    finished row. A file is written unbuffered, one write per record; when a write fails (a full
-    disk) the file is cut back to its last whole record and the error names the file and the fix."""
-
-    def __init__(self, stream: Any, fmt: str, text_key: str = "completion", append: bool = False,
-                 name: str = "", kept: int = 0):
-        self.stream = stream
-        self.fmt = fmt
-        self.text_key = text_key
-        self._csv: csv.DictWriter | None = None
-        self._buffer = io.StringIO()
-        self._append = append
-        self.count = 0
-        self.name, self.kept = name, kept  # the file, and the records already in it (--resume)
-        self._fd = stream.fileno() if isinstance(stream, io.RawIOBase) else None
-        self._good = os.fstat(self._fd).st_size if self._fd is not None else 0  # bytes of whole records
-
-    def _text(self, record: dict[str, Any]) -> str:
-        if self.fmt == "jsonl":
-            return json.dumps(record, ensure_ascii=False) + "\n"
-        if self.fmt == "csv":
-            self._buffer.seek(0)
-            self._buffer.truncate()
-            if self._csv is None:
-                self._csv = csv.DictWriter(self._buffer, fieldnames=list(record), extrasaction="ignore")
-                if not self._append:
-                    self._csv.writeheader()
-            self._csv.writerow({k: _cell(v) for k, v in record.items()})
-            return self._buffer.getvalue()
-        value = record.get(self.text_key, "")
-        return (value if isinstance(value, str) else json.dumps(value)) + "\n"
-
-    def write(self, record: dict[str, Any]) -> None:
-        text = self._text(record)
-        if self._fd is None:
-            self.stream.write(text)
-            self.stream.flush()
-        else:
-            data = memoryview(text.encode("utf-8"))
-            try:
-                while data:
-                    data = data[os.write(self._fd, data):]
-            except OSError as exc:
-                try:
-                    os.ftruncate(self._fd, self._good)  # no torn record: back to the last whole one
-                except OSError:
-                    pass  # not a regular file (/dev/full): nothing to cut
-                raise write_error(self.name, exc, self.kept + self.count) from None
-            self._good += len(text.encode("utf-8"))
-        self.count += 1
-
-
 class Output:
     """Context manager for stdout or a file; with resume, appends to what is already there.
 
@@ -317,8 +261,10 @@ class Output:
     (130 for Ctrl-C). `close()` (or leaving the `with` block) drops the lock.
     """
 
-    def __init__(self, path: str | None, fmt: str = "auto", resume: bool = False, text_key: str = "completion"):
+    def __init__(self, path: str | None, fmt: str = "auto", resume: bool = False, text_key: str = "completion",
+                 settings: dict[str, Any] | None = None):
         self.path = None if path in (None, "-") else path
+        self.settings = settings  # kept beside a file output; --resume refuses other ones
         self.fmt = output_format(path, fmt)
         self.resume = resume
         self.text_key = text_key
@@ -343,6 +289,8 @@ class Output:
             if resume:
                 self.records = finished_records(self.path, self.fmt)
                 self.done = set(self.records)
+                if self.records and self.settings is not None and self._lock is not None:
+                    check_same_settings(self.path, self.settings)
         except BaseException:
             self.close()
             raise
@@ -364,6 +312,11 @@ class Output:
             if self._lock is not None:
                 try:
                     self._lock.hold_file()  # a file made just now: lock its inode too
+                    if self.settings is not None:
+                        write_settings(self.path, self.settings)
+                except OSError as exc:
+                    self.close()
+                    raise write_error(self.path, exc, len(self.done)) from None
                 except BaseException:
                     self.close()
                     raise

@@ -1,5 +1,7 @@
 """Writing files so that a full disk (or any write error) never tears or destroys one.
 
+- Writer: record outputs (generate/classify -o), one whole record per write, cut back on an error.
+
 - write_error(): the one-line error for a failed write, naming the file and the fix.
 - replacing(): a whole file (a report, an export) written to a temporary file beside it and renamed
   over it only once complete, so the previous good file survives a failed write. A path that exists
@@ -9,12 +11,15 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import errno
+import io
+import json
 import os
 import stat
 import tempfile
 from pathlib import Path
-from typing import Iterator, TextIO
+from typing import Any, Iterator, TextIO
 
 from llmlab.core.errors import DataError
 
@@ -78,3 +83,60 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def _cell(value: Any) -> Any:
+    return json.dumps(value, ensure_ascii=False) if isinstance(value, (list, dict)) else value
+
+
+class Writer:
+    """Writes one record at a time, each whole or not at all, so an interrupted run keeps every
+    finished row. A file is written unbuffered, one write per record; when a write fails (a full
+    disk) the file is cut back to its last whole record and the error names the file and the fix."""
+
+    def __init__(self, stream: Any, fmt: str, text_key: str = "completion", append: bool = False,
+                 name: str = "", kept: int = 0):
+        self.stream = stream
+        self.fmt = fmt
+        self.text_key = text_key
+        self._csv: csv.DictWriter | None = None
+        self._buffer = io.StringIO()
+        self._append = append
+        self.count = 0
+        self.name, self.kept = name, kept  # the file, and the records already in it (--resume)
+        self._fd = stream.fileno() if isinstance(stream, io.RawIOBase) else None
+        self._good = os.fstat(self._fd).st_size if self._fd is not None else 0  # bytes of whole records
+
+    def _text(self, record: dict[str, Any]) -> str:
+        if self.fmt == "jsonl":
+            return json.dumps(record, ensure_ascii=False) + "\n"
+        if self.fmt == "csv":
+            self._buffer.seek(0)
+            self._buffer.truncate()
+            if self._csv is None:
+                self._csv = csv.DictWriter(self._buffer, fieldnames=list(record), extrasaction="ignore")
+                if not self._append:
+                    self._csv.writeheader()
+            self._csv.writerow({k: _cell(v) for k, v in record.items()})
+            return self._buffer.getvalue()
+        value = record.get(self.text_key, "")
+        return (value if isinstance(value, str) else json.dumps(value)) + "\n"
+
+    def write(self, record: dict[str, Any]) -> None:
+        text = self._text(record)
+        if self._fd is None:
+            self.stream.write(text)
+            self.stream.flush()
+        else:
+            data = memoryview(text.encode("utf-8"))
+            try:
+                while data:
+                    data = data[os.write(self._fd, data):]
+            except OSError as exc:
+                try:
+                    os.ftruncate(self._fd, self._good)  # no torn record: back to the last whole one
+                except OSError:
+                    pass  # not a regular file (/dev/full): nothing to cut
+                raise write_error(self.name, exc, self.kept + self.count) from None
+            self._good += len(text.encode("utf-8"))
+        self.count += 1

@@ -203,7 +203,8 @@ def generate(cfg: GenerateConfig, hooks: Hooks = Hooks(), lm: Any = None, displa
                          "(-o FILE.jsonl or --format jsonl)")
     items = _generate_items(cfg, template)
     single = cfg.input.path is None and cfg.output.terminal and (display or not settings.logprobs)
-    sink = io.Output(cfg.output.path, cfg.output.format, resume=cfg.output.resume)
+    sink = io.Output(cfg.output.path, cfg.output.format, resume=cfg.output.resume,
+                     settings=io.settings_of(_logged_config(cfg, settings), template))
     todo = sink.pending(items)
     if cfg.output.resume and len(todo) < len(items):
         hooks.info(f"--resume: {len(items) - len(todo)} of {len(items)} inputs already done")
@@ -314,7 +315,8 @@ def classify(cfg: ClassifyConfig, hooks: Hooks = Hooks(), table: bool = False, l
     else:
         items = [template_item(template, single_prompt(cfg.text), cfg.prompt.vars, "classify")]
     prompts.require_fields(items, template)
-    sink = io.Output(cfg.output.path, cfg.output.format, resume=cfg.output.resume, text_key="prediction")
+    sink = io.Output(cfg.output.path, cfg.output.format, resume=cfg.output.resume, text_key="prediction",
+                     settings=io.settings_of(_logged_config(cfg), template))
     todo = sink.pending(items)
     if not todo:
         return None
