@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import pytest
 
-from helpers import invoke
+from helpers import invoke, jsonl
 from llmlab.io import locks
 from llmlab.backends import models
 
@@ -362,6 +362,11 @@ CASES = [
          f"invalid --seed {2**64 + 1}: must be an integer from 0 to {2**63 - 1}"),
     Case("temperature-in-preset", ["generate", "-m", "{nomodel}", "--config", "{tmp}/p.yaml", "x"], 2,
          "invalid --temperature 1e-40", files={"p.yaml": "temperature: 1.0e-40\n"}),
+    Case("runs-db-a-directory", ["runs", "list"], 3, "the run log {tmp}/home/runs.db is a directory, not a file",
+         setup=lambda tmp: (tmp / "home" / "runs.db").mkdir(parents=True)),
+    Case("runs-db-a-directory-generate", ["generate", "-m", "{nomodel}", "x"], 3,
+         "the run log {tmp}/home/runs.db is a directory, not a file; move it away, set LLMLAB_HOME to another folder, "
+         "or turn logging off with --no-log", setup=lambda tmp: (tmp / "home" / "runs.db").mkdir(parents=True)),
     # ---- issue 27: the lock is on the file, not its name (4)
     Case("lock-through-symlink", G + ["-i", "{tmp}/in.jsonl", "-o", "{tmp}/link.jsonl"], 3,
          "link.jsonl is being written by another llmlab process (pid ", rows=1,
@@ -685,3 +690,51 @@ def test_resume_of_an_output_without_settings_beside_it(fake_lm, tmp_path):
     args = [a.replace("{tmp}", str(tmp_path)).replace("{llama}", "fake-llama") for a in GI + ["--resume"]]
     result = invoke(args)
     assert result.exit_code == 0 and len((tmp_path / "out.jsonl").read_text().splitlines()) == 2
+
+
+# ---------------------------------------------------------------- issue 27: the run log
+
+
+def test_runs_rm_refuses_a_running_run_and_the_run_survives_a_forced_one(home):
+    from llmlab.runs import runlog
+
+    said: list[str] = []
+    with runlog.open_run("generate", ["llmlab", "generate"], on_warn=said.append) as run:
+        run.item(0, "p", "o")
+        with runlog.connect() as db:  # the run belongs to a live process other than this one
+            db.execute("UPDATE runs SET pid = ? WHERE id = ?", (os.getppid(), run.id))
+        refused = invoke(["runs", "rm", str(run.id)])
+        assert refused.exit_code == 2 and refused.stderr == (
+            f"error: run {run.id} is still running (pid {os.getppid()}); wait for it to end, or stop it first "
+            "(or give --force)\n")
+        forced = invoke(["runs", "rm", str(run.id), "--force"])
+        assert forced.exit_code == 0, forced.stderr
+        run.item(1, "p", "o")  # the run goes on: one warning, no FOREIGN KEY text
+    assert said == [f"run {run.id} was deleted from the run log while it ran (llmlab runs rm); the rest of it is "
+                    "not logged"]
+
+
+def test_a_finished_or_dead_run_is_removed_without_force(home):
+    from llmlab.runs import runlog
+
+    with runlog.open_run("generate", ["llmlab", "generate"]) as run:
+        pass
+    assert invoke(["runs", "rm", str(run.id)]).exit_code == 0
+
+
+def test_the_run_log_on_read_only_media_can_be_read(small_disk, monkeypatch):
+    from llmlab.runs import runlog
+
+    monkeypatch.setenv("LLMLAB_HOME", str(small_disk))
+    small_disk.resize("4m")  # room for the log, then read-only
+    with runlog.open_run("generate", ["llmlab", "generate", "hello"]) as run:
+        run.item(0, "hello", "world")
+    assert _libc().mount(b"tmpfs", str(small_disk).encode(), b"tmpfs", 32 | 1, b"") == 0  # MS_REMOUNT | MS_RDONLY
+    listed = invoke(["runs", "list", "--json"])
+    assert listed.exit_code == 0, listed.stderr
+    assert [(r["id"], r["command"], r["items"]) for r in jsonl(listed.stdout)] == [(run.id, "generate", 1)]
+    shown = invoke(["runs", "export", str(run.id)])
+    assert shown.exit_code == 0 and jsonl(shown.stdout)[0]["output"] == "world"
+    removed = invoke(["runs", "rm", str(run.id)])
+    assert removed.exit_code == 3 and removed.stderr.startswith(f"error: cannot open the run log {small_disk}/runs.db: ")
+    assert removed.stderr.count("\n") == 1

@@ -27,13 +27,13 @@ Json = Annotated[bool, typer.Option("--json", help="JSON lines, even on a termin
 RunId = Annotated[int, typer.Argument(help="A run id (see `llmlab runs list`).")]
 
 
-def _db():
+def _db(write: bool = False):
     from llmlab.runs import runlog
 
     path = runlog.db_path()
     if not path.exists():
         raise UsageError(f"no run log yet at {path}: run llmlab generate, classify or eval first")
-    return runlog.connect(path)
+    return runlog.connect(path, read_only=not write)  # reading works on read-only media too
 
 
 def _tty() -> bool:
@@ -305,13 +305,20 @@ def runs_path() -> None:
 
 
 @runs_app.command("rm")
-def runs_rm(run_ids: Annotated[list[int], typer.Argument(help="Run ids to delete, with their items.")]) -> None:
+def runs_rm(run_ids: Annotated[list[int], typer.Argument(help="Run ids to delete, with their items.")],
+            force: Annotated[bool, typer.Option("--force", help="Delete even a run still being written.")] = False,
+            ) -> None:
     """Delete runs and their items."""
     from llmlab.runs import runlog
 
-    db = _db()
-    for run_id in run_ids:
-        runlog.get_run(db, run_id)  # every id checked before anything is deleted
+    from llmlab.runs.runquery import running
+
+    db = _db(write=True)
+    for run_id in run_ids:  # every id checked before anything is deleted
+        run = runlog.get_run(db, run_id)
+        if running(run) and not force:
+            raise UsageError(f"run {run_id} is still running (pid {run['pid']}); wait for it to end, or stop it "
+                             "first (or give --force)")
     for run_id in run_ids:
         runlog.delete(db, run_id)
         console.note(f"deleted run {run_id}")
