@@ -738,3 +738,38 @@ def test_the_run_log_on_read_only_media_can_be_read(small_disk, monkeypatch):
     removed = invoke(["runs", "rm", str(run.id)])
     assert removed.exit_code == 3 and removed.stderr.startswith(f"error: cannot open the run log {small_disk}/runs.db: ")
     assert removed.stderr.count("\n") == 1
+
+
+# ---------------------------------------------------------------- issue 27: a killed conversion's leftovers
+
+
+def _dead_pid() -> int:
+    pid = 4_000_000
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return pid
+        except OSError:
+            pass
+        pid -= 1
+
+
+def test_models_shows_a_killed_conversions_leftover_and_cleans_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    gguf = Path(os.environ["LLMLAB_CACHE"]) / "gguf"
+    killed = gguf / f"model-0123456789ab.staging-{_dead_pid()}-x1y2"  # SIGKILLed a minute ago
+    running = gguf / f"model-0123456789ab.staging-{os.getpid()}-z3"  # a conversion still going on
+    for folder in (killed, running):
+        folder.mkdir(parents=True)
+        (folder / "model.safetensors").write_bytes(b"\0" * 5000)
+    listed = invoke(["models", "-f", "jsonl"])
+    rows = {r["name"]: r for r in jsonl(listed.stdout)}
+    assert rows[killed.name] == {"name": killed.name, "kind": "leftover", "size": 5000, "offline": False,
+                                 "where": str(killed),
+                                 "note": "left by a stopped conversion; llmlab models --clean removes it"}
+    assert rows[running.name]["note"] == "a conversion in progress"
+    cleaned = invoke(["models", "--clean", "-f", "jsonl"])
+    assert cleaned.exit_code == 0 and cleaned.stderr == f"removed {killed}\n"
+    assert not killed.exists() and running.exists()
+    assert killed.name not in {r["name"] for r in jsonl(cleaned.stdout)}

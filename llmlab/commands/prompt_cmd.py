@@ -142,6 +142,8 @@ def prompt_render(
 def models_cmd(
     format: Annotated[str, typer.Option("--format", "-f", help="auto (a table on a terminal), text "
                                         "(tab-separated), jsonl.")] = "auto",
+    clean: Annotated[bool, typer.Option("--clean", help="First remove what stopped conversions left in "
+                                        "LLMLAB_CACHE (never a conversion still running).")] = False,
 ) -> None:
     """List models: aliases, the embedded smollm2, llmlab's cache and the Hugging Face cache.
 
@@ -151,6 +153,8 @@ def models_cmd(
     from llmlab.io import render
 
     fmt = _list_format(format)
+    for path in modelcache.remove_stale() if clean else []:
+        console.note(f"removed {path}")
     found = modelcache.cached_models()
     if fmt == "jsonl":
         for m in found:
