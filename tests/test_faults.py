@@ -773,3 +773,64 @@ def test_models_shows_a_killed_conversions_leftover_and_cleans_it(tmp_path, monk
     assert cleaned.exit_code == 0 and cleaned.stderr == f"removed {killed}\n"
     assert not killed.exists() and running.exists()
     assert killed.name not in {r["name"] for r in jsonl(cleaned.stdout)}
+
+
+# ---------------------------------------------------------------- issue 27: --processes capped
+
+
+GiB = 1 << 30
+
+
+@pytest.mark.parametrize("asked, items, cores, gpus, memory, expected", [
+    (64, 10, 2, 0, 64 * GiB, (2, "--processes 64: starting 2 (2 CPU cores)")),
+    (8, 3, 16, 0, 64 * GiB, (3, "--processes 8: starting 3 (3 items)")),
+    (4, 100, 16, 0, 5 * GiB, (2, "--processes 4: starting 2 (memory for 2 model copies of ~1.0 GiB)")),
+    (4, 100, 16, 2, 64 * GiB, (2, "--processes 4: starting 2 (2 GPUs)")),
+    (2, 100, 16, 0, 64 * GiB, (2, "")),
+    ("auto", 10, 2, 0, 64 * GiB, (2, "")),
+    ("auto", 1, 16, 0, 64 * GiB, (1, "")),
+    ("auto", 100, 16, 0, 1 * GiB, (1, "")),  # not even one copy fits besides: one process, never none
+])
+def test_processes_plan(asked, items, cores, gpus, memory, expected):
+    from llmlab.orchestration import parallel
+
+    assert parallel.plan(asked, items, GiB, cores=cores, gpus=gpus, memory=memory) == expected
+
+
+@pytest.mark.parametrize("asked, started, said", [
+    ("64", 3, "warning: --processes 64: starting 3 (3 items)\n"),
+    ("auto", 3, ""),
+    ("2", 2, ""),
+])
+def test_eval_processes_capped_before_any_launch(fake_lm, tmp_path, monkeypatch, asked, started, said):
+    from llmlab.orchestration import parallel
+
+    launched = []
+    monkeypatch.setattr(parallel, "launch", lambda args, n, *rest: launched.append(n) or 0)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(parallel, "available_memory", lambda: 64 * GiB)
+    (tmp_path / "toy.yaml").write_text(TOY)
+    (tmp_path / "in.jsonl").write_text(LABELED)
+    result = invoke(["eval", "-m", "fake-llama", "--device", "cpu", "-t", tmp_path / "toy.yaml", "--data",
+                     tmp_path / "in.jsonl", "--processes", asked])
+    assert result.exit_code == 0 and result.stderr == said
+    assert launched == [started] and fake_lm.loads == []
+
+
+def test_processes_auto_with_one_item_runs_here(fake_lm, tmp_path, monkeypatch):
+    from llmlab.orchestration import parallel
+
+    monkeypatch.setattr(parallel, "launch", lambda *a: pytest.fail("one item: no processes to start"))
+    (tmp_path / "toy.yaml").write_text(TOY)
+    (tmp_path / "in.jsonl").write_text(LABELED.splitlines(keepends=True)[0])
+    result = invoke(["eval", "-m", "fake-llama", "--device", "cpu", "-t", tmp_path / "toy.yaml", "--data",
+                     tmp_path / "in.jsonl", "--processes", "auto"])
+    assert result.exit_code == 0, result.stderr
+    assert len(fake_lm.loads) == 1  # loaded here, once
+
+
+def test_processes_not_a_number(no_model, tmp_path):
+    (tmp_path / "toy.yaml").write_text(TOY)
+    (tmp_path / "in.jsonl").write_text(LABELED)
+    result = invoke(["eval", "-t", tmp_path / "toy.yaml", "--data", tmp_path / "in.jsonl", "--processes", "many"])
+    assert (result.exit_code, result.stderr) == (2, "error: invalid --processes 'many': give a count >= 1, or auto\n")

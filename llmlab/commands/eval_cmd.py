@@ -53,9 +53,10 @@ SampleSize = Annotated[Optional[int], typer.Option("--sample", rich_help_panel=I
                                                   help="Evaluate a fixed seeded sample of N rows (the rows shuffled "
                                                   "with --sample-seed, the first N kept; before --offset/--limit).")]
 SampleSeed = Annotated[int, typer.Option(rich_help_panel=IO_PANEL, help="Seed of --sample's shuffle.")]
-Processes = Annotated[int, typer.Option(rich_help_panel=MODEL_PANEL,
+Processes = Annotated[str, typer.Option(rich_help_panel=MODEL_PANEL,
                                         help="Split the items over N processes (torchrun; one per GPU, or CPU "
-                                        "processes over gloo); same results as 1. Or run under "
+                                        "processes over gloo); same results as 1. auto: as many as the items, "
+                                        "GPUs or cores and memory allow (N is capped the same way). Or run under "
                                         "`accelerate launch --multi_gpu -m llmlab eval`.")]
 
 
@@ -73,7 +74,7 @@ def eval_cmd(
     shot_selection: ShotSelection = None, shot_format: ShotFormatOpt = None,
     overflow: OverflowOpt = Overflow.drop_shots, examples: Examples = None, prompts_dir: PromptsDir = None,
     max_new_tokens: MaxNewTokens = None, batch_size: BatchSize = "16", input_format: InputFormatOpt = InputFormat.auto,
-    no_log: NoLog = False, processes: Processes = 1, quiet: Quiet = False, verbose: Verbose = False,
+    no_log: NoLog = False, processes: Processes = "1", quiet: Quiet = False, verbose: Verbose = False,
 ) -> None:
     """Measure prompt files on labeled data: every template x shot count x seed x calibration, one table.
 
@@ -106,7 +107,7 @@ def eval_cmd(
         evaluate.check_report_path(report)
     for combo in combos:
         session.settings_for(combo.template, None, {"max_new_tokens": max_new_tokens})
-    _in_processes(processes, [t.data for t in tasks], model_cfg)
+    _in_processes(processes, [t.data for t in tasks], model_cfg, max(len(t.items) for t in tasks))
     # Only process 0 keeps the run log (it logs every process's items once they are gathered).
     result = session.evaluate(the_plan, model_cfg, hooks(no_log or not parallel.is_main()))
     if not parallel.is_main():
@@ -117,16 +118,31 @@ def eval_cmd(
         evaluate.write_report(report, result)
 
 
-def _in_processes(processes: int, data: list, model_cfg) -> None:
+def _gpus(model_cfg) -> int:
+    """GPUs the processes would use (one each); 0 on a CPU run. Imports torch only for a CUDA device."""
+    if model_cfg.device not in ("auto",) and not str(model_cfg.device).startswith("cuda"):
+        return 0
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _in_processes(asked: str, data: list, model_cfg, items: int) -> None:
     """--processes N > 1: everything is checked, so re-run this command in N processes and exit
     with their status (llmlab.orchestration.parallel). Inside one of them: join the group; only process 0 talks."""
     from llmlab.orchestration import parallel
 
-    parallel.check(processes, data, model_cfg.device_map)
-    if processes > 1:
-        from llmlab.backends.models import resolve_model
+    processes = parallel.parse_processes(asked)
+    if processes != 1:
+        from llmlab.backends.modelspec import resolve_model, weights_bytes
 
         resolve_model(model_cfg.spec)  # a model that isn't there: one line here, not one per process
+        processes, why = parallel.plan(processes, items, weights_bytes(model_cfg.spec), gpus=_gpus(model_cfg),
+                                       memory=parallel.available_memory())
+        if why:
+            console.warn(why)
+    parallel.check(processes, data, model_cfg.device_map)
+    if processes > 1:
         raise typer.Exit(parallel.launch(cli._ARGS, processes, sys.stderr.write,
                                          os.environ.get("LLMLAB_DEBUG", "") not in ("", "0")))
     parallel.init()
