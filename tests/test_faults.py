@@ -400,8 +400,8 @@ CASES = [
          check=_listed_without_reading),
     Case("shots-without-examples-classify", C[:1] + ["-m", "{nomodel}", "-t", "{tmp}/toy.yaml", "--shots", "2", "x"],
          3, "template 'toy' has no examples, so --shots 2 has nothing to show", files={"toy.yaml": NOEX}),
-    Case("shots-without-examples-eval", EV[:1] + ["-m", "{nomodel}"] + EV[3:] + ["--shots", "0,1"], 3,
-         "template 'toy' has no examples, so --shots 1 has nothing to show", files={"toy.yaml": NOEX, "in.jsonl": LABELED}),
+    Case("shots-without-examples-eval", EV[:1] + ["-m", "{nomodel}"] + EV[3:] + ["--shots", "0,1"], 2,
+         "--shots 1: template 'toy' has no examples to draw demonstrations from", files={"toy.yaml": NOEX, "in.jsonl": LABELED}),
     # ---- issue 27: no cache is unpickled (1); user text is never rich markup (2)
     Case("planted-pickle-index", CI + ["--shots", "2", "--shot-selection", "similar"], 0, "is unusable", rows=3,
          files={"toy.yaml": TOY, "in.jsonl": LABELED}, setup=_planted_pickle, check=_index_rebuilt),

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from llmlab.commands.tables import check_choice, show_matrix
 from llmlab.core import console
 from llmlab.core.config import Dtype, value
 from llmlab.core.errors import UsageError
@@ -48,14 +49,13 @@ def compare_cmd(
 
     A matrix: a row per input, a column per variant (output, or prediction with a ✓/✗ mark), and each column's
     accuracy or ROUGE-L. Each variant is logged as a run."""
-    from llmlab.orchestration import compare
+    from llmlab.orchestration import compare, report
     from llmlab.prompting import prompts
     from llmlab.runs import runlog
-    from llmlab.commands.runs_cmd import _check_choice, _show_matrix
 
     console.configure(quiet, False)
-    _check_choice("--show", show, ("all", "differing", "wrong"))
-    _check_choice("--format", format, ("auto", "jsonl", "csv"))
+    check_choice("--show", show, ("all", "differing", "wrong"))
+    check_choice("--format", format, ("auto", "jsonl", "csv"))
     _check_folders(output, html)
     templates = [prompts.find_template(t, prompts_dir or []) for t in template or []]
     chosen = compare.variants(templates, model or [], config or [])
@@ -74,10 +74,9 @@ def compare_cmd(
     rows = compare.select(m, show)
     if html:
         from llmlab.io.safewrite import write_text
-        from llmlab.orchestration import report
         write_text(html, report.render([], m, title=f"llmlab compare on {input}"))  # whole, or the old one stays
         console.note(f"wrote {html}")
-    _show_matrix(m, rows, format, output)
+    show_matrix(m, rows, format, output)
 
 
 def _check_folders(*paths: Optional[str]) -> None:
@@ -99,3 +98,8 @@ def _items(path: str, field: str, limit: Optional[int], templates: list) -> list
     if not templates:
         io.require_field(items, field)
     return items
+
+
+def register(app: typer.Typer) -> None:
+    """Add compare to the llmlab app."""
+    app.command("compare")(compare_cmd)

@@ -9,11 +9,11 @@ import logging
 import math
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from llmlab.core.errors import DataError, UsageError
+from llmlab.io.items import Item, lines  # noqa: F401 - Item and lines re-exported
 from llmlab.io.locks import OutputLock, SigtermAsExit
 from llmlab.io.safewrite import Writer, write_error
 from llmlab.io.resume import (  # noqa: F401 - record_key re-exported
@@ -38,36 +38,8 @@ _EXTENSIONS = {
 }
 
 
-@dataclass
-class Item:
-    """One input: its position among the inputs, its fields, and where it came from."""
-
-    index: int
-    fields: dict[str, Any]
-    source: str  # "data.jsonl line 3", for error messages
-
-    @property
-    def key(self) -> str:
-        """Identity for --resume and duplicate checks: the `id` field, else the position."""
-        if "id" in self.fields and self.fields["id"] not in (None, ""):
-            return f"id:{self.fields['id']}"
-        return f"index:{self.index}"
-
-
 def _name(path: str) -> str:
     return "stdin" if path == "-" else path
-
-
-def lines(text: str) -> list[str]:
-    """The lines of a text, split on "\n" only (a "\r" before it is dropped).
-
-    Not str.splitlines(): that also breaks on U+2028, U+2029, U+0085, form feeds..., which a valid
-    JSON string may hold unescaped (llmlab's own output does) and a text prompt may contain.
-    """
-    parts = text.split("\n")
-    if parts[-1] == "":
-        parts.pop()
-    return [p[:-1] if p.endswith("\r") else p for p in parts]
 
 
 def read_text(path: str) -> str:

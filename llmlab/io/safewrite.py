@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Iterator, TextIO
 
 from llmlab.core.errors import DataError
+from llmlab.io.items import cell
 
 _FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
@@ -85,10 +86,6 @@ def _umask() -> int:
     return mask
 
 
-def _cell(value: Any) -> Any:
-    return json.dumps(value, ensure_ascii=False) if isinstance(value, (list, dict)) else value
-
-
 class Writer:
     """Writes one record at a time, each whole or not at all, so an interrupted run keeps every
     finished row. A file is written unbuffered, one write per record; when a write fails (a full
@@ -117,7 +114,7 @@ class Writer:
                 self._csv = csv.DictWriter(self._buffer, fieldnames=list(record), extrasaction="ignore")
                 if not self._append:
                     self._csv.writeheader()
-            self._csv.writerow({k: _cell(v) for k, v in record.items()})
+            self._csv.writerow({k: cell(v) for k, v in record.items()})
             return self._buffer.getvalue()
         value = record.get(self.text_key, "")
         return (value if isinstance(value, str) else json.dumps(value)) + "\n"

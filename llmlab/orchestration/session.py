@@ -15,6 +15,7 @@ from typing import Any, Callable, ContextManager, Iterator, Optional, Sequence
 from llmlab.core import config as cfgmod
 from llmlab.core.config import ClassifyConfig, GenerateConfig, ModelConfig, ProbeConfig, PromptConfig
 from llmlab.core.errors import TemplateError, UsageError
+from llmlab.orchestration import resolve
 
 
 class _Null:
@@ -134,7 +135,8 @@ class Session:
         from llmlab.prompting import prompts
 
         lm = self.lm
-        options = prompts.options_for(template, prompt.shots, prompt.selection, prompt.seed, self.chat(template),
+        shots = resolve.shots(prompt.shots, template).value if template is not None else prompt.shots
+        options = prompts.options_for(template, shots, prompt.selection, prompt.seed, self.chat(template),
                                       prompt.shot_format, prompt.overflow, max_new_tokens,
                                       default_selection=default_selection)
         return prompts.make_builder(template, lm.tokenizer, lm.window, options, prompt.examples, input_path,
@@ -143,8 +145,7 @@ class Session:
 
 def check_prompt_options(prompt: PromptConfig) -> None:
     """Option values a prompt builder would reject, rejected before the model loads."""
-    if prompt.shots is not None and prompt.shots < 0:
-        raise UsageError(f"invalid --shots {prompt.shots}: must be >= 0")
+    resolve.shots(prompt.shots, None)
     cfgmod.check_prompts_dirs(prompt.prompts_dir)
 
 
@@ -213,7 +214,7 @@ def generate(cfg: GenerateConfig, hooks: Hooks = Hooks(), lm: Any = None, displa
     # Opened before the model loads: a log that can't be written fails before any model time.
     with hooks.open_run("generate", config=_logged_config(cfg, settings), templates=template,
                         data=cfg.input.path) as log:
-        session = _loaded(cfg.model, lm, log, hooks)
+        session = loaded(cfg.model, lm, log, hooks)
         session.lm.gen_engine = cfg.gen_engine
         jobs = _jobs(cfg, session, template, todo, settings, hooks)
 
@@ -257,7 +258,7 @@ def _jobs(cfg: GenerateConfig, session: "Session", template: Any, todo: list[Any
     return generation.template_jobs(builder, todo)
 
 
-def _loaded(model: ModelConfig, lm: Any, log: Any, hooks: Optional[Hooks] = None) -> "Session":
+def loaded(model: ModelConfig, lm: Any, log: Any, hooks: Optional[Hooks] = None) -> "Session":
     """The session (its model loaded), with the model's name and device filled into the run log."""
     session = Session(model, lm, hooks)
     log.update(model=session.lm.name, device=str(session.lm.device))
@@ -305,7 +306,6 @@ def classify(cfg: ClassifyConfig, hooks: Hooks = Hooks(), table: bool = False, l
     if template is None or template.task != "classify":
         name = template.name if template else cfg.prompt.template
         raise UsageError(f"template '{name}' is a generate template; classify needs task: classify with labels")
-    _check_classify_options(cfg)
     settings = settings_for(template)
     io.check_output_path(cfg.output.path, inputs=[cfg.input.path])
     if cfg.input.path is not None:
@@ -320,17 +320,13 @@ def classify(cfg: ClassifyConfig, hooks: Hooks = Hooks(), table: bool = False, l
     todo = sink.pending(items)
     if not todo:
         return None
-    # An explicit --calibration wins; else --probe-data means probe; else the template's calibrate:
-    # (which only applies to scoring).
-    mode = clf.calibration_mode(cfg.calibrate) if cfg.calibrate is not None else \
-        "probe" if cfg.probe and cfg.probe.data else \
-        (template.calibrate or "off") if cfg.method == "score" else "off"
+    mode = resolve.calibration(cfg.calibrate, template, cfg.method, cfg.probe.data if cfg.probe else None).value
     if mode == "batch" and len(todo) < 2:
         raise UsageError("--calibration batch estimates the bias from the inputs themselves: give several "
                          "(--input FILE), or use contextual or domain for one input")
     source = probe_source(cfg.probe, mode, template, hooks)
     with hooks.open_run("classify", config=_logged_config(cfg), templates=template, data=cfg.input.path) as log:
-        session = _loaded(cfg.model, lm, log, hooks)
+        session = loaded(cfg.model, lm, log, hooks)
         builder = session.builder(template, cfg.prompt, settings.max_new_tokens, cfg.input.path)
         classifier = clf.Classifier(session.lm, builder, cfg.method, cfg.normalize, mode, cfg.batch_size,
                                     settings, cfg.ensemble, hooks.detail, source)
@@ -364,19 +360,6 @@ def classify_metrics(results: Sequence[Any], template: Any) -> dict[str, Any]:
     return metrics
 
 
-def evaluate(plan: Any, model: ModelConfig, hooks: Hooks = Hooks(), lm: Any = None) -> dict[str, Any]:
-    """`llmlab eval` on a checked plan: one logged run, each item logged as it is scored and each
-    combination's metrics as it finishes. Returns the report (evaluate.evaluate's)."""
-    from llmlab.orchestration import evaluate as ev
-
-    data = ", ".join(dict.fromkeys(t.data for t in plan.tasks))
-    with hooks.open_run("eval", config=ev.plan_config(plan, model.chat), templates=[t.template for t in plan.tasks],
-                        data=data) as log:
-        session = _loaded(model, lm, log, hooks)
-        with hooks.progress(plan.total(), "evaluating") as bar:
-            return ev.evaluate(session, plan, bar, log)
-
-
 def probe_source(probe: Any, modes: str | Sequence[str], template: Any, hooks: Hooks = Hooks()) -> Any:
     """The probe's rows, read and checked before any model time: --probe-data, else the template's
     probe: file (None when no mode is probe)."""
@@ -394,11 +377,6 @@ def probe_source(probe: Any, modes: str | Sequence[str], template: Any, hooks: H
     probe = probe or ProbeConfig()
     data = data or str(template.probe_path)
     return probes.load_source(data, probe.size, probe.layers, template, hooks.progress, hooks.info)
-
-
-def _check_classify_options(cfg: ClassifyConfig) -> None:
-    if cfg.calibrate not in (None, "off") and cfg.method != "score":
-        raise UsageError("--calibrate needs --method score: it adjusts label probabilities")
 
 
 def with_prompt(prompt: PromptConfig, **changes: Any) -> PromptConfig:
