@@ -834,3 +834,39 @@ def test_processes_not_a_number(no_model, tmp_path):
     (tmp_path / "in.jsonl").write_text(LABELED)
     result = invoke(["eval", "-t", tmp_path / "toy.yaml", "--data", tmp_path / "in.jsonl", "--processes", "many"])
     assert (result.exit_code, result.stderr) == (2, "error: invalid --processes 'many': give a count >= 1, or auto\n")
+
+
+@pytest.mark.slow
+def test_a_workers_error_with_markup_in_it_is_one_plain_line(tiny_models, tmp_path):
+    """--processes 2: each worker prints its own error; a model folder named like rich markup is text there."""
+    import shutil
+    import subprocess
+    import sys
+
+    broken = tmp_path / "[/x]model"
+    shutil.copytree(tiny_models["llama"], broken)
+    (broken / "config.json").write_text('{"model_type": "llama",')  # cut short: fails in each worker
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env.pop("WORLD_SIZE", None)
+    (tmp_path / "toy.yaml").write_text(TOY)
+    (tmp_path / "in.jsonl").write_text(LABELED)
+    result = subprocess.run([sys.executable, "-m", "llmlab", "eval", "-t", str(tmp_path / "toy.yaml"), "--data",
+                             str(tmp_path / "in.jsonl"), "--model", str(broken), "--processes", "2", "-q"],
+                            capture_output=True, text=True, env=env, timeout=600)
+    lines = result.stderr.splitlines()
+    assert result.returncode == 4 and len(lines) == 1, result.stderr  # ModelError, from the workers
+    assert lines[0].startswith("error: ") and "[/x]model" in lines[0] and "Traceback" not in result.stderr
+
+
+def test_a_multi_line_exception_is_one_error_line(fake_lm, monkeypatch):
+    """The last line of defence (an unexpected exception): its text joined onto one line."""
+    from llmlab.scoring import generation
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("first line\n    second line\n")
+
+    monkeypatch.setattr(generation, "run_single", boom)
+    result = invoke(["generate", "-m", "fake-llama", "hi"])
+    assert result.exit_code == 1
+    assert result.stderr == "error: RuntimeError: first line second line (set LLMLAB_DEBUG=1 for the traceback)\n"

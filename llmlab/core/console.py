@@ -89,7 +89,9 @@ def detail(message: str) -> None:
 
 
 def error(message: str) -> None:
-    # Text, never markup: a message carries user text (a file named "[/x].jsonl", a label "[red]")
+    # Text, never markup: a message carries user text (a file named "[/x].jsonl", a label "[red]");
+    # and one line, whatever an exception's text holds (a library's multi-line message)
+    message = " ".join(part.strip() for part in str(message).splitlines() if part.strip())
     Console(file=sys.stderr, highlight=False, soft_wrap=True).print(Text.assemble(("error:", "red"), " ", message))
 
 
