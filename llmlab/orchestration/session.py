@@ -114,18 +114,21 @@ class Session:
     """A loaded model plus the decisions every command makes the same way."""
 
     def __init__(self, model: ModelConfig, lm: Any = None, hooks: Optional[Hooks] = None):
-        from llmlab.backends import models
+        from llmlab.backends import registry
+
+        from llmlab.scoring.scorecache import ScoreCache
 
         self.model = model
         self.hooks = hooks or Hooks()
-        if lm is None and model.backend == "vllm":
-            from llmlab.backends import vllm
+        self.scores = ScoreCache()  # label scores of this model, shared by the run's classifiers
 
-            lm = vllm.load(model.spec, model.dtype, model.tensor_parallel_size)
-        self.lm = lm if lm is not None else models.load(model.spec, model.device, model.dtype,
-                                                        device_map=model.device_map, max_memory=model.max_memory)
-        if hooks is not None:  # the backend's messages (out-of-memory back-off, unreachable stop texts)
-            self.lm.on_event = lambda level, message: (hooks.warn if level >= 30 else hooks.info)(message)
+        def on_event(level: int, message: str) -> None:  # the backend's own messages, as warnings or info
+            (self.hooks.warn if level >= 30 else self.hooks.info)(message)
+
+        events = on_event if hooks is not None else None
+        self.lm = lm if lm is not None else registry.open_backend(model, events)
+        if lm is not None and events is not None:  # a model handed in (tests, library use): same messages
+            lm.on_event = events
 
     def chat(self, template: Any = None) -> bool:
         return chat_for(self.lm.tokenizer, self.model.chat, template)
@@ -215,7 +218,6 @@ def generate(cfg: GenerateConfig, hooks: Hooks = Hooks(), lm: Any = None, displa
     with hooks.open_run("generate", config=_logged_config(cfg, settings), templates=template,
                         data=cfg.input.path) as log:
         session = loaded(cfg.model, lm, log, hooks)
-        session.lm.gen_engine = cfg.gen_engine
         jobs = _jobs(cfg, session, template, todo, settings, hooks)
 
         def logged(job: Any, rec: dict[str, Any]) -> None:
@@ -225,11 +227,11 @@ def generate(cfg: GenerateConfig, hooks: Hooks = Hooks(), lm: Any = None, displa
 
         shown = None
         if single and settings.logprobs:  # a person reads coloured tokens: nothing to stream
-            output = session.lm.generate(requests(jobs[:1]), settings, batch_size=1)[0]
+            output = session.lm.generate(requests(jobs[:1]), settings, batch_size=1, engine=cfg.gen_engine)[0]
             logged(jobs[0], generation.record(jobs[0], output, session.lm.name, cfg.echo))
             shown = (jobs[0], output)
         elif single:
-            output = generation.run_single(session.lm, jobs[0], settings, cfg.echo, hooks.emit)
+            output = generation.run_single(session.lm, jobs[0], settings, cfg.echo, hooks.emit, cfg.gen_engine)
             logged(jobs[0], generation.record(jobs[0], output, session.lm.name, cfg.echo))
         else:
             with sink as writer, hooks.progress(len(jobs), "generating") as bar:
@@ -240,7 +242,7 @@ def generate(cfg: GenerateConfig, hooks: Hooks = Hooks(), lm: Any = None, displa
                     logged(job, rec)
                     bar.advance(1)
 
-                run_jobs(session.lm, jobs, settings, cfg.batch_size, done)
+                run_jobs(session.lm, jobs, settings, cfg.batch_size, done, cfg.gen_engine)
         log.metrics({"items": len(jobs)})
     return shown
 
@@ -286,9 +288,10 @@ def requests(jobs: Sequence[Any]) -> list[Any]:
 
 
 def run_jobs(lm: Any, jobs: Sequence[Any], settings: Any, batch_size: Optional[int],
-             done: Callable[[Any, Any], Any]) -> list[Any]:
-    """Generate for every job; done(job, output) is called in input order as results arrive."""
-    return lm.generate(requests(jobs), settings, batch_size=batch_size,
+             done: Callable[[Any, Any], Any], engine: str = "auto") -> list[Any]:
+    """Generate for every job; done(job, output) is called in input order as results arrive.
+    engine: --gen-engine (auto, padded, continuous)."""
+    return lm.generate(requests(jobs), settings, batch_size=batch_size, engine=engine,
                        on_output=lambda index, output: done(jobs[index], output))
 
 
@@ -329,7 +332,7 @@ def classify(cfg: ClassifyConfig, hooks: Hooks = Hooks(), table: bool = False, l
         session = loaded(cfg.model, lm, log, hooks)
         builder = session.builder(template, cfg.prompt, settings.max_new_tokens, cfg.input.path)
         classifier = clf.Classifier(session.lm, builder, cfg.method, cfg.normalize, mode, cfg.batch_size,
-                                    settings, cfg.ensemble, hooks.detail, source)
+                                    settings, cfg.ensemble, hooks.detail, source, session.scores)
         for draw in range(cfg.ensemble if source else 0):
             classifier.probe(draw)  # fitted (or loaded) before the classifying bar starts
         # Results are handed on per chunk: small chunks keep the progress bar true to the work done.

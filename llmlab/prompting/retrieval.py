@@ -186,7 +186,7 @@ class HiddenRetriever:
                              "use similar-tfidf where only the tokenizer is loaded (prompt render)")
         self.lm = lm
         self.batch_size = batch_size
-        self.size = len(texts)
+        self.size, self._first = len(texts), list(texts[:1])
         self.index = _load_or_build(f"hidden-{pool_hash(texts, lm.name)}", lambda: self.embed(texts),
                                     self._read, lambda index: ({"vectors": index}, {"kind": "hidden"}))
 
@@ -194,39 +194,13 @@ class HiddenRetriever:
         vectors = arrays["vectors"]
         _check(meta.get("kind") == "hidden" and vectors.ndim == 2 and vectors.shape[0] == self.size
                and vectors.dtype.kind == "f", f"vectors of shape {vectors.shape} for a pool of {self.size}")
-        hidden = getattr(getattr(self.lm, "model", None), "config", None)
-        width = getattr(hidden, "hidden_size", None) or getattr(hidden, "d_model", None)
-        _check(not isinstance(width, int) or vectors.shape[1] == width,
-               f"{vectors.shape[1]} dimensions, the model has {width}")
+        width = self.embed(self._first).shape[1]  # one short forward pass: the model's own width
+        _check(vectors.shape[1] == width, f"{vectors.shape[1]} dimensions, the model gives {width}")
         return vectors
 
     def embed(self, texts: Sequence[str]) -> Any:
         """(len(texts) x hidden) float32 numpy array of L2-normalized mean-pooled last hidden states."""
-        import numpy as np
-        import torch
-
-        tok = self.lm.tokenizer
-        ids = [tok(t, add_special_tokens=False)["input_ids"][:256] or [tok.pad_token_id or 0] for t in texts]
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths together: less padding
-        out = np.zeros((len(ids), 0), dtype=np.float32)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        model = self.lm.model.get_encoder() if self.lm.is_encoder_decoder else self.lm.model
-        for start in range(0, len(order), self.batch_size):
-            batch = order[start : start + self.batch_size]
-            width = max(len(ids[i]) for i in batch)
-            # Right padding: the mask keeps pad positions out of the mean (and, causally, out of attention).
-            input_ids = torch.tensor([ids[i] + [pad] * (width - len(ids[i])) for i in batch], device=self.lm.device)
-            mask = torch.tensor([[1] * len(ids[i]) + [0] * (width - len(ids[i])) for i in batch], device=self.lm.device)
-            with torch.inference_mode():
-                hidden = model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True)
-                last = (hidden.encoder_last_hidden_state if hasattr(hidden, "encoder_last_hidden_state")
-                        else hidden.hidden_states[-1]).float()  # (batch, width, hidden)
-            pooled = (last * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)  # mean over real tokens
-            pooled = torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy()
-            if out.shape[1] == 0:
-                out = np.zeros((len(ids), pooled.shape[1]), dtype=np.float32)
-            out[batch] = pooled
-        return out
+        return self.lm.embed(texts, self.batch_size)
 
     def similarities(self, queries: Sequence[str]) -> Any:
         return self.embed(queries) @ self.index.T
