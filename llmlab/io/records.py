@@ -102,7 +102,7 @@ def read_items(path: str, fmt: str = "auto", text_field: str = "prompt") -> list
 
 
 def _read_jsonl(text: str, name: str) -> list[Item]:
-    items = []
+    items: list[Item] = []
     for n, line in enumerate(lines(text), 1):
         if not line.strip():
             continue
@@ -133,7 +133,7 @@ def _read_csv(text: str, name: str, delimiter: str) -> list[Item]:
             raise DataError(
                 f"{name} line 1: the header needs unique, non-empty column names (got {header})"
             )
-        items = []
+        items: list[Item] = []
         for row in reader:
             if not any(cell.strip() for cell in row):
                 continue
@@ -168,7 +168,8 @@ def _kind(value: Any) -> str:
         return json.dumps(value)
     if isinstance(value, float) and not math.isfinite(value):
         return f"the number {value}"
-    return {list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
+    names: dict[type, str] = {list: "a list", dict: "an object"}
+    return names.get(type(value), type(value).__name__)
 
 
 def require_text(items: Iterable[Item], fields: Sequence[str]) -> None:
@@ -258,7 +259,7 @@ class Output:
             self._lock.acquire()  # before reading what is done: two resumed runs must not both do the rest
         try:
             self._sigterm.install()
-            if resume:
+            if resume and self.path is not None:  # checked above: resume needs a path
                 self.records = finished_records(self.path, self.fmt)
                 self.done = set(self.records)
                 if self.records and self.settings is not None and self._lock is not None:
@@ -276,6 +277,7 @@ class Output:
 
     def __enter__(self) -> Writer:
         append = bool(self.resume and self.path and os.path.exists(self.path) and self.done)
+        stream: Any  # the file (unbuffered binary: llmlab.io.safewrite.Writer) or stdout
         if self.path:
             try:
                 self._file = open(self.path, "ab" if append else "wb", buffering=0)  # unbuffered: see Writer
@@ -302,11 +304,11 @@ class Output:
 
     def close(self) -> None:
         """Close the file, drop the lock, give SIGTERM back its previous handler."""
-        if getattr(self, "_file", None):
-            self._file.close()
+        if file := getattr(self, "_file", None):
+            file.close()
             self._file = None
-        if getattr(self, "_lock", None):
-            self._lock.release()
+        if lock := getattr(self, "_lock", None):
+            lock.release()
             self._lock = None
         if getattr(self, "_sigterm", None):
             self._sigterm.restore()

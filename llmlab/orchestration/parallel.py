@@ -204,8 +204,10 @@ def plan(asked: int | str, items: int, model_bytes: int | None, cores: int | Non
         fit = max(1, memory // (model_bytes + PROCESS_OVERHEAD))
         limits[f"memory for {fit} model cop{'ies' if fit != 1 else 'y'} of ~{model_bytes / 2**30:.1f} GiB"] = fit
     cap = min(limits.values())
-    if asked == "auto" or asked <= cap:
-        return (cap if asked == "auto" else asked), ""
+    if isinstance(asked, str):  # auto
+        return cap, ""
+    if asked <= cap:
+        return asked, ""
     why = "; ".join(name for name, n in limits.items() if n == cap)
     return cap, f"--processes {asked}: starting {cap} ({why})"
 

@@ -21,9 +21,12 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from llmlab.core.errors import UsageError
+
+if TYPE_CHECKING:  # types only: nothing more is imported at run time
+    from llmlab.backends.base import LM
 
 RETRIEVERS = ("tfidf", "hidden")
 DEFAULT = "tfidf"  # measured better than hidden on SST-2 and AG News with smollm2 (prompts/README.md)
@@ -55,11 +58,11 @@ def _save(path: Path, arrays: dict[str, Any], meta: dict[str, Any]) -> None:
     import numpy as np
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = json.dumps({"format": FORMAT, **meta}).encode("utf-8")
+    text = json.dumps({"format": FORMAT, **meta}).encode("utf-8")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, meta=np.frombuffer(meta, dtype=np.uint8), **arrays)
+            np.savez(f, meta=np.frombuffer(text, dtype=np.uint8), **arrays)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -152,7 +155,7 @@ class TfidfRetriever:
     def _read(self, arrays: dict[str, Any], meta: dict[str, Any]) -> tuple[Any, Any]:
         """The vectorizer and matrix rebuilt from plain arrays, each checked against this pool."""
         import numpy as np
-        from scipy.sparse import csr_matrix
+        from scipy.sparse import csr_matrix  # type: ignore[import-untyped]
         from sklearn.feature_extraction.text import TfidfVectorizer
 
         terms, (rows, cols) = meta["terms"], meta["shape"]
@@ -180,7 +183,7 @@ class HiddenRetriever:
 
     name = "hidden"
 
-    def __init__(self, texts: Sequence[str], lm: Any, batch_size: int = 32):
+    def __init__(self, texts: Sequence[str], lm: LM | None, batch_size: int = 32):
         if lm is None:
             raise UsageError("--shot-selection similar-hidden needs the model's hidden states; "
                              "use similar-tfidf where only the tokenizer is loaded (prompt render)")
@@ -206,7 +209,7 @@ class HiddenRetriever:
         return self.embed(queries) @ self.index.T
 
 
-def make_retriever(kind: str, texts: Sequence[str], lm: Any = None) -> Any:
+def make_retriever(kind: str, texts: Sequence[str], lm: LM | None = None) -> Any:
     if kind == "tfidf":
         return TfidfRetriever(texts)
     if kind == "hidden":

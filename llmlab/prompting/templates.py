@@ -218,21 +218,13 @@ def load_template(path_text: str, read_examples: bool = True) -> Template:
     return template
 
 
-def _beside(template: Template, name: str) -> Path | None:
-    """A file a template names, resolved relative to it; None when it lies outside the template's
-    folder tree (a template names its own files, never /etc/passwd or ../../secrets)."""
-    folder = template.path.parent.resolve()
-    path = (folder / Path(name).expanduser()).resolve()
-    return path if path.is_relative_to(folder) else None
-
-
 def _attach_probe(template: Template, probe: Any, where: str) -> None:
     """probe: a JSONL/CSV file of labelled rows, named relative to the template (read when used)."""
     if probe is not None:
         if not isinstance(probe, str) or template.task != "classify":
             raise TemplateError(f"{where}: 'probe' must be the path of a JSONL/CSV file of labelled rows "
                                 "(classify templates only)")
-        template.probe_path = _beside(template, probe)
+        template.probe_path = _beside(template, probe, where)
         if template.probe_path is None:
             raise TemplateError(f"{where}: probe file '{probe}' is outside the template's folder; move it beside "
                                 "the template, or give it with --probe-data FILE")
@@ -267,11 +259,21 @@ def _chat(chat: Any, where: str) -> str | None:
     return chat
 
 
+def _beside(template: Template, name: str, where: str) -> Path | None:
+    """A file a template names, resolved relative to the template's own file; None when it lies outside
+    the template's folder tree (a template names its own files, never /etc/passwd or ../../secrets)."""
+    if template.path is None:
+        raise TemplateError(f"{where}: '{name}' is relative to the template file, and this template has none")
+    folder = template.path.parent.resolve()
+    path = (folder / Path(name).expanduser()).resolve()
+    return path if path.is_relative_to(folder) else None
+
+
 def _attach_examples(template: Template, examples: Any, where: str, read: bool = True) -> None:
     """The template's examples: a list of mappings, or a JSONL/CSV file named relative to it (inside
     its folder tree; read unless `read` is False)."""
     if isinstance(examples, str):
-        template.examples_path = _beside(template, examples)
+        template.examples_path = _beside(template, examples, where)
         if template.examples_path is None:
             template.examples_path = Path(examples)
             template.examples_error = (f"{where}: examples file '{examples}' is outside the template's folder; "
@@ -379,7 +381,7 @@ def check_examples(template: Template, examples: list[dict[str, Any]], where: st
         if bad:
             raise TemplateError(f"{where}: example {n} field '{bad}' is {json.dumps(example[bad])}, not text; "
                                 "give it a string")
-        if template.labels and str(example[template.target]) not in template.labels:
+        if template.labels and template.target and str(example[template.target]) not in template.labels:
             raise TemplateError(
                 f"{where}: example {n} has label '{example[template.target]}', not one of the "
                 f"template's labels: {', '.join(template.labels)}"
