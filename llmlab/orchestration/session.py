@@ -169,11 +169,7 @@ def find_template(prompt: PromptConfig) -> Optional[Template]:
 
     check_prompt_options(prompt)
     template = prompts.find_template(prompt.template, prompt.prompts_dir) if prompt.template else None
-    if template is not None and not prompt.examples:  # before any model time
-        if template.examples_error:
-            raise TemplateError(template.examples_error)
-        prompts.check_shots(template, prompt.shots or 0)
-    return template
+    return _usable(template, prompt) if template is not None else None
 
 
 def required_template(prompt: PromptConfig) -> Template:
@@ -181,7 +177,16 @@ def required_template(prompt: PromptConfig) -> Template:
     from llmlab.prompting import prompts
 
     check_prompt_options(prompt)
-    return prompts.find_template(prompt.template or "", prompt.prompts_dir)
+    return _usable(prompts.find_template(prompt.template or "", prompt.prompts_dir), prompt)
+
+
+def _usable(template: Template, prompt: PromptConfig) -> Template:
+    """Before any model time: its own examples file (unless --examples), and examples for --shots."""
+    from llmlab.prompting import prompts
+
+    if not prompt.examples:
+        prompts.check_shots(template, prompt.shots or 0)  # raises examples_error first
+    return template
 
 
 # ---------------------------------------------------------------- generate
@@ -214,10 +219,9 @@ def generate(cfg: GenerateConfig, hooks: Hooks = Hooks(), lm: Optional[LM] = Non
     record by record. display: stdout is a terminal; one prompt with --logprobs is then returned
     as (job, output) for the CLI to colour by probability, else None is returned. Piped, one prompt
     with --logprobs is written as a record (streamed text would lose the numbers)."""
-    from llmlab.scoring import generation
-    from llmlab.io import records as io
-
     from llmlab.backends import hf_continuous
+    from llmlab.io import records as io
+    from llmlab.scoring import generation
 
     template = find_template(cfg.prompt)
     if template is not None and adapted.adapters_in(cfg.model):

@@ -352,12 +352,12 @@ class PromptBuilder:
 
 
 def check_shots(template: Template, shots: int, pool: Sequence[Any] | None = None) -> None:
-    """shots > 0 needs demonstrations (`pool`, else the template's examples) with answers; checked
-    before any model time for every shot count a run will use."""
+    """shots > 0 needs demonstrations (`pool`, else the template's examples, which must be its own) with
+    answers; checked before any model time for every shot count a run will use."""
+    if pool is None and template.examples_error:  # a file outside its folder: refused whatever the count
+        raise TemplateError(template.examples_error)
     if shots <= 0:
         return
-    if pool is None and template.examples_error:
-        raise TemplateError(template.examples_error)
     if not (template.examples if pool is None else pool) and not (pool is None and not template.examples_read):
         raise TemplateError(
             f"template '{template.name}' has no examples, so --shots {shots} has nothing to show: "
