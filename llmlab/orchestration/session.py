@@ -288,9 +288,9 @@ def run_jobs(lm: Any, jobs: Sequence[Any], settings: Any, batch_size: Optional[i
 # ---------------------------------------------------------------- classify
 
 
-def classify(cfg: ClassifyConfig, hooks: Hooks = Hooks(), table: bool = False, lm: Any = None):
+def classify(cfg: ClassifyConfig, hooks: Hooks = Hooks(), table: bool = False, lm: Any = None, items: Any = None):
     """`llmlab classify`: returns (results, classifier) when `table` (a person reads them), else
-    writes one record per input as it is done and returns None."""
+    writes one record per input as it is done and returns None. items: the inputs, given (the server)."""
     from llmlab.scoring import classify as clf
     from llmlab.io import records as io
     from llmlab.prompting import prompts
@@ -302,11 +302,11 @@ def classify(cfg: ClassifyConfig, hooks: Hooks = Hooks(), table: bool = False, l
     _check_classify_options(cfg)
     settings = settings_for(template)
     io.check_output_path(cfg.output.path, inputs=[cfg.input.path])
-    if cfg.input.path is not None:
+    if items is None and cfg.input.path is not None:
         if cfg.text is not None or cfg.prompt.vars:
             raise UsageError("give either a TEXT argument (or --var) or --input FILE, not both")
         items = read_input(cfg.input.path, cfg.input.format, template.fields[0], cfg.input.offset, cfg.input.limit)
-    else:
+    elif items is None:
         items = [template_item(template, single_prompt(cfg.text), cfg.prompt.vars, "classify")]
     prompts.require_fields(items, template)
     sink = io.Output(cfg.output.path, cfg.output.format, resume=cfg.output.resume, text_key="prediction")
