@@ -36,7 +36,7 @@ def serve(
                                       "requests to batch with.")] = 5.0,
     quiet: Quiet = False, verbose: Verbose = False,
 ) -> None:
-    """Serve a model over HTTP: OpenAI's /v1/completions (echo + logprobs scores prompts),
+    r"""Serve a model over HTTP: OpenAI's /v1/completions (echo + logprobs scores prompts),
     /v1/chat/completions (streaming), /v1/models, /health, and llmlab's /v1/classify, /v1/render.
 
     Needs fastapi and uvicorn (pip install 'llmlab\[serve]'). Binds 127.0.0.1 unless told otherwise.

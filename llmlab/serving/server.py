@@ -5,6 +5,7 @@ connections, the requests in flight finish, then it exits."""
 from __future__ import annotations
 
 import ipaddress
+import signal
 import threading
 from typing import Any, Callable, Optional
 
@@ -63,6 +64,9 @@ def serve(cfg: ServeConfig, hooks: Any, lm: Any = None, on_ready: Optional[Calla
     server = uvicorn_server(app, cfg.host, cfg.port)
     watcher = threading.Thread(target=_announce, args=(server, hooks, on_ready, session.lm.name), daemon=True)
     watcher.start()
+    if threading.current_thread() is threading.main_thread():
+        # uvicorn drains, then re-raises the signal it caught: SIGTERM then ends here, exit status 0.
+        signal.signal(signal.SIGTERM, lambda signum, frame: None)
     try:
         server.run()
     finally:
