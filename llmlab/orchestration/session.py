@@ -187,16 +187,7 @@ def generate(cfg: GenerateConfig, hooks: Hooks = Hooks(), lm: Any = None, displa
     from llmlab.scoring import generation
     from llmlab.io import records as io
 
-    from llmlab.backends import hf_continuous
-
-    template = find_template(cfg.prompt)
-    settings = settings_for(template, cfg.preset, cfg.flags)
-    hf_continuous.check(cfg.gen_engine, settings, cfg.model.backend)
-    io.check_output_path(cfg.output.path, inputs=[cfg.input.path])
-    if settings.logprobs and io.output_format(cfg.output.path, cfg.output.format) == "text":
-        raise UsageError("--logprobs: the text format keeps only the completion; write JSONL or CSV "
-                         "(-o FILE.jsonl or --format jsonl)")
-    items = _generate_items(cfg, template)
+    template, settings, items = generate_inputs(cfg)
     single = cfg.input.path is None and cfg.output.terminal and (display or not settings.logprobs)
     sink = io.Output(cfg.output.path, cfg.output.format, resume=cfg.output.resume)
     todo = sink.pending(items)
@@ -236,6 +227,21 @@ def generate(cfg: GenerateConfig, hooks: Hooks = Hooks(), lm: Any = None, displa
                 run_jobs(session.lm, jobs, settings, cfg.batch_size, done)
         log.metrics({"items": len(jobs)})
     return shown
+
+
+def generate_inputs(cfg: GenerateConfig) -> tuple[Any, Any, list[Any]]:
+    """A generate run's checks, before any model time: (template, settings, inputs)."""
+    from llmlab.backends import hf_continuous
+    from llmlab.io import records as io
+
+    template = find_template(cfg.prompt)
+    settings = settings_for(template, cfg.preset, cfg.flags)
+    hf_continuous.check(cfg.gen_engine, settings, cfg.model.backend)
+    io.check_output_path(cfg.output.path, inputs=[cfg.input.path])
+    if settings.logprobs and io.output_format(cfg.output.path, cfg.output.format) == "text":
+        raise UsageError("--logprobs: the text format keeps only the completion; write JSONL or CSV "
+                         "(-o FILE.jsonl or --format jsonl)")
+    return template, settings, _generate_items(cfg, template)
 
 
 def _jobs(cfg: GenerateConfig, session: "Session", template: Any, todo: list[Any], settings: Any,
@@ -293,22 +299,9 @@ def classify(cfg: ClassifyConfig, hooks: Hooks = Hooks(), table: bool = False, l
     writes one record per input as it is done and returns None. items: the inputs, given (the server)."""
     from llmlab.scoring import classify as clf
     from llmlab.io import records as io
-    from llmlab.prompting import prompts
 
-    template = find_template(cfg.prompt)
-    if template is None or template.task != "classify":
-        name = template.name if template else cfg.prompt.template
-        raise UsageError(f"template '{name}' is a generate template; classify needs task: classify with labels")
-    _check_classify_options(cfg)
+    template, items = classify_inputs(cfg, items)
     settings = settings_for(template)
-    io.check_output_path(cfg.output.path, inputs=[cfg.input.path])
-    if items is None and cfg.input.path is not None:
-        if cfg.text is not None or cfg.prompt.vars:
-            raise UsageError("give either a TEXT argument (or --var) or --input FILE, not both")
-        items = read_input(cfg.input.path, cfg.input.format, template.fields[0], cfg.input.offset, cfg.input.limit)
-    elif items is None:
-        items = [template_item(template, single_prompt(cfg.text), cfg.prompt.vars, "classify")]
-    prompts.require_fields(items, template)
     sink = io.Output(cfg.output.path, cfg.output.format, resume=cfg.output.resume, text_key="prediction")
     todo = sink.pending(items)
     if not todo:
@@ -345,6 +338,27 @@ def classify(cfg: ClassifyConfig, hooks: Hooks = Hooks(), table: bool = False, l
             results = classifier.classify(todo, on_result=done, chunk=chunk)
         log.metrics(classify_metrics(results, template))
     return (results, classifier) if table else None
+
+
+def classify_inputs(cfg: ClassifyConfig, items: Any = None) -> tuple[Any, list[Any]]:
+    """A classify run's checks, before any model time: (template, inputs); items: given (the server)."""
+    from llmlab.io import records as io
+    from llmlab.prompting import prompts
+
+    template = find_template(cfg.prompt)
+    if template is None or template.task != "classify":
+        name = template.name if template else cfg.prompt.template
+        raise UsageError(f"template '{name}' is a generate template; classify needs task: classify with labels")
+    _check_classify_options(cfg)
+    io.check_output_path(cfg.output.path, inputs=[cfg.input.path])
+    if items is None and cfg.input.path is not None:
+        if cfg.text is not None or cfg.prompt.vars:
+            raise UsageError("give either a TEXT argument (or --var) or --input FILE, not both")
+        items = read_input(cfg.input.path, cfg.input.format, template.fields[0], cfg.input.offset, cfg.input.limit)
+    elif items is None:
+        items = [template_item(template, single_prompt(cfg.text), cfg.prompt.vars, "classify")]
+    prompts.require_fields(items, template)
+    return template, items
 
 
 def classify_metrics(results: Sequence[Any], template: Any) -> dict[str, Any]:
