@@ -170,9 +170,12 @@ def prompt_tokens(lm: Any, rows: Sequence[list[int]], top: int) -> list[PromptSc
     if "position_ids" in lm.forward_params():
         kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.inference_mode():
-        logprobs = torch.log_softmax(lm.model(**kwargs).logits.float(), dim=-1)  # [B, W, V]
-        chosen = logprobs[:, :-1].gather(2, ids[:, 1:, None]).squeeze(2).tolist()  # [B, W-1]
-        values, tops = (t.tolist() for t in logprobs.topk(top, dim=-1))  # [B, W, top]
+        # log P = logit - logsumexp(logits): no second [B, W, V] tensor (what log_softmax would allocate)
+        logits = lm.model(**kwargs).logits.float()  # [B, W, V]
+        norm = torch.logsumexp(logits, dim=-1, keepdim=True)  # [B, W, 1]
+        chosen = (logits[:, :-1].gather(2, ids[:, 1:, None]) - norm[:, :-1]).squeeze(2).tolist()  # [B, W-1]
+        best = logits.max(dim=-1, keepdim=True) if top == 1 else logits.topk(top, dim=-1)
+        values, tops = (best[0] - norm).tolist(), best[1].tolist()  # [B, W, top]
     width = ids.shape[1]
     text = lambda i: lm.tokenizer.decode([i])  # noqa: E731
     out = []

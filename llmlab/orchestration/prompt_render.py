@@ -33,9 +33,10 @@ def render(cfg: RenderConfig, hooks: Hooks = Hooks(), items: Any = None, loaded:
     template = find_template(cfg.prompt)
     if items is None and cfg.input.path is not None:
         items = read_input(cfg.input.path, cfg.input.format, template.fields[0], cfg.input.offset, cfg.input.limit)
-    elif items is None:
+    if items is None:
         items = [template_item(template, None, cfg.prompt.vars, "prompt render")]
-    prompts.require_fields(items, template)
+    else:
+        prompts.require_fields(items, template)
     tokenizer, window, encoder_decoder = loaded or models.load_tokenizer(cfg.model.spec)
     settings = settings_for(template, None, {"max_new_tokens": cfg.max_new_tokens})
     options = prompts.options_for(template, cfg.prompt.shots, cfg.prompt.selection, cfg.prompt.seed,
