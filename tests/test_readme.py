@@ -148,8 +148,9 @@ def test_readme_command_runs(tiny_models, tmp_path, monkeypatch, where, command)
     command = command.replace(T5_FILES[1], str(t5 / "config.json")).replace(T5_FILES[0], str(t5))
     model = str(t5 if "flan-t5" in command or str(t5) in command else tiny_models["llama"])
     if command.startswith("llmlab serve") or SERVER_URL in command:
-        return serve_command(command, model, monkeypatch)
-    run(*prepare(command, model))
+        serve_command(command, model, monkeypatch)
+    else:
+        run(*prepare(command, model))
 
 
 def serve_command(command: str, model: str, monkeypatch) -> None:
@@ -168,7 +169,8 @@ def serve_command(command: str, model: str, monkeypatch) -> None:
                 pass
 
         monkeypatch.setattr(server, "uvicorn_server", lambda app, host, port: NoSocket())
-        return run(*prepare(command.removesuffix("&").strip(), model))
+        run(*prepare(command.removesuffix("&").strip(), model))
+        return
     with running(models.load(model, "cpu", "float32")) as (url, _):
         run(*prepare(command.replace(SERVER_URL, url), model))
 
