@@ -245,7 +245,7 @@ def test_eval_compares_calibration_methods(tiny_models, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--calibration", "batch", "great"], "--calibration batch estimates the bias from the inputs themselves"),
-    (["--calibration", "bogus", "great"], "invalid --calibrate 'bogus'"),
+    (["--calibration", "bogus", "great"], "invalid --calibration 'bogus'"),
     (["--ensemble", "0", "great"], "Invalid value for '--ensemble'"),
     (["--shot-selection", "nearest", "--shots", "1", "great"], "Invalid value for '--shot-selection': 'nearest'"),
 ])

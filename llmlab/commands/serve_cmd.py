@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from llmlab.commands.cli import _model, app, hooks
+from llmlab.commands.app import hooks, model_config
 from llmlab.commands.options import (Chat, Device, DeviceMapOpt, DtypeOpt, MaxMemoryOpt, Model, Quiet, Verbose)
 from llmlab.core import console
 from llmlab.core.config import Dtype, ServeConfig
@@ -18,7 +18,6 @@ def _opt(*names: str, **kwargs):
     return typer.Option(*names, rich_help_panel=SERVE_PANEL, **kwargs)
 
 
-@app.command()
 def serve(
     model: Model = None, device: Device = "auto", dtype: DtypeOpt = Dtype.auto, chat: Chat = None,
     device_map: DeviceMapOpt = None, max_memory: MaxMemoryOpt = None,
@@ -44,6 +43,11 @@ def serve(
     from llmlab.serving import server
 
     console.configure(quiet, verbose)
-    cfg = ServeConfig(_model(model, device, dtype, chat, device_map, max_memory), host, port, api_key, max_body,
+    cfg = ServeConfig(model_config(model, device, dtype, chat, device_map, max_memory), host, port, api_key, max_body,
                       max_prompt_tokens, max_tokens, max_n, batch_wait)
     server.serve(cfg, hooks(no_log=True))
+
+
+def register(app: typer.Typer) -> None:
+    """Add serve to the llmlab app."""
+    app.command("serve")(serve)

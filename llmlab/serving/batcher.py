@@ -80,10 +80,8 @@ class Batcher:
             requests = [r for job in group for r in job.requests]
             try:
                 self.calls += 1
-                kwargs = dict(group[0].kwargs)
-                if "gen_engine" in kwargs:
-                    self.lm.gen_engine = kwargs.pop("gen_engine")
-                results = getattr(self.lm, group[0].kind)(requests, **kwargs)
+                kind, kwargs = group[0].kind, group[0].kwargs
+                results = [kwargs["fn"]()] if kind == "call" else getattr(self.lm, kind)(requests, **kwargs)
             except BaseException as exc:  # noqa: BLE001 - handed to every caller of the group
                 for job in group:
                     job.error = exc
@@ -97,26 +95,43 @@ class Batcher:
 
 
 class QueuedLM(LM):
-    """The served model seen through the batcher: one per request (its gen_engine and on_event are its own)."""
+    """The served model seen through the batcher: one per request (its on_event is its own)."""
 
     def __init__(self, batcher: Batcher):
         self._batcher = batcher
         inner = batcher.lm
         self.name, self.tokenizer, self.window = inner.name, inner.tokenizer, inner.window
         self.device, self.is_encoder_decoder = inner.device, inner.is_encoder_decoder
-        self.gen_engine = getattr(inner, "gen_engine", "auto")
 
     @property
     def num_layers(self) -> int:  # type: ignore[override]
         return self._batcher.lm.num_layers
 
+    @property
+    def decoder_start_id(self) -> int | None:  # type: ignore[override]
+        return self._batcher.lm.decoder_start_id
+
+    def eos_ids(self) -> set[int]:
+        return self._batcher.lm.eos_ids()
+
     def token_ids(self, text: str, templated: bool = False) -> list[int]:
         return self._batcher.lm.token_ids(text, templated)
+
+    def continuation_ids(self, text: str) -> list[int]:
+        return self._batcher.lm.continuation_ids(text)
 
     def __getattr__(self, name: str) -> Any:  # context_ids, prefix helpers... (never the weights)
         if name.startswith("_") or name == "model":
             raise AttributeError(name)
         return getattr(self._batcher.lm, name)
+
+    def next_logits(self, prompt: Sequence[int], context: Sequence[int]) -> Any:
+        inner = self._batcher.lm
+        return self._batcher.submit("call", [None], None, fn=lambda: inner.next_logits(prompt, context))[0]
+
+    def embed(self, texts: Sequence[str], batch_size: int = 32) -> Any:
+        inner = self._batcher.lm
+        return self._batcher.submit("call", [None], None, fn=lambda: inner.embed(texts, batch_size))[0]
 
     def loglikelihood(self, requests: Sequence[LLRequest], batch_size: int | None = 16,
                       prefix_cache: bool = True, hidden_layers: Sequence[int] | None = None) -> list[LLOutput]:
@@ -131,12 +146,12 @@ class QueuedLM(LM):
 
     def generate(self, requests: Sequence[GenRequest], settings: Any, batch_size: int | None = 8,
                  on_output: Callable[[int, GenOutput], None] | None = None,
-                 stream: Callable[[str], None] | None = None) -> list[GenOutput]:
+                 stream: Callable[[str], None] | None = None, engine: str = "auto") -> list[GenOutput]:
         # A streamed request runs alone (the backend streams only single prompts); others merge when
         # everything that shapes the output matches.
-        key = None if stream else ("gen", repr(settings), batch_size, self.gen_engine)
+        key = None if stream else ("gen", repr(settings), batch_size, engine)
         outputs = self._batcher.submit("generate", requests, key, settings=settings, batch_size=batch_size,
-                                       stream=stream, gen_engine=self.gen_engine)
+                                       stream=stream, engine=engine)
         for i, output in enumerate(outputs):
             if on_output:
                 on_output(i, output)

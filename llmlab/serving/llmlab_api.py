@@ -157,10 +157,8 @@ def run_generate(body: GenerateBody, lm: Any, served: Any) -> dict[str, Any]:
         from llmlab.io import records
 
         records.require_field(items, body.field)
-    run = session.Session(cfg.model, lm)
-    lm.gen_engine = cfg.gen_engine
-    jobs = session._jobs(cfg, run, template, items, settings, hooks)
-    outputs = session.run_jobs(lm, jobs, settings, cfg.batch_size, lambda job, output: None)
+    jobs = session._jobs(cfg, session.Session(cfg.model, lm), template, items, settings, hooks)
+    outputs = session.run_jobs(lm, jobs, settings, cfg.batch_size, lambda job, output: None, cfg.gen_engine)
     return {"object": "generation", "model": lm.name, "settings": dataclasses.asdict(settings),
             "results": [generation.record(j, o, lm.name, cfg.echo) for j, o in zip(jobs, outputs)],
             "model_texts": [j.model_text for j in jobs], "warnings": warnings}
