@@ -29,9 +29,14 @@ def tiny(tiny_models):
 
 
 @pytest.fixture(scope="module")
-def client(tiny):
-    with running(tiny) as (url, _):
-        yield openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+def url(tiny):
+    with running(tiny) as (address, _):
+        yield address
+
+
+@pytest.fixture(scope="module")
+def client(url):
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
 
 
 def in_process(lm, text, templated=False, **settings):
@@ -66,6 +71,24 @@ def test_echo_logprobs_are_the_loglikelihood_lm_eval_reads(client, tiny):
     parsed = lm_eval.LocalCompletionsAPI.parse_logprobs(reply.model_dump(), ctxlens=[len(ctx)])
     assert parsed[0][0] == pytest.approx(expected.logprob, abs=1e-4)
     assert parsed[0][1] == expected.greedy
+
+
+def test_lm_eval_local_completions_end_to_end(url, tiny):
+    """lm-eval's own client finds the server's tokenizer (/tokenizer_info, /tokenize) and scores
+    loglikelihood requests through /v1/completions: the same numbers and greediness as in-process."""
+    from llmlab.backends.base import LLRequest
+
+    api = pytest.importorskip("lm_eval.models.openai_completions")
+    from lm_eval.api.instance import Instance
+
+    harness = api.LocalCompletionsAPI(base_url=url + "/v1/completions", model=tiny.name, batch_size=2)
+    assert harness.tokenizer.encode(" I loved it") == tiny.continuation_ids(" I loved it")
+    pairs = [("the movie was great and", " I loved it"), ("the film was", " terrible")]
+    got = harness.loglikelihood([Instance("loglikelihood", doc={}, arguments=p, idx=n) for n, p in enumerate(pairs)],
+                                disable_tqdm=True)
+    expected = tiny.loglikelihood([LLRequest(*p) for p in pairs])
+    assert [g[0] for g in got] == pytest.approx([e.logprob for e in expected], abs=1e-4)
+    assert [g[1] for g in got] == [e.greedy for e in expected]
 
 
 def test_chat_streaming_and_logprobs(client, tiny):

@@ -14,6 +14,7 @@ from typing import Any, Callable
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
@@ -139,8 +140,40 @@ def create_app(lm: Any, cfg: ServeConfig) -> FastAPI:
                 first={"role": "assistant", "content": ""})
         return await run_in_threadpool(completions.chat, body, served, cfg, name)
 
+    _tokenizer_routes(app, lm)
     llmlab_api.register(app, model, cfg)
     return app
+
+
+class TokenizeBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    prompt: StrictStr
+    add_special_tokens: StrictBool = True
+
+
+class DetokenizeBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    tokens: list[StrictInt]
+
+
+def _tokenizer_routes(app: FastAPI, lm: Any) -> None:
+    """vLLM's tokenizer endpoints, which lm-evaluation-harness finds by itself (its remote tokenizer):
+    then local-completions needs no tokenizer folder of its own."""
+    tokenizer = lm.tokenizer
+
+    @app.get("/tokenizer_info")
+    def tokenizer_info() -> dict:
+        return {name: getattr(tokenizer, name, None) for name in ("eos_token", "bos_token", "pad_token",
+                                                                  "chat_template")} | {"model_max_length": lm.window}
+
+    @app.post("/tokenize")
+    def tokenize(body: TokenizeBody) -> dict:
+        ids = lm.token_ids(body.prompt) if body.add_special_tokens else lm.continuation_ids(body.prompt)
+        return {"tokens": ids, "count": len(ids), "max_model_len": lm.window}
+
+    @app.post("/detokenize")
+    def detokenize(body: DetokenizeBody) -> dict:
+        return {"prompt": tokenizer.decode(body.tokens)}
 
 
 def _stream_completion(body: api.CompletionBody, lm: Any, cfg: ServeConfig, name: str) -> StreamingResponse:
