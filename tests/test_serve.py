@@ -197,3 +197,18 @@ def test_a_body_sent_in_chunks_is_capped_too(served):
     reply = connection.getresponse()
     assert reply.status == 413
     assert "over this server's cap of 3000 bytes" in json.loads(reply.read())["error"]["message"]
+
+
+def test_32_concurrent_clients_all_get_their_own_answers(served):
+    """A bounded load test on loopback: 32 clients x 4 requests, no errors, nothing crossed over."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    url, _, _ = served
+
+    def ask(k: int) -> bool:
+        ids = [100 + k % 50, 101 + k % 50]
+        status, reply = call(url, "/v1/completions", {"prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 0})
+        return status == 200 and reply["choices"][0]["logprobs"]["tokens"] == [chr(i - 3) for i in ids]
+
+    with ThreadPoolExecutor(32) as pool:
+        assert all(pool.map(ask, range(128)))
