@@ -150,7 +150,6 @@ def test_ensemble_with_calibration_calibrates_each_draw(llama, toy):
 
 def test_ensemble_reuses_each_draws_prefix(llama, toy):
     builder = builder_for(llama, toy, shots=2, selection="balanced")
-    classify._SCORES.clear()  # scores remembered from other tests would skip the model
     calls = []
     original = llama.prefix_kv
     llama.prefix_kv = lambda ids: calls.append(tuple(ids)) or original(ids)

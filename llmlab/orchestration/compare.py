@@ -211,7 +211,7 @@ def run_variant(variant: Variant, items: Sequence[Any], opts: dict[str, Any], se
         if source is not None:
             source.info = session.hooks.info
         clf = classify.Classifier(lm, builder, opts["method"], "none", mode, opts["batch_size"], settings,
-                                  probe=source)
+                                  probe=source, cache=session.scores)
         if source is not None:
             clf.probe(0)  # fitted (or loaded from the cache) before the items
         clf.classify(items, on_result=lambda r: emit(r.item, r.prompt, prediction=r.prediction,

@@ -116,7 +116,7 @@ def _classify_seed(session: Any, combo: Combo, builder: Any, plan_: EvalPlan, se
     if source is not None:
         source.info = session.hooks.info
     clf = classify.Classifier(lm, builder, plan_.method, plan_.normalize, combo.calibrate, plan_.batch_size,
-                              settings, plan_.ensemble, session.hooks.detail, source)
+                              settings, plan_.ensemble, session.hooks.detail, source, session.scores)
     for draw in range(plan_.ensemble if combo.calibrate == "probe" else 0):
         clf.probe(draw)  # fitted (or loaded) before the items; inside `started`, so items/s includes the fit
 

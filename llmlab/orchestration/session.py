@@ -116,8 +116,11 @@ class Session:
     def __init__(self, model: ModelConfig, lm: Any = None, hooks: Optional[Hooks] = None):
         from llmlab.backends import registry
 
+        from llmlab.scoring.scorecache import ScoreCache
+
         self.model = model
         self.hooks = hooks or Hooks()
+        self.scores = ScoreCache()  # label scores of this model, shared by the run's classifiers
 
         def on_event(level: int, message: str) -> None:  # the backend's own messages, as warnings or info
             (self.hooks.warn if level >= 30 else self.hooks.info)(message)
@@ -316,7 +319,7 @@ def classify(cfg: ClassifyConfig, hooks: Hooks = Hooks(), table: bool = False, l
         session = loaded(cfg.model, lm, log, hooks)
         builder = session.builder(template, cfg.prompt, settings.max_new_tokens, cfg.input.path)
         classifier = clf.Classifier(session.lm, builder, cfg.method, cfg.normalize, mode, cfg.batch_size,
-                                    settings, cfg.ensemble, hooks.detail, source)
+                                    settings, cfg.ensemble, hooks.detail, source, session.scores)
         for draw in range(cfg.ensemble if source else 0):
             classifier.probe(draw)  # fitted (or loaded) before the classifying bar starts
         # Results are handed on per chunk: small chunks keep the progress bar true to the work done.
