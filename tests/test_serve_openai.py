@@ -108,6 +108,11 @@ def test_chat_streaming_and_logprobs(client, tiny):
     assert chunks[-1].choices[0].finish_reason == expected.finish_reasons[0]
 
 
+def test_a_token_id_outside_the_vocabulary_is_a_400(client, tiny):
+    with pytest.raises(openai.BadRequestError, match="outside the model's vocabulary"):
+        client.completions.create(model=tiny.name, prompt=[[5, 10**6]], max_tokens=1)
+
+
 def test_sampling_with_a_seed_repeats(client, tiny):
     ask = dict(model=tiny.name, prompt="the film", max_tokens=6, temperature=1.0, seed=7, n=2)
     first, second = client.completions.create(**ask), client.completions.create(**ask)

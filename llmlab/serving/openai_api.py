@@ -95,12 +95,15 @@ def prompts_of(body: CompletionBody, lm: Any) -> list[tuple[str, list[int], bool
         raise APIError(400, "prompt is an empty list", param="prompt")
     if isinstance(raw[0], int):
         raw = [raw]
+    vocab = len(lm.tokenizer) if hasattr(lm.tokenizer, "__len__") else None
     out = []
     for p in raw:
         if isinstance(p, str):
             out.append((p, lm.token_ids(p), False))
-        else:
-            out.append((lm.tokenizer.decode(list(p)), list(p), True))
+            continue
+        if vocab is not None and any(not 0 <= i < vocab for i in p):
+            raise APIError(400, f"a prompt token id is outside the model's vocabulary (0-{vocab - 1})", param="prompt")
+        out.append((lm.tokenizer.decode(list(p)), list(p), True))
     return out
 
 
