@@ -177,11 +177,16 @@ def test_classify_endpoint_answers_as_llmlab_classify(served, fake_lm, tmp_path)
     assert reply["results"] == jsonl(local.stdout)
 
 
-def test_a_host_other_than_loopback_needs_a_key(no_model):
-    result = invoke(["serve", "--host", "0.0.0.0"])
-    assert result.exit_code == 2
-    assert result.stderr.strip() == ("error: --host 0.0.0.0 lets other machines in: give --api-key KEY (or "
-                                     "LLMLAB_API_KEY), or serve on 127.0.0.1")
+@pytest.mark.parametrize("args, message", [
+    (["--host", "0.0.0.0"], "--host 0.0.0.0 lets other machines in: give --api-key KEY (or LLMLAB_API_KEY), or "
+                            "serve on 127.0.0.1"),
+    (["--port", "70000"], "invalid --port 70000: give 1-65535 (0 = any free port)"),
+    (["--max-tokens", "0"], "invalid --max-tokens 0: must be >= 1"),
+    (["--batch-wait", "-1"], "invalid --batch-wait -1.0: must be >= 0 milliseconds"),
+])
+def test_serve_mistakes_fail_before_the_model_loads(no_model, args, message):
+    result = invoke(["serve", *args])
+    assert (result.exit_code, result.stderr) == (2, f"error: {message}\n")
 
 
 def test_a_body_sent_in_chunks_is_capped_too(served):

@@ -35,6 +35,8 @@ def check(cfg: ServeConfig) -> None:
                            ("--max-body", cfg.max_body_bytes), ("--max-prompt-tokens", cfg.max_prompt_tokens or 1)):
         if number < 1:
             raise UsageError(f"invalid {option} {number}: must be >= 1")
+    if cfg.batch_wait_ms < 0:
+        raise UsageError(f"invalid --batch-wait {cfg.batch_wait_ms}: must be >= 0 milliseconds")
     if cfg.model.backend != "hf":
         raise UsageError("llmlab serve runs --backend hf models")
 
