@@ -95,6 +95,8 @@ def test_resume_through_the_server(fake_lm, url, files, tmp_path):
      "the server at URL: --max-new-tokens 5000 leaves no room in the 4096-token window"),
     (["classify", "-t", "no-such", "x", "--server", "URL"],
      "no template named 'no-such'"),
+    (["classify", "-t", "sentiment", "x", "--calibration", "off", "--probe-layers", "1", "--server", "URL"],
+     "the server at URL: --probe-layers is read only with --calibration probe"),
 ])
 def test_server_mistakes_are_one_line(url, args, message):
     result = invoke([a.replace("URL", url) for a in args])

@@ -117,6 +117,7 @@ def classify(cfg: Any, hooks: Any, url: str, table: bool = False) -> Optional[tu
         return None
     body = {**_prompt_body(cfg), "method": cfg.method, "normalize": cfg.normalize, "calibration": cfg.calibrate,
             "ensemble": cfg.ensemble, "batch_size": cfg.batch_size, "prompts": True,
+            **({"probe_size": cfg.probe.size, "probe_layers": cfg.probe.layers} if cfg.probe else {}),
             "inputs": [item.fields for item in todo]}
     results = []
     with hooks.open_run("classify", config=session._logged_config(cfg), templates=template,

@@ -11,7 +11,8 @@ from typing import Any, Callable, Optional
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 from llmlab.core.config import (ChatMode, ClassifyConfig, GenEngine, GenerateConfig, InputConfig, Method, Normalize,
-                                OutputConfig, Overflow, PromptConfig, RenderConfig, Selection, ShotFormat, value)
+                                OutputConfig, Overflow, ProbeConfig, PromptConfig, RenderConfig, Selection, ShotFormat,
+                                value)
 from llmlab.serving.errors import APIError
 
 CALIBRATIONS = ("off", "contextual", "batch", "domain", "probe")
@@ -47,6 +48,8 @@ class ClassifyBody(_Prompted):
     calibration: Optional[StrictStr] = None  # None: the template's calibrate:, as `llmlab classify`
     ensemble: StrictInt = Field(1, ge=1)
     batch_size: Optional[StrictInt] = Field(16, ge=1)
+    probe_size: StrictInt = Field(ProbeConfig.size, ge=1)  # calibration probe: on the template's probe: file
+    probe_layers: Optional[StrictStr] = None
     prompts: StrictBool = False  # also return each input's prompt (the CLI's run log keeps it)
 
 
@@ -105,7 +108,7 @@ def run_classify(body: ClassifyBody, lm: Any, served: Any) -> dict[str, Any]:
     cfg = ClassifyConfig(model=dataclasses.replace(served, chat=value(body.chat)), prompt=prompt, input=InputConfig(),
                          output=OutputConfig(format="jsonl"), method=value(body.method),
                          normalize=value(body.normalize), calibrate=body.calibration, ensemble=body.ensemble,
-                         batch_size=body.batch_size)
+                         batch_size=body.batch_size, probe=ProbeConfig(None, body.probe_size, body.probe_layers))
     items = _items(body, template, "classify")
     results, classifier = session.classify(cfg, session.Hooks(warn=warnings.append), table=True, lm=lm, items=items)
     out: dict[str, Any] = {"object": "classification", "model": lm.name, "template": classifier.template.name,
