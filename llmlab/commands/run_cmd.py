@@ -26,7 +26,8 @@ def generate(
     prompt: PromptArg = None,
     model: Model = None, device: Device = "auto", dtype: DtypeOpt = Dtype.auto, chat: Chat = None,
     device_map: DeviceMapOpt = None, max_memory: MaxMemoryOpt = None, backend: BackendOpt = Backend.hf,
-    tensor_parallel_size: TensorParallel = 1, dry_run: DryRun = False, server: Server = None,
+    tensor_parallel_size: TensorParallel = 1, dry_run: DryRun = False, adapter: AdapterOpt = None,
+    server: Server = None,
     max_new_tokens: MaxNewTokens = None, greedy: Greedy = None, temperature: Temperature = None, top_k: TopK = None,
     top_p: TopP = None, repetition_penalty: RepetitionPenalty = None, num_beams: NumBeams = None,
     num_return_sequences: NumReturn = None, seed: Seed = None, stop: Stop = None, logprobs: Logprobs = None,
@@ -47,7 +48,8 @@ def generate(
     from llmlab.core.config import GenerateConfig, InputConfig, OutputConfig, batch_size as parse_batch
 
     console.configure(quiet, verbose)
-    model_cfg = model_config(model, device, dtype, chat, device_map, max_memory, backend, tensor_parallel_size)
+    model_cfg = model_config(model, device, dtype, chat, device_map, max_memory, backend, tensor_parallel_size,
+                             adapter)
     if dry_run:
         show_placement(model_cfg)
     flags = dict(max_new_tokens=max_new_tokens, do_sample=None if greedy is None else not greedy,
@@ -96,7 +98,8 @@ def classify(
     text: TextArg = None, template: ClassifyTemplate = ...,
     model: Model = None, device: Device = "auto", dtype: DtypeOpt = Dtype.auto, chat: Chat = None,
     device_map: DeviceMapOpt = None, max_memory: MaxMemoryOpt = None, backend: BackendOpt = Backend.hf,
-    tensor_parallel_size: TensorParallel = 1, dry_run: DryRun = False, server: Server = None,
+    tensor_parallel_size: TensorParallel = 1, dry_run: DryRun = False, adapter: AdapterOpt = None,
+    server: Server = None,
     method: MethodOpt = Method.score, normalize: NormalizeOpt = Normalize.none, calibrate: CalibrateFlag = False,
     calibration: Calibration = None, ensemble: Ensemble = 1, probe_data: ProbeData = None,
     probe_size: ProbeSize = ProbeConfig.size, probe_layers: ProbeLayers = None, shots: Shots = None, shot_selection: ShotSelection = None, seed: ShotSeed = None, shot_format: ShotFormatOpt = None,
@@ -115,7 +118,8 @@ def classify(
     from llmlab.core.config import ClassifyConfig, InputConfig, OutputConfig, batch_size as parse_batch
 
     console.configure(quiet, verbose)
-    model_cfg = model_config(model, device, dtype, chat, device_map, max_memory, backend, tensor_parallel_size)
+    model_cfg = model_config(model, device, dtype, chat, device_map, max_memory, backend, tensor_parallel_size,
+                             adapter)
     if dry_run:
         show_placement(model_cfg)
     cfg = ClassifyConfig(

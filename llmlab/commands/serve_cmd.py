@@ -7,7 +7,8 @@ from typing import Annotated, Optional
 import typer
 
 from llmlab.commands.app import hooks, model_config
-from llmlab.commands.options import (Chat, Device, DeviceMapOpt, DtypeOpt, MaxMemoryOpt, Model, Quiet, Verbose)
+from llmlab.commands.options import (AdapterOpt, Chat, Device, DeviceMapOpt, DtypeOpt, MaxMemoryOpt, Model, Quiet,
+                                     Verbose)
 from llmlab.core import console
 from llmlab.core.config import Dtype, ServeConfig
 
@@ -20,7 +21,7 @@ def _opt(*names: str, **kwargs):
 
 def serve(
     model: Model = None, device: Device = "auto", dtype: DtypeOpt = Dtype.auto, chat: Chat = None,
-    device_map: DeviceMapOpt = None, max_memory: MaxMemoryOpt = None,
+    device_map: DeviceMapOpt = None, max_memory: MaxMemoryOpt = None, adapter: AdapterOpt = None,
     host: Annotated[str, _opt("--host", help="Address to listen on. Anything but loopback needs --api-key.")]
     = "127.0.0.1",
     port: Annotated[int, _opt("--port", help="Port to listen on (0: any free port, printed on stderr).")] = 8000,
@@ -43,7 +44,8 @@ def serve(
     from llmlab.serving import server
 
     console.configure(quiet, verbose)
-    cfg = ServeConfig(model_config(model, device, dtype, chat, device_map, max_memory), host, port, api_key, max_body,
+    cfg = ServeConfig(model_config(model, device, dtype, chat, device_map, max_memory, adapter=adapter), host, port,
+                      api_key, max_body,
                       max_prompt_tokens, max_tokens, max_n, batch_wait)
     server.serve(cfg, hooks(no_log=True))
 

@@ -131,6 +131,9 @@ def _classify_seed(session: Any, combo: Combo, builder: Any, plan_: EvalPlan, se
     elapsed = parallel.slowest(time.perf_counter() - started)
     golds = [str(i.fields[template.target]) for i in items]
     metrics = classification_metrics(golds, [r.prediction for r in results], list(template.labels))
+    if plan_.adapters:  # eval --adapter's costs, and each item's outcome (rows are compared item by item)
+        metrics["prompt_tokens"] = sum(r.prompt_tokens for r in results) / max(1, len(results))
+        metrics["correct"] = [r.prediction == g for r, g in zip(results, golds)]
     samples = [classify.record(r, template, lm.name) for r in results] if plan_.log_samples else []
     return metrics, samples, elapsed
 
@@ -226,6 +229,7 @@ def model_facts(lm: Any) -> dict[str, Any]:
 def run(plan: Any, model: Any, hooks: Any = None, lm: Any = None) -> dict[str, Any]:
     """`llmlab eval` on a checked plan: one logged run, each item logged as it is scored and each
     combination's metrics as it finishes. Returns the report (evaluate's)."""
+    from llmlab.orchestration import adapted
     from llmlab.orchestration.session import Hooks, loaded
 
     hooks = hooks or Hooks()
@@ -234,5 +238,43 @@ def run(plan: Any, model: Any, hooks: Any = None, lm: Any = None) -> dict[str, A
     with hooks.open_run("eval", config=plan_config(plan, model.chat), templates=[t.template for t in plan.tasks],
                         data=data) as log:
         session = loaded(model, lm, log, hooks)
-        with hooks.progress(plan.total(), "evaluating") as bar:
-            return evaluate(session, plan, bar, log)
+        with hooks.progress(plan.total() + adapted.extra_items(plan), "evaluating") as bar:
+            report = evaluate(session, plan, bar, log)
+            if plan.adapters:  # in-context rows and adapter rows in one table, with what each cost
+                sources = plan.probe_sources()
+                for result in report["results"]:
+                    source = sources.get(result["template"]) if result["calibrate"] == "probe" else None
+                    result.update(model=session.lm.name, cost=adapted.cost(
+                        result, session.lm, probe_rows=len(source.items) if source else 0))
+                report["results"] += adapter_rows(plan, model, hooks, bar, log, report["results"])
+            return report
+
+
+def adapter_rows(plan_: Any, model: ModelConfig, hooks: Any, bar: Any, log: Any,
+                    report_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per adapter and task of its template: the adapter on the base, its training prompts
+    (its shots, no calibration), on the same items as the in-context rows (report_rows), each
+    compared with the first of them on its task item by item."""
+    from llmlab.backends import adapters
+    from llmlab.orchestration import adapted
+    from llmlab.orchestration import session as sessions
+    from llmlab.orchestration.evalplan import Combo
+
+    results = []
+    for folder in plan_.adapters:
+        record = adapters.read_record(folder)
+        tasks = adapted.matching(plan_, record)
+        if not tasks:
+            hooks.warn(f"adapter '{folder}' was trained for template '{record.get('template')}', which this "
+                       "eval does not run: skipped")
+            continue
+        chat = model.chat or ("on" if record.get("chat") else "off")
+        run = sessions.Session(replace(model, spec=adapters.join(model.spec, folder), chat=chat), hooks=hooks)
+        for task in tasks:
+            result = run_combo(run, Combo(task, record.get("shots", 0), "off", [0]), plan_, bar, log)
+            result.update(model=run.lm.name, adapter=folder)
+            result["cost"] = adapted.cost(result, run.lm, record, folder)
+            result["cost"]["vs_in_context"] = adapted.versus(result, report_rows, task)
+            log.eval_combo(result)
+            results.append(result)
+    return results

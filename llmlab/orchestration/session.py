@@ -15,11 +15,15 @@ from typing import Any, Callable, ContextManager, Iterator, Optional, Sequence
 from llmlab.core import config as cfgmod
 from llmlab.core.config import ClassifyConfig, GenerateConfig, ModelConfig, ProbeConfig, PromptConfig
 from llmlab.core.errors import UsageError
+from llmlab.orchestration import adapted
 from llmlab.orchestration import resolve
 
 
 class _Null:
     def advance(self, n: int = 1) -> None:
+        pass
+
+    def describe(self, text: str) -> None:
         pass
 
 
@@ -191,7 +195,7 @@ def generate(cfg: GenerateConfig, hooks: Hooks = Hooks(), lm: Any = None, displa
     from llmlab.scoring import generation
     from llmlab.io import records as io
 
-    template, settings, items = generate_inputs(cfg)
+    cfg, template, settings, items = generate_inputs(cfg, hooks)
     single = cfg.input.path is None and cfg.output.terminal and (display or not settings.logprobs)
     sink = io.Output(cfg.output.path, cfg.output.format, resume=cfg.output.resume)
     todo = sink.pending(items)
@@ -232,19 +236,23 @@ def generate(cfg: GenerateConfig, hooks: Hooks = Hooks(), lm: Any = None, displa
     return shown
 
 
-def generate_inputs(cfg: GenerateConfig) -> tuple[Any, Any, list[Any]]:
-    """A generate run's checks, before any model time: (template, settings, inputs)."""
+def generate_inputs(cfg: GenerateConfig, hooks: Hooks = Hooks()) -> tuple[GenerateConfig, Any, Any, list[Any]]:
+    """A generate run's checks, before any model time: (config with an adapter's defaults, template,
+    settings, inputs)."""
     from llmlab.backends import hf_continuous
     from llmlab.io import records as io
 
     template = find_template(cfg.prompt)
+    if template is not None and adapted.adapters_in(cfg.model):
+        model, prompt = adapted.adapter_defaults(cfg.model, cfg.prompt, template, hooks)
+        cfg = replace(cfg, model=model, prompt=prompt)
     settings = settings_for(template, cfg.preset, cfg.flags)
     hf_continuous.check(cfg.gen_engine, settings, cfg.model.backend)
     io.check_output_path(cfg.output.path, inputs=[cfg.input.path])
     if settings.logprobs and io.output_format(cfg.output.path, cfg.output.format) == "text":
         raise UsageError("--logprobs: the text format keeps only the completion; write JSONL or CSV "
                          "(-o FILE.jsonl or --format jsonl)")
-    return template, settings, _generate_items(cfg, template)
+    return cfg, template, settings, _generate_items(cfg, template)
 
 
 def _jobs(cfg: GenerateConfig, session: "Session", template: Any, todo: list[Any], settings: Any,
@@ -304,7 +312,7 @@ def classify(cfg: ClassifyConfig, hooks: Hooks = Hooks(), table: bool = False, l
     from llmlab.scoring import classify as clf
     from llmlab.io import records as io
 
-    template, items = classify_inputs(cfg, items)
+    cfg, template, items = classify_inputs(cfg, items, hooks)
     settings = settings_for(template)
     sink = io.Output(cfg.output.path, cfg.output.format, resume=cfg.output.resume, text_key="prediction")
     todo = sink.pending(items)
@@ -340,8 +348,10 @@ def classify(cfg: ClassifyConfig, hooks: Hooks = Hooks(), table: bool = False, l
     return (results, classifier) if table else None
 
 
-def classify_inputs(cfg: ClassifyConfig, items: Any = None) -> tuple[Any, list[Any]]:
-    """A classify run's checks, before any model time: (template, inputs); items: given (the server)."""
+def classify_inputs(cfg: ClassifyConfig, items: Any = None,
+                    hooks: Hooks = Hooks()) -> tuple[ClassifyConfig, Any, list[Any]]:
+    """A classify run's checks, before any model time: (config with an adapter's defaults, template,
+    inputs); items: given (the server)."""
     from llmlab.io import records as io
     from llmlab.prompting import prompts
 
@@ -349,6 +359,10 @@ def classify_inputs(cfg: ClassifyConfig, items: Any = None) -> tuple[Any, list[A
     if template is None or template.task != "classify":
         name = template.name if template else cfg.prompt.template
         raise UsageError(f"template '{name}' is a generate template; classify needs task: classify with labels")
+    if adapted.adapters_in(cfg.model):  # an adapter scores the prompts it was trained on, uncalibrated by default
+        model, prompt = adapted.adapter_defaults(cfg.model, cfg.prompt, template, hooks)
+        cfg = replace(cfg, model=model, prompt=prompt,
+                      calibrate=cfg.calibrate or ("probe" if cfg.probe and cfg.probe.data else "off"))
     io.check_output_path(cfg.output.path, inputs=[cfg.input.path])
     if items is None and cfg.input.path is not None:
         if cfg.text is not None or cfg.prompt.vars:
@@ -357,7 +371,7 @@ def classify_inputs(cfg: ClassifyConfig, items: Any = None) -> tuple[Any, list[A
     elif items is None:
         items = [template_item(template, single_prompt(cfg.text), cfg.prompt.vars, "classify")]
     prompts.require_fields(items, template)
-    return template, items
+    return cfg, template, items
 
 
 def classify_metrics(results: Sequence[Any], template: Any) -> dict[str, Any]:

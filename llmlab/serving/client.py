@@ -65,7 +65,7 @@ def generate(cfg: Any, hooks: Any, url: str, display: bool = False) -> None:
     from llmlab.io import records as io
     from llmlab.orchestration import session
 
-    template, settings, items = session.generate_inputs(cfg)
+    cfg, template, settings, items = session.generate_inputs(cfg, hooks)
     single = cfg.input.path is None and cfg.output.terminal and (display or not settings.logprobs)
     if single and settings.logprobs:
         raise UsageError("--server: --logprobs on a terminal colours tokens in-process only; write -o FILE.jsonl")
@@ -110,7 +110,7 @@ def classify(cfg: Any, hooks: Any, url: str, table: bool = False) -> Optional[tu
     if cfg.probe is not None and cfg.probe.data:
         raise UsageError("--server: --probe-data names a file here, which the server can't read; drop it "
                          "(the template's own probe file is used) or --server")
-    template, items = session.classify_inputs(cfg)
+    cfg, template, items = session.classify_inputs(cfg, hooks=hooks)
     sink = io.Output(cfg.output.path, cfg.output.format, resume=cfg.output.resume, text_key="prediction")
     todo = sink.pending(items)
     if not todo:
