@@ -45,8 +45,7 @@ def serve(
 
     console.configure(quiet, verbose)
     cfg = ServeConfig(model_config(model, device, dtype, chat, device_map, max_memory, adapter=adapter), host, port,
-                      api_key, max_body,
-                      max_prompt_tokens, max_tokens, max_n, batch_wait)
+                      api_key, max_body, max_prompt_tokens, max_tokens, max_n, batch_wait)
     server.serve(cfg, hooks(no_log=True))
 
 
