@@ -116,8 +116,8 @@ class PromptTunedLM(HFLM):
         return super().loglikelihood(requests, 1, False, hidden_layers)
 
     def generate(self, requests: Sequence[GenRequest], settings: Any, batch_size: int | None = 8,
-                 on_output: Any = None, stream: Any = None) -> list[Any]:
-        return super().generate(requests, settings, 1, on_output, stream)
+                 on_output: Any = None, stream: Any = None, engine: str = "auto") -> list[Any]:
+        return super().generate(requests, settings, 1, on_output, stream, self.gen_engine)  # one row per pass
 
 
 def lm_class(record: dict[str, Any] | None) -> type:

@@ -61,7 +61,7 @@ class FakeLM(LM):
         self.answers = list(answers)
         self.default = default
         self.score = score or self._hash_score
-        self.requests: list[GenRequest | LLRequest] = []  # everything asked, in order
+        self.requests: list[GenRequest | LLRequest | list[int]] = []  # everything asked, in order
 
     @staticmethod
     def _hash_score(request: LLRequest) -> float:
@@ -73,8 +73,9 @@ class FakeLM(LM):
                       prefix_cache: bool = True, hidden_layers: Sequence[int] | None = None) -> list[LLOutput]:
         self.requests.extend(requests)
         outputs = [LLOutput(self.score(r), max(1, len(r.continuation))) for r in requests]
-        for r, out in zip(requests, outputs) if hidden_layers else []:
-            out.hidden = self.hidden(r.context, hidden_layers)
+        if hidden_layers:
+            for r, out in zip(requests, outputs):
+                out.hidden = self.hidden(r.context, hidden_layers)
         return outputs
 
     def prompt_logprobs(self, prompts: Sequence[list[int]], top: int = 1,

@@ -180,7 +180,7 @@ def load_tokenizer(spec: str | None) -> tuple[Any, int | None, bool]:
         # Read straight from the GGUF metadata rather than dequantizing the weights.
         from transformers import AutoConfig, AutoTokenizer
 
-        modelcache.check_gguf(Path(ref.location) / ref.gguf_file)
+        modelcache.check_gguf(Path(ref.location) / (ref.gguf_file or ""))
         tokenizer = AutoTokenizer.from_pretrained(ref.location, gguf_file=ref.gguf_file)
         config = AutoConfig.from_pretrained(ref.location, gguf_file=ref.gguf_file)
         tokenizer = _prepare_tokenizer(tokenizer)
@@ -223,7 +223,7 @@ def load(spec: str | None, device: str = "auto", dtype: str = "auto", device_map
         raise ModelError(f"'{ref.location}' holds a tokenizer but no model (no config.json); "
                          "it can render prompts but not run them")
     config = _from_pretrained(ref, AutoConfig.from_pretrained)
-    if record is not None:
+    if record is not None and adapter:  # (record is None without an adapter)
         adapters.check_base(record, config, ref.name, adapter)  # before the weights
     model_class = _model_class(config)
     torch_dtype = weights_dtype(dtype, device_name, model_class, config)
@@ -233,7 +233,7 @@ def load(spec: str | None, device: str = "auto", dtype: str = "auto", device_map
     except ValueError as exc:  # e.g. an architecture transformers doesn't know for this class
         raise ModelError(f"cannot load '{ref.name}': {_first_line(exc)}") from exc
     tokenizer = _tokenizer(ref)
-    if record is not None:
+    if record is not None and adapter:
         model = adapters.attach(model, adapter, record)
     device_name, where = _place(model, device_name, device_map)
     model.eval()

@@ -46,7 +46,7 @@ def peft_config(model: Any, settings: AdapterSettings) -> Any:
         return peft.LoraConfig(task_type=task, r=settings.rank, lora_alpha=settings.alpha, lora_dropout=0.0,
                                target_modules=_present(model, _LORA_TARGETS))
     if settings.method == "ia3":
-        targets, feedforward = _IA3.get("t5" if "t5" in kind else "gpt2" if kind == "gpt2" else "llama")
+        targets, feedforward = _IA3["t5" if "t5" in kind else "gpt2" if kind == "gpt2" else "llama"]
         targets = _present(model, targets)
         return peft.IA3Config(task_type=task, target_modules=targets,
                               feedforward_modules=[t for t in feedforward if t in targets])

@@ -15,7 +15,7 @@ from typer.core import TyperGroup, TyperOption
 try:  # typer >= 0.20 vendors click; its exceptions are the ones raised
     from typer._click import exceptions as click_exceptions
 except ImportError:  # pragma: no cover - older typer on real click
-    from click import exceptions as click_exceptions
+    from click import exceptions as click_exceptions  # type: ignore[no-redef]  # the same module, older home
 
 from llmlab import __version__
 from llmlab.core import console
@@ -45,7 +45,7 @@ def command_line() -> list[str]:
 class LlmlabGroup(TyperGroup):
     """Runs commands and maps every failure to one stderr line and an exit code."""
 
-    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # type: ignore[override]
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         debug = os.environ.get("LLMLAB_DEBUG", "") not in ("", "0")
         global _ARGS
         _ARGS = [str(a) for a in (sys.argv[1:] if args is None else args)]  # eval --processes re-runs them

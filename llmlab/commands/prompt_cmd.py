@@ -64,7 +64,7 @@ def prompt_show(
     from llmlab.orchestration import session
     from llmlab.core.config import PromptConfig
 
-    tmpl = session.find_template(PromptConfig(template, prompts_dir=list(prompts_dir or [])))
+    tmpl = session.required_template(PromptConfig(template, prompts_dir=list(prompts_dir or [])))
     rows = render.template_info(tmpl)
     width = max(len(k) for k, _ in rows)
     sys.stdout.write("".join(f"{k.ljust(width)}  {v}\n" for k, v in rows))

@@ -95,7 +95,8 @@ Calibration = Annotated[Optional[str], typer.Option("--calibration", rich_help_p
 
 
 def classify(
-    text: TextArg = None, template: ClassifyTemplate = ...,
+    # `...` is typer's mark of a required option (it must follow `text`, which has a default): not a str
+    text: TextArg = None, template: ClassifyTemplate = ...,  # type: ignore[assignment]
     model: Model = None, device: Device = "auto", dtype: DtypeOpt = Dtype.auto, chat: Chat = None,
     device_map: DeviceMapOpt = None, max_memory: MaxMemoryOpt = None, backend: BackendOpt = Backend.hf,
     tensor_parallel_size: TensorParallel = 1, dry_run: DryRun = False, adapter: AdapterOpt = None,

@@ -224,7 +224,7 @@ def template_info(template: Any) -> list[tuple[str, str]]:
     return rows
 
 
-def size_text(size: int | None) -> str:
+def size_text(size: float | None) -> str:
     if size is None:
         return "-"
     for unit in ("B", "KB", "MB", "GB"):

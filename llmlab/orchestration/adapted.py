@@ -78,10 +78,12 @@ def cost(result: dict[str, Any], lm: Any, record: dict[str, Any] | None = None, 
     parameters; prompt tuning's virtual tokens count as read)."""
     from llmlab.backends import adapters
 
-    tokens = [r["metrics"].get("prompt_tokens") for r in result["runs"]]
-    tokens = sum(tokens) / len(tokens) if all(t is not None for t in tokens) else None
+    per_run = [r["metrics"].get("prompt_tokens") for r in result["runs"]]
+    tokens = sum(per_run) / len(per_run) if all(t is not None for t in per_run) else None
     n = adapters.parameter_count(lm)
     virtual = (record or {}).get("settings", {}).get("virtual_tokens", 0) if (record or {}).get("method") == "prompt" else 0
+    k: int | None  # None where the record lacks it
+    trainable: int | None
     if record is None:  # in-context learning: the demonstrations shown (+ the probe's rows)
         k, seconds, trainable, size = result["shots"] + probe_rows, None, 0, None
     else:

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from llmlab.core.config import EvalConfig, ProbeConfig, PromptConfig
 from llmlab.core.errors import DataError, UsageError
 from llmlab.io.records import Item
 from llmlab.orchestration import resolve
+
+if TYPE_CHECKING:  # types only: nothing more is imported at run time
+    from llmlab.prompting.templates import Template
 
 # ---------------------------------------------------------------- the plan
 
@@ -32,7 +35,7 @@ class Combo:
 class EvalTask:
     """One template and the labeled data it is measured on."""
 
-    template: Any
+    template: Template
     data: str  # the data file's path ("-" = stdin)
     items: list[Item]
     refs: list[str] = field(default_factory=list)  # reference fields (generate templates)
@@ -156,7 +159,7 @@ def plan_config(plan_: EvalPlan, chat: Optional[str]) -> dict[str, Any]:
 # ---------------------------------------------------------------- data checks
 
 
-def check_data(items: list[Item], template: Any, references: Sequence[str]) -> list[str]:
+def check_data(items: list[Item], template: Template, references: Sequence[str]) -> list[str]:
     """Validate labeled data for a template; returns the reference fields for generate templates."""
     from llmlab.io import records as io
     from llmlab.prompting import prompts

@@ -11,13 +11,20 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from llmlab import __version__
 from llmlab.orchestration.evalplan import (  # noqa: F401 - re-exported
     Combo, EvalPlan, EvalTask, check_data, load_plan_file, make_plan, parse_task, plan, plan_config, prepare)
 from llmlab.scoring.metrics import (  # noqa: F401 - re-exported
     classification_metrics, generation_metrics, mean_std, normalize_answer, summarize)
+
+if TYPE_CHECKING:  # types only: nothing more is imported at run time
+    from llmlab.backends.base import LM
+    from llmlab.core.config import ModelConfig
+    from llmlab.core.settings import GenerationSettings
+    from llmlab.orchestration.session import Session
+    from llmlab.prompting.prompts import PromptBuilder
 
 # this module's public names and those it re-exports (callers import them from here)
 __all__ = [
@@ -60,7 +67,7 @@ def write_report(path: str, report: dict[str, Any]) -> None:
 # ---------------------------------------------------------------- running
 
 
-def _run_seed(session: Any, combo: Combo, seed: int, plan_: EvalPlan, settings: Any, bar: Any,
+def _run_seed(session: Session, combo: Combo, seed: int, plan_: EvalPlan, settings: GenerationSettings, bar: Any,
               log: Any) -> dict[str, Any]:
     """One seed of one combination: predictions, metrics, speed (and samples with --log-samples).
     Each item goes to the run log `log` as soon as it is scored."""
@@ -104,7 +111,7 @@ def _log_gathered(logged: Callable[..., None], results: Iterable[tuple[Any, ...]
         logged(*result)
 
 
-def _classify_seed(session: Any, combo: Combo, builder: Any, plan_: EvalPlan, settings: Any, bar: Any, log: Any,
+def _classify_seed(session: Session, combo: Combo, builder: PromptBuilder, plan_: EvalPlan, settings: GenerationSettings, bar: Any, log: Any,
                    where: dict[str, str]) -> tuple[dict[str, Any], list[dict[str, Any]], float]:
     """(metrics, samples, seconds) of one seed of a classify combination."""
     from llmlab.scoring import classify
@@ -138,7 +145,7 @@ def _classify_seed(session: Any, combo: Combo, builder: Any, plan_: EvalPlan, se
     return metrics, samples, elapsed
 
 
-def _generate_seed(session: Any, combo: Combo, builder: Any, plan_: EvalPlan, settings: Any, bar: Any, log: Any,
+def _generate_seed(session: Session, combo: Combo, builder: PromptBuilder, plan_: EvalPlan, settings: GenerationSettings, bar: Any, log: Any,
                    where: dict[str, str]) -> tuple[dict[str, Any], list[dict[str, Any]], float]:
     """(metrics, samples, seconds) of one seed of a generate combination."""
     from llmlab.scoring import generation
@@ -167,7 +174,7 @@ def _generate_seed(session: Any, combo: Combo, builder: Any, plan_: EvalPlan, se
     return generation_metrics(preds, refs), samples, elapsed
 
 
-def run_combo(session: Any, combo: Combo, plan_: EvalPlan, bar: Any, log: Any = None) -> dict[str, Any]:
+def run_combo(session: Session, combo: Combo, plan_: EvalPlan, bar: Any, log: Any = None) -> dict[str, Any]:
     """All seeds of one combination, with mean, std, min and max over the seeds. log: a run log
     (runlog.open_run) that gets each item as it is scored."""
     from llmlab.runs import runlog
@@ -186,7 +193,7 @@ def data_name(path: str) -> str:
     return "stdin" if path == "-" else Path(path).name
 
 
-def evaluate(session: Any, plan_: EvalPlan, bar: Any = None, log: Any = None) -> dict[str, Any]:
+def evaluate(session: Session, plan_: EvalPlan, bar: Any = None, log: Any = None) -> dict[str, Any]:
     """Run every combination of the plan (data already checked); `bar.advance(n)` counts items.
     log (a runlog run, optional) gets each item as it is scored and each combination's metrics
     (log.eval_combo) as soon as the combination is done."""
@@ -214,7 +221,7 @@ def evaluate(session: Any, plan_: EvalPlan, bar: Any = None, log: Any = None) ->
     }
 
 
-def model_facts(lm: Any) -> dict[str, Any]:
+def model_facts(lm: LM) -> dict[str, Any]:
     """The report's model: name, type, device, dtype, window and placement. A backend without a
     transformers model behind it (FakeLM) has no type, dtype or placement: None."""
     model = getattr(lm, "model", None)

@@ -104,11 +104,11 @@ class QueuedLM(LM):
         self.device, self.is_encoder_decoder = inner.device, inner.is_encoder_decoder
 
     @property
-    def num_layers(self) -> int:  # type: ignore[override]
+    def num_layers(self) -> int:
         return self._batcher.lm.num_layers
 
     @property
-    def decoder_start_id(self) -> int | None:  # type: ignore[override]
+    def decoder_start_id(self) -> int | None:
         return self._batcher.lm.decoder_start_id
 
     def eos_ids(self) -> set[int]:

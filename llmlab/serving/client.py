@@ -93,7 +93,8 @@ def generate(cfg: Any, hooks: Any, url: str, display: bool = False) -> None:
                     hooks.emit("".join(c + "\n" for c in rec.get("completions", [rec["completion"]])))
                 else:
                     writer.write(rec)
-                    bar.advance(1)
+                    if bar is not None:
+                        bar.advance(1)
                 log.item(item.index, text, rec["completion"], key=item.key,
                          extra={"input": item.fields, **({"completions": rec["completions"]}
                                                          if "completions" in rec else {})})
@@ -106,6 +107,7 @@ def classify(cfg: Any, hooks: Any, url: str, table: bool = False) -> Optional[tu
     every input); returns (results, classifier-like) for the table, as session.classify does."""
     from llmlab.io import records as io
     from llmlab.orchestration import session
+    from llmlab.scoring import classify as clf
 
     if cfg.probe is not None and cfg.probe.data:
         raise UsageError("--server: --probe-data names a file here, which the server can't read; drop it "
@@ -132,10 +134,11 @@ def classify(cfg: Any, hooks: Any, url: str, table: bool = False) -> Optional[tu
                 if writer is not None:
                     writer.write(rec)
                 log.item(item.index, prompt, rec.get("completion"), rec["prediction"], rec["probabilities"],
-                         item.fields.get(template.target), {"input": item.fields}, key=item.key)
+                         item.fields.get(template.target) if template.target else None, {"input": item.fields},
+                         key=item.key)
                 results.append(SimpleNamespace(item=item, prediction=rec["prediction"],
                                                probabilities=rec["probabilities"]))
-        log.metrics(session.classify_metrics(results, template))
+        log.metrics(clf.run_metrics(results, template))
     return (results, SimpleNamespace(template=template, labels=reply["labels"])) if table else None
 
 

@@ -125,7 +125,7 @@ def run_render(body: RenderBody, lm: Any, served: Any) -> dict[str, Any]:
 
     prompt = body.prompt()
     warnings: list[str] = []
-    template = session.find_template(prompt)
+    template = session.required_template(prompt)
     cfg = RenderConfig(dataclasses.replace(served, chat=value(body.chat)), prompt, InputConfig(), "jsonl",
                        body.max_new_tokens)
     run = prompt_render.render(cfg, session.Hooks(warn=warnings.append), items=_items(body, template, "prompt render"),

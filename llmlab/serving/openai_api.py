@@ -57,8 +57,8 @@ def settings(body: _Body, max_tokens: int, logprobs: Optional[int]) -> Any:
     sample = body.temperature > 0
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     try:
-        return GenerationSettings(max_new_tokens=max(1, max_tokens), do_sample=sample, temperature=float(body.temperature),
-                                  top_p=float(body.top_p), num_return_sequences=body.n if sample else 1,
+        return GenerationSettings(max_new_tokens=max(1, max_tokens), do_sample=sample,
+                                  temperature=float(body.temperature), top_p=float(body.top_p), num_return_sequences=body.n if sample else 1,
                                   seed=body.seed, stop=stops, logprobs=logprobs is not None,
                                   top_logprobs=logprobs or 0).validate()
     except UsageError as exc:
@@ -118,7 +118,9 @@ def _top_dict(token: Any) -> dict[str, float]:
 def completion_logprobs(echoed: Optional[Any], first: str, generated: list[Any], start: int = 0) -> dict[str, Any]:
     """OpenAI's completion `logprobs`: the prompt's tokens (echo: the first has no log-probability),
     then the generated ones; top_logprobs maps token text to log-probability."""
-    tokens, values, tops = [], [], []
+    tokens: list[str] = []
+    values: list[Optional[float]] = []
+    tops: list[Optional[dict[str, float]]] = []
     if echoed is not None:
         tokens.append(first)
         values.append(None)

@@ -111,7 +111,7 @@ def prepare(cfg: TuneConfig) -> TunePlan:
     check_prompts_dirs(cfg.prompts_dir)
     template = prompts.find_template(cfg.template, cfg.prompts_dir)
     target = cfg.target or template.target
-    if template.task != "classify" and not target:
+    if not target:  # a classify template always names one
         raise UsageError(f"template '{template.name}' has no target field: give the field holding the text to "
                          "learn with --target FIELD")
     if not Path(cfg.data).is_file():
