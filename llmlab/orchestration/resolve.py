@@ -9,7 +9,7 @@ Sources: "flag" (given on the command line), "template" (the template's own defa
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Generic, Optional, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Optional, Sequence, TypeVar
 
 from llmlab.core.config import ProbeConfig
 from llmlab.core.errors import UsageError
