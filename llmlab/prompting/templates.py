@@ -17,7 +17,7 @@ from llmlab.io.records import Item
 _QUERY_MARK = "\x00query\x00"
 # The shipped templates: top-level prompts/ in a source checkout (and an editable install); a wheel
 # carries the same files as package data, llmlab/_prompts (pyproject.toml maps prompts/ there).
-SOURCE_DIR = Path(__file__).resolve().parent.parent / "prompts"
+SOURCE_DIR = Path(__file__).resolve().parents[2] / "prompts"
 TASKS = ("generate", "classify")
 SELECTIONS = ("first", "random", "balanced", "similar", "similar-tfidf", "similar-hidden")
 # similar: the k pool examples nearest to the item (llmlab.prompting.retrieval); similar-<retriever> picks the
