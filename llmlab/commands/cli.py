@@ -283,6 +283,7 @@ def classify(
 from llmlab.commands import eval_cmd as cli_eval  # noqa: E402,F401 - registers `eval` on app (after classify, for --help's order)
 from llmlab.commands import prompt_cmd as cli_prompt  # noqa: E402,F401 - registers `prompt` and `models` on app
 from llmlab.commands import runs_cmd as runs_cli  # noqa: E402  (runs, compare, report)
+from llmlab.commands import optimize_cmd  # noqa: E402,F401 - registers `optimize`
 
 from llmlab.commands import learn_cmd as learn_cli  # noqa: E402  (tokenize, info, next, lab)
 

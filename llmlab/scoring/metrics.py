@@ -55,6 +55,15 @@ def generation_metrics(preds: Sequence[str], references: Sequence[Sequence[str]]
     return {**{k: v / n for k, v in totals.items()}, "exact_match": exact / n}
 
 
+def rouge_l(preds: Sequence[str], references: Sequence[Sequence[str]]) -> list[float]:
+    """Each prediction's ROUGE-L F-measure (stemmed; best over its references), as generation_metrics
+    scores it: the per-item values a paired test compares."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return [scorer.score_multi(list(refs), pred)["rougeL"].fmeasure for pred, refs in zip(preds, references)]
+
+
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
 

@@ -127,12 +127,16 @@ def is_binary(values: Sequence[float]) -> bool:
     return all(v in (0, 1) for v in values)
 
 
-def compare(a: Sequence[float], b: Sequence[float], seed: int = 0, resamples: int = RESAMPLES) -> Difference:
-    """b against a on the same rows: McNemar's exact p when both are right/wrong (0/1) outcomes,
-    else the paired permutation p; the paired-bootstrap interval either way."""
+def compare(a: Sequence[float], b: Sequence[float], seed: int = 0, resamples: int = RESAMPLES,
+            binary: bool | None = None) -> Difference:
+    """b against a on the same rows: McNemar's exact p for right/wrong (0/1) outcomes, else the
+    paired permutation p; the paired-bootstrap interval either way. binary=None: decided from the
+    values (say False for scores such as ROUGE that can happen to be all 0 or 1)."""
     x, y = _pair(a, b)
     low, high = bootstrap_ci(x, y, resamples, seed)
-    if is_binary(x.tolist()) and is_binary(y.tolist()):
+    if binary is None:
+        binary = is_binary(x.tolist()) and is_binary(y.tolist())
+    if binary:
         p, test = mcnemar(x, y)[2], "mcnemar"
     else:
         p, test = permutation_p(x, y, resamples, seed), "permutation"
