@@ -18,7 +18,8 @@ from llmlab.orchestration.evalplan import (  # noqa: F401 - re-exported
     CALIBRATION, Combo, EvalPlan, EvalTask, check_data, load_plan_file, parse_calibration, parse_shots, parse_task,
     plan, plan_config, prepare)
 from llmlab.scoring.metrics import (  # noqa: F401 - re-exported
-    classification_metrics, generation_metrics, mean_std, normalize_answer, summarize)
+    classification_metrics, generation_metrics, mean_std, normalize_answer, rouge_l, summarize)
+from llmlab.orchestration import paired
 
 # this module's public names and those it re-exports (callers import them from here)
 __all__ = [
@@ -73,10 +74,10 @@ def _run_seed(session: Any, combo: Combo, seed: int, plan_: EvalPlan, settings: 
                               default_selection="random")
     where = {"template": combo.template.name, "combo": runlog.combo(combo.shots, seed, combo.calibrate)}
     measure = _classify_seed if combo.template.task == "classify" else _generate_seed
-    metrics, samples, elapsed = measure(session, combo, builder, plan_, settings, bar, log, where)
+    metrics, samples, elapsed, scores = measure(session, combo, builder, plan_, settings, bar, log, where)
     n = len(combo.task.items)
     run = {"seed": seed, "metrics": metrics, "items": n, "seconds": elapsed,
-           "items_per_s": n / elapsed if elapsed > 0 else 0.0}
+           "items_per_s": n / elapsed if elapsed > 0 else 0.0, paired.KEY: scores}
     if plan_.log_samples:
         run["samples"] = samples
     return run
@@ -106,8 +107,8 @@ def _log_gathered(logged: Callable[..., None], results: Iterable[tuple[Any, ...]
 
 
 def _classify_seed(session: Any, combo: Combo, builder: Any, plan_: EvalPlan, settings: Any, bar: Any, log: Any,
-                   where: dict[str, str]) -> tuple[dict[str, Any], list[dict[str, Any]], float]:
-    """(metrics, samples, seconds) of one seed of a classify combination."""
+                   where: dict[str, str]) -> tuple[dict[str, Any], list[dict[str, Any]], float, list[float]]:
+    """(metrics, samples, seconds, each row's 1/0 right or wrong) of one seed of a classify combination."""
     from llmlab.scoring import classify
     from llmlab.orchestration import parallel
 
@@ -133,12 +134,12 @@ def _classify_seed(session: Any, combo: Combo, builder: Any, plan_: EvalPlan, se
     golds = [str(i.fields[template.target]) for i in items]
     metrics = classification_metrics(golds, [r.prediction for r in results], list(template.labels))
     samples = [classify.record(r, template, lm.name) for r in results] if plan_.log_samples else []
-    return metrics, samples, elapsed
+    return metrics, samples, elapsed, [float(r.prediction == g) for r, g in zip(results, golds)]
 
 
 def _generate_seed(session: Any, combo: Combo, builder: Any, plan_: EvalPlan, settings: Any, bar: Any, log: Any,
-                   where: dict[str, str]) -> tuple[dict[str, Any], list[dict[str, Any]], float]:
-    """(metrics, samples, seconds) of one seed of a generate combination."""
+                   where: dict[str, str]) -> tuple[dict[str, Any], list[dict[str, Any]], float, list[float]]:
+    """(metrics, samples, seconds, each row's ROUGE-L) of one seed of a generate combination."""
     from llmlab.scoring import generation
     from llmlab.orchestration import parallel
     from llmlab.orchestration import session as sessions
@@ -162,7 +163,7 @@ def _generate_seed(session: Any, combo: Combo, builder: Any, plan_: EvalPlan, se
     preds = [o.completions[0].strip() for o in outputs]
     samples = [{"index": i.index, **i.fields, "prompt": j.prompt, "completion": p, "references": r}
                for i, j, p, r in zip(items, jobs, preds, refs)] if plan_.log_samples else []
-    return generation_metrics(preds, refs), samples, elapsed
+    return generation_metrics(preds, refs), samples, elapsed, rouge_l(preds, refs)
 
 
 def run_combo(session: Any, combo: Combo, plan_: EvalPlan, bar: Any, log: Any = None) -> dict[str, Any]:
@@ -207,6 +208,8 @@ def evaluate(session: Any, plan_: EvalPlan, bar: Any = None, log: Any = None) ->
         "templates": {t.template.name: {"path": str(t.template.path), "task": t.template.task,
                                         "text": t.template.source_text} for t in plan_.tasks},
         "results": results,
+        # each combination against the first on its data: paired interval and Holm-corrected p
+        "paired": paired.differences(results),
         "versions": versions(),
     }
 
