@@ -143,6 +143,8 @@ def test_a_generate_template_is_compared_by_rouge_with_a_permutation_test(tmp_pa
                                         "create it first"),
     (["-o", "{tmp}/opt.txt"], "-o '{tmp}/opt.txt': the optimised template is written as YAML; name a .yaml file"),
     (["--holdout", "1"], "invalid --holdout 1.0: the held-out share of --data, between 0 and 1"),
+    (["--test", "{tmp}/data.jsonl"], "--test is the --data file itself: held-out rows must not be searched on; "
+                                      "give another file, or leave --test out to hold out part of --data"),
 ])
 def test_mistakes_fail_in_one_line_before_model_time(files, no_model, args, error):
     (files / "small.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows(3)))
@@ -176,3 +178,21 @@ def test_a_tiny_real_model_optimises_end_to_end(files, tiny_models):
     assert result.exit_code == 0, result.stderr
     assert "held-out accuracy" in result.stdout and "paired bootstrap CI" in result.stdout
     assert (files / "opt.yaml").read_text().startswith("# Written by llmlab optimize")
+
+
+def test_the_trajectory_and_the_comparison_go_to_the_run_log(files, fake_lm):
+    from llmlab.runs import runlog
+
+    fake_lm.score = planted
+    result = invoke(["optimize", "-t", files / "tone.yaml", "--data", files / "data.jsonl", "--budget", "300",
+                     "-o", files / "opt.yaml", "--proposals", "0"])
+    assert result.exit_code == 0, result.stderr
+    db = runlog.connect()
+    run_id = db.execute("SELECT max(id) FROM runs").fetchone()[0]
+    run = runlog.get_run(db, run_id)
+    assert run["status"] == "complete" and run["command"] == "optimize"
+    m = run["metrics"]
+    assert (m["metric"], m["held_rows"], m["candidates"], m["test"]) == ("accuracy", 30, 16, "mcnemar")
+    assert [len(step["ranked"]) for step in m["trajectory"]] == [16, 8, 4, 2]
+    assert m["spent"] <= 300 and "labels uppercase" in m["winner"]
+    assert m["difference"] == pytest.approx(m["optimised"] - m["start"])

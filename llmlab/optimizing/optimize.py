@@ -61,6 +61,9 @@ def check(cfg: OptimizeConfig) -> None:
         raise UsageError(f"invalid --proposals {cfg.proposals}: must be >= 0")
     if Path(cfg.output).suffix not in (".yaml", ".yml"):
         raise UsageError(f"-o '{cfg.output}': the optimised template is written as YAML; name a .yaml file")
+    if cfg.test is not None and Path(cfg.test).resolve() == Path(cfg.data).resolve():
+        raise UsageError("--test is the --data file itself: held-out rows must not be searched on; give another "
+                         "file, or leave --test out to hold out part of --data")
     check_output_path(cfg.output, "-o", inputs=[cfg.data, cfg.test])
 
 
