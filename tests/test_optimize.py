@@ -196,3 +196,20 @@ def test_the_trajectory_and_the_comparison_go_to_the_run_log(files, fake_lm):
     assert [len(step["ranked"]) for step in m["trajectory"]] == [16, 8, 4, 2]
     assert m["spent"] <= 300 and "labels uppercase" in m["winner"]
     assert m["difference"] == pytest.approx(m["optimised"] - m["start"])
+
+
+def test_a_tight_budget_drops_variants_that_need_their_own_probe_first(files):
+    from llmlab.optimizing import space as spaces
+    from llmlab.prompting.prompts import load_template
+
+    template = load_template(str(Path(__file__).resolve().parent.parent / "prompts" / "sentiment.yaml"))
+    space = spaces.make_space(template, template.examples)
+    cfg = config(files, budget=120 + 6 * 10 + 3 * 10 + 2 * 20, candidates=8, seed=1)
+    drawn = spaces.candidates(space, 8, 1)
+    assert sum(v.readout == "probe" for v in drawn) >= 2  # the start template's own probe, and another
+    variants, rungs = optimizing.schedule(space, cfg, 200, 120)
+    kept = [v for v in drawn if v.start or v.readout != "probe"]
+    assert 2 < len(kept) < 8 and variants == kept and rungs[0].count == len(kept)
+    assert searching.cost(rungs, 120) <= cfg.budget
+    plenty = config(files, budget=100_000, candidates=8, seed=1)
+    assert optimizing.schedule(space, plenty, 200, 120)[0] == drawn  # nothing dropped when all fit

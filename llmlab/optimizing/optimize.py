@@ -112,14 +112,18 @@ def pool_for(cfg: OptimizeConfig, template: Any, search: list) -> tuple[list[dic
 
 def schedule(space: spaces.Space, cfg: OptimizeConfig, rows: int, probe_rows: int
              ) -> tuple[list[spaces.Variant], list[searching.Rung]]:
-    """The candidates and rungs that fit --budget: fewer candidates when even one row each won't fit."""
+    """The candidates and rungs that fit --budget. When they don't, variants are dropped: first those
+    that would fit a probe of their own (each costs all the probe rows), last first, then the last ones."""
     variants = spaces.candidates(space, cfg.candidates, cfg.seed)
-    for count in range(len(variants), 1, -1):
-        fixed = probe_rows * sum(v.readout == "probe" for v in variants[:count])
-        rungs = searching.plan(count, rows, cfg.budget, fixed)
+    while len(variants) > 1:
+        fixed = probe_rows * sum(v.readout == "probe" for v in variants)
+        rungs = searching.plan(len(variants), rows, cfg.budget, fixed)
         if rungs is not None:
-            return variants[:count], rungs
-    fixed = probe_rows * sum(v.readout == "probe" for v in variants[:2])
+            return variants, rungs
+        probes = [n for n, v in enumerate(variants) if n and v.readout == "probe"]
+        variants = variants[:probes[-1]] + variants[probes[-1] + 1:] if probes else variants[:-1]
+    variants = spaces.candidates(space, 2, cfg.seed)
+    fixed = probe_rows * sum(v.readout == "probe" for v in variants)
     raise UsageError(f"--budget {cfg.budget} is too small: two variants on one row each need {2 + fixed} "
                      "scored items; raise --budget")
 
