@@ -209,7 +209,8 @@ def test_a_tight_budget_drops_variants_that_need_their_own_probe_first(files):
     assert sum(v.readout == "probe" for v in drawn) >= 2  # the start template's own probe, and another
     variants, rungs = optimizing.schedule(space, cfg, 200, 120)
     kept = [v for v in drawn if v.start or v.readout != "probe"]
-    assert 2 < len(kept) < 8 and variants == kept and rungs[0].count == len(kept)
-    assert searching.cost(rungs, 120) <= cfg.budget
+    assert variants[0].start and not any(v.readout == "probe" for v in variants[1:])
+    assert [v for v in variants if v in drawn] == kept and len(variants) > len(kept)  # stand-ins came in
+    assert searching.cost(rungs, 120) <= cfg.budget and rungs[0].count == len(variants)
     plenty = config(files, budget=100_000, candidates=8, seed=1)
     assert optimizing.schedule(space, plenty, 200, 120)[0] == drawn  # nothing dropped when all fit

@@ -112,16 +112,23 @@ def pool_for(cfg: OptimizeConfig, template: Any, search: list) -> tuple[list[dic
 
 def schedule(space: spaces.Space, cfg: OptimizeConfig, rows: int, probe_rows: int
              ) -> tuple[list[spaces.Variant], list[searching.Rung]]:
-    """The candidates and rungs that fit --budget. When they don't, variants are dropped: first those
-    that would fit a probe of their own (each costs all the probe rows), last first, then the last ones."""
+    """The candidates and rungs that fit --budget. When they don't, the variants that would fit a probe
+    of their own (each costs all the probe rows) give way to variants without one, then the last go."""
     variants = spaces.candidates(space, cfg.candidates, cfg.seed)
+    spare = [v for v in spaces.candidates(space, 4 * cfg.candidates, cfg.seed + 1)
+             if v not in variants and v.readout != "probe"]  # stand-ins for dropped probe variants
     while len(variants) > 1:
         fixed = probe_rows * sum(v.readout == "probe" for v in variants)
         rungs = searching.plan(len(variants), rows, cfg.budget, fixed)
         if rungs is not None:
             return variants, rungs
         probes = [n for n, v in enumerate(variants) if n and v.readout == "probe"]
-        variants = variants[:probes[-1]] + variants[probes[-1] + 1:] if probes else variants[:-1]
+        if probes:
+            del variants[probes[-1]]
+            variants += spare[:1]
+            spare = spare[1:]
+        else:
+            variants.pop()
     variants = spaces.candidates(space, 2, cfg.seed)
     fixed = probe_rows * sum(v.readout == "probe" for v in variants)
     raise UsageError(f"--budget {cfg.budget} is too small: two variants on one row each need {2 + fixed} "
