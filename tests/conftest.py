@@ -30,6 +30,7 @@ _show_only_the_test_gpu()
 
 def pytest_configure(config):
     """A wrong LLMLAB_TEST_DEVICE stops the session with one line, before any test or model time."""
+    config.addinivalue_line("markers", "slow: loads a model or spawns processes (left out by make test-fast)")
     _, problem = device_from_env()
     if problem is None and TEST_DEVICE == "cuda":
         import torch
@@ -44,6 +45,20 @@ def pytest_configure(config):
             problem = "LLMLAB_TEST_DEVICE=mps but Apple MPS is not available here: unset it to test on the CPU"
     if problem:
         pytest.exit(problem, returncode=4)
+
+
+# The fast tier (`make test-fast`, `pytest -m "not slow"`): everything but the tests that load a real
+# (tiny or embedded) model, or drive the CLI through subprocesses and terminals. A test is slow when it
+# uses a model-building fixture, is marked slow itself, or lives in one of these modules.
+SLOW_FIXTURES = {"tiny_models", "smollm2_cache"}
+SLOW_MODULES = {"test_readme", "test_cli_terminal", "test_progress", "test_scale_parallel", "test_smollm2",
+                "test_smollm2_defaults", "test_signals"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or item.module.__name__ in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
 
 
 def pytest_report_header(config):

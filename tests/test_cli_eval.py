@@ -168,7 +168,7 @@ def test_two_templates_each_on_its_own_data_one_table(fake_lm, data, toy, tmp_pa
     ([], "error: nothing to evaluate: give -t TEMPLATE --data FILE, -t TEMPLATE=FILE, or --plan FILE"),
     (["-t", "sentiment=nope.jsonl"], "error: input file 'nope.jsonl' not found"),
     (["-t", "TOY=DATA", "--seeds", "0"], "error: invalid --seeds 0: must be >= 1"),
-    (["-t", "TOY=DATA", "--calibration", "maybe"], "error: invalid --calibration 'maybe': give off, on, both or a list of off, contextual, batch, domain"),
+    (["-t", "TOY=DATA", "--calibration", "maybe"], "error: invalid --calibration 'maybe': choose off, contextual, batch, domain, probe (or a comma list of them)"),
     (["-t", "TOY=DATA", "--sample", "0"], "error: invalid --sample 0: must be >= 1"),
     (["-t", "TOY=DATA", "--sample", "6"], "error: --sample 6: DATA has only 5 rows; use a smaller --sample"),
 ])

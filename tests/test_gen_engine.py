@@ -25,11 +25,7 @@ def lms(tiny_models):
 
 
 def run(lm, engine, settings, batch_size=3):
-    lm.gen_engine = engine
-    try:
-        return lm.generate([models.GenRequest(p) for p in PROMPTS], settings, batch_size=batch_size)
-    finally:
-        lm.gen_engine = "auto"
+    return lm.generate([models.GenRequest(p) for p in PROMPTS], settings, batch_size=batch_size, engine=engine)
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
@@ -70,10 +66,9 @@ def test_stop_texts_cut_where_the_padded_engine_cuts(lms):
     ("cpu", "auto", {"logprobs": True}, "padded"),  # generate_batch returns no per-step logits
 ])
 def test_choice_of_engine(device, engine, flags, expected):
-    lm = SimpleNamespace(gen_engine=engine, device=device, is_encoder_decoder=False,
-                         model=SimpleNamespace(generate_batch=None))
+    lm = SimpleNamespace(device=device, is_encoder_decoder=False, model=SimpleNamespace(generate_batch=None))
     settings = {"max_new_tokens": 64, **{k: v for k, v in flags.items() if k != "requests"}}
-    assert hf_continuous.choose(lm, build(settings), flags.get("requests", 8)) == expected
+    assert hf_continuous.choose(lm, build(settings), flags.get("requests", 8), engine) == expected
 
 
 def test_encoder_decoder_models_run_padded_and_refuse_continuous(lms):

@@ -150,7 +150,6 @@ def test_ensemble_with_calibration_calibrates_each_draw(llama, toy):
 
 def test_ensemble_reuses_each_draws_prefix(llama, toy):
     builder = builder_for(llama, toy, shots=2, selection="balanced")
-    classify._SCORES.clear()  # scores remembered from other tests would skip the model
     calls = []
     original = llama.prefix_kv
     llama.prefix_kv = lambda ids: calls.append(tuple(ids)) or original(ids)
@@ -245,7 +244,7 @@ def test_eval_compares_calibration_methods(tiny_models, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--calibration", "batch", "great"], "--calibration batch estimates the bias from the inputs themselves"),
-    (["--calibration", "bogus", "great"], "invalid --calibrate 'bogus'"),
+    (["--calibration", "bogus", "great"], "invalid --calibration 'bogus'"),
     (["--ensemble", "0", "great"], "Invalid value for '--ensemble'"),
     (["--shot-selection", "nearest", "--shots", "1", "great"], "Invalid value for '--shot-selection': 'nearest'"),
 ])

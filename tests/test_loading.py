@@ -328,10 +328,10 @@ def test_real_t5_tokenizer_matches_auto_tokenizer():
 
 
 def test_render_path_never_imports_torch(cache, tiny_gguf):
-    code = ("import sys; from llmlab import loading; tok, window, ed = loading.load_tokenizer(sys.argv[1]); "
+    code = ("import sys; from llmlab.backends import loading; tok, window, ed = loading.load_tokenizer(sys.argv[1]); "
             "print(type(tok).__name__, window, ed, 'torch' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code, str(tiny_gguf)], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(Path(loading.__file__).parents[1])}, timeout=300)
+                          env={**os.environ, "PYTHONPATH": str(Path(loading.__file__).parents[2])}, timeout=300)
     assert done.stdout.split() == ["TokenizersBackend", "256", "False", "False"], done.stderr
 
 

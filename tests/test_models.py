@@ -133,8 +133,8 @@ def test_out_of_memory_halves_the_batch(lms, monkeypatch):
         return real(input_ids=input_ids, **kwargs)
 
     monkeypatch.setattr(lm.model, "generate", fussy)
-    monkeypatch.setattr(lm, "gen_engine", "padded")  # the padded engine's batches
-    got = lm.generate([models.GenRequest(p) for p in prompts], build({"max_new_tokens": 3}), batch_size=None)
+    got = lm.generate([models.GenRequest(p) for p in prompts], build({"max_new_tokens": 3}), batch_size=None,
+                      engine="padded")  # the padded engine's batches
     assert [g.completions for g in got] == [e.completions for e in expected]
     assert sizes == [4, 2, 1, 1, 1, 1]  # auto: all 4 at once, then halved down to 1
 
@@ -146,9 +146,8 @@ def test_other_runtime_errors_are_not_swallowed(lms, monkeypatch):
         raise RuntimeError("shape mismatch")
 
     monkeypatch.setattr(lm.model, "generate", broken)
-    monkeypatch.setattr(lm, "gen_engine", "padded")  # the padded engine's batches
     with pytest.raises(RuntimeError, match="shape mismatch"):
-        lm.generate([models.GenRequest("a")], build({"max_new_tokens": 3}), batch_size=None)
+        lm.generate([models.GenRequest("a")], build({"max_new_tokens": 3}), batch_size=None, engine="padded")
 
 
 def test_generate_hands_on_each_batch_in_input_order(lms, monkeypatch):
@@ -161,10 +160,9 @@ def test_generate_hands_on_each_batch_in_input_order(lms, monkeypatch):
         return real(input_ids=input_ids, **kwargs)
 
     monkeypatch.setattr(lm.model, "generate", watched)
-    monkeypatch.setattr(lm, "gen_engine", "padded")  # the padded engine's batches
     prompts = ["the movie was great and I loved it", "a", "hello there", "the film", "Where is Ganymede?"]
     lm.generate([models.GenRequest(p) for p in prompts], build({"max_new_tokens": 2}), batch_size=2,
-                on_output=lambda i, out: events.append(("out", i)))
+                on_output=lambda i, out: events.append(("out", i)), engine="padded")
     assert events == [("batch", 2), ("out", 0), ("out", 1), ("batch", 2), ("out", 2), ("out", 3),
                       ("batch", 1), ("out", 4)]
 

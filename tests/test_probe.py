@@ -191,7 +191,7 @@ def test_eval_compares_the_probe_with_calibration(fake_lm, tmp_path):
     (["--probe-data", "ODD", "x"], "row 2 has label 'meh', not one of the template's labels (pos, neg)"),
     (["--probe-data", "ONE", "x"], "--probe-data has no rows labelled neg: the probe needs examples of every label"),
     (["--method", "generate", "--calibration", "probe", "--probe-data", "TRAIN", "x"],
-     "--calibrate needs --method score"),
+     "--calibration needs --method score"),
 ])
 def test_probe_mistakes_before_model_time(no_model, tmp_path, args, message):
     tmpl = tmp_path / "toy.yaml"

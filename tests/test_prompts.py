@@ -253,11 +253,14 @@ def test_template_defaults_for_shots_and_calibrate(tmp_path, keys, shots, calibr
     path = tmp_path / "t.yaml"
     path.write_text(TEMPLATE + keys)
     template = prompts.load_template(str(path))
-    options = prompts.options_for(template)
-    assert (options.shots, options.calibrate) == (shots, calibrate)
+    from llmlab.orchestration import resolve
+
+    assert resolve.shots(None, template) == resolve.Sourced(shots, "template" if "shots" in keys else "default")
+    assert resolve.calibration(None, template).value == calibrate
+    assert resolve.calibration(None, template).source == ("template" if "calibrate" in keys else "default")
     other = "domain" if calibrate == "off" else "off"
-    flagged = prompts.options_for(template, shots=1, calibrate=other)  # a flag always wins
-    assert (flagged.shots, flagged.calibrate) == (1, other)
+    assert resolve.shots(1, template) == resolve.Sourced(1, "flag")  # a flag always wins
+    assert resolve.calibration(other, template) == resolve.Sourced(other, "flag")
 
 
 @pytest.mark.parametrize(

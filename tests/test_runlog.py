@@ -246,7 +246,7 @@ def test_a_failing_log_warns_once_and_the_run_goes_on(home, capsys):
 
 
 def test_the_cli_hooks_show_a_failing_log_on_stderr(home, capsys):
-    from llmlab.commands.cli import hooks
+    from llmlab.commands.app import hooks
 
     with hooks().open_run("generate") as log:
         _break_mid_run(log)

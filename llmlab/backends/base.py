@@ -133,21 +133,36 @@ class LM(ABC):
     @property
     def num_layers(self) -> int:
         """How many transformer layers the hidden states come from (the decoder's, for T5)."""
-        config = getattr(getattr(self, "model", None), "config", None)
-        config = getattr(config, "get_text_config", lambda **k: config)(decoder=True) if config else None
-        for name in ("num_decoder_layers", "num_hidden_layers", "n_layer", "num_layers"):
-            value = getattr(config, name, None)
-            if isinstance(value, int):
-                return value
-        raise UsageError(f"{self.name}: its config does not say how many layers it has")
+        raise UsageError(f"{self.name}: this backend does not give hidden states")
+
+    @property
+    def decoder_start_id(self) -> int | None:
+        """The token an encoder-decoder's decoder starts from (None for decoder-only models)."""
+        return None
+
+    def eos_ids(self) -> set[int]:
+        """Token ids that end a generation."""
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        return set() if eos is None else {eos}
+
+    def next_logits(self, prompt: Sequence[int], context: Sequence[int]) -> Any:
+        """Raw logits over the vocabulary (a float32 torch tensor) for the token after `context`
+        (decoder-only: the whole sequence; encoder-decoder: `prompt` feeds the encoder, `context` is
+        the decoder's input so far)."""
+        raise UsageError(f"{self.name}: this backend does not give next-token logits; use --backend hf")
+
+    def embed(self, texts: Sequence[str], batch_size: int = 32) -> Any:
+        """(len(texts) x hidden) float32 numpy array of L2-normalized mean-pooled last hidden states."""
+        raise UsageError(f"{self.name}: this backend does not give hidden states; use --backend hf")
 
     @abstractmethod
     def generate(self, requests: Sequence[GenRequest], settings: Any, batch_size: int | None = 8,
                  on_output: Callable[[int, GenOutput], None] | None = None,
-                 stream: Callable[[str], None] | None = None) -> list[GenOutput]:
+                 stream: Callable[[str], None] | None = None, engine: str = "auto") -> list[GenOutput]:
         """Complete each request, in request order. on_output(index, output) is called for each
         input as soon as it and every input before it are done; stream(text) receives a single
-        request's completion piece by piece."""
+        request's completion piece by piece. engine (--gen-engine): auto, padded or continuous
+        batching, where a backend has several; others ignore it."""
 
 
 # ---------------------------------------------------------------- stop texts

@@ -87,6 +87,28 @@ class FakeLM(LM):
         base = [text.count("good"), text.count("bad"), (zlib.crc32(context.encode()) % 1000) / 1000]
         return np.array([v * (layer + 1) for layer in layers for v in base], dtype=np.float32)
 
+    VOCAB = 260  # CharTokenizer ids of the code points below 257, plus the three special ids
+
+    def next_logits(self, prompt: Sequence[int], context: Sequence[int]) -> Any:
+        """Made-up logits, a pure function of the context: the id one past the context's last one
+        is most likely, then the ids after it (logit -k for the k-th), the rest far behind."""
+        import torch
+
+        last = context[-1] if context else 0
+        logits = torch.full((self.VOCAB,), -50.0)
+        for k in range(8):
+            logits[(last + 1 + k) % self.VOCAB] = -float(k)
+        return logits
+
+    def embed(self, texts: Sequence[str], batch_size: int = 32) -> Any:
+        """Made-up sentence vectors: letter counts a..z of each text, L2-normalized (so texts that share
+        letters are near), as float32 numpy rows."""
+        import numpy as np
+
+        rows = np.array([[t.lower().count(chr(97 + i)) for i in range(26)] for t in texts], dtype=np.float32)
+        norms = np.linalg.norm(rows, axis=1, keepdims=True)
+        return rows / np.where(norms == 0, 1, norms)
+
     @staticmethod
     def _logprobs(text: str, top: int) -> list[TokenLogprob]:
         """One token per character; the k-th is given probability 0.9 ** (k + 1), and its
@@ -100,7 +122,7 @@ class FakeLM(LM):
 
     def generate(self, requests: Sequence[GenRequest], settings: Any, batch_size: int | None = 8,
                  on_output: Callable[[int, GenOutput], None] | None = None,
-                 stream: Callable[[str], None] | None = None) -> list[GenOutput]:
+                 stream: Callable[[str], None] | None = None, engine: str = "auto") -> list[GenOutput]:
         """The next queued answer per request (and per return sequence), cut to max_new_tokens
         characters and before a stop text; on_output is called per input, in order."""
         outputs = []

@@ -41,8 +41,6 @@ def context_window(model_config: Any, tokenizer: Any) -> int | None:
 class HFLM(LM):
     """A loaded transformers model and its tokenizer on one device."""
 
-    gen_engine = "auto"  # --gen-engine: auto, padded or continuous (see hf_continuous)
-
     def __init__(self, name: str, model: Any, tokenizer: Any, device: str, on_event: EventSink | None = None):
         self.name = name
         self.model = model
@@ -201,7 +199,7 @@ class HFLM(LM):
 
     def generate(self, requests: Sequence[GenRequest], settings: Any, batch_size: int | None = 8,
                  on_output: Callable[[int, GenOutput], None] | None = None,
-                 stream: Callable[[str], None] | None = None) -> list[GenOutput]:
+                 stream: Callable[[str], None] | None = None, engine: str = "auto") -> list[GenOutput]:
         """Complete every request, in batches of consecutive inputs.
 
         Write rule: on_output(index, output) is called, in input order, for every input of a batch
@@ -219,7 +217,7 @@ class HFLM(LM):
         per_prompt = max(settings.num_return_sequences, settings.num_beams)
         lengths = [(len(p) + settings.max_new_tokens) * per_prompt for p in prompts]
         eos = self._eos_ids()
-        engine = self._generate_batch if hf_continuous.choose(self, settings, len(requests)) == "padded" else \
+        engine = self._generate_batch if hf_continuous.choose(self, settings, len(requests), engine) == "padded" else \
             lambda *args: hf_continuous.generate_rows(self, *args)
 
         def run(batch: list[int]) -> list[GenOutput]:
@@ -253,6 +251,37 @@ class HFLM(LM):
             self.on_event(logging.INFO, f"stop text {stop!r} can never occur with this model's tokenizer "
                                         "(it has no token for it); it is ignored")
         return False
+
+    # -- see inside (llmlab.backends.hf_states): the LM interface's next_logits, embed and model facts
+
+    @property
+    def num_layers(self) -> int:
+        from llmlab.backends import hf_states
+
+        found = hf_states.num_layers(self.model)
+        if found is None:
+            raise UsageError(f"{self.name}: its config does not say how many layers it has")
+        return found
+
+    @property
+    def decoder_start_id(self) -> int | None:
+        if not self.is_encoder_decoder:
+            return None
+        start = getattr(self.model.config, "decoder_start_token_id", None)
+        return self.tokenizer.pad_token_id if start is None else start
+
+    def next_logits(self, prompt: Sequence[int], context: Sequence[int]) -> Any:
+        from llmlab.backends import hf_states
+
+        return hf_states.next_logits(self.model, self.device, self.is_encoder_decoder, prompt, context)
+
+    def embed(self, texts: Sequence[str], batch_size: int = 32) -> Any:
+        from llmlab.backends import hf_states
+
+        return hf_states.embed(self.model, self.tokenizer, self.device, self.is_encoder_decoder, texts, batch_size)
+
+    def eos_ids(self) -> set[int]:
+        return self._eos_ids()
 
     def _eos_ids(self) -> set[int]:
         ids = self.model.generation_config.eos_token_id

@@ -77,12 +77,11 @@ def check(engine: str, settings: Any, backend: str = "hf") -> None:
                          "use --gen-engine padded (or auto)")
 
 
-def choose(lm: Any, settings: Any, requests: int = 2) -> str:
-    """'padded' or 'continuous' for this model, these settings and this many requests (lm.gen_engine:
-    the user's choice). auto keeps one request on the padded engine: there is nothing to batch, the
+def choose(lm: Any, settings: Any, requests: int = 2, engine: str = "auto") -> str:
+    """'padded' or 'continuous' for this model, these settings and this many requests (engine:
+    the user's --gen-engine). auto keeps one request on the padded engine: there is nothing to batch, the
     padded engine streams it, and a generate_batch call has a fixed cost (about 2 s on the 2-core
     CPU, mostly the two full garbage collections its manager runs when it stops)."""
-    engine = getattr(lm, "gen_engine", "auto")
     check(engine, settings)
     if engine == "padded":
         return "padded"

@@ -20,7 +20,9 @@ from llmlab.backends.devices import (  # noqa: F401 - re-exported
     DEVICES, DTYPES, FP32_MAX_PARAMS, auto_dtype, count_parameters, map_device, resolve_device, resolve_dtype,
     weights_dtype)
 from llmlab.core.errors import ModelError
-from llmlab.backends.modelcache import cache_root, cached_models, check_cache_writable  # noqa: F401 - re-exported
+from llmlab.backends.catalog import cached_models  # noqa: F401 - re-exported
+from llmlab.backends.hfutil import model_class as _model_class, quiet_transformers as _quiet_transformers
+from llmlab.backends.modelcache import cache_root, check_cache_writable  # noqa: F401 - re-exported
 from llmlab.backends.modelspec import (  # noqa: F401 - re-exported
     ALIASES, DEFAULT_MODEL, SMOLLM2_FILE, SMOLLM2_PACKAGE, ModelRef, embedded_gguf, gguf_cache_dir, gguf_source,
     prepare_gguf, resolve_model)
@@ -41,27 +43,6 @@ __all__ = [
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0]
-
-
-def _quiet_transformers() -> None:
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    if not logging.getLogger("llmlab").isEnabledFor(logging.DEBUG):  # the CLI's --verbose enables DEBUG
-        os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF converter's own tqdm bar
-    import warnings
-
-    warnings.filterwarnings("ignore", module="transformers")
-    warnings.filterwarnings("ignore", module="torch")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-
-
-def _model_class(config: Any):
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
-
-    return AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
 
 
 def _hub_unreachable() -> str | None:

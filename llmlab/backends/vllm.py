@@ -191,7 +191,7 @@ class VLLM(LM):
 
     def generate(self, requests: Sequence[GenRequest], settings: Any, batch_size: int | None = 8,
                  on_output: Callable[[int, GenOutput], None] | None = None,
-                 stream: Callable[[str], None] | None = None) -> list[GenOutput]:
+                 stream: Callable[[str], None] | None = None, engine: str = "auto") -> list[GenOutput]:
         """Complete every request; on_output(i, output) in input order after each chunk. stream
         receives a single request's completion in one piece (vLLM's offline API does not stream)."""
         prompts = [self.token_ids(r.prompt, r.templated) for r in requests]

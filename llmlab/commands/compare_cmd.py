@@ -8,12 +8,21 @@ from typing import Annotated, Optional
 
 import typer
 
+from llmlab.commands.tables import check_choice, show_matrix
 from llmlab.core import console
-from llmlab.core.config import Dtype, value
+from llmlab.core.config import Backend, Dtype, value
 from llmlab.core.errors import UsageError
-from llmlab.commands.options import Chat, Device, DtypeOpt, MaxNewTokens, NoLog, PromptsDir, Quiet
+from llmlab.commands.app import model_config
+from llmlab.commands.options import (BackendOpt, Chat, Device, DeviceMapOpt, DtypeOpt, MaxMemoryOpt, MaxNewTokens, NoLog,
+                                     PromptsDir, Quiet)
 
 PANEL = "Variants (every template x model x preset)"
+CompareShots = Annotated[Optional[int], typer.Option("--shots", min=0, show_default="each template's shots:, else 0",
+                                                     help="Demonstrations in each templated prompt.")]
+CalibrateFlag = Annotated[bool, typer.Option("--calibrate", help="Classify templates: same as --calibration contextual.")]
+CalibrationOpt = Annotated[Optional[str], typer.Option("--calibration", show_default="each template's calibrate:, else off",
+                                                       help="Classify templates: off, contextual, batch, domain or "
+                                                       "probe.")]
 
 
 def compare_cmd(
@@ -24,10 +33,11 @@ def compare_cmd(
                                                        help="A model to compare (repeatable). [default: smollm2]")] = None,
     config: Annotated[Optional[list[Path]], typer.Option("--config", rich_help_panel=PANEL,
                                                          help="A YAML generation preset to compare (repeatable).")] = None,
-    shots: Annotated[int, typer.Option(min=0, help="Demonstrations in each templated prompt.")] = 0,
+    shots: CompareShots = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed for the shot draw and sampling.")] = None,
     method: Annotated[str, typer.Option(help="Classify templates: score or generate.")] = "score",
-    calibrate: Annotated[bool, typer.Option(help="Classify templates: contextual calibration.")] = False,
+    calibrate: CalibrateFlag = False,
+    calibration: CalibrationOpt = None,
     field: Annotated[str, typer.Option(help="Without --template: the input field holding the prompt.")] = "prompt",
     reference: Annotated[Optional[str], typer.Option(help="Without --template: the field with the reference output (ROUGE-L).")] = None,
     max_new_tokens: MaxNewTokens = None,
@@ -36,33 +46,47 @@ def compare_cmd(
     format: Annotated[str, typer.Option("--format", "-f", help="auto (a table on a terminal, else JSONL), jsonl, csv.")] = "auto",
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Write the matrix here (.jsonl or .csv).")] = None,
     html: Annotated[Optional[str], typer.Option("--html", help="Also write the matrix as a self-contained HTML page.")] = None,
-    device: Device = "auto",
-    dtype: DtypeOpt = Dtype.auto,
-    chat: Chat = None,
+    device: Device = "auto", dtype: DtypeOpt = Dtype.auto, chat: Chat = None, device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None, backend: BackendOpt = Backend.hf,
     batch_size: Annotated[int, typer.Option(min=1, help="Inputs per forward pass.")] = 8,
-    prompts_dir: PromptsDir = None,
-    no_log: NoLog = False,
-    quiet: Quiet = False,
+    prompts_dir: PromptsDir = None, no_log: NoLog = False, quiet: Quiet = False,
 ) -> None:
     """Templates, models or settings presets side by side over the same inputs.
 
     A matrix: a row per input, a column per variant (output, or prediction with a ✓/✗ mark), and each column's
     accuracy or ROUGE-L. Each variant is logged as a run."""
-    from llmlab.orchestration import compare
+    from llmlab.orchestration import compare, resolve
     from llmlab.prompting import prompts
-    from llmlab.runs import runlog
-    from llmlab.commands.runs_cmd import _check_choice, _show_matrix
 
     console.configure(quiet, False)
-    _check_choice("--show", show, ("all", "differing", "wrong"))
-    _check_choice("--format", format, ("auto", "jsonl", "csv"))
+    check_choice("--show", show, ("all", "differing", "wrong"))
+    check_choice("--format", format, ("auto", "jsonl", "csv"))
     _check_folders(output, html)
+    model_cfg = model_config(None, device, dtype, chat, device_map, max_memory, backend)
     templates = [prompts.find_template(t, prompts_dir or []) for t in template or []]
     chosen = compare.variants(templates, model or [], config or [])
+    flag = resolve.calibration_flag(calibration, calibrate)
+    # Each template's calibration, and the probe's rows where it is probe, read before any model time.
+    probes = {t.name: compare.probe_for(t, flag, method) for t in templates}
     items = _items(input, field, limit, templates)
-    opts = {"input": input, "shots": shots, "seed": seed, "method": method, "calibrate": calibrate,
+    opts = {"input": input, "shots": shots, "seed": seed, "method": method, "calibration": flag,
             "field": field, "reference": reference, "device": device, "dtype": value(dtype), "chat": value(chat),
-            "batch_size": batch_size, "generation": {"max_new_tokens": max_new_tokens, "seed": seed}}
+            "batch_size": batch_size, "generation": {"max_new_tokens": max_new_tokens, "seed": seed},
+            "model": model_cfg, "probes": probes}
+    m = _run(chosen, items, opts, input, no_log)
+    if html:
+        from llmlab.orchestration import report
+
+        Path(html).write_text(report.render([], m, title=f"llmlab compare on {input}"), encoding="utf-8")
+        console.note(f"wrote {html}")
+    show_matrix(m, compare.select(m, show), format, output)
+
+
+def _run(chosen: list, items: list, opts: dict, input: str, no_log: bool):
+    """Every variant over the items, each logged as a run; the matrix."""
+    from llmlab.orchestration import compare
+    from llmlab.runs import runlog
+
     if runlog.enabled(no_log):
         runlog.connect().close()  # a log that can't be opened fails now, not after the first variant
 
@@ -70,14 +94,7 @@ def compare_cmd(
         return runlog.open_run(*args, no_log=no_log, data=input, on_warn=console.warn, **kwargs)
 
     with console.progress(len(items) * len(chosen), "comparing") as bar:
-        m = compare.run_compare(chosen, items, opts, open_run, bar, on_warn=console.warn)
-    rows = compare.select(m, show)
-    if html:
-        from llmlab.orchestration import report
-
-        Path(html).write_text(report.render([], m, title=f"llmlab compare on {input}"), encoding="utf-8")
-        console.note(f"wrote {html}")
-    _show_matrix(m, rows, format, output)
+        return compare.run_compare(chosen, items, opts, open_run, bar, on_warn=console.warn)
 
 
 def _check_folders(*paths: Optional[str]) -> None:
@@ -99,3 +116,8 @@ def _items(path: str, field: str, limit: Optional[int], templates: list) -> list
     if not templates:
         io.require_field(items, field)
     return items
+
+
+def register(app: typer.Typer) -> None:
+    """Add compare to the llmlab app."""
+    app.command("compare")(compare_cmd)

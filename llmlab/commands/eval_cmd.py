@@ -8,11 +8,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from llmlab.commands import cli
 from llmlab.core import console
-from llmlab.commands.cli import _dry_run, _model, _prompt, app, hooks
+from llmlab.commands.app import command_line, hooks, show_placement, model_config, prompt_config
 from llmlab.core.config import Backend, Dtype, InputFormat, Method, Normalize, Overflow, ProbeConfig, value
-from llmlab.core.errors import UsageError
 from llmlab.commands.options import (CLASSIFY_PANEL, IO_PANEL, MODEL_PANEL, PROMPT_PANEL, BackendOpt, BatchSize, Chat, Device,
                             DeviceMapOpt, DryRun, DtypeOpt, Ensemble, Examples, InputFormatOpt, Limit, MaxMemoryOpt,
                             MaxNewTokens, MethodOpt, Model, NoLog, NormalizeOpt, Offset, OverflowOpt, PromptsDir,
@@ -30,17 +28,19 @@ Data = Annotated[Optional[str], typer.Option(rich_help_panel=IO_PANEL, show_defa
 PlanFile = Annotated[Optional[str], typer.Option("--plan", rich_help_panel=IO_PANEL, show_default="none",
                                                  help="YAML file listing tasks: {template: NAME, data: FILE} each "
                                                  "(added to any -t).")]
-ShotList = Annotated[str, typer.Option("--shots", rich_help_panel=PROMPT_PANEL,
-                                       help="Shot counts to compare, e.g. 0,1,4,8.")]
+ShotList = Annotated[Optional[str], typer.Option("--shots", rich_help_panel=PROMPT_PANEL,
+                                                 show_default="each template's shots:, else 0",
+                                                 help="Shot counts to compare, e.g. 0,1,4,8.")]
 Seeds = Annotated[int, typer.Option(rich_help_panel=PROMPT_PANEL,
                                     help="Demonstration draws per shot count (seeds 0..N-1); mean ± std and "
                                     "min–max over them.")]
-Calibrations = Annotated[str, typer.Option("--calibration", rich_help_panel=CLASSIFY_PANEL,
-                                           help="Calibration methods to compare, comma-separated: off, "
-                                           "contextual, batch, domain, probe (on = contextual, both = "
-                                           "off,contextual).")]
+Calibrations = Annotated[Optional[str], typer.Option("--calibration", rich_help_panel=CLASSIFY_PANEL,
+                                                     show_default="each template's calibrate:, else off",
+                                                     help="Calibration methods to compare, comma-separated: off, "
+                                                     "contextual, batch, domain, probe (on = contextual, both = "
+                                                     "off,contextual).")]
 CalibrateOn = Annotated[bool, typer.Option("--calibrate", rich_help_panel=CLASSIFY_PANEL,
-                                           help="Same as --calibration on.")]
+                                           help="Same as --calibration contextual.")]
 Report = Annotated[Optional[str], typer.Option(rich_help_panel=IO_PANEL, show_default="none",
                                                help="Write the whole result as JSON: config, model, template text, "
                                                "metrics per seed, versions.")]
@@ -59,10 +59,9 @@ Processes = Annotated[int, typer.Option(rich_help_panel=MODEL_PANEL,
                                         "`accelerate launch --multi_gpu -m llmlab eval`.")]
 
 
-@app.command("eval")
 def eval_cmd(
-    template: Templates = None, data: Data = None, plan: PlanFile = None, shots: ShotList = "0", seeds: Seeds = 1,
-    calibration: Calibrations = "off", calibrate: CalibrateOn = False, offset: Offset = 0, limit: Limit = None,
+    template: Templates = None, data: Data = None, plan: PlanFile = None, shots: ShotList = None, seeds: Seeds = 1,
+    calibration: Calibrations = None, calibrate: CalibrateOn = False, offset: Offset = 0, limit: Limit = None,
     sample: SampleSize = None, sample_seed: SampleSeed = 0,
     report: Report = None, log_samples: LogSamples = False, reference: References = None,
     model: Model = None, device: Device = "auto", dtype: DtypeOpt = Dtype.auto, chat: Chat = None,
@@ -79,36 +78,24 @@ def eval_cmd(
 
     Each template can have its own data: llmlab eval -t sentiment=sst2.jsonl -t news-topic=ag_news.jsonl
     """
-    from llmlab.orchestration import evaluate
-    from llmlab.orchestration import parallel
+    from llmlab.core.config import EvalConfig, batch_size as parse_batch
     from llmlab.io import render
-    from llmlab.orchestration import session
-    from llmlab.core.config import batch_size as parse_batch
+    from llmlab.orchestration import evaluate, parallel, resolve
 
     console.configure(quiet, verbose)
-    model_cfg = _model(model, device, dtype, chat, device_map, max_memory, backend, tensor_parallel_size)
+    model_cfg = model_config(model, device, dtype, chat, device_map, max_memory, backend, tensor_parallel_size)
     if dry_run:
-        _dry_run(model_cfg)
-    specs = [evaluate.parse_task(t, data) for t in template or []]
-    specs += evaluate.load_plan_file(plan) if plan else []
-    if not specs:
-        raise UsageError("nothing to evaluate: give -t TEMPLATE --data FILE, -t TEMPLATE=FILE, or --plan FILE")
-    prompt = _prompt(None, 0, shot_selection, None, shot_format, overflow, examples, prompts_dir)
-    tasks = evaluate.prepare(specs, prompt, value(input_format), offset, limit, reference or [], sample, sample_seed)
-    the_plan = evaluate.EvalPlan(
-        tasks, evaluate.parse_shots(shots), seeds, "on" if calibrate else calibration, value(method),
-        value(normalize), parse_batch(batch_size), prompt, max_new_tokens, log_samples, list(reference or []),
-        offset, limit, ensemble=ensemble, sample=sample, sample_seed=sample_seed,
-        probe=ProbeConfig(probe_data, probe_size, probe_layers))
-    combos = the_plan.combos()  # validates seeds and calibration before the model loads
-    the_plan.probe_sources()  # and --probe-data's rows
-    if report:
-        evaluate.check_report_path(report)
-    for combo in combos:
-        session.settings_for(combo.template, None, {"max_new_tokens": max_new_tokens})
-    _in_processes(processes, [t.data for t in tasks], model_cfg)
+        show_placement(model_cfg)
+    cfg = EvalConfig(
+        list(template or []), data, plan, shots, seeds, resolve.calibration_flag(calibration, calibrate),
+        value(method), value(normalize), ensemble, ProbeConfig(probe_data, probe_size, probe_layers),
+        prompt_config(None, None, shot_selection, None, shot_format, overflow, examples, prompts_dir),
+        value(input_format), offset, limit, sample, sample_seed, list(reference or []), max_new_tokens,
+        parse_batch(batch_size), report, log_samples)
+    the_plan = evaluate.make_plan(cfg)
+    _in_processes(processes, [t.data for t in the_plan.tasks], model_cfg)
     # Only process 0 keeps the run log (it logs every process's items once they are gathered).
-    result = session.evaluate(the_plan, model_cfg, hooks(no_log or not parallel.is_main()))
+    result = evaluate.run(the_plan, model_cfg, hooks(no_log or not parallel.is_main()))
     if not parallel.is_main():
         return
     result["processes"] = parallel.size()
@@ -132,8 +119,13 @@ def _in_processes(processes: int, data: list, model_cfg) -> None:
         from llmlab.backends.models import resolve_model
 
         resolve_model(model_cfg.spec)  # a model that isn't there: one line here, not one per process
-        raise typer.Exit(parallel.launch(cli._ARGS, processes, sys.stderr.write,
+        raise typer.Exit(parallel.launch(command_line(), processes, sys.stderr.write,
                                          os.environ.get("LLMLAB_DEBUG", "") not in ("", "0")))
     parallel.init()
     if not parallel.is_main():
         console.configure(True, False)  # one progress bar and one set of messages: process 0's
+
+
+def register(app: typer.Typer) -> None:
+    """Add eval to the llmlab app."""
+    app.command("eval")(eval_cmd)

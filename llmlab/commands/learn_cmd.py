@@ -10,10 +10,11 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from llmlab.commands.app import hooks, model_config
 from llmlab.core import console
-from llmlab.core.config import ChatMode, Dtype, value
+from llmlab.core.config import Backend, ChatMode, Dtype, value
 from llmlab.core.errors import UsageError
-from llmlab.commands.options import (GEN_PANEL, IO_PANEL, MODEL_PANEL, PROMPT_PANEL, Chat, ConfigFile, Device, DtypeOpt,
+from llmlab.commands.options import (BackendOpt, DeviceMapOpt, MaxMemoryOpt, GEN_PANEL, IO_PANEL, MODEL_PANEL, PROMPT_PANEL, Chat, ConfigFile, Device, DtypeOpt,
                             Greedy, InputFile, Model, PromptsDir, Quiet, RepetitionPenalty, Seed, Temperature,
                             TemplateOpt, TopK, TopP, Vars)
 
@@ -245,6 +246,9 @@ def next_token(
     device: Device = "auto",
     dtype: DtypeOpt = Dtype.auto,
     chat: Chat = None,
+    device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None,
+    backend: BackendOpt = Backend.hf,
     steps: Annotated[int, typer.Option(rich_help_panel=GEN_PANEL, help="Tokens to walk, one distribution each (>= 1).")] = 1,
     show: Annotated[int, typer.Option(rich_help_panel=IO_PANEL, help="List the N most likely tokens (>= 1).")] = 10,
     greedy: Greedy = None,
@@ -263,12 +267,13 @@ def next_token(
     the reshaped distribution and which tokens are cut, and the token picked: greedy, or sampled with
     --sample/--seed. --steps K walks K tokens.
     """
-    from llmlab.scoring import generation
-    from llmlab.backends import models
-    from llmlab.learn import nexttoken
     from llmlab.core import settings as settings_mod
+    from llmlab.learn import nexttoken
+    from llmlab.orchestration.session import Session
+    from llmlab.scoring import generation
 
     console.configure(quiet, False)
+    model_cfg = model_config(model, device, dtype, chat, device_map, max_memory, backend)
     piped = _piped(format)
     layers = [settings_mod.load_preset(config)] if config else []
     settings = settings_mod.build(*layers, dict(
@@ -279,7 +284,7 @@ def next_token(
     text = _text(prompt)
     if text is None:
         raise UsageError('no prompt: run llmlab next "your prompt" or pipe one on stdin')
-    lm = models.load(model, device, value(dtype))
+    lm = Session(model_cfg, hooks=hooks(True)).lm
     use_chat = generation.use_chat(lm.tokenizer, value(chat) or "auto")
     out = None if piped else _stdout()
     for step in nexttoken.walk(lm, generation.chat_text(lm.tokenizer, [{"role": "user", "content": text}])
@@ -298,6 +303,9 @@ def lab(
     device: Device = "auto",
     dtype: DtypeOpt = Dtype.auto,
     chat: Chat = None,
+    device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None,
+    backend: BackendOpt = Backend.hf,
     template: TemplateOpt = None,
     shots: Shots = 0,
     prompts_dir: PromptsDir = None,
@@ -313,8 +321,8 @@ def lab(
     from llmlab.learn import lab as lab_mod
 
     console.configure(quiet, False)
-    session = lab_mod.Session.start(model, device, value(dtype), value(chat), template, shots, prompts_dir or [],
-                                    config)
+    model_cfg = model_config(model, device, dtype, chat, device_map, max_memory, backend)
+    session = lab_mod.Session.start(model_cfg, template, shots, prompts_dir or [], config, hooks(True))
     session.run()
 
 

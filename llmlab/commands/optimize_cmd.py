@@ -6,7 +6,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from llmlab.commands.cli import _model, app, hooks
+from llmlab.commands.app import hooks, model_config
 from llmlab.commands.options import (IO_PANEL, PROMPT_PANEL, BatchSize, Device, DtypeOpt, Examples, Limit, Model,
                                      NoLog, Offset, PromptsDir, Quiet, Verbose)
 from llmlab.core import console
@@ -33,7 +33,6 @@ OptOutput = Annotated[str, typer.Option("--output", "-o", rich_help_panel=IO_PAN
                                         help="Where to write the winning template (.yaml). [required]")]
 
 
-@app.command()
 def optimize(
     template: OptTemplate = ..., data: OptData = ..., budget: Budget = ..., output: OptOutput = ...,
     test: OptTest = None, holdout: Holdout = 0.5, seed: OptSeed = 0, candidates: Candidates = 16,
@@ -50,7 +49,7 @@ def optimize(
     from llmlab.optimizing import optimize as optimizing
 
     console.configure(quiet, verbose)
-    cfg = OptimizeConfig(_model(model, device, dtype, None), template, data, output, budget, test, holdout, seed,
+    cfg = OptimizeConfig(model_config(model, device, dtype, None), template, data, output, budget, test, holdout, seed,
                          candidates, proposals, offset, limit, parse_batch(batch_size) or 16, examples,
                          list(prompts_dir or []))
     table(optimizing.optimize(cfg, hooks(no_log)))
@@ -71,3 +70,8 @@ def table(r: Any) -> None:
                 title=f"{r.held_rows} held-out rows, scored once", footer=footer)
     console.info(f"searched {r.candidates} variants on up to {r.search_rows} rows: {r.spent} scored items "
                  f"(budget {r.budget}), {r.seconds:.0f}s; winner: {r.winner}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add optimize to the llmlab app."""
+    app.command("optimize")(optimize)

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from llmlab.core import console
-from llmlab.commands.cli import _model, _prompt, app, hooks
+from llmlab.commands.app import hooks, model_config, prompt_config
 from llmlab.core.config import InputFormat, Overflow, value
 from llmlab.core.errors import UsageError
 from llmlab.commands.options import (IO_PANEL, Chat, Examples, InputFile, InputFormatOpt, Limit, MaxNewTokens, Model,
@@ -18,7 +18,6 @@ from llmlab.commands.options import (IO_PANEL, Chat, Examples, InputFile, InputF
 
 prompt_app = typer.Typer(help="Prompt templates: list them, show one, render the exact prompts.",
                          no_args_is_help=True)
-app.add_typer(prompt_app, name="prompt")
 
 ListFormat = Annotated[str, typer.Option("--format", "-f", help="auto (a table on a terminal), text "
                                          "(tab-separated), jsonl.")]
@@ -110,8 +109,8 @@ def prompt_render(
     console.configure(quiet, False)
     if format not in ("text", "jsonl"):
         raise UsageError(f"invalid --format '{format}': choose text or jsonl")
-    cfg = RenderConfig(_model(model, "auto", "auto", chat),
-                       _prompt(template, shots, shot_selection, seed, shot_format, overflow, examples, prompts_dir,
+    cfg = RenderConfig(model_config(model, "auto", "auto", chat),
+                       prompt_config(template, shots, shot_selection, seed, shot_format, overflow, examples, prompts_dir,
                                var),
                        InputConfig(input, value(input_format), "text", offset, limit), format, max_new_tokens, verbose)
     run = prompt_render.render(cfg, hooks())
@@ -132,7 +131,6 @@ def prompt_render(
         console.note(render.token_summary(counts, run.window, run.budget))
 
 
-@app.command("models")
 def models_cmd(
     format: Annotated[str, typer.Option("--format", "-f", help="auto (a table on a terminal), text "
                                         "(tab-separated), jsonl.")] = "auto",
@@ -141,11 +139,11 @@ def models_cmd(
 
     With sizes on disk and whether each runs offline. Converted GGUF copies live in LLMLAB_CACHE.
     """
-    from llmlab.backends import modelcache
+    from llmlab.backends import catalog
     from llmlab.io import render
 
     fmt = _list_format(format)
-    found = modelcache.cached_models()
+    found = catalog.cached_models()
     if fmt == "jsonl":
         for m in found:
             print(json.dumps({"name": m.name, "kind": m.source, "size": m.size, "offline": m.offline,
@@ -157,3 +155,9 @@ def models_cmd(
         render.show(["model", "kind", "size", "offline", "where"], rows)
     else:
         sys.stdout.write("".join("\t".join(r) + "\n" for r in rows))
+
+
+def register(app: typer.Typer) -> None:
+    """Add `prompt list|show|render` and `models` to the llmlab app."""
+    app.add_typer(prompt_app, name="prompt")
+    app.command("models")(models_cmd)

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from llmlab.core import console
+from llmlab.commands.tables import check_choice as _check_choice, cut as _cut, print_table as _print_table, show_matrix as _show_matrix, tty as _tty
 from llmlab.core.errors import UsageError
 
 runs_app = typer.Typer(help="The run log: list, show, search, compare, export and delete logged runs.",
@@ -33,20 +34,6 @@ def _db():
     if not path.exists():
         raise UsageError(f"no run log yet at {path}: run llmlab generate, classify or eval first")
     return runlog.connect(path)
-
-
-def _tty() -> bool:
-    return sys.stdout.isatty()
-
-
-def _print_table(headers: list[str], rows: list[list[str]], title: str | None = None) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(*headers, title=title)
-    for row in rows:
-        table.add_row(*row)
-    Console().print(table)
 
 
 def _tsv(values: list[Any]) -> str:
@@ -148,11 +135,6 @@ def _metrics_text(metrics: Any) -> str:
     return "\n".join(lines)
 
 
-def _cut(text: str, width: int = 60) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= width else text[: width - 3] + "..."
-
-
 @runs_app.command("search")
 def runs_search(text: Annotated[str, typer.Argument(help="Words to find in prompts, outputs and predictions.")],
                 limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="At most this many items.")] = 50,
@@ -198,38 +180,6 @@ def _metric_rows(runs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]
     return headers, [[name, *(vals.get(r["id"], "") for r in runs)] for name, vals in table.items()]
 
 
-def _show_matrix(m: Any, rows: list[Any], fmt: str, output: Optional[str] = None) -> None:
-    """A comparison matrix: rich on a terminal, else JSONL or CSV (with a last summary record)."""
-    import csv
-
-    from llmlab.orchestration import compare
-
-    records = compare.records(m, rows)
-    if fmt == "auto" and output is None and _tty():
-        headers = (["combination"] if any(r.combo for r in rows) else []) + ["key", "input", "gold"]
-        table = []
-        for row in rows:
-            cells = ["" if c is None else {True: "✓ ", False: "✗ "}.get(c.correct, "") + _cut(c.value, 40) for c in row.cells]
-            table.append(([row.combo] if headers[0] == "combination" else []) + [row.key, _cut(row.input, 40), row.gold or "", *cells])
-        table.append([""] * (len(headers) - 3) + ["summary", "", ""] +
-                     [f"{c.metric_name} {c.metric * 100:.1f}" if c.metric is not None else "" for c in m.columns])
-        _print_table(headers + [c.label for c in m.columns], table)
-        return
-    fmt = fmt if fmt != "auto" else ("csv" if output and output.endswith(".csv") else "jsonl")
-    out = open(output, "w", encoding="utf-8", newline="") if output else sys.stdout
-    try:
-        if fmt == "csv":
-            writer = csv.DictWriter(out, fieldnames=list(records[0]) if records else ["combo", "key", "input", "gold"])
-            writer.writeheader()
-            writer.writerows(records)
-        else:
-            for rec in [*records, compare.summary(m)]:
-                out.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    finally:
-        if output:
-            out.close()
-
-
 @runs_app.command("compare")
 def runs_compare(
     run_ids: Annotated[list[int], typer.Argument(help="Two or more run ids.")],
@@ -252,11 +202,6 @@ def runs_compare(
         _print_table(*_metric_rows(runs), title="metrics")
     console.note(f"{len(rows)} of {len(m.rows)} inputs {'shown' if show == 'all' else show}")
     _show_matrix(m, rows, format)
-
-
-def _check_choice(option: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise UsageError(f"invalid {option} '{value}': choose {', '.join(choices)}")
 
 
 @runs_app.command("export")
@@ -344,9 +289,6 @@ def report_cmd(
 
 
 def register(app: typer.Typer) -> None:
-    """Add `runs`, `compare` and `report` to the llmlab app."""
-    from llmlab.commands import compare_cmd as compare_cli
-
-    app.add_typer(runs_app, name="runs")
-    app.command("compare")(compare_cli.compare_cmd)
+    """Add `report` and `runs` to the llmlab app."""
     app.command("report")(report_cmd)
+    app.add_typer(runs_app, name="runs")

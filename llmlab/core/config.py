@@ -194,6 +194,33 @@ class OptimizeConfig:
 
 
 @dataclass
+class EvalConfig:
+    """`llmlab eval`: templates (NAME or NAME=DATA) on labeled data, or a --plan file's tasks."""
+
+    templates: list[str]
+    data: Optional[str] = None  # --data: for templates given without =DATA
+    plan_file: Optional[str] = None
+    shots: Optional[str] = None  # counts like 0,1,4; None: each template's shots:, else 0
+    seeds: int = 1
+    calibration: Optional[str] = None  # a comma list of methods; None: each template's calibrate:, else off
+    method: str = "score"
+    normalize: str = "none"
+    ensemble: int = 1
+    probe: Optional["ProbeConfig"] = None
+    prompt: PromptConfig = field(default_factory=lambda: PromptConfig(None))
+    input_format: str = "auto"
+    offset: int = 0
+    limit: Optional[int] = None
+    sample: Optional[int] = None
+    sample_seed: int = 0
+    references: list[str] = field(default_factory=list)
+    max_new_tokens: Optional[int] = None
+    batch_size: Optional[int] = 16
+    report: Optional[str] = None
+    log_samples: bool = False
+
+
+@dataclass
 class ProbeConfig:
     """--calibration probe's training rows: --probe-data FILE (None: the template's probe: file), a
     fixed sample of `size` of them, and the layers read (None = llmlab.scoring.probe's defaults)."""

@@ -9,11 +9,11 @@ import logging
 import math
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence, TextIO
 
 from llmlab.core.errors import DataError, UsageError
+from llmlab.io.items import Item, cell as _cell, lines  # noqa: F401 - Item and lines re-exported
 from llmlab.io.locks import OutputLock, SigtermAsExit
 from llmlab.io.resume import check_same_input, finished_records, record_key  # noqa: F401 - record_key re-exported
 
@@ -36,36 +36,8 @@ _EXTENSIONS = {
 }
 
 
-@dataclass
-class Item:
-    """One input: its position among the inputs, its fields, and where it came from."""
-
-    index: int
-    fields: dict[str, Any]
-    source: str  # "data.jsonl line 3", for error messages
-
-    @property
-    def key(self) -> str:
-        """Identity for --resume and duplicate checks: the `id` field, else the position."""
-        if "id" in self.fields and self.fields["id"] not in (None, ""):
-            return f"id:{self.fields['id']}"
-        return f"index:{self.index}"
-
-
 def _name(path: str) -> str:
     return "stdin" if path == "-" else path
-
-
-def lines(text: str) -> list[str]:
-    """The lines of a text, split on "\n" only (a "\r" before it is dropped).
-
-    Not str.splitlines(): that also breaks on U+2028, U+2029, U+0085, form feeds..., which a valid
-    JSON string may hold unescaped (llmlab's own output does) and a text prompt may contain.
-    """
-    parts = text.split("\n")
-    if parts[-1] == "":
-        parts.pop()
-    return [p[:-1] if p.endswith("\r") else p for p in parts]
 
 
 def read_text(path: str) -> str:
@@ -248,10 +220,6 @@ def output_format(path: str | None, fmt: str) -> str:
         if suffix in (".csv", ".tsv", ".txt", ".jsonl", ".ndjson", ".json"):
             return {"tsv": "csv"}.get(_EXTENSIONS[suffix], _EXTENSIONS[suffix])
     return "jsonl"
-
-
-def _cell(value: Any) -> Any:
-    return json.dumps(value, ensure_ascii=False) if isinstance(value, (list, dict)) else value
 
 
 class Writer:

@@ -124,7 +124,9 @@ def eval_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     rows = []
     for r in results:
         s = r["summary"]
-        row = [r["template"], r.get("data_name", ""), str(r["shots"]), _calibration(r["calibrate"]),
+        sources = r.get("sources") or {}
+        row = [r["template"], r.get("data_name", ""), _sourced(r["shots"], sources.get("shots")),
+               _sourced(_calibration(r["calibrate"]), sources.get("calibrate")),
                str(len(r["seeds"])), str(r["runs"][0]["items"])]
         if classify:
             if r["task"] == "classify":
@@ -146,6 +148,11 @@ def eval_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 EVAL_CAPTION = ("accuracy, macro-F1, ROUGE: mean ± std over seeds [min–max]; P/R and confusion: all seeds' "
                 "predictions summed (columns in label order, then unknown); items/s: mean over seeds (a calibration "
                 "method after the first reuses the label scores: its items/s counts only its own work)")
+
+
+def _sourced(value: Any, source: str | None) -> str:
+    """A resolved setting: `4 (template)` when the template's own default gave it, else just `4`."""
+    return f"{value} (template)" if source == "template" else str(value)
 
 
 def _calibration(value: Any) -> str:

@@ -7,12 +7,10 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Any, Sequence, TYPE_CHECKING
+from typing import Any, Sequence
 
 from llmlab.core.errors import DataError
-
-if TYPE_CHECKING:
-    from llmlab.io.records import Item
+from llmlab.io.items import Item, cell, lines
 
 
 def record_key(record: dict[str, Any]) -> str:
@@ -29,15 +27,13 @@ RECORD_KEYS = {
 
 
 def _same_field(name: str, value: Any, record: dict[str, Any], fmt: str) -> bool:
-    from llmlab.io.records import _cell
-
     if name in RECORD_KEYS:
         return True
     if name not in record:
         return fmt == "csv"  # a CSV's columns come from its first record: later ones may lack a field
     stored = record[name]
     if fmt == "csv":
-        value = "" if value is None else str(_cell(value))
+        value = "" if value is None else str(cell(value))
     if name == "prompt" and isinstance(stored, str):
         # a record's prompt is the text the model got: the field itself, or a template built around it
         return str(value) in stored
@@ -63,8 +59,6 @@ def check_same_input(path: str, fmt: str, records: dict[str, tuple[int, dict[str
 
 def finished_records(path: str, fmt: str) -> dict[str, tuple[int, dict[str, Any]]]:
     """The records already in an output file by key, with their line; drops a torn last line left by a crash."""
-    from llmlab.io.records import lines
-
     if not os.path.exists(path):
         return {}
     data = Path(path).read_bytes()

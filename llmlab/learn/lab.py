@@ -50,19 +50,21 @@ class Session:
     settings: Any = None
 
     @classmethod
-    def start(cls, model: str | None, device: str, dtype: str, chat: str | None, template: str | None,
-              shots: int, prompts_dir: list[str], config: Path | None) -> "Session":
-        from llmlab.scoring import generation
-        from llmlab.backends import models
-        from llmlab.prompting import prompts
+    def start(cls, model: Any, template: str | None, shots: int, prompts_dir: list[str], config: Path | None,
+              hooks: Any = None) -> "Session":
+        """model: a core.config.ModelConfig, opened through orchestration.session.Session (one road
+        to a model); hooks: where the backend's messages go."""
         from llmlab.core import settings
+        from llmlab.orchestration.session import Session as ModelSession
+        from llmlab.prompting import prompts
+        from llmlab.scoring import generation
 
         preset = settings.load_preset(config) if config else {}
         tmpl = prompts.find_template(template, prompts_dir) if template else None
         if shots < 0:
             raise UsageError(f"invalid --shots {shots}: must be >= 0")
-        lm = models.load(model, device, dtype)
-        session = cls(lm, chat or "", prompts_dir, preset, {}, tmpl, shots)
+        lm = ModelSession(model, hooks=hooks).lm
+        session = cls(lm, model.chat or "", prompts_dir, preset, {}, tmpl, shots)
         generation.use_chat(lm.tokenizer, session.chat_mode or "auto")  # validates --chat
         session.rebuild()
         return session

@@ -97,16 +97,15 @@ def walk(lm: Any, text: str, chat: bool, settings: Any, steps: int = 1, show: in
     if lm.window and not encoder_decoder and len(prompt) + steps > lm.window:
         raise ContextOverflowError(f"the prompt has {len(prompt)} tokens; {steps} more do not fit the model's "
                                    f"{lm.window}-token window: shorten the prompt or use fewer --steps")
-    start = getattr(lm.model.config, "decoder_start_token_id", None)
-    start = lm.tokenizer.pad_token_id if start is None else start
+    start = lm.decoder_start_id
     generated: list[int] = []
     chain = processors(settings)
-    eos = lm._eos_ids() if hasattr(lm, "_eos_ids") else {lm.tokenizer.eos_token_id}
+    eos = lm.eos_ids()
     for step in range(1, steps + 1):
         # Decoder-only: the prompt and the walk so far are one sequence; encoder-decoder: the prompt
         # is the encoder's input and the decoder continues from its start token.
         context = [start] + generated if encoder_decoder else prompt + generated
-        logits = _next_logits(lm, prompt, context)
+        logits = lm.next_logits(prompt, context)
         warped, cut_by = warp(logits, torch.tensor(context), chain)
         p = torch.softmax(logits.float(), dim=-1)
         q = torch.softmax(warped, dim=-1)  # cut tokens have -inf: probability exactly 0
@@ -130,20 +129,6 @@ def walk(lm: Any, text: str, chat: bool, settings: Any, steps: int = 1, show: in
 def _candidate(lm: Any, rank: int, tid: int, p: Any, q: Any, cut_by: list[str | None]) -> Candidate:
     token = lm.tokenizer.convert_ids_to_tokens(tid)
     return Candidate(rank, tid, str(token), lm.tokenizer.decode([tid]), float(p[tid]), float(q[tid]), cut_by[tid])
-
-
-def _next_logits(lm: Any, prompt: list[int], context: list[int]) -> Any:
-    """The raw logits over the vocabulary for the token after `context`."""
-    import torch
-
-    device = lm.device
-    with torch.inference_mode():
-        if lm.is_encoder_decoder:
-            out = lm.model(input_ids=torch.tensor([prompt], device=device),
-                           decoder_input_ids=torch.tensor([context], device=device))
-        else:
-            out = lm.model(input_ids=torch.tensor([context], device=device))
-    return out.logits[0, -1].float().cpu()
 
 
 # ---------------------------------------------------------------- showing

@@ -197,10 +197,10 @@ def optimize(cfg: OptimizeConfig, hooks: Any = None, lm: Any = None) -> Result:
     probe_rows = len(probe.items) if probe is not None else 0
     schedule(spaces.make_space(template, pool), cfg, len(search), probe_rows)  # the budget fits: before the model
     with hooks.open_run("optimize", config=_logged(cfg), templates=template, data=cfg.data) as log:
-        from llmlab.orchestration.session import _loaded
+        from llmlab.orchestration.session import loaded
 
         started = time.perf_counter()
-        session = _loaded(cfg.model, lm, log, hooks)
+        session = loaded(cfg.model, lm, log, hooks)
         proposed = propose(session, template, pool, cfg.proposals, cfg.seed)
         for n, text in enumerate(proposed, 1):
             hooks.info(f"proposed instruction {n}: {text}")

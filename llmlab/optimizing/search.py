@@ -86,7 +86,8 @@ class Scorer:
             template = spaces.apply(self.space, v)
             probe = self.probe if v.readout == "probe" else None
             self._classifiers[v] = classify.Classifier(self.session.lm, self._builder(template), "score", "none",
-                                                       v.readout, self.batch_size, self.settings, 1, None, probe)
+                                                       v.readout, self.batch_size, self.settings, 1, None, probe,
+                                                       cache=self.session.scores)
             if probe is not None:
                 self._classifiers[v].probe(0)
                 self.spent += len(probe.items)

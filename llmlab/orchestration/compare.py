@@ -176,25 +176,25 @@ def variants(templates: Sequence[Any], models: Sequence[str], presets: Sequence[
     return found
 
 
-def run_variant(variant: Variant, items: Sequence[Any], opts: dict[str, Any], lms: dict[Any, Any],
+def run_variant(variant: Variant, items: Sequence[Any], opts: dict[str, Any], sessions: dict[Any, Any],
                 on_item: Callable[[dict[str, Any]], None], on_warn: Callable[[str], None] | None = None) -> Any:
-    """THE adapter to the model side: load (cached in `lms`), build prompts, classify or generate,
-    and hand each finished item to on_item as a runlog item dict. Returns the loaded model."""
-    from llmlab.scoring import classify
-    from llmlab.scoring import generation
-    from llmlab.backends import models
-    from llmlab.prompting import prompts
-    from llmlab.core import settings as settings_mod
-    from llmlab.backends.models import GenRequest
+    """THE adapter to the model side: open the variant's model through a Session (one per model,
+    kept in `sessions`), resolve the template's defaults by the rule every command follows
+    (orchestration.resolve), classify or generate, and hand each finished item to on_item as a
+    runlog item dict. Returns the loaded model."""
+    from dataclasses import replace
 
-    if variant.model not in lms:
-        lms[variant.model] = models.load(variant.model, opts["device"], opts["dtype"])
-    lm, tmpl = lms[variant.model], variant.template
-    layers = [settings_mod.normalize_keys(tmpl.generation, f"template '{tmpl.name}'")] if tmpl and tmpl.generation else []
-    if variant.preset:
-        layers.append(settings_mod.load_preset(variant.preset))
-    settings = settings_mod.build(*layers, opts["generation"])
-    chat = generation.use_chat(lm.tokenizer, opts["chat"] or (tmpl.chat if tmpl else None) or "auto")
+    from llmlab.core.config import PromptConfig
+    from llmlab.orchestration import resolve
+    from llmlab.orchestration.session import Hooks, Session, requests, settings_for
+    from llmlab.scoring import classify, generation
+
+    if variant.model not in sessions:
+        hooks = Hooks(warn=on_warn or (lambda message: None))
+        sessions[variant.model] = Session(replace(opts["model"], spec=variant.model), hooks=hooks)
+    session, tmpl = sessions[variant.model], variant.template
+    lm = session.lm
+    settings = settings_for(tmpl, variant.preset, opts["generation"])
     gold_field = tmpl.target if tmpl else opts.get("reference")
     gold = {it.index: (str(it.fields[gold_field]) if gold_field and gold_field in it.fields else None) for it in items}
 
@@ -203,34 +203,49 @@ def run_variant(variant: Variant, items: Sequence[Any], opts: dict[str, Any], lm
                  "extra": {"input": item.fields}, **values})
 
     if tmpl is not None:
-        build_opts = prompts.options_for(tmpl, opts["shots"], None, opts["seed"], chat, None, "drop-shots",
-                                         settings.max_new_tokens)
-        builder = prompts.make_builder(tmpl, lm.tokenizer, lm.window, build_opts, None, opts["input"],
-                                       lm.is_encoder_decoder, on_warn=on_warn)
+        prompt = PromptConfig(tmpl.name, opts["shots"], seed=opts["seed"])
+        builder = session.builder(tmpl, prompt, settings.max_new_tokens, opts["input"])
     if tmpl is not None and tmpl.task == "classify":
-        clf = classify.Classifier(lm, builder, opts["method"], "none", opts["calibrate"], opts["batch_size"], settings)
+        mode = resolve.calibration(opts["calibration"], tmpl, opts["method"]).value
+        source = opts.get("probes", {}).get(tmpl.name)
+        if source is not None:
+            source.info = session.hooks.info
+        clf = classify.Classifier(lm, builder, opts["method"], "none", mode, opts["batch_size"], settings,
+                                  probe=source, cache=session.scores)
+        if source is not None:
+            clf.probe(0)  # fitted (or loaded from the cache) before the items
         clf.classify(items, on_result=lambda r: emit(r.item, r.prompt, prediction=r.prediction,
                                                       probabilities=r.probabilities, output=r.completion))
         return lm
     if tmpl is None:
-        jobs = generation.plain_jobs(items, opts["field"], lm.tokenizer, chat)
+        jobs = generation.plain_jobs(items, opts["field"], lm.tokenizer, session.chat())
     else:
         jobs = generation.template_jobs(builder, items)
-    lm.generate([GenRequest(j.model_text, j.chat) for j in jobs], settings, batch_size=opts["batch_size"],
+    lm.generate(requests(jobs), settings, batch_size=opts["batch_size"],
                 on_output=lambda i, out: emit(jobs[i].item, jobs[i].model_text, output=out.completions[0].strip()))
     return lm
+
+
+def probe_for(template: Any, calibration: str | None, method: str) -> Any:
+    """The template's probe rows (scoring.probe.Source) when its resolved calibration is probe, read
+    and checked now, before any model time; else None."""
+    from llmlab.orchestration import resolve
+    from llmlab.orchestration.session import probe_source
+
+    return probe_source(None, resolve.calibration(calibration, template, method).value, template)
 
 
 def run_compare(chosen: Sequence[Variant], items: Sequence[Any], opts: dict[str, Any], open_run: Callable[..., Any],
                 progress: Any = None, on_warn: Callable[[str], None] | None = None) -> Matrix:
     """Run every variant over the same items, each logged as its own `compare` run; the matrix of them.
     on_warn: where prompt warnings go (dropped shots...); the CLI's console.warn."""
-    lms: dict[Any, Any] = {}
+    sessions: dict[Any, Any] = {}
     found: list[list[dict[str, Any]]] = []
     for variant in chosen:
         kept: list[dict[str, Any]] = []
         template = variant.template.name if variant.template else ""
-        config = {**opts, "variant": variant.label, "preset": str(variant.preset) if variant.preset else None}
+        config = {**{k: v for k, v in opts.items() if k not in ("model", "probes")}, "variant": variant.label,
+                  "preset": str(variant.preset) if variant.preset else None}
         with open_run("compare", config=config, model=variant.model, templates=variant.template) as log:
 
             def keep(rec: dict[str, Any]) -> None:
@@ -241,7 +256,7 @@ def run_compare(chosen: Sequence[Variant], items: Sequence[Any], opts: dict[str,
                 if progress:
                     progress.advance(1)
 
-            lm = run_variant(variant, items, opts, lms, keep, on_warn)
+            lm = run_variant(variant, items, opts, sessions, keep, on_warn)
             log.update(model=lm.name, device=lm.device)
             column = matrix([{"id": 0, "label": variant.label}], lambda _: kept).columns[0]
             log.metrics({column.metric_name: column.metric} if column.metric_name else {})

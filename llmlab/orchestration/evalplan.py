@@ -7,30 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from llmlab.core.config import ProbeConfig, PromptConfig
+from llmlab.core.config import EvalConfig, ProbeConfig, PromptConfig
 from llmlab.core.errors import DataError, UsageError
 from llmlab.io.records import Item
-
-CALIBRATION = ("off", "on", "both")  # on = contextual, both = off,contextual; or a list of methods
-
-
-def parse_calibration(text: str) -> list[str]:
-    """--calibration: a comma list of off, contextual, batch, domain (on = contextual, both = off,contextual)."""
-    from llmlab.scoring.classify import CALIBRATIONS
-
-    modes: list[str] = []
-    for part in (p.strip() for p in text.split(",") if p.strip()):
-        named = {"on": ["contextual"], "both": ["off", "contextual"]}.get(part, [part])
-        for mode in named:
-            if mode not in CALIBRATIONS:
-                raise UsageError(f"invalid --calibration '{text}': give off, on, both or a list of "
-                                 f"{', '.join(CALIBRATIONS)}")
-            if mode not in modes:
-                modes.append(mode)
-    if not modes:
-        raise UsageError(f"invalid --calibration '{text}': give off, on, both or a list of methods")
-    return modes
-
+from llmlab.orchestration import resolve
 
 # ---------------------------------------------------------------- the plan
 
@@ -41,6 +21,7 @@ class Combo:
     shots: int
     calibrate: str  # off or a calibration method (classify.CALIBRATIONS)
     seeds: list[int]
+    sources: dict[str, str] = field(default_factory=dict)  # shots/calibrate -> flag, template or default
 
     @property
     def template(self) -> Any:
@@ -62,9 +43,9 @@ class EvalPlan:
     """Everything `llmlab eval` runs: each task x shot count x seed x calibration."""
 
     tasks: list[EvalTask]
-    shots: list[int]
+    shots: Optional[str] = None  # --shots: counts like 0,1,4 (None: each template's shots:, else 0)
     seeds: int = 1  # demonstration draws per shot count (seeds 0..N-1)
-    calibration: str = "off"  # off, on, both, or a comma list of off, contextual, batch, domain
+    calibration: Optional[str] = None  # --calibration: a comma list of methods (None: each template's calibrate:)
     method: str = "score"
     normalize: str = "none"
     batch_size: Optional[int] = 16
@@ -81,7 +62,8 @@ class EvalPlan:
     _sources: dict[str, Any] = field(default_factory=dict, repr=False)  # template name -> probe.Source
 
     def combos(self) -> list[Combo]:
-        return plan(self.tasks, self.shots, self.seeds, self.calibration, self.method)
+        return plan(self.tasks, self.shots, self.seeds, self.calibration, self.method,
+                    self.probe.data if self.probe else None)
 
     def probe_sources(self) -> dict[str, Any]:
         """Each classify template's probe rows, read and checked once, before any model time
@@ -89,9 +71,9 @@ class EvalPlan:
         from llmlab.orchestration.session import probe_source
 
         if not self._sources:
-            modes = parse_calibration(self.calibration) if self.method == "score" else ["off"]
             for task in self.tasks:
                 if task.template.task == "classify" and task.template.name not in self._sources:
+                    modes = [c.calibrate for c in self.combos() if c.task is task]
                     source = probe_source(self.probe, modes, task.template)
                     if source is not None:
                         self._sources[task.template.name] = source
@@ -105,30 +87,20 @@ class EvalPlan:
         return sum(share_count(len(c.task.items)) * len(c.seeds) for c in self.combos())
 
 
-def plan(tasks: Sequence[EvalTask], shots: Sequence[int], seeds: int, calibration: str, method: str) -> list[Combo]:
-    """Every combination; zero-shot needs one seed only (no demonstrations to draw)."""
-    methods = parse_calibration(calibration)
+def plan(tasks: Sequence[EvalTask], shots: Optional[str], seeds: int, calibration: Optional[str], method: str,
+         probe_data: Optional[str] = None) -> list[Combo]:
+    """Every combination, each template's defaults resolved by the one rule (orchestration.resolve);
+    zero-shot needs one seed only (no demonstrations to draw)."""
     if seeds < 1:
         raise UsageError(f"invalid --seeds {seeds}: must be >= 1")
     combos = []
     for task in tasks:
-        modes = ["off"]
-        if task.template.task == "classify" and method == "score":
-            modes = methods
-        for n in shots:
-            for calibrate in modes:
-                combos.append(Combo(task, n, calibrate, list(range(seeds)) if n else [0]))
+        modes = resolve.calibrations(calibration, task.template, method, probe_data)
+        for n in resolve.shot_counts(shots, task.template):
+            for mode in modes:
+                combos.append(Combo(task, n.value, mode.value, list(range(seeds)) if n.value else [0],
+                                    {"shots": n.source, "calibrate": mode.source}))
     return combos
-
-
-def parse_shots(text: str) -> list[int]:
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise UsageError(f"invalid --shots '{text}': give counts like 0,1,4,8") from None
-    if not values or any(v < 0 for v in values):
-        raise UsageError(f"invalid --shots '{text}': give counts >= 0 like 0,1,4,8")
-    return list(dict.fromkeys(values))
 
 
 def parse_task(spec: str, default_data: Optional[str]) -> tuple[str, str]:
@@ -166,7 +138,11 @@ def load_plan_file(path: str) -> list[tuple[str, str]]:
 
 def plan_config(plan_: EvalPlan, chat: Optional[str]) -> dict[str, Any]:
     """The settings of an eval, as the JSON report and the run log record them."""
-    return {"shots": list(plan_.shots), "seeds": plan_.seeds, "calibration": plan_.calibration,
+    combos = plan_.combos()
+    return {"shots": sorted({c.shots for c in combos}), "seeds": plan_.seeds,
+            "calibration": list(dict.fromkeys(c.calibrate for c in combos)),
+            "resolved": [{"template": c.template.name, "shots": c.shots, "calibrate": c.calibrate, **{
+                f"{k}_source": v for k, v in c.sources.items()}} for c in combos],
             "method": plan_.method, "normalize": plan_.normalize, "batch_size": plan_.batch_size,
             "offset": plan_.offset, "limit": plan_.limit, "sample": plan_.sample, "sample_seed": plan_.sample_seed,
             "log_samples": plan_.log_samples,
@@ -225,3 +201,30 @@ def prepare(specs: Sequence[tuple[str, str]], prompt: PromptConfig, fmt: str, of
     if dup and len({(t.template.name, t.data) for t in tasks}) < len(tasks):
         raise UsageError(f"template '{dup}' is given twice with the same data")
     return tasks
+
+
+def make_plan(cfg: EvalConfig) -> EvalPlan:
+    """`llmlab eval`'s whole plan, every check done before any model time: the tasks (templates found,
+    data read and checked), each template's shots and calibration resolved, the probe's rows, the
+    report path and each template's generation settings."""
+    from llmlab.io.records import check_output_path
+    from llmlab.orchestration.session import settings_for
+
+    specs = [parse_task(t, cfg.data) for t in cfg.templates]
+    specs += load_plan_file(cfg.plan_file) if cfg.plan_file else []
+    if not specs:
+        raise UsageError("nothing to evaluate: give -t TEMPLATE --data FILE, -t TEMPLATE=FILE, or --plan FILE")
+    tasks = prepare(specs, cfg.prompt, cfg.input_format, cfg.offset, cfg.limit, cfg.references, cfg.sample,
+                    cfg.sample_seed)
+    plan_ = EvalPlan(tasks, cfg.shots, cfg.seeds, cfg.calibration, cfg.method, cfg.normalize, cfg.batch_size,
+                     cfg.prompt, cfg.max_new_tokens, cfg.log_samples, list(cfg.references), cfg.offset, cfg.limit,
+                     ensemble=cfg.ensemble, sample=cfg.sample, sample_seed=cfg.sample_seed, probe=cfg.probe)
+    for combo in plan_.combos():  # also checks --seeds and --calibration
+        if combo.shots and not combo.template.examples and not cfg.prompt.examples:
+            raise UsageError(f"--shots {combo.shots}: template '{combo.template.name}' has no examples to draw "
+                             "demonstrations from; give --examples FILE or --shots 0")
+        settings_for(combo.template, None, {"max_new_tokens": cfg.max_new_tokens})  # a bad generation: key
+    plan_.probe_sources()  # --probe-data's (or the template's probe:) rows
+    if cfg.report:
+        check_output_path(cfg.report, "--report")
+    return plan_

@@ -15,17 +15,16 @@ from typing import Any, Callable, Iterable
 
 from llmlab import __version__
 from llmlab.orchestration.evalplan import (  # noqa: F401 - re-exported
-    CALIBRATION, Combo, EvalPlan, EvalTask, check_data, load_plan_file, parse_calibration, parse_shots, parse_task,
-    plan, plan_config, prepare)
+    Combo, EvalPlan, EvalTask, check_data, load_plan_file, make_plan, parse_task, plan, plan_config, prepare)
 from llmlab.scoring.metrics import (  # noqa: F401 - re-exported
     classification_metrics, generation_metrics, mean_std, normalize_answer, rouge_l, summarize)
 from llmlab.orchestration import paired
 
 # this module's public names and those it re-exports (callers import them from here)
 __all__ = [
-    "CALIBRATION", "Combo", "EvalPlan", "EvalTask", "check_data", "check_report_path", "classification_metrics",
-    "data_name", "evaluate", "generation_metrics", "load_plan_file", "mean_std", "model_facts", "normalize_answer",
-    "parse_calibration", "parse_shots", "parse_task", "plan", "plan_config", "prepare", "run_combo", "summarize",
+    "Combo", "EvalPlan", "EvalTask", "check_data", "check_report_path", "classification_metrics",
+    "data_name", "evaluate", "generation_metrics", "load_plan_file", "make_plan", "mean_std", "model_facts", "normalize_answer",
+    "parse_task", "plan", "plan_config", "prepare", "run_combo", "summarize",
     "versions", "write_report",
 ]
 
@@ -118,7 +117,7 @@ def _classify_seed(session: Any, combo: Combo, builder: Any, plan_: EvalPlan, se
     if source is not None:
         source.info = session.hooks.info
     clf = classify.Classifier(lm, builder, plan_.method, plan_.normalize, combo.calibrate, plan_.batch_size,
-                              settings, plan_.ensemble, session.hooks.detail, source)
+                              settings, plan_.ensemble, session.hooks.detail, source, session.scores)
     for draw in range(plan_.ensemble if combo.calibrate == "probe" else 0):
         clf.probe(draw)  # fitted (or loaded) before the items; inside `started`, so items/s includes the fit
 
@@ -177,6 +176,7 @@ def run_combo(session: Any, combo: Combo, plan_: EvalPlan, bar: Any, log: Any = 
     runs = [_run_seed(session, combo, seed, plan_, settings, bar, log) for seed in combo.seeds]
     return {"template": combo.template.name, "data": combo.task.data, "data_name": data_name(combo.task.data),
             "task": combo.template.task, "shots": combo.shots, "calibrate": combo.calibrate, "seeds": combo.seeds,
+            "sources": combo.sources,
             "summary": summarize(runs, combo.template.task), "runs": runs}
 
 
@@ -224,3 +224,18 @@ def model_facts(lm: Any) -> dict[str, Any]:
             "dtype": None if dtype is None else str(dtype).removeprefix("torch."), "window": lm.window,
             # --device-map: where accelerate put each module (None: all on `device`)
             "device_map": {k: str(v) for k, v in (getattr(model, "hf_device_map", None) or {}).items()} or None}
+
+
+def run(plan: Any, model: Any, hooks: Any = None, lm: Any = None) -> dict[str, Any]:
+    """`llmlab eval` on a checked plan: one logged run, each item logged as it is scored and each
+    combination's metrics as it finishes. Returns the report (evaluate's)."""
+    from llmlab.orchestration.session import Hooks, loaded
+
+    hooks = hooks or Hooks()
+
+    data = ", ".join(dict.fromkeys(t.data for t in plan.tasks))
+    with hooks.open_run("eval", config=plan_config(plan, model.chat), templates=[t.template for t in plan.tasks],
+                        data=data) as log:
+        session = loaded(model, lm, log, hooks)
+        with hooks.progress(plan.total(), "evaluating") as bar:
+            return evaluate(session, plan, bar, log)

@@ -15,6 +15,7 @@ from typing import Any, Callable, ContextManager, Iterator, Optional, Sequence
 from llmlab.core import config as cfgmod
 from llmlab.core.config import ClassifyConfig, GenerateConfig, ModelConfig, ProbeConfig, PromptConfig
 from llmlab.core.errors import UsageError
+from llmlab.orchestration import resolve
 
 
 class _Null:
@@ -113,18 +114,21 @@ class Session:
     """A loaded model plus the decisions every command makes the same way."""
 
     def __init__(self, model: ModelConfig, lm: Any = None, hooks: Optional[Hooks] = None):
-        from llmlab.backends import models
+        from llmlab.backends import registry
+
+        from llmlab.scoring.scorecache import ScoreCache
 
         self.model = model
         self.hooks = hooks or Hooks()
-        if lm is None and model.backend == "vllm":
-            from llmlab.backends import vllm
+        self.scores = ScoreCache()  # label scores of this model, shared by the run's classifiers
 
-            lm = vllm.load(model.spec, model.dtype, model.tensor_parallel_size)
-        self.lm = lm if lm is not None else models.load(model.spec, model.device, model.dtype,
-                                                        device_map=model.device_map, max_memory=model.max_memory)
-        if hooks is not None:  # the backend's messages (out-of-memory back-off, unreachable stop texts)
-            self.lm.on_event = lambda level, message: (hooks.warn if level >= 30 else hooks.info)(message)
+        def on_event(level: int, message: str) -> None:  # the backend's own messages, as warnings or info
+            (self.hooks.warn if level >= 30 else self.hooks.info)(message)
+
+        events = on_event if hooks is not None else None
+        self.lm = lm if lm is not None else registry.open_backend(model, events)
+        if lm is not None and events is not None:  # a model handed in (tests, library use): same messages
+            lm.on_event = events
 
     def chat(self, template: Any = None) -> bool:
         return chat_for(self.lm.tokenizer, self.model.chat, template)
@@ -134,7 +138,8 @@ class Session:
         from llmlab.prompting import prompts
 
         lm = self.lm
-        options = prompts.options_for(template, prompt.shots, prompt.selection, prompt.seed, self.chat(template),
+        shots = resolve.shots(prompt.shots, template).value if template is not None else prompt.shots
+        options = prompts.options_for(template, shots, prompt.selection, prompt.seed, self.chat(template),
                                       prompt.shot_format, prompt.overflow, max_new_tokens,
                                       default_selection=default_selection)
         return prompts.make_builder(template, lm.tokenizer, lm.window, options, prompt.examples, input_path,
@@ -143,8 +148,7 @@ class Session:
 
 def check_prompt_options(prompt: PromptConfig) -> None:
     """Option values a prompt builder would reject, rejected before the model loads."""
-    if prompt.shots is not None and prompt.shots < 0:
-        raise UsageError(f"invalid --shots {prompt.shots}: must be >= 0")
+    resolve.shots(prompt.shots, None)
     cfgmod.check_prompts_dirs(prompt.prompts_dir)
 
 
@@ -207,8 +211,7 @@ def generate(cfg: GenerateConfig, hooks: Hooks = Hooks(), lm: Any = None, displa
     # Opened before the model loads: a log that can't be written fails before any model time.
     with hooks.open_run("generate", config=_logged_config(cfg, settings), templates=template,
                         data=cfg.input.path) as log:
-        session = _loaded(cfg.model, lm, log, hooks)
-        session.lm.gen_engine = cfg.gen_engine
+        session = loaded(cfg.model, lm, log, hooks)
         jobs = _jobs(cfg, session, template, todo, settings, hooks)
 
         def logged(job: Any, rec: dict[str, Any]) -> None:
@@ -218,11 +221,11 @@ def generate(cfg: GenerateConfig, hooks: Hooks = Hooks(), lm: Any = None, displa
 
         shown = None
         if single and settings.logprobs:  # a person reads coloured tokens: nothing to stream
-            output = session.lm.generate(requests(jobs[:1]), settings, batch_size=1)[0]
+            output = session.lm.generate(requests(jobs[:1]), settings, batch_size=1, engine=cfg.gen_engine)[0]
             logged(jobs[0], generation.record(jobs[0], output, session.lm.name, cfg.echo))
             shown = (jobs[0], output)
         elif single:
-            output = generation.run_single(session.lm, jobs[0], settings, cfg.echo, hooks.emit)
+            output = generation.run_single(session.lm, jobs[0], settings, cfg.echo, hooks.emit, cfg.gen_engine)
             logged(jobs[0], generation.record(jobs[0], output, session.lm.name, cfg.echo))
         else:
             with sink as writer, hooks.progress(len(jobs), "generating") as bar:
@@ -233,7 +236,7 @@ def generate(cfg: GenerateConfig, hooks: Hooks = Hooks(), lm: Any = None, displa
                     logged(job, rec)
                     bar.advance(1)
 
-                run_jobs(session.lm, jobs, settings, cfg.batch_size, done)
+                run_jobs(session.lm, jobs, settings, cfg.batch_size, done, cfg.gen_engine)
         log.metrics({"items": len(jobs)})
     return shown
 
@@ -251,7 +254,7 @@ def _jobs(cfg: GenerateConfig, session: "Session", template: Any, todo: list[Any
     return generation.template_jobs(builder, todo)
 
 
-def _loaded(model: ModelConfig, lm: Any, log: Any, hooks: Optional[Hooks] = None) -> "Session":
+def loaded(model: ModelConfig, lm: Any, log: Any, hooks: Optional[Hooks] = None) -> "Session":
     """The session (its model loaded), with the model's name and device filled into the run log."""
     session = Session(model, lm, hooks)
     log.update(model=session.lm.name, device=str(session.lm.device))
@@ -279,9 +282,10 @@ def requests(jobs: Sequence[Any]) -> list[Any]:
 
 
 def run_jobs(lm: Any, jobs: Sequence[Any], settings: Any, batch_size: Optional[int],
-             done: Callable[[Any, Any], Any]) -> list[Any]:
-    """Generate for every job; done(job, output) is called in input order as results arrive."""
-    return lm.generate(requests(jobs), settings, batch_size=batch_size,
+             done: Callable[[Any, Any], Any], engine: str = "auto") -> list[Any]:
+    """Generate for every job; done(job, output) is called in input order as results arrive.
+    engine: --gen-engine (auto, padded, continuous)."""
+    return lm.generate(requests(jobs), settings, batch_size=batch_size, engine=engine,
                        on_output=lambda index, output: done(jobs[index], output))
 
 
@@ -299,7 +303,6 @@ def classify(cfg: ClassifyConfig, hooks: Hooks = Hooks(), table: bool = False, l
     if template is None or template.task != "classify":
         name = template.name if template else cfg.prompt.template
         raise UsageError(f"template '{name}' is a generate template; classify needs task: classify with labels")
-    _check_classify_options(cfg)
     settings = settings_for(template)
     io.check_output_path(cfg.output.path, inputs=[cfg.input.path])
     if cfg.input.path is not None:
@@ -313,20 +316,16 @@ def classify(cfg: ClassifyConfig, hooks: Hooks = Hooks(), table: bool = False, l
     todo = sink.pending(items)
     if not todo:
         return None
-    # An explicit --calibration wins; else --probe-data means probe; else the template's calibrate:
-    # (which only applies to scoring).
-    mode = clf.calibration_mode(cfg.calibrate) if cfg.calibrate is not None else \
-        "probe" if cfg.probe and cfg.probe.data else \
-        (template.calibrate or "off") if cfg.method == "score" else "off"
+    mode = resolve.calibration(cfg.calibrate, template, cfg.method, cfg.probe.data if cfg.probe else None).value
     if mode == "batch" and len(todo) < 2:
         raise UsageError("--calibration batch estimates the bias from the inputs themselves: give several "
                          "(--input FILE), or use contextual or domain for one input")
     source = probe_source(cfg.probe, mode, template, hooks)
     with hooks.open_run("classify", config=_logged_config(cfg), templates=template, data=cfg.input.path) as log:
-        session = _loaded(cfg.model, lm, log, hooks)
+        session = loaded(cfg.model, lm, log, hooks)
         builder = session.builder(template, cfg.prompt, settings.max_new_tokens, cfg.input.path)
         classifier = clf.Classifier(session.lm, builder, cfg.method, cfg.normalize, mode, cfg.batch_size,
-                                    settings, cfg.ensemble, hooks.detail, source)
+                                    settings, cfg.ensemble, hooks.detail, source, session.scores)
         for draw in range(cfg.ensemble if source else 0):
             classifier.probe(draw)  # fitted (or loaded) before the classifying bar starts
         # Results are handed on per chunk: small chunks keep the progress bar true to the work done.
@@ -357,19 +356,6 @@ def classify_metrics(results: Sequence[Any], template: Any) -> dict[str, Any]:
     return metrics
 
 
-def evaluate(plan: Any, model: ModelConfig, hooks: Hooks = Hooks(), lm: Any = None) -> dict[str, Any]:
-    """`llmlab eval` on a checked plan: one logged run, each item logged as it is scored and each
-    combination's metrics as it finishes. Returns the report (evaluate.evaluate's)."""
-    from llmlab.orchestration import evaluate as ev
-
-    data = ", ".join(dict.fromkeys(t.data for t in plan.tasks))
-    with hooks.open_run("eval", config=ev.plan_config(plan, model.chat), templates=[t.template for t in plan.tasks],
-                        data=data) as log:
-        session = _loaded(model, lm, log, hooks)
-        with hooks.progress(plan.total(), "evaluating") as bar:
-            return ev.evaluate(session, plan, bar, log)
-
-
 def probe_source(probe: Any, modes: str | Sequence[str], template: Any, hooks: Hooks = Hooks()) -> Any:
     """The probe's rows, read and checked before any model time: --probe-data, else the template's
     probe: file (None when no mode is probe)."""
@@ -387,11 +373,6 @@ def probe_source(probe: Any, modes: str | Sequence[str], template: Any, hooks: H
     probe = probe or ProbeConfig()
     data = data or str(template.probe_path)
     return probes.load_source(data, probe.size, probe.layers, template, hooks.progress, hooks.info)
-
-
-def _check_classify_options(cfg: ClassifyConfig) -> None:
-    if cfg.calibrate not in (None, "off") and cfg.method != "score":
-        raise UsageError("--calibrate needs --method score: it adjusts label probabilities")
 
 
 def with_prompt(prompt: PromptConfig, **changes: Any) -> PromptConfig:

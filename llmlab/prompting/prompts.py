@@ -91,19 +91,16 @@ class BuildOptions:
     overflow: str = "drop-shots"
     max_new_tokens: int = 0  # room to leave in the window (decoder-only models)
     pool_is_data: bool = False  # the examples are the input file itself: leave each item out
-    calibrate: str = "off"  # classify: off or a calibration method (read by the caller, not the builder)
 
 
 def options_for(template: Template, shots: int | None = None, selection: str | None = None, seed: int | None = None,
                 chat: bool = False, shot_format: str | None = None, overflow: str = "drop-shots",
-                max_new_tokens: int = 0, default_selection: str = "first",
-                calibrate: str | None = None) -> BuildOptions:
+                max_new_tokens: int = 0, default_selection: str = "first") -> BuildOptions:
     """BuildOptions with the template's defaults filled in where the caller passes None: the template's
-    `shots:` (else 0) and `calibrate:` (else off), balanced shots for classify templates (else
+    `shots:` (else 0; orchestration.resolve decides this for every command), balanced shots for classify templates (else
     `default_selection`), seed 0, the template's shot format (else turns)."""
     return BuildOptions(
         shots=(template.shots or 0) if shots is None else shots,
-        calibrate=(template.calibrate or "off") if calibrate is None else calibrate,
         selection=selection or template.shot_selection
         or ("balanced" if template.task == "classify" else default_selection),
         seed=0 if seed is None else seed,

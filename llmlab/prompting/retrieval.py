@@ -110,31 +110,7 @@ class HiddenRetriever:
 
     def embed(self, texts: Sequence[str]) -> Any:
         """(len(texts) x hidden) float32 numpy array of L2-normalized mean-pooled last hidden states."""
-        import numpy as np
-        import torch
-
-        tok = self.lm.tokenizer
-        ids = [tok(t, add_special_tokens=False)["input_ids"][:256] or [tok.pad_token_id or 0] for t in texts]
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths together: less padding
-        out = np.zeros((len(ids), 0), dtype=np.float32)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        model = self.lm.model.get_encoder() if self.lm.is_encoder_decoder else self.lm.model
-        for start in range(0, len(order), self.batch_size):
-            batch = order[start : start + self.batch_size]
-            width = max(len(ids[i]) for i in batch)
-            # Right padding: the mask keeps pad positions out of the mean (and, causally, out of attention).
-            input_ids = torch.tensor([ids[i] + [pad] * (width - len(ids[i])) for i in batch], device=self.lm.device)
-            mask = torch.tensor([[1] * len(ids[i]) + [0] * (width - len(ids[i])) for i in batch], device=self.lm.device)
-            with torch.inference_mode():
-                hidden = model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True)
-                last = (hidden.encoder_last_hidden_state if hasattr(hidden, "encoder_last_hidden_state")
-                        else hidden.hidden_states[-1]).float()  # (batch, width, hidden)
-            pooled = (last * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)  # mean over real tokens
-            pooled = torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy()
-            if out.shape[1] == 0:
-                out = np.zeros((len(ids), pooled.shape[1]), dtype=np.float32)
-            out[batch] = pooled
-        return out
+        return self.lm.embed(texts, self.batch_size)
 
     def similarities(self, queries: Sequence[str]) -> Any:
         return self.embed(queries) @ self.index.T

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -30,8 +29,6 @@ CALIBRATIONS = ("off", "contextual", "batch", "domain", "probe")
 CONTENT_FREE = ("N/A", "", "[MASK]")
 DOMAIN_SAMPLES = 20  # random in-domain texts averaged per demonstration set (the paper's 20)
 UNKNOWN = "unknown"
-_SCORES: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()  # model -> prompt key -> scores
-_MEMO_LIMIT = 200_000  # remembered prompts per model before the memo starts over (a few floats each)
 
 
 def calibration_mode(value: bool | str | None) -> str:
@@ -103,7 +100,7 @@ class Classifier:
 
     def __init__(self, lm: Any, builder: Any, method: str = "score", normalize: str = "none",
                  calibrate: bool | str = False, batch_size: int = 16, settings: Any = None, ensemble: int = 1,
-                 on_detail: Callable[[str], None] | None = None, probe: Any = None):
+                 on_detail: Callable[[str], None] | None = None, probe: Any = None, cache: Any = None):
         if method not in METHODS:
             raise UsageError(f"invalid --method '{method}': choose score or generate")
         if normalize not in NORMALIZE:
@@ -115,7 +112,10 @@ class Classifier:
             raise UsageError(f"invalid --ensemble {ensemble}: give the number of demonstration draws, >= 1")
         if ensemble > 1 and method != "score":
             raise UsageError("--ensemble needs --method score: it averages label probabilities")
+        from llmlab.scoring.scorecache import ScoreCache
+
         self.lm = lm
+        self.scores = cache if cache is not None else ScoreCache()  # the session's, shared by its classifiers
         self.builder = builder
         self.template = builder.template
         if self.template.task != "classify" or not self.template.labels:
@@ -146,28 +146,27 @@ class Classifier:
 
     def _score(self, prompts: Sequence[Any]) -> list[tuple[list[float], list[float], Any]]:
         """(label probabilities, label log-probabilities, hidden states or None) for each prompt.
-        Scores are remembered per model for the run, so eval's calibration methods (which differ
-        only after scoring) and repeated content-free prompts score each distinct prompt once.
+        Scores are remembered in self.scores (the session's ScoreCache), so eval's calibration methods
+        (which differ only after scoring) and repeated content-free prompts score each prompt once.
         With a probe source, the states of self.hidden_layers at the answer position come too."""
         from llmlab.backends.models import LLRequest
 
         layers = self.hidden_layers
-        memo = _SCORES.setdefault(self.lm, {})
         keys = [(p.text, p.chat, tuple(self._continuations(p)), self.normalize) for p in prompts]
+        found = {key: self.scores.get(key) for key in keys}
         todo = [(key, p) for key, p in dict(zip(keys, prompts)).items()
-                if key not in memo or (layers and memo[key][2] is None)]
+                if found[key] is None or (layers and found[key][2] is None)]
         requests = [LLRequest(p.text, c, p.chat, prefix=p.prefix, context_ids=p.ids)
                     for _, p in todo for c in self._continuations(p)]
         outputs = self.lm.loglikelihood(requests, batch_size=self.batch_size, hidden_layers=layers) if requests else []
         k = len(self.labels)
-        if len(memo) > _MEMO_LIMIT:
-            memo.clear()
         for n, (key, _) in enumerate(todo):
             outs = outputs[n * k : (n + 1) * k]
             logprobs = [o.logprob for o in outs]
             scores = [o.logprob / o.tokens for o in outs] if self.normalize == "length" else logprobs
-            memo[key] = (softmax(scores), logprobs, outs[0].hidden)  # one state per prompt: every label's is the same
-        return [memo[key] for key in keys]
+            found[key] = (softmax(scores), logprobs, outs[0].hidden)  # one state per prompt: every label's is the same
+            self.scores.put(key, found[key])
+        return [found[key] for key in keys]
 
     def probe(self, draw: int) -> Any:
         """The probe for demonstration draw `draw`: fitted on the probe rows' states under that

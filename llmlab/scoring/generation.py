@@ -75,19 +75,20 @@ def record(job: Job, output: Any, model_name: str, echo: bool) -> dict[str, Any]
     return rec
 
 
-def run_single(lm: Any, job: Job, settings: Any, echo: bool, emit: Callable[[str], None]) -> Any:
+def run_single(lm: Any, job: Job, settings: Any, echo: bool, emit: Callable[[str], None],
+               engine: str = "auto") -> Any:
     """One prompt: stream the completion through emit(text) (stdout for a person) as it is
-    generated; several completions (beams, -n) are emitted whole, one per line."""
+    generated; several completions (beams, -n) are emitted whole, one per line. engine: --gen-engine."""
     from llmlab.backends.models import GenRequest
 
     request = GenRequest(job.model_text, job.chat)
     if settings.num_return_sequences == 1 and settings.num_beams == 1:
         if echo:
             emit(job.prompt)
-        output = lm.generate([request], settings, batch_size=1, stream=emit)[0]
+        output = lm.generate([request], settings, batch_size=1, stream=emit, engine=engine)[0]
         emit("\n")
         return output
-    output = lm.generate([request], settings, batch_size=1)[0]
+    output = lm.generate([request], settings, batch_size=1, engine=engine)[0]
     for completion in output.completions:
         emit((job.prompt if echo else "") + completion + "\n")
     return output

@@ -1,0 +1,163 @@
+"""The Typer app every command registers on, and the pieces the commands share: the group that turns
+every LlmlabError into one stderr line and an exit code (the only place that does), the library hooks
+(stderr, progress, the run log), and the model and prompt options made into configs. Heavy libraries
+(torch, transformers) load inside commands only."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Annotated, Any, Optional
+
+import typer
+from typer.core import TyperGroup, TyperOption
+
+try:  # typer >= 0.20 vendors click; its exceptions are the ones raised
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # pragma: no cover - older typer on real click
+    from click import exceptions as click_exceptions
+
+from llmlab import __version__
+from llmlab.core import console
+from llmlab.core.config import Overflow, value
+from llmlab.core.errors import LlmlabError, UsageError
+
+
+_display_type = TyperOption.display_type_rich
+
+
+def _no_flag_types(self: TyperOption, ctx: Any) -> Optional[str]:
+    """--help: no `<bool>` label on on/off flags (they take no value)."""
+    return None if getattr(self, "is_flag", False) else _display_type(self, ctx)
+
+
+TyperOption.display_type_rich = _no_flag_types  # type: ignore[method-assign]
+
+
+_ARGS: list[str] = []  # this run's command line after `llmlab`: the run log records it, eval --processes re-runs it
+
+
+def command_line() -> list[str]:
+    """This run's arguments after `llmlab` (set by LlmlabGroup.main): read, never assigned, elsewhere."""
+    return list(_ARGS)
+
+
+class LlmlabGroup(TyperGroup):
+    """Runs commands and maps every failure to one stderr line and an exit code."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # type: ignore[override]
+        debug = os.environ.get("LLMLAB_DEBUG", "") not in ("", "0")
+        global _ARGS
+        _ARGS = [str(a) for a in (sys.argv[1:] if args is None else args)]  # eval --processes re-runs them
+        try:
+            code = super().main(args, prog_name or "llmlab", complete_var, standalone_mode=False, **extra)
+        except click_exceptions.NoArgsIsHelpError as exc:
+            exc.show()  # bare `llmlab` or `llmlab prompt`: print the help
+            code = exc.exit_code
+        except click_exceptions.UsageError as exc:
+            hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
+            console.error(f"{exc.format_message().replace('Value error, ', '')}{hint}")
+            code = exc.exit_code
+        except click_exceptions.ClickException as exc:
+            console.error(exc.format_message())
+            code = exc.exit_code
+        except typer.Abort:
+            code = 130
+        except LlmlabError as exc:
+            if debug:
+                raise
+            console.error(str(exc))
+            code = exc.exit_code
+        except BrokenPipeError:
+            sys.stderr.close()
+            code = 1
+        except Exception as exc:  # noqa: BLE001 - last line of defence: no tracebacks for users
+            if debug:
+                raise
+            console.error(f"{type(exc).__name__}: {exc} (set LLMLAB_DEBUG=1 for the traceback)")
+            code = 1
+        if standalone_mode:
+            sys.exit(code if isinstance(code, int) else 0)
+        return code
+
+
+app = typer.Typer(
+    cls=LlmlabGroup,
+    name="llmlab",
+    help="A prompt-engineering lab: generate, classify and evaluate with Hugging Face models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    rich_markup_mode="rich",
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"llmlab {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """A prompt-engineering lab: generate, classify and evaluate with Hugging Face models.
+
+    With no --model, everything runs offline on the embedded SmolLM2-135M-Instruct.
+    """
+
+
+
+
+def hooks(no_log: bool = False):
+    """Library callbacks that write to stderr through the console (progress only on a terminal),
+    and record the run in the run log with this command line (unless --no-log / LLMLAB_LOG=0)."""
+    from llmlab.runs import runlog
+    from llmlab.orchestration.session import Hooks
+
+    def open_run(command: str, **details: Any) -> Any:
+        return runlog.open_run(command, ["llmlab", *_ARGS], no_log=no_log, on_warn=console.warn, **details)
+
+    return Hooks(progress=console.progress, warn=console.warn, info=console.info, note=console.note,
+                 detail=console.detail, open_run=open_run, emit=console.emit)
+
+
+def model_config(model, device, dtype, chat, device_map=None, max_memory=None, backend="hf", tensor_parallel_size=1):
+    """The model options, checked before any model time (placement options: llmlab.backends.placement)."""
+    from llmlab.backends import placement
+    from llmlab.core.config import ModelConfig
+
+    cfg = ModelConfig(model, device, value(dtype), value(chat), placement.parse_device_map(device_map),
+                      placement.parse_max_memory(max_memory), value(backend), tensor_parallel_size)
+    if cfg.backend == "vllm":
+        from llmlab.backends import vllm
+
+        vllm.check_options(cfg)
+    else:
+        placement.check(device, cfg.device_map, cfg.max_memory)
+        if tensor_parallel_size != 1:
+            raise UsageError("--tensor-parallel-size needs --backend vllm; with hf use --device-map auto")
+    return cfg
+
+
+def show_placement(cfg) -> None:
+    """--dry-run: the placement --device-map (default auto) would give, on stdout; then exit."""
+    from llmlab.backends import loading
+
+    if cfg.backend == "vllm":
+        raise UsageError("--dry-run shows accelerate placements (--backend hf); vLLM places models itself")
+    for line in loading.placement_plan(cfg.spec, cfg.dtype, cfg.device_map or "auto", cfg.max_memory):
+        print(line)
+    raise typer.Exit(0)
+
+
+def prompt_config(template, shots=None, selection=None, seed=None, shot_format=None, overflow=Overflow.drop_shots,
+            examples=None, prompts_dir=None, var=None):
+    from llmlab.core.config import PromptConfig
+
+    return PromptConfig(template, shots, value(selection), seed, value(shot_format), value(overflow), examples,
+                        list(prompts_dir or []), list(var or []))
