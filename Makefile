@@ -35,6 +35,10 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# Static types: mypy over the whole package (settings in pyproject.toml's [tool.mypy]); CI runs it.
+typecheck: install
+	$(BIN)/mypy llmlab
+
 bench: install
 	$(BIN)/python bench/bench.py
 

@@ -95,6 +95,13 @@ def test_prompt_list_names_a_missing_folder():
     assert result.stderr == "error: --prompts-dir 'nosuchdir' is not a folder; give a folder of template .yaml files\n"
 
 
+@pytest.mark.parametrize("command", [["prompt", "show", ""], ["prompt", "render", ""], ["classify", "-t", "", "x"]])
+def test_an_empty_template_name_is_an_unknown_template(command):
+    result = invoke([*command, "-m", "./never-loaded"] if command[0] == "classify" else command)
+    assert result.exit_code == 3
+    assert result.stderr.startswith("error: no template named '' (available: ") and result.stderr.count("\n") == 1
+
+
 def test_prompt_show():
     result = invoke(["prompt", "show", "sentiment"])
     assert result.exit_code == 0, result.stderr

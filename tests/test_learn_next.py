@@ -109,3 +109,11 @@ def test_window_overflow_is_refused(fake_lm):
     fake_lm.window = 64
     result = invoke(["next", "-m", "fake", "the " * 70, "--steps", 1])
     assert result.exit_code == 5 and "64-token window" in result.stderr
+
+
+def test_an_encoder_decoder_without_a_decoder_start_token_is_refused(fake_lm):
+    fake_lm.is_encoder_decoder = True  # FakeLM names no decoder start token (decoder_start_id is None)
+    result = invoke(["next", "-m", "fake", "the movie", "--steps", 1])
+    assert result.exit_code == 4
+    assert result.stderr == ("error: model 'fake' is encoder-decoder but names no decoder start token "
+                             "(decoder_start_token_id in its config)\n")

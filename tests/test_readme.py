@@ -31,7 +31,7 @@ SHARED = {  # the shared data sets -> tiny files with the same fields
     "../shared/data/ag_news/ag_news.test.jsonl": "ag_news.jsonl",
     "../shared/data/dialogsum/dialogsum.test.jsonl": "dialogsum.jsonl",
 }
-TAKES_MODEL = ("generate", "classify", "eval", "optimize", "render", "tokenize", "next", "lab")
+TAKES_MODEL = ("generate", "classify", "eval", "optimize", "render", "tokenize", "next", "lab", "tune")
 # Shared model files -> the tiny T5 (tests pass without ../shared): a tokenizer folder, a config file.
 T5_FILES = ("../shared/data/t5-tokenizer", "../shared/data/flan-t5-config/flan-t5-base.config.json")
 
@@ -141,6 +141,11 @@ def test_readme_command_runs(tiny_models, tmp_path, monkeypatch, where, command)
     for _, earlier in COMMANDS:
         if "> rendered.jsonl" in earlier and "rendered.jsonl" in command and earlier != command:
             run(*prepare(earlier, str(tiny_models["llama"])))
+    if "--adapter" in command:  # an adapter folder: the README's tune commands write it first
+        for _, earlier in COMMANDS:
+            out = earlier.split(" -o ")[-1].split()[0] if earlier.startswith("llmlab tune ") else None
+            if out and (out in command or out.split("/")[0] in command.split()):
+                run(*prepare(earlier, str(tiny_models["llama"])))
     if command.startswith(("llmlab runs ", "llmlab report ")):
         for earlier in evals_before(where):
             run(*prepare(earlier, str(tiny_models["llama"])))

@@ -7,9 +7,12 @@ from __future__ import annotations
 import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from llmlab.core.errors import UsageError
+
+if TYPE_CHECKING:  # types only: nothing more is imported at run time
+    from llmlab.core.settings import GenerationSettings
 
 # on_event(level, message): how a backend reports what the user may want to know (an out-of-memory
 # retry, a stop text the tokenizer can never produce). level is a logging level (logging.INFO,
@@ -156,7 +159,7 @@ class LM(ABC):
         raise UsageError(f"{self.name}: this backend does not give hidden states; use --backend hf")
 
     @abstractmethod
-    def generate(self, requests: Sequence[GenRequest], settings: Any, batch_size: int | None = 8,
+    def generate(self, requests: Sequence[GenRequest], settings: GenerationSettings, batch_size: int | None = 8,
                  on_output: Callable[[int, GenOutput], None] | None = None,
                  stream: Callable[[str], None] | None = None, engine: str = "auto") -> list[GenOutput]:
         """Complete each request, in request order. on_output(index, output) is called for each

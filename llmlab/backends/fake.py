@@ -72,8 +72,9 @@ class FakeLM(LM):
                       prefix_cache: bool = True, hidden_layers: Sequence[int] | None = None) -> list[LLOutput]:
         self.requests.extend(requests)
         outputs = [LLOutput(self.score(r), max(1, len(r.continuation))) for r in requests]
-        for r, out in zip(requests, outputs) if hidden_layers else []:
-            out.hidden = self.hidden(r.context, hidden_layers)
+        if hidden_layers:
+            for r, out in zip(requests, outputs):
+                out.hidden = self.hidden(r.context, hidden_layers)
         return outputs
 
     @staticmethod

@@ -187,11 +187,11 @@ class HFLM(LM):
         """Rough memory one token of a batch costs: the KV cache of every layer plus one layer's
         activations (inference frees each layer's as it goes)."""
         c = self.model.config
-        hidden = getattr(c, "hidden_size", None) or getattr(c, "d_model", 1024)
-        layers = getattr(c, "num_hidden_layers", None) or getattr(c, "num_layers", 24)
-        heads = getattr(c, "num_attention_heads", None) or getattr(c, "num_heads", 16)
-        kv_heads = getattr(c, "num_key_value_heads", None) or heads
-        inner = getattr(c, "intermediate_size", None) or getattr(c, "d_ff", None) or 4 * hidden
+        hidden = getattr(c, "hidden_size", 0) or getattr(c, "d_model", 1024)  # 0 = absent (falsy as None; keeps it int)
+        layers = getattr(c, "num_hidden_layers", 0) or getattr(c, "num_layers", 24)
+        heads = getattr(c, "num_attention_heads", 0) or getattr(c, "num_heads", 16)
+        kv_heads = getattr(c, "num_key_value_heads", 0) or heads
+        inner = getattr(c, "intermediate_size", 0) or getattr(c, "d_ff", 0) or 4 * hidden
         size = self.model.dtype.itemsize
         return size * (2 * layers * hidden * kv_heads // heads + 8 * hidden + 2 * inner)
 
@@ -217,11 +217,12 @@ class HFLM(LM):
         per_prompt = max(settings.num_return_sequences, settings.num_beams)
         lengths = [(len(p) + settings.max_new_tokens) * per_prompt for p in prompts]
         eos = self._eos_ids()
-        engine = self._generate_batch if hf_continuous.choose(self, settings, len(requests), engine) == "padded" else \
-            lambda *args: hf_continuous.generate_rows(self, *args)
+        padded = hf_continuous.choose(self, settings, len(requests), engine) == "padded"
+        batch_engine = self._generate_batch if padded else lambda *args: hf_continuous.generate_rows(self, *args)
 
         def run(batch: list[int]) -> list[GenOutput]:
-            return engine([prompts[i] for i in batch], settings, stops, eos, stream if len(requests) == 1 else None)
+            return batch_engine([prompts[i] for i in batch], settings, stops, eos,
+                                stream if len(requests) == 1 else None)
 
         def hand_on(batch: list[int], outputs: list[GenOutput]) -> None:
             for i, output in zip(batch, outputs):

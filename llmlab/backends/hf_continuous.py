@@ -20,10 +20,13 @@ import signal
 import threading
 from contextlib import contextmanager
 from math import ceil
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from llmlab.backends.base import GenOutput
 from llmlab.core.errors import ModelError, UsageError
+
+if TYPE_CHECKING:  # types only: nothing more is imported at run time
+    from llmlab.core.settings import GenerationSettings
 
 ENGINES = ("auto", "padded", "continuous")
 
@@ -47,7 +50,7 @@ _PAGE = 64
 _CPU_STEP_TOKENS = 2048
 
 
-def unsupported(settings: Any) -> str | None:
+def unsupported(settings: GenerationSettings) -> str | None:
     """What in these settings continuous batching cannot do (None: it can do them all). Torch-free,
     so the CLI refuses before any model time."""
     if settings.do_sample:
@@ -63,7 +66,7 @@ def unsupported(settings: Any) -> str | None:
     return None
 
 
-def check(engine: str, settings: Any, backend: str = "hf") -> None:
+def check(engine: str, settings: GenerationSettings, backend: str = "hf") -> None:
     """Refuse --gen-engine continuous with settings it cannot honour (one line, before loading)."""
     if engine not in ENGINES:
         raise UsageError(f"invalid --gen-engine '{engine}': choose {', '.join(ENGINES)}")
@@ -77,7 +80,7 @@ def check(engine: str, settings: Any, backend: str = "hf") -> None:
                          "use --gen-engine padded (or auto)")
 
 
-def choose(lm: Any, settings: Any, requests: int = 2, engine: str = "auto") -> str:
+def choose(lm: Any, settings: GenerationSettings, requests: int = 2, engine: str = "auto") -> str:
     """'padded' or 'continuous' for this model, these settings and this many requests (engine:
     the user's --gen-engine). auto keeps one request on the padded engine: there is nothing to batch, the
     padded engine streams it, and a generate_batch call has a fixed cost (about 2 s on the 2-core
@@ -134,7 +137,7 @@ def signals_after_the_call() -> Iterator[None]:
             signal.raise_signal(held[0])  # now through the handler it had (ignored stays ignored)
 
 
-def generate_rows(lm: Any, rows: list[list[int]], settings: Any, stops: list[str], eos: set[int],
+def generate_rows(lm: Any, rows: list[list[int]], settings: GenerationSettings, stops: list[str], eos: set[int],
                   stream: Callable[[str], None] | None) -> list[GenOutput]:
     """One batch through generate_batch; the same GenOutput as HFLM._generate_batch, row by row.
     Stop texts are cut after the fact from settings.stop, as the padded engine's _finish does

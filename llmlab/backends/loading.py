@@ -172,13 +172,15 @@ def load_tokenizer(spec: str | None) -> tuple[Any, int | None, bool]:
     A converted or saved model needs neither torch nor the model code for this."""
     from llmlab.backends.hf import context_window
 
+    from llmlab.backends import adapters
+
     _quiet_transformers()
-    ref = resolve_model(spec)
+    ref = resolve_model(adapters.split(spec)[0])  # an adapter keeps its base's tokenizer
     if ref.kind == "gguf" and modelcache.entry_problem(gguf_cache_dir(ref)) is not None:
         # Read straight from the GGUF metadata rather than dequantizing the weights.
         from transformers import AutoConfig, AutoTokenizer
 
-        modelcache.check_gguf(Path(ref.location) / ref.gguf_file)
+        modelcache.check_gguf(Path(ref.location) / (ref.gguf_file or ""))
         tokenizer = AutoTokenizer.from_pretrained(ref.location, gguf_file=ref.gguf_file)
         config = AutoConfig.from_pretrained(ref.location, gguf_file=ref.gguf_file)
         tokenizer = _prepare_tokenizer(tokenizer)
@@ -207,10 +209,11 @@ def load(spec: str | None, device: str = "auto", dtype: str = "auto", device_map
     _quiet_transformers()
     from transformers import AutoConfig
 
-    from llmlab.backends import placement
-    from llmlab.backends.hf import HFLM as LM
+    from llmlab.backends import adapters, placement
 
-    ref = resolve_model(spec)
+    base_spec, adapter = adapters.split(spec)
+    record = adapters.read_record(adapter) if adapter else None  # a missing adapter: one line, no model time
+    ref = resolve_model(base_spec)
     placement.check(device, device_map, max_memory)
     device_name = resolve_device(device) if device_map is None else map_device(max_memory)
     if (dtype or "auto").strip().lower() not in DTYPES:
@@ -220,6 +223,8 @@ def load(spec: str | None, device: str = "auto", dtype: str = "auto", device_map
         raise ModelError(f"'{ref.location}' holds a tokenizer but no model (no config.json); "
                          "it can render prompts but not run them")
     config = _from_pretrained(ref, AutoConfig.from_pretrained)
+    if record is not None and adapter:  # (record is None without an adapter)
+        adapters.check_base(record, config, ref.name, adapter)  # before the weights
     model_class = _model_class(config)
     torch_dtype = weights_dtype(dtype, device_name, model_class, config)
     try:
@@ -228,6 +233,8 @@ def load(spec: str | None, device: str = "auto", dtype: str = "auto", device_map
     except ValueError as exc:  # e.g. an architecture transformers doesn't know for this class
         raise ModelError(f"cannot load '{ref.name}': {_first_line(exc)}") from exc
     tokenizer = _tokenizer(ref)
+    if record is not None and adapter:
+        model = adapters.attach(model, adapter, record)
     device_name, where = _place(model, device_name, device_map)
     model.eval()
     logging.getLogger("llmlab").info(
@@ -235,7 +242,8 @@ def load(spec: str | None, device: str = "auto", dtype: str = "auto", device_map
         f"on {where} as {str(torch_dtype).removeprefix('torch.')} "
         f"in {time.perf_counter() - started:.1f} s"
     )
-    return LM(ref.name, model, tokenizer, device_name)
+    name = f"{ref.name}+{adapter}" if adapter else ref.name
+    return adapters.lm_class(record)(name, model, tokenizer, device_name)
 
 
 def _spread(device_map: str | None, max_memory: dict | None, offload_folder: str | None) -> dict[str, Any]:
@@ -280,9 +288,9 @@ def placement_plan(spec: str | None, dtype: str = "auto", device_map: str = "aut
     _quiet_transformers()
     from transformers import AutoConfig
 
-    from llmlab.backends import placement
+    from llmlab.backends import adapters, placement
 
-    ref = resolve_model(spec)
+    ref = resolve_model(adapters.split(spec)[0])  # an adapter adds no weight worth placing
     placement.check("auto", device_map, max_memory)
     device_name = map_device(max_memory)
     config = _from_pretrained(ref, AutoConfig.from_pretrained)

@@ -15,7 +15,7 @@ from typer.core import TyperGroup, TyperOption
 try:  # typer >= 0.20 vendors click; its exceptions are the ones raised
     from typer._click import exceptions as click_exceptions
 except ImportError:  # pragma: no cover - older typer on real click
-    from click import exceptions as click_exceptions
+    from click import exceptions as click_exceptions  # type: ignore[no-redef]  # the same module, older home
 
 from llmlab import __version__
 from llmlab.core import console
@@ -45,7 +45,7 @@ def command_line() -> list[str]:
 class LlmlabGroup(TyperGroup):
     """Runs commands and maps every failure to one stderr line and an exit code."""
 
-    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # type: ignore[override]
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         debug = os.environ.get("LLMLAB_DEBUG", "") not in ("", "0")
         global _ARGS
         _ARGS = [str(a) for a in (sys.argv[1:] if args is None else args)]  # eval --processes re-runs them
@@ -126,11 +126,18 @@ def hooks(no_log: bool = False):
                  detail=console.detail, open_run=open_run, emit=console.emit)
 
 
-def model_config(model, device, dtype, chat, device_map=None, max_memory=None, backend="hf", tensor_parallel_size=1):
-    """The model options, checked before any model time (placement options: llmlab.backends.placement)."""
-    from llmlab.backends import placement
+def model_config(model, device, dtype, chat, device_map=None, max_memory=None, backend="hf", tensor_parallel_size=1,
+                 adapter=None):
+    """The model options, checked before any model time (placement options: llmlab.backends.placement);
+    --adapter DIR becomes the model spec BASE+DIR, whose folder is checked here."""
+    from llmlab.backends import adapters, placement
     from llmlab.core.config import ModelConfig
 
+    model = adapters.join(model, adapter)
+    if adapters.split(model)[1] is not None:
+        adapters.read_record(adapters.split(model)[1])
+        if value(backend) == "vllm":
+            raise UsageError("--adapter runs on --backend hf; vLLM loads the base model only")
     cfg = ModelConfig(model, device, value(dtype), value(chat), placement.parse_device_map(device_map),
                       placement.parse_max_memory(max_memory), value(backend), tensor_parallel_size)
     if cfg.backend == "vllm":

@@ -26,7 +26,7 @@ CalibrationOpt = Annotated[Optional[str], typer.Option("--calibration", show_def
 
 
 def compare_cmd(
-    input: Annotated[str, typer.Option("--input", "-i", help="The inputs every variant runs on: JSONL or CSV (- = stdin).")] = ...,
+    input: Annotated[str, typer.Option("--input", "-i", help="The inputs every variant runs on: JSONL or CSV (- = stdin).")],
     template: Annotated[Optional[list[str]], typer.Option("--template", "-t", rich_help_panel=PANEL,
                                                           help="A template to compare (repeatable).")] = None,
     model: Annotated[Optional[list[str]], typer.Option("--model", "-m", rich_help_panel=PANEL,

@@ -53,6 +53,11 @@ SampleSize = Annotated[Optional[int], typer.Option("--sample", rich_help_panel=I
                                                   help="Evaluate a fixed seeded sample of N rows (the rows shuffled "
                                                   "with --sample-seed, the first N kept; before --offset/--limit).")]
 SampleSeed = Annotated[int, typer.Option(rich_help_panel=IO_PANEL, help="Seed of --sample's shuffle.")]
+AdapterList = Annotated[Optional[str], typer.Option("--adapter", rich_help_panel=MODEL_PANEL, show_default="none",
+                                                   help="Adapter folders from `llmlab tune`, comma-separated: a row "
+                                                   "per adapter (on -m, with the prompts it was trained on) beside "
+                                                   "the in-context rows, with k, training time, trainable "
+                                                   "parameters, size, prompt tokens and FLOPs per item.")]
 Processes = Annotated[int, typer.Option(rich_help_panel=MODEL_PANEL,
                                         help="Split the items over N processes (torchrun; one per GPU, or CPU "
                                         "processes over gloo); same results as 1. Or run under "
@@ -66,7 +71,7 @@ def eval_cmd(
     report: Report = None, log_samples: LogSamples = False, reference: References = None,
     model: Model = None, device: Device = "auto", dtype: DtypeOpt = Dtype.auto, chat: Chat = None,
     device_map: DeviceMapOpt = None, max_memory: MaxMemoryOpt = None, backend: BackendOpt = Backend.hf,
-    tensor_parallel_size: TensorParallel = 1, dry_run: DryRun = False,
+    tensor_parallel_size: TensorParallel = 1, dry_run: DryRun = False, adapter: AdapterList = None,
     method: MethodOpt = Method.score, normalize: NormalizeOpt = Normalize.none, ensemble: Ensemble = 1,
     probe_data: ProbeData = None, probe_size: ProbeSize = ProbeConfig.size, probe_layers: ProbeLayers = None,
     shot_selection: ShotSelection = None, shot_format: ShotFormatOpt = None,
@@ -91,7 +96,7 @@ def eval_cmd(
         value(method), value(normalize), ensemble, ProbeConfig(probe_data, probe_size, probe_layers),
         prompt_config(None, None, shot_selection, None, shot_format, overflow, examples, prompts_dir),
         value(input_format), offset, limit, sample, sample_seed, list(reference or []), max_new_tokens,
-        parse_batch(batch_size), report, log_samples)
+        parse_batch(batch_size), report, log_samples, adapter)
     the_plan = evaluate.make_plan(cfg)
     _in_processes(processes, [t.data for t in the_plan.tasks], model_cfg)
     # Only process 0 keeps the run log (it logs every process's items once they are gathered).
@@ -116,9 +121,10 @@ def _in_processes(processes: int, data: list, model_cfg) -> None:
 
     parallel.check(processes, data, model_cfg.device_map)
     if processes > 1:
+        from llmlab.backends import adapters
         from llmlab.backends.models import resolve_model
 
-        resolve_model(model_cfg.spec)  # a model that isn't there: one line here, not one per process
+        resolve_model(adapters.split(model_cfg.spec)[0])  # a model that isn't there: one line here, not one per process
         raise typer.Exit(parallel.launch(command_line(), processes, sys.stderr.write,
                                          os.environ.get("LLMLAB_DEBUG", "") not in ("", "0")))
     parallel.init()

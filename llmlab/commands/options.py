@@ -28,6 +28,11 @@ Model = Annotated[
         "smollm2 (embedded, offline), flan-t5-small|base|large. `llmlab models` lists them.",
     ),
 ]
+AdapterOpt = Annotated[
+    Optional[str], typer.Option("--adapter", rich_help_panel=MODEL_PANEL, show_default="none",
+                                help="An adapter folder from `llmlab tune` to put on the model (same as -m BASE+DIR); "
+                                "a base other than the one it was trained on is refused.")
+]
 Device = Annotated[
     str, typer.Option(help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.", rich_help_panel=MODEL_PANEL)
 ]

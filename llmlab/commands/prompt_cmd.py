@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -64,7 +64,7 @@ def prompt_show(
     from llmlab.orchestration import session
     from llmlab.core.config import PromptConfig
 
-    tmpl = session.find_template(PromptConfig(template, prompts_dir=list(prompts_dir or [])))
+    tmpl = session.required_template(PromptConfig(template, prompts_dir=list(prompts_dir or [])))
     rows = render.template_info(tmpl)
     width = max(len(k) for k, _ in rows)
     sys.stdout.write("".join(f"{k.ljust(width)}  {v}\n" for k, v in rows))
@@ -134,6 +134,9 @@ def prompt_render(
 def models_cmd(
     format: Annotated[str, typer.Option("--format", "-f", help="auto (a table on a terminal), text "
                                         "(tab-separated), jsonl.")] = "auto",
+    adapters: Annotated[Optional[str], typer.Option("--adapters", show_default="none",
+                                                    help="Also list the adapters (`llmlab tune` folders) found "
+                                                    "anywhere under this folder, as BASE+DIR models.")] = None,
 ) -> None:
     """List models: aliases, the embedded smollm2, llmlab's cache and the Hugging Face cache.
 
@@ -143,7 +146,7 @@ def models_cmd(
     from llmlab.io import render
 
     fmt = _list_format(format)
-    found = catalog.cached_models()
+    found = catalog.cached_models() + _adapter_models(adapters)
     if fmt == "jsonl":
         for m in found:
             print(json.dumps({"name": m.name, "kind": m.source, "size": m.size, "offline": m.offline,
@@ -155,6 +158,28 @@ def models_cmd(
         render.show(["model", "kind", "size", "offline", "where"], rows)
     else:
         sys.stdout.write("".join("\t".join(r) + "\n" for r in rows))
+
+
+def _adapter_models(folder: Optional[str]) -> list:
+    """`models --adapters DIR`: each adapter under DIR as a model row (BASE+DIR, its method, size)."""
+    if folder is None:
+        return []
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from llmlab.backends import adapters
+    from llmlab.core.errors import UsageError
+
+    if not Path(folder).is_dir():
+        raise UsageError(f"--adapters '{folder}' is not a folder; give the folder your adapters are in")
+    rows = []
+    for path, record in adapters.find(folder):
+        accuracy = record.get("held_out_accuracy")
+        note = (f"{record.get('method')} adapter, template {record.get('template')}, k {record.get('k')}"
+                + (f", held-out {accuracy:.1%}" if isinstance(accuracy, (int, float)) else ""))
+        rows.append(SimpleNamespace(name=f"{record.get('base')}+{path}", source="adapter",
+                                    size=adapters.size_bytes(path), offline=True, path=str(path), note=note))
+    return rows
 
 
 def register(app: typer.Typer) -> None:

@@ -26,7 +26,7 @@ def generate(
     prompt: PromptArg = None,
     model: Model = None, device: Device = "auto", dtype: DtypeOpt = Dtype.auto, chat: Chat = None,
     device_map: DeviceMapOpt = None, max_memory: MaxMemoryOpt = None, backend: BackendOpt = Backend.hf,
-    tensor_parallel_size: TensorParallel = 1, dry_run: DryRun = False,
+    tensor_parallel_size: TensorParallel = 1, dry_run: DryRun = False, adapter: AdapterOpt = None,
     max_new_tokens: MaxNewTokens = None, greedy: Greedy = None, temperature: Temperature = None, top_k: TopK = None,
     top_p: TopP = None, repetition_penalty: RepetitionPenalty = None, num_beams: NumBeams = None,
     num_return_sequences: NumReturn = None, seed: Seed = None, stop: Stop = None, logprobs: Logprobs = None,
@@ -47,7 +47,8 @@ def generate(
     from llmlab.core.config import GenerateConfig, InputConfig, OutputConfig, batch_size as parse_batch
 
     console.configure(quiet, verbose)
-    model_cfg = model_config(model, device, dtype, chat, device_map, max_memory, backend, tensor_parallel_size)
+    model_cfg = model_config(model, device, dtype, chat, device_map, max_memory, backend, tensor_parallel_size,
+                             adapter)
     if dry_run:
         show_placement(model_cfg)
     flags = dict(max_new_tokens=max_new_tokens, do_sample=None if greedy is None else not greedy,
@@ -89,10 +90,11 @@ Calibration = Annotated[Optional[str], typer.Option("--calibration", rich_help_p
 
 
 def classify(
-    text: TextArg = None, template: ClassifyTemplate = ...,
+    # `...` is typer's mark of a required option (it must follow `text`, which has a default): not a str
+    text: TextArg = None, template: ClassifyTemplate = ...,  # type: ignore[assignment]
     model: Model = None, device: Device = "auto", dtype: DtypeOpt = Dtype.auto, chat: Chat = None,
     device_map: DeviceMapOpt = None, max_memory: MaxMemoryOpt = None, backend: BackendOpt = Backend.hf,
-    tensor_parallel_size: TensorParallel = 1, dry_run: DryRun = False,
+    tensor_parallel_size: TensorParallel = 1, dry_run: DryRun = False, adapter: AdapterOpt = None,
     method: MethodOpt = Method.score, normalize: NormalizeOpt = Normalize.none, calibrate: CalibrateFlag = False,
     calibration: Calibration = None, ensemble: Ensemble = 1, probe_data: ProbeData = None,
     probe_size: ProbeSize = ProbeConfig.size, probe_layers: ProbeLayers = None, shots: Shots = None, shot_selection: ShotSelection = None, seed: ShotSeed = None, shot_format: ShotFormatOpt = None,
@@ -111,7 +113,8 @@ def classify(
     from llmlab.core.config import ClassifyConfig, InputConfig, OutputConfig, batch_size as parse_batch
 
     console.configure(quiet, verbose)
-    model_cfg = model_config(model, device, dtype, chat, device_map, max_memory, backend, tensor_parallel_size)
+    model_cfg = model_config(model, device, dtype, chat, device_map, max_memory, backend, tensor_parallel_size,
+                             adapter)
     if dry_run:
         show_placement(model_cfg)
     cfg = ClassifyConfig(

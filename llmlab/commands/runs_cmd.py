@@ -261,7 +261,7 @@ def runs_rm(run_ids: Annotated[list[int], typer.Argument(help="Run ids to delete
 
 def report_cmd(
     run_ids: Annotated[list[int], typer.Argument(help="Run ids (see `llmlab runs list`).")],
-    output: Annotated[str, typer.Option("--output", "-o", help="The HTML file to write.")] = ...,
+    output: Annotated[str, typer.Option("--output", "-o", help="The HTML file to write.")],
     png: Annotated[Optional[Path], typer.Option("--png", help="Also write the plots as PNG files in this folder.")] = None,
 ) -> None:
     """A self-contained HTML report of runs: curves, confusion matrices, the comparison.

@@ -50,6 +50,12 @@ class Method(str, enum.Enum):
     generate = "generate"
 
 
+class TuneMethod(str, enum.Enum):
+    lora = "lora"
+    ia3 = "ia3"
+    prompt = "prompt"  # prompt tuning (Lester et al. 2021)
+
+
 class Normalize(str, enum.Enum):
     none = "none"
     length = "length"
@@ -218,6 +224,7 @@ class EvalConfig:
     batch_size: Optional[int] = 16
     report: Optional[str] = None
     log_samples: bool = False
+    adapters: Optional[str] = None  # --adapter a,b: `llmlab tune` folders, a row each beside the others
 
 
 @dataclass
@@ -290,3 +297,30 @@ def window(items: list[Any], offset: int, limit: Optional[int], source: str) -> 
         raise UsageError(f"--offset {offset}: {source} has only {len(items)} rows")
     end = None if limit is None else offset + limit
     return items[offset:end]
+
+
+@dataclass
+class TuneConfig:
+    """`llmlab tune`: an adapter trained on k rows of `data` in `template`'s prompt format, written to
+    `output` (a folder that must not exist yet). lr None: the method's default."""
+
+    model: ModelConfig
+    template: str
+    data: str
+    output: str
+    method: str = "lora"  # lora, ia3 or prompt
+    k: int = 64  # labelled rows drawn (balanced by label for classify templates), held-out slice included
+    seed: int = 0  # the draw, the held-out split, the initial weights, the batch order
+    steps: int = 200  # optimizer steps at most (early stopping may end sooner)
+    batch_size: int = 8  # rows per step
+    lr: Optional[float] = None
+    rank: int = 8  # LoRA
+    alpha: int = 16  # LoRA
+    virtual_tokens: int = 20  # prompt tuning
+    held_out: float = 0.2  # share of the k rows kept out of training to pick the best step
+    eval_every: int = 10  # steps between held-out evaluations
+    patience: int = 5  # held-out evaluations without improvement before stopping
+    target: Optional[str] = None  # generate templates: the field with the text to learn (None: the template's)
+    shots: int = 0  # demonstrations in the training prompts (the adapter's runs use the same by default)
+    prompts_dir: list[str] = field(default_factory=list)
+    input_format: str = "auto"

@@ -97,6 +97,9 @@ class _NullProgress:
     def advance(self, n: int = 1) -> None:
         pass
 
+    def describe(self, text: str) -> None:
+        pass
+
 
 def rate_text(rate: float) -> str:
     """A rate with three significant digits, never rounded to 0 (0.0423 stays 0.0423)."""
@@ -145,5 +148,8 @@ def progress(total: int | None, description: str, console: Console | None = None
         class _Handle:
             def advance(self, n: int = 1) -> None:
                 bar.advance(task, n)
+
+            def describe(self, text: str) -> None:  # e.g. the running loss
+                bar.update(task, description=text)
 
         yield _Handle()

@@ -100,7 +100,7 @@ def read_items(path: str, fmt: str = "auto", text_field: str = "prompt") -> list
 
 
 def _read_jsonl(text: str, name: str) -> list[Item]:
-    items = []
+    items: list[Item] = []
     for n, line in enumerate(lines(text), 1):
         if not line.strip():
             continue
@@ -131,7 +131,7 @@ def _read_csv(text: str, name: str, delimiter: str) -> list[Item]:
             raise DataError(
                 f"{name} line 1: the header needs unique, non-empty column names (got {header})"
             )
-        items = []
+        items: list[Item] = []
         for row in reader:
             if not any(cell.strip() for cell in row):
                 continue
@@ -166,7 +166,8 @@ def _kind(value: Any) -> str:
         return json.dumps(value)
     if isinstance(value, float) and not math.isfinite(value):
         return f"the number {value}"
-    return {list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
+    names: dict[type, str] = {list: "a list", dict: "an object"}
+    return names.get(type(value), type(value).__name__)
 
 
 def require_text(items: Iterable[Item], fields: Sequence[str]) -> None:
@@ -281,7 +282,7 @@ class Output:
             self._lock.acquire()  # before reading what is done: two resumed runs must not both do the rest
         try:
             self._sigterm.install()
-            if resume:
+            if resume and self.path is not None:  # checked above: resume needs a path
                 self.records = finished_records(self.path, self.fmt)
                 self.done = set(self.records)
         except BaseException:
@@ -297,6 +298,7 @@ class Output:
 
     def __enter__(self) -> Writer:
         append = bool(self.resume and self.path and os.path.exists(self.path) and self.done)
+        stream: TextIO
         if self.path:
             self._file = open(self.path, "a" if append else "w", encoding="utf-8", newline="")
             stream = self._file
@@ -309,11 +311,11 @@ class Output:
 
     def close(self) -> None:
         """Close the file, drop the lock, give SIGTERM back its previous handler."""
-        if getattr(self, "_file", None):
-            self._file.close()
+        if file := getattr(self, "_file", None):
+            file.close()
             self._file = None
-        if getattr(self, "_lock", None):
-            self._lock.release()
+        if lock := getattr(self, "_lock", None):
+            lock.release()
             self._lock = None
         if getattr(self, "_sigterm", None):
             self._sigterm.restore()

@@ -120,6 +120,8 @@ def eval_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         headers += ["accuracy %", "macro-F1 %", "P/R % (all seeds)", "confusion (all seeds, rows gold)"]
     if generate:
         headers += ["ROUGE-1", "ROUGE-2", "ROUGE-L", "exact %"]
+    costs = any("cost" in r for r in results)
+    headers += COST_HEADERS if costs else []
     headers.append("items/s")
     rows = []
     for r in results:
@@ -140,9 +142,26 @@ def eval_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                 row += [pct(s["rouge1"]), pct(s["rouge2"]), pct(s["rougeL"]), pct(s["exact_match"])]
             else:
                 row += ["", "", "", ""]
+        row += cost_cells(r) if costs else []
         row.append(rate_text(s["items_per_s"]))
         rows.append(row)
     return headers, rows
+
+
+COST_HEADERS = ["model", "k", "train s", "trainable", "adapter", "prompt tok/item", "GFLOPs/item",
+                "Δ acc vs in-context [95% CI]"]
+
+
+def cost_cells(result: dict[str, Any]) -> list[str]:
+    """eval --adapter's columns: which model, the labelled rows used, training time, trainable
+    parameters, adapter size, prompt tokens and inference GFLOPs per item ("-": not applicable)."""
+    c = result.get("cost") or {}
+    dash = lambda v, f: "-" if v is None else f(v)  # noqa: E731
+    return [result.get("model", "base"), dash(c.get("k"), str), dash(c.get("train_seconds"), lambda v: f"{v:.0f}"),
+            dash(c.get("trainable_params"), lambda v: f"{v:,}"), dash(c.get("adapter_bytes"), size_text),
+            dash(c.get("prompt_tokens"), lambda v: f"{v:.1f}"),
+            dash(c.get("flops_per_item"), lambda v: f"{v / 1e9:.1f}"),
+            dash(c.get("vs_in_context"), lambda v: f"{100 * v['diff']:+.1f} [{100 * v['low']:+.1f}, {100 * v['high']:+.1f}]")]
 
 
 EVAL_CAPTION = ("accuracy, macro-F1, ROUGE: mean ± std over seeds [min–max]; P/R and confusion: all seeds' "
@@ -205,7 +224,7 @@ def template_info(template: Any) -> list[tuple[str, str]]:
     return rows
 
 
-def size_text(size: int | None) -> str:
+def size_text(size: float | None) -> str:
     if size is None:
         return "-"
     for unit in ("B", "KB", "MB", "GB"):

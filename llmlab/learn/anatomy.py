@@ -184,8 +184,9 @@ def build_on_meta(config: Any, kind: str) -> Any:
     import torch
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM
 
-    classes = {"encoder-decoder": [AutoModelForSeq2SeqLM], "decoder-only": [AutoModelForCausalLM],
-               "encoder-only": [AutoModelForMaskedLM, AutoModel]}[kind]
+    by_kind: dict[str, list[Any]] = {"encoder-decoder": [AutoModelForSeq2SeqLM], "decoder-only": [AutoModelForCausalLM],
+                                     "encoder-only": [AutoModelForMaskedLM, AutoModel]}
+    classes = by_kind[kind]
     for n, auto in enumerate(classes):
         try:
             with torch.device("meta"):

@@ -8,10 +8,14 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from llmlab.core import console
 from llmlab.core.errors import LlmlabError, UsageError
+
+if TYPE_CHECKING:  # types only: nothing more is imported at run time
+    from llmlab.backends.base import LM
+    from llmlab.prompting.templates import Template
 
 PROMPT = "lab> "
 
@@ -39,12 +43,12 @@ Type a prompt and press Enter: the completion streams below it.
 
 @dataclass
 class Session:
-    lm: Any
+    lm: LM
     chat_mode: str  # auto, on, off
     prompts_dir: list[str]
     preset: dict[str, Any] = field(default_factory=dict)  # from --config
     overrides: dict[str, Any] = field(default_factory=dict)  # from /set
-    template: Any = None
+    template: Template | None = None
     shots: int = 0
     last: str | None = None  # the last prompt typed
     settings: Any = None

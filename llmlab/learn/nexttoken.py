@@ -9,9 +9,13 @@ The reshaping uses transformers' own logits processors in the order generate() a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
-from llmlab.core.errors import ContextOverflowError, UsageError
+from llmlab.core.errors import ContextOverflowError, ModelError, UsageError
+
+if TYPE_CHECKING:  # types only: nothing more is imported at run time
+    from llmlab.backends.base import LM
+    from llmlab.core.settings import GenerationSettings
 
 
 @dataclass
@@ -44,7 +48,7 @@ class Step:
                 "top": [vars(c) for c in self.top], "completion": self.completion, "end": self.end}
 
 
-def processors(settings: Any) -> list[tuple[str, Any]]:
+def processors(settings: GenerationSettings) -> list[tuple[str, Any]]:
     """(name, processor) in generate()'s order. Warpers apply only when sampling, as in generate()."""
     from transformers import (
         RepetitionPenaltyLogitsProcessor,
@@ -53,7 +57,7 @@ def processors(settings: Any) -> list[tuple[str, Any]]:
         TopPLogitsWarper,
     )
 
-    chain = []
+    chain: list[tuple[str, Any]] = []
     if settings.repetition_penalty != 1.0:
         chain.append((f"repetition_penalty={settings.repetition_penalty:g}",
                       RepetitionPenaltyLogitsProcessor(settings.repetition_penalty)))
@@ -82,7 +86,7 @@ def warp(logits: Any, context: Any, chain: list[tuple[str, Any]]) -> tuple[Any, 
     return scores[0], names
 
 
-def walk(lm: Any, text: str, chat: bool, settings: Any, steps: int = 1, show: int = 10) -> Iterator[Step]:
+def walk(lm: LM, text: str, chat: bool, settings: GenerationSettings, steps: int = 1, show: int = 10) -> Iterator[Step]:
     """Predict `steps` tokens after `text`, yielding each step's distribution before moving on.
     Greedy takes the most likely token (after the repetition penalty); sampling draws from the
     warped distribution with torch's generator seeded by settings.seed, as generate() does."""
@@ -98,13 +102,17 @@ def walk(lm: Any, text: str, chat: bool, settings: Any, steps: int = 1, show: in
         raise ContextOverflowError(f"the prompt has {len(prompt)} tokens; {steps} more do not fit the model's "
                                    f"{lm.window}-token window: shorten the prompt or use fewer --steps")
     start = lm.decoder_start_id
+    if encoder_decoder and start is None:
+        raise ModelError(f"model '{lm.name}' is encoder-decoder but names no decoder start token "
+                         "(decoder_start_token_id in its config)")
+    decoder_start = [] if start is None else [start]
     generated: list[int] = []
     chain = processors(settings)
     eos = lm.eos_ids()
     for step in range(1, steps + 1):
         # Decoder-only: the prompt and the walk so far are one sequence; encoder-decoder: the prompt
         # is the encoder's input and the decoder continues from its start token.
-        context = [start] + generated if encoder_decoder else prompt + generated
+        context = decoder_start + generated if encoder_decoder else prompt + generated
         logits = lm.next_logits(prompt, context)
         warped, cut_by = warp(logits, torch.tensor(context), chain)
         p = torch.softmax(logits.float(), dim=-1)
@@ -126,7 +134,7 @@ def walk(lm: Any, text: str, chat: bool, settings: Any, steps: int = 1, show: in
             return
 
 
-def _candidate(lm: Any, rank: int, tid: int, p: Any, q: Any, cut_by: list[str | None]) -> Candidate:
+def _candidate(lm: LM, rank: int, tid: int, p: Any, q: Any, cut_by: list[str | None]) -> Candidate:
     token = lm.tokenizer.convert_ids_to_tokens(tid)
     return Candidate(rank, tid, str(token), lm.tokenizer.decode([tid]), float(p[tid]), float(q[tid]), cut_by[tid])
 

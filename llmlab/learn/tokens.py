@@ -5,7 +5,14 @@ the input, the formatting around them) against the model's context window. No to
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
+
+from llmlab.core.errors import TemplateError
+
+if TYPE_CHECKING:  # types only: nothing more is imported at run time
+    from llmlab.io.items import Item
+    from llmlab.prompting.prompts import PromptBuilder
+    from llmlab.prompting.templates import Template
 
 # Background colours cycled over neighbouring tokens so their boundaries show (like the OpenAI
 # tokenizer page); a token keeps its colour in the text view and in the id view.
@@ -117,7 +124,7 @@ def assign_parts(tokens: list[Token], parts: list[Part]) -> list[Part]:
     return parts + [fmt]
 
 
-def template_pieces(template: Any, values: dict[str, Any], pool: Sequence[dict[str, Any]],
+def template_pieces(template: Template, values: dict[str, Any], pool: Sequence[dict[str, Any]],
                     shots: Sequence[int]) -> list[tuple[str, str]]:
     """(part name, text) of a template prompt in the order they appear in it."""
     from llmlab.prompting.prompts import fill
@@ -126,6 +133,8 @@ def template_pieces(template: Any, values: dict[str, Any], pool: Sequence[dict[s
     if template.instruction:
         pieces.append(("instruction", fill(template.instruction, values, "instruction")))
     for n, i in enumerate(shots, 1):
+        if template.target is None:
+            raise TemplateError(f"template '{template.name}' has no 'target' field, so it can't show answers in shots")
         example = pool[i]
         pieces.append((f"demonstration {n}", fill(template.input, example, "example")))
         pieces.append((f"demonstration {n}", template.verbalize(example[template.target])))
@@ -133,7 +142,7 @@ def template_pieces(template: Any, values: dict[str, Any], pool: Sequence[dict[s
     return pieces
 
 
-def budget(builder: Any, item: Any, max_new_tokens: int) -> tuple[Any, list[Token], Budget]:
+def budget(builder: PromptBuilder, item: Item, max_new_tokens: int) -> tuple[Any, list[Token], Budget]:
     """Build the prompt for one item and account for every token of it by part."""
     built = builder.build(item)
     tokens = tokenize(builder.tokenizer, built.text, add_special_tokens=not built.chat)

@@ -11,9 +11,12 @@ import itertools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from llmlab.core.errors import UsageError
+
+if TYPE_CHECKING:  # types only: nothing more is imported at run time
+    from llmlab.prompting.templates import Template
 
 
 @dataclass
@@ -110,7 +113,7 @@ def _natural(text: str) -> list[Any]:
 def _score(m: Matrix) -> None:
     """Each column's metric over its cells: accuracy for classify, ROUGE-L F for generate (vs gold)."""
     for n, column in enumerate(m.columns):
-        pairs = [(row.cells[n], row.gold) for row in m.rows if row.cells[n] is not None and row.gold is not None]
+        pairs = [(cell, row.gold) for row in m.rows if (cell := row.cells[n]) is not None and row.gold is not None]
         if not pairs:
             continue
         if column.task == "classify":
@@ -155,7 +158,7 @@ def summary(m: Matrix) -> dict[str, Any]:
 @dataclass
 class Variant:
     label: str
-    template: Any = None  # a prompts.Template, or None for plain prompts
+    template: Template | None = None  # None for plain prompts
     model: str | None = None
     preset: Path | None = None  # a YAML generation preset
 
@@ -163,7 +166,8 @@ class Variant:
 def variants(templates: Sequence[Any], models: Sequence[str], presets: Sequence[Path]) -> list[Variant]:
     """Every template x model x preset; at least two, all of one task."""
     found = []
-    for t, m, p in itertools.product(templates or [None], models or [None], presets or [None]):
+    unset: list[None] = [None]  # the one "variant" of an axis that was not given
+    for t, m, p in itertools.product(templates or unset, models or unset, presets or unset):
         # A variant's label names only what varies: the template, the model (its folder's name), the preset.
         parts = [t.name if len(templates) > 1 else None, Path(m).name if m and len(models) > 1 else None,
                  p.stem if p and len(presets) > 1 else None]
@@ -226,7 +230,7 @@ def run_variant(variant: Variant, items: Sequence[Any], opts: dict[str, Any], se
     return lm
 
 
-def probe_for(template: Any, calibration: str | None, method: str) -> Any:
+def probe_for(template: Template, calibration: str | None, method: str) -> Any:
     """The template's probe rows (scoring.probe.Source) when its resolved calibration is probe, read
     and checked now, before any model time; else None."""
     from llmlab.orchestration import resolve

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from llmlab.core.config import EvalConfig, ProbeConfig, PromptConfig
 from llmlab.core.errors import DataError, UsageError
 from llmlab.io.records import Item
 from llmlab.orchestration import resolve
+
+if TYPE_CHECKING:  # types only: nothing more is imported at run time
+    from llmlab.prompting.templates import Template
 
 # ---------------------------------------------------------------- the plan
 
@@ -32,7 +35,7 @@ class Combo:
 class EvalTask:
     """One template and the labeled data it is measured on."""
 
-    template: Any
+    template: Template
     data: str  # the data file's path ("-" = stdin)
     items: list[Item]
     refs: list[str] = field(default_factory=list)  # reference fields (generate templates)
@@ -59,6 +62,7 @@ class EvalPlan:
     sample: Optional[int] = None  # --sample N: a seeded sample of N rows, before offset/limit
     sample_seed: int = 0
     probe: Optional[ProbeConfig] = None  # --probe-data etc.: what --calibration probe fits on
+    adapters: list[str] = field(default_factory=list)  # --adapter a,b: a row per adapter beside the others
     _sources: dict[str, Any] = field(default_factory=dict, repr=False)  # template name -> probe.Source
 
     def combos(self) -> list[Combo]:
@@ -148,14 +152,14 @@ def plan_config(plan_: EvalPlan, chat: Optional[str]) -> dict[str, Any]:
             "log_samples": plan_.log_samples,
             "references": plan_.references, "chat": chat,
             "shot_selection": plan_.prompt.selection, "shot_format": plan_.prompt.shot_format,
-            "overflow": plan_.prompt.overflow, "examples": plan_.prompt.examples,
+            "overflow": plan_.prompt.overflow, "examples": plan_.prompt.examples, "adapters": list(plan_.adapters),
             "generation": {"max_new_tokens": plan_.max_new_tokens} if plan_.max_new_tokens else {}}
 
 
 # ---------------------------------------------------------------- data checks
 
 
-def check_data(items: list[Item], template: Any, references: Sequence[str]) -> list[str]:
+def check_data(items: list[Item], template: Template, references: Sequence[str]) -> list[str]:
     """Validate labeled data for a template; returns the reference fields for generate templates."""
     from llmlab.io import records as io
     from llmlab.prompting import prompts
@@ -208,6 +212,7 @@ def make_plan(cfg: EvalConfig) -> EvalPlan:
     data read and checked), each template's shots and calibration resolved, the probe's rows, the
     report path and each template's generation settings."""
     from llmlab.io.records import check_output_path
+    from llmlab.orchestration import adapted
     from llmlab.orchestration.session import settings_for
 
     specs = [parse_task(t, cfg.data) for t in cfg.templates]
@@ -218,7 +223,8 @@ def make_plan(cfg: EvalConfig) -> EvalPlan:
                     cfg.sample_seed)
     plan_ = EvalPlan(tasks, cfg.shots, cfg.seeds, cfg.calibration, cfg.method, cfg.normalize, cfg.batch_size,
                      cfg.prompt, cfg.max_new_tokens, cfg.log_samples, list(cfg.references), cfg.offset, cfg.limit,
-                     ensemble=cfg.ensemble, sample=cfg.sample, sample_seed=cfg.sample_seed, probe=cfg.probe)
+                     ensemble=cfg.ensemble, sample=cfg.sample, sample_seed=cfg.sample_seed, probe=cfg.probe,
+                     adapters=adapted.parse_adapters(cfg.adapters))
     for combo in plan_.combos():  # also checks --seeds and --calibration
         if combo.shots and not combo.template.examples and not cfg.prompt.examples:
             raise UsageError(f"--shots {combo.shots}: template '{combo.template.name}' has no examples to draw "

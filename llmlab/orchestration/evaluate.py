@@ -11,7 +11,7 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from llmlab import __version__
 from llmlab.orchestration.evalplan import (  # noqa: F401 - re-exported
@@ -19,6 +19,13 @@ from llmlab.orchestration.evalplan import (  # noqa: F401 - re-exported
 from llmlab.scoring.metrics import (  # noqa: F401 - re-exported
     classification_metrics, generation_metrics, mean_std, normalize_answer, rouge_l, summarize)
 from llmlab.orchestration import paired
+
+if TYPE_CHECKING:  # types only: nothing more is imported at run time
+    from llmlab.backends.base import LM
+    from llmlab.core.config import ModelConfig
+    from llmlab.core.settings import GenerationSettings
+    from llmlab.orchestration.session import Session
+    from llmlab.prompting.prompts import PromptBuilder
 
 # this module's public names and those it re-exports (callers import them from here)
 __all__ = [
@@ -61,7 +68,7 @@ def write_report(path: str, report: dict[str, Any]) -> None:
 # ---------------------------------------------------------------- running
 
 
-def _run_seed(session: Any, combo: Combo, seed: int, plan_: EvalPlan, settings: Any, bar: Any,
+def _run_seed(session: Session, combo: Combo, seed: int, plan_: EvalPlan, settings: GenerationSettings, bar: Any,
               log: Any) -> dict[str, Any]:
     """One seed of one combination: predictions, metrics, speed (and samples with --log-samples).
     Each item goes to the run log `log` as soon as it is scored."""
@@ -105,7 +112,7 @@ def _log_gathered(logged: Callable[..., None], results: Iterable[tuple[Any, ...]
         logged(*result)
 
 
-def _classify_seed(session: Any, combo: Combo, builder: Any, plan_: EvalPlan, settings: Any, bar: Any, log: Any,
+def _classify_seed(session: Session, combo: Combo, builder: PromptBuilder, plan_: EvalPlan, settings: GenerationSettings, bar: Any, log: Any,
                    where: dict[str, str]) -> tuple[dict[str, Any], list[dict[str, Any]], float, list[float]]:
     """(metrics, samples, seconds, each row's 1/0 right or wrong) of one seed of a classify combination."""
     from llmlab.scoring import classify
@@ -132,11 +139,14 @@ def _classify_seed(session: Any, combo: Combo, builder: Any, plan_: EvalPlan, se
     elapsed = parallel.slowest(time.perf_counter() - started)
     golds = [str(i.fields[template.target]) for i in items]
     metrics = classification_metrics(golds, [r.prediction for r in results], list(template.labels))
+    if plan_.adapters:  # eval --adapter's costs, and each item's outcome (rows are compared item by item)
+        metrics["prompt_tokens"] = sum(r.prompt_tokens for r in results) / max(1, len(results))
+        metrics["correct"] = [r.prediction == g for r, g in zip(results, golds)]
     samples = [classify.record(r, template, lm.name) for r in results] if plan_.log_samples else []
     return metrics, samples, elapsed, [float(r.prediction == g) for r, g in zip(results, golds)]
 
 
-def _generate_seed(session: Any, combo: Combo, builder: Any, plan_: EvalPlan, settings: Any, bar: Any, log: Any,
+def _generate_seed(session: Session, combo: Combo, builder: PromptBuilder, plan_: EvalPlan, settings: GenerationSettings, bar: Any, log: Any,
                    where: dict[str, str]) -> tuple[dict[str, Any], list[dict[str, Any]], float, list[float]]:
     """(metrics, samples, seconds, each row's ROUGE-L) of one seed of a generate combination."""
     from llmlab.scoring import generation
@@ -165,7 +175,7 @@ def _generate_seed(session: Any, combo: Combo, builder: Any, plan_: EvalPlan, se
     return generation_metrics(preds, refs), samples, elapsed, rouge_l(preds, refs)
 
 
-def run_combo(session: Any, combo: Combo, plan_: EvalPlan, bar: Any, log: Any = None) -> dict[str, Any]:
+def run_combo(session: Session, combo: Combo, plan_: EvalPlan, bar: Any, log: Any = None) -> dict[str, Any]:
     """All seeds of one combination, with mean, std, min and max over the seeds. log: a run log
     (runlog.open_run) that gets each item as it is scored."""
     from llmlab.runs import runlog
@@ -184,7 +194,7 @@ def data_name(path: str) -> str:
     return "stdin" if path == "-" else Path(path).name
 
 
-def evaluate(session: Any, plan_: EvalPlan, bar: Any = None, log: Any = None) -> dict[str, Any]:
+def evaluate(session: Session, plan_: EvalPlan, bar: Any = None, log: Any = None) -> dict[str, Any]:
     """Run every combination of the plan (data already checked); `bar.advance(n)` counts items.
     log (a runlog run, optional) gets each item as it is scored and each combination's metrics
     (log.eval_combo) as soon as the combination is done."""
@@ -214,7 +224,7 @@ def evaluate(session: Any, plan_: EvalPlan, bar: Any = None, log: Any = None) ->
     }
 
 
-def model_facts(lm: Any) -> dict[str, Any]:
+def model_facts(lm: LM) -> dict[str, Any]:
     """The report's model: name, type, device, dtype, window and placement. A backend without a
     transformers model behind it (FakeLM) has no type, dtype or placement: None."""
     model = getattr(lm, "model", None)
@@ -229,6 +239,7 @@ def model_facts(lm: Any) -> dict[str, Any]:
 def run(plan: Any, model: Any, hooks: Any = None, lm: Any = None) -> dict[str, Any]:
     """`llmlab eval` on a checked plan: one logged run, each item logged as it is scored and each
     combination's metrics as it finishes. Returns the report (evaluate's)."""
+    from llmlab.orchestration import adapted
     from llmlab.orchestration.session import Hooks, loaded
 
     hooks = hooks or Hooks()
@@ -237,5 +248,43 @@ def run(plan: Any, model: Any, hooks: Any = None, lm: Any = None) -> dict[str, A
     with hooks.open_run("eval", config=plan_config(plan, model.chat), templates=[t.template for t in plan.tasks],
                         data=data) as log:
         session = loaded(model, lm, log, hooks)
-        with hooks.progress(plan.total(), "evaluating") as bar:
-            return evaluate(session, plan, bar, log)
+        with hooks.progress(plan.total() + adapted.extra_items(plan), "evaluating") as bar:
+            report = evaluate(session, plan, bar, log)
+            if plan.adapters:  # in-context rows and adapter rows in one table, with what each cost
+                sources = plan.probe_sources()
+                for result in report["results"]:
+                    source = sources.get(result["template"]) if result["calibrate"] == "probe" else None
+                    result.update(model=session.lm.name, cost=adapted.cost(
+                        result, session.lm, probe_rows=len(source.items) if source else 0))
+                report["results"] += adapter_rows(plan, model, hooks, bar, log, report["results"])
+            return report
+
+
+def adapter_rows(plan_: Any, model: ModelConfig, hooks: Any, bar: Any, log: Any,
+                    report_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per adapter and task of its template: the adapter on the base, its training prompts
+    (its shots, no calibration), on the same items as the in-context rows (report_rows), each
+    compared with the first of them on its task item by item."""
+    from llmlab.backends import adapters
+    from llmlab.orchestration import adapted
+    from llmlab.orchestration import session as sessions
+    from llmlab.orchestration.evalplan import Combo
+
+    results = []
+    for folder in plan_.adapters:
+        record = adapters.read_record(folder)
+        tasks = adapted.matching(plan_, record)
+        if not tasks:
+            hooks.warn(f"adapter '{folder}' was trained for template '{record.get('template')}', which this "
+                       "eval does not run: skipped")
+            continue
+        chat = model.chat or ("on" if record.get("chat") else "off")
+        run = sessions.Session(replace(model, spec=adapters.join(model.spec, folder), chat=chat), hooks=hooks)
+        for task in tasks:
+            result = run_combo(run, Combo(task, record.get("shots", 0), "off", [0]), plan_, bar, log)
+            result.update(model=run.lm.name, adapter=folder)
+            result["cost"] = adapted.cost(result, run.lm, record, folder)
+            result["cost"]["vs_in_context"] = adapted.versus(result, report_rows, task)
+            log.eval_combo(result)
+            results.append(result)
+    return results

@@ -4,15 +4,18 @@ weights), and what the model sees of them after its tokenizer's normalisation.""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 from llmlab.core.config import RenderConfig
-from llmlab.orchestration.session import Hooks, chat_for, find_template, read_input, settings_for, template_item
+from llmlab.orchestration.session import Hooks, chat_for, read_input, required_template, settings_for, template_item
+
+if TYPE_CHECKING:  # types only: nothing more is imported at run time
+    from llmlab.io.items import Item
 
 
 @dataclass
 class Rendered:
-    item: Any
+    item: Item
     prompt: Any  # prompts.Prompt
     seen: str  # the prompt as the model sees it: decoded from its ids (T5 normalises newlines to spaces)
 
@@ -29,7 +32,7 @@ def render(cfg: RenderConfig, hooks: Hooks = Hooks()) -> RenderRun:
     from llmlab.backends import models
     from llmlab.prompting import prompts
 
-    template = find_template(cfg.prompt)
+    template = required_template(cfg.prompt)
     if cfg.input.path is not None:
         items = read_input(cfg.input.path, cfg.input.format, template.fields[0], cfg.input.offset, cfg.input.limit)
         prompts.require_fields(items, template)

@@ -27,8 +27,8 @@ def headline(task: str) -> str:
 def sweep(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Shot-sweep series from eval runs' metrics["results"] (see runlog): one per run x template x
     calibration, a point per shot count with the mean and sample std over seeds."""
-    series: dict[tuple[int, str, bool], dict[int, list[float]]] = {}
-    tasks: dict[tuple[int, str, bool], str] = {}
+    series: dict[tuple[int, str, str], dict[int, list[float]]] = {}  # (run, template, calibration suffix)
+    tasks: dict[tuple[int, str, str], str] = {}
     for run in runs:
         for r in (run.get("metrics") or {}).get("results", []):
             metric = headline(r.get("task", "classify"))
@@ -49,7 +49,7 @@ def sweep(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def confusions(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Confusion matrices per run x template x calibration x shots, summed over seeds."""
-    found: dict[tuple[int, str, bool, int], dict[str, Any]] = {}
+    found: dict[tuple[int, str, str, int], dict[str, Any]] = {}
     for run in runs:
         for r in (run.get("metrics") or {}).get("results", []):
             conf = r.get("metrics", {}).get("confusion")
@@ -147,7 +147,7 @@ def matrix_table(m: compare.Matrix) -> tuple[str, list[str]]:
                 cells.append('<td class="none">-</td>')
                 continue
             prompts.append(cell.prompt)
-            mark = {True: '<span class="ok">✓</span> ', False: '<span class="bad">✗</span> '}.get(cell.correct, "")
+            mark = {True: '<span class="ok">✓</span> ', False: '<span class="bad">✗</span> ', None: ""}[cell.correct]
             cells.append(f'<td class="cell" data-p="{len(prompts) - 1}" title="click: the exact prompt">'
                          f'{mark}{html.escape(cell.value)}</td>')
         combo = f"<td>{html.escape(row.combo)}</td>" if combo_col else ""

@@ -9,10 +9,13 @@ Sources: "flag" (given on the command line), "template" (the template's own defa
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Generic, Optional, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Optional, TypeVar
 
 from llmlab.core.errors import UsageError
 from llmlab.scoring.classify import CALIBRATIONS
+
+if TYPE_CHECKING:  # types only: nothing more is imported at run time
+    from llmlab.prompting.templates import Template
 
 T = TypeVar("T")
 # Shorthands --calibration accepts: `--calibrate` is `--calibration contextual` in every command.
@@ -52,7 +55,7 @@ def parse_calibrations(text: str) -> list[str]:
     return modes
 
 
-def calibrations(flag: Optional[str], template: Any, method: str = "score",
+def calibrations(flag: Optional[str], template: Optional[Template], method: str = "score",
                  probe_data: Optional[str] = None) -> list[Sourced[str]]:
     """The calibration method(s) a classify template runs with: --calibration (a list in eval), else
     probe when --probe-data is given, else the template's `calibrate:`, else off. Calibration adjusts
@@ -73,7 +76,7 @@ def calibrations(flag: Optional[str], template: Any, method: str = "score",
     return [Sourced("off", "default")]
 
 
-def calibration(flag: Optional[str], template: Any, method: str = "score",
+def calibration(flag: Optional[str], template: Optional[Template], method: str = "score",
                 probe_data: Optional[str] = None) -> Sourced[str]:
     """One calibration method (classify, compare): as `calibrations`, a list refused."""
     found = calibrations(flag, template, method, probe_data)
@@ -93,7 +96,7 @@ def parse_shots(text: str) -> list[int]:
     return list(dict.fromkeys(values))
 
 
-def shots(flag: Optional[int], template: Any) -> Sourced[int]:
+def shots(flag: Optional[int], template: Optional[Template]) -> Sourced[int]:
     """Demonstrations per prompt: --shots, else the template's `shots:`, else 0."""
     if flag is not None:
         if flag < 0:
@@ -104,7 +107,7 @@ def shots(flag: Optional[int], template: Any) -> Sourced[int]:
     return Sourced(0, "default")
 
 
-def shot_counts(flag: Optional[str], template: Any) -> list[Sourced[int]]:
+def shot_counts(flag: Optional[str], template: Optional[Template]) -> list[Sourced[int]]:
     """eval's --shots (a list), else the template's `shots:`, else 0."""
     if flag is None:
         return [shots(None, template)]

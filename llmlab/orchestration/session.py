@@ -10,16 +10,27 @@ import contextlib
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator, Optional, Sequence
 
 from llmlab.core import config as cfgmod
 from llmlab.core.config import ClassifyConfig, GenerateConfig, ModelConfig, ProbeConfig, PromptConfig
 from llmlab.core.errors import UsageError
+from llmlab.orchestration import adapted
 from llmlab.orchestration import resolve
+
+if TYPE_CHECKING:  # types only: nothing more is imported at run time
+    from llmlab.backends.base import LM, GenRequest
+    from llmlab.core.settings import GenerationSettings
+    from llmlab.io.items import Item
+    from llmlab.scoring.generation import Job
+    from llmlab.prompting.templates import Template
 
 
 class _Null:
     def advance(self, n: int = 1) -> None:
+        pass
+
+    def describe(self, text: str) -> None:
         pass
 
 
@@ -52,7 +63,8 @@ class Hooks:
 # ---------------------------------------------------------------- shared steps
 
 
-def settings_for(template: Any = None, preset: Optional[Path] = None, flags: dict[str, Any] | None = None):
+def settings_for(template: Optional[Template] = None, preset: Optional[Path] = None,
+                 flags: dict[str, Any] | None = None) -> GenerationSettings:
     """Generation settings: the template's defaults, then a --config preset, then flags."""
     from llmlab.core import settings
 
@@ -64,7 +76,7 @@ def settings_for(template: Any = None, preset: Optional[Path] = None, flags: dic
     return settings.build(*layers, flags or {})
 
 
-def chat_for(tokenizer: Any, chat: Optional[str], template: Any = None) -> bool:
+def chat_for(tokenizer: Any, chat: Optional[str], template: Optional[Template] = None) -> bool:
     """--chat, else the template's chat, else auto."""
     from llmlab.scoring import generation
 
@@ -92,7 +104,7 @@ def single_prompt(text: Optional[str]) -> Optional[str]:
 NO_PROMPT = 'no prompt: run llmlab {cmd} "your prompt", pipe one on stdin, or use --input FILE'
 
 
-def template_item(template: Any, text: Optional[str], pairs: Sequence[str], cmd: str) -> Any:
+def template_item(template: Template, text: Optional[str], pairs: Sequence[str], cmd: str) -> Item:
     """A single item for a template: from --var field=value, or the argument for a one-field template."""
     from llmlab.io import records as io
     from llmlab.prompting import prompts
@@ -113,7 +125,7 @@ def template_item(template: Any, text: Optional[str], pairs: Sequence[str], cmd:
 class Session:
     """A loaded model plus the decisions every command makes the same way."""
 
-    def __init__(self, model: ModelConfig, lm: Any = None, hooks: Optional[Hooks] = None):
+    def __init__(self, model: ModelConfig, lm: Optional[LM] = None, hooks: Optional[Hooks] = None):
         from llmlab.backends import registry
 
         from llmlab.scoring.scorecache import ScoreCache
@@ -130,15 +142,15 @@ class Session:
         if lm is not None and events is not None:  # a model handed in (tests, library use): same messages
             lm.on_event = events
 
-    def chat(self, template: Any = None) -> bool:
+    def chat(self, template: Optional[Template] = None) -> bool:
         return chat_for(self.lm.tokenizer, self.model.chat, template)
 
-    def builder(self, template: Any, prompt: PromptConfig, max_new_tokens: int, input_path: Optional[str],
+    def builder(self, template: Template, prompt: PromptConfig, max_new_tokens: int, input_path: Optional[str],
                 default_selection: str = "first"):
         from llmlab.prompting import prompts
 
         lm = self.lm
-        shots = resolve.shots(prompt.shots, template).value if template is not None else prompt.shots
+        shots = resolve.shots(prompt.shots, template).value
         options = prompts.options_for(template, shots, prompt.selection, prompt.seed, self.chat(template),
                                       prompt.shot_format, prompt.overflow, max_new_tokens,
                                       default_selection=default_selection)
@@ -152,17 +164,25 @@ def check_prompt_options(prompt: PromptConfig) -> None:
     cfgmod.check_prompts_dirs(prompt.prompts_dir)
 
 
-def find_template(prompt: PromptConfig) -> Any:
+def find_template(prompt: PromptConfig) -> Optional[Template]:
     from llmlab.prompting import prompts
 
     check_prompt_options(prompt)
     return prompts.find_template(prompt.template, prompt.prompts_dir) if prompt.template else None
 
 
+def required_template(prompt: PromptConfig) -> Template:
+    """find_template for the commands that need one: an empty name is an unknown template, not none."""
+    from llmlab.prompting import prompts
+
+    check_prompt_options(prompt)
+    return prompts.find_template(prompt.template or "", prompt.prompts_dir)
+
+
 # ---------------------------------------------------------------- generate
 
 
-def _generate_items(cfg: GenerateConfig, template: Any) -> list[Any]:
+def _generate_items(cfg: GenerateConfig, template: Optional[Template]) -> list[Any]:
     from llmlab.io import records as io
     from llmlab.prompting import prompts
 
@@ -183,7 +203,8 @@ def _generate_items(cfg: GenerateConfig, template: Any) -> list[Any]:
     return [io.Item(0, {cfg.input.field: text}, "the prompt")]
 
 
-def generate(cfg: GenerateConfig, hooks: Hooks = Hooks(), lm: Any = None, display: bool = False) -> Any:
+def generate(cfg: GenerateConfig, hooks: Hooks = Hooks(), lm: Optional[LM] = None,
+             display: bool = False) -> tuple[Any, Any] | None:
     """`llmlab generate`: one prompt streamed to stdout through hooks.emit, or a batch written
     record by record. display: stdout is a terminal; one prompt with --logprobs is then returned
     as (job, output) for the CLI to colour by probability, else None is returned. Piped, one prompt
@@ -194,6 +215,9 @@ def generate(cfg: GenerateConfig, hooks: Hooks = Hooks(), lm: Any = None, displa
     from llmlab.backends import hf_continuous
 
     template = find_template(cfg.prompt)
+    if template is not None and adapted.adapters_in(cfg.model):
+        model, prompt = adapted.adapter_defaults(cfg.model, cfg.prompt, template, hooks)
+        cfg = replace(cfg, model=model, prompt=prompt)
     settings = settings_for(template, cfg.preset, cfg.flags)
     hf_continuous.check(cfg.gen_engine, settings, cfg.model.backend)
     io.check_output_path(cfg.output.path, inputs=[cfg.input.path])
@@ -241,7 +265,8 @@ def generate(cfg: GenerateConfig, hooks: Hooks = Hooks(), lm: Any = None, displa
     return shown
 
 
-def _jobs(cfg: GenerateConfig, session: "Session", template: Any, todo: list[Any], settings: Any,
+def _jobs(cfg: GenerateConfig, session: "Session", template: Optional[Template], todo: list[Any],
+          settings: GenerationSettings,
           hooks: Hooks) -> list[Any]:
     """The prompts to complete: a plain field (window-checked) or the template's, one per input."""
     from llmlab.scoring import generation
@@ -254,7 +279,7 @@ def _jobs(cfg: GenerateConfig, session: "Session", template: Any, todo: list[Any
     return generation.template_jobs(builder, todo)
 
 
-def loaded(model: ModelConfig, lm: Any, log: Any, hooks: Optional[Hooks] = None) -> "Session":
+def loaded(model: ModelConfig, lm: Optional[LM], log: Any, hooks: Optional[Hooks] = None) -> "Session":
     """The session (its model loaded), with the model's name and device filled into the run log."""
     session = Session(model, lm, hooks)
     log.update(model=session.lm.name, device=str(session.lm.device))
@@ -269,11 +294,12 @@ def _logged_config(cfg: Any, settings: Any = None) -> dict[str, Any]:
     logged = dataclasses.asdict(cfg)
     logged.pop("text", None)  # the prompt itself is logged as the item
     if settings is not None:
-        logged["settings"] = dataclasses.asdict(settings) if dataclasses.is_dataclass(settings) else vars(settings)
+        is_instance = dataclasses.is_dataclass(settings) and not isinstance(settings, type)
+        logged["settings"] = dataclasses.asdict(settings) if is_instance else vars(settings)
     return logged
 
 
-def requests(jobs: Sequence[Any]) -> list[Any]:
+def requests(jobs: Sequence[Job]) -> list[GenRequest]:
     """The backend's requests: the model text, and whether it is already templated (no special
     tokens added)."""
     from llmlab.backends.models import GenRequest
@@ -281,7 +307,7 @@ def requests(jobs: Sequence[Any]) -> list[Any]:
     return [GenRequest(j.model_text, j.chat) for j in jobs]
 
 
-def run_jobs(lm: Any, jobs: Sequence[Any], settings: Any, batch_size: Optional[int],
+def run_jobs(lm: LM, jobs: Sequence[Job], settings: GenerationSettings, batch_size: Optional[int],
              done: Callable[[Any, Any], Any], engine: str = "auto") -> list[Any]:
     """Generate for every job; done(job, output) is called in input order as results arrive.
     engine: --gen-engine (auto, padded, continuous)."""
@@ -292,17 +318,20 @@ def run_jobs(lm: Any, jobs: Sequence[Any], settings: Any, batch_size: Optional[i
 # ---------------------------------------------------------------- classify
 
 
-def classify(cfg: ClassifyConfig, hooks: Hooks = Hooks(), table: bool = False, lm: Any = None):
+def classify(cfg: ClassifyConfig, hooks: Hooks = Hooks(), table: bool = False, lm: Optional[LM] = None):
     """`llmlab classify`: returns (results, classifier) when `table` (a person reads them), else
     writes one record per input as it is done and returns None."""
     from llmlab.scoring import classify as clf
     from llmlab.io import records as io
     from llmlab.prompting import prompts
 
-    template = find_template(cfg.prompt)
-    if template is None or template.task != "classify":
-        name = template.name if template else cfg.prompt.template
-        raise UsageError(f"template '{name}' is a generate template; classify needs task: classify with labels")
+    template = required_template(cfg.prompt)
+    if template.task != "classify":
+        raise UsageError(f"template '{template.name}' is a generate template; classify needs task: classify with labels")
+    if adapted.adapters_in(cfg.model):  # an adapter scores the prompts it was trained on, uncalibrated by default
+        model, prompt = adapted.adapter_defaults(cfg.model, cfg.prompt, template, hooks)
+        cfg = replace(cfg, model=model, prompt=prompt,
+                      calibrate=cfg.calibrate or ("probe" if cfg.probe and cfg.probe.data else "off"))
     settings = settings_for(template)
     io.check_output_path(cfg.output.path, inputs=[cfg.input.path])
     if cfg.input.path is not None:
@@ -346,7 +375,7 @@ def classify(cfg: ClassifyConfig, hooks: Hooks = Hooks(), table: bool = False, l
     return (results, classifier) if table else None
 
 
-def classify_metrics(results: Sequence[Any], template: Any) -> dict[str, Any]:
+def classify_metrics(results: Sequence[Any], template: Template) -> dict[str, Any]:
     """The run log's metrics of a classify run: items, and accuracy over the labeled ones."""
     golds = [(r.prediction, str(r.item.fields[template.target])) for r in results
              if template.target and r.item.fields.get(template.target) is not None]
@@ -356,7 +385,7 @@ def classify_metrics(results: Sequence[Any], template: Any) -> dict[str, Any]:
     return metrics
 
 
-def probe_source(probe: Any, modes: str | Sequence[str], template: Any, hooks: Hooks = Hooks()) -> Any:
+def probe_source(probe: Any, modes: str | Sequence[str], template: Template, hooks: Hooks = Hooks()) -> Any:
     """The probe's rows, read and checked before any model time: --probe-data, else the template's
     probe: file (None when no mode is probe)."""
     modes = [modes] if isinstance(modes, str) else list(modes)

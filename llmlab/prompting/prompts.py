@@ -6,10 +6,13 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, AbstractSet, Any, Callable, Sequence
 
 from llmlab.core.errors import ContextOverflowError, TemplateError, UsageError
 from llmlab.io.records import Item
+
+if TYPE_CHECKING:  # types only: nothing more is imported at run time
+    from llmlab.backends.base import LM
 from llmlab.prompting.templates import (  # noqa: F401 - re-exported: llmlab.prompting.prompts.find_template etc. keep working
     _QUERY_MARK, KEYS, OVERFLOW_MODES, SELECTIONS, SHOT_FORMATS, SOURCE_DIR, TASKS, Template, builtin_dir,
     check_examples, fill, find_template, list_templates, load_examples, load_template, parse_vars,
@@ -44,7 +47,7 @@ def shots_note(template: Template, shots: int, available: int) -> str | None:
 
 
 def select_shots(template: Template, pool: Sequence[dict[str, Any]], shots: int, selection: str,
-                 seed: int, exclude: set[int] = frozenset(), order: Sequence[int] | None = None) -> list[int]:
+                 seed: int, exclude: AbstractSet[int] = frozenset(), order: Sequence[int] | None = None) -> list[int]:
     """Indexes into `pool` of the demonstrations for one item, never one of `exclude`.
 
     first: pool order; random: a seeded shuffle; balanced: round-robin over the labels (in the
@@ -67,7 +70,8 @@ def select_shots(template: Template, pool: Sequence[dict[str, Any]], shots: int,
         groups.setdefault(str(pool[i][template.target]), []).append(i)
         if enough and all(len(g) >= enough for g in groups.values()):
             break  # every label can give its share: the rest of the order can't change the pick
-    chosen, queues = [], [g for g in groups.values() if g]
+    chosen: list[int] = []
+    queues = [g for g in groups.values() if g]
     while len(chosen) < shots and queues:
         for queue in list(queues):
             if len(chosen) == shots:
@@ -141,7 +145,7 @@ class PromptBuilder:
     """Builds every prompt of a run: one code path for generate, classify, eval and render."""
 
     def __init__(self, template: Template, tokenizer: Any, window: int | None, options: BuildOptions,
-                 pool: list[dict[str, Any]] | None = None, encoder_decoder: bool = False, lm: Any = None,
+                 pool: list[dict[str, Any]] | None = None, encoder_decoder: bool = False, lm: LM | None = None,
                  on_warn: Callable[[str], None] | None = None):
         if options.overflow not in OVERFLOW_MODES:
             raise UsageError(f"invalid --overflow '{options.overflow}': choose drop-shots, truncate or error")
@@ -186,7 +190,10 @@ class PromptBuilder:
         return fill(self.template.input, values, where)
 
     def _demo(self, example: dict[str, Any]) -> tuple[str, str]:
-        return self._item_input(example, "example"), self.template.verbalize(example[self.template.target])
+        target = self.template.target
+        if target is None:
+            raise TemplateError(f"template '{self.template.name}' has no 'target' field, so it can't show answers in shots")
+        return self._item_input(example, "example"), self.template.verbalize(example[target])
 
     def _instruction(self, values: dict[str, Any], where: str) -> str:
         return fill(self.template.instruction, values, where) if self.template.instruction else ""
@@ -292,7 +299,7 @@ class PromptBuilder:
         tokens = self.count(text)
         budget = self.budget(extra_tokens)
         notes: list[str] = []
-        if budget is not None and tokens > budget:
+        if budget is not None and self.window is not None and tokens > budget:  # budget is None iff window is
             need = f"{tokens} tokens" + ("" if self.encoder_decoder else f" + {self.window - budget} new")
             if o.overflow == "error":
                 raise ContextOverflowError(
@@ -350,7 +357,7 @@ class PromptBuilder:
 
 def make_builder(template: Template, tokenizer: Any, window: int | None, options: BuildOptions,
                  examples: str | None = None, input_path: str | None = None,
-                 encoder_decoder: bool = False, lm: Any = None,
+                 encoder_decoder: bool = False, lm: LM | None = None,
                  on_warn: Callable[[str], None] | None = None) -> PromptBuilder:
     """A builder whose pool is --examples FILE or the template's own examples; when that pool is the
     input file itself, each item is left out of its own demonstrations."""

@@ -19,9 +19,12 @@ import os
 import pickle
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from llmlab.core.errors import UsageError
+
+if TYPE_CHECKING:  # types only: nothing more is imported at run time
+    from llmlab.backends.base import LM
 
 RETRIEVERS = ("tfidf", "hidden")
 DEFAULT = "tfidf"  # measured better than hidden on SST-2 and AG News with smollm2 (prompts/README.md)
@@ -100,7 +103,7 @@ class HiddenRetriever:
 
     name = "hidden"
 
-    def __init__(self, texts: Sequence[str], lm: Any, batch_size: int = 32):
+    def __init__(self, texts: Sequence[str], lm: LM | None, batch_size: int = 32):
         if lm is None:
             raise UsageError("--shot-selection similar-hidden needs the model's hidden states; "
                              "use similar-tfidf where only the tokenizer is loaded (prompt render)")
@@ -116,7 +119,7 @@ class HiddenRetriever:
         return self.embed(queries) @ self.index.T
 
 
-def make_retriever(kind: str, texts: Sequence[str], lm: Any = None) -> Any:
+def make_retriever(kind: str, texts: Sequence[str], lm: LM | None = None) -> Any:
     if kind == "tfidf":
         return TfidfRetriever(texts)
     if kind == "hidden":

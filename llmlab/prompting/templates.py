@@ -219,7 +219,7 @@ def _attach_probe(template: Template, probe: Any, where: str) -> None:
         if not isinstance(probe, str) or template.task != "classify":
             raise TemplateError(f"{where}: 'probe' must be the path of a JSONL/CSV file of labelled rows "
                                 "(classify templates only)")
-        template.probe_path = (template.path.parent / probe).resolve()
+        template.probe_path = _beside(template, probe, where)
         if not template.probe_path.is_file():
             raise TemplateError(f"{where}: probe file '{probe}' not found next to the template")
     if template.calibrate == "probe" and template.probe_path is None:
@@ -251,10 +251,17 @@ def _chat(chat: Any, where: str) -> str | None:
     return chat
 
 
+def _beside(template: Template, name: str, where: str) -> Path:
+    """A file a template names, relative to the template's own file."""
+    if template.path is None:
+        raise TemplateError(f"{where}: '{name}' is relative to the template file, and this template has none")
+    return (template.path.parent / name).resolve()
+
+
 def _attach_examples(template: Template, examples: Any, where: str) -> None:
     """The template's examples: a list of mappings, or a JSONL/CSV file named relative to it."""
     if isinstance(examples, str):
-        template.examples_path = (template.path.parent / examples).resolve()
+        template.examples_path = _beside(template, examples, where)
         examples = load_examples(str(template.examples_path))
     elif isinstance(examples, list):
         if not all(isinstance(e, dict) for e in examples):
@@ -335,7 +342,7 @@ def check_examples(template: Template, examples: list[dict[str, Any]], where: st
         if bad:
             raise TemplateError(f"{where}: example {n} field '{bad}' is {json.dumps(example[bad])}, not text; "
                                 "give it a string")
-        if template.labels and str(example[template.target]) not in template.labels:
+        if template.labels and template.target and str(example[template.target]) not in template.labels:
             raise TemplateError(
                 f"{where}: example {n} has label '{example[template.target]}', not one of the "
                 f"template's labels: {', '.join(template.labels)}"

@@ -235,6 +235,7 @@ def open_run(command: str, argv: Sequence[str] | None = None, config: dict[str, 
             (command, time.time(), _json(argv), model, device, data, _json(config or {}), _json(versions()),
              os.getpid()))
         run_id = cur.lastrowid
+        assert run_id is not None  # sqlite3 sets it after every INSERT into a rowid table
         for t in templates or []:
             text = getattr(t, "source_text", "") or ""
             db.execute("INSERT OR REPLACE INTO templates (run_id, name, hash, text) VALUES (?, ?, ?, ?)",

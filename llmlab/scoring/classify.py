@@ -7,10 +7,15 @@ import contextlib
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from llmlab.core.errors import UsageError
 from llmlab.io.records import Item
+
+if TYPE_CHECKING:  # types only: nothing more is imported at run time
+    from llmlab.backends.base import LM
+    from llmlab.prompting.prompts import PromptBuilder
+    from llmlab.prompting.templates import Template
 
 METHODS = ("score", "generate")
 NORMALIZE = ("none", "length")
@@ -98,8 +103,8 @@ def label_from_text(text: str, labels: dict[str, str]) -> str:
 class Classifier:
     """Classifies items with a classify template's labels."""
 
-    def __init__(self, lm: Any, builder: Any, method: str = "score", normalize: str = "none",
-                 calibrate: bool | str = False, batch_size: int = 16, settings: Any = None, ensemble: int = 1,
+    def __init__(self, lm: LM, builder: PromptBuilder, method: str = "score", normalize: str = "none",
+                 calibrate: bool | str = False, batch_size: int | None = 16, settings: Any = None, ensemble: int = 1,
                  on_detail: Callable[[str], None] | None = None, probe: Any = None, cache: Any = None):
         if method not in METHODS:
             raise UsageError(f"invalid --method '{method}': choose score or generate")
@@ -175,14 +180,16 @@ class Classifier:
 
         if draw in self._probes:
             return self._probes[draw]
-        source = self.probe_source
+        source, layers = self.probe_source, self.hidden_layers
+        if source is None or layers is None:
+            raise UsageError("--calibration probe needs --probe-data FILE: labelled rows to fit the probe on")
         target = self.template.target
         gold = [str(item.fields[target]) for item in source.items]
         prompts = self._prompts(source.items, draw)
-        name = probes.key(self.lm.name, self.hidden_layers, [p.text for p in prompts], gold)
+        name = probes.key(self.lm.name, layers, [p.text for p in prompts], gold)
 
         def states() -> Any:
-            where = ", ".join(map(str, self.hidden_layers))
+            where = ", ".join(map(str, layers))
             source.info(f"fitting the probe: {len(prompts)} rows of {source.path}, layers {where} (once; then cached)")
             out: list[Any] = []
             with contextlib.ExitStack() as stack:
@@ -274,7 +281,7 @@ class Classifier:
                 for i, item in enumerate(part)]
 
     def _combine(self, item: Item, runs: list[tuple[Any, list[float], list[float], Any]],
-                 batch_bias: list[list[float]] | None = None) -> Classification:
+                 batch_bias: Sequence[list[float]] = ()) -> Classification:
         """Calibrate each draw's probabilities by its own bias (or read them with its own probe),
         then average over draws (--ensemble)."""
         raws, finals = [], []
@@ -314,7 +321,7 @@ class Classifier:
         return out
 
 
-def record(result: Classification, template: Any, model_name: str) -> dict[str, Any]:
+def record(result: Classification, template: Template, model_name: str) -> dict[str, Any]:
     rec: dict[str, Any] = {"index": result.item.index, **result.item.fields, "prediction": result.prediction}
     gold = result.item.fields.get(template.target) if template.target else None
     if gold is not None:  # a null label means unlabeled: no `correct`, never a comparison with "None"

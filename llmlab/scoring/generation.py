@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from llmlab.core.errors import UsageError
 from llmlab.io.records import Item
+
+if TYPE_CHECKING:  # types only: nothing more is imported at run time
+    from llmlab.backends.base import LM, GenOutput
+    from llmlab.core.settings import GenerationSettings
+    from llmlab.prompting.prompts import PromptBuilder
 
 CHAT_MODES = ("auto", "on", "off")
 
@@ -47,7 +52,7 @@ def plain_jobs(items: Sequence[Item], field: str, tokenizer: Any, chat: bool) ->
     return jobs
 
 
-def template_jobs(builder: Any, items: Sequence[Item]) -> list[Job]:
+def template_jobs(builder: PromptBuilder, items: Sequence[Item]) -> list[Job]:
     """Jobs whose prompts the template builder makes; its notes (dropped shots...) go to the
     builder's on_warn."""
     jobs = []
@@ -75,8 +80,8 @@ def record(job: Job, output: Any, model_name: str, echo: bool) -> dict[str, Any]
     return rec
 
 
-def run_single(lm: Any, job: Job, settings: Any, echo: bool, emit: Callable[[str], None],
-               engine: str = "auto") -> Any:
+def run_single(lm: LM, job: Job, settings: GenerationSettings, echo: bool, emit: Callable[[str], None],
+               engine: str = "auto") -> GenOutput:
     """One prompt: stream the completion through emit(text) (stdout for a person) as it is
     generated; several completions (beams, -n) are emitted whole, one per line. engine: --gen-engine."""
     from llmlab.backends.models import GenRequest

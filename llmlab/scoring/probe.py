@@ -17,9 +17,13 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from llmlab.core.errors import DataError, UsageError
+
+if TYPE_CHECKING:  # types only: nothing more is imported at run time
+    from llmlab.io.items import Item
+    from llmlab.prompting.templates import Template
 
 # Default layers, as fractions of the model's depth (smollm2: layers 18, 24 and 30 of 30), their
 # states concatenated. Measured on SST-2 with smollm2 (prompts/README.md): the first half of the
@@ -59,14 +63,14 @@ class Source:
     (--probe-layers, None = the defaults), where they came from (for messages), and the CLI's
     progress bar and info line (library code never prints)."""
 
-    items: list[Any]
+    items: list[Item]
     layers: str | None = None
     path: str = "--probe-data"
     progress: Callable[[int, str], Any] | None = None  # None: no bar
     info: Callable[[str], None] = lambda message: None
 
 
-def load_source(path: str, size: int, layers: str | None, template: Any, progress: Any = None,
+def load_source(path: str, size: int, layers: str | None, template: Template, progress: Any = None,
                 info: Callable[[str], None] = lambda message: None) -> Source:
     """--probe-data FILE read and checked before any model time: the template's fields and a
     known label on every row; then a fixed sample of `size` rows (eval --sample's: the rows

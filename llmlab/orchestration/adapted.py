@@ -1,0 +1,94 @@
+"""Adapters (`llmlab tune`'s folders) inside the library entry points: the prompts an adapter was
+trained on become the defaults of the commands that run it."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from llmlab.core.config import ModelConfig, PromptConfig
+
+
+def adapters_in(model: ModelConfig) -> bool:
+    from llmlab.backends import adapters
+
+    return adapters.split(model.spec)[1] is not None
+
+
+def adapter_defaults(model: ModelConfig, prompt: PromptConfig, template: Any,
+                     hooks: Any) -> tuple[ModelConfig, PromptConfig]:
+    """With an adapter, the prompts it was trained on: its shots and chat mode (unless --shots and
+    --chat are given), and a word when the template is not the one it was trained with."""
+    from llmlab.backends import adapters
+
+    folder = adapters.split(model.spec)[1]
+    if folder is None:
+        return model, prompt
+    record = adapters.read_record(folder)
+    if template is not None and record.get("template") not in (None, template.name):
+        hooks.warn(f"adapter '{folder}' was trained with template '{record.get('template')}', "
+                   f"not '{template.name}'")
+    if model.chat is None and record.get("chat") is not None:
+        model = replace(model, chat="on" if record["chat"] else "off")
+    return model, (replace(prompt, shots=record.get("shots", 0)) if prompt.shots is None else prompt)
+
+
+# ---------------------------------------------------------------- llmlab eval --adapter a,b
+
+
+def parse_adapters(text: str | None) -> list[str]:
+    """--adapter a,b: the folders, each checked (one line for a missing one) before any model time."""
+    from llmlab.backends import adapters
+
+    folders = [f.strip() for f in (text or "").split(",") if f.strip()]
+    for folder in folders:
+        adapters.read_record(folder)
+    return folders
+
+
+def matching(plan_: Any, record: dict[str, Any]) -> list[Any]:
+    return [t for t in plan_.tasks if t.template.name == record.get("template")]
+
+
+def extra_items(plan_: Any) -> int:
+    """Items the adapter rows score (for the progress bar's total)."""
+    from llmlab.backends import adapters
+
+    return sum(len(t.items) for f in plan_.adapters for t in matching(plan_, adapters.read_record(f)))
+
+
+def versus(result: dict[str, Any], rows: list[dict[str, Any]], task: Any) -> dict[str, Any] | None:
+    """The adapter's accuracy minus the first in-context row's on the same items (that row's first
+    seed), with a 95% paired bootstrap interval."""
+    from llmlab.scoring.metrics import paired_bootstrap
+
+    base = next((r for r in rows if r["template"] == task.template.name and r["data"] == task.data
+                 and r["task"] == "classify"), None)
+    if base is None or "correct" not in result["runs"][0]["metrics"]:
+        return None
+    diff, low, high = paired_bootstrap(base["runs"][0]["metrics"]["correct"], result["runs"][0]["metrics"]["correct"])
+    return {"baseline": f"{base['shots']} shots, calibration {base['calibrate']}, seed {base['seeds'][0]}",
+            "diff": diff, "low": low, "high": high}
+
+
+def cost(result: dict[str, Any], lm: Any, record: dict[str, Any] | None = None, folder: str | None = None,
+         probe_rows: int = 0) -> dict[str, Any]:
+    """What a row cost: labelled rows used (k), training time, trainable parameters, adapter bytes,
+    prompt tokens per item and inference FLOPs per item (2N per token the model reads, N its
+    parameters; prompt tuning's virtual tokens count as read)."""
+    from llmlab.backends import adapters
+
+    per_run = [r["metrics"].get("prompt_tokens") for r in result["runs"]]
+    tokens = sum(per_run) / len(per_run) if all(t is not None for t in per_run) else None
+    n = adapters.parameter_count(lm)
+    virtual = (record or {}).get("settings", {}).get("virtual_tokens", 0) if (record or {}).get("method") == "prompt" else 0
+    k: int | None  # None where the record lacks it
+    trainable: int | None
+    if record is None:  # in-context learning: the demonstrations shown (+ the probe's rows)
+        k, seconds, trainable, size = result["shots"] + probe_rows, None, 0, None
+    else:
+        k, seconds, trainable = record.get("k"), record.get("train_seconds"), record.get("trainable_params")
+        size = adapters.size_bytes(folder) if folder else None
+    flops = 2 * n * (tokens + virtual) if n and tokens is not None else None
+    return {"k": k, "train_seconds": seconds, "trainable_params": trainable, "adapter_bytes": size,
+            "prompt_tokens": tokens, "parameters": n, "flops_per_item": flops}

@@ -1,0 +1,152 @@
+"""`llmlab tune`: train a PEFT adapter on a template's prompts (llmlab.tuning.plan decides the rows).
+
+Classify templates learn T-Few's rank-classification loss (Liu et al. 2022) over the label words as
+continuations of exactly the prompt classify sends: the gold label's language-model loss, an
+unlikelihood term on the other labels' tokens, and a cross-entropy over the labels' length-normalised
+scores. Generate templates learn the target text (then end of text) after the prompt. The best
+step on the held-out slice is kept; the folder is rewritten at each new best (and at the end when
+there is no held-out slice), so Ctrl-C or a crash leaves the last checkpoint with its record."""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from llmlab.core.config import PromptConfig, TuneConfig
+from llmlab.tuning import checkpoint, plan as plans
+
+
+@dataclass
+class Example:
+    """One training row as token ids: (context, continuation) per label (classify: gold is the
+    index of the right one) or the single target (generate: gold 0)."""
+
+    rows: list[tuple[list[int], list[int]]]
+    gold: int
+
+
+def examples(lm: Any, builder: Any, template: Any, target: str, items: Sequence[Any]) -> list[Example]:
+    """Prompts built by the same PromptBuilder classify and generate use, split into tokens by the
+    same rule the scorer uses (HFLM.encode_pairs)."""
+    from llmlab.backends.base import LLRequest
+
+    out = []
+    for item in items:
+        prompt = builder.build(item)
+        if template.task == "classify":
+            labels = list(template.labels)
+            conts = [prompt.answer_prefix + template.verbalize(label) for label in labels]
+            gold = labels.index(str(item.fields[target]))
+        else:
+            conts = [prompt.answer_prefix + str(item.fields[target]) + (lm.tokenizer.eos_token or "")]
+            gold = 0
+        requests = [LLRequest(prompt.text, c, prompt.chat, prefix=prompt.prefix, context_ids=prompt.ids) for c in conts]
+        out.append(Example(lm.encode_pairs(requests), gold))
+    return out
+
+
+def loss(model: Any, batch: Sequence[Example]) -> tuple[Any, int]:
+    """(mean loss over the batch, how many the model ranks right). One label: the target's mean
+    token loss. Several: T-Few's L_LM + L_UL + L_LN."""
+    import torch
+
+    logprobs = model.logprobs([row for ex in batch for row in ex.rows])
+    total, right, at = 0.0, 0, 0
+    for ex in batch:
+        lps = logprobs[at : at + len(ex.rows)]
+        at += len(ex.rows)
+        lm_loss = -lps[ex.gold].mean()
+        if len(lps) == 1:
+            total = total + lm_loss
+            continue
+        wrong = [lp for n, lp in enumerate(lps) if n != ex.gold]
+        unlikely = -torch.log1p(-torch.cat(wrong).exp().clamp(max=1 - 1e-6)).mean()
+        means = torch.stack([lp.mean() for lp in lps])
+        normalised = torch.nn.functional.cross_entropy(means[None], torch.tensor([ex.gold], device=means.device))
+        total = total + lm_loss + unlikely + normalised
+        right += int(torch.stack([lp.sum() for lp in lps]).argmax().item() == ex.gold)
+    return total / len(batch), right
+
+
+def held_out_score(model: Any, rows: Sequence[Example], size: int) -> tuple[float, float | None]:
+    """(mean loss, accuracy or None for generate templates) on the held-out rows."""
+    import torch
+
+    model.train(False)
+    total, right = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(rows), size):
+            batch = rows[start : start + size]
+            value, hits = loss(model, batch)
+            total += float(value) * len(batch)
+            right += hits
+    model.train(True)
+    classify = len(rows[0].rows) > 1
+    return total / len(rows), (right / len(rows) if classify else None)
+
+
+def batches(count: int, size: int, seed: int):
+    """Endless batches of row indexes: each pass over the rows in a new seeded order."""
+    rng = random.Random(seed)
+    while True:
+        order = list(range(count))
+        rng.shuffle(order)
+        for start in range(0, count, size):
+            yield order[start : start + size]
+
+
+def tune(cfg: TuneConfig, hooks: Any) -> dict[str, Any]:
+    """Train, keep the best held-out step in cfg.output, return its record."""
+    from llmlab.backends import models
+    from llmlab.orchestration import session
+
+    plan = plans.prepare(cfg)
+    _, _, encoder_decoder = models.load_tokenizer(cfg.model.spec)  # the tokenizer only: no weights yet
+    plans.check_prompt_tuning(cfg.method, encoder_decoder)
+    run = session.Session(cfg.model, hooks=hooks)
+    settings = session.settings_for(plan.template)
+    prompt = PromptConfig(plan.template.name, cfg.shots, None, cfg.seed, prompts_dir=list(cfg.prompts_dir))
+    builder = run.builder(plan.template, prompt, settings.max_new_tokens, None)
+    train = examples(run.lm, builder, plan.template, plan.target, plan.train)
+    held = examples(run.lm, builder, plan.template, plan.target, plan.held_out)
+    saver = checkpoint.Saver(cfg, plan, run, builder.options.chat)
+    return _loop(cfg, saver, train, held, hooks)
+
+
+def _loop(cfg: TuneConfig, saver: Any, train: list[Example], held: list[Example], hooks: Any) -> dict[str, Any]:
+    import torch
+
+    from llmlab.backends.trainable import LEARNING_RATES
+
+    model = saver.start()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr or LEARNING_RATES[cfg.method], weight_decay=0.0)
+    model.train(True)
+    order, stale, started = batches(len(train), cfg.batch_size, cfg.seed), 0, time.perf_counter()
+    with hooks.progress(cfg.steps, f"tuning {cfg.method}") as bar:
+        try:
+            for step in range(1, cfg.steps + 1):
+                value, _ = loss(model, [train[i] for i in next(order)])
+                optimizer.zero_grad()
+                value.backward()
+                optimizer.step()
+                saver.progress(step, value.item(), time.perf_counter() - started)
+                bar.advance(1)
+                bar.describe(f"tuning {cfg.method}, loss {value.item():.3f}")
+                if held and (step % cfg.eval_every == 0 or step == cfg.steps):
+                    score = held_out_score(model, held, cfg.batch_size)
+                    if saver.better(score):
+                        stale = 0
+                        saver.save(step)
+                    else:
+                        stale += 1
+                    hooks.info(saver.line(step, value.item(), score))
+                    if stale >= cfg.patience:
+                        return saver.finish("early stopping")
+            if not held:
+                saver.save(cfg.steps)
+            return saver.finish("all steps")
+        except KeyboardInterrupt:
+            saver.finish("interrupted")
+            raise
