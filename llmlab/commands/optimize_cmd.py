@@ -34,7 +34,7 @@ OptOutput = Annotated[str, typer.Option("--output", "-o", rich_help_panel=IO_PAN
 
 
 def optimize(
-    template: OptTemplate = ..., data: OptData = ..., budget: Budget = ..., output: OptOutput = ...,
+    template: OptTemplate, data: OptData, budget: Budget, output: OptOutput,
     test: OptTest = None, holdout: Holdout = 0.5, seed: OptSeed = 0, candidates: Candidates = 16,
     proposals: Proposals = 2, offset: Offset = 0, limit: Limit = None, examples: Examples = None,
     prompts_dir: PromptsDir = None, model: Model = None, device: Device = "auto", dtype: DtypeOpt = Dtype.auto,

@@ -189,6 +189,8 @@ def optimize(cfg: OptimizeConfig, hooks: Any = None, lm: Any = None) -> Result:
     hooks = hooks or Hooks()
     check(cfg)
     template = find_template(PromptConfig(cfg.template, prompts_dir=cfg.prompts_dir))
+    if template is None:
+        raise UsageError("optimize needs a template: -t NAME or a .yaml path")
     if template.task == "classify" and not template.labels:
         raise TemplateError(f"template '{template.name}' has no labels: a classify search needs them")
     search, held, refs = read(cfg, template)

@@ -12,7 +12,7 @@ KEY = "item_scores"  # each seed's per-row scores, in row order: put in by evalu
 
 def row_scores(run_list: Sequence[dict[str, Any]]) -> list[float]:
     """Each row's score averaged over the seeds (a row is the same input in every seed)."""
-    columns = list(zip(*(run[KEY] for run in run_list)))
+    columns: list[tuple[float, ...]] = list(zip(*(run[KEY] for run in run_list)))
     return [sum(c) / len(c) for c in columns]
 
 
@@ -26,7 +26,7 @@ def differences(results: Sequence[dict[str, Any]], seed: int = 0) -> list[dict[s
         for run in r["runs"]:
             run.pop(KEY, None)
     first: dict[tuple[str, str], int] = {}
-    found = []
+    found: list[dict[str, Any]] = []
     for n, r in enumerate(results):
         group = (r["data"], r["task"])
         if group not in first:
@@ -37,7 +37,7 @@ def differences(results: Sequence[dict[str, Any]], seed: int = 0) -> list[dict[s
         d = stats.compare(scores[base], scores[n], seed=seed, binary=binary)
         found.append({"row": n, "baseline": base, "difference": d.diff, "low": d.low, "high": d.high, "p": d.p,
                       "test": d.test, "n": d.n})
-    for entry, adjusted in zip(found, stats.holm([e["p"] for e in found])):
+    for entry, adjusted in zip(found, stats.holm([float(e["p"]) for e in found])):
         entry["p_holm"] = adjusted
     return found
 
