@@ -4,6 +4,7 @@ transformers loads. The only module (with hf_score, prefix_cache, stopping) that
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from typing import Any, Callable, Sequence
 
 from llmlab.backends import prefix_cache
@@ -22,6 +23,9 @@ _AUTO_ROWS = {"cpu": 32, "cuda": 512}
 _CPU_TOKEN_BUDGET = 16384
 # On a GPU, the share of free memory a batch may use (the rest: fragmentation, the allocator).
 _GPU_MEMORY_SHARE = 0.5
+# Prefix KV caches kept between loglikelihood calls (classify calls it once per chunk of items, with
+# the same demonstrations; an ensemble cycles through one prefix per draw).
+_PREFIX_MEMO = 4
 
 
 def context_window(model_config: Any, tokenizer: Any) -> int | None:
@@ -41,6 +45,10 @@ def context_window(model_config: Any, tokenizer: Any) -> int | None:
 class HFLM(LM):
     """A loaded transformers model and its tokenizer on one device."""
 
+    # Rows continuing a cached prefix attend to ONE copy of it (shared_prefix) where the model's
+    # family supports that; False: every batch repeats the prefix's KV cache per row (prefix_cache.extend).
+    share_prefix = True
+
     def __init__(self, name: str, model: Any, tokenizer: Any, device: str, on_event: EventSink | None = None):
         self.name = name
         self.model = model
@@ -50,6 +58,7 @@ class HFLM(LM):
         self.window = context_window(model.config, tokenizer)
         self.on_event = on_event or log_event
         self._noted: set[str] = set()  # stop texts already reported as unreachable
+        self._prefixes: OrderedDict[tuple[int, ...], Any] = OrderedDict()  # see cached_prefix
 
     # -- tokenization: one natural tokenization of each text
 
@@ -111,7 +120,7 @@ class HFLM(LM):
                                [len(c) + len(k) for c, k in rows], *sizes, on_event=self.on_event)
         plain = set(range(len(rows)))
         for group in self._groups(requests, rows) if prefix_cache else []:
-            cache = self.prefix_kv(group.prefix_ids)
+            cache = self.cached_prefix(group.prefix_ids)
             past = len(group.prefix_ids)
             tails = [(rows[i][0][past:], rows[i][1]) for i in group.members]
             scored = run_batched(lambda b: hf_score.causal(self, [tails[k] for k in b], cache, past, hidden_layers),
@@ -133,6 +142,21 @@ class HFLM(LM):
         ids = dict(zip(keys_list, self.encode([k[0] for k in keys_list], [k[1] for k in keys_list])))
         prefixes = [((r.prefix, r.templated), ids[(r.prefix, r.templated)]) if r.prefix else None for r in requests]
         return prefix_cache.plan(prefixes, rows)
+
+    def cached_prefix(self, ids: list[int]) -> Any:
+        """The KV cache of a prefix, computed once for the last _PREFIX_MEMO prefixes used (nothing
+        writes to it: batches attend to it or copy it). Code that changes the weights calls
+        forget_prefixes() (backends/trainable.py does)."""
+        key = tuple(ids)
+        if key not in self._prefixes:
+            self._prefixes[key] = self.prefix_kv(ids)
+            while len(self._prefixes) > _PREFIX_MEMO:
+                self._prefixes.popitem(last=False)
+        self._prefixes.move_to_end(key)
+        return self._prefixes[key]
+
+    def forget_prefixes(self) -> None:
+        self._prefixes.clear()
 
     def prefix_kv(self, ids: list[int]) -> Any:
         """The KV cache of a shared prefix, computed once (a seam tests can watch)."""

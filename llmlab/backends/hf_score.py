@@ -30,16 +30,22 @@ def causal(lm: Any, rows: Sequence[tuple[list[int], list[int]]], cache: Any = No
     """Decoder-only scoring of rows, optionally continuing a cached prefix of `past` tokens.
     Identical inputs run once (single-token labels of one prompt share context + [] as input).
     layers: also return each row's hidden states at its last context token (see states())."""
+    import contextlib
+
     import torch
 
-    from llmlab.backends import prefix_cache
+    from llmlab.backends import prefix_cache, shared_prefix
 
     seqs: dict[tuple[int, ...], int] = {}
     which = [seqs.setdefault(tuple(ctx + cont[:-1]), len(seqs)) for ctx, cont in rows]
     ids, mask = pad([list(s) for s in seqs], lm.tokenizer.pad_token_id, left=True, device=lm.device)
     keep = max(len(cont) for _, cont in rows)  # only the last `keep` positions' logits are needed
     params = lm.forward_params()
-    if cache is not None:
+    route: Any = contextlib.nullcontext()
+    if cache is not None and lm.share_prefix and shared_prefix.supported(lm.model):
+        kwargs = shared_prefix.forward_kwargs(shared_prefix.from_cache(cache, past), ids, mask)
+        route = shared_prefix.active(lm.model)  # attention over the one uncopied prefix
+    elif cache is not None:
         kwargs = prefix_cache.extend(cache, past, ids, mask, params, lm.cache_kwarg())
     else:
         kwargs = {"input_ids": ids, "attention_mask": mask}
@@ -47,7 +53,7 @@ def causal(lm: Any, rows: Sequence[tuple[list[int], list[int]]], cache: Any = No
             kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
     if "logits_to_keep" in params:
         kwargs["logits_to_keep"] = keep
-    with torch.inference_mode():
+    with torch.inference_mode(), route:
         out = lm.model(**kwargs, output_hidden_states=bool(layers))
         logits = out.logits[:, -keep:, :]
         results = gather(logits, which, [cont for _, cont in rows], align_right=True)

@@ -67,6 +67,8 @@ class Trainable:
         self.lm = lm
         self.settings = settings
         self.model = peft.get_peft_model(lm.model, peft_config(lm.model, settings))
+        if hasattr(lm, "forget_prefixes"):  # its weights will change: no prefix KV kept from before
+            lm.forget_prefixes()
         self.virtual = settings.virtual_tokens if settings.method == "prompt" else 0
         self.trainable, self.total = self.model.get_nb_trainable_parameters()
 
