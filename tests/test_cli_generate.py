@@ -128,7 +128,7 @@ def test_resume_after_an_interrupted_run(tiny_models, data, tmp_path, monkeypatc
 @pytest.mark.parametrize(
     "args, stdin, error, code",
     [
-        (["--temperature", "-1", "x"], None, "error: invalid --temperature -1.0: must be >= 0", 2),
+        (["--temperature", "-1", "x"], None, "error: invalid --temperature -1.0: must be 0 (greedy) or >= 0.01", 2),
         (["--top-p", "0", "x"], None, "error: invalid --top-p 0.0: must be in (0, 1]", 2),
         (["--top-k", "-2", "x"], None, "error: invalid --top-k -2: must be an integer >= 0", 2),
         (["--max-new-tokens", "0", "x"], None, "error: invalid --max-new-tokens 0: must be an integer >= 1", 2),

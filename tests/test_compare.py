@@ -149,7 +149,7 @@ def test_runs_path_and_rm(evals, home):
     (["runs", "compare", "1"], 2, "give two or more run ids"),
     (["runs", "compare", "1", "2", "--show", "some"], 2, "invalid --show 'some': choose all, differing, wrong"),
     (["runs", "export", "1", "-f", "xml"], 2, "invalid --format 'xml'"),
-    (["report", "1", "-o", "/no/such/dir/r.html"], 2, "folder of --output '/no/such/dir/r.html' does not exist"),
+    (["report", "1", "-o", "/no/such/dir/r.html"], 3, "--output '/no/such/dir/r.html': folder '/no/such/dir' does not exist"),
 ])
 def test_runs_mistakes_are_one_line(evals, args, code, message):
     result = invoke(args)

@@ -183,8 +183,8 @@ def test_index_is_cached_by_the_pools_content(monkeypatch):
     retrieval._MEMO.clear()
     texts = [e["text"] for e in POOL]
     first = retrieval.make_retriever("tfidf", texts)
-    files = list(retrieval.cache_dir().glob("tfidf-*.pkl"))
-    assert [f.name for f in files] == [f"tfidf-{retrieval.pool_hash(texts)}.pkl"]
+    files = list(retrieval.cache_dir().glob("tfidf-*.npz"))
+    assert [f.name for f in files] == [f"tfidf-{retrieval.pool_hash(texts)}.npz"]
     retrieval._MEMO.clear()
     monkeypatch.setattr(retrieval.TfidfRetriever, "_fit", lambda texts: pytest.fail("the cached index was refit"))
     again = retrieval.make_retriever("tfidf", texts)

@@ -128,3 +128,26 @@ def test_lab_bad_setting_keeps_the_session(tiny_models):
     assert result.exit_code == 0
     assert "error: invalid --top-p 7.0: must be in (0, 1] (1 = no limit)" in result.stderr
     assert "top_p = 1.0" in result.stdout  # the bad value was not kept
+
+
+def test_a_long_paste_while_a_completion_streams_arrives_whole(tiny_models, env, tmp_path):
+    """The terminal is out of line mode for the session: the kernel's 4,095-character line limit no
+    longer cuts a paste that arrives while the model is writing (issue 27)."""
+    paste = " ".join(f"w{i}" for i in range(1800))  # ~10,000 characters on one line
+    term = Terminal(["-m", str(tiny_models["llama"])], env)
+    term.wait_for("lab>")
+    term.send("/set max_new_tokens 200\r")
+    term.wait_for("max_new_tokens = 200")
+    term.send("the movie was\r")
+    term.wait_for("lab> the movie was\n")  # the completion is streaming now
+    term.send(paste + "\r")
+    term.send("/quit\r")
+    while True:
+        try:
+            term.stream.feed(term.child.read_nonblocking(65536, timeout=120))
+        except pexpect.EOF:
+            break
+    term.child.close()
+    history = (tmp_path / "cache" / "lab-history").read_text()
+    entries = [line[1:] for line in history.splitlines() if line.startswith("+")]
+    assert entries[-2:] == [paste, "/quit"]

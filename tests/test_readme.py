@@ -31,7 +31,8 @@ SHARED = {  # the shared data sets -> tiny files with the same fields
     "../shared/data/ag_news/ag_news.test.jsonl": "ag_news.jsonl",
     "../shared/data/dialogsum/dialogsum.test.jsonl": "dialogsum.jsonl",
 }
-TAKES_MODEL = ("generate", "classify", "eval", "optimize", "render", "tokenize", "next", "lab", "tune")
+TAKES_MODEL = ("generate", "classify", "eval", "optimize", "render", "tokenize", "next", "lab", "tune", "serve")
+SERVER_URL = "http://127.0.0.1:8000"  # the README's server: a tiny model's, on a free port, for the commands using it
 # Shared model files -> the tiny T5 (tests pass without ../shared): a tokenizer folder, a config file.
 T5_FILES = ("../shared/data/t5-tokenizer", "../shared/data/flan-t5-config/flan-t5-base.config.json")
 
@@ -154,7 +155,32 @@ def test_readme_command_runs(tiny_models, tmp_path, monkeypatch, where, command)
     t5 = tiny_models["t5"]
     command = command.replace(T5_FILES[1], str(t5 / "config.json")).replace(T5_FILES[0], str(t5))
     model = str(t5 if "flan-t5" in command or str(t5) in command else tiny_models["llama"])
-    run(*prepare(command, model))
+    if command.startswith("llmlab serve") or SERVER_URL in command:
+        serve_command(command, model, monkeypatch)
+    else:
+        run(*prepare(command, model))
+
+
+def serve_command(command: str, model: str, monkeypatch) -> None:
+    """`llmlab serve ... &` loads the model and builds the app, then returns instead of listening;
+    a command with --server talks to a real server on the same tiny model."""
+    pytest.importorskip("fastapi")
+    from llmlab.backends import models
+    from llmlab.serving import server
+    from test_serve import running
+
+    if command.startswith("llmlab serve"):
+        class NoSocket:
+            started, should_exit = False, True
+
+            def run(self) -> None:
+                pass
+
+        monkeypatch.setattr(server, "uvicorn_server", lambda app, host, port: NoSocket())
+        run(*prepare(command.removesuffix("&").strip(), model))
+        return
+    with running(models.load(model, "cpu", "float32")) as (url, _):
+        run(*prepare(command.replace(SERVER_URL, url), model))
 
 
 def test_readme_smollm2_commands(smollm2_cache, monkeypatch, tmp_path):

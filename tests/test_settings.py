@@ -7,14 +7,14 @@ from llmlab.core.errors import TemplateError, UsageError
 @pytest.mark.parametrize(
     "flags, error",
     [
-        ({"temperature": -0.1}, "invalid --temperature -0.1: must be >= 0"),
+        ({"temperature": -0.1}, "invalid --temperature -0.1: must be 0 (greedy) or >= 0.01"),
         ({"top_p": 0.0}, "invalid --top-p 0.0: must be in (0, 1]"),
         ({"top_p": 1.5}, "invalid --top-p 1.5: must be in (0, 1]"),
         ({"top_k": -1}, "invalid --top-k -1: must be an integer >= 0"),
         ({"max_new_tokens": 0}, "invalid --max-new-tokens 0: must be an integer >= 1"),
         ({"repetition_penalty": 0.0}, "invalid --repetition-penalty 0.0: must be > 0"),
         ({"num_beams": 0}, "invalid --num-beams 0: must be an integer >= 1"),
-        ({"seed": -3}, "invalid --seed -3: must be an integer >= 0"),
+        ({"seed": -3}, "invalid --seed -3: must be an integer from 0 to 9223372036854775807"),
         ({"num_return_sequences": 2}, "--num-return-sequences 2 needs --sample or --num-beams >= 2"),
     ],
 )

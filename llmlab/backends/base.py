@@ -104,6 +104,17 @@ class LLOutput:
     hidden: Any = field(default=None, repr=False)
 
 
+@dataclass
+class PromptScores:
+    """How likely the model finds a prompt it is given as token ids: tokens[k] is prompt token k + 1
+    with log P(token | the tokens before it) and its `top` alternatives (the first token has no
+    context, so it has no entry); next: the `top` most likely tokens after the whole prompt, most
+    likely first, as (text, id, logprob). What an OpenAI `echo` + `logprobs` completion reports."""
+
+    tokens: list[TokenLogprob]
+    next: list[tuple[str, int, float]]
+
+
 class LM(ABC):
     """What every command needs from a model. Subclasses set name, tokenizer, window (tokens the
     model can attend to, or None), device and is_encoder_decoder."""
@@ -157,6 +168,11 @@ class LM(ABC):
     def embed(self, texts: Sequence[str], batch_size: int = 32) -> Any:
         """(len(texts) x hidden) float32 numpy array of L2-normalized mean-pooled last hidden states."""
         raise UsageError(f"{self.name}: this backend does not give hidden states; use --backend hf")
+
+    def prompt_logprobs(self, prompts: Sequence[list[int]], top: int = 1,
+                        batch_size: int | None = 16) -> list[PromptScores]:
+        """Each prompt's own tokens scored, in request order (see PromptScores); top >= 1."""
+        raise UsageError(f"{self.name}: this backend cannot score a prompt's own tokens")
 
     @abstractmethod
     def generate(self, requests: Sequence[GenRequest], settings: GenerationSettings, batch_size: int | None = 8,

@@ -7,14 +7,14 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmlab.backends.modelcache import ENTRY_NAME, cache_root, entry_problem, folder_size
+from llmlab.backends.modelcache import ENTRY_NAME, cache_root, entry_problem, folder_size, leftovers
 from llmlab.backends.modelspec import ALIASES, embedded_gguf
 from llmlab.core.errors import ModelError
 
 
 @dataclass
 class CachedModel:
-    """One row of `llmlab models`. source: alias, embedded, llmlab-cache or hf-cache;
+    """One row of `llmlab models`. source: alias, embedded, llmlab-cache, leftover or hf-cache;
     offline: usable without a network; size in bytes (None when not on disk)."""
 
     name: str
@@ -57,6 +57,10 @@ def _converted_entries() -> list[CachedModel]:
             problem = entry_problem(entry)
             rows.append(CachedModel(entry.name, "llmlab-cache", str(entry), folder_size(entry), problem is None,
                                     f"damaged: {problem}; rebuilt on next use" if problem else "converted GGUF"))
+    for path, stale in leftovers():  # a killed conversion's half-written copy takes space: say so
+        rows.append(CachedModel(path.name, "leftover", str(path), folder_size(path), False,
+                                "left by a stopped conversion; llmlab models --clean removes it" if stale
+                                else "a conversion in progress"))
     return rows
 
 

@@ -12,7 +12,8 @@ import math
 import zlib
 from typing import Any, Callable, Sequence
 
-from llmlab.backends.base import LM, GenOutput, GenRequest, HoldBack, LLOutput, LLRequest, TokenLogprob, cut_at_stop
+from llmlab.backends.base import (LM, GenOutput, GenRequest, HoldBack, LLOutput, LLRequest, PromptScores, TokenLogprob,
+                                  cut_at_stop)
 
 
 class CharTokenizer:
@@ -35,7 +36,7 @@ class CharTokenizer:
             return {"input_ids": self._ids(text, add_special_tokens)}
         return {"input_ids": [self._ids(t, add_special_tokens) for t in text]}
 
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False, **kwargs: Any) -> str:
         return "".join(chr(i - 3) for i in ids if i > 2)
 
     def apply_chat_template(self, messages: list[dict[str, str]], tokenize: bool = False,
@@ -60,7 +61,7 @@ class FakeLM(LM):
         self.answers = list(answers)
         self.default = default
         self.score = score or self._hash_score
-        self.requests: list[GenRequest | LLRequest] = []  # everything asked, in order
+        self.requests: list[GenRequest | LLRequest | list[int]] = []  # everything asked, in order
 
     @staticmethod
     def _hash_score(request: LLRequest) -> float:
@@ -76,6 +77,19 @@ class FakeLM(LM):
             for r, out in zip(requests, outputs):
                 out.hidden = self.hidden(r.context, hidden_layers)
         return outputs
+
+    def prompt_logprobs(self, prompts: Sequence[list[int]], top: int = 1,
+                        batch_size: int | None = 16) -> list[PromptScores]:
+        """Token k of a prompt scores -(id % 7) / 10 - k / 100; its alternatives are tokens id, id+1, ...
+        each 0.5 less likely; after the prompt, the next characters after its last one."""
+        out = []
+        for ids in prompts:
+            self.requests.append(list(ids))
+            alts = lambda i, lp: [(chr(i + j - 3), i + j, lp - j / 2) for j in range(max(1, top))]  # noqa: E731
+            tokens = [TokenLogprob(chr(i - 3), i, -(i % 7) / 10 - k / 100, alts(i, -(i % 7) / 10 - k / 100))
+                      for k, i in enumerate(ids[1:], 1)]
+            out.append(PromptScores(tokens, alts(ids[-1] + 1, -0.1)))
+        return out
 
     @staticmethod
     def hidden(context: str, layers: Sequence[int]) -> Any:

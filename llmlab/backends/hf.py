@@ -135,6 +135,17 @@ class HFLM(LM):
             results[i] = out
         return results  # type: ignore[return-value]
 
+    def prompt_logprobs(self, prompts: Sequence[list[int]], top: int = 1,
+                        batch_size: int | None = 16) -> list[Any]:
+        if self.is_encoder_decoder:
+            raise UsageError(f"{self.name} is an encoder-decoder model: it does not predict its prompt's tokens")
+        rows = [list(p) for p in prompts]
+        if any(not r for r in rows):
+            raise UsageError("cannot score an empty prompt")
+        # Every position's whole float32 distribution is kept: a small token budget bounds that memory.
+        return run_batched(lambda b: hf_score.prompt_tokens(self, [rows[i] for i in b], max(1, top)),
+                           [len(r) for r in rows], self._sizes(batch_size)[0], 1024, on_event=self.on_event)
+
     def _groups(self, requests: Sequence[LLRequest], rows: list[tuple[list[int], list[int]]]) -> list[Any]:
         """Prefix-cache groups: each distinct (prefix, templated) is tokenized once."""
         keys = {(r.prefix, r.templated) for r in requests if r.prefix}

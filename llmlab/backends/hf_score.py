@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from llmlab.backends.base import LLOutput
+from llmlab.backends.base import LLOutput, PromptScores, TokenLogprob
 
 
 def pad(rows: Sequence[list[int]], pad_id: int, left: bool, device: str) -> tuple[Any, Any]:
@@ -164,3 +164,30 @@ def step_logprobs(new: Any, logits: Sequence[Any], top: int) -> tuple[list, list
     if not top:
         return picked.tolist(), [], []
     return picked.tolist(), torch.stack(values, 1).tolist(), torch.stack(ids, 1).tolist()
+
+
+def prompt_tokens(lm: Any, rows: Sequence[list[int]], top: int) -> list[PromptScores]:
+    """Decoder-only: every token of each row scored given the tokens before it, with the `top` most
+    likely tokens at each position (and after the last). One forward pass; float32 log-softmax."""
+    import torch
+
+    ids, mask = pad(rows, lm.tokenizer.pad_token_id or 0, left=True, device=lm.device)
+    kwargs = {"input_ids": ids, "attention_mask": mask}
+    if "position_ids" in lm.forward_params():
+        kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.inference_mode():
+        # log P = logit - logsumexp(logits): no second [B, W, V] tensor (what log_softmax would allocate)
+        logits = lm.model(**kwargs).logits.float()  # [B, W, V]
+        norm = torch.logsumexp(logits, dim=-1, keepdim=True)  # [B, W, 1]
+        chosen = (logits[:, :-1].gather(2, ids[:, 1:, None]) - norm[:, :-1]).squeeze(2).tolist()  # [B, W-1]
+        best = logits.max(dim=-1, keepdim=True) if top == 1 else logits.topk(top, dim=-1)
+        values, tops = (best[0] - norm).tolist(), best[1].tolist()  # [B, W, top]
+    width = ids.shape[1]
+    text = lambda i: lm.tokenizer.decode([i])  # noqa: E731
+    out = []
+    for b, row in enumerate(rows):
+        first = width - len(row)  # the row's first real position
+        alts = [[(text(i), i, v) for v, i in zip(values[b][p], tops[b][p])] for p in range(first, width)]
+        tokens = [TokenLogprob(text(row[k]), row[k], chosen[b][first + k - 1], alts[k - 1]) for k in range(1, len(row))]
+        out.append(PromptScores(tokens, alts[-1]))
+    return out

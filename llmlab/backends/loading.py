@@ -90,6 +90,8 @@ def _from_pretrained(ref: ModelRef, loader: Callable[..., Any], **kwargs: Any) -
     where, gguf_file = _source(ref)
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
+    elif ref.kind == "gguf" and "config" in kwargs:  # the converted cache: its safetensors only, never a
+        kwargs["use_safetensors"] = True  # pickled pytorch_model.bin planted beside it
     if ref.kind != "hub" or where != ref.location:
         try:
             return loader(where, **kwargs)

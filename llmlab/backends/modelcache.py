@@ -173,7 +173,7 @@ def check_gguf(path: Path) -> None:
 def move_aside(folder: Path, why: str) -> None:
     """Rename a broken entry out of the way (atomic; readers keep their open files), then delete it."""
     _log.warning(f"the cached model in '{folder}' is damaged ({why}); rebuilding it")
-    aside = folder.with_name(f"{folder.name}.broken-{os.getpid()}-{int(time.time())}")
+    aside = folder.with_name(f"{folder.name}.broken-{os.getpid()}-{int(time.time())}")  # see _OWNER
     try:
         os.replace(folder, aside)
     except OSError:
@@ -182,15 +182,41 @@ def move_aside(folder: Path, why: str) -> None:
     shutil.rmtree(aside, ignore_errors=True)  # whatever stays is removed as stale later
 
 
-def remove_stale(now: float | None = None) -> list[Path]:
-    """Delete staging and moved-aside folders (not entries) older than STALE_SECONDS."""
-    folder, now, removed = cache_root() / "gguf", now or time.time(), []
-    for path in folder.iterdir() if folder.is_dir() else []:
+# Staging and moved-aside folders name their process: <entry>.staging-<pid>-..., <entry>.broken-<pid>-...
+_OWNER = re.compile(r"\.(?:staging|broken)-(\d+)-")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: another user's live process
+        return True
+    return True
+
+
+def leftovers(now: float | None = None) -> list[tuple[Path, bool]]:
+    """Staging and moved-aside folders in the cache, each with whether it is stale: its process is
+    gone (a killed conversion), or, when the name has no process, it is older than STALE_SECONDS."""
+    folder, now, found = cache_root() / "gguf", now or time.time(), []
+    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+        if not path.is_dir() or ENTRY_NAME.fullmatch(path.name):
+            continue
+        owner = _OWNER.search(path.name)
         try:
-            old = now - path.stat().st_mtime > STALE_SECONDS
+            stale = not _alive(int(owner[1])) if owner else now - path.stat().st_mtime > STALE_SECONDS
         except OSError:
             continue
-        if path.is_dir() and not ENTRY_NAME.fullmatch(path.name) and old:
+        found.append((path, stale))
+    return found
+
+
+def remove_stale(now: float | None = None) -> list[Path]:
+    """Delete the stale staging and moved-aside folders (never entries, nor a live conversion's)."""
+    removed = []
+    for path, stale in leftovers(now):
+        if stale:
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
@@ -198,7 +224,7 @@ def remove_stale(now: float | None = None) -> list[Path]:
 
 def staging_dir(target: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=target.name + ".staging-", dir=target.parent))
+    return Path(tempfile.mkdtemp(prefix=f"{target.name}.staging-{os.getpid()}-", dir=target.parent))
 
 
 def folder_size(folder: Path) -> int:

@@ -99,3 +99,23 @@ def prepare_gguf(ref: ModelRef) -> Path:
 
 def gguf_source(ref: ModelRef) -> tuple[str, str | None]:
     return modelcache.source(Path(ref.location) / (ref.gguf_file or ""))
+
+
+def weights_bytes(spec: str | None) -> int | None:
+    """About how much memory one loaded copy of the model's weights takes (None where unknown):
+    a converted GGUF's safetensors, else the GGUF file x 8 (quantized weights dequantized to fp32);
+    a folder's or hub snapshot's weight files x 2 (16-bit files may load as fp32 on a CPU)."""
+    try:
+        ref = resolve_model(spec)
+    except ModelError:
+        return None
+    if ref.kind == "gguf":
+        converted = gguf_cache_dir(ref) / "model.safetensors"
+        if converted.is_file():
+            return converted.stat().st_size
+        return (Path(ref.location) / (ref.gguf_file or "")).stat().st_size * 8
+    folder = Path(ref.location) if ref.kind == "local" else None
+    if folder is None or not folder.is_dir():
+        return None
+    files = [f for pattern in ("*.safetensors", "*.bin") for f in folder.glob(pattern)]
+    return 2 * sum(f.stat().st_size for f in files) or None

@@ -75,9 +75,10 @@ def compare_cmd(
             "model": model_cfg, "probes": probes}
     m = _run(chosen, items, opts, input, no_log)
     if html:
+        from llmlab.io.safewrite import write_text
         from llmlab.orchestration import report
 
-        Path(html).write_text(report.render([], m, title=f"llmlab compare on {input}"), encoding="utf-8")
+        write_text(html, report.render([], m, title=f"llmlab compare on {input}"))  # whole, or the old one stays
         console.note(f"wrote {html}")
     show_matrix(m, compare.select(m, show), format, output)
 

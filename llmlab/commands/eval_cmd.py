@@ -58,9 +58,10 @@ AdapterList = Annotated[Optional[str], typer.Option("--adapter", rich_help_panel
                                                    "per adapter (on -m, with the prompts it was trained on) beside "
                                                    "the in-context rows, with k, training time, trainable "
                                                    "parameters, size, prompt tokens and FLOPs per item.")]
-Processes = Annotated[int, typer.Option(rich_help_panel=MODEL_PANEL,
+Processes = Annotated[str, typer.Option(rich_help_panel=MODEL_PANEL,
                                         help="Split the items over N processes (torchrun; one per GPU, or CPU "
-                                        "processes over gloo); same results as 1. Or run under "
+                                        "processes over gloo); same results as 1. auto: as many as the items, "
+                                        "GPUs or cores and memory allow (N is capped the same way). Or run under "
                                         "`accelerate launch --multi_gpu -m llmlab eval`.")]
 
 
@@ -77,7 +78,7 @@ def eval_cmd(
     shot_selection: ShotSelection = None, shot_format: ShotFormatOpt = None,
     overflow: OverflowOpt = Overflow.drop_shots, examples: Examples = None, prompts_dir: PromptsDir = None,
     max_new_tokens: MaxNewTokens = None, batch_size: BatchSize = "16", input_format: InputFormatOpt = InputFormat.auto,
-    no_log: NoLog = False, processes: Processes = 1, quiet: Quiet = False, verbose: Verbose = False,
+    no_log: NoLog = False, processes: Processes = "1", quiet: Quiet = False, verbose: Verbose = False,
 ) -> None:
     """Measure prompt files on labeled data: every template x shot count x seed x calibration, one table.
 
@@ -98,7 +99,8 @@ def eval_cmd(
         value(input_format), offset, limit, sample, sample_seed, list(reference or []), max_new_tokens,
         parse_batch(batch_size), report, log_samples, adapter)
     the_plan = evaluate.make_plan(cfg)
-    _in_processes(processes, [t.data for t in the_plan.tasks], model_cfg)
+    tasks = the_plan.tasks
+    _in_processes(processes, [t.data for t in tasks], model_cfg, max(len(t.items) for t in tasks))
     # Only process 0 keeps the run log (it logs every process's items once they are gathered).
     result = evaluate.run(the_plan, model_cfg, hooks(no_log or not parallel.is_main()))
     if not parallel.is_main():
@@ -114,17 +116,33 @@ def eval_cmd(
         evaluate.write_report(report, result)
 
 
-def _in_processes(processes: int, data: list, model_cfg) -> None:
+def _gpus(model_cfg) -> int:
+    """GPUs the processes would use (one each); 0 on a CPU run. Imports torch only for a CUDA device."""
+    if model_cfg.device not in ("auto",) and not str(model_cfg.device).startswith("cuda"):
+        return 0
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _in_processes(asked: str, data: list, model_cfg, items: int) -> None:
     """--processes N > 1: everything is checked, so re-run this command in N processes and exit
     with their status (llmlab.orchestration.parallel). Inside one of them: join the group; only process 0 talks."""
     from llmlab.orchestration import parallel
 
+    processes = parallel.parse_processes(asked)
+    if processes != 1:
+        from llmlab.backends import adapters
+        from llmlab.backends.modelspec import resolve_model, weights_bytes
+
+        base = adapters.split(model_cfg.spec)[0]
+        resolve_model(base)  # a model that isn't there: one line here, not one per process
+        processes, why = parallel.plan(processes, items, weights_bytes(base), gpus=_gpus(model_cfg),
+                                       memory=parallel.available_memory())
+        if why:
+            console.warn(why)
     parallel.check(processes, data, model_cfg.device_map)
     if processes > 1:
-        from llmlab.backends import adapters
-        from llmlab.backends.models import resolve_model
-
-        resolve_model(adapters.split(model_cfg.spec)[0])  # a model that isn't there: one line here, not one per process
         raise typer.Exit(parallel.launch(command_line(), processes, sys.stderr.write,
                                          os.environ.get("LLMLAB_DEBUG", "") not in ("", "0")))
     parallel.init()

@@ -113,7 +113,7 @@ def tokenize(
             console.note(tokens.budget_line(budget) if budget else f"{item.source}: {summary}")
             continue
         tokens.render(toks, out)
-        out.print(f"\n[bold]{summary}[/bold]")
+        out.print("\n" + summary, style="bold", markup=False)  # the model's name is user text
         if budget:
             tokens.render_budget(budget, out)
 

@@ -64,6 +64,13 @@ TensorParallel = Annotated[
     int, typer.Option("--tensor-parallel-size", rich_help_panel=MODEL_PANEL,
                       help="--backend vllm: GPUs each layer is split over (tensor parallelism).")
 ]
+Server = Annotated[
+    Optional[str], typer.Option("--server", envvar="LLMLAB_SERVER", rich_help_panel=MODEL_PANEL,
+                                show_default="none: load the model here",
+                                help="URL of a running `llmlab serve` (e.g. http://127.0.0.1:8000): it does the "
+                                "work with its warm model; outputs, files and the run log are the same. Sends "
+                                "LLMLAB_API_KEY as its key when set.")
+]
 Chat = Annotated[
     Optional[ChatMode], typer.Option(help="Wrap prompts in the model's chat template: auto (when it has one), on, "
                                      "off.", show_default="the template's, else auto", rich_help_panel=MODEL_PANEL)

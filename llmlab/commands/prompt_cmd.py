@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -41,13 +41,19 @@ def prompt_list(prompts_dir: PromptsDir = None, format: ListFormat = "auto") -> 
     found, problems = prompts.scan_templates(prompts_dir or [])
     for problem in problems:  # a broken file is named on stderr; it never hides the others
         console.warn(problem)
+    # a listing reads no examples file: it names the file (examples_file) instead of counting its rows
+    def examples(t: Any) -> str:
+        return t.examples_path.name if t.examples_path else str(len(t.examples))
+
     if fmt == "jsonl":
         for t in found:
-            print(json.dumps({"name": t.name, "task": t.task, "examples": len(t.examples),
+            print(json.dumps({"name": t.name, "task": t.task,
+                              "examples": None if t.examples_path else len(t.examples),
+                              "examples_file": str(t.examples_path) if t.examples_path else None,
                               "description": t.description, "path": str(t.path)}))
     elif fmt == "auto" and console.stdout_is_terminal():
         render.show(["name", "task", "examples", "description", "file"],
-                    [[t.name, t.task, str(len(t.examples)), t.description, str(t.path)] for t in found])
+                    [[t.name, t.task, examples(t), t.description, str(t.path)] for t in found])
     else:
         for t in found:
             print(f"{t.name}\t{t.task}\t{t.description}")
@@ -134,6 +140,8 @@ def prompt_render(
 def models_cmd(
     format: Annotated[str, typer.Option("--format", "-f", help="auto (a table on a terminal), text "
                                         "(tab-separated), jsonl.")] = "auto",
+    clean: Annotated[bool, typer.Option("--clean", help="First remove what stopped conversions left in "
+                                        "LLMLAB_CACHE (never a conversion still running).")] = False,
     adapters: Annotated[Optional[str], typer.Option("--adapters", show_default="none",
                                                     help="Also list the adapters (`llmlab tune` folders) found "
                                                     "anywhere under this folder, as BASE+DIR models.")] = None,
@@ -142,10 +150,12 @@ def models_cmd(
 
     With sizes on disk and whether each runs offline. Converted GGUF copies live in LLMLAB_CACHE.
     """
-    from llmlab.backends import catalog
+    from llmlab.backends import catalog, modelcache
     from llmlab.io import render
 
     fmt = _list_format(format)
+    for path in modelcache.remove_stale() if clean else []:
+        console.note(f"removed {path}")
     found = catalog.cached_models() + _adapter_models(adapters)
     if fmt == "jsonl":
         for m in found:

@@ -27,6 +27,7 @@ def generate(
     model: Model = None, device: Device = "auto", dtype: DtypeOpt = Dtype.auto, chat: Chat = None,
     device_map: DeviceMapOpt = None, max_memory: MaxMemoryOpt = None, backend: BackendOpt = Backend.hf,
     tensor_parallel_size: TensorParallel = 1, dry_run: DryRun = False, adapter: AdapterOpt = None,
+    server: Server = None,
     max_new_tokens: MaxNewTokens = None, greedy: Greedy = None, temperature: Temperature = None, top_k: TopK = None,
     top_p: TopP = None, repetition_penalty: RepetitionPenalty = None, num_beams: NumBeams = None,
     num_return_sequences: NumReturn = None, seed: Seed = None, stop: Stop = None, logprobs: Logprobs = None,
@@ -63,6 +64,10 @@ def generate(
         flags=flags, preset=config, text=prompt, batch_size=parse_batch(batch_size), echo=echo,
         gen_engine=value(gen_engine),
     )
+    if server:
+        from llmlab.serving import client
+
+        return client.generate(cfg, hooks(no_log), server, display=console.stdout_is_terminal())
     shown = session.generate(cfg, hooks(no_log), display=console.stdout_is_terminal())
     if shown is not None:  # --logprobs on a terminal: colour each token by its probability
         from llmlab.io import render
@@ -95,6 +100,7 @@ def classify(
     model: Model = None, device: Device = "auto", dtype: DtypeOpt = Dtype.auto, chat: Chat = None,
     device_map: DeviceMapOpt = None, max_memory: MaxMemoryOpt = None, backend: BackendOpt = Backend.hf,
     tensor_parallel_size: TensorParallel = 1, dry_run: DryRun = False, adapter: AdapterOpt = None,
+    server: Server = None,
     method: MethodOpt = Method.score, normalize: NormalizeOpt = Normalize.none, calibrate: CalibrateFlag = False,
     calibration: Calibration = None, ensemble: Ensemble = 1, probe_data: ProbeData = None,
     probe_size: ProbeSize = ProbeConfig.size, probe_layers: ProbeLayers = None, shots: Shots = None, shot_selection: ShotSelection = None, seed: ShotSeed = None, shot_format: ShotFormatOpt = None,
@@ -127,7 +133,12 @@ def classify(
         batch_size=parse_batch(batch_size), probe=ProbeConfig(probe_data, probe_size, probe_layers),
     )
     table = cfg.output.terminal and console.stdout_is_terminal()
-    done = session.classify(cfg, hooks(no_log), table=table)
+    if server:
+        from llmlab.serving import client
+
+        done = client.classify(cfg, hooks(no_log), server, table=table)
+    else:
+        done = session.classify(cfg, hooks(no_log), table=table)
     if done is not None:
         results, classifier = done
         tmpl = classifier.template

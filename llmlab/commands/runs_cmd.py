@@ -7,7 +7,6 @@ Tables on a terminal; JSONL or TSV when stdout is piped (data only; notes go to 
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -15,8 +14,9 @@ from typing import Annotated, Any, Optional
 import typer
 
 from llmlab.core import console
-from llmlab.commands.tables import check_choice as _check_choice, cut as _cut, print_table as _print_table, show_matrix as _show_matrix, tty as _tty
+from llmlab.commands.tables import check_choice as _check_choice, cut as _cut, print_table as _print_table, show_matrix as _show_matrix, tty as _tty, written
 from llmlab.core.errors import UsageError
+from llmlab.io.records import check_output_path
 
 runs_app = typer.Typer(help="The run log: list, show, search, compare, export and delete logged runs.",
                        no_args_is_help=True)
@@ -27,13 +27,13 @@ Json = Annotated[bool, typer.Option("--json", help="JSON lines, even on a termin
 RunId = Annotated[int, typer.Argument(help="A run id (see `llmlab runs list`).")]
 
 
-def _db():
+def _db(write: bool = False):
     from llmlab.runs import runlog
 
     path = runlog.db_path()
     if not path.exists():
         raise UsageError(f"no run log yet at {path}: run llmlab generate, classify or eval first")
-    return runlog.connect(path)
+    return runlog.connect(path, read_only=not write)  # reading works on read-only media too
 
 
 def _tsv(values: list[Any]) -> str:
@@ -217,11 +217,11 @@ def runs_export(
 
     _check_choice("--format", format, ("auto", "jsonl", "csv"))
     fmt = format if format != "auto" else ("csv" if output and output.lower().endswith(".csv") else "jsonl")
+    check_output_path(output)  # a folder, a missing or read-only one: one line, before reading the log
     db = _db()
     runlog.get_run(db, run_id)
     listed = runlog.items(db, run_id)
-    out = open(output, "w", encoding="utf-8", newline="") if output else sys.stdout
-    try:
+    with written(output) as out:
         if fmt == "csv":
             names = ["run_id", "idx", "key", "template", "combo", "prompt", "output", "prediction", "gold",
                      "probabilities", "extra"]
@@ -233,9 +233,6 @@ def runs_export(
         else:
             for item in listed:
                 out.write(json.dumps(item, ensure_ascii=False) + "\n")
-    finally:
-        if output:
-            out.close()
 
 
 @runs_app.command("path")
@@ -247,13 +244,20 @@ def runs_path() -> None:
 
 
 @runs_app.command("rm")
-def runs_rm(run_ids: Annotated[list[int], typer.Argument(help="Run ids to delete, with their items.")]) -> None:
+def runs_rm(run_ids: Annotated[list[int], typer.Argument(help="Run ids to delete, with their items.")],
+            force: Annotated[bool, typer.Option("--force", help="Delete even a run still being written.")] = False,
+            ) -> None:
     """Delete runs and their items."""
     from llmlab.runs import runlog
 
-    db = _db()
-    for run_id in run_ids:
-        runlog.get_run(db, run_id)  # every id checked before anything is deleted
+    from llmlab.runs.runquery import running
+
+    db = _db(write=True)
+    for run_id in run_ids:  # every id checked before anything is deleted
+        run = runlog.get_run(db, run_id)
+        if running(run) and not force:
+            raise UsageError(f"run {run_id} is still running (pid {run['pid']}); wait for it to end, or stop it "
+                             "first (or give --force)")
     for run_id in run_ids:
         runlog.delete(db, run_id)
         console.note(f"deleted run {run_id}")
@@ -272,8 +276,7 @@ def report_cmd(
     from llmlab.orchestration import report
     from llmlab.runs import runlog
 
-    if not Path(output).parent.is_dir():
-        raise UsageError(f"folder of --output '{output}' does not exist; create it or write elsewhere")
+    check_output_path(output)
     if png is not None:
         import importlib.util
 
@@ -282,7 +285,9 @@ def report_cmd(
     db = _db()
     runs = [runlog.get_run(db, i) for i in run_ids]
     m = compare.matrix(runs, lambda i: runlog.items(db, i))
-    Path(output).write_text(report.render(runs, m), encoding="utf-8")
+    html = report.render(runs, m)
+    with written(output) as out:  # a full disk leaves the previous report whole
+        out.write(html)
     console.note(f"wrote {output}")
     for path in report.write_pngs(runs, png) if png is not None else []:
         console.note(f"wrote {path}")

@@ -47,8 +47,7 @@ def show_matrix(m: Any, rows: list[Any], fmt: str, output: Optional[str] = None)
         print_table(headers + [c.label for c in m.columns], table)
         return
     fmt = fmt if fmt != "auto" else ("csv" if output and output.endswith(".csv") else "jsonl")
-    out = open(output, "w", encoding="utf-8", newline="") if output else sys.stdout
-    try:
+    with written(output) as out:
         if fmt == "csv":
             writer = csv.DictWriter(out, fieldnames=list(records[0]) if records else ["combo", "key", "input", "gold"])
             writer.writeheader()
@@ -56,9 +55,15 @@ def show_matrix(m: Any, rows: list[Any], fmt: str, output: Optional[str] = None)
         else:
             for rec in [*records, compare.summary(m)]:
                 out.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    finally:
-        if output:
-            out.close()
+
+
+def written(output: Optional[str]) -> Any:
+    """stdout, or the file `output` written whole or not at all (llmlab.io.safewrite)."""
+    import contextlib
+
+    from llmlab.io.safewrite import replacing
+
+    return replacing(output) if output else contextlib.nullcontext(sys.stdout)
 
 
 def check_choice(option: str, value: str, choices: tuple[str, ...]) -> None:

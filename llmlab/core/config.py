@@ -247,6 +247,25 @@ class RenderConfig:
     verbose: bool = False  # one token-count line per item instead of a summary
 
 
+@dataclass
+class ServeConfig:
+    """`llmlab serve`: the model, where it listens, and the caps on what one request may ask."""
+
+    model: ModelConfig
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: Optional[str] = None  # required unless the host is a loopback address
+    max_body_bytes: int = 2_000_000  # a bigger request body gets 413
+    max_prompt_tokens: Optional[int] = None  # None: the model's context window
+    max_tokens: int = 1024  # most tokens one completion may ask for
+    max_n: int = 8  # most completions per prompt
+    batch_wait_ms: float = 5.0  # how long a model call waits for requests to merge with
+
+    def prompt_cap(self, window: Optional[int]) -> int:
+        caps = [c for c in (self.max_prompt_tokens, window) if c]
+        return min(caps) if caps else 10**9
+
+
 # ---------------------------------------------------------------- checks that need no model
 
 

@@ -12,6 +12,7 @@ import sys
 from typing import Iterator
 
 from rich.console import Console
+from rich.text import Text
 
 _state = {"quiet": False, "verbose": False}
 
@@ -66,13 +67,13 @@ def verbose() -> bool:
 def info(message: str) -> None:
     """A progress log: shown on a terminal, or anywhere with --verbose; never with --quiet."""
     if not _state["quiet"] and (_state["verbose"] or _interactive()):
-        stderr().print(f"[dim]{message}[/dim]")
+        stderr().print(Text(message, style="dim"))
 
 
 def warn(message: str) -> None:
     """Something the user should know (a prompt was shortened...): shown unless --quiet."""
     if not _state["quiet"]:
-        stderr().print(f"[yellow]warning:[/yellow] {message}", markup=True)
+        stderr().print(Text.assemble(("warning:", "yellow"), " ", message))
 
 
 def note(message: str) -> None:
@@ -88,9 +89,10 @@ def detail(message: str) -> None:
 
 
 def error(message: str) -> None:
-    Console(file=sys.stderr, highlight=False, soft_wrap=True).print(
-        f"[red]error:[/red] {message}", markup=True
-    )
+    # Text, never markup: a message carries user text (a file named "[/x].jsonl", a label "[red]");
+    # and one line, whatever an exception's text holds (a library's multi-line message)
+    message = " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+    Console(file=sys.stderr, highlight=False, soft_wrap=True).print(Text.assemble(("error:", "red"), " ", message))
 
 
 class _NullProgress:

@@ -12,6 +12,10 @@ from llmlab.core.errors import UsageError
 
 # --top-logprobs: at most this many alternatives per token (as OpenAI's API allows).
 MAX_TOP_LOGPROBS = 20
+# Below this a temperature divides the logits into inf/nan (1e-300: "probability tensor contains inf");
+# anything this small is greedy in practice: use 0.
+MIN_TEMPERATURE = 0.01
+MAX_SEED = 2**63 - 1  # torch.manual_seed, numpy and vLLM all take it
 
 
 @dataclass
@@ -51,8 +55,9 @@ class GenerationSettings:
 
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise bad("--max-new-tokens", self.max_new_tokens, "an integer >= 1")
-        if not _number(self.temperature) or self.temperature < 0:
-            raise bad("--temperature", self.temperature, ">= 0 (0 = greedy, 1 = unchanged)")
+        if not _number(self.temperature) or self.temperature < 0 or 0 < self.temperature < MIN_TEMPERATURE:
+            raise bad("--temperature", self.temperature, f"0 (greedy) or >= {MIN_TEMPERATURE} (1 = unchanged; "
+                      "smaller values overflow the logits)")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise bad("--top-k", self.top_k, "an integer >= 0 (0 = no limit)")
         if not _number(self.top_p) or not 0 < self.top_p <= 1:
@@ -63,8 +68,8 @@ class GenerationSettings:
             raise bad("--num-beams", self.num_beams, "an integer >= 1")
         if not isinstance(self.num_return_sequences, int) or self.num_return_sequences < 1:
             raise bad("--num-return-sequences", self.num_return_sequences, "an integer >= 1")
-        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
-            raise bad("--seed", self.seed, "an integer >= 0")
+        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED):
+            raise bad("--seed", self.seed, f"an integer from 0 to {MAX_SEED} (2^63 - 1)")
         if any(not isinstance(s, str) or s == "" for s in self.stop):
             raise UsageError("invalid --stop: stop texts must be non-empty strings")
         if not isinstance(self.logprobs, bool):

@@ -3,6 +3,10 @@
 The lock is a hidden file beside the output (`.out.jsonl.lock`) holding the writer's pid, locked with
 flock(2). The kernel drops a flock when its process dies (crash, SIGKILL, OOM kill), so a lock file
 left behind by a killed run never blocks the next one: only a live writer does.
+
+The lock is on the file, not its name: the lock file goes beside the resolved path (a symlink to
+out.jsonl takes out.jsonl's lock), and the output file itself is flocked too, once it exists, so a
+hard link to it (another name, the same device and inode) is refused as well.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ SIGTERM_EXIT = 143
 
 
 def lock_path(path: str) -> Path:
-    target = Path(path)
+    target = Path(os.path.realpath(path))  # symlinks followed: every name of a file has one lock
     return target.with_name(f".{target.name}.lock")
 
 
@@ -31,6 +35,7 @@ class OutputLock:
         self.target = path
         self.path = lock_path(path)
         self._fd: int | None = None
+        self._file_fd: int | None = None  # the output file itself, flocked (its device and inode)
 
     def acquire(self) -> None:
         try:
@@ -59,11 +64,48 @@ class OutputLock:
             if same:
                 break
             os.close(fd)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError as exc:  # a full disk: the lock holds, only the pid note is missing
+            self.release()
+            raise DataError(f"cannot write the lock file '{self.path}' beside the output: {exc.strerror}; "
+                            "free space or choose another --output") from None
+        try:
+            self.hold_file()
+        except BaseException:
+            self.release()
+            raise
+
+    def hold_file(self) -> None:
+        """Flock the output file itself (when it exists and is a regular file): another name for it
+        (a hard link) has another lock file, but not another inode. Called again once it is created."""
+        if self._fd is None or self._file_fd is not None:
+            return
+        import fcntl
+
+        try:
+            fd = os.open(self.target, os.O_RDONLY | os.O_NONBLOCK)
+        except OSError:
+            return  # not there yet (or unreadable: opening it for writing says why)
+        try:
+            import stat
+
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                return
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise DataError(f"{self.target} is the same file as one another llmlab process is writing (a link to it); "
+                            "wait for it to finish, or write to a different --output") from None
+        self._file_fd = fd
 
     def release(self) -> None:
+        if self._file_fd is not None:
+            os.close(self._file_fd)
+            self._file_fd = None
         if self._fd is None:
             return
         try:

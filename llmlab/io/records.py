@@ -10,18 +10,20 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Any, Iterable, Sequence, TextIO
+from typing import Any, Iterable, Sequence
 
 from llmlab.core.errors import DataError, UsageError
-from llmlab.io.items import Item, cell as _cell, lines  # noqa: F401 - Item and lines re-exported
+from llmlab.io.items import Item, lines  # noqa: F401 - Item and lines re-exported
 from llmlab.io.locks import OutputLock, SigtermAsExit
-from llmlab.io.resume import check_same_input, finished_records, record_key  # noqa: F401 - record_key re-exported
+from llmlab.io.safewrite import Writer, write_error
+from llmlab.io.resume import (  # noqa: F401 - record_key re-exported
+    check_same_input, check_same_settings, finished_records, record_key, settings_of, write_settings)
 
 # this module's public names, and record_key (from llmlab.io.resume) that callers import from here
 __all__ = [
     "INPUT_FORMATS", "Item", "OUTPUT_FORMATS", "Output", "Writer", "check_output_path", "check_unique_ids",
     "detect_format", "lines", "output_format", "read_items", "read_text", "record_key", "require_field",
-    "require_text",
+    "require_text", "settings_of",
 ]
 
 INPUT_FORMATS = ("auto", "jsonl", "csv", "tsv", "text")
@@ -223,33 +225,6 @@ def output_format(path: str | None, fmt: str) -> str:
     return "jsonl"
 
 
-class Writer:
-    """Writes one record at a time and flushes it, so an interrupted run keeps every finished row."""
-
-    def __init__(self, stream: TextIO, fmt: str, text_key: str = "completion", append: bool = False):
-        self.stream = stream
-        self.fmt = fmt
-        self.text_key = text_key
-        self._csv: csv.DictWriter | None = None
-        self._append = append
-        self.count = 0
-
-    def write(self, record: dict[str, Any]) -> None:
-        if self.fmt == "jsonl":
-            self.stream.write(json.dumps(record, ensure_ascii=False) + "\n")
-        elif self.fmt == "csv":
-            if self._csv is None:
-                self._csv = csv.DictWriter(self.stream, fieldnames=list(record), extrasaction="ignore")
-                if not self._append:
-                    self._csv.writeheader()
-            self._csv.writerow({k: _cell(v) for k, v in record.items()})
-        else:
-            value = record.get(self.text_key, "")
-            self.stream.write((value if isinstance(value, str) else json.dumps(value)) + "\n")
-        self.stream.flush()
-        self.count += 1
-
-
 class Output:
     """Context manager for stdout or a file; with resume, appends to what is already there.
 
@@ -259,15 +234,17 @@ class Output:
     (130 for Ctrl-C). `close()` (or leaving the `with` block) drops the lock.
     """
 
-    def __init__(self, path: str | None, fmt: str = "auto", resume: bool = False, text_key: str = "completion"):
+    def __init__(self, path: str | None, fmt: str = "auto", resume: bool = False, text_key: str = "completion",
+                 settings: dict[str, Any] | None = None):
         self.path = None if path in (None, "-") else path
+        self.settings = settings  # kept beside a file output; --resume refuses other ones
         self.fmt = output_format(path, fmt)
         self.resume = resume
         self.text_key = text_key
         self.done: set[str] = set()
         # key -> (line, record) of each record already in the file (with resume)
         self.records: dict[str, tuple[int, dict[str, Any]]] = {}
-        self._file: TextIO | None = None
+        self._file: Any = None  # the output file, unbuffered binary
         self._lock: OutputLock | None = None
         self._sigterm = SigtermAsExit()
         if resume:
@@ -285,6 +262,8 @@ class Output:
             if resume and self.path is not None:  # checked above: resume needs a path
                 self.records = finished_records(self.path, self.fmt)
                 self.done = set(self.records)
+                if self.records and self.settings is not None and self._lock is not None:
+                    check_same_settings(self.path, self.settings)
         except BaseException:
             self.close()
             raise
@@ -298,13 +277,27 @@ class Output:
 
     def __enter__(self) -> Writer:
         append = bool(self.resume and self.path and os.path.exists(self.path) and self.done)
-        stream: TextIO
+        stream: Any  # the file (unbuffered binary: llmlab.io.safewrite.Writer) or stdout
         if self.path:
-            self._file = open(self.path, "a" if append else "w", encoding="utf-8", newline="")
+            try:
+                self._file = open(self.path, "ab" if append else "wb", buffering=0)  # unbuffered: see Writer
+            except OSError as exc:
+                raise write_error(self.path, exc, len(self.done)) from None
+            if self._lock is not None:
+                try:
+                    self._lock.hold_file()  # a file made just now: lock its inode too
+                    if self.settings is not None:
+                        write_settings(self.path, self.settings)
+                except OSError as exc:
+                    self.close()
+                    raise write_error(self.path, exc, len(self.done)) from None
+                except BaseException:
+                    self.close()
+                    raise
             stream = self._file
         else:
             stream = sys.stdout
-        return Writer(stream, self.fmt, self.text_key, append=append)
+        return Writer(stream, self.fmt, self.text_key, append, self.path or "stdout", len(self.done) if append else 0)
 
     def __exit__(self, *exc: object) -> None:
         self.close()

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from llmlab.core.errors import DataError
+from llmlab.core.errors import DataError, UsageError
 from llmlab.io.items import Item, cell, lines
 
 
@@ -65,7 +65,7 @@ def finished_records(path: str, fmt: str) -> dict[str, tuple[int, dict[str, Any]
     if data and not data.endswith(b"\n"):
         # A run killed mid-write leaves a partial last line: cut it so it is redone cleanly.
         data = data[: data.rfind(b"\n") + 1]
-        Path(path).write_bytes(data)
+        os.truncate(path, len(data))  # in place: nothing rewritten, so nothing more to lose
     text = data.decode("utf-8", errors="replace")
     records: dict[str, tuple[int, dict[str, Any]]] = {}
     if fmt == "csv":
@@ -89,3 +89,66 @@ def finished_records(path: str, fmt: str) -> dict[str, tuple[int, dict[str, Any]
                 f"{path} line {n}: not a JSON record; --resume needs an output file written by llmlab"
             ) from None
     return records
+
+
+# ---------------------------------------------------------------- the settings an output was written with
+
+
+def settings_of(config: dict[str, Any], template: Any = None) -> dict[str, Any]:
+    """What decides an output's records (kept beside the file; --resume refuses others): the run's
+    config as the run log keeps it, less where it runs (device, batch size) and which rows it reads
+    (--resume checks those itself), plus a hash of the template's own text."""
+    import hashlib
+
+    kept = {k: v for k, v in config.items() if k not in ("output", "batch_size", "gen_engine", "preset", "flags")}
+    kept["input"] = {"field": config.get("input", {}).get("field")}
+    kept["model"] = {k: v for k, v in config.get("model", {}).items() if k in ("spec", "dtype", "chat", "backend")}
+    kept["prompt"] = {k: v for k, v in config.get("prompt", {}).items() if k not in ("prompts_dir", "vars")}
+    if template is not None:
+        kept["template"] = {"name": template.name,
+                            "sha256": hashlib.sha256(template.source_text.encode()).hexdigest()[:16]}
+    return kept
+
+
+def settings_path(path: str) -> Path:
+    """Beside the output (its resolved path): the settings its records were written with."""
+    target = Path(os.path.realpath(path))
+    return target.with_name(f".{target.name}.settings.json")
+
+
+def _difference(there: Any, now: Any, name: str = "") -> str | None:
+    """The first setting that differs, as "name X there, Y now"; None when all agree."""
+    if isinstance(there, dict) and isinstance(now, dict):
+        for key in sorted(set(there) | set(now)):
+            found = _difference(there.get(key), now.get(key), f"{name}.{key}" if name else key)
+            if found:
+                return found
+        return None
+    if there == now:
+        return None
+    return f"{name} {json.dumps(there)} there, {json.dumps(now)} now"
+
+
+def check_same_settings(path: str, settings: dict[str, Any]) -> None:
+    """--resume: refuse to add records made with other settings (model, template, generation...) to
+    those already in `path`. An output with no settings file beside it (written by hand, or before
+    llmlab kept one) is resumed as it is."""
+    try:
+        recorded = json.loads(settings_path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    found = _difference(recorded, json.loads(json.dumps(settings, default=str)))
+    if found:
+        raise UsageError(f"--resume: {path} was written with other settings ({found}); give the same options to "
+                         "resume it, or write to a different --output")
+
+
+def write_settings(path: str, settings: dict[str, Any]) -> None:
+    """Written whole (a temporary file renamed); an OSError (a full disk) is the caller's to report."""
+    target = settings_path(path)
+    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(settings, indent=1, default=str) + "\n", encoding="utf-8")
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)

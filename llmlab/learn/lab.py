@@ -5,6 +5,8 @@ is read as a script, one line at a time."""
 
 from __future__ import annotations
 
+import contextlib
+
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -266,15 +268,39 @@ class Session:
             return
         reader = _reader()
         console.note(f"{self.lm.name} loaded. /help for commands, /quit or Ctrl-D to leave.")
-        while True:
-            try:
-                line = reader.prompt(PROMPT)
-            except KeyboardInterrupt:
-                continue  # Ctrl-C at the prompt clears the line
-            except EOFError:
-                return
-            if not self.handle(line, out):
-                return
+        with _no_line_mode():
+            while True:
+                try:
+                    line = reader.prompt(PROMPT)
+                except KeyboardInterrupt:
+                    continue  # Ctrl-C at the prompt clears the line
+                except EOFError:
+                    return
+                if not self.handle(line, out):
+                    return
+
+
+@contextlib.contextmanager
+def _no_line_mode() -> Any:
+    """The terminal out of line mode for the session (prompt_toolkit sets its own raw mode while it
+    reads and comes back to this). In line mode the kernel keeps at most 4,095 characters of a line
+    typed ahead and drops the rest: a long paste while a completion streams was cut to ~4,072.
+    Without it a paste waits whole until the next prompt reads it; keys typed meanwhile don't echo
+    into the completion, and Ctrl-C still interrupts."""
+    try:
+        import termios
+        import tty
+
+        fd = sys.stdin.fileno()
+        saved = termios.tcgetattr(fd)
+        tty.setcbreak(fd, termios.TCSANOW)
+    except Exception:  # noqa: BLE001 - no termios, or not a terminal we can set: left as it is
+        yield
+        return
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
 
 def _reader() -> Any:

@@ -188,14 +188,14 @@ def prepare(specs: Sequence[tuple[str, str]], prompt: PromptConfig, fmt: str, of
             references: Sequence[str], sample: Optional[int] = None, sample_seed: int = 0) -> list[EvalTask]:
     """Templates found, data read (each file once) and checked against its templates, before any
     model time."""
-    from llmlab.prompting import prompts
     from llmlab.orchestration import session
 
     session.check_prompt_options(prompt)
     read: dict[str, list[Item]] = {}
     tasks = []
     for name, data in specs:
-        template = prompts.find_template(name, prompt.prompts_dir)
+        template = session.find_template(session.with_prompt(prompt, template=name, shots=None))
+        assert template is not None  # a name was given
         if data not in read:
             read[data] = session.read_input(data, fmt, "text", offset, limit, sample, sample_seed)
         refs = check_data(read[data], template, references)

@@ -5,9 +5,7 @@ are re-exported here)."""
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -52,17 +50,12 @@ def check_report_path(path: str) -> None:
 
 def write_report(path: str, report: dict[str, Any]) -> None:
     """Write the JSON report atomically: a crash never leaves half a file."""
-    target = Path(path)
+    from llmlab.io.safewrite import replacing
+
     check_report_path(path)
-    fd, tmp = tempfile.mkstemp(prefix=target.name, dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with replacing(path) as f:  # a full disk: a clear error, and the previous report stays whole
+        json.dump(report, f, indent=2, ensure_ascii=False)
+        f.write("\n")
 
 
 # ---------------------------------------------------------------- running

@@ -160,6 +160,58 @@ def launch(args: Sequence[str], processes: int, write: Callable[[str], Any], deb
     return (codes[-1] if codes and codes[-1] > 0 else 1) if status else 0
 
 
+# Memory a process needs besides the model's weights (python, torch, tokenizer, activations).
+PROCESS_OVERHEAD = 1 << 30
+
+
+def parse_processes(text: str) -> int | str:
+    """--processes: a count >= 1, or auto (as many as the items, cores or GPUs and memory allow)."""
+    if str(text).strip().lower() == "auto":
+        return "auto"
+    try:
+        n = int(text)
+    except ValueError:
+        raise UsageError(f"invalid --processes '{text}': give a count >= 1, or auto") from None
+    if n < 1:
+        raise UsageError(f"invalid --processes {n}: must be >= 1")
+    return n
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available for new processes (Linux MemAvailable); None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def plan(asked: int | str, items: int, model_bytes: int | None, cores: int | None = None,
+         gpus: int = 0, memory: int | None = None) -> tuple[int, str]:
+    """(processes to start, why fewer than asked or "" ): never more than the items (a process with
+    none only costs a model copy), the GPUs (one each) or else the CPU cores, and the model copies
+    that fit in memory."""
+    limits = {f"{items} item{'s' if items != 1 else ''}": max(1, items)}
+    if gpus:
+        limits[f"{gpus} GPU{'s' if gpus != 1 else ''}"] = gpus
+    else:
+        cores = cores or os.cpu_count() or 1
+        limits[f"{cores} CPU core{'s' if cores != 1 else ''}"] = cores
+    if model_bytes and memory is not None:
+        fit = max(1, memory // (model_bytes + PROCESS_OVERHEAD))
+        limits[f"memory for {fit} model cop{'ies' if fit != 1 else 'y'} of ~{model_bytes / 2**30:.1f} GiB"] = fit
+    cap = min(limits.values())
+    if isinstance(asked, str):  # auto
+        return cap, ""
+    if asked <= cap:
+        return asked, ""
+    why = "; ".join(name for name, n in limits.items() if n == cap)
+    return cap, f"--processes {asked}: starting {cap} ({why})"
+
+
 def check(processes: int, data_paths: Sequence[str], device_map: str | None = None) -> None:
     """--processes N, before any model time: N >= 1, every process must be able to read the data,
     and a device map (one model over all devices) can't be loaded once per process."""

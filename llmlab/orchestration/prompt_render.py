@@ -27,18 +27,20 @@ class RenderRun:
     prompts: Iterator[Rendered] = field(default_factory=lambda: iter(()))
 
 
-def render(cfg: RenderConfig, hooks: Hooks = Hooks()) -> RenderRun:
-    """`llmlab prompt render`: the exact prompts, built with the tokenizer only (no weights)."""
+def render(cfg: RenderConfig, hooks: Hooks = Hooks(), items: Any = None, loaded: Any = None) -> RenderRun:
+    """`llmlab prompt render`: the exact prompts, built with the tokenizer only (no weights).
+    items: the inputs, given (the server); loaded: (tokenizer, window, encoder_decoder) already loaded."""
     from llmlab.backends import models
     from llmlab.prompting import prompts
 
     template = required_template(cfg.prompt)
-    if cfg.input.path is not None:
+    if items is None and cfg.input.path is not None:
         items = read_input(cfg.input.path, cfg.input.format, template.fields[0], cfg.input.offset, cfg.input.limit)
-        prompts.require_fields(items, template)
-    else:
+    if items is None:
         items = [template_item(template, None, cfg.prompt.vars, "prompt render")]
-    tokenizer, window, encoder_decoder = models.load_tokenizer(cfg.model.spec)
+    else:
+        prompts.require_fields(items, template)
+    tokenizer, window, encoder_decoder = loaded or models.load_tokenizer(cfg.model.spec)
     settings = settings_for(template, None, {"max_new_tokens": cfg.max_new_tokens})
     options = prompts.options_for(template, cfg.prompt.shots, cfg.prompt.selection, cfg.prompt.seed,
                                   chat_for(tokenizer, cfg.model.chat, template), cfg.prompt.shot_format,

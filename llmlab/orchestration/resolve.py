@@ -9,8 +9,9 @@ Sources: "flag" (given on the command line), "template" (the template's own defa
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Generic, Optional, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Optional, Sequence, TypeVar
 
+from llmlab.core.config import ProbeConfig
 from llmlab.core.errors import UsageError
 from llmlab.scoring.classify import CALIBRATIONS
 
@@ -112,3 +113,24 @@ def shot_counts(flag: Optional[str], template: Optional[Template]) -> list[Sourc
     if flag is None:
         return [shots(None, template)]
     return [Sourced(n, "flag") for n in parse_shots(flag)]
+
+
+def probe_source(probe: Any, modes: str | Sequence[str], template: Any, hooks: Any = None) -> Any:
+    """The probe's rows, read and checked before any model time: --probe-data, else the template's
+    probe: file (None when no mode is probe). hooks: the session's (progress bar, info line), or None."""
+    modes = [modes] if isinstance(modes, str) else list(modes)
+    data = probe.data if probe is not None else None
+    if "probe" not in modes:
+        if data is not None or (probe is not None and (probe.layers or probe.size != ProbeConfig.size)):
+            flag = "--probe-data" if data is not None else "--probe-layers" if probe.layers else "--probe-size"
+            raise UsageError(f"{flag} is read only with --calibration probe: add it, or drop {flag}")
+        return None
+    if data is None and template.probe_path is None:
+        raise UsageError("--calibration probe needs --probe-data FILE: labelled rows to fit the probe on")
+    from llmlab.scoring import probe as probes
+
+    probe = probe or ProbeConfig()
+    data = data or str(template.probe_path)
+    if hooks is None:  # no bar, no info line
+        return probes.load_source(data, probe.size, probe.layers, template)
+    return probes.load_source(data, probe.size, probe.layers, template, hooks.progress, hooks.info)

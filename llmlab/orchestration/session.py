@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator, Optional, Sequence
 
 from llmlab.core import config as cfgmod
-from llmlab.core.config import ClassifyConfig, GenerateConfig, ModelConfig, ProbeConfig, PromptConfig
+from llmlab.core.config import ClassifyConfig, GenerateConfig, ModelConfig, PromptConfig
 from llmlab.core.errors import UsageError
 from llmlab.orchestration import adapted
 from llmlab.orchestration import resolve
+from llmlab.orchestration.resolve import probe_source  # noqa: F401 - callers import it from here too
 
 if TYPE_CHECKING:  # types only: nothing more is imported at run time
     from llmlab.backends.base import LM, GenRequest
@@ -168,7 +169,8 @@ def find_template(prompt: PromptConfig) -> Optional[Template]:
     from llmlab.prompting import prompts
 
     check_prompt_options(prompt)
-    return prompts.find_template(prompt.template, prompt.prompts_dir) if prompt.template else None
+    template = prompts.find_template(prompt.template, prompt.prompts_dir) if prompt.template else None
+    return _usable(template, prompt) if template is not None else None
 
 
 def required_template(prompt: PromptConfig) -> Template:
@@ -176,7 +178,16 @@ def required_template(prompt: PromptConfig) -> Template:
     from llmlab.prompting import prompts
 
     check_prompt_options(prompt)
-    return prompts.find_template(prompt.template or "", prompt.prompts_dir)
+    return _usable(prompts.find_template(prompt.template or "", prompt.prompts_dir), prompt)
+
+
+def _usable(template: Template, prompt: PromptConfig) -> Template:
+    """Before any model time: its own examples file (unless --examples), and examples for --shots."""
+    from llmlab.prompting import prompts
+
+    if not prompt.examples:
+        prompts.check_shots(template, prompt.shots or 0)  # raises examples_error first
+    return template
 
 
 # ---------------------------------------------------------------- generate
@@ -212,21 +223,10 @@ def generate(cfg: GenerateConfig, hooks: Hooks = Hooks(), lm: Optional[LM] = Non
     from llmlab.scoring import generation
     from llmlab.io import records as io
 
-    from llmlab.backends import hf_continuous
-
-    template = find_template(cfg.prompt)
-    if template is not None and adapted.adapters_in(cfg.model):
-        model, prompt = adapted.adapter_defaults(cfg.model, cfg.prompt, template, hooks)
-        cfg = replace(cfg, model=model, prompt=prompt)
-    settings = settings_for(template, cfg.preset, cfg.flags)
-    hf_continuous.check(cfg.gen_engine, settings, cfg.model.backend)
-    io.check_output_path(cfg.output.path, inputs=[cfg.input.path])
-    if settings.logprobs and io.output_format(cfg.output.path, cfg.output.format) == "text":
-        raise UsageError("--logprobs: the text format keeps only the completion; write JSONL or CSV "
-                         "(-o FILE.jsonl or --format jsonl)")
-    items = _generate_items(cfg, template)
+    cfg, template, settings, items = generate_inputs(cfg, hooks)
     single = cfg.input.path is None and cfg.output.terminal and (display or not settings.logprobs)
-    sink = io.Output(cfg.output.path, cfg.output.format, resume=cfg.output.resume)
+    sink = io.Output(cfg.output.path, cfg.output.format, resume=cfg.output.resume,
+                     settings=io.settings_of(_logged_config(cfg, settings), template))
     todo = sink.pending(items)
     if cfg.output.resume and len(todo) < len(items):
         hooks.info(f"--resume: {len(items) - len(todo)} of {len(items)} inputs already done")
@@ -263,6 +263,26 @@ def generate(cfg: GenerateConfig, hooks: Hooks = Hooks(), lm: Optional[LM] = Non
                 run_jobs(session.lm, jobs, settings, cfg.batch_size, done, cfg.gen_engine)
         log.metrics({"items": len(jobs)})
     return shown
+
+
+def generate_inputs(cfg: GenerateConfig, hooks: Hooks = Hooks()) -> tuple[GenerateConfig, Optional[Template],
+                                                                          GenerationSettings, list[Item]]:
+    """A generate run's checks, before any model time: (config with an adapter's defaults, template,
+    settings, inputs)."""
+    from llmlab.backends import hf_continuous
+    from llmlab.io import records as io
+
+    template = find_template(cfg.prompt)
+    if template is not None and adapted.adapters_in(cfg.model):
+        model, prompt = adapted.adapter_defaults(cfg.model, cfg.prompt, template, hooks)
+        cfg = replace(cfg, model=model, prompt=prompt)
+    settings = settings_for(template, cfg.preset, cfg.flags)
+    hf_continuous.check(cfg.gen_engine, settings, cfg.model.backend)
+    io.check_output_path(cfg.output.path, inputs=[cfg.input.path])
+    if settings.logprobs and io.output_format(cfg.output.path, cfg.output.format) == "text":
+        raise UsageError("--logprobs: the text format keeps only the completion; write JSONL or CSV "
+                         "(-o FILE.jsonl or --format jsonl)")
+    return cfg, template, settings, _generate_items(cfg, template)
 
 
 def _jobs(cfg: GenerateConfig, session: "Session", template: Optional[Template], todo: list[Any],
@@ -318,30 +338,17 @@ def run_jobs(lm: LM, jobs: Sequence[Job], settings: GenerationSettings, batch_si
 # ---------------------------------------------------------------- classify
 
 
-def classify(cfg: ClassifyConfig, hooks: Hooks = Hooks(), table: bool = False, lm: Optional[LM] = None):
+def classify(cfg: ClassifyConfig, hooks: Hooks = Hooks(), table: bool = False, lm: Optional[LM] = None,
+             items: Optional[list[Item]] = None):
     """`llmlab classify`: returns (results, classifier) when `table` (a person reads them), else
-    writes one record per input as it is done and returns None."""
+    writes one record per input as it is done and returns None. items: the inputs, given (the server)."""
     from llmlab.scoring import classify as clf
     from llmlab.io import records as io
-    from llmlab.prompting import prompts
 
-    template = required_template(cfg.prompt)
-    if template.task != "classify":
-        raise UsageError(f"template '{template.name}' is a generate template; classify needs task: classify with labels")
-    if adapted.adapters_in(cfg.model):  # an adapter scores the prompts it was trained on, uncalibrated by default
-        model, prompt = adapted.adapter_defaults(cfg.model, cfg.prompt, template, hooks)
-        cfg = replace(cfg, model=model, prompt=prompt,
-                      calibrate=cfg.calibrate or ("probe" if cfg.probe and cfg.probe.data else "off"))
+    cfg, template, items = classify_inputs(cfg, items, hooks)
     settings = settings_for(template)
-    io.check_output_path(cfg.output.path, inputs=[cfg.input.path])
-    if cfg.input.path is not None:
-        if cfg.text is not None or cfg.prompt.vars:
-            raise UsageError("give either a TEXT argument (or --var) or --input FILE, not both")
-        items = read_input(cfg.input.path, cfg.input.format, template.fields[0], cfg.input.offset, cfg.input.limit)
-    else:
-        items = [template_item(template, single_prompt(cfg.text), cfg.prompt.vars, "classify")]
-    prompts.require_fields(items, template)
-    sink = io.Output(cfg.output.path, cfg.output.format, resume=cfg.output.resume, text_key="prediction")
+    sink = io.Output(cfg.output.path, cfg.output.format, resume=cfg.output.resume, text_key="prediction",
+                     settings=io.settings_of(_logged_config(cfg), template))
     todo = sink.pending(items)
     if not todo:
         return None
@@ -371,37 +378,33 @@ def classify(cfg: ClassifyConfig, hooks: Hooks = Hooks(), table: bool = False, l
                 bar.advance(1)
 
             results = classifier.classify(todo, on_result=done, chunk=chunk)
-        log.metrics(classify_metrics(results, template))
+        log.metrics(clf.run_metrics(results, template))
     return (results, classifier) if table else None
 
 
-def classify_metrics(results: Sequence[Any], template: Template) -> dict[str, Any]:
-    """The run log's metrics of a classify run: items, and accuracy over the labeled ones."""
-    golds = [(r.prediction, str(r.item.fields[template.target])) for r in results
-             if template.target and r.item.fields.get(template.target) is not None]
-    metrics: dict[str, Any] = {"items": len(results)}
-    if golds:
-        metrics.update(accuracy=sum(p == g for p, g in golds) / len(golds), labeled=len(golds))
-    return metrics
+def classify_inputs(cfg: ClassifyConfig, items: Optional[list[Item]] = None,
+                    hooks: Hooks = Hooks()) -> tuple[ClassifyConfig, Template, list[Item]]:
+    """A classify run's checks, before any model time: (config with an adapter's defaults, template,
+    inputs); items: given (the server)."""
+    from llmlab.io import records as io
+    from llmlab.prompting import prompts
 
-
-def probe_source(probe: Any, modes: str | Sequence[str], template: Template, hooks: Hooks = Hooks()) -> Any:
-    """The probe's rows, read and checked before any model time: --probe-data, else the template's
-    probe: file (None when no mode is probe)."""
-    modes = [modes] if isinstance(modes, str) else list(modes)
-    data = probe.data if probe is not None else None
-    if "probe" not in modes:
-        if data is not None or (probe is not None and (probe.layers or probe.size != ProbeConfig.size)):
-            flag = "--probe-data" if data is not None else "--probe-layers" if probe.layers else "--probe-size"
-            raise UsageError(f"{flag} is read only with --calibration probe: add it, or drop {flag}")
-        return None
-    if data is None and template.probe_path is None:
-        raise UsageError("--calibration probe needs --probe-data FILE: labelled rows to fit the probe on")
-    from llmlab.scoring import probe as probes
-
-    probe = probe or ProbeConfig()
-    data = data or str(template.probe_path)
-    return probes.load_source(data, probe.size, probe.layers, template, hooks.progress, hooks.info)
+    template = required_template(cfg.prompt)
+    if template.task != "classify":
+        raise UsageError(f"template '{template.name}' is a generate template; classify needs task: classify with labels")
+    if adapted.adapters_in(cfg.model):  # an adapter scores the prompts it was trained on, uncalibrated by default
+        model, prompt = adapted.adapter_defaults(cfg.model, cfg.prompt, template, hooks)
+        cfg = replace(cfg, model=model, prompt=prompt,
+                      calibrate=cfg.calibrate or ("probe" if cfg.probe and cfg.probe.data else "off"))
+    io.check_output_path(cfg.output.path, inputs=[cfg.input.path])
+    if items is None and cfg.input.path is not None:
+        if cfg.text is not None or cfg.prompt.vars:
+            raise UsageError("give either a TEXT argument (or --var) or --input FILE, not both")
+        items = read_input(cfg.input.path, cfg.input.format, template.fields[0], cfg.input.offset, cfg.input.limit)
+    elif items is None:
+        items = [template_item(template, single_prompt(cfg.text), cfg.prompt.vars, "classify")]
+    prompts.require_fields(items, template)
+    return cfg, template, items
 
 
 def with_prompt(prompt: PromptConfig, **changes: Any) -> PromptConfig:

@@ -22,7 +22,7 @@ from llmlab.prompting.templates import (  # noqa: F401 - re-exported: llmlab.pro
 # this module's public names and those it re-exports from llmlab.prompting.templates (callers import them from here)
 __all__ = [
     "BuildOptions", "KEYS", "OVERFLOW_MODES", "Prompt", "PromptBuilder", "SELECTIONS", "SHOT_FORMATS", "SOURCE_DIR",
-    "TASKS", "Template", "builtin_dir", "check_examples", "fill", "find_template", "list_templates", "load_examples",
+    "TASKS", "Template", "builtin_dir", "check_examples", "check_shots", "fill", "find_template", "list_templates", "load_examples",
     "load_template", "make_builder", "model_view", "options_for", "parse_vars", "placeholders", "require_fields",
     "scan_templates", "search_dirs", "select_shots", "shot_order", "shots_note",
 ]
@@ -157,6 +157,8 @@ class PromptBuilder:
         self.tokenizer = tokenizer
         self.window = window
         self.options = options
+        if pool is None and template.examples_error:
+            raise TemplateError(template.examples_error)
         self.pool = template.examples if pool is None else pool
         self.encoder_decoder = encoder_decoder
         self.lm = lm  # the loaded model, for similar-hidden (None where only the tokenizer is loaded)
@@ -165,13 +167,7 @@ class PromptBuilder:
         self.on_warn = on_warn or _ignore
         self._retriever: Any = None
         self._similar: dict[tuple[str, ...], list[int]] = {}  # item input -> its nearest pool rows
-        if options.shots > 0 and not self.pool:
-            raise TemplateError(
-                f"template '{template.name}' has no examples, so --shots {options.shots} has nothing to show: "
-                "add 'examples:' to the template or pass --examples FILE"
-            )
-        if options.shots > 0 and not template.target:
-            raise TemplateError(f"template '{template.name}' has no 'target' field, so it can't show answers in shots")
+        check_shots(template, options.shots, self.pool)
         if options.shots > 0:
             check_examples(template, self.pool, "examples")
             note = shots_note(template, options.shots, len(self.pool) - int(options.pool_is_data))
@@ -353,6 +349,22 @@ class PromptBuilder:
         note = (f"{item.source}: prompt of {tokens} tokens did not fit the {self.window}-token window; "
                 f"cut '{name}' from the left to its last {keep} of {len(ids)} tokens ({count} tokens now)")
         return text, plain, count, [note]
+
+
+def check_shots(template: Template, shots: int, pool: Sequence[Any] | None = None) -> None:
+    """shots > 0 needs demonstrations (`pool`, else the template's examples, which must be its own) with
+    answers; checked before any model time for every shot count a run will use."""
+    if pool is None and template.examples_error:  # a file outside its folder: refused whatever the count
+        raise TemplateError(template.examples_error)
+    if shots <= 0:
+        return
+    if not (template.examples if pool is None else pool) and not (pool is None and not template.examples_read):
+        raise TemplateError(
+            f"template '{template.name}' has no examples, so --shots {shots} has nothing to show: "
+            "add 'examples:' to the template or pass --examples FILE"
+        )
+    if not template.target:
+        raise TemplateError(f"template '{template.name}' has no 'target' field, so it can't show answers in shots")
 
 
 def make_builder(template: Template, tokenizer: Any, window: int | None, options: BuildOptions,

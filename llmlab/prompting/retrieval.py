@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import json
+import logging
 import os
-import pickle
 import tempfile
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -29,6 +31,7 @@ if TYPE_CHECKING:  # types only: nothing more is imported at run time
 RETRIEVERS = ("tfidf", "hidden")
 DEFAULT = "tfidf"  # measured better than hidden on SST-2 and AG News with smollm2 (prompts/README.md)
 _MEMO: dict[str, Any] = {}  # indexes loaded in this process, by cache key
+_log = logging.getLogger("llmlab")  # library code never prints; the CLI shows this log
 
 
 def cache_dir() -> Path:
@@ -46,30 +49,79 @@ def pool_hash(texts: Sequence[str], extra: str = "") -> str:
     return digest.hexdigest()[:24]
 
 
-def _load_or_build(key: str, build: Any) -> Any:
-    """The index for `key`: from this process, else from the disk cache, else built and cached."""
+FORMAT = 1  # the cache file layout below; another number is rebuilt
+
+
+def _save(path: Path, arrays: dict[str, Any], meta: dict[str, Any]) -> None:
+    """Arrays and JSON metadata in one .npz (numeric arrays only: it loads with allow_pickle=False),
+    written to a temporary file and renamed, so a crash never leaves half an index."""
+    import numpy as np
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps({"format": FORMAT, **meta}).encode("utf-8")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, meta=np.frombuffer(text, dtype=np.uint8), **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _load(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(arrays, metadata) of a cache file; never unpickles (an object array is an error)."""
+    import numpy as np
+
+    with np.load(path, allow_pickle=False) as data:
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise ValueError("not an .npz archive")
+        arrays = {name: data[name] for name in data.files}
+    meta = json.loads(arrays.pop("meta").tobytes().decode("utf-8"))
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"cache format {meta.get('format') if isinstance(meta, dict) else '?'}, not {FORMAT}")
+    return arrays, meta
+
+
+def _move_aside(path: Path, why: str) -> None:
+    """A damaged, foreign or wrong-shape cache file: renamed out of the way (kept for a look), rebuilt."""
+    aside = path.with_name(f"{path.name}.bad-{os.getpid()}-{int(time.time())}")
+    try:
+        os.replace(path, aside)
+        where = f"moved to '{aside.name}'"
+    except OSError:
+        where = "left in place"
+    _log.warning(f"the similar-shot index '{path}' is unusable ({why}); {where}, rebuilding it")
+
+
+def _load_or_build(key: str, build: Any, read: Any, write: Any) -> Any:
+    """The index for `key`: from this process, else from the disk cache, else built and cached.
+    read(arrays, meta) -> index checks the file against the pool (ValueError when it doesn't fit);
+    write(index) -> (arrays, meta)."""
     if key in _MEMO:
         return _MEMO[key]
-    path = cache_dir() / f"{key}.pkl"
+    path = cache_dir() / f"{key}.npz"
     index = None
     if path.is_file():
         try:
-            with open(path, "rb") as f:
-                index = pickle.load(f)
-        except Exception:  # a damaged or foreign cache file: rebuild it
-            index = None
+            index = read(*_load(path))
+        except Exception as exc:  # noqa: BLE001 - whatever lies there, it is never trusted
+            _move_aside(path, f"{type(exc).__name__}: {exc}"[:200])
+    elif path.exists():  # a folder, a FIFO, a device: never opened
+        _move_aside(path, "not a regular file")
     if index is None:
         index = build()
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=path.name, dir=path.parent)
-            with os.fdopen(fd, "wb") as f:
-                pickle.dump(index, f, protocol=pickle.HIGHEST_PROTOCOL)
-            os.replace(tmp, path)  # atomic: a crash never leaves half an index
+            _save(path, *write(index))
         except OSError:
             pass  # an unwritable cache only costs a rebuild next time
     _MEMO[key] = index
     return index
+
+
+def _check(condition: bool, what: str) -> None:
+    if not condition:
+        raise ValueError(what)
 
 
 class TfidfRetriever:
@@ -82,7 +134,8 @@ class TfidfRetriever:
             importlib.import_module("sklearn")  # scikit-learn is an optional extra
         except ImportError:
             raise UsageError("--shot-selection similar needs scikit-learn: pip install scikit-learn") from None
-        self.index = _load_or_build(f"tfidf-{pool_hash(texts)}", lambda: self._fit(texts))
+        self.size = len(texts)
+        self.index = _load_or_build(f"tfidf-{pool_hash(texts)}", lambda: self._fit(texts), self._read, self._write)
 
     @staticmethod
     def _fit(texts: Sequence[str]) -> tuple[Any, Any]:
@@ -91,6 +144,33 @@ class TfidfRetriever:
         # Rows come out L2-normalized, so a dot product is the cosine similarity.
         vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1)
         return vectorizer, vectorizer.fit_transform(list(texts))
+
+    @staticmethod
+    def _write(index: tuple[Any, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        vectorizer, matrix = index
+        terms = sorted(vectorizer.vocabulary_, key=vectorizer.vocabulary_.get)  # in column order
+        return ({"idf": vectorizer.idf_, "data": matrix.data, "indices": matrix.indices, "indptr": matrix.indptr},
+                {"kind": "tfidf", "shape": list(matrix.shape), "terms": terms})
+
+    def _read(self, arrays: dict[str, Any], meta: dict[str, Any]) -> tuple[Any, Any]:
+        """The vectorizer and matrix rebuilt from plain arrays, each checked against this pool."""
+        import numpy as np
+        from scipy.sparse import csr_matrix  # type: ignore[import-untyped]
+        from sklearn.feature_extraction.text import TfidfVectorizer
+
+        terms, (rows, cols) = meta["terms"], meta["shape"]
+        idf, data, indices, indptr = (arrays[k] for k in ("idf", "data", "indices", "indptr"))
+        _check(meta.get("kind") == "tfidf" and rows == self.size, f"{rows} rows for a pool of {self.size}")
+        _check(isinstance(terms, list) and all(isinstance(t, str) for t in terms) and len(set(terms)) == cols,
+               "its terms do not match its columns")
+        _check(idf.shape == (cols,) and indptr.shape == (rows + 1,) and data.shape == indices.shape
+               and indptr[0] == 0 and indptr[-1] == len(data) and bool(np.all(np.diff(indptr) >= 0)),
+               "its arrays have the wrong shape")
+        _check(len(indices) == 0 or (indices.min() >= 0 and indices.max() < cols), "column numbers out of range")
+        vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1)
+        vectorizer.vocabulary_ = {term: i for i, term in enumerate(terms)}
+        vectorizer.idf_ = idf.astype(np.float64)
+        return vectorizer, csr_matrix((data, indices, indptr), shape=(rows, cols))
 
     def similarities(self, queries: Sequence[str]) -> Any:
         """(queries x pool) cosine similarities as a dense numpy array."""
@@ -109,7 +189,17 @@ class HiddenRetriever:
                              "use similar-tfidf where only the tokenizer is loaded (prompt render)")
         self.lm = lm
         self.batch_size = batch_size
-        self.index = _load_or_build(f"hidden-{pool_hash(texts, lm.name)}", lambda: self.embed(texts))
+        self.size, self._first = len(texts), list(texts[:1])
+        self.index = _load_or_build(f"hidden-{pool_hash(texts, lm.name)}", lambda: self.embed(texts),
+                                    self._read, lambda index: ({"vectors": index}, {"kind": "hidden"}))
+
+    def _read(self, arrays: dict[str, Any], meta: dict[str, Any]) -> Any:
+        vectors = arrays["vectors"]
+        _check(meta.get("kind") == "hidden" and vectors.ndim == 2 and vectors.shape[0] == self.size
+               and vectors.dtype.kind == "f", f"vectors of shape {vectors.shape} for a pool of {self.size}")
+        width = self.embed(self._first).shape[1]  # one short forward pass: the model's own width
+        _check(vectors.shape[1] == width, f"{vectors.shape[1]} dimensions, the model gives {width}")
+        return vectors
 
     def embed(self, texts: Sequence[str]) -> Any:
         """(len(texts) x hidden) float32 numpy array of L2-normalized mean-pooled last hidden states."""

@@ -48,6 +48,10 @@ class Template:
     answer_prefix: str = " "  # between a demonstration's input and its answer (plain text only)
     examples: list[dict[str, Any]] = field(default_factory=list)
     examples_path: Path | None = None
+    # examples: FILE outside the template's folder tree: not read, and this error where they are used
+    # (unless --examples FILE replaces them); examples_read: False when loaded for a listing only
+    examples_error: str | None = None
+    examples_read: bool = True
     generation: dict[str, Any] = field(default_factory=dict)
     shot_format: str | None = None  # default --shot-format for chat models
     chat: str | None = None  # default --chat (auto, on, off) for this template
@@ -123,14 +127,15 @@ def search_dirs(extra: Sequence[str] = ()) -> list[Path]:
 
 def scan_templates(extra: Sequence[str] = ()) -> tuple[list[Template], list[str]]:
     """(templates, problems): every template that loads, first of each name in search order, and one
-    message per file that does not (a broken file never hides the others)."""
+    message per file that does not (a broken file never hides the others). Examples files are not
+    read (a listing shows their file): load_template(t.path) reads them."""
     found, seen, problems = [], set(), []
     for folder in search_dirs(extra):
         if not folder.is_dir():
             continue
         for path in sorted(folder.glob("*.y*ml")):
             try:
-                template = load_template(str(path))
+                template = load_template(str(path), read_examples=False)
             except TemplateError as exc:
                 problems.append(f"skipped template {path}: {exc}")
                 continue
@@ -160,12 +165,12 @@ def find_template(name_or_path: str, extra: Sequence[str] = ()) -> Template:
     found, _ = scan_templates(extra)
     for template in found:
         if template.name == name_or_path:
-            return template
+            return load_template(str(template.path))
     names = ", ".join(t.name for t in found) or "none"
     raise TemplateError(f"no template named '{name_or_path}' (available: {names}); or pass a path to a .yaml file")
 
 
-def load_template(path_text: str) -> Template:
+def load_template(path_text: str, read_examples: bool = True) -> Template:
     from llmlab.core.yamlfile import load_yaml_mapping
 
     path = Path(path_text)
@@ -208,7 +213,7 @@ def load_template(path_text: str) -> Template:
     )
     template.fields  # placeholders are checked here
     placeholders(template.instruction, f"{where} instruction")
-    _attach_examples(template, raw.get("examples") or [], where)
+    _attach_examples(template, raw.get("examples") or [], where, read_examples)
     _attach_probe(template, raw.get("probe"), where)
     return template
 
@@ -220,6 +225,9 @@ def _attach_probe(template: Template, probe: Any, where: str) -> None:
             raise TemplateError(f"{where}: 'probe' must be the path of a JSONL/CSV file of labelled rows "
                                 "(classify templates only)")
         template.probe_path = _beside(template, probe, where)
+        if template.probe_path is None:
+            raise TemplateError(f"{where}: probe file '{probe}' is outside the template's folder; move it beside "
+                                "the template, or give it with --probe-data FILE")
         if not template.probe_path.is_file():
             raise TemplateError(f"{where}: probe file '{probe}' not found next to the template")
     if template.calibrate == "probe" and template.probe_path is None:
@@ -251,17 +259,29 @@ def _chat(chat: Any, where: str) -> str | None:
     return chat
 
 
-def _beside(template: Template, name: str, where: str) -> Path:
-    """A file a template names, relative to the template's own file."""
+def _beside(template: Template, name: str, where: str) -> Path | None:
+    """A file a template names, resolved relative to the template's own file; None when it lies outside
+    the template's folder tree (a template names its own files, never /etc/passwd or ../../secrets)."""
     if template.path is None:
         raise TemplateError(f"{where}: '{name}' is relative to the template file, and this template has none")
-    return (template.path.parent / name).resolve()
+    folder = template.path.parent.resolve()
+    path = (folder / Path(name).expanduser()).resolve()
+    return path if path.is_relative_to(folder) else None
 
 
-def _attach_examples(template: Template, examples: Any, where: str) -> None:
-    """The template's examples: a list of mappings, or a JSONL/CSV file named relative to it."""
+def _attach_examples(template: Template, examples: Any, where: str, read: bool = True) -> None:
+    """The template's examples: a list of mappings, or a JSONL/CSV file named relative to it (inside
+    its folder tree; read unless `read` is False)."""
     if isinstance(examples, str):
         template.examples_path = _beside(template, examples, where)
+        if template.examples_path is None:
+            template.examples_path = Path(examples)
+            template.examples_error = (f"{where}: examples file '{examples}' is outside the template's folder; "
+                                       "move it beside the template, or give it with --examples FILE")
+            return
+        if not read:
+            template.examples_read = False
+            return
         examples = load_examples(str(template.examples_path))
     elif isinstance(examples, list):
         if not all(isinstance(e, dict) for e in examples):
@@ -321,9 +341,28 @@ def _labels(raw: Any, where: str) -> dict[str, str]:
     return labels
 
 
+# An examples file is read whole: more than this is not a demonstration pool (and /dev/zero never ends).
+MAX_EXAMPLES_BYTES = 256 << 20
+
+
 def load_examples(path: str) -> list[dict[str, Any]]:
+    """A demonstration pool: a regular JSONL/CSV file of at most MAX_EXAMPLES_BYTES."""
+    import stat
+
     from llmlab.io import records as io
 
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise TemplateError(f"examples file '{path}' not found") from None
+    except OSError as exc:
+        raise TemplateError(f"examples file '{path}': {exc.strerror}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise TemplateError(f"examples '{path}' is not a regular file (a folder, device or pipe); "
+                            "give a JSONL or CSV file")
+    if info.st_size > MAX_EXAMPLES_BYTES:
+        raise TemplateError(f"examples file '{path}' is {info.st_size / 2**20:.0f} MiB, over the "
+                            f"{MAX_EXAMPLES_BYTES >> 20} MiB limit of a demonstration pool; give a sample of it")
     try:
         return [item.fields for item in io.read_items(path)]
     except DataError as exc:

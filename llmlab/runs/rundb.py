@@ -117,9 +117,14 @@ def transaction(db: sqlite3.Connection) -> Iterator[None]:
     db.execute("COMMIT")
 
 
-def connect(path: Path | str | None = None, upto: int | None = None) -> sqlite3.Connection:
-    """Open (creating and migrating) the run log. autocommit off: writers commit explicitly."""
+def connect(path: Path | str | None = None, upto: int | None = None, read_only: bool = False) -> sqlite3.Connection:
+    """Open (creating and migrating) the run log. autocommit off: writers commit explicitly.
+    read_only: for commands that only read, a log that can't be written (read-only media) is opened
+    as it is."""
     path = Path(path) if path else db_path()
+    if path.is_dir():
+        raise DataError(f"the run log {path} is a directory, not a file; move it away, set LLMLAB_HOME to another "
+                        "folder, or turn logging off with --no-log / LLMLAB_LOG=0")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False)
@@ -130,6 +135,22 @@ def connect(path: Path | str | None = None, upto: int | None = None) -> sqlite3.
         db.execute("PRAGMA foreign_keys = ON")
         migrate(db, upto)
     except (OSError, sqlite3.Error) as exc:
+        if read_only and path.is_file():
+            return _read_only(path)
         raise DataError(f"cannot open the run log {path}: {exc}; set LLMLAB_HOME to a writable folder "
                         "or turn logging off with --no-log / LLMLAB_LOG=0") from None
+    return db
+
+
+def _read_only(path: Path) -> sqlite3.Connection:
+    """The run log on read-only media: opened immutable (no lock, no WAL files to create)."""
+    try:
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?immutable=1", uri=True, check_same_thread=False)
+        db.row_factory = sqlite3.Row
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+    except sqlite3.Error as exc:
+        raise DataError(f"cannot read the run log {path}: {exc}") from None
+    if version != len(MIGRATIONS):
+        raise DataError(f"the run log {path} is read-only and schema v{version}, not v{len(MIGRATIONS)}; "
+                        "open it once where it can be written (llmlab runs list) to upgrade it")
     return db

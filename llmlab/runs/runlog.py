@@ -130,7 +130,11 @@ class Run:
                     self.db.execute(sql, parameters)
         except sqlite3.Error as exc:
             self.broken = True
-            self.on_warn(f"run log {db_path()}: {exc}; run {self.id} is logged only up to here")
+            gone = isinstance(exc, sqlite3.IntegrityError) and \
+                self.db.execute("SELECT 1 FROM runs WHERE id = ?", (self.id,)).fetchone() is None
+            self.on_warn(f"run {self.id} was deleted from the run log while it ran (llmlab runs rm); the rest of "
+                         "it is not logged" if gone else f"run log {db_path()}: {exc}; run {self.id} is logged only "
+                         "up to here")
 
     def item(self, index: int, prompt: str | None = None, output: str | None = None, prediction: str | None = None,
              probabilities: dict[str, float] | None = None, gold: Any = None, extra: dict[str, Any] | None = None,

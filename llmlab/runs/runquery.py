@@ -85,6 +85,21 @@ def search(db: sqlite3.Connection, text: str, limit: int = 50) -> list[dict[str,
     return [_decode(r, "probabilities", "extra") for r in rows]
 
 
+def running(run: dict[str, Any]) -> bool:
+    """A run still being written: partial, and its process (on this machine) alive."""
+    import os
+
+    if run.get("status") != "partial" or not run.get("pid") or run["pid"] == os.getpid():
+        return False
+    try:
+        os.kill(run["pid"], 0)
+    except ProcessLookupError:
+        return False  # killed or crashed: a partial run for good
+    except PermissionError:
+        return True  # alive, another user's
+    return True
+
+
 def delete(db: sqlite3.Connection, run_id: int) -> None:
     get_run(db, run_id)
     with transaction(db):

@@ -335,3 +335,13 @@ def record(result: Classification, template: Template, model_name: str) -> dict[
     rec["shots"] = result.shots
     rec["model"] = model_name
     return rec
+
+
+def run_metrics(results: Sequence[Any], template: Any) -> dict[str, Any]:
+    """The run log's metrics of a classify run: items, and accuracy over the labeled ones."""
+    golds = [(r.prediction, str(r.item.fields[template.target])) for r in results
+             if template.target and r.item.fields.get(template.target) is not None]
+    metrics: dict[str, Any] = {"items": len(results)}
+    if golds:
+        metrics.update(accuracy=sum(p == g for p, g in golds) / len(golds), labeled=len(golds))
+    return metrics

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from llmlab.core.errors import DataError, UsageError
 
+_log = logging.getLogger("llmlab")  # library code never prints; the CLI shows this log
 if TYPE_CHECKING:  # types only: nothing more is imported at run time
     from llmlab.io.items import Item
     from llmlab.prompting.templates import Template
@@ -114,6 +117,14 @@ class Probe:
     rows: int  # training rows it was fitted on
     train_accuracy: float  # on those rows: far above test accuracy means too few rows or too large C
     c: float = GRID[0]  # the inverse L2 strength cross-validation chose
+    cv_accuracy: float | None = None  # the chosen C's cross-validated accuracy (None: too few rows per label)
+    chance: float = 0.0  # the most common label's share of the rows: always answering it scores this
+
+    def at_chance(self) -> bool:
+        """Cross-validated accuracy within two standard errors of always answering the commonest label."""
+        if self.cv_accuracy is None:
+            return False
+        return self.cv_accuracy <= self.chance + 2 * math.sqrt(self.chance * (1 - self.chance) / max(1, self.rows))
 
     def predict(self, states: Any) -> list[list[float]]:
         """Label probabilities (in `labels` order) for each hidden state [n, D]."""
@@ -134,17 +145,28 @@ class Probe:
         with open(tmp, "wb") as f:  # an interrupted save never leaves a half-written probe behind
             np.savez(f, mean=self.mean, scale=self.scale, coef=self.coef, intercept=self.intercept,
                      meta=json.dumps({"labels": self.labels, "rows": self.rows, "c": self.c,
-                                     "train_accuracy": self.train_accuracy}))
+                                     "train_accuracy": self.train_accuracy, "cv_accuracy": self.cv_accuracy,
+                                     "chance": self.chance}))
         os.replace(tmp, path)
 
     @classmethod
-    def load(cls, path: Path) -> "Probe":
+    def load(cls, path: Path, labels: Sequence[str]) -> "Probe":
+        """A saved probe, never unpickled, checked to fit together and to answer `labels`
+        (ValueError otherwise)."""
         import numpy as np
 
-        with np.load(path) as data:
+        with np.load(path, allow_pickle=False) as data:
             meta = json.loads(str(data["meta"]))
-            return cls(meta["labels"], data["mean"], data["scale"], data["coef"], data["intercept"],
-                       meta["rows"], meta["train_accuracy"], meta["c"])
+            probe = cls(meta["labels"], data["mean"], data["scale"], data["coef"], data["intercept"],
+                        int(meta["rows"]), float(meta["train_accuracy"]), float(meta["c"]),
+                        meta.get("cv_accuracy"), float(meta.get("chance", 0.0)))
+        width = probe.mean.shape[-1] if probe.mean.ndim == 1 else -1
+        rows = 1 if len(labels) == 2 else len(labels)
+        if probe.labels != list(labels) or width < 1 or probe.scale.shape != (width,) \
+                or probe.coef.shape != (rows, width) or probe.intercept.shape != (rows,):
+            raise ValueError(f"labels {probe.labels} and arrays {probe.mean.shape}, {probe.coef.shape} do not fit "
+                             f"a probe for {list(labels)}")
+        return probe
 
 
 def fit(states: Any, gold: Sequence[str], labels: Sequence[str]) -> Probe:
@@ -167,12 +189,15 @@ def fit(states: Any, gold: Sequence[str], labels: Sequence[str]) -> Probe:
     x = (raw - mean) / scale
     y = np.array([list(labels).index(g) for g in gold])
     folds = min(5, min(counts.values()))
+    scores = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # sklearn's convergence and deprecation chatter
-        c = GRID[0] if folds < 2 else max(GRID, key=lambda c: cross_val_score(
-            LogisticRegression(C=c, max_iter=5000), x, y, cv=folds).mean())
+        for c in GRID if folds >= 2 else ():
+            scores[c] = float(cross_val_score(LogisticRegression(C=c, max_iter=5000), x, y, cv=folds).mean())
+        c = max(GRID, key=lambda c: scores[c]) if scores else GRID[0]
         model = LogisticRegression(C=c, max_iter=5000).fit(x, y)
-    probe = Probe(list(labels), mean, scale, model.coef_, model.intercept_, len(gold), 0.0, c)
+    probe = Probe(list(labels), mean, scale, model.coef_, model.intercept_, len(gold), 0.0, c, scores.get(c),
+                  max(counts.values()) / len(gold))
     predicted = np.argmax(probe.predict(raw), axis=1)
     probe.train_accuracy = float((predicted == y).mean())
     return probe
@@ -192,14 +217,20 @@ def load_or_fit(name: str, states: Callable[[], Any], gold: Sequence[str],
     from llmlab.backends.loading import cache_root
 
     path = cache_root() / "probes" / f"{name}.npz"
-    if path.exists():
+    probe, cached = None, False
+    if path.is_file():
         try:
-            return Probe.load(path), True
-        except Exception:  # a damaged cache entry is refitted, never trusted
-            pass
-    probe = fit(states(), gold, labels)
-    try:
-        probe.save(path)
-    except OSError:
-        pass  # an unwritable cache costs a refit next time, never the run
-    return probe, False
+            probe, cached = Probe.load(path, labels), True
+        except Exception as exc:  # noqa: BLE001 - a damaged or foreign cache entry is refitted, never trusted
+            _log.warning(f"the cached probe '{path}' is unusable ({type(exc).__name__}: {str(exc)[:160]}); refitting it")
+    if probe is None:
+        probe = fit(states(), gold, labels)
+        try:
+            probe.save(path)
+        except OSError:
+            pass  # an unwritable cache costs a refit next time, never the run
+    if probe.at_chance():
+        _log.warning(f"the probe scores {probe.cv_accuracy:.1%} in cross-validation on its {probe.rows} rows, not "
+                     f"clearly above always answering the commonest label ({probe.chance:.1%}): its answers are "
+                     "at chance; give --probe-data rows that differ, or another --calibration")
+    return probe, cached

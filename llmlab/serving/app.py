@@ -1,0 +1,230 @@
+"""The HTTP app: FastAPI routes over one loaded model. Every error leaves as OpenAI's error body with
+its status (400 bad request, 401 no key, 404 unknown model or route, 413 body too big, 500 our
+fault) and never as a traceback. Every model call goes through the batcher's queue."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+from typing import Any, Callable
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+
+from llmlab.core.config import ServeConfig
+from llmlab.core.errors import LlmlabError
+from llmlab.serving import completions, llmlab_api, openai_api as api
+from llmlab.serving.batcher import Batcher, QueuedLM
+from llmlab.serving.errors import APIError, error_body
+
+_log = logging.getLogger("llmlab")
+
+
+class Guard:
+    """Before any route: the API key (401) and the body size (413, also for bodies sent without a
+    Content-Length). After: an unexpected error becomes a 500 body and one log line."""
+
+    def __init__(self, app: Any, api_key: str | None, max_body: int):
+        self.app, self.api_key, self.max_body = app, api_key, max_body
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        if self.api_key and headers.get(b"authorization", b"").decode("latin-1") != f"Bearer {self.api_key}":
+            return await _reply(send, 401, "this server needs its API key: send the header "
+                                "'Authorization: Bearer KEY'", code="invalid_api_key")
+        length = headers.get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_body:
+            return await _reply(send, 413, self._too_big())
+        seen, started = 0, False
+
+        async def limited() -> dict:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_body:
+                raise HTTPException(413, self._too_big())
+            return message
+
+        async def watched(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited, watched)
+        except Exception as exc:  # noqa: BLE001 - no traceback leaves the server
+            _log.error(f"{scope.get('path')}: {type(exc).__name__}: {exc}")
+            if not started:
+                await _reply(send, 500, f"internal error: {type(exc).__name__}")
+
+    def _too_big(self) -> str:
+        return f"the request body is over this server's cap of {self.max_body} bytes"
+
+
+async def _reply(send: Callable, status: int, message: str, code: str | None = None) -> None:
+    body = json.dumps(error_body(status, message, code=code)).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    first = exc.errors()[0] if exc.errors() else {}
+    if first.get("type") == "json_invalid":
+        return "the request body is not valid JSON"
+    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+    return f"{where or 'body'}: {first.get('msg', 'invalid value')}"
+
+
+def _errors(app: FastAPI) -> None:
+    def respond(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+        return JSONResponse(error_body(status, message, param, code), status_code=status)
+
+    app.add_exception_handler(APIError, lambda r, e: respond(e.status, e.message, e.param, e.code))
+    app.add_exception_handler(LlmlabError, lambda r, e: respond(400, str(e)))
+    app.add_exception_handler(RequestValidationError, lambda r, e: respond(400, _validation_message(e)))
+    app.add_exception_handler(HTTPException, lambda r, e: respond(e.status_code, str(e.detail)))
+
+
+def create_app(lm: Any, cfg: ServeConfig) -> FastAPI:
+    """The app serving `lm` (an LM); cfg: its caps, key and model options (chat, for classify)."""
+    batcher = Batcher(lm, wait_s=cfg.batch_wait_ms / 1000)
+    name = lm.name
+    names = {name, cfg.model.spec or "smollm2"}
+    created = int(time.time())
+    app = FastAPI(title="llmlab", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.batcher = batcher
+    app.add_middleware(Guard, api_key=cfg.api_key, max_body=cfg.max_body_bytes)
+    _errors(app)
+
+    def model(requested: str | None) -> QueuedLM:
+        if requested is not None and requested not in names:
+            raise APIError(404, f"the model '{requested}' is not served here; this server serves '{name}'",
+                           param="model", code="model_not_found")
+        return QueuedLM(batcher)
+
+    @app.get("/health")
+    def health() -> dict:
+        return {"status": "ok", "model": name}
+
+    @app.get("/v1/models")
+    def models() -> dict:
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "llmlab"}]}
+
+    @app.post("/v1/completions")
+    async def complete(body: api.CompletionBody) -> Any:
+        served = model(body.model)
+        if body.stream:
+            return _stream_completion(body, served, cfg, name)
+        return await run_in_threadpool(completions.completions, body, served, cfg, name)
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: api.ChatBody) -> Any:
+        served = model(body.model)
+        if body.stream:
+            if body.n > 1:
+                raise APIError(400, "stream sends one completion: use n 1", param="n")
+            request, st, _ = completions.chat_request(body, served, cfg)
+            return _sse(served, request, st, lambda piece, finish: api.envelope(
+                "chat.completion.chunk", name, [{"index": 0, "delta": {"content": piece} if piece is not None else {},
+                                                 "logprobs": None, "finish_reason": finish}]),
+                first={"role": "assistant", "content": ""})
+        return await run_in_threadpool(completions.chat, body, served, cfg, name)
+
+    _tokenizer_routes(app, lm)
+    llmlab_api.register(app, model, cfg)
+    return app
+
+
+class TokenizeBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    prompt: StrictStr
+    add_special_tokens: StrictBool = True
+
+
+class DetokenizeBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    tokens: list[StrictInt]
+
+
+def _tokenizer_routes(app: FastAPI, lm: Any) -> None:
+    """vLLM's tokenizer endpoints, which lm-evaluation-harness finds by itself (its remote tokenizer):
+    then local-completions needs no tokenizer folder of its own."""
+    tokenizer = lm.tokenizer
+
+    @app.get("/tokenizer_info")
+    def tokenizer_info() -> dict:
+        return {name: getattr(tokenizer, name, None) for name in ("eos_token", "bos_token", "pad_token",
+                                                                  "chat_template")} | {"model_max_length": lm.window}
+
+    @app.post("/tokenize")
+    def tokenize(body: TokenizeBody) -> dict:
+        ids = lm.token_ids(body.prompt) if body.add_special_tokens else lm.continuation_ids(body.prompt)
+        return {"tokens": ids, "count": len(ids), "max_model_len": lm.window}
+
+    @app.post("/detokenize")
+    def detokenize(body: DetokenizeBody) -> dict:
+        return {"prompt": tokenizer.decode(body.tokens)}
+
+
+def _stream_completion(body: api.CompletionBody, lm: Any, cfg: ServeConfig, name: str) -> StreamingResponse:
+    from llmlab.backends.base import GenRequest
+
+    prompts = api.prompts_of(body, lm)
+    max_tokens = 16 if body.max_tokens is None else body.max_tokens
+    if len(prompts) > 1 or body.n > 1 or body.echo or body.logprobs is not None or max_tokens < 1:
+        raise APIError(400, "stream sends one completion of one prompt, without echo or logprobs", param="stream")
+    api.check_caps(body, max_tokens, cfg)
+    text, ids, as_ids = prompts[0]
+    api.check_prompt(ids, max_tokens, lm.window, cfg.prompt_cap(lm.window))
+    return _sse(lm, GenRequest(text, as_ids), api.settings(body, max_tokens, None), lambda piece, finish: api.envelope(
+        "text_completion", name, [{"index": 0, "text": piece or "", "logprobs": None, "finish_reason": finish}]))
+
+
+def _sse(lm: Any, request: Any, st: Any, chunk: Callable[[Any, Any], dict], first: Any = None) -> StreamingResponse:
+    """Server-sent events: a chunk per streamed piece, one with the finish reason, then [DONE]."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+
+    def put(kind: str, value: Any) -> None:
+        loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
+
+    def work() -> None:
+        try:
+            put("end", lm.generate([request], st, batch_size=1, stream=lambda piece: put("piece", piece))[0])
+        except Exception as exc:  # noqa: BLE001 - reported to the client as an error event
+            put("error", exc)
+
+    threading.Thread(target=work, name="llmlab-stream", daemon=True).start()
+
+    async def events():
+        if first is not None:
+            yield f"data: {json.dumps(_with_delta(chunk(None, None), first))}\n\n"
+        while True:
+            kind, value = await queue.get()
+            if kind == "piece":
+                yield f"data: {json.dumps(chunk(value, None))}\n\n"
+                continue
+            if kind == "end":
+                yield f"data: {json.dumps(chunk(None, value.finish_reasons[0]))}\n\n"
+            else:
+                status = 400 if isinstance(value, (LlmlabError, APIError)) else 500
+                yield f"data: {json.dumps(error_body(status, str(value)))}\n\n"
+            yield "data: [DONE]\n\n"
+            return
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+def _with_delta(body: dict, delta: dict) -> dict:
+    body["choices"][0]["delta"] = delta
+    return body

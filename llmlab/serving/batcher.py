@@ -1,0 +1,158 @@
+"""One thread owns the model; every request's model calls go through its queue. Calls that arrive
+together and can share a forward pass (the same kind, the same settings) are merged into ONE LM
+call and their results handed back to each caller, in order. QueuedLM is the LM interface over the
+queue, so the library code the commands run (Classifier, session.generate) runs unchanged on it."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from llmlab.backends.base import LM, GenOutput, GenRequest, LLOutput, LLRequest, PromptScores
+
+
+@dataclass
+class _Job:
+    kind: str  # loglikelihood, generate, prompt_logprobs
+    requests: list[Any]
+    key: Any  # jobs with equal keys may share one call; None: runs alone
+    kwargs: dict[str, Any]
+    done: threading.Event = field(default_factory=threading.Event)
+    results: list[Any] | None = None
+    error: BaseException | None = None
+
+
+class Batcher:
+    """wait_s: how long the first call of a batch waits for company; max_rows: most requests merged."""
+
+    def __init__(self, lm: LM, wait_s: float = 0.005, max_rows: int = 64):
+        self.lm, self.wait_s, self.max_rows = lm, wait_s, max_rows
+        self._jobs: deque[_Job] = deque()
+        self._cv = threading.Condition()
+        self._closed = False
+        self.calls = 0  # LM calls made (a test reads it to see that requests were merged)
+        self._thread = threading.Thread(target=self._run, name="llmlab-model", daemon=True)
+        self._thread.start()
+
+    def submit(self, kind: str, requests: Sequence[Any], key: Any = None, **kwargs: Any) -> list[Any]:
+        """Run requests through the model (merged with others of the same key); blocks until done."""
+        job = _Job(kind, list(requests), key, kwargs)
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("the server is shutting down")
+            self._jobs.append(job)
+            self._cv.notify()
+        job.done.wait()
+        if job.error is not None:
+            raise job.error
+        return job.results  # type: ignore[return-value]
+
+    def close(self) -> None:
+        """Finish the queued jobs, then stop the thread."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        self._thread.join(timeout=60)
+
+    def _next_group(self) -> list[_Job] | None:
+        with self._cv:
+            while not self._jobs:
+                if self._closed:
+                    return None
+                self._cv.wait()
+            first = self._jobs[0]
+        if first.key is not None and self.wait_s:
+            time.sleep(self.wait_s)  # let the requests sent together arrive
+        with self._cv:
+            group, rows = [self._jobs.popleft()], len(first.requests)
+            for job in list(self._jobs):
+                if first.key is not None and job.key == first.key and rows + len(job.requests) <= self.max_rows:
+                    self._jobs.remove(job)
+                    group.append(job)
+                    rows += len(job.requests)
+            return group
+
+    def _run(self) -> None:
+        while (group := self._next_group()) is not None:
+            requests = [r for job in group for r in job.requests]
+            try:
+                self.calls += 1
+                kind, kwargs = group[0].kind, group[0].kwargs
+                results = [kwargs["fn"]()] if kind == "call" else getattr(self.lm, kind)(requests, **kwargs)
+            except BaseException as exc:  # noqa: BLE001 - handed to every caller of the group
+                for job in group:
+                    job.error = exc
+                    job.done.set()
+                continue
+            start = 0
+            for job in group:
+                job.results = results[start : start + len(job.requests)]
+                start += len(job.requests)
+                job.done.set()
+
+
+class QueuedLM(LM):
+    """The served model seen through the batcher: one per request (its on_event is its own)."""
+
+    def __init__(self, batcher: Batcher):
+        self._batcher = batcher
+        inner = batcher.lm
+        self.name, self.tokenizer, self.window = inner.name, inner.tokenizer, inner.window
+        self.device, self.is_encoder_decoder = inner.device, inner.is_encoder_decoder
+
+    @property
+    def num_layers(self) -> int:
+        return self._batcher.lm.num_layers
+
+    @property
+    def decoder_start_id(self) -> int | None:
+        return self._batcher.lm.decoder_start_id
+
+    def eos_ids(self) -> set[int]:
+        return self._batcher.lm.eos_ids()
+
+    def token_ids(self, text: str, templated: bool = False) -> list[int]:
+        return self._batcher.lm.token_ids(text, templated)
+
+    def continuation_ids(self, text: str) -> list[int]:
+        return self._batcher.lm.continuation_ids(text)
+
+    def __getattr__(self, name: str) -> Any:  # context_ids, prefix helpers... (never the weights)
+        if name.startswith("_") or name == "model":
+            raise AttributeError(name)
+        return getattr(self._batcher.lm, name)
+
+    def next_logits(self, prompt: Sequence[int], context: Sequence[int]) -> Any:
+        inner = self._batcher.lm
+        return self._batcher.submit("call", [None], None, fn=lambda: inner.next_logits(prompt, context))[0]
+
+    def embed(self, texts: Sequence[str], batch_size: int = 32) -> Any:
+        inner = self._batcher.lm
+        return self._batcher.submit("call", [None], None, fn=lambda: inner.embed(texts, batch_size))[0]
+
+    def loglikelihood(self, requests: Sequence[LLRequest], batch_size: int | None = 16,
+                      prefix_cache: bool = True, hidden_layers: Sequence[int] | None = None) -> list[LLOutput]:
+        layers = tuple(hidden_layers) if hidden_layers else None
+        return self._batcher.submit("loglikelihood", requests, ("ll", batch_size, prefix_cache, layers),
+                                    batch_size=batch_size, prefix_cache=prefix_cache, hidden_layers=layers)
+
+    def prompt_logprobs(self, prompts: Sequence[list[int]], top: int = 1,
+                        batch_size: int | None = 16) -> list[PromptScores]:
+        return self._batcher.submit("prompt_logprobs", prompts, ("pl", top, batch_size), top=top,
+                                    batch_size=batch_size)
+
+    def generate(self, requests: Sequence[GenRequest], settings: Any, batch_size: int | None = 8,
+                 on_output: Callable[[int, GenOutput], None] | None = None,
+                 stream: Callable[[str], None] | None = None, engine: str = "auto") -> list[GenOutput]:
+        # A streamed request runs alone (the backend streams only single prompts); others merge when
+        # everything that shapes the output matches.
+        key = None if stream else ("gen", repr(settings), batch_size, engine)
+        outputs = self._batcher.submit("generate", requests, key, settings=settings, batch_size=batch_size,
+                                       stream=stream, engine=engine)
+        for i, output in enumerate(outputs):
+            if on_output:
+                on_output(i, output)
+        return outputs

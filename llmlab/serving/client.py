@@ -1,0 +1,150 @@
+"""`--server URL` (or LLMLAB_SERVER): generate and classify send their inputs to a running `llmlab
+serve` and write the records it returns, exactly as the in-process run writes them: the same checks
+before any work, the same files, --resume and run log. Only the standard library talks HTTP here,
+and nothing here imports torch or transformers, so the command starts in a fraction of a second."""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.error
+import urllib.request
+from types import SimpleNamespace
+from typing import Any, Optional
+
+from llmlab.core.errors import ModelError, UsageError
+
+ENV = "LLMLAB_SERVER"
+KEY_ENV = "LLMLAB_API_KEY"
+
+
+def post(url: str, path: str, body: dict[str, Any], timeout: float = 3600) -> dict[str, Any]:
+    """POST JSON; the reply's JSON. A server error becomes one line naming the server."""
+    headers = {"Content-Type": "application/json"}
+    if os.environ.get(KEY_ENV):
+        headers["Authorization"] = f"Bearer {os.environ[KEY_ENV]}"
+    request = urllib.request.Request(url.rstrip("/") + path, data=json.dumps(body).encode(), headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as reply:
+            return json.loads(reply.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            message = json.loads(exc.read())["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = exc.reason
+        raise (UsageError if exc.code in (400, 404, 413) else ModelError)(f"the server at {url}: {message}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ModelError(f"no llmlab server answers at {url} ({reason}): start one with `llmlab serve`, "
+                         f"or drop --server / {ENV}") from None
+
+
+def _prompt_body(cfg: Any) -> dict[str, Any]:
+    """The prompt options the server resolves; a file named here can't be read there."""
+    p = cfg.prompt
+    if p.template and (p.template.endswith((".yaml", ".yml")) or os.sep in p.template):
+        raise UsageError(f"--server: the server finds templates by name; '{p.template}' is a file here "
+                         "(drop --server to use it)")
+    for flag, value in (("--examples", p.examples), ("--prompts-dir", p.prompts_dir)):
+        if value:
+            raise UsageError(f"--server: {flag} names files here, which the server can't read; drop {flag} "
+                             "or --server")
+    return {"model": cfg.model.spec, "template": p.template, "shots": p.shots, "selection": p.selection,
+            "seed": p.seed, "shot_format": p.shot_format, "overflow": p.overflow, "chat": cfg.model.chat}
+
+
+def _chunks(items: list[Any], size: int) -> list[list[Any]]:
+    return [items[k : k + size] for k in range(0, len(items), size)]
+
+
+def generate(cfg: Any, hooks: Any, url: str, display: bool = False) -> None:
+    """session.generate's work, done by the server; records written here as the chunks return."""
+    import contextlib
+
+    from llmlab.core.settings import load_preset
+    from llmlab.io import records as io
+    from llmlab.orchestration import session
+
+    cfg, template, settings, items = session.generate_inputs(cfg, hooks)
+    single = cfg.input.path is None and cfg.output.terminal and (display or not settings.logprobs)
+    if single and settings.logprobs:
+        raise UsageError("--server: --logprobs on a terminal colours tokens in-process only; write -o FILE.jsonl")
+    flags = {**(load_preset(cfg.preset) if cfg.preset else {}), **{k: v for k, v in cfg.flags.items() if v is not None}}
+    body = {**_prompt_body(cfg), "field": cfg.input.field, "settings": flags, "echo": cfg.echo,
+            "batch_size": cfg.batch_size, "gen_engine": cfg.gen_engine}
+    sink = io.Output(cfg.output.path, cfg.output.format, resume=cfg.output.resume)
+    todo = sink.pending(items)
+    if cfg.output.resume and len(todo) < len(items):
+        hooks.info(f"--resume: {len(items) - len(todo)} of {len(items)} inputs already done")
+    if not todo:
+        return None
+    with hooks.open_run("generate", config=session._logged_config(cfg, settings), templates=template,
+                        data=cfg.input.path) as log, contextlib.ExitStack() as stack:
+        writer = None if single else stack.enter_context(sink)
+        bar = None if single else stack.enter_context(hooks.progress(len(todo), "generating"))
+        for chunk in _chunks(todo, 4 * (cfg.batch_size or 8)):
+            reply = post(url, "/v1/generate", {**body, "inputs": [item.fields for item in chunk]})
+            log.update(model=reply["model"], device=url)
+            for warning in reply["warnings"]:
+                hooks.warn(warning)
+            for item, rec, text in zip(chunk, reply["results"], reply["model_texts"]):
+                rec["index"] = item.index
+                if writer is None:
+                    hooks.emit("".join(c + "\n" for c in rec.get("completions", [rec["completion"]])))
+                else:
+                    writer.write(rec)
+                    if bar is not None:
+                        bar.advance(1)
+                log.item(item.index, text, rec["completion"], key=item.key,
+                         extra={"input": item.fields, **({"completions": rec["completions"]}
+                                                         if "completions" in rec else {})})
+        log.metrics({"items": len(todo)})
+    return None
+
+
+def classify(cfg: Any, hooks: Any, url: str, table: bool = False) -> Optional[tuple[list[Any], Any]]:
+    """session.classify's work, done by the server in ONE request (batch calibration and probes see
+    every input); returns (results, classifier-like) for the table, as session.classify does."""
+    from llmlab.io import records as io
+    from llmlab.orchestration import session
+    from llmlab.scoring import classify as clf
+
+    if cfg.probe is not None and cfg.probe.data:
+        raise UsageError("--server: --probe-data names a file here, which the server can't read; drop it "
+                         "(the template's own probe file is used) or --server")
+    cfg, template, items = session.classify_inputs(cfg, hooks=hooks)
+    sink = io.Output(cfg.output.path, cfg.output.format, resume=cfg.output.resume, text_key="prediction")
+    todo = sink.pending(items)
+    if not todo:
+        return None
+    body = {**_prompt_body(cfg), "method": cfg.method, "normalize": cfg.normalize, "calibration": cfg.calibrate,
+            "ensemble": cfg.ensemble, "batch_size": cfg.batch_size, "prompts": True,
+            **({"probe_size": cfg.probe.size, "probe_layers": cfg.probe.layers} if cfg.probe else {}),
+            "inputs": [item.fields for item in todo]}
+    results = []
+    with hooks.open_run("classify", config=session._logged_config(cfg), templates=template,
+                        data=cfg.input.path) as log:
+        reply = post(url, "/v1/classify", body)
+        log.update(model=reply["model"], device=url)
+        for warning in reply["warnings"]:
+            hooks.warn(warning)
+        with sink if not table else _nothing() as writer:
+            for item, rec, prompt in zip(todo, reply["results"], reply["prompts"]):
+                rec["index"] = item.index
+                if writer is not None:
+                    writer.write(rec)
+                log.item(item.index, prompt, rec.get("completion"), rec["prediction"], rec["probabilities"],
+                         item.fields.get(template.target) if template.target else None, {"input": item.fields},
+                         key=item.key)
+                results.append(SimpleNamespace(item=item, prediction=rec["prediction"],
+                                               probabilities=rec["probabilities"]))
+        log.metrics(clf.run_metrics(results, template))
+    return (results, SimpleNamespace(template=template, labels=reply["labels"])) if table else None
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None

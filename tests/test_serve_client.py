@@ -1,0 +1,132 @@
+"""`--server URL` / LLMLAB_SERVER: generate and classify done by a running server write what the
+in-process run writes (stdout, files, --resume, the run log), and the client imports neither torch nor
+transformers. FakeLM on both sides for the fast tests; a tiny real model for the slow one."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("fastapi")
+
+from helpers import invoke, jsonl  # noqa: E402
+from llmlab.backends.fake import FakeLM  # noqa: E402
+from llmlab.runs import runlog  # noqa: E402
+from test_serve import running  # noqa: E402
+
+REVIEWS = [{"id": f"r{n}", "text": t, "label": g} for n, (t, g) in enumerate(
+    [("a good film", "positive"), ("dull and bad", "negative"), ("fine", "positive"), ("awful", "negative")])]
+
+
+@pytest.fixture(scope="module")
+def url():
+    with running(FakeLM(default="hello world")) as (address, _):
+        yield address
+
+
+@pytest.fixture
+def files(tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{n}", "prompt": f"the movie was {n}"}) + "\n" for n in range(5)))
+    reviews = tmp_path / "reviews.jsonl"
+    reviews.write_text("".join(json.dumps(r) + "\n" for r in REVIEWS))
+    return prompts, reviews
+
+
+def both(args, url, tmp_path, out=None):
+    """(in-process result, --server result), with -o files given as OUT (one per run)."""
+    results = []
+    for n, extra in enumerate(([], ["--server", url])):
+        target = tmp_path / f"out{n}.{out}" if out else None
+        run = invoke([a if a != "OUT" else target for a in args] + extra)
+        assert run.exit_code == 0, run.stderr
+        results.append((run, target.read_text() if target else None))
+    return results
+
+
+CASES = [  # the same command with and without --server
+    (["generate", "hi there", "--max-new-tokens", "4"], None),
+    (["generate", "hi there", "--max-new-tokens", "8", "--stop", "o w", "--echo"], None),
+    (["generate", "-i", "PROMPTS", "-o", "OUT", "--max-new-tokens", "3", "--batch-size", "2"], "jsonl"),
+    (["generate", "-i", "PROMPTS", "--offset", "1", "--limit", "3", "-o", "OUT", "--logprobs"], "csv"),
+    (["generate", "-t", "qa", "Where is Ganymede?", "--shots", "1"], None),
+    (["classify", "-t", "sentiment", "-i", "REVIEWS", "--shots", "2", "--calibration", "contextual", "-f", "jsonl"],
+     None),
+    (["classify", "-t", "sentiment", "-i", "REVIEWS", "--shots", "0", "--calibration", "batch", "-o", "OUT"], "csv"),
+]
+
+
+@pytest.mark.parametrize("args, out", CASES)
+def test_server_output_equals_in_process_output(fake_lm, url, files, tmp_path, args, out):
+    fake_lm.default = "hello world"
+    args = [files[0] if a == "PROMPTS" else files[1] if a == "REVIEWS" else a for a in args]
+    (local, local_file), (remote, remote_file) = both(args, url, tmp_path, out)
+    assert remote.stdout == local.stdout
+    assert remote_file == local_file
+    runs = jsonl(invoke(["runs", "list", "--json"]).stdout)
+    assert [r["items"] for r in runs] == [runs[0]["items"]] * 2 and runs[0]["status"] == "complete"
+    logged = [sorted((i["idx"], i["key"], i["prompt"], i["output"]) for i in runlog.items(runlog.connect(), r["id"]))
+              for r in runs]
+    assert logged[0] == logged[1]
+
+
+def test_resume_through_the_server(fake_lm, url, files, tmp_path):
+    fake_lm.default = "hello world"
+    out = tmp_path / "out.jsonl"
+    full = invoke(["generate", "-i", files[0], "-o", out, "--max-new-tokens", "3"])
+    assert full.exit_code == 0
+    whole = out.read_text()
+    out.write_text("".join(whole.splitlines(keepends=True)[:2]))
+    again = invoke(["generate", "-i", files[0], "-o", out, "--max-new-tokens", "3", "--resume", "--server", url])
+    assert again.exit_code == 0, again.stderr
+    assert out.read_text() == whole
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "hi", "--server", "http://127.0.0.1:9"],
+     "no llmlab server answers at http://127.0.0.1:9 ([Errno 111] Connection refused): start one with `llmlab "
+     "serve`, or drop --server / LLMLAB_SERVER"),
+    (["generate", "hi", "--examples", "pool.jsonl", "-t", "qa", "--server", "URL"],
+     "--server: --examples names files here, which the server can't read; drop --examples or --server"),
+    (["generate", "hi", "--max-new-tokens", "5000", "--server", "URL"],
+     "the server at URL: --max-new-tokens 5000 leaves no room in the 4096-token window"),
+    (["classify", "-t", "no-such", "x", "--server", "URL"],
+     "no template named 'no-such'"),
+    (["classify", "-t", "sentiment", "x", "--calibration", "off", "--probe-layers", "1", "--server", "URL"],
+     "the server at URL: --probe-layers is read only with --calibration probe"),
+])
+def test_server_mistakes_are_one_line(url, args, message):
+    result = invoke([a.replace("URL", url) for a in args])
+    assert result.exit_code != 0
+    assert result.stderr.startswith("error: " + message.replace("URL", url)) and result.stderr.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_the_client_imports_neither_torch_nor_transformers(url, tmp_path):
+    code = ("import sys\nfrom llmlab.commands import cli\nsys.argv = ['llmlab', 'generate', 'hi', '--server', "
+            f"'{url}']\ntry:\n    cli.main()\nexcept SystemExit as exit:\n    assert exit.code in (0, None)\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'fastapi', 'uvicorn'}))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.splitlines() == ["hello world", "[]"], result.stderr
+
+
+@pytest.mark.slow
+def test_server_equals_in_process_on_a_real_model(tiny_models, files, tmp_path):
+    from llmlab.backends import models
+
+    model = str(tiny_models["llama"])
+    with running(models.load(model, "cpu", "float32")) as (address, _):
+        for args, out in [(["generate", "-i", files[0], "-o", "OUT", "--max-new-tokens", "5", "--logprobs"], "jsonl"),
+                          (["classify", "-t", "sentiment", "-i", files[1], "--shots", "2", "-o", "OUT"], "jsonl")]:
+            (local, local_file), (remote, remote_file) = both(args + ["-m", model], address, tmp_path, out)
+            assert remote.stdout == local.stdout
+            local_rows, remote_rows = jsonl(local_file), jsonl(remote_file)
+            for a, b in zip(local_rows, remote_rows):  # scores may differ in the last float bits (batching)
+                for key in ("probabilities", "raw_probabilities"):
+                    assert b.pop(key, None) == pytest.approx(a.pop(key, None), abs=1e-5)
+                assert [t.pop("logprob") for t in b.get("logprobs", [])] == pytest.approx(
+                    [t.pop("logprob") for t in a.get("logprobs", [])], abs=1e-5)
+            assert remote_rows == local_rows
