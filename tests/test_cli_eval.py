@@ -41,7 +41,14 @@ def test_eval_table_and_report(tiny_models, data, tmp_path):
     assert [line.split()[:6] for line in lines[2:6]] == [
         ["toy", "data.jsonl", "0", "off", "1", "5"], ["toy", "data.jsonl", "0", "contextual", "1", "5"],
         ["toy", "data.jsonl", "2", "off", "2", "5"], ["toy", "data.jsonl", "2", "contextual", "2", "5"]]
-    assert lines[6:] == CAPTION
+    assert lines[6:9] == CAPTION
+    # the paired table: every row against the first (same rows), interval and Holm p
+    assert lines[9] == ("Paired differences against the first row on the same data (95% bootstrap CI; p "
+                        "Holm-corrected over these rows)")
+    assert lines[10].split()[:4] == ["combination", "vs", "(first", "on"]
+    assert [line.split()[:6] for line in lines[11:]] == [
+        ["toy", "0-shot", "contextual", "toy", "0-shot", "off"], ["toy", "2-shot", "off", "toy", "0-shot", "off"],
+        ["toy", "2-shot", "contextual", "toy", "0-shot", "off"]]
     doc = json.loads(report.read_text())
     assert set(doc) >= {"model", "data", "config", "templates", "results", "versions", "created"}
     assert doc["templates"]["toy"]["text"] == TEMPLATE and doc["versions"]["transformers"]
@@ -55,6 +62,17 @@ def test_eval_table_and_report(tiny_models, data, tmp_path):
     assert len(run["samples"]) == 5 and run["samples"][0]["id"] == "i0"
     accuracy = sum(s["correct"] for s in run["samples"]) / 5
     assert run["metrics"]["accuracy"] == pytest.approx(accuracy)
+    # each row's mean over seeds minus the first combination's, paired by row; tests named; Holm >= raw
+    right = lambda r: [sum(run["samples"][i]["correct"] for run in r["runs"]) / len(r["runs"])  # noqa: E731
+                       for i in range(5)]
+    assert [e["row"] for e in doc["paired"]] == [1, 2, 3] and {e["baseline"] for e in doc["paired"]} == {0}
+    for e in doc["paired"]:
+        diff = sum(right(doc["results"][e["row"]])) / 5 - sum(right(doc["results"][0])) / 5
+        assert e["difference"] == pytest.approx(diff) and e["low"] <= e["difference"] <= e["high"]
+        assert e["p_holm"] >= e["p"] and e["test"] == ("mcnemar" if e["row"] == 1 else "permutation")
+        assert "item_scores" not in doc["results"][e["row"]]["runs"][0]
+    line = lines[12]
+    assert f"{doc['paired'][1]['difference'] * 100:+.1f}" in line and f"{doc['paired'][1]['p_holm']:.3g}" in line
 
 
 def test_eval_table_fits_120_columns_and_detail_keeps_every_number(tiny_models, data, tmp_path, monkeypatch):
@@ -73,6 +91,7 @@ def test_eval_table_fits_120_columns_and_detail_keeps_every_number(tiny_models, 
     lines = piped.stdout.splitlines()
     assert max(map(len, lines)) <= 120, max(lines, key=len)
     detail = lines[lines.index(CAPTION[-1]) + 1:]
+    detail = detail[:next(n for n, line in enumerate(detail) if line.startswith("Paired differences"))]
     assert detail[:2] == ["toy on sst2.validation.sample.jsonl: 0 shots, calibration off, 1 seed", detail[1]]
     assert detail[1].startswith("  accuracy ") and "macro-F1 " in detail[1]
     assert len(detail) == 4 * 4  # per combination: what it is, metrics with min–max, P/R, confusion

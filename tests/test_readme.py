@@ -28,11 +28,11 @@ REAL_SMOLLM2 = {'llmlab generate -t qa "Where is Ganymede located in the solar s
 
 SHARED = {  # the shared data sets -> tiny files with the same fields
     "../shared/data/sst2/sst2.validation.jsonl": "sst2.jsonl",
-    "../shared/data/sst2/sst2.train.jsonl": "sst2.jsonl",
+    "../shared/data/sst2/sst2.train.jsonl": "sst2-train.jsonl",
     "../shared/data/ag_news/ag_news.test.jsonl": "ag_news.jsonl",
     "../shared/data/dialogsum/dialogsum.test.jsonl": "dialogsum.jsonl",
 }
-TAKES_MODEL = ("generate", "classify", "eval", "render", "tokenize", "next", "lab", "tune", "serve")
+TAKES_MODEL = ("generate", "classify", "eval", "optimize", "render", "tokenize", "next", "lab", "tune", "serve")
 SERVER_URL = "http://127.0.0.1:8000"  # the README's server: a tiny model's, on a free port, for the commands using it
 # Shared model files -> the tiny T5 (tests pass without ../shared): a tokenizer folder, a config file.
 T5_FILES = ("../shared/data/t5-tokenizer", "../shared/data/flan-t5-config/flan-t5-base.config.json")
@@ -70,6 +70,9 @@ def write_data(folder: Path) -> None:
     (folder / "sst2.jsonl").write_text(rows(
         [{"text": t, "label": l} for t, l in [("a charming film", "positive"), ("bleak and dull", "negative"),
                                                ("loved it", "positive")]]))
+    (folder / "sst2-train.jsonl").write_text(rows(  # enough rows for optimize to split
+        [{"text": f"{w} film {n}", "label": "positive" if w == "fine" else "negative"}
+         for n, w in enumerate(["fine", "dull"] * 6)]))
     (folder / "ag_news.jsonl").write_text(rows(
         [{"text": t, "label": l} for t, l in [("the match ended 2-1", "Sports"), ("stocks fell", "Business"),
                                                ("a new chip", "Sci/Tech"), ("talks in Geneva", "World")]]))

@@ -213,19 +213,6 @@ def test_models_lists_adapters_under_a_folder(tiny_models, reviews, tmp_path):
     assert rows[0]["size"] == (tmp_path / "adapters" / "one" / "adapter_model.safetensors").stat().st_size
 
 
-@pytest.mark.parametrize("a, b, expected", [
-    ([True] * 4, [True] * 4, (0.0, 0.0, 0.0)),  # identical outcomes: no difference in any resample
-    ([False] * 5, [True] * 5, (1.0, 1.0, 1.0)),  # b right everywhere a is wrong
-    ([True, False], [False, True], (0.0, -1.0, 1.0)),  # one item each way: resamples range over -1..1
-])
-def test_paired_bootstrap(a, b, expected):
-    from llmlab.scoring.metrics import paired_bootstrap
-
-    assert paired_bootstrap(a, b) == expected
-    with pytest.raises(ValueError):
-        paired_bootstrap([True], [True, False])
-
-
 @pytest.mark.slow
 def test_eval_puts_adapters_beside_in_context_rows(tiny_models, reviews, tmp_path):
     from llmlab.backends import adapters

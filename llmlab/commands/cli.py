@@ -4,10 +4,10 @@ library function."""
 
 from __future__ import annotations
 
-from llmlab.commands import compare_cmd, eval_cmd, learn_cmd, prompt_cmd, run_cmd, runs_cmd, serve_cmd, tune_cmd
+from llmlab.commands import compare_cmd, eval_cmd, learn_cmd, optimize_cmd, prompt_cmd, run_cmd, runs_cmd, serve_cmd, tune_cmd
 from llmlab.commands.app import app
 
-for module in (run_cmd, eval_cmd, prompt_cmd, compare_cmd, runs_cmd, learn_cmd, tune_cmd, serve_cmd):
+for module in (run_cmd, eval_cmd, optimize_cmd, prompt_cmd, compare_cmd, runs_cmd, learn_cmd, tune_cmd, serve_cmd):
     module.register(app)
 
 

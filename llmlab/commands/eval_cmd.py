@@ -110,6 +110,11 @@ def eval_cmd(
         return
     result["processes"] = parallel.size()
     render.eval_table(result, detail)  # the table first: a report that can't be written loses nothing
+    if result["paired"]:
+        from llmlab.orchestration import paired
+
+        render.show(paired.HEADERS, paired.rows(result), title="Paired differences against the first row on the "
+                    "same data (95% bootstrap CI; p Holm-corrected over these rows)")
     if report:
         evaluate.write_report(report, result)
 

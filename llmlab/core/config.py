@@ -183,6 +183,28 @@ class ClassifyConfig:
 
 
 @dataclass
+class OptimizeConfig:
+    """`llmlab optimize`: search prompt variants of `template` on part of `data`, then compare the
+    winner with the start template once on the held-out rows (`test`, else a `holdout` share of data)."""
+
+    model: ModelConfig
+    template: str
+    data: str
+    output: str
+    budget: int  # scored items (variant x row, plus probe rows fitted) the search may spend
+    test: Optional[str] = None
+    holdout: float = 0.5
+    seed: int = 0
+    candidates: int = 16  # variants in the first round
+    proposals: int = 2  # instructions the loaded model writes
+    offset: int = 0
+    limit: Optional[int] = None
+    batch_size: int = 16
+    examples: Optional[str] = None  # the demonstration pool (else the template's examples)
+    prompts_dir: list[str] = field(default_factory=list)
+
+
+@dataclass
 class EvalConfig:
     """`llmlab eval`: templates (NAME or NAME=DATA) on labeled data, or a --plan file's tasks."""
 

@@ -60,13 +60,15 @@ def extra_items(plan_: Any) -> int:
 def versus(result: dict[str, Any], rows: list[dict[str, Any]], task: Any) -> dict[str, Any] | None:
     """The adapter's accuracy minus the first in-context row's on the same items (that row's first
     seed), with a 95% paired bootstrap interval."""
-    from llmlab.scoring.metrics import paired_bootstrap
+    from llmlab.scoring.stats import bootstrap_ci
 
     base = next((r for r in rows if r["template"] == task.template.name and r["data"] == task.data
                  and r["task"] == "classify"), None)
     if base is None or "correct" not in result["runs"][0]["metrics"]:
         return None
-    diff, low, high = paired_bootstrap(base["runs"][0]["metrics"]["correct"], result["runs"][0]["metrics"]["correct"])
+    a, b = base["runs"][0]["metrics"]["correct"], result["runs"][0]["metrics"]["correct"]
+    diff = (sum(b) - sum(a)) / len(a)
+    low, high = bootstrap_ci(a, b)
     return {"baseline": f"{base['shots']} shots, calibration {base['calibrate']}, seed {base['seeds'][0]}",
             "diff": diff, "low": low, "high": high}
 

@@ -15,7 +15,8 @@ from llmlab import __version__
 from llmlab.orchestration.evalplan import (  # noqa: F401 - re-exported
     Combo, EvalPlan, EvalTask, check_data, load_plan_file, make_plan, parse_task, plan, plan_config, prepare)
 from llmlab.scoring.metrics import (  # noqa: F401 - re-exported
-    classification_metrics, generation_metrics, mean_std, normalize_answer, summarize)
+    classification_metrics, generation_metrics, mean_std, normalize_answer, rouge_l, summarize)
+from llmlab.orchestration import paired
 
 if TYPE_CHECKING:  # types only: nothing more is imported at run time
     from llmlab.backends.base import LM
@@ -72,10 +73,10 @@ def _run_seed(session: Session, combo: Combo, seed: int, plan_: EvalPlan, settin
                               default_selection="random")
     where = {"template": combo.template.name, "combo": runlog.combo(combo.shots, seed, combo.calibrate)}
     measure = _classify_seed if combo.template.task == "classify" else _generate_seed
-    metrics, samples, elapsed = measure(session, combo, builder, plan_, settings, bar, log, where)
+    metrics, samples, elapsed, scores = measure(session, combo, builder, plan_, settings, bar, log, where)
     n = len(combo.task.items)
     run = {"seed": seed, "metrics": metrics, "items": n, "seconds": elapsed,
-           "items_per_s": n / elapsed if elapsed > 0 else 0.0}
+           "items_per_s": n / elapsed if elapsed > 0 else 0.0, paired.KEY: scores}
     if plan_.log_samples:
         run["samples"] = samples
     return run
@@ -105,8 +106,8 @@ def _log_gathered(logged: Callable[..., None], results: Iterable[tuple[Any, ...]
 
 
 def _classify_seed(session: Session, combo: Combo, builder: PromptBuilder, plan_: EvalPlan, settings: GenerationSettings, bar: Any, log: Any,
-                   where: dict[str, str]) -> tuple[dict[str, Any], list[dict[str, Any]], float]:
-    """(metrics, samples, seconds) of one seed of a classify combination."""
+                   where: dict[str, str]) -> tuple[dict[str, Any], list[dict[str, Any]], float, list[float]]:
+    """(metrics, samples, seconds, each row's 1/0 right or wrong) of one seed of a classify combination."""
     from llmlab.scoring import classify
     from llmlab.orchestration import parallel
 
@@ -135,12 +136,12 @@ def _classify_seed(session: Session, combo: Combo, builder: PromptBuilder, plan_
         metrics["prompt_tokens"] = sum(r.prompt_tokens for r in results) / max(1, len(results))
         metrics["correct"] = [r.prediction == g for r, g in zip(results, golds)]
     samples = [classify.record(r, template, lm.name) for r in results] if plan_.log_samples else []
-    return metrics, samples, elapsed
+    return metrics, samples, elapsed, [float(r.prediction == g) for r, g in zip(results, golds)]
 
 
 def _generate_seed(session: Session, combo: Combo, builder: PromptBuilder, plan_: EvalPlan, settings: GenerationSettings, bar: Any, log: Any,
-                   where: dict[str, str]) -> tuple[dict[str, Any], list[dict[str, Any]], float]:
-    """(metrics, samples, seconds) of one seed of a generate combination."""
+                   where: dict[str, str]) -> tuple[dict[str, Any], list[dict[str, Any]], float, list[float]]:
+    """(metrics, samples, seconds, each row's ROUGE-L) of one seed of a generate combination."""
     from llmlab.scoring import generation
     from llmlab.orchestration import parallel
     from llmlab.orchestration import session as sessions
@@ -164,7 +165,7 @@ def _generate_seed(session: Session, combo: Combo, builder: PromptBuilder, plan_
     preds = [o.completions[0].strip() for o in outputs]
     samples = [{"index": i.index, **i.fields, "prompt": j.prompt, "completion": p, "references": r}
                for i, j, p, r in zip(items, jobs, preds, refs)] if plan_.log_samples else []
-    return generation_metrics(preds, refs), samples, elapsed
+    return generation_metrics(preds, refs), samples, elapsed, rouge_l(preds, refs)
 
 
 def run_combo(session: Session, combo: Combo, plan_: EvalPlan, bar: Any, log: Any = None) -> dict[str, Any]:
@@ -210,6 +211,8 @@ def evaluate(session: Session, plan_: EvalPlan, bar: Any = None, log: Any = None
         "templates": {t.template.name: {"path": str(t.template.path), "task": t.template.task,
                                         "text": t.template.source_text} for t in plan_.tasks},
         "results": results,
+        # each combination against the first on its data: paired interval and Holm-corrected p
+        "paired": paired.differences(results),
         "versions": versions(),
     }
 

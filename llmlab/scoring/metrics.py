@@ -55,6 +55,15 @@ def generation_metrics(preds: Sequence[str], references: Sequence[Sequence[str]]
     return {**{k: v / n for k, v in totals.items()}, "exact_match": exact / n}
 
 
+def rouge_l(preds: Sequence[str], references: Sequence[Sequence[str]]) -> list[float]:
+    """Each prediction's ROUGE-L F-measure (stemmed; best over its references), as generation_metrics
+    scores it: the per-item values a paired test compares."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return [scorer.score_multi(list(refs), pred)["rougeL"].fmeasure for pred, refs in zip(preds, references)]
+
+
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
 
@@ -69,18 +78,3 @@ def summarize(runs: list[dict[str, Any]], task: str) -> dict[str, Any]:
         summary[key] = {"mean": mean, "std": std, "min": min(values), "max": max(values)}
     summary["items_per_s"] = statistics.fmean(r["items_per_s"] for r in runs)
     return summary
-
-
-def paired_bootstrap(a: Sequence[bool], b: Sequence[bool], resamples: int = 2000,
-                     seed: int = 0) -> tuple[float, float, float]:
-    """Accuracy of b minus accuracy of a on the same items, with its 95% paired bootstrap interval:
-    the items resampled with replacement `resamples` times (random.Random(seed)), both systems on
-    the same resample; the 2.5th and 97.5th percentiles of the differences."""
-    import random
-
-    if len(a) != len(b) or not a:
-        raise ValueError("paired_bootstrap needs two equally long, non-empty lists of outcomes")
-    diffs = [int(y) - int(x) for x, y in zip(a, b)]
-    n, rng = len(diffs), random.Random(seed)
-    stats = sorted(sum(diffs[rng.randrange(n)] for _ in range(n)) / n for _ in range(resamples))
-    return sum(diffs) / n, stats[int(0.025 * resamples)], stats[min(resamples - 1, int(0.975 * resamples))]

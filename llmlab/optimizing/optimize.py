@@ -1,0 +1,292 @@
+"""`llmlab optimize`: search a template's prompt variants on one part of the data, then measure the
+start template and the winner once on the other part (the held-out rows, untouched until then) and
+compare them on the same rows with a paired interval and test (llmlab.scoring.stats).
+
+Layer: optimizing sits between commands and learn/orchestration; it drives a Session and scores
+through classify.Classifier / the generation jobs, never a loop of its own.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from llmlab.core.config import OptimizeConfig
+from llmlab.core.errors import DataError, TemplateError, UsageError
+from llmlab.optimizing import search as searching
+from llmlab.optimizing import space as spaces
+
+MIN_SEARCH, MIN_HELD = 4, 2
+POOL_FROM_DATA = 16  # rows set aside as demonstrations when the template has no examples
+PROPOSER = ("Here are examples of a task.\n\n{examples}\n\nWrite one short sentence telling a reader how to do "
+            "this task{labels}. Reply with the sentence only.")
+
+
+@dataclass
+class Result:
+    template: str
+    output: str
+    task: str
+    metric: str  # accuracy or ROUGE-L
+    search_rows: int
+    held_rows: int
+    budget: int
+    spent: int  # scored items in the search
+    candidates: int
+    proposals: list[str]
+    winner: str  # what the winner changes
+    start_search: tuple[float, int]  # (mean score, rows) of the start template in the search
+    winner_search: tuple[float, int]
+    difference: Any  # stats.Difference: start (a) vs winner (b) on the held-out rows
+    seconds: float
+    trajectory: list[Any] = field(default_factory=list)
+    prompts: list[str] = field(default_factory=list)  # the winner's held-out prompts, in row order
+
+
+def check(cfg: OptimizeConfig) -> None:
+    """The options, checked before anything is read or loaded."""
+    from llmlab.io.records import check_output_path
+
+    if cfg.budget < 1:
+        raise UsageError(f"invalid --budget {cfg.budget}: give the scored items the search may spend, e.g. "
+                         "--budget 2000")
+    if not 0 < cfg.holdout < 1:
+        raise UsageError(f"invalid --holdout {cfg.holdout}: the held-out share of --data, between 0 and 1")
+    if cfg.candidates < 2:
+        raise UsageError(f"invalid --candidates {cfg.candidates}: the search needs at least 2")
+    if cfg.proposals < 0:
+        raise UsageError(f"invalid --proposals {cfg.proposals}: must be >= 0")
+    if Path(cfg.output).suffix not in (".yaml", ".yml"):
+        raise UsageError(f"-o '{cfg.output}': the optimised template is written as YAML; name a .yaml file")
+    if cfg.test is not None and Path(cfg.test).resolve() == Path(cfg.data).resolve():
+        raise UsageError("--test is the --data file itself: held-out rows must not be searched on; give another "
+                         "file, or leave --test out to hold out part of --data")
+    check_output_path(cfg.output, "-o", inputs=[cfg.data, cfg.test])
+
+
+def split(items: Sequence[Any], held: Sequence[Any] | None, share: float, seed: int) -> tuple[list, list]:
+    """(search rows in the seeded order the mini-batches take them, held-out rows in file order)."""
+    order = list(items)
+    random.Random(seed).shuffle(order)
+    if held is None:
+        n = round(len(order) * share)
+        held, order = sorted(order[:n], key=lambda i: i.index), order[n:]
+    if len(order) < MIN_SEARCH or len(held) < MIN_HELD:
+        raise DataError(f"too few rows to split: {len(order)} to search and {len(held)} held out (need at least "
+                        f"{MIN_SEARCH} and {MIN_HELD}); give more rows, or --test FILE for the held-out rows")
+    return order, list(held)
+
+
+def read(cfg: OptimizeConfig, template: Any) -> tuple[list, list, list[str]]:
+    """(search rows, held-out rows, reference fields), every row checked against the template."""
+    from llmlab.orchestration import evalplan
+    from llmlab.orchestration.session import read_input
+
+    items = read_input(cfg.data, "auto", template.fields[0], cfg.offset, cfg.limit)
+    refs = evalplan.check_data(items, template, [])
+    held = None
+    if cfg.test is not None:
+        held = read_input(cfg.test, "auto", template.fields[0])
+        evalplan.check_data(held, template, refs)
+    search, held = split(items, held, cfg.holdout, cfg.seed)
+    return search, held, refs
+
+
+def pool_for(cfg: OptimizeConfig, template: Any, search: list) -> tuple[list[dict], list]:
+    """(demonstration pool, search rows left): --examples, the template's examples, else a few
+    search rows set aside (never scored in the search)."""
+    from llmlab.prompting.prompts import check_examples, load_examples
+
+    if cfg.examples:
+        pool = load_examples(cfg.examples)
+        check_examples(template, pool, cfg.examples)
+        return pool, search
+    if template.examples or not template.target or len(search) < MIN_SEARCH + 4:
+        return list(template.examples), search
+    n = min(POOL_FROM_DATA, len(search) // 4)
+    return [dict(i.fields) for i in search[:n]], search[n:]
+
+
+def schedule(space: spaces.Space, cfg: OptimizeConfig, rows: int, probe_rows: int
+             ) -> tuple[list[spaces.Variant], list[searching.Rung]]:
+    """The candidates and rungs that fit --budget. When they don't, the variants that would fit a probe
+    of their own (each costs all the probe rows) give way to variants without one, then the last go."""
+    variants = spaces.candidates(space, cfg.candidates, cfg.seed)
+    spare = [v for v in spaces.candidates(space, 4 * cfg.candidates, cfg.seed + 1)
+             if v not in variants and v.readout != "probe"]  # stand-ins for dropped probe variants
+    while len(variants) > 1:
+        fixed = probe_rows * sum(v.readout == "probe" for v in variants)
+        rungs = searching.plan(len(variants), rows, cfg.budget, fixed)
+        if rungs is not None:
+            return variants, rungs
+        probes = [n for n, v in enumerate(variants) if n and v.readout == "probe"]
+        if probes:
+            del variants[probes[-1]]
+            variants += spare[:1]
+            spare = spare[1:]
+        else:
+            variants.pop()
+    variants = spaces.candidates(space, 2, cfg.seed)
+    fixed = probe_rows * sum(v.readout == "probe" for v in variants)
+    raise UsageError(f"--budget {cfg.budget} is too small: two variants on one row each need {2 + fixed} "
+                     "scored items; raise --budget")
+
+
+def propose(session: Any, template: Any, pool: Sequence[dict], count: int, seed: int) -> list[str]:
+    """Instructions the loaded model writes from a few demonstrations (greedy, one line each)."""
+    from llmlab.backends.models import GenRequest
+    from llmlab.orchestration.session import chat_for, settings_for
+    from llmlab.prompting.templates import fill
+
+    if not count or not pool or not template.target:
+        return []
+    lm = session.lm
+    chat = chat_for(lm.tokenizer, None)
+    words = f" (the answer is one of: {', '.join(template.labels.values())})" if template.labels else ""
+    requests = []
+    for n in range(count):
+        rows = random.Random(seed * 100 + n).sample(list(pool), min(3, len(pool)))
+        shown = "\n\n".join(fill(template.input, r, "example") + template.answer_prefix + template.verbalize(
+            r[template.target]) for r in rows)
+        text = PROPOSER.format(examples=shown, labels=words)
+        if chat:
+            text = lm.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                    add_generation_prompt=True)
+        requests.append(GenRequest(text, chat))
+    outputs = lm.generate(requests, settings_for(None, None, {"max_new_tokens": 48, "do_sample": False}))
+    found: list[str] = []
+    for out in outputs:
+        line = next((s.strip() for s in out.completions[0].splitlines() if s.strip()), "")
+        line = line.removeprefix("Instruction:").strip().strip('"').strip()
+        if 8 <= len(line) <= 300 and line not in found:
+            found.append(line)
+    return found
+
+
+def lineage(cfg: OptimizeConfig, template: Any, r: Result) -> list[str]:
+    d = r.difference
+    pct = (lambda x: f"{x:.1%}") if r.task == "classify" else (lambda x: f"{x:.4f}")
+    return [
+        f"Written by llmlab optimize from template '{template.name}' ({template.path}), seed {cfg.seed},",
+        f"budget {r.budget} scored items ({r.spent} spent), {r.candidates} variants, search {r.search_rows} rows of "
+        f"{cfg.data},",
+        f"held-out {r.held_rows} rows ({cfg.test or f'{cfg.holdout:g} of --data'}). Change: {r.winner}.",
+        f"Held-out {r.metric}: start {pct(d.a)}, this {pct(d.b)}, difference {d.diff * 100:+.1f} points, 95% paired "
+        f"bootstrap CI [{d.low * 100:+.1f}, {d.high * 100:+.1f}], {d.test} p = {d.p:.3g}: {d.verdict()}.",
+        f"Search {r.metric} of this variant: {pct(r.winner_search[0])} on {r.winner_search[1]} rows.",
+    ]
+
+
+def optimize(cfg: OptimizeConfig, hooks: Any = None, lm: Any = None) -> Result:
+    """Check, split, search within the budget, score start and winner once on the held-out rows,
+    write the winner; returns the result for the table."""
+    from llmlab.orchestration.session import Hooks, find_template
+    from llmlab.core.config import PromptConfig
+
+    hooks = hooks or Hooks()
+    check(cfg)
+    template = find_template(PromptConfig(cfg.template, prompts_dir=cfg.prompts_dir))
+    if template is None:
+        raise UsageError("optimize needs a template: -t NAME or a .yaml path")
+    if template.task == "classify" and not template.labels:
+        raise TemplateError(f"template '{template.name}' has no labels: a classify search needs them")
+    search, held, refs = read(cfg, template)
+    pool, search = pool_for(cfg, template, search)
+    probe = _probe(template, hooks)
+    probe_rows = len(probe.items) if probe is not None else 0
+    schedule(spaces.make_space(template, pool), cfg, len(search), probe_rows)  # the budget fits: before the model
+    with hooks.open_run("optimize", config=_logged(cfg), templates=template, data=cfg.data) as log:
+        from llmlab.orchestration.session import loaded
+
+        started = time.perf_counter()
+        session = loaded(cfg.model, lm, log, hooks)
+        proposed = propose(session, template, pool, cfg.proposals, cfg.seed)
+        for n, text in enumerate(proposed, 1):
+            hooks.info(f"proposed instruction {n}: {text}")
+        space = spaces.make_space(template, pool, proposed)
+        variants, rungs = schedule(space, cfg, len(search), probe_rows)
+        scorer = searching.Scorer(session, space, cfg.batch_size, probe, refs)
+        winner, steps, last = _search(variants, search, rungs, scorer, hooks)
+        spent = scorer.spent
+        start_held, win_held = _held_out(scorer, variants[0], variants[winner], held, hooks)
+        result = _result(cfg, template, space, variants, winner, last, start_held, win_held, steps, proposed,
+                         len(search), len(held), spent, time.perf_counter() - started)
+        from llmlab.optimizing import writer
+
+        writer.write(spaces.apply(space, variants[winner]), cfg.output, lineage(cfg, template, result))
+        log.metrics(_metrics(result))
+    return result
+
+
+def _probe(template: Any, hooks: Any) -> Any:
+    """The template's probe rows (read, not fitted) when it names some: the probe readout's data."""
+    from llmlab.orchestration.session import probe_source
+
+    if template.task != "classify" or template.probe_path is None:
+        return None
+    return probe_source(None, "probe", template, hooks)
+
+
+def _logged(cfg: OptimizeConfig) -> dict[str, Any]:
+    import dataclasses
+
+    return dataclasses.asdict(cfg)
+
+
+def _search(variants: list, rows: list, rungs: list, scorer: searching.Scorer, hooks: Any) -> tuple:
+    """Successive halving with a progress bar over the planned scored items and one line per rung."""
+    metric = "accuracy" if scorer.space.template.task == "classify" else "ROUGE-L"
+    base = variants[0]
+
+    def told(step: searching.Step) -> None:
+        best, score = step.ranked[0]
+        hooks.info(f"round {step.rung + 1}: {len(step.ranked)} variants on {step.rows} rows, {step.kept} kept; "
+                   f"best {metric} {score:.3f}: {variants[best].describe(base)}")
+
+    with hooks.progress(searching.cost(rungs), "searching") as bar:
+        return searching.halve(variants, rows, rungs, scorer, told, bar.advance)
+
+
+def _held_out(scorer: searching.Scorer, start: Any, winner: Any, held: list, hooks: Any) -> tuple:
+    """The start template's and the winner's scores on the held-out rows: each scored once, here."""
+    with hooks.progress(len(held) * (1 if winner == start else 2), "held-out") as bar:
+        a = scorer.score(start, held, len(held))
+        bar.advance(len(held))
+        if winner == start:
+            return a, a
+        b = scorer.score(winner, held, len(held))
+        bar.advance(len(held))
+    return a, b
+
+
+def _result(cfg: OptimizeConfig, template: Any, space: Any, variants: list, winner: int, last: dict,
+            start_held: Any, win_held: Any, steps: list, proposed: list, n_search: int, n_held: int, spent: int,
+            seconds: float) -> Result:
+    from llmlab.scoring import stats
+
+    base = variants[0]
+    return Result(
+        template=template.name, output=cfg.output, task=template.task,
+        metric="accuracy" if template.task == "classify" else "ROUGE-L", search_rows=n_search, held_rows=n_held,
+        budget=cfg.budget, spent=spent, candidates=len(variants), proposals=proposed,
+        winner=variants[winner].describe(base),
+        start_search=(last[0].mean()[0], len(last[0].values)),
+        winner_search=(last[winner].mean()[0], len(last[winner].values)),
+        difference=stats.compare(start_held.values, win_held.values, seed=cfg.seed, binary=template.task == "classify"),
+        seconds=seconds, trajectory=steps, prompts=win_held.prompts,
+    )
+
+
+def _metrics(r: Result) -> dict[str, Any]:
+    """The run log's record of the search: the trajectory and the held-out comparison."""
+    import dataclasses
+
+    d = r.difference
+    return {"items": r.held_rows, "metric": r.metric, "search_rows": r.search_rows, "held_rows": r.held_rows,
+            "budget": r.budget, "spent": r.spent, "candidates": r.candidates, "winner": r.winner,
+            "start": d.a, "optimised": d.b, "difference": d.diff, "ci": [d.low, d.high], "p": d.p, "test": d.test,
+            "proposals": r.proposals, "seconds": r.seconds,
+            "trajectory": [dataclasses.asdict(s) for s in r.trajectory]}

@@ -1,0 +1,105 @@
+"""The winning variant written as an ordinary template file: every key the template loader reads,
+the demonstrations written in (shown first to last), and a comment with its lineage. The file is
+loaded back and compared before it replaces anything, so what was measured is what is written."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+from llmlab.core.errors import TemplateError
+from llmlab.prompting.templates import Template
+
+# the keys that decide the prompt and its reading, compared after loading the written file back
+_SAME = ("task", "instruction", "input", "target", "labels", "separator", "answer_prefix", "examples", "chat",
+         "shots", "calibrate", "shot_selection", "shot_format", "references", "generation", "probe_path")
+
+
+def _relative(path: Path, folder: Path) -> str:
+    """`path` relative to the written file's folder when it is near (inside it or a sibling), else absolute."""
+    rel = os.path.relpath(Path(path).resolve(), folder.resolve())
+    return str(Path(path).resolve()) if rel.startswith(os.path.join("..", "..")) else rel
+
+
+def _dumper() -> Any:
+    """safe_dump, with text that holds line breaks written in double quotes ("\\n"), as people write them."""
+    import yaml
+
+    class Dumper(yaml.SafeDumper):
+        pass
+
+    def text(dumper: Any, value: str) -> Any:
+        style = '"' if "\n" in value or value != value.strip() else None
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+    Dumper.add_representer(str, text)
+    return Dumper
+
+
+def template_mapping(t: Template, folder: Path, name: str) -> dict[str, Any]:
+    """The YAML mapping of template `t` written into `folder` (file paths made relative to it)."""
+    fields = t.fields + ([t.target] if t.target else [])
+    data: dict[str, Any] = {"name": name, "description": t.description, "task": t.task}
+    if t.instruction:
+        data["instruction"] = t.instruction
+    data["input"] = t.input
+    if t.target:
+        data["target"] = t.target
+    if t.labels:
+        data["labels"] = dict(t.labels)
+    data["separator"] = t.separator
+    data["answer_prefix"] = t.answer_prefix
+    if t.examples_path is not None:
+        data["examples"] = _relative(t.examples_path, folder)
+    elif t.examples:
+        data["examples"] = [{f: e[f] for f in fields if f in e} for e in t.examples]
+    for key in ("chat", "shots", "calibrate", "shot_selection", "shot_format"):
+        if getattr(t, key) is not None:
+            data[key] = getattr(t, key)
+    if t.probe_path is not None and t.calibrate == "probe":
+        data["probe"] = _relative(t.probe_path, folder)
+    if t.references:
+        data["references"] = list(t.references)
+    if t.generation:
+        data["generation"] = dict(t.generation)
+    return data
+
+
+def write(t: Template, path: str, lineage: Sequence[str]) -> Template:
+    """Write `t` to `path` (atomically) with `lineage` as its leading comment; returns it loaded back."""
+    import yaml
+
+    from llmlab.prompting.templates import load_template
+
+    target = Path(path)
+    data = template_mapping(t, target.parent, target.stem)
+    if data.get("examples") is not None and not isinstance(data["examples"], str):
+        data["examples"] = [{k: str(v) for k, v in e.items()} for e in data["examples"]]
+    text = "".join(f"# {line}\n" for line in lineage)
+    text += yaml.dump(data, Dumper=_dumper(), sort_keys=False, allow_unicode=True, width=1_000_000,
+                      default_flow_style=False)
+    fd, tmp = tempfile.mkstemp(prefix=target.name, suffix=".yaml", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        loaded = load_template(tmp)
+        _check_same(t, loaded)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    loaded.path, loaded.name = target, target.stem
+    return loaded
+
+
+def _check_same(t: Template, loaded: Template) -> None:
+    for key in _SAME:
+        want, got = getattr(t, key), getattr(loaded, key)
+        if key == "examples" and t.examples_path is None and got:  # written in: the shown fields, as text
+            want = [{k: str(v) for k, v in e.items() if k in got[0]} for e in want]
+        if key == "probe_path" and t.calibrate != "probe":
+            continue
+        if want != got:
+            raise TemplateError(f"internal: the written template's '{key}' loads back as {got!r}, not {want!r}")
