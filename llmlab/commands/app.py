@@ -72,7 +72,7 @@ def _closed_pipe_exit(exc: SystemExit, was_null: bool) -> int:
 class LlmlabGroup(TyperGroup):
     """Runs commands and maps every failure to one stderr line and an exit code."""
 
-    def invoke(self, ctx: Any) -> Any:  # type: ignore[override]
+    def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)
         except BrokenPipeError:  # `llmlab ... | head -1`: the reader is gone, nothing is wrong (exit 0)
