@@ -103,7 +103,7 @@ def test_lab_script_from_stdin(tiny_models, tmp_path):
     assert result.exit_code == 0, result.stderr
     out = result.stdout
     assert "Classify the sentiment of each movie review as Positive or Negative.\n\nReview:" in out  # /show
-    assert "token budget (1 shots)" in out and "demonstration 1" in out  # /tokens with a template
+    assert "token budget (1 shot)" in out and "demonstration 1" in out  # /tokens with a template
     assert "step 1: next token after" in out  # /next
     assert result.stderr.splitlines()[:3] == ["max_new_tokens = 3", "template: sentiment", "shots: 1"]
     assert single.stdout.strip() and out.endswith(single.stdout)  # the plain prompt completes as generate does
