@@ -276,7 +276,7 @@ def test_eval(archs, tmp_path, name, arch):
     lines = result.stdout.splitlines()
     metric = "accuracy" if template.task == "classify" else "rouge"
     assert metric in lines[1].lower()  # lines[0] is the title: model on data (n items)
-    body = [ln for ln in lines[2:] if ln.split()[:1] == [name]]
+    body = [ln for ln in lines[2:] if ln.split()[:2] == [name, "data.jsonl"]]  # not the paired table's rows
     assert len(body) == 2, result.stdout
     report = json.loads((tmp_path / "report.json").read_text())
     assert report

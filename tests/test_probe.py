@@ -174,11 +174,12 @@ def test_eval_compares_the_probe_with_calibration(fake_lm, tmp_path):
     data = write(tmp_path, "data.jsonl", [{"text": t, "label": lab} for t, lab in
                                           [("good", "pos"), ("so bad", "neg"), ("good one", "pos"), ("bad bad", "neg")]])
     result = invoke(["eval", "-t", tmpl, "--data", data, "--shots", "1", "--calibration", "off,probe",
-                     "--probe-data", train, "--probe-size", "8", "-v"])
+                     "--probe-data", train, "--probe-size", "8", "-v", "--detail"])
     assert result.exit_code == 0, result.stderr
-    table = [line.split()[:9] for line in result.stdout.splitlines()[2:4]]
-    assert table[1] == ["toy", "data.jsonl", "1", "probe", "1", "4", "100.0", "100.0", "pos:100/100"]  # the
+    table = [line.split()[:8] for line in result.stdout.splitlines()[2:4]]
+    assert table[1] == ["toy", "data.jsonl", "1", "probe", "1", "4", "100.0", "100.0"]  # the
     assert table[0][:6] == ["toy", "data.jsonl", "1", "off", "1", "4"]  # fake's states say good/bad outright
+    assert "precision/recall %: pos 100/100, neg 100/100" in result.stdout  # --detail: the probe row
     assert "fitting the probe: 8 rows of" in result.stderr
 
 
