@@ -49,3 +49,23 @@ def save_tiny(model, tokenizer, folder: Path) -> Path:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def read_pty(master: int, proc) -> bytes:
+    """Everything a process writes to a pseudo-terminal, until it closes or the process ends."""
+    import select
+
+    captured = b""
+    while True:
+        ready, _, _ = select.select([master], [], [], 0.1)
+        if ready:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            captured += chunk
+        elif proc.poll() is not None:
+            break
+    return captured

@@ -6,13 +6,14 @@ import json
 import os
 import pty
 import re
-import select
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from rich.console import Console
+
+from helpers import read_pty
 
 from llmlab.core import console
 
@@ -73,19 +74,7 @@ def test_real_terminal_bar_advances_monotonically_to_the_total(tiny_models, tmp_
                              "-i", str(data), "--batch-size", "2", "-f", "jsonl"],
                             stdout=subprocess.PIPE, stderr=slave, stdin=subprocess.DEVNULL, env=env, cwd=tmp_path)
     os.close(slave)
-    captured = b""
-    while True:
-        ready, _, _ = select.select([master], [], [], 0.1)
-        if ready:
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:
-                break
-            if not chunk:
-                break
-            captured += chunk
-        elif proc.poll() is not None:
-            break
+    captured = read_pty(master, proc)
     out = proc.stdout.read()
     proc.wait(timeout=60)
     wall = time.perf_counter() - started

@@ -5,13 +5,14 @@ import json
 import os
 import pty
 import re
-import select
 import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from helpers import read_pty
 
 ROOT = Path(__file__).resolve().parent.parent
 LLMLAB = f"{shlex.quote(sys.executable)} -m llmlab"
@@ -33,19 +34,7 @@ def screen(command: str, env: dict | None = None, cwd: Path | None = None, colum
     proc = subprocess.Popen(["sh", "-c", command], stdout=slave, stderr=slave, stdin=subprocess.DEVNULL,
                             env=full, cwd=cwd)
     os.close(slave)
-    captured = b""
-    while True:
-        ready, _, _ = select.select([master], [], [], 0.1)
-        if ready:
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:
-                break
-            if not chunk:
-                break
-            captured += chunk
-        elif proc.poll() is not None:
-            break
+    captured = read_pty(master, proc)
     proc.wait(timeout=120)
     os.close(master)
     term = pyte.Screen(columns, 200)
