@@ -47,10 +47,17 @@ def llmlab_side(args: argparse.Namespace):
 
 
 def lmeval_side(lm, clf, built, batch_size: int):
-    from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
     harness = HFLM(pretrained=lm.model, tokenizer=lm.tokenizer, batch_size=batch_size, device="cpu")
+    return run_harness(harness, clf, built)
+
+
+def run_harness(harness, clf, built):
+    """An lm-eval model's loglikelihood over every prompt x label continuation (the requests llmlab
+    scores); (picks: the best label per prompt, seconds, scores)."""
+    from lm_eval.api.instance import Instance
+
     requests, k = [], len(clf.labels)
     for n, prompt in enumerate(built):
         for j, continuation in enumerate(clf._continuations(prompt)):
@@ -58,15 +65,13 @@ def lmeval_side(lm, clf, built, batch_size: int):
     started = time.perf_counter()
     scores = [logprob for logprob, _ in harness.loglikelihood(requests, disable_tqdm=True)]
     seconds = time.perf_counter() - started
-    picks = []
-    for n in range(len(built)):
-        row = scores[n * k : (n + 1) * k]
-        picks.append(clf.labels[max(range(k), key=row.__getitem__)])
+    picks = [clf.labels[max(range(k), key=scores[n * k : (n + 1) * k].__getitem__)] for n in range(len(built))]
     return picks, seconds, scores
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def arguments(description: str | None) -> argparse.ArgumentParser:
+    """The options both lm-eval benches take: model, template, data, shots, limit, dtype, batch size."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--template", default="sentiment")
     parser.add_argument("--data", default=str(SHARED / "sst2" / "sst2.validation.jsonl"))
@@ -74,7 +79,11 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=200)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--batch-size", type=int, default=16)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = arguments(__doc__).parse_args()
     lm, clf, built, ours, gold, our_s, chat, our_lp = llmlab_side(args)
     theirs, their_s, their_lp = lmeval_side(lm, clf, built, args.batch_size)
     import lm_eval

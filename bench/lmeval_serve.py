@@ -17,11 +17,10 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lmeval_agreement import SHARED, llmlab_side, lmeval_side  # noqa: E402
+from lmeval_agreement import arguments, llmlab_side, lmeval_side, run_harness  # noqa: E402
 
 
 def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
@@ -37,7 +36,6 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
 
 def served_side(lm, clf, built, url: str, batch_size: int):
     """lm-eval's local-completions on the same prompts; (picks, seconds, scores)."""
-    from lm_eval.api.instance import Instance
     from lm_eval.models.openai_completions import LocalCompletionsAPI
 
     folder = tempfile.mkdtemp(prefix="llmlab-tokenizer-")
@@ -46,27 +44,11 @@ def served_side(lm, clf, built, url: str, batch_size: int):
     harness = LocalCompletionsAPI(base_url=url + "/v1/completions", model=name, tokenizer=folder,
                                   tokenizer_backend="huggingface", tokenized_requests=True, batch_size=batch_size,
                                   max_length=lm.window or 2048)
-    requests, k = [], len(clf.labels)
-    for n, prompt in enumerate(built):
-        for j, continuation in enumerate(clf._continuations(prompt)):
-            requests.append(Instance("loglikelihood", doc={}, arguments=(prompt.text, continuation), idx=n * k + j))
-    started = time.perf_counter()
-    scores = [logprob for logprob, _ in harness.loglikelihood(requests, disable_tqdm=True)]
-    seconds = time.perf_counter() - started
-    picks = [clf.labels[max(range(k), key=scores[n * k : (n + 1) * k].__getitem__)] for n in range(len(built))]
-    return picks, seconds, scores
+    return run_harness(harness, clf, built)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2")
-    parser.add_argument("--template", default="sentiment")
-    parser.add_argument("--data", default=str(SHARED / "sst2" / "sst2.validation.jsonl"))
-    parser.add_argument("--shots", type=int, default=4)
-    parser.add_argument("--limit", type=int, default=200)
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--batch-size", type=int, default=16)
-    args = parser.parse_args()
+    args = arguments(__doc__).parse_args()
     proc, url = start_server(args)
     try:
         lm, clf, built, ours, gold, our_s, chat, _ = llmlab_side(args)
