@@ -1,3 +1,4 @@
+import contextlib
 import json
 import os
 import re
@@ -69,3 +70,35 @@ def read_pty(master: int, proc) -> bytes:
         elif proc.poll() is not None:
             break
     return captured
+
+
+@contextlib.contextmanager
+def read_only(path: Path):
+    """`path` (a folder or a file) read-only for this process while the block runs, root included.
+    A normal user: its mode loses the write bits. Root writes through any mode, so for root the path
+    is bind-mounted onto itself read-only (mount(2), as CI's container allows); the test skips, saying
+    why, only where root may not mount."""
+    if os.geteuid() != 0:
+        mode = path.stat().st_mode
+        path.chmod(mode & ~0o222)
+        try:
+            yield path
+        finally:
+            path.chmod(mode)
+        return
+    import ctypes
+
+    import pytest
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    where = str(path).encode()
+    ms_rdonly, ms_remount, ms_bind = 1, 32, 4096
+    if libc.mount(where, where, None, ms_bind, None) != 0:
+        pytest.skip(f"running as root, and a read-only bind mount failed ({os.strerror(ctypes.get_errno())})")
+    try:
+        if libc.mount(b"none", where, None, ms_remount | ms_bind | ms_rdonly, None) != 0:
+            pytest.skip(f"running as root, and remounting read-only failed ({os.strerror(ctypes.get_errno())})")
+        assert not os.access(path, os.W_OK)
+        yield path
+    finally:
+        libc.umount2(where, 2)  # MNT_DETACH

@@ -10,17 +10,19 @@ on the model instead). Cases with `real` go through llmlab's real loading path (
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable
 
 import pytest
 
-from helpers import invoke, jsonl
+from helpers import invoke, jsonl, read_only
 from llmlab.io import locks
 from llmlab.backends import models
 
@@ -83,6 +85,15 @@ def _hold_lock(tmp: Path) -> None:
 
 
 _held: list[locks.OutputLock] = []
+
+
+def _read_only(name: str) -> Callable[[Path], None]:
+    """The case's file or folder `name` read-only during the run, as root too (helpers.read_only)."""
+    def setup(tmp: Path) -> None:
+        stack = contextlib.ExitStack()
+        stack.enter_context(read_only(tmp / name))
+        _held.append(SimpleNamespace(release=stack.close))  # released after the run, with the locks
+    return setup
 
 
 def _number_used_as_text(tmp: Path, result: Any) -> None:
@@ -253,7 +264,6 @@ VARIED = "".join(json.dumps({"text": f"{w} film {i}", "label": lab}) + "\n"
 
 
 LONG = " ".join(["the film was terrible and boring"] * 40)  # ~240 tokens: over tiny gpt2's 64-token window
-ROOT = os.geteuid() == 0 if hasattr(os, "geteuid") else False
 
 CASES = [
     # ---- already right: one clear line, the line number, nothing written
@@ -338,8 +348,11 @@ CASES = [
     Case("output-is-the-input", G + ["-i", "{tmp}/in.jsonl", "-o", "{tmp}/in.jsonl", "-m", "{nomodel}"], 3,
          "is the input file itself", files={"in.jsonl": P2}, check=_input_intact),
     Case("output-folder-read-only", G + ["-i", "{tmp}/in.jsonl", "-o", "{tmp}/ro/out.jsonl", "-m", "{nomodel}"], 3,
-         "folder '{tmp}/ro' is not writable", files={"in.jsonl": P2, "ro/keep": ""},
-         setup=lambda tmp: (tmp / "ro").chmod(0o555), skip="root writes to read-only folders" if ROOT else None),
+         "error: --output '{tmp}/ro/out.jsonl': folder '{tmp}/ro' is not writable; choose another folder",
+         files={"in.jsonl": P2, "ro/keep": ""}, setup=_read_only("ro")),
+    Case("output-file-read-only", G + ["-i", "{tmp}/in.jsonl", "-o", "{tmp}/out.jsonl", "-m", "{nomodel}"], 3,
+         "error: --output '{tmp}/out.jsonl' is not writable; choose another file or fix its permissions", rows=1,
+         files={"in.jsonl": P2, "out.jsonl": rec(0, prompt="a")}, setup=_read_only("out.jsonl")),
     # ---- other branches' items: strict xfail here until merged
     Case("shots-negative-before-load", C[:1] + ["-m", "{nomodel}", "-t", "{tmp}/toy.yaml", "--shots", "-1", "x"], 2,
          "invalid --shots -1", files={"toy.yaml": TOY}),
