@@ -40,7 +40,8 @@ def test_single_prompt_argument_and_stdin_agree(tiny_models):
 def test_echo_prints_the_prompt_first(tiny_models):
     plain = invoke(["generate", "-m", tiny_models["llama"], "the movie", "--max-new-tokens", 4])
     echoed = invoke(["generate", "-m", tiny_models["llama"], "the movie", "--max-new-tokens", 4, "--echo"])
-    assert echoed.stdout == "the movie" + plain.stdout
+    assert plain.exit_code == echoed.exit_code == 0, plain.stderr + echoed.stderr
+    assert echoed.stdout == "the movie" + plain.stdout and plain.stdout.strip()
 
 
 def test_model_from_environment(fake_lm):
@@ -68,11 +69,17 @@ def test_csv_and_text_inputs_and_outputs(tiny_models, tmp_path):
 
 
 def test_seed_makes_sampling_repeatable(tiny_models):
-    args = ["generate", "-m", tiny_models["llama"], "the movie", "--sample", "--temperature", 1.3, "--seed", 11,
-            "--max-new-tokens", 8]
-    assert invoke(args).stdout == invoke(args).stdout
-    many = invoke(args + ["-n", 3, "-f", "jsonl"])
-    row = jsonl(many.stdout)[0]
+    def sample(seed, *extra):
+        result = invoke(["generate", "-m", tiny_models["llama"], "the movie", "--sample", "--temperature", 1.3,
+                         "--seed", seed, "--max-new-tokens", 8, "-f", "jsonl", *extra])
+        assert result.exit_code == 0, result.stderr
+        return jsonl(result.stdout)[0]
+
+    first = sample(11)
+    assert first["completion_tokens"] > 0 and first["completion"].strip()
+    assert sample(11) == first  # the same seed: the same draw, after other draws moved torch's generator on
+    assert any(sample(seed)["completion"] != first["completion"] for seed in (12, 13, 14))  # the seed matters
+    row = sample(11, "-n", 3)
     assert len(row["completions"]) == 3 and len(row["finish_reason"]) == 3
 
 
