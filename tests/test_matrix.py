@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,8 @@ HAVE_REAL_T5 = (T5_TOKENIZER / "tokenizer.json").is_file() and FLAN_CONFIG.is_fi
 TEMPLATES = prompts.list_templates()
 NAMES = [t.name for t in TEMPLATES]
 BY_NAME = {t.name: t for t in TEMPLATES}
+CLASSIFY_NAMES = [t.name for t in TEMPLATES if t.task == "classify"]
+GENERATE_NAMES = [t.name for t in TEMPLATES if t.task != "classify"]
 ARCHS = [
     "t5-like",
     "llama",
@@ -235,23 +238,28 @@ def test_generate(archs, tmp_path, name, arch, shots, stop):
 
 @pytest.mark.parametrize("shots", SHOTS)
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", CLASSIFY_NAMES)
 def test_classify(archs, tmp_path, name, arch, shots):
-    """Classify templates: one label per item with probabilities over every label. Generate templates:
-    a one-line usage error before any model time."""
+    """Classify templates: one label per item with probabilities over every label."""
     template = BY_NAME[name]
     data = write(tmp_path, template)
     result = invoke(["classify", "-t", name, "-m", archs[arch], "-i", data, "--shots", shots, "-f", "jsonl"])
-    if template.task != "classify":
-        assert result.exit_code == 2 and result.stdout == ""
-        assert result.stderr == f"error: template '{name}' is a generate template; classify needs task: classify with labels\n"
-        return
     assert result.exit_code == 0, result.stderr
     out = jsonl(result.stdout)
     assert [r["id"] for r in out] == ["r0", "r1"]
     for r in out:
         assert r["prediction"] in template.labels
         assert sum(r["probabilities"].values()) == pytest.approx(1.0, abs=1e-3)
+
+
+@pytest.mark.parametrize("name", GENERATE_NAMES)
+def test_classify_refuses_a_generate_template(no_model, tmp_path, name):
+    """Each generate template: classify names it in one usage line before any model time (the model and
+    --shots play no part in it, so one case per template, not per architecture and shot count)."""
+    data = write(tmp_path, BY_NAME[name])
+    result = invoke(["classify", "-t", name, "-m", "./never-loaded", "-i", data, "--shots", 2, "-f", "jsonl"])
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr == f"error: template '{name}' is a generate template; classify needs task: classify with labels\n"
 
 
 # ---------------------------------------------------------------- eval
@@ -279,7 +287,23 @@ def test_eval(archs, tmp_path, name, arch):
     body = [ln for ln in lines[2:] if ln.split()[:2] == [name, "data.jsonl"]]  # not the paired table's rows
     assert len(body) == 2, result.stdout
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report
+    assert report["data"] == [{"template": name, "path": str(data), "name": "data.jsonl", "items": 3}]
+    assert report["model"]["encoder_decoder"] == (arch in T5_ARCHS)
+    results = report["results"]
+    assert [(r["template"], r["data_name"], r["task"], r["shots"], [run["items"] for run in r["runs"]])
+            for r in results] == [(name, "data.jsonl", template.task, shots, [3]) for shots in (0, 2)]
+    key, column = ("accuracy", "accuracy %") if template.task == "classify" else ("rouge1", "ROUGE-1")
+    headers = re.split(r" {2,}", lines[1].strip())  # table cells are at least two spaces apart
+    for row, r in zip(body, results):
+        cells = dict(zip(headers, re.split(r" {2,}", row.strip())))
+        mean = r["summary"][key]["mean"]
+        assert cells["shots"].split()[0] == str(r["shots"]) and cells["n"] == "3"
+        assert cells[column] == f"{100 * mean:.1f}" and 0 <= mean <= 1  # the table shows the report's number
+        if template.task == "classify":  # 3 items, one seed: a whole number of right answers
+            confusion = r["runs"][0]["metrics"]["confusion"]
+            matrix, columns = confusion["matrix"], confusion["predicted"]
+            right = sum(row[columns.index(gold)] for gold, row in zip(confusion["labels"], matrix) if gold in columns)
+            assert sum(map(sum, matrix)) == 3 and mean == pytest.approx(right / 3)
 
 
 # ---------------------------------------------------------------- FLAN-T5 token ids
