@@ -37,9 +37,11 @@ demo: install
 test: install-test
 	$(BIN)/python -m pytest -q
 
-# The fast tier: FakeLM and argument handling, no model loads and no subprocesses (under a minute).
+# The fast tier: FakeLM and argument handling, no model loads and a handful of subprocesses (under a
+# minute on 2 cores), in TEST_WORKERS processes (pytest-xdist; each test has its own temporary home).
+TEST_WORKERS ?= 2
 test-fast: install-test
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow" -n $(TEST_WORKERS)
 
 # Static types: mypy over the whole package (settings in pyproject.toml's [tool.mypy]); CI runs it.
 typecheck: install

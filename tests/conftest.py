@@ -52,8 +52,8 @@ def pytest_configure(config):
 # (tiny or embedded) model, or drive the CLI through subprocesses and terminals. A test is slow when it
 # uses a model-building fixture, is marked slow itself, or lives in one of these modules.
 SLOW_FIXTURES = {"tiny_models", "smollm2_cache"}
-SLOW_MODULES = {"test_readme", "test_cli_terminal", "test_progress", "test_scale_parallel", "test_smollm2",
-                "test_smollm2_defaults", "test_signals"}
+SLOW_MODULES = {"test_readme", "test_progress", "test_scale_parallel", "test_smollm2", "test_smollm2_defaults",
+                "test_signals"}
 
 
 def pytest_collection_modifyitems(config, items):

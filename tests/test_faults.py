@@ -456,7 +456,7 @@ def _fill(value: Any, subs: dict[str, str]) -> Any:
 def _params():
     params = []
     for case in CASES:
-        marks = []
+        marks = [pytest.mark.slow] if case.real else []  # the real loading path on a damaged model file
         if case.needs:
             marks.append(pytest.mark.xfail(strict=True, reason=f"needs {case.needs}"))
         if case.skip:

@@ -6,6 +6,7 @@ import re
 import shutil
 import statistics
 import subprocess
+import tempfile
 
 import pytest
 
@@ -15,8 +16,13 @@ from llmlab.orchestration import report
 from llmlab.runs import runlog
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
-needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary: apt-get install -y chromium "
-                                    "(CI installs it) to test the report in a real browser")
+_no_chromium = pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary: apt-get install -y chromium "
+                                  "(CI installs it) to test the report in a real browser")
+
+
+def needs_chromium(test):
+    """A browser test: skipped without chromium, and slow (a browser process; left out of make test-fast)."""
+    return pytest.mark.slow(_no_chromium(test))
 
 
 
@@ -64,8 +70,10 @@ def test_html_is_self_contained(page):
 
 
 def _chromium(*args, timeout=120):
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    with tempfile.TemporaryDirectory(prefix="chromium-") as profile:  # never the user's profile; one per run
+        cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+               f"--user-data-dir={profile}", *map(str, args)]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 
 
 @needs_chromium
