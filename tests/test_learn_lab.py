@@ -1,4 +1,4 @@
-"""llmlab lab: driven through a pseudo-terminal (keys in, screen out) and as a piped script."""
+"""llmlab lab: driven through a pseudo-terminal (keys in, screen out), as a piped script, and its mistakes (fast)."""
 
 import json
 import math
@@ -151,3 +151,34 @@ def test_a_long_paste_while_a_completion_streams_arrives_whole(tiny_models, env,
     history = (tmp_path / "cache" / "lab-history").read_text()
     entries = [line[1:] for line in history.splitlines() if line.startswith("+")]
     assert entries[-2:] == [paste, "/quit"]
+
+
+@pytest.mark.parametrize("args, error, code", [
+    (["--shots", "-1"], "error: invalid --shots -1: must be >= 0\n", 2),
+    (["-t", "nosuch"], "error: no template named 'nosuch' (available: ", 3),
+    (["--config", "nope.yaml"], "error: generation preset 'nope.yaml' not found", 3),
+    (["--dtype", "int4"], "error: Invalid value for '--dtype': 'int4' is not one of", 2),
+    (["--backend", "nope"], "error: Invalid value for '--backend': 'nope' is not one of", 2),
+    (["--chat", "maybe"], "error: Invalid value for '--chat': 'maybe' is not one of", 2),
+])
+def test_lab_mistakes_before_loading(no_model, args, error, code):
+    result = invoke(["lab", "-m", "./never-loaded", *args], input="")
+    assert result.exit_code == code and result.stdout == ""
+    assert result.stderr.startswith(error) and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_lab_mistakes_in_the_session_keep_it(fake_lm):
+    """Each mistaken line gets its own one-line error; the session goes on to the next line."""
+    script = "/bogus\n/set top_p\n/set top_p 7\n/shots x\n/template\n/save\n/show\n/set\n/quit\n"
+    result = invoke(["lab", "-m", "fake"], input=script)
+    assert result.exit_code == 0, result.stderr
+    assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [
+        "error: unknown command /bogus; /help lists them",
+        "error: /set top_p needs a value, e.g. /set temperature 0.7",
+        "error: invalid --top-p 7.0: must be in (0, 1] (1 = no limit)",
+        "error: /shots needs a whole number >= 0, not 'x'",
+        "error: /template needs a name (llmlab prompt list) or off",
+        "error: /save needs a file name, e.g. /save preset.yaml",
+        "error: no prompt yet: type one first, or give the text after the command",
+    ]
+    assert "top_p = 1.0" in result.stdout  # the bad value was not kept
