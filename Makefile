@@ -34,8 +34,10 @@ demo: install
 	@a=$$($(BIN)/llmlab classify -t sentiment "$(REVIEW)" --shots 0 --calibration off -f text) && printf '  zero-shot, uncalibrated:              %s\n' "$$a"
 	@a=$$($(BIN)/llmlab classify -t sentiment "$(REVIEW)" -f text) && printf '  template defaults (4 shots + probe):  %s\n' "$$a"
 
-test: install-test
-	$(BIN)/python -m pytest -q
+# The whole suite: the fast tier in TEST_WORKERS processes, then the slow tests (models, subprocesses,
+# terminals, timings) one at a time, as before.
+test: test-fast
+	$(BIN)/python -m pytest -q -m slow
 
 # The fast tier: FakeLM and argument handling, no model loads and a handful of subprocesses (under a
 # minute on 2 cores), in TEST_WORKERS processes (pytest-xdist; each test has its own temporary home).
