@@ -13,6 +13,7 @@ import typer
 from llmlab.commands.app import hooks, model_config
 from llmlab.core import console
 from llmlab.core.config import Backend, ChatMode, Dtype, value
+from llmlab.core.jsontypes import JSONValue
 from llmlab.core.errors import UsageError
 from llmlab.commands.options import (BackendOpt, DeviceMapOpt, MaxMemoryOpt, GEN_PANEL, IO_PANEL, MODEL_PANEL, PROMPT_PANEL, Chat, ConfigFile, Device, DtypeOpt,
                             Greedy, InputFile, Model, PromptsDir, Quiet, RepetitionPenalty, Seed, Temperature,
@@ -145,7 +146,7 @@ def _template_item(tmpl: Any, text: Optional[str], var: Optional[list[str]]) -> 
     from llmlab.io import records as io
     from llmlab.prompting import prompts
 
-    values = prompts.parse_vars(var or [])
+    values: dict[str, JSONValue] = dict(prompts.parse_vars(var or []))
     if text is not None:
         missing = [f for f in tmpl.fields if f not in values]
         if len(missing) != 1:

@@ -67,12 +67,11 @@ def prompt_show(
     prompts_dir: PromptsDir = None,
 ) -> None:
     """Show a template: its file, fields, labels, example pool and defaults, then its source."""
-    from llmlab.io import render
-    from llmlab.orchestration import session
+    from llmlab.orchestration import prompt_render, session
     from llmlab.core.config import PromptConfig
 
     tmpl = session.required_template(PromptConfig(template, prompts_dir=list(prompts_dir or [])))
-    rows = render.template_info(tmpl)
+    rows = prompt_render.template_info(tmpl)
     width = max(len(k) for k, _ in rows)
     sys.stdout.write("".join(f"{k.ljust(width)}  {v}\n" for k, v in rows))
     sys.stdout.write("\n" + tmpl.source_text.rstrip("\n") + "\n")

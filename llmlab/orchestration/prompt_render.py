@@ -11,6 +11,7 @@ from llmlab.orchestration.session import Hooks, chat_for, read_input, required_t
 
 if TYPE_CHECKING:  # types only: nothing more is imported at run time
     from llmlab.io.items import Item
+    from llmlab.prompting.templates import Template
 
 
 @dataclass
@@ -65,3 +66,27 @@ def render_record(r: Rendered) -> dict[str, Any]:
     extra = {"model_text": r.seen} if r.seen != r.prompt.text else {}
     return {"index": r.item.index, **r.item.fields, "prompt": r.prompt.text, **extra, "templated": r.prompt.chat,
             "tokens": r.prompt.tokens, "shots": len(r.prompt.shots)}
+
+
+def template_info(template: Template) -> list[tuple[str, str]]:
+    """`llmlab prompt show`: what a template is made of, as (key, value) rows."""
+    from llmlab.core.settings import build, normalize_keys
+
+    settings = build(normalize_keys(template.generation, template.name) if template.generation else {})
+    pool = str(template.examples_path) if template.examples_path else "inline in the template"
+    labels = ", ".join(f"{k} ({v})" if v != k else k for k, v in template.labels.items())
+    shots = template.shots or 0
+    defaults = f"shots {shots}" + (f", calibrate {template.calibrate or 'off'}" if template.task == "classify" else "")
+    defaults += (f", chat {template.chat or 'auto'}, shot format {template.shot_format or 'turns'}, shot selection "
+                f"{'balanced' if template.task == 'classify' else 'first'}, max_new_tokens {settings.max_new_tokens}")
+    if settings.stop:
+        defaults += f", stop {settings.stop!r}"
+    rows = [("name", template.name), ("file", str(template.path)), ("task", template.task),
+            ("description", template.description), ("fields", ", ".join(template.fields)),
+            ("target", template.target or "-")]
+    if template.task == "classify":
+        rows.append(("labels", labels))
+    if template.references:
+        rows.append(("references", ", ".join(template.references)))
+    rows += [("examples", f"{len(template.examples)} ({pool})"), ("defaults", defaults)]
+    return rows

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator, Optio
 from llmlab.core import config as cfgmod
 from llmlab.core.config import ClassifyConfig, GenerateConfig, ModelConfig, PromptConfig
 from llmlab.core.errors import UsageError
+from llmlab.core.jsontypes import JSONValue
 from llmlab.orchestration import adapted
 from llmlab.orchestration import resolve
 from llmlab.orchestration.resolve import probe_source  # noqa: F401 - callers import it from here too
@@ -110,7 +111,7 @@ def template_item(template: Template, text: Optional[str], pairs: Sequence[str],
     from llmlab.io import records as io
     from llmlab.prompting import prompts
 
-    values = prompts.parse_vars(pairs)
+    values: dict[str, JSONValue] = dict(prompts.parse_vars(pairs))
     if text is not None:
         fields = [f for f in template.fields if f not in values]
         if len(fields) != 1:

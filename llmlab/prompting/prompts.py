@@ -331,7 +331,7 @@ class PromptBuilder:
         if not fields:
             raise ContextOverflowError(f"{item.source}: the prompt does not fit the {self.window}-token window "
                                        "and has no text field to shorten")
-        name = max(fields, key=lambda f: len(item.fields[f]))
+        name = max(fields, key=lambda f: len(str(item.fields[f])))  # text fields only (above)
         ids = self.tokenizer(item.fields[name], add_special_tokens=False)["input_ids"]
         low, high, best = 0, len(ids), None
         while low <= high:  # the most tokens of the field's end that still fit

@@ -64,9 +64,9 @@ def template_jobs(builder: PromptBuilder, items: Sequence[Item]) -> list[Job]:
     return jobs
 
 
-def record(job: Job, output: Any, model_name: str, echo: bool) -> dict[str, Any]:
+def record(job: Job, output: GenOutput, model_name: str, echo: bool) -> dict[str, object]:
     completions = [job.prompt + c if echo else c for c in output.completions]
-    rec: dict[str, Any] = {"index": job.item.index, **job.item.fields, "prompt": job.prompt}
+    rec: dict[str, object] = {"index": job.item.index, **job.item.fields, "prompt": job.prompt}
     rec["completion"] = completions[0]
     if len(completions) > 1:
         rec["completions"] = completions
