@@ -4,12 +4,13 @@ trained on become the defaults of the commands that run it."""
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import TYPE_CHECKING, Callable, Mapping, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 from llmlab.core.config import ModelConfig, PromptConfig
 from llmlab.io.evalreport import Cost, Result, Versus
 
 if TYPE_CHECKING:  # types only: nothing more is imported at run time
+    from llmlab.backends.adapters import Record
     from llmlab.backends.base import LM
     from llmlab.prompting.templates import Template
 
@@ -84,15 +85,11 @@ def versus(result: Result, rows: list[Result], task: Task) -> Versus | None:
 
 
 def _number(value: object) -> float | None:
-    """A number of an adapter's record (read back from JSON), else None."""
+    """A number of an adapter's settings (JSON values), else None."""
     return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-def _int(value: object) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def cost(result: Result, lm: LM, record: Mapping[str, object] | None = None, folder: str | None = None,
+def cost(result: Result, lm: LM, record: Record | None = None, folder: str | None = None,
          probe_rows: int = 0) -> Cost:
     """What a row cost: labelled rows used (k), training time, trainable parameters, adapter bytes,
     prompt tokens per item and inference FLOPs per item (2N per token the model reads, N its
@@ -104,15 +101,13 @@ def cost(result: Result, lm: LM, record: Mapping[str, object] | None = None, fol
     tokens = sum(known) / len(per_run) if len(known) == len(per_run) else None
     n = adapters.parameter_count(lm)
     settings = (record or {}).get("settings", {})
-    virtual = (_number(settings.get("virtual_tokens", 0)) or 0) \
-        if (record or {}).get("method") == "prompt" and isinstance(settings, dict) else 0
+    virtual = (_number(settings.get("virtual_tokens", 0)) or 0) if (record or {}).get("method") == "prompt" else 0
     k: int | None  # None where the record lacks it
     trainable: int | None
     if record is None:  # in-context learning: the demonstrations shown (+ the probe's rows)
         k, seconds, trainable, size = result["shots"] + probe_rows, None, 0, None
     else:
-        k, seconds, trainable = _int(record.get("k")), _number(record.get("train_seconds")), \
-            _int(record.get("trainable_params"))
+        k, seconds, trainable = record.get("k"), record.get("train_seconds"), record.get("trainable_params")
         size = adapters.size_bytes(folder) if folder else None
     flops = 2 * n * (tokens + virtual) if n and tokens is not None else None
     return {"k": k, "train_seconds": seconds, "trainable_params": trainable, "adapter_bytes": size,
