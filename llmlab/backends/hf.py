@@ -20,8 +20,16 @@ if TYPE_CHECKING:
     from llmlab.backends.hfutil import Model
     from transformers.cache_utils import DynamicCache
 
+    from transformers import StoppingCriteriaList, TextStreamer
+
     from llmlab.backends.prefix_cache import Group
-    from llmlab.core.settings import GenerationSettings
+    from llmlab.core.settings import GenerateKwargs, GenerationSettings
+
+    class _Generate(GenerateKwargs, total=False):
+        """generate()'s arguments: the settings' own, plus the stop texts and a streamer."""
+
+        stopping_criteria: StoppingCriteriaList
+        streamer: TextStreamer
 
 # Window sizes above this are tokenizer sentinels ("no limit known"), not real windows.
 _ABSURD_WINDOW = 1_000_000
@@ -344,7 +352,7 @@ class HFLM(LM):
         ids, mask = hf_score.pad(rows, hf_score.pad_id(self.tokenizer), left=not self.is_encoder_decoder,
                                  device=self.device)
         skip = 1 if self.is_encoder_decoder else ids.shape[1]  # decoder start token / the prompt
-        kwargs = settings.generate_kwargs()
+        kwargs: _Generate = {**settings.generate_kwargs()}
         if stops:
             kwargs["stopping_criteria"] = stopping.criteria(self.hf_tokenizer, stops, skip)
         if stream:

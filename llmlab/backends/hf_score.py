@@ -101,7 +101,8 @@ def causal(lm: Scorer, rows: Sequence[tuple[list[int], list[int]]], cache: Dynam
     return results
 
 
-def seq2seq(lm: Scorer, rows: Sequence[tuple[list[int], list[int]]], layers: Sequence[int] | None = None) -> list[LLOutput]:
+def seq2seq(lm: Scorer, rows: Sequence[tuple[list[int], list[int]]],
+            layers: Sequence[int] | None = None) -> list[LLOutput]:
     """Encoder reads each distinct context once; the decoder scores every continuation in one pass."""
     import torch
 

@@ -119,7 +119,8 @@ def shares(device_map: dict[str, Where], module_sizes: dict[str, int], limits: d
     return list(grouped.values())
 
 
-def plan(model_class: ModelClass, config: PretrainedConfig, dtype: torch.dtype, device_map: str, max_memory: dict | None) -> list[Share]:
+def plan(model_class: ModelClass, config: PretrainedConfig, dtype: torch.dtype, device_map: str,
+         max_memory: dict | None) -> list[Share]:
     """How from_pretrained would place the model, computed on a meta-device copy (no weights,
     no memory): the same transformers/accelerate call from_pretrained makes."""
     import torch

@@ -48,7 +48,8 @@ class Group:
     members: list[int]  # request indexes whose rows start with prefix_ids (and go past it)
 
 
-def plan(prefixes: Sequence[tuple[Hashable, list[int]] | None], rows: Sequence[tuple[list[int], list[int]]]) -> list[Group]:
+def plan(prefixes: Sequence[tuple[Hashable, list[int]] | None],
+         rows: Sequence[tuple[list[int], list[int]]]) -> list[Group]:
     """Groups of rows that can share a cached prefix.
 
     prefixes[i]: (key, the prefix's own token ids) for request i, or None when it has no prefix;
