@@ -149,7 +149,7 @@ def classify(cfg: ClassifyConfig, hooks: Hooks, url: str,
                 log.item(item.index, prompt, rec.get("completion"), rec["prediction"], rec["probabilities"],
                          item.fields.get(template.target) if template.target else None, {"input": item.fields},
                          key=item.key)
-                results.append(Classified(item, rec["prediction"], rec["probabilities"]))
+                results.append(_classified(item, rec))
         log.metrics(clf.run_metrics(results, template))
     return (results, Labels(template, reply["labels"])) if table else None
 
@@ -159,8 +159,15 @@ class Classified:
     """One input's answer from the server: what the table and run_metrics read of a Classification."""
 
     item: Item
-    prediction: object
-    probabilities: object
+    prediction: str
+    probabilities: dict[str, float]
+
+
+def _classified(item: Item, rec: Mapping[str, object]) -> Classified:
+    """A record of the server's reply as a result: its prediction and each label's probability."""
+    probs = rec.get("probabilities")
+    return Classified(item, str(rec.get("prediction")), {str(k): float(v) for k, v in probs.items()
+                                                          if isinstance(v, (int, float))} if isinstance(probs, dict) else {})
 
 
 @dataclass

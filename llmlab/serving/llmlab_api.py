@@ -84,7 +84,7 @@ class _ClassifyReply(TypedDict):
     template: str
     labels: list[str]
     calibration: Optional[str]
-    results: list[dict[str, JsonValue]]
+    results: list[dict[str, object]]  # records, as the commands write them
     warnings: list[str]
 
 
@@ -97,7 +97,7 @@ class RenderReply(TypedDict):
     model: str
     template: str
     window: Optional[int]
-    results: list[dict[str, JsonValue]]
+    results: list[dict[str, object]]  # records, as the commands write them
     warnings: list[str]
 
 
@@ -105,7 +105,7 @@ class GenerateReply(TypedDict):
     object: str
     model: str
     settings: dict[str, JsonValue]
-    results: list[dict[str, JsonValue]]
+    results: list[dict[str, object]]  # records, as the commands write them
     model_texts: list[str]
     warnings: list[str]
 
