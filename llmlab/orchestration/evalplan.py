@@ -3,7 +3,7 @@ calibration, parsed from options or a --plan file, and the data checked before a
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Optional, Sequence
 
@@ -207,7 +207,7 @@ def prepare(specs: Sequence[tuple[str, str]], prompt: PromptConfig, fmt: str, of
     read: dict[str, list[Item]] = {}
     tasks = []
     for name, data in specs:
-        template = session.find_template(session.with_prompt(prompt, template=name, shots=None))
+        template = session.find_template(replace(prompt, template=name, shots=None))
         assert template is not None  # a name was given
         if data not in read:
             read[data] = session.read_input(data, fmt, "text", offset, limit, sample, sample_seed)

@@ -9,7 +9,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable, TypedDict
 
 from llmlab.io.evalreport import Metrics, ModelFacts, Report, Result, SeedRun
 
@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # types only: nothing more is imported at run time
     from llmlab.core.console import Bar
     from llmlab.core.config import ModelConfig
     from llmlab.core.settings import GenerationSettings
-    from llmlab.orchestration.session import Hooks, Session
+    from llmlab.orchestration.session import Hooks, RunLog, Session
     from llmlab.scoring.classify import Classification
     from llmlab.scoring.generation import Job
     from llmlab.prompting.prompts import PromptBuilder
@@ -66,8 +66,15 @@ def write_report(path: str, report: Report) -> None:
 # ---------------------------------------------------------------- running
 
 
+class Where(TypedDict):
+    """Which combination a logged item belongs to (the run log's template and combo columns)."""
+
+    template: str
+    combo: str
+
+
 def _run_seed(session: Session, combo: Combo, seed: int, plan_: EvalPlan, settings: GenerationSettings, bar: Bar,
-              log: Any) -> SeedRun:
+              log: RunLog) -> SeedRun:
     """One seed of one combination: predictions, metrics, speed (and samples with --log-samples).
     Each item goes to the run log `log` as soon as it is scored."""
     from llmlab.runs import runlog
@@ -76,7 +83,7 @@ def _run_seed(session: Session, combo: Combo, seed: int, plan_: EvalPlan, settin
     prompt = replace(plan_.prompt, shots=combo.shots, seed=seed)
     builder = session.builder(combo.template, prompt, settings.max_new_tokens, combo.task.data,
                               default_selection="random")
-    where = {"template": combo.template.name, "combo": runlog.combo(combo.shots, seed, combo.calibrate)}
+    where: Where = {"template": combo.template.name, "combo": runlog.combo(combo.shots, seed, combo.calibrate)}
     measure = _classify_seed if combo.template.task == "classify" else _generate_seed
     metrics, samples, elapsed, scores = measure(session, combo, builder, plan_, settings, bar, log, where)
     n = len(combo.task.items)
@@ -110,8 +117,8 @@ def _log_gathered(logged: Callable[..., None], results: Iterable[tuple[object, .
         logged(*result)
 
 
-def _classify_seed(session: Session, combo: Combo, builder: PromptBuilder, plan_: EvalPlan, settings: GenerationSettings, bar: Bar, log: Any,
-                   where: dict[str, str]) -> tuple[Metrics, list[dict[str, object]], float, list[float]]:
+def _classify_seed(session: Session, combo: Combo, builder: PromptBuilder, plan_: EvalPlan, settings: GenerationSettings, bar: Bar, log: RunLog,
+                   where: Where) -> tuple[Metrics, list[dict[str, object]], float, list[float]]:
     """(metrics, samples, seconds, each row's 1/0 right or wrong) of one seed of a classify combination."""
     from llmlab.scoring import classify
     from llmlab.orchestration import parallel
@@ -145,8 +152,8 @@ def _classify_seed(session: Session, combo: Combo, builder: PromptBuilder, plan_
     return metrics, samples, elapsed, [float(r.prediction == g) for r, g in zip(results, golds)]
 
 
-def _generate_seed(session: Session, combo: Combo, builder: PromptBuilder, plan_: EvalPlan, settings: GenerationSettings, bar: Bar, log: Any,
-                   where: dict[str, str]) -> tuple[Metrics, list[dict[str, object]], float, list[float]]:
+def _generate_seed(session: Session, combo: Combo, builder: PromptBuilder, plan_: EvalPlan, settings: GenerationSettings, bar: Bar, log: RunLog,
+                   where: Where) -> tuple[Metrics, list[dict[str, object]], float, list[float]]:
     """(metrics, samples, seconds, each row's ROUGE-L) of one seed of a generate combination."""
     from llmlab.scoring import generation
     from llmlab.orchestration import parallel
@@ -174,7 +181,7 @@ def _generate_seed(session: Session, combo: Combo, builder: PromptBuilder, plan_
     return generation_metrics(preds, refs), samples, elapsed, rouge_l(preds, refs)
 
 
-def run_combo(session: Session, combo: Combo, plan_: EvalPlan, bar: Bar, log: Any = None) -> Result:
+def run_combo(session: Session, combo: Combo, plan_: EvalPlan, bar: Bar, log: RunLog | None = None) -> Result:
     """All seeds of one combination, with mean, std, min and max over the seeds. log: a run log
     (runlog.open_run) that gets each item as it is scored."""
     from llmlab.runs import runlog
@@ -193,7 +200,7 @@ def data_name(path: str) -> str:
     return "stdin" if path == "-" else Path(path).name
 
 
-def evaluate(session: Session, plan_: EvalPlan, bar: Bar | None = None, log: Any = None) -> Report:
+def evaluate(session: Session, plan_: EvalPlan, bar: Bar | None = None, log: RunLog | None = None) -> Report:
     """Run every combination of the plan (data already checked); `bar.advance(n)` counts items.
     log (a runlog run, optional) gets each item as it is scored and each combination's metrics
     (log.eval_combo) as soon as the combination is done."""
@@ -259,7 +266,7 @@ def run(plan: EvalPlan, model: ModelConfig, hooks: Hooks | None = None, lm: LM |
             return report
 
 
-def adapter_rows(plan_: EvalPlan, model: ModelConfig, hooks: Hooks, bar: Bar, log: Any,
+def adapter_rows(plan_: EvalPlan, model: ModelConfig, hooks: Hooks, bar: Bar, log: RunLog,
                     report_rows: list[Result]) -> list[Result]:
     """One row per adapter and task of its template: the adapter on the base, its training prompts
     (its shots, no calibration), on the same items as the in-context rows (report_rows), each

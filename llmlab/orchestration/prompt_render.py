@@ -4,20 +4,22 @@ weights), and what the model sees of them after its tokenizer's normalisation.""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 from llmlab.core.config import RenderConfig
 from llmlab.orchestration.session import Hooks, chat_for, read_input, required_template, settings_for, template_item
 
 if TYPE_CHECKING:  # types only: nothing more is imported at run time
+    from llmlab.backends.base import Tokenizer
     from llmlab.io.items import Item
+    from llmlab.prompting.prompts import Prompt
     from llmlab.prompting.templates import Template
 
 
 @dataclass
 class Rendered:
     item: Item
-    prompt: Any  # prompts.Prompt
+    prompt: Prompt
     seen: str  # the prompt as the model sees it: decoded from its ids (T5 normalises newlines to spaces)
 
 
@@ -28,7 +30,8 @@ class RenderRun:
     prompts: Iterator[Rendered] = field(default_factory=lambda: iter(()))
 
 
-def render(cfg: RenderConfig, hooks: Hooks = Hooks(), items: Any = None, loaded: Any = None) -> RenderRun:
+def render(cfg: RenderConfig, hooks: Hooks = Hooks(), items: Optional[list[Item]] = None,
+           loaded: tuple[Tokenizer, Optional[int], bool] | None = None) -> RenderRun:
     """`llmlab prompt render`: the exact prompts, built with the tokenizer only (no weights).
     items: the inputs, given (the server); loaded: (tokenizer, window, encoder_decoder) already loaded."""
     from llmlab.backends import models
@@ -60,7 +63,7 @@ def render(cfg: RenderConfig, hooks: Hooks = Hooks(), items: Any = None, loaded:
     return RenderRun(window, builder.budget(), each())
 
 
-def render_record(r: Rendered) -> dict[str, Any]:
+def render_record(r: Rendered) -> dict[str, object]:
     """A `prompt render -f jsonl` record; `templated` says the prompt went through the chat template,
     so `generate --input` sends it as it is."""
     extra = {"model_text": r.seen} if r.seen != r.prompt.text else {}

@@ -40,9 +40,10 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from llmlab.core.errors import Interrupted
+from llmlab.io.evalreport import Result
 from llmlab.runs.rundb import (  # noqa: F401 - re-exported
     BUSY_TIMEOUT_MS, MIGRATIONS, connect, db_path, enabled, migrate, transaction)
 from llmlab.runs.runquery import delete, get_run, items, list_runs, search  # noqa: F401 - re-exported
@@ -147,18 +148,18 @@ class Run:
                      "gold, probabilities, extra, created) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", row),
                     ("UPDATE runs SET n_items = n_items + 1 WHERE id = ?", (self.id,)))
 
-    def metrics(self, metrics: dict[str, Any]) -> None:
+    def metrics(self, metrics: Mapping[str, object]) -> None:
         """Save (replace) the run's metrics."""
         self._write(("UPDATE runs SET metrics = ? WHERE id = ?", (_json(metrics), self.id)))
 
-    def result(self, template: str, task: str, shots: int, seed: int, calibrate: bool, metrics: dict[str, Any],
+    def result(self, template: str, task: str, shots: int, seed: int, calibrate: bool | str, metrics: Mapping[str, object],
                **more: Any) -> None:
         """Append one eval combination's metrics (the shape in this module's docstring) and save."""
         self._results.append({"template": template, "task": task, "shots": shots, "seed": seed,
                               "calibrate": calibrate, **more, "metrics": metrics})
         self.metrics({"results": self._results})
 
-    def eval_combo(self, combo_result: dict[str, Any]) -> None:
+    def eval_combo(self, combo_result: Result) -> None:
         """Log each seed of one evaluate.run_combo() result (its "runs" list) in the results shape."""
         for r in combo_result["runs"]:
             self.result(combo_result["template"], combo_result["task"], combo_result["shots"], r["seed"],
@@ -208,10 +209,10 @@ class NoRun:
     id = None
 
     def item(self, *args: Any, **kwargs: Any) -> None: ...
-    def metrics(self, metrics: dict[str, Any]) -> None: ...
+    def metrics(self, metrics: Mapping[str, object]) -> None: ...
     def result(self, *args: Any, **kwargs: Any) -> None: ...
     def update(self, *args: Any, **kwargs: Any) -> None: ...
-    def eval_combo(self, combo_result: dict[str, Any]) -> None: ...
+    def eval_combo(self, combo_result: Result) -> None: ...
     def finish(self, status: str = "complete") -> None: ...
     def __enter__(self) -> "NoRun":
         return self

@@ -107,7 +107,7 @@ def generate(cfg: GenerateConfig, hooks: Hooks, url: str, display: bool = False)
                     writer.write(rec)
                     if bar is not None:
                         bar.advance(1)
-                log.item(item.index, text, rec["completion"], key=item.key,
+                log.item(item.index, text, str(rec["completion"]), key=item.key,
                          extra={"input": item.fields, **({"completions": rec["completions"]}
                                                          if "completions" in rec else {})})
         log.metrics({"items": len(todo)})
@@ -146,10 +146,11 @@ def classify(cfg: ClassifyConfig, hooks: Hooks, url: str,
                 rec["index"] = item.index
                 if writer is not None:
                     writer.write(rec)
-                log.item(item.index, prompt, rec.get("completion"), rec["prediction"], rec["probabilities"],
-                         item.fields.get(template.target) if template.target else None, {"input": item.fields},
-                         key=item.key)
-                results.append(_classified(item, rec))
+                result, completion = _classified(item, rec), rec.get("completion")
+                log.item(item.index, prompt, completion if isinstance(completion, str) else None, result.prediction,
+                         result.probabilities, item.fields.get(template.target) if template.target else None,
+                         {"input": item.fields}, key=item.key)
+                results.append(result)
         log.metrics(clf.run_metrics(results, template))
     return (results, Labels(template, reply["labels"])) if table else None
 
