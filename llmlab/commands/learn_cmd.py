@@ -290,7 +290,7 @@ def next_token(
     out = None if piped else _stdout()
     for step in nexttoken.walk(lm, generation.chat_text(lm.tokenizer, [{"role": "user", "content": text}])
                                if use_chat else text, use_chat, settings, steps, show):
-        if piped:
+        if piped or out is None:  # (out is None exactly when piped)
             print(json.dumps(step.to_json(), ensure_ascii=False), flush=True)
         else:
             nexttoken.render(step, out)
