@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
@@ -15,6 +15,13 @@ from llmlab.core import console
 from llmlab.core.config import Backend, ChatMode, Dtype, value
 from llmlab.core.jsontypes import JSONValue
 from llmlab.core.errors import UsageError
+
+if TYPE_CHECKING:  # types only: nothing more is imported at run time
+    from rich.console import Console
+
+    from llmlab.io.items import Item
+    from llmlab.learn.anatomy import Anatomy
+    from llmlab.prompting.templates import Template
 from llmlab.commands.options import (BackendOpt, DeviceMapOpt, MaxMemoryOpt, GEN_PANEL, IO_PANEL, MODEL_PANEL, PROMPT_PANEL, Chat, ConfigFile, Device, DtypeOpt,
                             Greedy, InputFile, Model, PromptsDir, Quiet, RepetitionPenalty, Seed, Temperature,
                             TemplateOpt, TopK, TopP, Vars)
@@ -38,7 +45,7 @@ def _piped(format: str) -> bool:
     return format == "jsonl" or (format == "auto" and not sys.stdout.isatty())
 
 
-def _stdout():
+def _stdout() -> Console:
     from rich.console import Console
 
     return Console(highlight=False, soft_wrap=True)
@@ -119,8 +126,8 @@ def tokenize(
             tokens.render_budget(budget, out)
 
 
-def _tokenize_items(text: Optional[str], tmpl: Any, var: Optional[list[str]], input: Optional[str],
-                    field: str) -> list[Any]:
+def _tokenize_items(text: Optional[str], tmpl: Optional[Template], var: Optional[list[str]], input: Optional[str],
+                    field: str) -> list[Item]:
     """What `tokenize` shows: the rows of --input, else the argument (or stdin) as one item."""
     from llmlab.io import records as io
     from llmlab.prompting import prompts
@@ -142,7 +149,7 @@ def _tokenize_items(text: Optional[str], tmpl: Any, var: Optional[list[str]], in
     return [io.Item(0, {field: found}, "the text")]
 
 
-def _template_item(tmpl: Any, text: Optional[str], var: Optional[list[str]]) -> Any:
+def _template_item(tmpl: Template, text: Optional[str], var: Optional[list[str]]) -> Item:
     from llmlab.io import records as io
     from llmlab.prompting import prompts
 
@@ -184,7 +191,7 @@ def info(
     _show_info(a, _stdout())
 
 
-def _show_info(a: Any, out: Any) -> None:
+def _show_info(a: Anatomy, out: Console) -> None:
     from rich.table import Table
 
     from llmlab.learn.anatomy import CACHE_BYTES, DTYPE_BYTES, KINDS, TRAINING_EXTRA_BYTES, human, millions

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
@@ -15,6 +15,9 @@ from llmlab.core.errors import UsageError
 from llmlab.commands.options import (IO_PANEL, Chat, Examples, InputFile, InputFormatOpt, Limit, MaxNewTokens, Model,
                             Offset, OverflowOpt, PromptsDir, Quiet, ShotFormatOpt, Shots, ShotSeed, ShotSelection,
                             Vars, Verbose)
+
+if TYPE_CHECKING:  # types only: nothing more is imported at run time
+    from llmlab.prompting.templates import Template
 
 prompt_app = typer.Typer(help="Prompt templates: list them, show one, render the exact prompts.",
                          no_args_is_help=True)
@@ -43,7 +46,7 @@ def prompt_list(prompts_dir: PromptsDir = None, format: ListFormat = "auto") -> 
     for problem in problems:  # a broken file is named on stderr; it never hides the others
         console.warn(problem)
     # a listing reads no examples file: it names the file (examples_file) instead of counting its rows
-    def examples(t: Any) -> str:
+    def examples(t: Template) -> str:
         return t.examples_path.name if t.examples_path else str(len(t.examples))
 
     if fmt == "jsonl":
