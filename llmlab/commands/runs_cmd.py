@@ -37,7 +37,7 @@ def _db(write: bool = False):
     return runlog.connect(path, read_only=not write)  # reading works on read-only media too
 
 
-def _tsv(values: list[Any]) -> str:
+def _tsv(values: list[object]) -> str:
     return "\t".join("" if v is None else str(v).replace("\t", " ").replace("\n", " ") for v in values)
 
 
@@ -122,15 +122,17 @@ def runs_show(run_id: RunId, show_items: Annotated[bool, typer.Option("--items",
                        i["gold"] or ""] for i in listed])
 
 
-def _metrics_text(metrics: Any) -> str:
+def _metrics_text(metrics: object) -> str:
     """Metrics for people: eval results as one line per combination, without confusion matrices."""
+    from llmlab.orchestration import report
     from llmlab.runs import runlog
 
-    if not metrics:
+    if not isinstance(metrics, dict) or not metrics:  # the JSON of the runs table's metrics column
         return ""
     lines = []
-    for r in metrics.get("results", []):
-        shown = " ".join(f"{k} {v * 100:.1f}" for k, v in r["metrics"].items() if isinstance(v, (int, float)))
+    for r in report.eval_results(metrics):
+        values = r["metrics"] if isinstance(r["metrics"], dict) else {}
+        shown = " ".join(f"{k} {v * 100:.1f}" for k, v in values.items() if isinstance(v, (int, float)))
         lines.append(f"{r['template']} shots={r['shots']} seed={r['seed']}{runlog.calibration_suffix(r.get('calibrate'))}: {shown}")
     lines += [f"{k}: {v}" for k, v in metrics.items() if k != "results"]
     return "\n".join(lines)
