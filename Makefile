@@ -41,6 +41,8 @@ test: test-fast
 
 # The fast tier: FakeLM and argument handling, no model loads and a handful of subprocesses (under a
 # minute on 2 cores), in TEST_WORKERS processes (pytest-xdist; each test has its own temporary home).
+# Workers cost ~20 s more CPU in all (each collects the suite): on a machine already busy, TEST_WORKERS=0
+# (one process) finishes as soon and leaves the CPU to others.
 TEST_WORKERS ?= 2
 test-fast: install-test
 	$(BIN)/python -m pytest -q -m "not slow" -n $(TEST_WORKERS)
