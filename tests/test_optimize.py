@@ -214,3 +214,30 @@ def test_a_tight_budget_drops_variants_that_need_their_own_probe_first(files):
     assert searching.cost(rungs, 120) <= cfg.budget and rungs[0].count == len(variants)
     plenty = config(files, budget=100_000, candidates=8, seed=1)
     assert optimizing.schedule(space, plenty, 200, 120)[0] == drawn  # nothing dropped when all fit
+
+
+def test_a_probe_fitted_on_search_rows_set_aside_wins_when_only_the_states_know_the_label(files):
+    """Label scores are a hash (chance); the hidden states carry the label: the "probe data" readout
+    wins, its rows are written beside the template, and they are never searched or held out."""
+    from llmlab.prompting.prompts import load_template
+
+    lm = FakeLM(score=FakeLM._hash_score)
+    result = optimizing.optimize(config(files, budget=600, candidates=8, probe_rows=10), lm=lm)
+    assert "readout probe data" in result.winner and result.difference.b == 1.0
+    written = load_template(str(files / "opt.yaml"))
+    assert written.calibrate == "probe" and written.probe_path == files / "opt.probe.jsonl"
+    probe_rows = [json.loads(line)["text"] for line in (files / "opt.probe.jsonl").read_text().splitlines()]
+    assert len(probe_rows) == 10
+    searched = {line.rsplit("Review: ", 1)[-1].split("\n")[0] for line in result.prompts}
+    assert not searched & set(probe_rows)  # no held-out row among the probe's
+
+
+@pytest.mark.parametrize("more, error", [
+    ({"probe_rows": 1}, "invalid --probe-rows 1"),
+    ({"probe_rows": 40}, "--probe-rows 40: the search has 30 rows"),
+])
+def test_bad_probe_rows_are_refused_before_model_time(files, more, error):
+    lm = FakeLM()
+    with pytest.raises(Exception, match=error):
+        optimizing.optimize(config(files, **more), lm=lm)
+    assert lm.requests == []

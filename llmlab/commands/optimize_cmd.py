@@ -29,6 +29,9 @@ OptSeed = Annotated[int, typer.Option("--seed", rich_help_panel=PROMPT_PANEL,
 Candidates = Annotated[int, typer.Option(rich_help_panel=PROMPT_PANEL, help="Variants in the first round.")]
 Proposals = Annotated[int, typer.Option(rich_help_panel=PROMPT_PANEL,
                                         help="Instructions the loaded model writes from a few examples.")]
+ProbeRows = Annotated[int, typer.Option(rich_help_panel=PROMPT_PANEL,
+                                        help="Search rows set aside to fit a probe on (a readout the search tries; "
+                                        "the winner's probe rows are written beside -o). 0: none.")]
 OptOutput = Annotated[str, typer.Option("--output", "-o", rich_help_panel=IO_PANEL, show_default=False,
                                         help="Where to write the winning template (.yaml). [required]")]
 
@@ -36,7 +39,7 @@ OptOutput = Annotated[str, typer.Option("--output", "-o", rich_help_panel=IO_PAN
 def optimize(
     template: OptTemplate, data: OptData, budget: Budget, output: OptOutput,
     test: OptTest = None, holdout: Holdout = 0.5, seed: OptSeed = 0, candidates: Candidates = 16,
-    proposals: Proposals = 2, offset: Offset = 0, limit: Limit = None, examples: Examples = None,
+    proposals: Proposals = 2, probe_rows: ProbeRows = 0, offset: Offset = 0, limit: Limit = None, examples: Examples = None,
     prompts_dir: PromptsDir = None, model: Model = None, device: Device = "auto", dtype: DtypeOpt = Dtype.auto,
     batch_size: BatchSize = "16", no_log: NoLog = False, quiet: Quiet = False, verbose: Verbose = False,
 ) -> None:
@@ -51,7 +54,7 @@ def optimize(
     console.configure(quiet, verbose)
     cfg = OptimizeConfig(model_config(model, device, dtype, None), template, data, output, budget, test, holdout, seed,
                          candidates, proposals, offset, limit, parse_batch(batch_size) or 16, examples,
-                         list(prompts_dir or []))
+                         list(prompts_dir or []), probe_rows)
     table(optimizing.optimize(cfg, hooks(no_log)))
 
 

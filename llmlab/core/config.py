@@ -202,6 +202,7 @@ class OptimizeConfig:
     batch_size: int = 16
     examples: Optional[str] = None  # the demonstration pool (else the template's examples)
     prompts_dir: list[str] = field(default_factory=list)
+    probe_rows: int = 0  # search rows set aside for a probe fitted on them (the "probe data" readout)
 
 
 @dataclass

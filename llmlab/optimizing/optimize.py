@@ -59,6 +59,8 @@ def check(cfg: OptimizeConfig) -> None:
         raise UsageError(f"invalid --candidates {cfg.candidates}: the search needs at least 2")
     if cfg.proposals < 0:
         raise UsageError(f"invalid --proposals {cfg.proposals}: must be >= 0")
+    if cfg.probe_rows < 0 or cfg.probe_rows == 1:
+        raise UsageError(f"invalid --probe-rows {cfg.probe_rows}: 0 (none) or at least 2 search rows for a probe")
     if Path(cfg.output).suffix not in (".yaml", ".yml"):
         raise UsageError(f"-o '{cfg.output}': the optimised template is written as YAML; name a .yaml file")
     if cfg.test is not None and Path(cfg.test).resolve() == Path(cfg.data).resolve():
@@ -110,19 +112,43 @@ def pool_for(cfg: OptimizeConfig, template: Any, search: list) -> tuple[list[dic
     return [dict(i.fields) for i in search[:n]], search[n:]
 
 
-def schedule(space: spaces.Space, cfg: OptimizeConfig, rows: int, probe_rows: int
+def data_probe(cfg: OptimizeConfig, template: Any, search: list) -> tuple[Any, list]:
+    """(a probe.Source of the first --probe-rows search rows, the search rows left): the rows the
+    "probe data" readout is fitted on, never scored in the search; (None, search) without --probe-rows."""
+    from llmlab.scoring import probe as probes
+
+    if not cfg.probe_rows:
+        return None, search
+    if template.task != "classify" or not template.target:
+        raise UsageError(f"--probe-rows needs a classify template with a target; '{template.name}' has none")
+    if len(search) < cfg.probe_rows + MIN_SEARCH:
+        raise DataError(f"--probe-rows {cfg.probe_rows}: the search has {len(search)} rows, and needs "
+                        f"{MIN_SEARCH} more than the probe's; give more rows or fewer --probe-rows")
+    rows = search[: cfg.probe_rows]
+    if {str(i.fields[template.target]) for i in rows} != set(template.labels):
+        raise DataError(f"the {cfg.probe_rows} --probe-rows rows do not hold every label; give more --probe-rows")
+    return probes.Source(rows, None, f"{cfg.probe_rows} search rows"), search[cfg.probe_rows:]
+
+
+def _fixed(variants: Sequence[spaces.Variant], probe_rows: int, data_rows: int) -> int:
+    """Scored items spent on probe fits: each probe variant fits its own probe."""
+    return sum(probe_rows if v.readout == "probe" else data_rows if v.readout == spaces.DATA_PROBE else 0
+               for v in variants)
+
+
+def schedule(space: spaces.Space, cfg: OptimizeConfig, rows: int, probe_rows: int, data_rows: int = 0
              ) -> tuple[list[spaces.Variant], list[searching.Rung]]:
     """The candidates and rungs that fit --budget. When they don't, the variants that would fit a probe
     of their own (each costs all the probe rows) give way to variants without one, then the last go."""
     variants = spaces.candidates(space, cfg.candidates, cfg.seed)
     spare = [v for v in spaces.candidates(space, 4 * cfg.candidates, cfg.seed + 1)
-             if v not in variants and v.readout != "probe"]  # stand-ins for dropped probe variants
+             if v not in variants and not v.readout.startswith("probe")]  # stand-ins for dropped probe variants
     while len(variants) > 1:
-        fixed = probe_rows * sum(v.readout == "probe" for v in variants)
+        fixed = _fixed(variants, probe_rows, data_rows)
         rungs = searching.plan(len(variants), rows, cfg.budget, fixed)
         if rungs is not None:
             return variants, rungs
-        probes = [n for n, v in enumerate(variants) if n and v.readout == "probe"]
+        probes = [n for n, v in enumerate(variants) if n and v.readout.startswith("probe")]
         if probes:
             del variants[probes[-1]]
             variants += spare[:1]
@@ -130,7 +156,7 @@ def schedule(space: spaces.Space, cfg: OptimizeConfig, rows: int, probe_rows: in
         else:
             variants.pop()
     variants = spaces.candidates(space, 2, cfg.seed)
-    fixed = probe_rows * sum(v.readout == "probe" for v in variants)
+    fixed = _fixed(variants, probe_rows, data_rows)
     raise UsageError(f"--budget {cfg.budget} is too small: two variants on one row each need {2 + fixed} "
                      "scored items; raise --budget")
 
@@ -195,9 +221,14 @@ def optimize(cfg: OptimizeConfig, hooks: Any = None, lm: Any = None) -> Result:
         raise TemplateError(f"template '{template.name}' has no labels: a classify search needs them")
     search, held, refs = read(cfg, template)
     pool, search = pool_for(cfg, template, search)
+    fitted, search = data_probe(cfg, template, search)
+    if fitted is not None:
+        fitted.progress, fitted.info = hooks.progress, hooks.note
+    sidecar = Path(cfg.output).with_suffix(".probe.jsonl") if fitted is not None else None
     probe = _probe(template, hooks)
     probe_rows = len(probe.items) if probe is not None else 0
-    schedule(spaces.make_space(template, pool), cfg, len(search), probe_rows)  # the budget fits: before the model
+    schedule(spaces.make_space(template, pool, (), sidecar), cfg, len(search), probe_rows,
+             cfg.probe_rows)  # the budget fits: before the model
     with hooks.open_run("optimize", config=_logged(cfg), templates=template, data=cfg.data) as log:
         from llmlab.orchestration.session import loaded
 
@@ -206,9 +237,9 @@ def optimize(cfg: OptimizeConfig, hooks: Any = None, lm: Any = None) -> Result:
         proposed = propose(session, template, pool, cfg.proposals, cfg.seed)
         for n, text in enumerate(proposed, 1):
             hooks.info(f"proposed instruction {n}: {text}")
-        space = spaces.make_space(template, pool, proposed)
-        variants, rungs = schedule(space, cfg, len(search), probe_rows)
-        scorer = searching.Scorer(session, space, cfg.batch_size, probe, refs)
+        space = spaces.make_space(template, pool, proposed, sidecar)
+        variants, rungs = schedule(space, cfg, len(search), probe_rows, cfg.probe_rows)
+        scorer = searching.Scorer(session, space, cfg.batch_size, probe, refs, fitted)
         winner, steps, last = _search(variants, search, rungs, scorer, hooks)
         spent = scorer.spent
         start_held, win_held = _held_out(scorer, variants[0], variants[winner], held, hooks)
@@ -216,7 +247,10 @@ def optimize(cfg: OptimizeConfig, hooks: Any = None, lm: Any = None) -> Result:
                          len(search), len(held), spent, time.perf_counter() - started)
         from llmlab.optimizing import writer
 
-        writer.write(spaces.apply(space, variants[winner]), cfg.output, lineage(cfg, template, result))
+        if variants[winner].readout == spaces.DATA_PROBE:
+            writer.write_rows(fitted.items, space.data_probe)
+        written = writer.beside(spaces.apply(space, variants[winner]), cfg.output)
+        writer.write(written, cfg.output, lineage(cfg, template, result))
         log.metrics(_metrics(result))
     return result
 

@@ -66,10 +66,11 @@ class Scorer:
     """Scores variants of one template on rows through the session; counts scored items."""
 
     def __init__(self, session: Any, space: spaces.Space, batch_size: int, probe: Any = None,
-                 references: Sequence[str] = ()):
+                 references: Sequence[str] = (), data_probe: Any = None):
         from llmlab.orchestration.session import settings_for
 
         self.session, self.space, self.batch_size, self.probe = session, space, batch_size, probe
+        self.data_probe = data_probe  # probe.Source of the search rows set aside for the "probe data" readout
         self.references = list(references)
         self.settings = settings_for(space.template)
         self.spent = 0  # scored items: variant x row, plus probe rows fitted
@@ -84,10 +85,10 @@ class Scorer:
 
         if v not in self._classifiers:
             template = spaces.apply(self.space, v)
-            probe = self.probe if v.readout == "probe" else None
+            probe = {"probe": self.probe, spaces.DATA_PROBE: self.data_probe}.get(v.readout)
             self._classifiers[v] = classify.Classifier(self.session.lm, self._builder(template), "score", "none",
-                                                       v.readout, self.batch_size, self.settings, 1, None, probe,
-                                                       cache=self.session.scores)
+                                                       spaces.calibration(v), self.batch_size, self.settings, 1,
+                                                       None, probe, cache=self.session.scores)
             if probe is not None:
                 self._classifiers[v].probe(0)
                 self.spent += len(probe.items)

@@ -94,6 +94,32 @@ def write(t: Template, path: str, lineage: Sequence[str]) -> Template:
     return loaded
 
 
+def beside(t: Template, path: str) -> Template:
+    """`t` with its probe file inside the written template's folder (a template reads only files there):
+    copied beside it as NAME.probe.jsonl when it lies elsewhere."""
+    import shutil
+    from dataclasses import replace
+
+    target = Path(path)
+    if t.calibrate != "probe" or t.probe_path is None or t.probe_path.resolve().is_relative_to(
+            target.parent.resolve()):
+        return t
+    copy = target.with_suffix(".probe.jsonl")
+    shutil.copyfile(t.probe_path, copy)
+    return replace(t, probe_path=copy)
+
+
+def write_rows(items: Sequence[Any], path: Path | None) -> None:
+    """The probe's rows (the search rows it was fitted on) as JSONL beside the template, atomically."""
+    import json
+
+    assert path is not None
+    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".jsonl", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(dict(i.fields), ensure_ascii=False) + "\n" for i in items)
+    os.replace(tmp, path)
+
+
 def _check_same(t: Template, loaded: Template) -> None:
     for key in _SAME:
         want, got = getattr(t, key), getattr(loaded, key)
