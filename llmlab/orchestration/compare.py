@@ -128,6 +128,47 @@ def _score(m: Matrix) -> None:
             column.metric_name, column.metric = "rougeL", total / len(pairs)
 
 
+def baseline_column(m: Matrix, wanted: str | None, run_ids: bool = False) -> int:
+    """The column `--baseline` names: a column label, or (runs compare) a run id (its first column);
+    None = the first column."""
+    if wanted is None:
+        return 0
+    for n, c in enumerate(m.columns):
+        if c.label == wanted or (run_ids and str(c.run_id) == wanted.lstrip("#")):
+            return n
+    shown = ", ".join(str(c.run_id) if run_ids else repr(c.label) for c in m.columns)
+    raise UsageError(f"--baseline {wanted!r} is not one of the compared {'runs' if run_ids else 'variants'}: "
+                     f"choose one of {shown}")
+
+
+def paired(m: Matrix, baseline: int = 0, seed: int = 0) -> list[dict[str, Any]]:
+    """Every other scored column against the baseline column on the rows both have (with a gold):
+    orchestration.paired's entries (row/baseline = column numbers), Holm-corrected over them."""
+    from llmlab.orchestration.paired import compared
+
+    pairs: list[tuple[int, int, Sequence[float], Sequence[float], bool]] = []
+    if m.columns[baseline].metric is None:
+        return []
+    for n, column in enumerate(m.columns):
+        if n == baseline or column.metric is None or column.task != m.columns[baseline].task:
+            continue
+        both = [row for row in m.rows if row.gold is not None and row.cells[n] and row.cells[baseline]]
+        if both:
+            pairs.append((n, baseline, _cell_scores(m, baseline, both), _cell_scores(m, n, both),
+                          column.task == "classify"))
+    return compared(pairs, seed)
+
+
+def _cell_scores(m: Matrix, n: int, rows: Sequence[Row]) -> list[float]:
+    """Column n's per-row score on `rows`: 1/0 (classify), ROUGE-L F against the gold (generate)."""
+    cells = [row.cells[n] for row in rows]
+    if m.columns[n].task == "classify":
+        return [float(c is not None and c.correct is True) for c in cells]
+    from llmlab.scoring.metrics import rouge_l
+
+    return rouge_l([c.value if c is not None else "" for c in cells], [[str(row.gold)] for row in rows])
+
+
 def select(m: Matrix, which: str) -> list[Row]:
     """all, differing (the columns disagree) or wrong (some column is wrong)."""
     if which == "differing":
@@ -150,8 +191,15 @@ def records(m: Matrix, rows: Sequence[Row]) -> list[dict[str, Any]]:
     return out
 
 
-def summary(m: Matrix) -> dict[str, Any]:
-    return {"summary": True, **{c.label: {c.metric_name: c.metric} if c.metric_name else None for c in m.columns}}
+def summary(m: Matrix, paired: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+    """The last JSONL record: each column's metric, and the paired differences against the baseline
+    (columns by label)."""
+    out: dict[str, Any] = {"summary": True,
+                           **{c.label: {c.metric_name: c.metric} if c.metric_name else None for c in m.columns}}
+    if paired:
+        out["paired"] = [{**e, "row": m.columns[e["row"]].label, "baseline": m.columns[e["baseline"]].label}
+                         for e in paired]
+    return out
 
 
 # ---------------------------------------------------------------- llmlab compare: running variants
