@@ -68,9 +68,7 @@ def compare_cmd(
     model_cfg = model_config(None, device, dtype, chat, device_map, max_memory, backend)
     templates = [prompts.find_template(t, prompts_dir or []) for t in template or []]
     chosen = compare.variants(templates, model or [], config or [])
-    if baseline is not None and baseline not in [v.label for v in chosen]:
-        raise UsageError(f"--baseline '{baseline}' is not a compared variant: choose one of "
-                         f"{', '.join(repr(v.label) for v in chosen)}")
+    compare.check_baseline(chosen, baseline)
     flag = resolve.calibration_flag(calibration, calibrate)
     # Each template's calibration, and the probe's rows where it is probe, read before any model time.
     probes = {t.name: compare.probe_for(t, flag, method) for t in templates}

@@ -230,6 +230,13 @@ def variants(templates: Sequence[Any], models: Sequence[str], presets: Sequence[
     return found
 
 
+def check_baseline(chosen: Sequence[Variant], baseline: str | None) -> None:
+    """compare's --baseline names one of the variants (checked before any model time)."""
+    if baseline is not None and baseline not in [v.label for v in chosen]:
+        raise UsageError(f"--baseline '{baseline}' is not a compared variant: choose one of "
+                         f"{', '.join(repr(v.label) for v in chosen)}")
+
+
 def run_variant(variant: Variant, items: Sequence[Any], opts: dict[str, Any], sessions: dict[Any, Any],
                 on_item: Callable[[dict[str, Any]], None], on_warn: Callable[[str], None] | None = None) -> Any:
     """THE adapter to the model side: open the variant's model through a Session (one per model,
