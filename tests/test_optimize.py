@@ -135,6 +135,8 @@ def test_a_generate_template_is_compared_by_rouge_with_a_permutation_test(tmp_pa
 
 @pytest.mark.parametrize("args, error", [
     (["--budget", "0"], "invalid --budget 0: give the scored items the search may spend, e.g. --budget 2000"),
+    (["--budget", "20 min"], "invalid --budget '20 min': give scored items (e.g. 2000) or a time (e.g. 20m, 90s, 1h)"),
+    (["--probe-rows", "1"], "invalid --probe-rows 1: 0 (none) or at least 2 search rows for a probe"),
     (["--budget", "1"], "--budget 1 is too small: two variants on one row each need 2 scored items; raise --budget"),
     (["--data", "{tmp}/small.jsonl"], "too few rows to split: 1 to search and 2 held out (need at least 4 and 2); "
                                        "give more rows, or --test FILE for the held-out rows"),
@@ -241,3 +243,59 @@ def test_bad_probe_rows_are_refused_before_model_time(files, more, error):
     with pytest.raises(Exception, match=error):
         optimizing.optimize(config(files, **more), lm=lm)
     assert lm.requests == []
+
+
+class Clock:
+    """A fake clock: each label scored costs `cost` seconds (none is slept); `slower` multiplies the
+    cost once `after` seconds have passed (a machine that gets busy)."""
+
+    def __init__(self, cost=0.05, slower=1.0, after=float("inf")):
+        self.now, self.cost, self.slower, self.after = 0.0, cost, slower, after
+
+    def __call__(self):
+        return self.now
+
+    def score(self, request):
+        self.now += self.cost * (self.slower if self.now >= self.after else 1.0)
+        return planted(request)
+
+
+def test_a_time_budget_buys_the_items_a_pilot_times_in_the_same_order(files):
+    runs = []
+    for _ in range(2):
+        clock = Clock()
+        result = optimizing.optimize(config(files, budget=0, budget_seconds=30.0), lm=FakeLM(score=clock.score),
+                                     clock=clock)
+        runs.append((result.budget, result.spent, result.winner, [s.ranked for s in result.trajectory]))
+        assert result.search_seconds <= 30.0 + 1e-9 and result.budget_seconds == 30.0
+    assert runs[0] == runs[1]  # deterministic for a seed and a clock
+    # the pilot: 0.1 s an item (two labels), so 30 s buy 300; calibrated variants cost more (their
+    # content-free prompts), so the rounds that would end after 30 s are left out
+    assert runs[0][0] == 300 and runs[0][1] <= 300 and runs[0][3]
+
+
+def test_when_the_machine_slows_down_the_rounds_after_the_deadline_are_not_run(files):
+    clock = Clock(slower=4.0, after=5.0)
+    result = optimizing.optimize(config(files, budget=0, budget_seconds=30.0), lm=FakeLM(score=clock.score),
+                                 clock=clock)
+    assert result.budget == 300  # the pilot ran at full speed
+    # four rounds planned (16 variants); the first always runs whole (here past the time), no other one
+    assert len(result.trajectory) == 1 and result.search_seconds > 30.0
+    assert result.winner_search[0] == result.trajectory[-1].ranked[0][1]  # the last round's best won
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("2000", (2000, 0.0)), ("20m", (0, 1200.0)), ("90s", (0, 90.0)), ("1.5h", (0, 5400.0)), (" 7 ", (7, 0.0)),
+    ("0m", "invalid --budget '0m': the search needs some time, e.g. 20m"),
+    ("20 minutes", "invalid --budget '20 minutes': give scored items (e.g. 2000) or a time (e.g. 20m, 90s, 1h)"),
+    ("-5", "invalid --budget '-5'"),
+])
+def test_budget_is_items_or_a_time(text, expected):
+    from llmlab.core.errors import UsageError
+    from llmlab.optimizing import budget
+
+    if isinstance(expected, tuple):
+        assert budget.parse(text) == expected
+    else:
+        with pytest.raises(UsageError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+            budget.parse(text)

@@ -21,9 +21,9 @@ OptTest = Annotated[Optional[str], typer.Option("--test", rich_help_panel=IO_PAN
                                                 help="Held-out rows, scored once at the end.")]
 Holdout = Annotated[float, typer.Option(rich_help_panel=IO_PANEL,
                                         help="Share of --data held out (without --test), drawn with --seed.")]
-Budget = Annotated[int, typer.Option(rich_help_panel=PROMPT_PANEL, show_default=False,
+Budget = Annotated[str, typer.Option(rich_help_panel=PROMPT_PANEL, show_default=False,
                                      help="Scored items the search may spend (variant x row; probe rows fitted "
-                                     "count too). [required]")]
+                                     "count too), e.g. 2000, or its time, e.g. 20m. [required]")]
 OptSeed = Annotated[int, typer.Option("--seed", rich_help_panel=PROMPT_PANEL,
                                       help="Seed of the split, the row order and the variants drawn.")]
 Candidates = Annotated[int, typer.Option(rich_help_panel=PROMPT_PANEL, help="Variants in the first round.")]
@@ -49,12 +49,14 @@ def optimize(
     Prints the held-out difference with its 95% paired bootstrap interval and McNemar's p (ROUGE-L: permutation).
     """
     from llmlab.core.config import OptimizeConfig, batch_size as parse_batch
+    from llmlab.optimizing import budget as budgets
     from llmlab.optimizing import optimize as optimizing
 
     console.configure(quiet, verbose)
-    cfg = OptimizeConfig(model_config(model, device, dtype, None), template, data, output, budget, test, holdout, seed,
+    items, seconds = budgets.parse(budget)
+    cfg = OptimizeConfig(model_config(model, device, dtype, None), template, data, output, items, test, holdout, seed,
                          candidates, proposals, offset, limit, parse_batch(batch_size) or 16, examples,
-                         list(prompts_dir or []), probe_rows)
+                         list(prompts_dir or []), probe_rows, seconds)
     table(optimizing.optimize(cfg, hooks(no_log)))
 
 
@@ -71,8 +73,11 @@ def table(r: Any) -> None:
               f"{d.high * 100:+.1f}], {test} p = {d.p:.3g}: {d.verdict()}")
     render.show(["", "template", f"held-out {r.metric}", "search (rows)"], rows,
                 title=f"{r.held_rows} held-out rows, scored once", footer=footer)
-    console.info(f"searched {r.candidates} variants on up to {r.search_rows} rows: {r.spent} scored items "
-                 f"(budget {r.budget}), {r.seconds:.0f}s; winner: {r.winner}")
+    from llmlab.optimizing import budget as budgets
+
+    console.info(f"searched {r.candidates} variants on up to {r.search_rows} rows: {r.spent} scored items in "
+                 f"{r.search_seconds:.0f}s (budget {budgets.shown(r.budget, r.budget_seconds)}), {r.seconds:.0f}s in all; "
+                 f"winner: {r.winner}")
 
 
 def register(app: typer.Typer) -> None:

@@ -8,14 +8,16 @@ through classify.Classifier / the generation jobs, never a loop of its own.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from llmlab.core.config import OptimizeConfig
 from llmlab.core.errors import DataError, TemplateError, UsageError
+from llmlab.optimizing import budget as budgets
 from llmlab.optimizing import search as searching
 from llmlab.optimizing import space as spaces
 
@@ -43,6 +45,8 @@ class Result:
     difference: Any  # stats.Difference: start (a) vs winner (b) on the held-out rows
     seconds: float
     trajectory: list[Any] = field(default_factory=list)
+    search_seconds: float = 0.0  # the search's wall time (proposals included, held-out rows not)
+    budget_seconds: float = 0.0  # --budget as a time (0: as scored items)
     prompts: list[str] = field(default_factory=list)  # the winner's held-out prompts, in row order
 
 
@@ -50,7 +54,7 @@ def check(cfg: OptimizeConfig) -> None:
     """The options, checked before anything is read or loaded."""
     from llmlab.io.records import check_output_path
 
-    if cfg.budget < 1:
+    if cfg.budget < 1 and not cfg.budget_seconds:
         raise UsageError(f"invalid --budget {cfg.budget}: give the scored items the search may spend, e.g. "
                          "--budget 2000")
     if not 0 < cfg.holdout < 1:
@@ -197,7 +201,8 @@ def lineage(cfg: OptimizeConfig, template: Any, r: Result) -> list[str]:
     pct = (lambda x: f"{x:.1%}") if r.task == "classify" else (lambda x: f"{x:.4f}")
     return [
         f"Written by llmlab optimize from template '{template.name}' ({template.path}), seed {cfg.seed},",
-        f"budget {r.budget} scored items ({r.spent} spent), {r.candidates} variants, search {r.search_rows} rows of "
+        f"budget {budgets.shown(r.budget, r.budget_seconds)} ({r.spent} scored items spent), "
+        f"{r.candidates} variants, search {r.search_rows} rows of "
         f"{cfg.data},",
         f"held-out {r.held_rows} rows ({cfg.test or f'{cfg.holdout:g} of --data'}). Change: {r.winner}.",
         f"Held-out {r.metric}: start {pct(d.a)}, this {pct(d.b)}, difference {d.diff * 100:+.1f} points, 95% paired "
@@ -206,7 +211,8 @@ def lineage(cfg: OptimizeConfig, template: Any, r: Result) -> list[str]:
     ]
 
 
-def optimize(cfg: OptimizeConfig, hooks: Any = None, lm: Any = None) -> Result:
+def optimize(cfg: OptimizeConfig, hooks: Any = None, lm: Any = None,
+             clock: Callable[[], float] = time.monotonic) -> Result:
     """Check, split, search within the budget, score start and winner once on the held-out rows,
     write the winner; returns the result for the table."""
     from llmlab.orchestration.session import Hooks, find_template
@@ -227,24 +233,29 @@ def optimize(cfg: OptimizeConfig, hooks: Any = None, lm: Any = None) -> Result:
     sidecar = Path(cfg.output).with_suffix(".probe.jsonl") if fitted is not None else None
     probe = _probe(template, hooks)
     probe_rows = len(probe.items) if probe is not None else 0
-    schedule(spaces.make_space(template, pool, (), sidecar), cfg, len(search), probe_rows,
-             cfg.probe_rows)  # the budget fits: before the model
+    if not cfg.budget_seconds:  # the budget fits: before the model
+        schedule(spaces.make_space(template, pool, (), sidecar), cfg, len(search), probe_rows, cfg.probe_rows)
     with hooks.open_run("optimize", config=_logged(cfg), templates=template, data=cfg.data) as log:
         from llmlab.orchestration.session import loaded
 
-        started = time.perf_counter()
+        started = clock()
         session = loaded(cfg.model, lm, log, hooks)
+        began = clock()  # the search's time starts here
         proposed = propose(session, template, pool, cfg.proposals, cfg.seed)
         for n, text in enumerate(proposed, 1):
             hooks.info(f"proposed instruction {n}: {text}")
         space = spaces.make_space(template, pool, proposed, sidecar)
-        variants, rungs = schedule(space, cfg, len(search), probe_rows, cfg.probe_rows)
         scorer = searching.Scorer(session, space, cfg.batch_size, probe, refs, fitted)
-        winner, steps, last = _search(variants, search, rungs, scorer, hooks)
-        spent = scorer.spent
+        if cfg.budget_seconds:
+            cfg = dataclasses.replace(cfg, budget=budgets.items_in(cfg.budget_seconds, space.start(), search, scorer,
+                                                                   clock, began))
+            hooks.info(f"--budget {budgets.shown(0, cfg.budget_seconds)}: about {cfg.budget} scored items")
+        variants, rungs = schedule(space, cfg, len(search), probe_rows, cfg.probe_rows)
+        winner, steps, last = _search(variants, search, rungs, scorer, hooks, _deadline(cfg, scorer, clock, began))
+        spent, searched = scorer.spent, clock() - began
         start_held, win_held = _held_out(scorer, variants[0], variants[winner], held, hooks)
         result = _result(cfg, template, space, variants, winner, last, start_held, win_held, steps, proposed,
-                         len(search), len(held), spent, time.perf_counter() - started)
+                         len(search), len(held), spent, clock() - started, searched)
         from llmlab.optimizing import writer
 
         if variants[winner].readout == spaces.DATA_PROBE:
@@ -270,8 +281,22 @@ def _logged(cfg: OptimizeConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def _search(variants: list, rows: list, rungs: list, scorer: searching.Scorer, hooks: Any) -> tuple:
-    """Successive halving with a progress bar over the planned scored items and one line per rung."""
+def _deadline(cfg: OptimizeConfig, scorer: searching.Scorer, clock: Callable[[], float], began: float
+              ) -> Callable[[int], bool]:
+    """With --budget as a time: stop(items) is True when a rung of `items` new scored items, at the
+    rate the search has run so far, would end after the deadline."""
+    def stop(items: int) -> bool:
+        now = clock()
+        rate = scorer.spent / max(now - began, 1e-9)
+        return bool(cfg.budget_seconds) and now + items / max(rate, 1e-9) > began + cfg.budget_seconds
+
+    return stop
+
+
+def _search(variants: list, rows: list, rungs: list, scorer: searching.Scorer, hooks: Any,
+            stop: Callable[[int], bool]) -> tuple:
+    """Successive halving with a progress bar over the planned scored items and one line per rung;
+    stop(items) before a rung: the time is up."""
     metric = "accuracy" if scorer.space.template.task == "classify" else "ROUGE-L"
     base = variants[0]
 
@@ -281,7 +306,10 @@ def _search(variants: list, rows: list, rungs: list, scorer: searching.Scorer, h
                    f"best {metric} {score:.3f}: {variants[best].describe(base)}")
 
     with hooks.progress(searching.cost(rungs), "searching") as bar:
-        return searching.halve(variants, rows, rungs, scorer, told, bar.advance)
+        found = searching.halve(variants, rows, rungs, scorer, told, bar.advance, stop)
+    if len(found[1]) < len(rungs):
+        hooks.info(f"time is up: {len(found[1])} of {len(rungs)} rounds run; the last round's best wins")
+    return found
 
 
 def _held_out(scorer: searching.Scorer, start: Any, winner: Any, held: list, hooks: Any) -> tuple:
@@ -298,7 +326,7 @@ def _held_out(scorer: searching.Scorer, start: Any, winner: Any, held: list, hoo
 
 def _result(cfg: OptimizeConfig, template: Any, space: Any, variants: list, winner: int, last: dict,
             start_held: Any, win_held: Any, steps: list, proposed: list, n_search: int, n_held: int, spent: int,
-            seconds: float) -> Result:
+            seconds: float, searched: float) -> Result:
     from llmlab.scoring import stats
 
     base = variants[0]
@@ -310,7 +338,8 @@ def _result(cfg: OptimizeConfig, template: Any, space: Any, variants: list, winn
         start_search=(last[0].mean()[0], len(last[0].values)),
         winner_search=(last[winner].mean()[0], len(last[winner].values)),
         difference=stats.compare(start_held.values, win_held.values, seed=cfg.seed, binary=template.task == "classify"),
-        seconds=seconds, trajectory=steps, prompts=win_held.prompts,
+        seconds=seconds, trajectory=steps, prompts=win_held.prompts, search_seconds=searched,
+        budget_seconds=cfg.budget_seconds,
     )
 
 
@@ -322,5 +351,6 @@ def _metrics(r: Result) -> dict[str, Any]:
     return {"items": r.held_rows, "metric": r.metric, "search_rows": r.search_rows, "held_rows": r.held_rows,
             "budget": r.budget, "spent": r.spent, "candidates": r.candidates, "winner": r.winner,
             "start": d.a, "optimised": d.b, "difference": d.diff, "ci": [d.low, d.high], "p": d.p, "test": d.test,
-            "proposals": r.proposals, "seconds": r.seconds,
+            "proposals": r.proposals, "seconds": r.seconds, "search_seconds": r.search_seconds,
+            "budget_seconds": r.budget_seconds,
             "trajectory": [dataclasses.asdict(s) for s in r.trajectory]}

@@ -141,13 +141,17 @@ class Step:
 
 def halve(candidates: Sequence[spaces.Variant], rows: Sequence[Any], rungs: Sequence[Rung], scorer: Scorer,
           on_step: Callable[[Step], None] = lambda step: None,
-          on_scored: Callable[[int], None] = lambda n: None) -> tuple[int, list[Step], dict[int, Scores]]:
+          on_scored: Callable[[int], None] = lambda n: None,
+          stop: Callable[[int], bool] = lambda items: False) -> tuple[int, list[Step], dict[int, Scores]]:
     """Successive halving: each rung scores the variants still in on the first rung.rows rows and
     keeps the better half (ties: the gold label's mean probability, then the earlier candidate).
-    Returns (the winner's index, the trajectory, each variant's last scores)."""
+    stop(the rung's new scored items) is asked before each rung after the first: True ends the search
+    there (the best of the last rung wins). Returns (the winner's index, the trajectory, each variant's last scores)."""
     alive, steps, last = list(range(len(candidates))), [], {}
     done: dict[int, int] = {}  # candidate -> rows scored so far
     for n, rung in enumerate(rungs):
+        if n and stop(sum(rung.rows - done.get(i, 0) for i in alive)):
+            break
         if rung.count != len(alive):
             raise UsageError(f"internal: rung {n} plans {rung.count} variants, {len(alive)} are left")
         for i in alive:
