@@ -11,7 +11,7 @@ from typing import Any, Callable, Sequence
 
 from llmlab.core.errors import UsageError
 
-PILOT = 8  # search rows the start template is scored on to time the model
+PILOT = 16  # search rows the start template is scored on to time the model
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 
 
@@ -41,11 +41,13 @@ def shown(items: int, seconds: float) -> str:
 def items_in(seconds: float, start: Any, rows: Sequence[Any], scorer: Any, clock: Callable[[], float],
              began: float) -> int:
     """The scored items `seconds` (counted from `began`) buy at the rate of a pilot: the start variant
-    on the first PILOT rows. The pilot's items count once: the search re-reads them from the cache."""
-    t0, before = clock(), scorer.spent
+    on the first PILOT rows, timed after its probe (if any) is fitted, since a probe may come from the
+    cache. The pilot's rows count once: the search re-reads them from the score cache."""
+    if scorer.space.template.task == "classify":
+        scorer.classifier(start)  # its probe fitted (or loaded) outside the timing
     pilot = list(rows[:PILOT])
+    t0 = clock()
     scorer.score(start, pilot, len(pilot))
-    elapsed = max(clock() - t0, 1e-9)
-    rate = (scorer.spent - before) / elapsed
+    rate = len(pilot) / max(clock() - t0, 1e-9)
     scorer.spent -= len(pilot)  # the search counts these rows when its first rung scores them
-    return int(round(rate * max(0.0, began + seconds - t0), 6))
+    return int(round(rate * max(0.0, began + seconds - clock()), 6)) + scorer.spent + len(pilot)
