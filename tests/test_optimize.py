@@ -299,3 +299,37 @@ def test_budget_is_items_or_a_time(text, expected):
     else:
         with pytest.raises(UsageError, match=expected.replace("(", r"\(").replace(")", r"\)")):
             budget.parse(text)
+
+
+def test_a_proposer_model_writes_the_instructions_and_the_searched_model_writes_none(files):
+    from llmlab.backends.models import GenRequest
+
+    searched, writer = FakeLM(score=planted), FakeLM(answers=["Answer POSITIVE or NEGATIVE.", "Say the tone."],
+                                                     name="writer")
+    import dataclasses
+
+    cfg = dataclasses.replace(config(files), proposals=2, proposer=ModelConfig("writer"))
+    result = optimizing.optimize(cfg, lm=searched, proposer_lm=writer)
+    assert result.proposals == ["Answer POSITIVE or NEGATIVE.", "Say the tone."]
+    asked = [r for r in writer.requests if isinstance(r, GenRequest)]
+    assert len(asked) == 2 and "Write one short sentence" in asked[0].prompt and "Review: " in asked[0].prompt
+    assert not any(isinstance(r, GenRequest) for r in searched.requests)  # the searched model only scores
+    assert "# Instructions proposed by writer." in (files / "opt.yaml").read_text()
+
+
+def test_a_proposer_without_proposals_is_refused_before_model_time(files):
+    from llmlab.core.errors import UsageError
+
+    lm = FakeLM()
+    with pytest.raises(UsageError, match="--proposer writes the --proposals instructions, and --proposals is 0"):
+        optimizing.optimize(config(files, proposer=ModelConfig("writer")), lm=lm, proposer_lm=FakeLM())
+    assert lm.requests == []
+
+
+@pytest.mark.slow
+def test_a_tiny_real_proposer_model_loads_through_the_registry(files, tiny_models):
+    result = invoke(["optimize", "-t", files / "tone.yaml", "--data", files / "data.jsonl", "--budget", "60",
+                     "--candidates", "2", "--proposals", "1", "--proposer", tiny_models["llama-chat"], "-o", files / "opt.yaml",
+                     "-m", tiny_models["llama"], "--no-log", "-v"])
+    assert result.exit_code == 0, result.stderr
+    assert "proposer: " in result.stderr and "tiny-llama-chat" in result.stderr

@@ -32,6 +32,8 @@ Proposals = Annotated[int, typer.Option(rich_help_panel=PROMPT_PANEL,
 ProbeRows = Annotated[int, typer.Option(rich_help_panel=PROMPT_PANEL,
                                         help="Search rows set aside to fit a probe on (a readout the search tries; "
                                         "the winner's probe rows are written beside -o). 0: none.")]
+Proposer = Annotated[Optional[str], typer.Option(rich_help_panel=PROMPT_PANEL, show_default="the searched model",
+                                                help="A model (name or folder) that writes the proposed instructions.")]
 OptOutput = Annotated[str, typer.Option("--output", "-o", rich_help_panel=IO_PANEL, show_default=False,
                                         help="Where to write the winning template (.yaml). [required]")]
 
@@ -39,7 +41,7 @@ OptOutput = Annotated[str, typer.Option("--output", "-o", rich_help_panel=IO_PAN
 def optimize(
     template: OptTemplate, data: OptData, budget: Budget, output: OptOutput,
     test: OptTest = None, holdout: Holdout = 0.5, seed: OptSeed = 0, candidates: Candidates = 16,
-    proposals: Proposals = 2, probe_rows: ProbeRows = 0, offset: Offset = 0, limit: Limit = None, examples: Examples = None,
+    proposals: Proposals = 2, proposer: Proposer = None, probe_rows: ProbeRows = 0, offset: Offset = 0, limit: Limit = None, examples: Examples = None,
     prompts_dir: PromptsDir = None, model: Model = None, device: Device = "auto", dtype: DtypeOpt = Dtype.auto,
     batch_size: BatchSize = "16", no_log: NoLog = False, quiet: Quiet = False, verbose: Verbose = False,
 ) -> None:
@@ -56,7 +58,8 @@ def optimize(
     items, seconds = budgets.parse(budget)
     cfg = OptimizeConfig(model_config(model, device, dtype, None), template, data, output, items, test, holdout, seed,
                          candidates, proposals, offset, limit, parse_batch(batch_size) or 16, examples,
-                         list(prompts_dir or []), probe_rows, seconds)
+                         list(prompts_dir or []), probe_rows, seconds,
+                         model_config(proposer, device, dtype, None) if proposer else None)
     table(optimizing.optimize(cfg, hooks(no_log)))
 
 

@@ -204,6 +204,7 @@ class OptimizeConfig:
     prompts_dir: list[str] = field(default_factory=list)
     probe_rows: int = 0  # search rows set aside for a probe fitted on them (the "probe data" readout)
     budget_seconds: float = 0.0  # --budget as a time: the search's seconds (then `budget` is worked out from it)
+    proposer: Optional[ModelConfig] = None  # the model that writes the proposed instructions (None: the searched one)
 
 
 @dataclass

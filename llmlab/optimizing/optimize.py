@@ -63,6 +63,9 @@ def check(cfg: OptimizeConfig) -> None:
         raise UsageError(f"invalid --candidates {cfg.candidates}: the search needs at least 2")
     if cfg.proposals < 0:
         raise UsageError(f"invalid --proposals {cfg.proposals}: must be >= 0")
+    if cfg.proposer is not None and not cfg.proposals:
+        raise UsageError("--proposer writes the --proposals instructions, and --proposals is 0: give --proposals N "
+                         "(e.g. 4), or leave --proposer out")
     if cfg.probe_rows < 0 or cfg.probe_rows == 1:
         raise UsageError(f"invalid --probe-rows {cfg.probe_rows}: 0 (none) or at least 2 search rows for a probe")
     if Path(cfg.output).suffix not in (".yaml", ".yml"):
@@ -196,6 +199,22 @@ def propose(session: Any, template: Any, pool: Sequence[dict], count: int, seed:
     return found
 
 
+def _proposals(cfg: OptimizeConfig, session: Any, template: Any, pool: Sequence[dict], hooks: Any,
+               proposer_lm: Any = None) -> list[str]:
+    """The instructions the searched model writes, or the --proposer model (loaded through the same
+    session road, used for this and let go before the search)."""
+    from llmlab.orchestration.session import Session
+
+    writer_session = session
+    if cfg.proposer is not None and cfg.proposals and pool and template.target:
+        writer_session = Session(cfg.proposer, proposer_lm, hooks)
+        hooks.info(f"proposer: {writer_session.lm.name}")
+    proposed = propose(writer_session, template, pool, cfg.proposals, cfg.seed)
+    for n, text in enumerate(proposed, 1):
+        hooks.info(f"proposed instruction {n}: {text}")
+    return proposed
+
+
 def lineage(cfg: OptimizeConfig, template: Any, r: Result) -> list[str]:
     d = r.difference
     pct = (lambda x: f"{x:.1%}") if r.task == "classify" else (lambda x: f"{x:.4f}")
@@ -205,6 +224,7 @@ def lineage(cfg: OptimizeConfig, template: Any, r: Result) -> list[str]:
         f"{r.candidates} variants, search {r.search_rows} rows of "
         f"{cfg.data},",
         f"held-out {r.held_rows} rows ({cfg.test or f'{cfg.holdout:g} of --data'}). Change: {r.winner}.",
+        *([f"Instructions proposed by {cfg.proposer.spec}."] if cfg.proposer is not None and r.proposals else []),
         f"Held-out {r.metric}: start {pct(d.a)}, this {pct(d.b)}, difference {d.diff * 100:+.1f} points, 95% paired "
         f"bootstrap CI [{d.low * 100:+.1f}, {d.high * 100:+.1f}], {d.test} p = {d.p:.3g}: {d.verdict()}.",
         f"Search {r.metric} of this variant: {pct(r.winner_search[0])} on {r.winner_search[1]} rows.",
@@ -212,7 +232,7 @@ def lineage(cfg: OptimizeConfig, template: Any, r: Result) -> list[str]:
 
 
 def optimize(cfg: OptimizeConfig, hooks: Any = None, lm: Any = None,
-             clock: Callable[[], float] = time.monotonic) -> Result:
+             clock: Callable[[], float] = time.monotonic, proposer_lm: Any = None) -> Result:
     """Check, split, search within the budget, score start and winner once on the held-out rows,
     write the winner; returns the result for the table."""
     from llmlab.orchestration.session import Hooks, find_template
@@ -241,9 +261,7 @@ def optimize(cfg: OptimizeConfig, hooks: Any = None, lm: Any = None,
         started = clock()
         session = loaded(cfg.model, lm, log, hooks)
         began = clock()  # the search's time starts here
-        proposed = propose(session, template, pool, cfg.proposals, cfg.seed)
-        for n, text in enumerate(proposed, 1):
-            hooks.info(f"proposed instruction {n}: {text}")
+        proposed = _proposals(cfg, session, template, pool, hooks, proposer_lm)
         space = spaces.make_space(template, pool, proposed, sidecar)
         scorer = searching.Scorer(session, space, cfg.batch_size, probe, refs, fitted)
         if cfg.budget_seconds:
