@@ -250,7 +250,7 @@ def optimize(cfg: OptimizeConfig, hooks: Any = None, lm: Any = None,
     fitted, search = data_probe(cfg, template, search)
     if fitted is not None:
         fitted.progress, fitted.info = hooks.progress, hooks.note
-    sidecar = Path(cfg.output).with_suffix(".probe.jsonl") if fitted is not None else None
+    sidecar = Path(cfg.output).with_suffix(".probe.jsonl").resolve() if fitted is not None else None
     probe = _probe(template, hooks)
     probe_rows = len(probe.items) if probe is not None else 0
     if not cfg.budget_seconds:  # the budget fits: before the model

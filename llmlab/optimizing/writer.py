@@ -104,7 +104,7 @@ def beside(t: Template, path: str) -> Template:
     if t.calibrate != "probe" or t.probe_path is None or t.probe_path.resolve().is_relative_to(
             target.parent.resolve()):
         return t
-    copy = target.with_suffix(".probe.jsonl")
+    copy = target.with_suffix(".probe.jsonl").resolve()
     shutil.copyfile(t.probe_path, copy)
     return replace(t, probe_path=copy)
 
