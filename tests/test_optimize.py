@@ -333,3 +333,16 @@ def test_a_tiny_real_proposer_model_loads_through_the_registry(files, tiny_model
                      "-m", tiny_models["llama"], "--no-log", "-v"])
     assert result.exit_code == 0, result.stderr
     assert "proposer: " in result.stderr and "tiny-llama-chat" in result.stderr
+
+
+def test_the_start_template_written_elsewhere_keeps_its_examples_and_probe(tmp_path):
+    """When the start template wins, the file written far from prompts/ still loads as it: its examples
+    file written in, its probe file copied beside it."""
+    from llmlab.optimizing import writer
+    from llmlab.prompting.prompts import load_template
+
+    start = load_template(str(Path(__file__).resolve().parent.parent / "prompts" / "sentiment.yaml"))
+    loaded = writer.write(writer.beside(start, str(tmp_path / "opt.yaml")), str(tmp_path / "opt.yaml"), ["lineage"])
+    assert loaded.examples == start.examples and loaded.examples_path is None
+    assert loaded.probe_path == tmp_path / "opt.probe.jsonl"
+    assert (tmp_path / "opt.probe.jsonl").read_text() == start.probe_path.read_text()

@@ -95,16 +95,17 @@ def write(t: Template, path: str, lineage: Sequence[str]) -> Template:
 
 
 def beside(t: Template, path: str) -> Template:
-    """`t` with its probe file inside the written template's folder (a template reads only files there):
-    copied beside it as NAME.probe.jsonl when it lies elsewhere."""
+    """`t` as a template written to `path` can read it (a template reads only files in its folder): an
+    examples file elsewhere written in, a probe file elsewhere copied beside it as NAME.probe.jsonl."""
     import shutil
     from dataclasses import replace
 
-    target = Path(path)
-    if t.calibrate != "probe" or t.probe_path is None or t.probe_path.resolve().is_relative_to(
-            target.parent.resolve()):
+    folder = Path(path).resolve().parent
+    if t.examples_path is not None and not t.examples_path.resolve().is_relative_to(folder):
+        t = replace(t, examples_path=None)  # its rows, already read, are written in
+    if t.calibrate != "probe" or t.probe_path is None or t.probe_path.resolve().is_relative_to(folder):
         return t
-    copy = target.with_suffix(".probe.jsonl").resolve()
+    copy = Path(path).with_suffix(".probe.jsonl").resolve()
     shutil.copyfile(t.probe_path, copy)
     return replace(t, probe_path=copy)
 
