@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, ContextManager, Optional, Sequence, TextIO
 
 from llmlab.core import console
 from llmlab.core.errors import UsageError
 from llmlab.io.render import plain_table
+
+if TYPE_CHECKING:  # types only: nothing more is imported at run time
+    from llmlab.io.evalreport import Paired
+    from llmlab.orchestration.compare import Matrix, Row
 
 
 def tty() -> bool:
@@ -32,8 +36,8 @@ def cut(text: str, width: int = 60) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
-def show_matrix(m: Any, rows: list[Any], fmt: str, output: Optional[str] = None,
-                paired: Sequence[dict[str, Any]] = ()) -> None:
+def show_matrix(m: Matrix, rows: list[Row], fmt: str, output: Optional[str] = None,
+                paired: Sequence[Paired] = ()) -> None:
     """A comparison matrix: rich on a terminal (then the paired differences), else JSONL (the paired
     differences in the last, summary record) or CSV (the paired differences on stderr)."""
     import csv
@@ -45,7 +49,7 @@ def show_matrix(m: Any, rows: list[Any], fmt: str, output: Optional[str] = None,
         headers = (["combination"] if any(r.combo for r in rows) else []) + ["key", "input", "gold"]
         table = []
         for row in rows:
-            cells = ["" if c is None else {True: "✓ ", False: "✗ "}.get(c.correct, "") + cut(c.value, 40) for c in row.cells]
+            cells = ["" if c is None else ("✓ " if c.correct else "✗ " if c.correct is False else "") + cut(c.value, 40) for c in row.cells]
             table.append(([row.combo] if headers[0] == "combination" else []) + [row.key, cut(row.input, 40), row.gold or "", *cells])
         table.append([""] * (len(headers) - 3) + ["summary", "", ""] +
                      [f"{c.metric_name} {c.metric * 100:.1f}" if c.metric is not None else "" for c in m.columns])
@@ -64,7 +68,7 @@ def show_matrix(m: Any, rows: list[Any], fmt: str, output: Optional[str] = None,
                 out.write(json.dumps(rec, ensure_ascii=False) + "\n")
 
 
-def show_paired(m: Any, entries: Sequence[dict[str, Any]], out: Callable[[list[str], list[list[str]], str], None]
+def show_paired(m: Matrix, entries: Sequence[Paired], out: Callable[[list[str], list[list[str]], str], None]
                 ) -> None:
     """The paired differences against the baseline column (orchestration.paired's table), if any."""
     from llmlab.orchestration import paired
@@ -75,7 +79,7 @@ def show_paired(m: Any, entries: Sequence[dict[str, Any]], out: Callable[[list[s
             paired.TITLE.format(base))
 
 
-def written(output: Optional[str]) -> Any:
+def written(output: Optional[str]) -> ContextManager[TextIO]:
     """stdout, or the file `output` written whole or not at all (llmlab.io.safewrite)."""
     import contextlib
 

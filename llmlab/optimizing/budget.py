@@ -7,9 +7,14 @@ that would start after the deadline is not run, and the last finished rung's bes
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from llmlab.core.errors import UsageError
+
+if TYPE_CHECKING:  # types only
+    from llmlab.io.items import Item
+    from llmlab.optimizing.search import Scorer
+    from llmlab.optimizing.space import Variant
 
 PILOT = 16  # search rows the start template is scored on to time the model
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
@@ -38,7 +43,7 @@ def shown(items: int, seconds: float) -> str:
     return f"{seconds:g}s"
 
 
-def items_in(seconds: float, start: Any, rows: Sequence[Any], scorer: Any, clock: Callable[[], float],
+def items_in(seconds: float, start: Variant, rows: Sequence[Item], scorer: Scorer, clock: Callable[[], float],
              began: float) -> int:
     """The scored items `seconds` (counted from `began`) buy at the rate of a pilot: the start variant
     on the first PILOT rows, timed after its probe (if any) is fitted, since a probe may come from the

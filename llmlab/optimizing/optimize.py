@@ -13,13 +13,22 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 from llmlab.core.config import OptimizeConfig
 from llmlab.core.errors import DataError, TemplateError, UsageError
+from llmlab.core.jsontypes import JSONObject
 from llmlab.optimizing import budget as budgets
 from llmlab.optimizing import search as searching
 from llmlab.optimizing import space as spaces
+
+if TYPE_CHECKING:  # types only: nothing more is imported at run time
+    from llmlab.backends.base import LM
+    from llmlab.io.items import Item
+    from llmlab.orchestration.session import Hooks, Session
+    from llmlab.prompting.templates import Template
+    from llmlab.scoring.probe import Source
+    from llmlab.scoring.stats import Difference
 
 MIN_SEARCH, MIN_HELD = 4, 2
 POOL_FROM_DATA = 16  # rows set aside as demonstrations when the template has no examples
@@ -42,9 +51,9 @@ class Result:
     winner: str  # what the winner changes
     start_search: tuple[float, int]  # (mean score, rows) of the start template in the search
     winner_search: tuple[float, int]
-    difference: Any  # stats.Difference: start (a) vs winner (b) on the held-out rows
+    difference: Difference  # start (a) vs winner (b) on the held-out rows
     seconds: float
-    trajectory: list[Any] = field(default_factory=list)
+    trajectory: list[searching.Step] = field(default_factory=list)
     search_seconds: float = 0.0  # the search's wall time (proposals included, held-out rows not)
     budget_seconds: float = 0.0  # --budget as a time (0: as scored items)
     prompts: list[str] = field(default_factory=list)  # the winner's held-out prompts, in row order
@@ -76,7 +85,7 @@ def check(cfg: OptimizeConfig) -> None:
     check_output_path(cfg.output, "-o", inputs=[cfg.data, cfg.test])
 
 
-def split(items: Sequence[Any], held: Sequence[Any] | None, share: float, seed: int) -> tuple[list, list]:
+def split(items: Sequence[Item], held: Sequence[Item] | None, share: float, seed: int) -> tuple[list[Item], list[Item]]:
     """(search rows in the seeded order the mini-batches take them, held-out rows in file order)."""
     order = list(items)
     random.Random(seed).shuffle(order)
@@ -89,7 +98,7 @@ def split(items: Sequence[Any], held: Sequence[Any] | None, share: float, seed: 
     return order, list(held)
 
 
-def read(cfg: OptimizeConfig, template: Any) -> tuple[list, list, list[str]]:
+def read(cfg: OptimizeConfig, template: Template) -> tuple[list[Item], list[Item], list[str]]:
     """(search rows, held-out rows, reference fields), every row checked against the template."""
     from llmlab.orchestration import evalplan
     from llmlab.orchestration.session import read_input
@@ -104,7 +113,7 @@ def read(cfg: OptimizeConfig, template: Any) -> tuple[list, list, list[str]]:
     return search, held, refs
 
 
-def pool_for(cfg: OptimizeConfig, template: Any, search: list) -> tuple[list[dict], list]:
+def pool_for(cfg: OptimizeConfig, template: Template, search: list[Item]) -> tuple[list[JSONObject], list[Item]]:
     """(demonstration pool, search rows left): --examples, the template's examples, else a few
     search rows set aside (never scored in the search)."""
     from llmlab.prompting.prompts import check_examples, load_examples
@@ -119,7 +128,7 @@ def pool_for(cfg: OptimizeConfig, template: Any, search: list) -> tuple[list[dic
     return [dict(i.fields) for i in search[:n]], search[n:]
 
 
-def data_probe(cfg: OptimizeConfig, template: Any, search: list) -> tuple[Any, list]:
+def data_probe(cfg: OptimizeConfig, template: Template, search: list[Item]) -> tuple[Source | None, list[Item]]:
     """(a probe.Source of the first --probe-rows search rows, the search rows left): the rows the
     "probe data" readout is fitted on, never scored in the search; (None, search) without --probe-rows."""
     from llmlab.scoring import probe as probes
@@ -168,7 +177,8 @@ def schedule(space: spaces.Space, cfg: OptimizeConfig, rows: int, probe_rows: in
                      "scored items; raise --budget")
 
 
-def propose(session: Any, template: Any, pool: Sequence[dict], count: int, seed: int) -> list[str]:
+def propose(session: Session, template: Template, pool: Sequence[Mapping[str, object]], count: int,
+            seed: int) -> list[str]:
     """Instructions the loaded model writes from a few demonstrations (greedy, one line each)."""
     from llmlab.backends.models import GenRequest
     from llmlab.orchestration.session import chat_for, settings_for
@@ -199,8 +209,8 @@ def propose(session: Any, template: Any, pool: Sequence[dict], count: int, seed:
     return found
 
 
-def _proposals(cfg: OptimizeConfig, session: Any, template: Any, pool: Sequence[dict], hooks: Any,
-               proposer_lm: Any = None) -> list[str]:
+def _proposals(cfg: OptimizeConfig, session: Session, template: Template, pool: Sequence[JSONObject], hooks: Hooks,
+               proposer_lm: LM | None = None) -> list[str]:
     """The instructions the searched model writes, or the --proposer model (loaded through the same
     session road, used for this and let go before the search)."""
     from llmlab.orchestration.session import Session
@@ -215,7 +225,7 @@ def _proposals(cfg: OptimizeConfig, session: Any, template: Any, pool: Sequence[
     return proposed
 
 
-def lineage(cfg: OptimizeConfig, template: Any, r: Result) -> list[str]:
+def lineage(cfg: OptimizeConfig, template: Template, r: Result) -> list[str]:
     d = r.difference
     pct = (lambda x: f"{x:.1%}") if r.task == "classify" else (lambda x: f"{x:.4f}")
     return [
@@ -231,8 +241,8 @@ def lineage(cfg: OptimizeConfig, template: Any, r: Result) -> list[str]:
     ]
 
 
-def optimize(cfg: OptimizeConfig, hooks: Any = None, lm: Any = None,
-             clock: Callable[[], float] = time.monotonic, proposer_lm: Any = None) -> Result:
+def optimize(cfg: OptimizeConfig, hooks: Hooks | None = None, lm: LM | None = None,
+             clock: Callable[[], float] = time.monotonic, proposer_lm: LM | None = None) -> Result:
     """Check, split, search within the budget, score start and winner once on the held-out rows,
     write the winner; returns the result for the table."""
     from llmlab.orchestration.session import Hooks, find_template
@@ -284,7 +294,7 @@ def optimize(cfg: OptimizeConfig, hooks: Any = None, lm: Any = None,
     return result
 
 
-def _probe(template: Any, hooks: Any) -> Any:
+def _probe(template: Template, hooks: Hooks) -> Source | None:
     """The template's probe rows (read, not fitted) when it names some: the probe readout's data."""
     from llmlab.orchestration.session import probe_source
 
@@ -293,7 +303,7 @@ def _probe(template: Any, hooks: Any) -> Any:
     return probe_source(None, "probe", template, hooks)
 
 
-def _logged(cfg: OptimizeConfig) -> dict[str, Any]:
+def _logged(cfg: OptimizeConfig) -> dict[str, object]:
     import dataclasses
 
     return dataclasses.asdict(cfg)
@@ -311,8 +321,8 @@ def _deadline(cfg: OptimizeConfig, scorer: searching.Scorer, clock: Callable[[],
     return stop
 
 
-def _search(variants: list, rows: list, rungs: list, scorer: searching.Scorer, hooks: Any,
-            stop: Callable[[int], bool]) -> tuple:
+def _search(variants: list[spaces.Variant], rows: list[Item], rungs: list[searching.Rung], scorer: searching.Scorer,
+            hooks: Hooks, stop: Callable[[int], bool]) -> tuple[int, list[searching.Step], dict[int, searching.Scores]]:
     """Successive halving with a progress bar over the planned scored items and one line per rung;
     stop(items) before a rung: the time is up."""
     metric = "accuracy" if scorer.space.template.task == "classify" else "ROUGE-L"
@@ -330,7 +340,8 @@ def _search(variants: list, rows: list, rungs: list, scorer: searching.Scorer, h
     return found
 
 
-def _held_out(scorer: searching.Scorer, start: Any, winner: Any, held: list, hooks: Any) -> tuple:
+def _held_out(scorer: searching.Scorer, start: spaces.Variant, winner: spaces.Variant, held: list[Item],
+              hooks: Hooks) -> tuple[searching.Scores, searching.Scores]:
     """The start template's and the winner's scores on the held-out rows: each scored once, here."""
     with hooks.progress(len(held) * (1 if winner == start else 2), "held-out") as bar:
         a = scorer.score(start, held, len(held))
@@ -342,8 +353,9 @@ def _held_out(scorer: searching.Scorer, start: Any, winner: Any, held: list, hoo
     return a, b
 
 
-def _result(cfg: OptimizeConfig, template: Any, space: Any, variants: list, winner: int, last: dict,
-            start_held: Any, win_held: Any, steps: list, proposed: list, n_search: int, n_held: int, spent: int,
+def _result(cfg: OptimizeConfig, template: Template, space: spaces.Space, variants: list[spaces.Variant], winner: int,
+            last: dict[int, searching.Scores], start_held: searching.Scores, win_held: searching.Scores,
+            steps: list[searching.Step], proposed: list[str], n_search: int, n_held: int, spent: int,
             seconds: float, searched: float) -> Result:
     from llmlab.scoring import stats
 
@@ -361,7 +373,7 @@ def _result(cfg: OptimizeConfig, template: Any, space: Any, variants: list, winn
     )
 
 
-def _metrics(r: Result) -> dict[str, Any]:
+def _metrics(r: Result) -> dict[str, object]:
     """The run log's record of the search: the trajectory and the held-out comparison."""
     import dataclasses
 

@@ -6,26 +6,28 @@ for ROUGE-L), Holm-corrected over the comparisons shown together."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Callable, Final, Sequence
 
-KEY = "item_scores"  # each seed's per-row scores, in row order: put in by evaluate, taken out here
+from llmlab.io.evalreport import Paired, Report, Result, SeedRun
+
+KEY: Final = "item_scores"  # each seed's per-row scores, in row order: put in by evaluate, taken out here
+# (row, baseline row, the baseline's per-item scores, the row's on the same items, binary outcomes)
+Pair = tuple[int, int, Sequence[float], Sequence[float], bool]
 
 
-def row_scores(run_list: Sequence[dict[str, Any]]) -> list[float]:
+def row_scores(run_list: Sequence[SeedRun]) -> list[float]:
     """Each row's score averaged over the seeds (a row is the same input in every seed)."""
     columns: list[tuple[float, ...]] = list(zip(*(run[KEY] for run in run_list)))
     return [sum(c) / len(c) for c in columns]
 
 
-def compared(pairs: Sequence[tuple[int, int, Sequence[float], Sequence[float], bool]], seed: int = 0
-             ) -> list[dict[str, Any]]:
-    """THE paired comparison of eval, compare and runs compare. pairs: (row, baseline row, the
-    baseline's per-item scores, the row's on the same items, binary). One entry per pair: difference
+def compared(pairs: Sequence[Pair], seed: int = 0) -> list[Paired]:
+    """THE paired comparison of eval, compare and runs compare: one entry per pair, the difference
     (row minus baseline), its 95% paired bootstrap interval low/high, p (McNemar's exact test when
     binary, else the paired permutation test), p_holm (Holm-corrected over the pairs), test, n."""
     from llmlab.scoring import stats
 
-    found: list[dict[str, Any]] = []
+    found: list[Paired] = []
     for row, base, a, b, binary in pairs:
         d = stats.compare(a, b, seed=seed, binary=binary)
         found.append({"row": row, "baseline": base, "difference": d.diff, "low": d.low, "high": d.high, "p": d.p,
@@ -35,7 +37,7 @@ def compared(pairs: Sequence[tuple[int, int, Sequence[float], Sequence[float], b
     return found
 
 
-def differences(results: Sequence[dict[str, Any]], seed: int = 0) -> list[dict[str, Any]]:
+def differences(results: Sequence[Result], seed: int = 0) -> list[Paired]:
     """eval: one entry per combination after the first of its data (see compared). The per-row
     scores are removed from `results`."""
     scores = [row_scores(r["runs"]) for r in results]
@@ -43,7 +45,7 @@ def differences(results: Sequence[dict[str, Any]], seed: int = 0) -> list[dict[s
         for run in r["runs"]:
             run.pop(KEY, None)
     first: dict[tuple[str, str], int] = {}
-    pairs: list[tuple[int, int, Sequence[float], Sequence[float], bool]] = []
+    pairs: list[Pair] = []
     for n, r in enumerate(results):
         group = (r["data"], r["task"])
         if group not in first:
@@ -55,17 +57,17 @@ def differences(results: Sequence[dict[str, Any]], seed: int = 0) -> list[dict[s
     return compared(pairs, seed)
 
 
-def label(result: dict[str, Any]) -> str:
+def label(result: Result) -> str:
     return f"{result['template']} {result['shots']}-shot {result['calibrate']}"
 
 
-def rows(report: dict[str, Any]) -> list[list[str]]:
+def rows(report: Report) -> list[list[str]]:
     """eval's short table: combination, baseline, difference and interval in points, Holm p."""
     results = report["results"]
     return cells(report.get("paired", []), lambda n: label(results[n]))
 
 
-def cells(entries: Sequence[dict[str, Any]], name: Callable[[int], str]) -> list[list[str]]:
+def cells(entries: Sequence[Paired], name: Callable[[int], str]) -> list[list[str]]:
     """A paired table's rows (HEADERS' columns): name(row), name(baseline), difference and interval in
     points, Holm p, test."""
     return [[name(e["row"]), name(e["baseline"]), f"{e['difference'] * 100:+.1f}",
