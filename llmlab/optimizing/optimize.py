@@ -286,7 +286,7 @@ def optimize(cfg: OptimizeConfig, hooks: Hooks | None = None, lm: LM | None = No
                          len(search), len(held), spent, clock() - started, searched)
         from llmlab.optimizing import writer
 
-        if variants[winner].readout == spaces.DATA_PROBE:
+        if variants[winner].readout == spaces.DATA_PROBE and fitted is not None:
             writer.write_rows(fitted.items, space.data_probe)
         written = writer.beside(spaces.apply(space, variants[winner]), cfg.output)
         writer.write(written, cfg.output, lineage(cfg, template, result))
