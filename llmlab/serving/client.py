@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import json
 import os
-import urllib.error
-import urllib.request
 from types import SimpleNamespace
 from typing import Any, Optional
+from urllib.parse import urlsplit
 
 from llmlab.core.errors import ModelError, UsageError
 
@@ -19,24 +18,35 @@ KEY_ENV = "LLMLAB_API_KEY"
 
 
 def post(url: str, path: str, body: dict[str, Any], timeout: float = 3600) -> dict[str, Any]:
-    """POST JSON; the reply's JSON. A server error becomes one line naming the server."""
+    """POST JSON; the reply's JSON. A server error becomes one line naming the server. http.client,
+    not urllib.request: the one-token round trip should not pay for ssl and email imports."""
+    import http.client
+
+    parts = urlsplit(url if "://" in url else f"http://{url}")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UsageError(f"--server {url}: give an http:// URL, e.g. http://127.0.0.1:8000")
     headers = {"Content-Type": "application/json"}
     if os.environ.get(KEY_ENV):
         headers["Authorization"] = f"Bearer {os.environ[KEY_ENV]}"
-    request = urllib.request.Request(url.rstrip("/") + path, data=json.dumps(body).encode(), headers=headers)
+    kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as reply:
-            return json.loads(reply.read())
-    except urllib.error.HTTPError as exc:
+        connection = kind(parts.hostname, parts.port, timeout=timeout)
         try:
-            message = json.loads(exc.read())["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            message = exc.reason
-        raise (UsageError if exc.code in (400, 404, 413) else ModelError)(f"the server at {url}: {message}") from None
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise ModelError(f"no llmlab server answers at {url} ({reason}): start one with `llmlab serve`, "
+            connection.request("POST", parts.path.rstrip("/") + path, json.dumps(body).encode(), headers)
+            reply = connection.getresponse()
+            status, data = reply.status, reply.read()
+        finally:
+            connection.close()
+    except OSError as exc:
+        raise ModelError(f"no llmlab server answers at {url} ({exc}): start one with `llmlab serve`, "
                          f"or drop --server / {ENV}") from None
+    if status >= 400:
+        try:
+            message = json.loads(data)["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = f"HTTP {status}"
+        raise (UsageError if status in (400, 404, 413) else ModelError)(f"the server at {url}: {message}")
+    return json.loads(data)
 
 
 def _prompt_body(cfg: Any) -> dict[str, Any]:
