@@ -47,6 +47,13 @@ class Step:
                 "warpers": self.warpers, "chosen": vars(self.chosen), "kept": self.kept, "vocab": self.vocab,
                 "top": [vars(c) for c in self.top], "completion": self.completion, "end": self.end}
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Step":
+        """to_json's dict back (`llmlab next --server` shows the server's steps)."""
+        return cls(data["step"], data["context_tokens"], [Candidate(**c) for c in data["top"]],
+                   Candidate(**data["chosen"]), data["kept"], data["vocab"], data["mode"], data["completion"],
+                   data["end"], list(data["warpers"]))
+
 
 def processors(settings: GenerationSettings) -> list[tuple[str, Any]]:
     """(name, processor) in generate()'s order. Warpers apply only when sampling, as in generate()."""

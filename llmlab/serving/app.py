@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException
 
 from llmlab.core.config import ServeConfig
 from llmlab.core.errors import LlmlabError
-from llmlab.serving import completions, llmlab_api, openai_api as api
+from llmlab.serving import completions, eval_api, llmlab_api, openai_api as api
 from llmlab.serving.batcher import Batcher, QueuedLM
 from llmlab.serving.errors import APIError, error_body
 
@@ -142,6 +142,9 @@ def create_app(lm: Any, cfg: ServeConfig) -> FastAPI:
 
     _tokenizer_routes(app, lm)
     llmlab_api.register(app, model, cfg)
+    from llmlab.orchestration.evaluate import model_facts
+
+    eval_api.register(app, model, cfg, model_facts(lm))
     return app
 
 

@@ -158,3 +158,59 @@ class _nothing:
 
     def __exit__(self, *exc: object) -> None:
         return None
+
+
+def refuse(option_values: dict[str, object], templates: list[str] = []) -> None:
+    """--server: options naming files or processes here, which the server can't use, and templates
+    given as files: one line each, before any work."""
+    for flag, given in option_values.items():
+        if given:
+            raise UsageError(f"--server: {flag} can't go to the server (it names files or processes here); drop "
+                             f"{flag} or --server")
+    for name in templates:
+        if name.endswith((".yaml", ".yml")) or os.sep in name:
+            raise UsageError(f"--server: the server finds templates by name; '{name}' is a file here "
+                             "(drop --server to use it)")
+
+
+def evaluate(plan: Any, model: Any, hooks: Any, url: str) -> dict[str, Any]:
+    """evaluate.run's work on a checked plan, done by the server: the same report, and the same run
+    log (the server hands back every item and combination it logged, replayed here in order)."""
+    import sys
+
+    from llmlab.orchestration.evalplan import plan_config
+
+    probe = {"probe_size": plan.probe.size, "probe_layers": plan.probe.layers} if plan.probe else {}
+    body = {"model": model.spec, "chat": model.chat, "shots": plan.shots, "seeds": plan.seeds,
+            "calibration": plan.calibration, "method": plan.method, "normalize": plan.normalize,
+            "ensemble": plan.ensemble, "batch_size": plan.batch_size, "selection": plan.prompt.selection,
+            "shot_format": plan.prompt.shot_format, "overflow": plan.prompt.overflow,
+            "max_new_tokens": plan.max_new_tokens, "log_samples": plan.log_samples, "references": plan.references,
+            "offset": plan.offset, "limit": plan.limit, "sample": plan.sample, "sample_seed": plan.sample_seed,
+            **probe, "tasks": [{"template": t.template.name, "data": t.data,
+                                "items": [[i.index, i.fields, i.source] for i in t.items]} for t in plan.tasks]}
+    data = ", ".join(dict.fromkeys(t.data for t in plan.tasks))
+    with hooks.open_run("eval", config=plan_config(plan, model.chat), templates=[t.template for t in plan.tasks],
+                        data=data) as log:
+        reply = post(url, "/v1/eval", body)
+        log.update(model=reply["model"], device=url)
+        for warning in reply["warnings"]:
+            hooks.warn(warning)
+        for note in reply["notes"]:
+            hooks.note(note)
+        report: dict[str, Any] = reply["report"]
+        for call in reply["log"]:
+            if call[0] == "item":
+                log.item(*call[1], **call[2])
+            else:
+                log.eval_combo(report["results"][call[1]])
+        report["command"] = " ".join(["llmlab", *sys.argv[1:]]) if sys.argv else "llmlab eval"
+        return report
+
+
+def next_steps(url: str, model: Any, text: str, flags: dict[str, Any], steps: int, show: int) -> list[dict[str, Any]]:
+    """nexttoken.walk's steps (as to_json dicts), walked by the server."""
+    body = {"model": model.spec, "chat": model.chat, "prompt": text, "settings": flags, "steps": steps,
+            "show": show}
+    steps_json: list[dict[str, Any]] = post(url, "/v1/next", body)["steps"]
+    return steps_json
