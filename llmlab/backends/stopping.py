@@ -41,6 +41,18 @@ def criteria(tokenizer: Any, stops: Sequence[str], start: int) -> Any:
     return StoppingCriteriaList([StopTexts()])
 
 
+def with_stop(criteria: Any, should_stop: Callable[[], bool]) -> Any:
+    """criteria (a StoppingCriteriaList, or None) plus one that ends every row once should_stop()."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class Wanted(StoppingCriteria):
+        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+            return torch.full((input_ids.shape[0],), bool(should_stop()), dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([*(criteria or []), Wanted()])
+
+
 def streamer(tokenizer: Any, emit: Callable[[str], None], stops: Sequence[str]) -> Any:
     """A transformers TextStreamer that forwards text through HoldBack (see there)."""
     from transformers import TextStreamer
