@@ -286,16 +286,8 @@ def next_token(
     if text is None:
         raise UsageError('no prompt: run llmlab next "your prompt" or pipe one on stdin')
     if server:
-        from llmlab.serving import client
-
-        flags = {k: v for layer in layers + [flags] for k, v in layer.items() if v is not None}
-        steps_json = client.next_steps(server, model_cfg, text, flags, steps, show)
-        for data in steps_json:
-            if piped:
-                print(json.dumps(data, ensure_ascii=False), flush=True)
-            else:
-                nexttoken.render(nexttoken.Step.from_json(data), _stdout())
-        return
+        return _next_remote(server, model_cfg, text, {k: v for layer in [*layers, flags] for k, v in layer.items()
+                                                      if v is not None}, steps, show, piped)
     lm = Session(model_cfg, hooks=hooks(True)).lm
     use_chat = generation.use_chat(lm.tokenizer, value(chat) or "auto")
     out = None if piped else _stdout()
@@ -306,6 +298,19 @@ def next_token(
             print(json.dumps(step.to_json(), ensure_ascii=False), flush=True)
         else:
             nexttoken.render(step, out)
+
+
+def _next_remote(server: str, model_cfg: Any, text: str, flags: dict[str, Any], steps: int, show: int,
+                 piped: bool) -> None:
+    """next --server: the server walks the steps; shown here as in-process."""
+    from llmlab.learn import nexttoken
+    from llmlab.serving import client
+
+    for data in client.next_steps(server, model_cfg, text, flags, steps, show):
+        if piped:
+            print(json.dumps(data, ensure_ascii=False), flush=True)
+        else:
+            nexttoken.render(nexttoken.Step.from_json(data), _stdout())
 
 
 # ---------------------------------------------------------------- lab
