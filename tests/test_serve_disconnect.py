@@ -85,14 +85,10 @@ def test_a_real_generation_stops_between_decode_steps(tiny_models):
     lm = models.load(str(tiny_models["llama"]), "cpu", "float32")
     with running(lm, max_tokens=1500) as (url, app):
         batcher = app.state.batcher
-        started = time.monotonic()
-        status, _ = call(url, "/v1/completions", {"prompt": "once upon a time", "max_tokens": 1500})
-        alone = time.monotonic() - started  # the whole generation, nobody leaving
-        assert status == 200
         gone = send(url, {"prompt": "once upon a time", "max_tokens": 1500})
-        assert wait_for(lambda: batcher.calls == 2)
-        time.sleep(alone / 10)
+        assert wait_for(lambda: batcher.calls == 1)  # its generation (one batch: 1500 decode steps) has started
+        time.sleep(1)
         left = time.monotonic()
         gone.close()
-        assert wait_for(lambda: batcher.stopped == 1, alone)
-        assert time.monotonic() - left < alone / 2, (time.monotonic() - left, alone)
+        assert wait_for(lambda: batcher.stopped == 1, 30), (batcher.calls, batcher.stopped)
+        assert time.monotonic() - left < 10  # stopped between decode steps, long before its 1500 tokens

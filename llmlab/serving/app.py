@@ -10,7 +10,7 @@ import json
 import logging
 import threading
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, AsyncIterator, Callable, Optional, Union
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llmlab.core.config import ServeConfig
 from llmlab.core.errors import LlmlabError
@@ -25,6 +26,13 @@ from llmlab.serving import completions, eval_api, llmlab_api, openai_api as api
 from llmlab.backends.base import Cancelled
 from llmlab.serving.batcher import CANCEL, Batcher, QueuedLM
 from llmlab.serving.errors import APIError, error_body
+
+if TYPE_CHECKING:
+    from llmlab.backends.base import LM, GenOutput, GenRequest
+    from llmlab.core.settings import GenerationSettings
+
+# A streamed piece of text, the finished output, or what went wrong (see _sse).
+_Event = Union[str, "GenOutput", Exception]
 
 _log = logging.getLogger("llmlab")
 
@@ -35,10 +43,10 @@ class Guard:
     batcher.CANCEL event (its queued model calls are dropped, a generation it alone waits for stops).
     After: an unexpected error becomes a 500 body and one log line."""
 
-    def __init__(self, app: Any, api_key: str | None, max_body: int):
+    def __init__(self, app: ASGIApp, api_key: str | None, max_body: int):
         self.app, self.api_key, self.max_body = app, api_key, max_body
 
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
@@ -52,7 +60,7 @@ class Guard:
         cancel, body_read = threading.Event(), asyncio.Event()
         token = CANCEL.set(cancel)
 
-        async def limited() -> dict:
+        async def limited() -> Message:
             nonlocal seen
             message = await receive()
             seen += len(message.get("body", b""))
@@ -64,7 +72,7 @@ class Guard:
                 body_read.set()
             return message
 
-        async def watched(message: dict) -> None:
+        async def watched(message: Message) -> None:
             nonlocal started, answered
             started = started or message["type"] == "http.response.start"
             answered = answered or (message["type"] == "http.response.body" and not message.get("more_body"))
@@ -95,7 +103,7 @@ class Guard:
         return f"the request body is over this server's cap of {self.max_body} bytes"
 
 
-async def _reply(send: Callable, status: int, message: str, code: str | None = None) -> None:
+async def _reply(send: Send, status: int, message: str, code: str | None = None) -> None:
     body = json.dumps(error_body(status, message, code=code)).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
@@ -120,7 +128,7 @@ def _errors(app: FastAPI) -> None:
     app.add_exception_handler(HTTPException, lambda r, e: respond(e.status_code, str(e.detail)))
 
 
-def create_app(lm: Any, cfg: ServeConfig) -> FastAPI:
+def create_app(lm: LM, cfg: ServeConfig) -> FastAPI:
     """The app serving `lm` (an LM); cfg: its caps, key and model options (chat, for classify)."""
     batcher = Batcher(lm, wait_s=cfg.batch_wait_ms / 1000)
     name = lm.name
@@ -145,24 +153,27 @@ def create_app(lm: Any, cfg: ServeConfig) -> FastAPI:
     def models() -> dict:
         return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "llmlab"}]}
 
-    @app.post("/v1/completions")
-    async def complete(body: api.CompletionBody) -> Any:
+    @app.post("/v1/completions", response_model=None)
+    async def complete(body: api.CompletionBody) -> api.Envelope | StreamingResponse:
         served = model(body.model)
         if body.stream:
             return _stream_completion(body, served, cfg, name)
         return await run_in_threadpool(completions.completions, body, served, cfg, name)
 
-    @app.post("/v1/chat/completions")
-    async def chat(body: api.ChatBody) -> Any:
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat(body: api.ChatBody) -> api.Envelope | StreamingResponse:
         served = model(body.model)
         if body.stream:
             if body.n > 1:
                 raise APIError(400, "stream sends one completion: use n 1", param="n")
             request, st, _ = completions.chat_request(body, served, cfg)
-            return _sse(served, request, st, lambda piece, finish: api.envelope(
-                "chat.completion.chunk", name, [{"index": 0, "delta": {"content": piece} if piece is not None else {},
-                                                 "logprobs": None, "finish_reason": finish}]),
-                first={"role": "assistant", "content": ""})
+            def chunk(delta: dict[str, str], finish: Optional[str]) -> api.Envelope:
+                return api.envelope("chat.completion.chunk", name,
+                                    [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}])
+
+            return _sse(served, request, st,
+                        lambda piece, finish: chunk({"content": piece} if piece is not None else {}, finish),
+                        first=chunk({"role": "assistant", "content": ""}, None))
         return await run_in_threadpool(completions.chat, body, served, cfg, name)
 
     _tokenizer_routes(app, lm)
@@ -184,7 +195,7 @@ class DetokenizeBody(BaseModel):
     tokens: list[StrictInt]
 
 
-def _tokenizer_routes(app: FastAPI, lm: Any) -> None:
+def _tokenizer_routes(app: FastAPI, lm: LM) -> None:
     """vLLM's tokenizer endpoints, which lm-evaluation-harness finds by itself (its remote tokenizer):
     then local-completions needs no tokenizer folder of its own."""
     tokenizer = lm.tokenizer
@@ -204,7 +215,7 @@ def _tokenizer_routes(app: FastAPI, lm: Any) -> None:
         return {"prompt": tokenizer.decode(body.tokens)}
 
 
-def _stream_completion(body: api.CompletionBody, lm: Any, cfg: ServeConfig, name: str) -> StreamingResponse:
+def _stream_completion(body: api.CompletionBody, lm: LM, cfg: ServeConfig, name: str) -> StreamingResponse:
     from llmlab.backends.base import GenRequest
 
     prompts = api.prompts_of(body, lm)
@@ -218,32 +229,35 @@ def _stream_completion(body: api.CompletionBody, lm: Any, cfg: ServeConfig, name
         "text_completion", name, [{"index": 0, "text": piece or "", "logprobs": None, "finish_reason": finish}]))
 
 
-def _sse(lm: Any, request: Any, st: Any, chunk: Callable[[Any, Any], dict], first: Any = None) -> StreamingResponse:
-    """Server-sent events: a chunk per streamed piece, one with the finish reason, then [DONE]."""
+def _sse(lm: LM, request: GenRequest, st: GenerationSettings,
+         chunk: Callable[[Optional[str], Optional[str]], api.Envelope],
+         first: Optional[api.Envelope] = None) -> StreamingResponse:
+    """Server-sent events: `first` (if any), a chunk per streamed piece, one with the finish reason,
+    then [DONE]."""
     loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
+    queue: asyncio.Queue[_Event] = asyncio.Queue()
 
-    def put(kind: str, value: Any) -> None:
-        loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
+    def put(value: _Event) -> None:
+        loop.call_soon_threadsafe(queue.put_nowait, value)
 
     def work() -> None:
         try:
-            put("end", lm.generate([request], st, batch_size=1, stream=lambda piece: put("piece", piece))[0])
+            put(lm.generate([request], st, batch_size=1, stream=put)[0])
         except Exception as exc:  # noqa: BLE001 - reported to the client as an error event
-            put("error", exc)
+            put(exc)
 
     # The request's context (its batcher.CANCEL event) goes with the work: a client that leaves stops it.
     threading.Thread(target=contextvars.copy_context().run, args=(work,), name="llmlab-stream", daemon=True).start()
 
-    async def events():
+    async def events() -> AsyncIterator[str]:
         if first is not None:
-            yield f"data: {json.dumps(_with_delta(chunk(None, None), first))}\n\n"
+            yield f"data: {json.dumps(first)}\n\n"
         while True:
-            kind, value = await queue.get()
-            if kind == "piece":
+            value = await queue.get()
+            if isinstance(value, str):  # a piece
                 yield f"data: {json.dumps(chunk(value, None))}\n\n"
                 continue
-            if kind == "end":
+            if not isinstance(value, Exception):  # the end
                 yield f"data: {json.dumps(chunk(None, value.finish_reasons[0]))}\n\n"
             else:
                 status = 400 if isinstance(value, (LlmlabError, APIError)) else 500
@@ -252,8 +266,3 @@ def _sse(lm: Any, request: Any, st: Any, chunk: Callable[[Any, Any], dict], firs
             return
 
     return StreamingResponse(events(), media_type="text/event-stream")
-
-
-def _with_delta(body: dict, delta: dict) -> dict:
-    body["choices"][0]["delta"] = delta
-    return body

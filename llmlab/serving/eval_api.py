@@ -6,20 +6,29 @@ eval makes is recorded, in order, and sent back, so the client's run log ends up
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Callable, Literal, Optional, TypedDict, cast
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, StrictBool, StrictInt, StrictStr
 
 from llmlab.core.config import ChatMode, Method, Normalize, Overflow, ProbeConfig, PromptConfig, Selection, ShotFormat
 from llmlab.core.config import value
+from llmlab.runs.runlog import NoRun
 from llmlab.serving.errors import APIError
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from llmlab.backends.base import LM
+    from llmlab.core.config import ModelConfig, ServeConfig
+    from llmlab.io.evalreport import ModelFacts, Report, Result
+    from llmlab.learn.nexttoken import StepRecord
 
 
 class EvalTaskBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     template: StrictStr  # a name: the server looks templates up by name only
     data: StrictStr  # the client's path, for the report and the run log
-    items: list[tuple[StrictInt, dict[str, Any], StrictStr]] = Field(min_length=1)  # (index, fields, source)
+    items: list[tuple[StrictInt, dict[str, JsonValue], StrictStr]] = Field(min_length=1)  # (index, fields, source)
 
 
 class EvalBody(BaseModel):
@@ -53,22 +62,63 @@ class NextBody(BaseModel):
     model: Optional[StrictStr] = None
     prompt: StrictStr
     chat: Optional[ChatMode] = None
-    settings: dict[str, Any] = {}  # generation settings by their option names (preset and flags merged)
+    settings: dict[str, JsonValue] = {}  # generation settings by their option names (preset and flags merged)
     steps: StrictInt = Field(1, ge=1, le=256)
     show: StrictInt = Field(10, ge=1, le=1000)
 
 
-class _Recorder:
+class LoggedItem(TypedDict):
+    """One RunLog.item call, by its parameter names."""
+
+    index: int
+    prompt: str | None
+    output: str | None
+    prediction: str | None
+    probabilities: dict[str, float] | None
+    gold: JsonValue
+    extra: dict[str, JsonValue] | None
+    key: str | None
+    template: str
+    combo: str
+
+
+class LogCall(TypedDict, total=False):
+    kind: Literal["item", "eval_combo"]
+    item: LoggedItem  # kind item
+    combo: int  # kind eval_combo: the index of the report's result it logged
+
+
+class EvalReply(TypedDict):
+    object: str
+    model: str
+    report: Report
+    log: list[LogCall]
+    warnings: list[str]
+    notes: list[str]
+
+
+class NextReply(TypedDict):
+    object: str
+    model: str
+    steps: list[StepRecord]
+
+
+_ITEM_ARGS = ("index", "prompt", "output", "prediction", "probabilities", "gold", "extra")
+
+
+class _Recorder(NoRun):
     """Stands in for the run log: remembers each call, in order, for the client to replay."""
 
     def __init__(self) -> None:
-        self.calls: list[list[Any]] = []
+        self.calls: list[LogCall] = []
 
-    def item(self, *args: Any, **kwargs: Any) -> None:
-        self.calls.append(["item", list(args), kwargs])
+    def item(self, *args: object, **kwargs: object) -> None:
+        named = {"prompt": None, "output": None, "prediction": None, "probabilities": None, "gold": None,
+                 "extra": None, "key": None, "template": "", "combo": "", **dict(zip(_ITEM_ARGS, args)), **kwargs}
+        self.calls.append({"kind": "item", "item": cast(LoggedItem, named)})  # Run.item's own parameters
 
-    def eval_combo(self, combo_result: dict[str, Any]) -> None:
-        self.calls.append(["eval_combo", len([c for c in self.calls if c[0] == "eval_combo"])])
+    def eval_combo(self, combo_result: Result) -> None:
+        self.calls.append({"kind": "eval_combo", "combo": sum(c["kind"] == "eval_combo" for c in self.calls)})
 
 
 def _name(template: str) -> str:
@@ -77,7 +127,7 @@ def _name(template: str) -> str:
     return template
 
 
-def run_eval(body: EvalBody, lm: Any, served: Any, facts: dict[str, Any]) -> dict[str, Any]:
+def run_eval(body: EvalBody, lm: LM, served: ModelConfig, facts: ModelFacts) -> EvalReply:
     """evaluate.evaluate on the rows sent; the report, and the run-log calls it made."""
     from llmlab.io.items import Item
     from llmlab.orchestration import evalplan, evaluate, session
@@ -88,7 +138,7 @@ def run_eval(body: EvalBody, lm: Any, served: Any, facts: dict[str, Any]) -> dic
     hooks = session.Hooks(warn=warnings.append, note=notes.append)
     tasks = []
     for task in body.tasks:
-        template = session.required_template(session.with_prompt(prompt, template=_name(task.template), shots=None))
+        template = session.required_template(dataclasses.replace(prompt, template=_name(task.template), shots=None))
         items = [Item(index, fields, source) for index, fields, source in task.items]
         tasks.append(evalplan.EvalTask(template, task.data, items,
                                        evalplan.check_data(items, template, body.references)))
@@ -106,7 +156,7 @@ def run_eval(body: EvalBody, lm: Any, served: Any, facts: dict[str, Any]) -> dic
             "notes": notes}
 
 
-def run_next(body: NextBody, lm: Any) -> dict[str, Any]:
+def run_next(body: NextBody, lm: LM) -> NextReply:
     """nexttoken.walk's steps, as `llmlab next` prints them piped."""
     from llmlab.core import settings as settings_mod
     from llmlab.learn import nexttoken
@@ -119,11 +169,11 @@ def run_next(body: NextBody, lm: Any) -> dict[str, Any]:
     return {"object": "next", "model": lm.name, "steps": steps}
 
 
-def register(app: Any, model: Any, cfg: Any, facts: dict[str, Any]) -> None:
+def register(app: FastAPI, model: Callable[[Optional[str]], LM], cfg: ServeConfig, facts: ModelFacts) -> None:
     @app.post("/v1/eval")
     def evaluate(body: EvalBody) -> dict:
-        return run_eval(body, model(body.model), cfg.model, facts)
+        return dict(run_eval(body, model(body.model), cfg.model, facts))  # a plain dict: FastAPI's response model
 
     @app.post("/v1/next")
     def next_token(body: NextBody) -> dict:
-        return run_next(body, model(body.model))
+        return dict(run_next(body, model(body.model)))
