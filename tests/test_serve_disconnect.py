@@ -83,6 +83,7 @@ def test_a_real_generation_stops_between_decode_steps(tiny_models):
     from llmlab.backends import models
 
     lm = models.load(str(tiny_models["llama"]), "cpu", "float32")
+    lm.model.generation_config.eos_token_id = None  # no early end: left alone it would run all 1500 steps
     with running(lm, max_tokens=1500) as (url, app):
         batcher = app.state.batcher
         gone = send(url, {"prompt": "once upon a time", "max_tokens": 1500})
