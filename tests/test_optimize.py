@@ -346,3 +346,24 @@ def test_the_start_template_written_elsewhere_keeps_its_examples_and_probe(tmp_p
     assert loaded.examples == start.examples and loaded.examples_path is None
     assert loaded.probe_path == tmp_path / "opt.probe.jsonl"
     assert (tmp_path / "opt.probe.jsonl").read_text() == start.probe_path.read_text()
+
+
+def test_the_written_files_have_ordinary_permissions(tmp_path):
+    """The template and its probe rows are files for the user and their team: 0666 less the umask, as any
+    file the user writes, not a temporary file's private 0600."""
+    import os
+    import stat
+
+    from llmlab.io.items import Item
+    from llmlab.optimizing import writer
+    from llmlab.prompting.prompts import load_template
+
+    mask = os.umask(0o022)
+    try:
+        start = load_template(str(Path(__file__).resolve().parent.parent / "prompts" / "sentiment.yaml"))
+        writer.write(writer.beside(start, str(tmp_path / "opt.yaml")), str(tmp_path / "opt.yaml"), ["lineage"])
+        writer.write_rows([Item(0, {"text": "good", "label": "positive"}, "line 1")], tmp_path / "rows.jsonl")
+    finally:
+        os.umask(mask)
+    assert [stat.S_IMODE((tmp_path / n).stat().st_mode) for n in ("opt.yaml", "rows.jsonl")] == [0o644, 0o644]
+    assert (tmp_path / "rows.jsonl").read_text() == '{"text": "good", "label": "positive"}\n'

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from llmlab.core.errors import TemplateError
+from llmlab.io.safewrite import replacing, settle_mode
 from llmlab.prompting.templates import Template
 
 if TYPE_CHECKING:  # types only: nothing more is imported at run time
@@ -91,6 +92,7 @@ def write(t: Template, path: str, lineage: Sequence[str]) -> Template:
             f.write(text)
         loaded = load_template(tmp)
         _check_same(t, loaded)
+        settle_mode(tmp, target)
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -120,10 +122,8 @@ def write_rows(items: Sequence[Item], path: Path | None) -> None:
     import json
 
     assert path is not None
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".jsonl", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
+    with replacing(str(path)) as f:
         f.writelines(json.dumps(dict(i.fields), ensure_ascii=False) + "\n" for i in items)
-    os.replace(tmp, path)
 
 
 def _check_same(t: Template, loaded: Template) -> None:
