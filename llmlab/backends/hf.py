@@ -21,6 +21,10 @@ _T5_WINDOW = 512
 # --batch-size auto: rows per batch at most, and padded tokens per batch on a CPU.
 _AUTO_ROWS = {"cpu": 32, "cuda": 512}
 _CPU_TOKEN_BUDGET = 16384
+# Scoring cuts its length-sorted rows into batches where the padding saved outweighs another forward
+# pass, priced in tokens: on a CPU a pass of smollm2 costs ~60 ms over its tokens' ~2.6 ms each
+# (bigger models pay more per token, so fewer tokens per pass); a GPU runs tokens almost for free.
+_PASS_TOKENS = {"cpu": 24, "cuda": 512}
 # On a GPU, the share of free memory a batch may use (the rest: fragmentation, the allocator).
 _GPU_MEMORY_SHARE = 0.5
 # Prefix KV caches kept between loglikelihood calls (classify calls it once per chunk of items, with
@@ -115,22 +119,25 @@ class HFLM(LM):
         self._check_rows(requests, rows)
         results: list[LLOutput | None] = [None] * len(requests)
         sizes = self._sizes(batch_size)
+        cut = self.pass_tokens()  # batches cut where padding costs more than a forward pass
         if self.is_encoder_decoder:
             return run_batched(lambda b: hf_score.seq2seq(self, [rows[i] for i in b], hidden_layers),
-                               [len(c) + len(k) for c, k in rows], *sizes, on_event=self.on_event)
+                               [len(c) + len(k) for c, k in rows], *sizes, on_event=self.on_event, overhead=cut)
         plain = set(range(len(rows)))
         for group in self._groups(requests, rows) if prefix_cache else []:
             cache = self.cached_prefix(group.prefix_ids)
             past = len(group.prefix_ids)
             tails = [(rows[i][0][past:], rows[i][1]) for i in group.members]
             scored = run_batched(lambda b: hf_score.causal(self, [tails[k] for k in b], cache, past, hidden_layers),
-                                 [len(c) + len(k) for c, k in tails], *sizes, on_event=self.on_event)
+                                 [len(c) + len(k) for c, k in tails], *sizes,
+                                 on_event=self.on_event, overhead=cut)
             for i, out in zip(group.members, scored):
                 results[i] = out
             plain -= set(group.members)
         rest = sorted(plain)
         scored = run_batched(lambda b: hf_score.causal(self, [rows[rest[k]] for k in b], layers=hidden_layers),
-                             [len(rows[i][0]) + len(rows[i][1]) for i in rest], *sizes, on_event=self.on_event)
+                             [len(rows[i][0]) + len(rows[i][1]) for i in rest], *sizes,
+                             on_event=self.on_event, overhead=cut)
         for i, out in zip(rest, scored):
             results[i] = out
         return results  # type: ignore[return-value]
@@ -204,6 +211,10 @@ class HFLM(LM):
         if batch_size:
             return batch_size, None
         return self.auto_batch_size(), self.token_budget()
+
+    def pass_tokens(self) -> int:
+        """What one more forward pass costs, in tokens (scoring batches are cut by it)."""
+        return _PASS_TOKENS["cpu" if self.device == "cpu" else "cuda"]
 
     def auto_batch_size(self) -> int:
         return _AUTO_ROWS["cuda" if self.device.startswith("cuda") else "cpu"]
