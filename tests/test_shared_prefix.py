@@ -220,3 +220,21 @@ def test_a_16_shot_batch_peaks_below_the_copying_version():
     # the copies alone: every row holds the whole prefix's keys and values in every layer
     prefix_kv = 4 * 2 * 2 * len(lm.token_ids(shots)) * 16 * 4
     assert copied - shared > 16 * prefix_kv / 2 and 2 * shared < copied, (shared, copied)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_a_prefix_cache_runs_the_head_on_one_position_and_holds_the_same_keys(lms, kind):
+    import torch
+
+    lm = lms[kind]
+    ids = lm.token_ids(SHOTS)
+    seen = []
+    hook = lm.model.get_output_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0].shape[1]))
+    try:
+        every = prefix_cache.compute(lm.model, ids, lm.device, lm.cache_kwarg())  # the head on every position
+        kept = lm.prefix_kv(ids)  # the head on the last position only
+    finally:
+        hook.remove()
+    assert seen == [len(ids), 1]
+    for a, b in zip(every.layers, kept.layers):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)

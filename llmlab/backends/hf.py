@@ -178,7 +178,8 @@ class HFLM(LM):
 
     def prefix_kv(self, ids: list[int]) -> Any:
         """The KV cache of a shared prefix, computed once (a seam tests can watch)."""
-        return prefix_cache.compute(self.model, ids, self.device, self.cache_kwarg())
+        return prefix_cache.compute(self.model, ids, self.device, self.cache_kwarg(),
+                                    keep_one="logits_to_keep" in self.forward_params())
 
     def _check_rows(self, requests: Sequence[LLRequest], rows: list[tuple[list[int], list[int]]]) -> None:
         """Every continuation has tokens and every row fits the window (the prompt builder fits

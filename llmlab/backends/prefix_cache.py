@@ -74,15 +74,17 @@ def plan(prefixes: Sequence[tuple[Any, list[int]] | None], rows: Sequence[tuple[
     return groups
 
 
-def compute(model: Any, ids: list[int], device: str, cache_kwarg: str) -> Any:
+def compute(model: Any, ids: list[int], device: str, cache_kwarg: str, keep_one: bool = False) -> Any:
     """The KV cache of `ids` (one row), computed once: keys and values of every layer, each
-    [1, kv_heads, len(ids), head_dim]."""
+    [1, kv_heads, len(ids), head_dim]. keep_one: the model takes logits_to_keep, so its head runs
+    on the last position only (the logits are not used; the cache is the same)."""
     import torch
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
+    extra = {"logits_to_keep": 1} if keep_one else {}
     with torch.inference_mode():
-        model(input_ids=torch.tensor([ids], device=device), use_cache=True, **{cache_kwarg: cache})
+        model(input_ids=torch.tensor([ids], device=device), use_cache=True, **{cache_kwarg: cache}, **extra)
     return cache
 
 
