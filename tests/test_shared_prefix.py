@@ -238,3 +238,21 @@ def test_a_prefix_cache_runs_the_head_on_one_position_and_holds_the_same_keys(lm
     assert seen == [len(ids), 1]
     for a, b in zip(every.layers, kept.layers):
         assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "t5"])
+def test_rows_of_very_different_lengths_go_in_separate_batches_with_the_same_scores(lms, monkeypatch, kind):
+    """Scoring cuts its length-sorted rows where padding the short ones would cost more than a pass."""
+    from llmlab.backends import hf_score
+
+    lm = lms[kind]
+    long = "Review: " + "a long and winding film that never ends, " * 6
+    texts = [long + str(n) for n in range(3)] + [f"Review: ok {n}" for n in range(3)]
+    requests = [models.LLRequest(SHOTS + f"{t}\nSentiment:", LABELS[0], prefix=SHOTS) for t in texts]
+    passes = Spy(monkeypatch, hf_score, "seq2seq" if kind == "t5" else "causal")
+    cut = lm.loglikelihood(requests, batch_size=16)
+    assert passes.calls == 2  # the long rows, then the short ones (one batch each without the cut)
+    monkeypatch.setattr(HFLM, "pass_tokens", lambda self: None)  # the old way: one padded batch
+    whole = lm.loglikelihood(requests, batch_size=16)
+    assert passes.calls == 3
+    assert [o.logprob for o in cut] == pytest.approx([o.logprob for o in whole], abs=1e-5)
