@@ -243,7 +243,7 @@ def test_a_prefix_cache_runs_the_head_on_one_position_and_holds_the_same_keys(lm
 @pytest.mark.parametrize("kind", ["llama", "gpt2", "t5"])
 def test_rows_of_very_different_lengths_go_in_separate_batches_with_the_same_scores(lms, monkeypatch, kind):
     """Scoring cuts its length-sorted rows where padding the short ones would cost more than a pass."""
-    from llmlab.backends import hf_score
+    from llmlab.backends import batching, hf_score
 
     lm = lms[kind]
     long = "Review: " + "a long and winding film that never ends, " * 6
@@ -252,7 +252,8 @@ def test_rows_of_very_different_lengths_go_in_separate_batches_with_the_same_sco
     passes = Spy(monkeypatch, hf_score, "seq2seq" if kind == "t5" else "causal")
     cut = lm.loglikelihood(requests, batch_size=16)
     assert passes.calls == 2  # the long rows, then the short ones (one batch each without the cut)
-    monkeypatch.setattr(HFLM, "pass_tokens", lambda self: None)  # the old way: one padded batch
+    for device in batching.PASS_TOKENS:  # a pass dearer than any padding: one batch
+        monkeypatch.setitem(batching.PASS_TOKENS, device, 10**9)
     whole = lm.loglikelihood(requests, batch_size=16)
     assert passes.calls == 3
     assert [o.logprob for o in cut] == pytest.approx([o.logprob for o in whole], abs=1e-5)

@@ -14,6 +14,9 @@ R = TypeVar("R")
 EventSink = Callable[[int, str], None]
 
 
+# What one more forward pass costs, in tokens, for scoring's cut(): on a CPU a pass of smollm2 costs
+# ~60 ms over its tokens' ~2.6 ms each (bigger models pay more per token); a GPU runs tokens almost free.
+PASS_TOKENS = {"cpu": 24, "gpu": 512}
 # cut() with neither a row limit nor a token budget: rows per batch at most (bounds its work).
 _CUT_ROWS = 1024
 

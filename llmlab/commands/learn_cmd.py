@@ -6,14 +6,22 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from llmlab.commands.app import hooks, model_config
 from llmlab.core import console
 from llmlab.core.config import Backend, ChatMode, Dtype, value
+from llmlab.core.jsontypes import JSONValue
 from llmlab.core.errors import UsageError
+
+if TYPE_CHECKING:  # types only: nothing more is imported at run time
+    from rich.console import Console
+
+    from llmlab.io.items import Item
+    from llmlab.learn.anatomy import Anatomy
+    from llmlab.prompting.templates import Template
 from llmlab.commands.options import (BackendOpt, DeviceMapOpt, MaxMemoryOpt, GEN_PANEL, IO_PANEL, MODEL_PANEL, PROMPT_PANEL, Chat, ConfigFile, Device, DtypeOpt,
                             Greedy, InputFile, Model, PromptsDir, Quiet, RepetitionPenalty, Seed, Temperature,
                             TemplateOpt, TopK, TopP, Vars)
@@ -37,7 +45,7 @@ def _piped(format: str) -> bool:
     return format == "jsonl" or (format == "auto" and not sys.stdout.isatty())
 
 
-def _stdout():
+def _stdout() -> Console:
     from rich.console import Console
 
     return Console(highlight=False, soft_wrap=True)
@@ -80,7 +88,7 @@ def tokenize(
     from llmlab.learn import tokens
 
     console.configure(quiet, False)
-    piped, chat = _piped(format), value(chat)
+    piped, chat_mode = _piped(format), value(chat)
     tmpl = prompts.find_template(template, prompts_dir or []) if template else None
     items = _tokenize_items(text, tmpl, var, input, field)
     tokenizer, window, encoder_decoder = models.load_tokenizer(model)
@@ -90,11 +98,11 @@ def tokenize(
         from llmlab.core import settings as settings_mod
 
         gen = settings_mod.build(settings_mod.normalize_keys(tmpl.generation, f"template '{tmpl.name}'"))
-        use = generation.use_chat(tokenizer, chat or tmpl.chat or "auto")
+        use = generation.use_chat(tokenizer, chat_mode or tmpl.chat or "auto")
         options = prompts.options_for(tmpl, shots, None, None, use, None, "drop-shots", gen.max_new_tokens)
         builder = prompts.make_builder(tmpl, tokenizer, window, options, None, input, encoder_decoder,
                                        on_warn=console.warn)
-    use_chat = generation.use_chat(tokenizer, chat or "off") if tmpl is None else None
+    use_chat = generation.use_chat(tokenizer, chat_mode or "off") if tmpl is None else None
     for item in items:
         budget = None
         if builder is not None:
@@ -118,8 +126,8 @@ def tokenize(
             tokens.render_budget(budget, out)
 
 
-def _tokenize_items(text: Optional[str], tmpl: Any, var: Optional[list[str]], input: Optional[str],
-                    field: str) -> list[Any]:
+def _tokenize_items(text: Optional[str], tmpl: Optional[Template], var: Optional[list[str]], input: Optional[str],
+                    field: str) -> list[Item]:
     """What `tokenize` shows: the rows of --input, else the argument (or stdin) as one item."""
     from llmlab.io import records as io
     from llmlab.prompting import prompts
@@ -141,11 +149,11 @@ def _tokenize_items(text: Optional[str], tmpl: Any, var: Optional[list[str]], in
     return [io.Item(0, {field: found}, "the text")]
 
 
-def _template_item(tmpl: Any, text: Optional[str], var: Optional[list[str]]) -> Any:
+def _template_item(tmpl: Template, text: Optional[str], var: Optional[list[str]]) -> Item:
     from llmlab.io import records as io
     from llmlab.prompting import prompts
 
-    values = prompts.parse_vars(var or [])
+    values: dict[str, JSONValue] = dict(prompts.parse_vars(var or []))
     if text is not None:
         missing = [f for f in tmpl.fields if f not in values]
         if len(missing) != 1:
@@ -183,7 +191,7 @@ def info(
     _show_info(a, _stdout())
 
 
-def _show_info(a: Any, out: Any) -> None:
+def _show_info(a: Anatomy, out: Console) -> None:
     from rich.table import Table
 
     from llmlab.learn.anatomy import CACHE_BYTES, DTYPE_BYTES, KINDS, TRAINING_EXTRA_BYTES, human, millions
@@ -289,7 +297,7 @@ def next_token(
     out = None if piped else _stdout()
     for step in nexttoken.walk(lm, generation.chat_text(lm.tokenizer, [{"role": "user", "content": text}])
                                if use_chat else text, use_chat, settings, steps, show):
-        if piped:
+        if piped or out is None:  # (out is None exactly when piped)
             print(json.dumps(step.to_json(), ensure_ascii=False), flush=True)
         else:
             nexttoken.render(step, out)

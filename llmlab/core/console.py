@@ -10,7 +10,7 @@ import contextlib
 import logging
 import os
 import sys
-from typing import Iterator
+from typing import Iterator, Protocol
 
 from rich.console import Console
 from rich.text import Text
@@ -152,6 +152,14 @@ def error(message: str) -> None:
     stderr().print(Text.assemble(("error:", "red"), " ", message))
 
 
+class Bar(Protocol):
+    """What progress() yields: count finished items, or change the description."""
+
+    def advance(self, n: int = 1) -> None: ...
+
+    def describe(self, text: str) -> None: ...
+
+
 class _NullProgress:
     def advance(self, n: int = 1) -> None:
         pass
@@ -191,7 +199,7 @@ def _columns() -> list:
 
 @contextlib.contextmanager
 def progress(total: int | None, description: str, console: Console | None = None,
-             get_time=None) -> Iterator[object]:
+             get_time=None) -> Iterator[Bar]:
     """A progress bar on stderr (items done of total, %, elapsed, measured rate, ETA); a no-op off a
     terminal or when quiet. `console` and `get_time` are for tests (a forced terminal, a fake clock)."""
     if console is None:
