@@ -81,13 +81,15 @@ def cut(order: Sequence[int], lengths: Sequence[int], rows: int | None, tokens: 
 def run_batched(run: Callable[[list[int]], list[R]], lengths: Sequence[int], rows: int | None,
                 tokens: int | None = None, sort: bool = True,
                 on_batch: Callable[[list[int], list[R]], None] | None = None,
-                on_event: EventSink | None = None, overhead: int | None = None) -> list[R]:
+                on_event: EventSink | None = None, should_stop: Callable[[], bool] | None = None,
+                overhead: int | None = None) -> list[R]:
     """results[i] = the result for input i, computed by run(batch_of_indexes) batch by batch.
 
     sort=True: longest first (least padding). sort=False: input order, so on_batch(indexes, results)
     sees the inputs in order, batch after batch (generate writes each batch as it finishes).
     Out-of-memory: the row limit and the token budget are halved and the same rows retried;
-    at one row the error is re-raised. Other errors pass through untouched.
+    at one row the error is re-raised. Other errors pass through untouched. should_stop() true
+    before a batch: base.Cancelled.
     overhead (with sort): batches are cut where padding would cost more than another pass (cut()).
     """
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i]) if sort else list(range(len(lengths)))
@@ -95,6 +97,10 @@ def run_batched(run: Callable[[list[int]], list[R]], lengths: Sequence[int], row
     start = 0
     planned: list[list[int]] = []  # cut()'s batches from `start` on, under the current limits
     while start < len(order):
+        if should_stop is not None and should_stop():
+            from llmlab.backends.base import Cancelled
+
+            raise Cancelled("stopped: the work is wanted no more")
         if sort and overhead is not None:
             planned = planned or cut(order[start:], lengths, rows, tokens, overhead)
             batch = planned[0]
