@@ -166,6 +166,10 @@ class PromptScores:
     next: list[tuple[str, int, float]]
 
 
+class Cancelled(Exception):
+    """The work was stopped because nobody wants it any more (LM.should_stop said so)."""
+
+
 class LM(ABC):
     """What every command needs from a model. Subclasses set name, tokenizer, window (tokens the
     model can attend to, or None), device and is_encoder_decoder."""
@@ -176,6 +180,9 @@ class LM(ABC):
     device: str = "cpu"
     is_encoder_decoder: bool = False
     on_event: EventSink = staticmethod(log_event)
+    # Set by whoever runs the model for someone who may leave (llmlab serve's batcher): True once the
+    # work is wanted no more. Backends check it between batches and, generating, between steps.
+    should_stop: Callable[[], bool] | None = None
 
     @property
     def has_chat_template(self) -> bool:

@@ -183,14 +183,17 @@ def model_config(model, device, dtype, chat, device_map=None, max_memory=None, b
                  adapter=None):
     """The model options, checked before any model time (placement options: llmlab.backends.placement);
     --adapter DIR becomes the model spec BASE+DIR, whose folder is checked here."""
-    from llmlab.backends import adapters, placement
+    from llmlab.backends import placement
     from llmlab.core.config import ModelConfig
 
-    model = adapters.join(model, adapter)
-    if adapters.split(model)[1] is not None:
-        adapters.read_record(adapters.split(model)[1])
-        if value(backend) == "vllm":
-            raise UsageError("--adapter runs on --backend hf; vLLM loads the base model only")
+    if adapter or (model and "+" in model):  # adapters imports the torch side's module: only when asked
+        from llmlab.backends import adapters
+
+        model = adapters.join(model, adapter)
+        if adapters.split(model)[1] is not None:
+            adapters.read_record(adapters.split(model)[1])
+            if value(backend) == "vllm":
+                raise UsageError("--adapter runs on --backend hf; vLLM loads the base model only")
     cfg = ModelConfig(model, device, value(dtype), value(chat), placement.parse_device_map(device_map),
                       placement.parse_max_memory(max_memory), value(backend), tensor_parallel_size)
     if cfg.backend == "vllm":

@@ -19,11 +19,12 @@ from llmlab.core.errors import UsageError
 if TYPE_CHECKING:  # types only: nothing more is imported at run time
     from rich.console import Console
 
+    from llmlab.core.config import ModelConfig
     from llmlab.io.items import Item
     from llmlab.learn.anatomy import Anatomy
     from llmlab.prompting.templates import Template
 from llmlab.commands.options import (BackendOpt, DeviceMapOpt, MaxMemoryOpt, GEN_PANEL, IO_PANEL, MODEL_PANEL, PROMPT_PANEL, Chat, ConfigFile, Device, DtypeOpt,
-                            Greedy, InputFile, Model, PromptsDir, Quiet, RepetitionPenalty, Seed, Temperature,
+                            Greedy, InputFile, Model, PromptsDir, Quiet, RepetitionPenalty, Seed, Server, Temperature,
                             TemplateOpt, TopK, TopP, Vars)
 
 # Options these commands share with the others are declared once, in llmlab.commands.options; below, the ones
@@ -267,6 +268,7 @@ def next_token(
     seed: Seed = None,
     config: ConfigFile = None,
     format: Format = "auto",
+    server: Server = None,
     quiet: Quiet = False,
 ) -> None:
     """The model's next-token distribution, and what temperature, top-k and top-p make of it.
@@ -284,17 +286,21 @@ def next_token(
     model_cfg = model_config(model, device, dtype, chat, device_map, max_memory, backend)
     piped = _piped(format)
     layers = [settings_mod.load_preset(config)] if config else []
-    settings = settings_mod.build(*layers, dict(
-        do_sample=None if greedy is None else not greedy, temperature=temperature, top_k=top_k, top_p=top_p,
-        repetition_penalty=repetition_penalty, seed=seed))
+    flags: dict[str, object] = dict(do_sample=None if greedy is None else not greedy, temperature=temperature,
+                                    top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed)
+    settings_mod.build(*layers, flags)  # checked here, before any work
     if steps < 1 or show < 1:
         raise UsageError(f"invalid --steps {steps} / --show {show}: both must be >= 1")
     text = _text(prompt)
     if text is None:
         raise UsageError('no prompt: run llmlab next "your prompt" or pipe one on stdin')
+    if server:
+        return _next_remote(server, model_cfg, text, {k: v for layer in [*layers, flags] for k, v in layer.items()
+                                                      if v is not None}, steps, show, piped)
     lm = Session(model_cfg, hooks=hooks(True)).lm
     use_chat = generation.use_chat(lm.tokenizer, value(chat) or "auto")
     out = None if piped else _stdout()
+    settings = settings_mod.build(*layers, flags)
     for step in nexttoken.walk(lm, generation.chat_text(lm.tokenizer, [{"role": "user", "content": text}])
                                if use_chat else text, use_chat, settings, steps, show):
         if piped or out is None:  # (out is None exactly when piped)
@@ -303,7 +309,24 @@ def next_token(
             nexttoken.render(step, out)
 
 
+def _next_remote(server: str, model_cfg: ModelConfig, text: str, flags: dict[str, object], steps: int, show: int,
+                 piped: bool) -> None:
+    """next --server: the server walks the steps; shown here as in-process."""
+    from llmlab.learn import nexttoken
+    from llmlab.serving import client
+
+    for data in client.next_steps(server, model_cfg, text, flags, steps, show):
+        if piped:
+            print(json.dumps(data, ensure_ascii=False), flush=True)
+        else:
+            nexttoken.render(nexttoken.Step.from_json(data), _stdout())
+
+
 # ---------------------------------------------------------------- lab
+
+
+LabServer = Annotated[Optional[str], typer.Option("--server", rich_help_panel=MODEL_PANEL, show_default="none",
+                                                  help="Not for lab (refused): lab keeps its own model loaded.")]
 
 
 def lab(
@@ -318,6 +341,7 @@ def lab(
     shots: Shots = 0,
     prompts_dir: PromptsDir = None,
     config: ConfigFile = None,
+    server: LabServer = None,
     quiet: Quiet = False,
 ) -> None:
     """An interactive session that keeps the model loaded: type a prompt, watch the completion stream.
@@ -329,6 +353,9 @@ def lab(
     from llmlab.learn import lab as lab_mod
 
     console.configure(quiet, False)
+    if server:
+        raise UsageError("--server: lab runs in-process only (it keeps its own model loaded, and its /tokens, "
+                         "/show and /next read the tokenizer here); drop --server, or use generate or next --server")
     model_cfg = model_config(model, device, dtype, chat, device_map, max_memory, backend)
     session = lab_mod.Session.start(model_cfg, template, shots, prompts_dir or [], config, hooks(True))
     session.run()
