@@ -316,3 +316,36 @@ def read_reviews(path):
     from llmlab.io.records import read_items
 
     return read_items(str(path), text_field="text")
+
+
+# ---------------------------------------------------------------- --adapter on compare, next and lab
+
+
+@pytest.mark.slow
+def test_adapter_flag_on_next_lab_and_compare(tiny_models, reviews, tmp_path):
+    """--adapter DIR is -m BASE+DIR on next and lab; compare puts BASE+DIR beside BASE, scored on the
+    prompts the adapter was trained on, exactly as classify --adapter scores them."""
+    base, ad = tiny_models["llama"], tmp_path / "ad"
+    assert tune(base, reviews, ad, "--lr", "0.05").exit_code == 0
+    for command, extra in ((["next", "the movie was", "--show", "3", "-f", "jsonl"], None),
+                           (["lab"], "/set max_new_tokens 3\n/set top_logprobs 2\nthe movie was\n/quit\n")):
+        flag, spec, plain = (invoke([*command, "-m", m, *a], input=extra)
+                             for m, a in ((base, ["--adapter", ad]), (f"{base}+{ad}", []), (base, [])))
+        assert flag.exit_code == spec.exit_code == 0, flag.stderr + spec.stderr
+        assert flag.stdout == spec.stdout != plain.stdout
+    result = invoke(["compare", "-t", "sentiment", "-i", reviews, "-m", base, "--adapter", ad, "--no-log",
+                     "-f", "jsonl", "--device", "cpu"])
+    assert result.exit_code == 0, result.stderr
+    *rows, summary = jsonl(result.stdout)
+    classified = jsonl(invoke(["classify", "-t", "sentiment", "-i", reviews, "-m", base, "--adapter", ad,
+                               "-f", "jsonl", "--device", "cpu"]).stdout)
+    assert [r["ad"] for r in rows] == [r["prediction"] for r in classified]
+    assert set(summary) == {"summary", "tiny-llama", "ad"}
+
+
+@pytest.mark.parametrize("command", [["next", "hello"], ["lab"], ["compare", "-t", "sentiment", "-i", "x.jsonl"]])
+def test_adapter_flag_missing_folder_is_one_line(no_model, tmp_path, command):
+    result = invoke([*command, "--adapter", tmp_path / "none"], input="/quit\n")
+    assert (result.exit_code, result.stdout) == (4, "")
+    assert result.stderr == (f"error: adapter folder '{tmp_path / 'none'}' not found; train one with "
+                             f"`llmlab tune ... -o {tmp_path / 'none'}`\n")

@@ -14,7 +14,7 @@ from llmlab.commands.app import hooks, model_config
 from llmlab.core import console
 from llmlab.core.config import Backend, ChatMode, Dtype, value
 from llmlab.core.errors import UsageError
-from llmlab.commands.options import (BackendOpt, DeviceMapOpt, MaxMemoryOpt, GEN_PANEL, IO_PANEL, MODEL_PANEL, PROMPT_PANEL, Chat, ConfigFile, Device, DtypeOpt,
+from llmlab.commands.options import (AdapterOpt, BackendOpt, DeviceMapOpt, MaxMemoryOpt, GEN_PANEL, IO_PANEL, MODEL_PANEL, PROMPT_PANEL, Chat, ConfigFile, Device, DtypeOpt,
                             Greedy, InputFile, Model, PromptsDir, Quiet, RepetitionPenalty, Seed, Temperature,
                             TemplateOpt, TopK, TopP, Vars)
 
@@ -249,6 +249,7 @@ def next_token(
     device_map: DeviceMapOpt = None,
     max_memory: MaxMemoryOpt = None,
     backend: BackendOpt = Backend.hf,
+    adapter: AdapterOpt = None,
     steps: Annotated[int, typer.Option(rich_help_panel=GEN_PANEL, help="Tokens to walk, one distribution each (>= 1).")] = 1,
     show: Annotated[int, typer.Option(rich_help_panel=IO_PANEL, help="List the N most likely tokens (>= 1).")] = 10,
     greedy: Greedy = None,
@@ -273,7 +274,7 @@ def next_token(
     from llmlab.scoring import generation
 
     console.configure(quiet, False)
-    model_cfg = model_config(model, device, dtype, chat, device_map, max_memory, backend)
+    model_cfg = model_config(model, device, dtype, chat, device_map, max_memory, backend, adapter=adapter)
     piped = _piped(format)
     layers = [settings_mod.load_preset(config)] if config else []
     settings = settings_mod.build(*layers, dict(
@@ -306,6 +307,7 @@ def lab(
     device_map: DeviceMapOpt = None,
     max_memory: MaxMemoryOpt = None,
     backend: BackendOpt = Backend.hf,
+    adapter: AdapterOpt = None,
     template: TemplateOpt = None,
     shots: Shots = 0,
     prompts_dir: PromptsDir = None,
@@ -321,7 +323,7 @@ def lab(
     from llmlab.learn import lab as lab_mod
 
     console.configure(quiet, False)
-    model_cfg = model_config(model, device, dtype, chat, device_map, max_memory, backend)
+    model_cfg = model_config(model, device, dtype, chat, device_map, max_memory, backend, adapter=adapter)
     session = lab_mod.Session.start(model_cfg, template, shots, prompts_dir or [], config, hooks(True))
     session.run()
 

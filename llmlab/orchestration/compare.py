@@ -188,17 +188,16 @@ def run_variant(variant: Variant, items: Sequence[Any], opts: dict[str, Any], se
     kept in `sessions`), resolve the template's defaults by the rule every command follows
     (orchestration.resolve), classify or generate, and hand each finished item to on_item as a
     runlog item dict. Returns the loaded model."""
-    from dataclasses import replace
-
-    from llmlab.core.config import PromptConfig
     from llmlab.orchestration import resolve
     from llmlab.orchestration.session import Hooks, Session, requests, settings_for
     from llmlab.scoring import classify, generation
 
+    tmpl = variant.template
+    hooks = Hooks(warn=on_warn or (lambda message: None))
+    model, prompt, calibration = _variant_prompt(variant, opts, hooks)
     if variant.model not in sessions:
-        hooks = Hooks(warn=on_warn or (lambda message: None))
-        sessions[variant.model] = Session(replace(opts["model"], spec=variant.model), hooks=hooks)
-    session, tmpl = sessions[variant.model], variant.template
+        sessions[variant.model] = Session(model, hooks=hooks)
+    session = sessions[variant.model]
     lm = session.lm
     settings = settings_for(tmpl, variant.preset, opts["generation"])
     gold_field = tmpl.target if tmpl else opts.get("reference")
@@ -209,11 +208,10 @@ def run_variant(variant: Variant, items: Sequence[Any], opts: dict[str, Any], se
                  "extra": {"input": item.fields}, **values})
 
     if tmpl is not None:
-        prompt = PromptConfig(tmpl.name, opts["shots"], seed=opts["seed"])
         builder = session.builder(tmpl, prompt, settings.max_new_tokens, opts["input"])
     if tmpl is not None and tmpl.task == "classify":
-        mode = resolve.calibration(opts["calibration"], tmpl, opts["method"]).value
-        source = opts.get("probes", {}).get(tmpl.name)
+        mode = resolve.calibration(calibration, tmpl, opts["method"]).value
+        source = opts.get("probes", {}).get(tmpl.name) if mode == "probe" else None
         if source is not None:
             source.info = session.hooks.info
         clf = classify.Classifier(lm, builder, opts["method"], "none", mode, opts["batch_size"], settings,
@@ -230,6 +228,22 @@ def run_variant(variant: Variant, items: Sequence[Any], opts: dict[str, Any], se
     lm.generate(requests(jobs), settings, batch_size=opts["batch_size"],
                 on_output=lambda i, out: emit(jobs[i].item, jobs[i].model_text, output=out.completions[0].strip()))
     return lm
+
+
+def _variant_prompt(variant: Variant, opts: dict[str, Any], hooks: Any) -> tuple[Any, Any, str | None]:
+    """(model config, prompt config, --calibration) of a variant: a model with an adapter scores the
+    prompts it was trained on (its shots and chat mode, uncalibrated) unless --shots/--calibration say."""
+    from dataclasses import replace
+
+    from llmlab.core.config import PromptConfig
+    from llmlab.orchestration import adapted
+
+    model = replace(opts["model"], spec=variant.model)
+    prompt = PromptConfig(variant.template.name if variant.template else "", opts["shots"], seed=opts["seed"])
+    if variant.template is None or not adapted.adapters_in(model):
+        return model, prompt, opts["calibration"]
+    model, prompt = adapted.adapter_defaults(model, prompt, variant.template, hooks)
+    return model, prompt, opts["calibration"] or "off"
 
 
 def probe_for(template: Template, calibration: str | None, method: str) -> Any:
