@@ -349,3 +349,22 @@ def test_adapter_flag_missing_folder_is_one_line(no_model, tmp_path, command):
     assert (result.exit_code, result.stdout) == (4, "")
     assert result.stderr == (f"error: adapter folder '{tmp_path / 'none'}' not found; train one with "
                              f"`llmlab tune ... -o {tmp_path / 'none'}`\n")
+
+
+@pytest.mark.slow
+def test_tune_is_logged_as_a_run(tiny_models, reviews, tmp_path, home):
+    from llmlab.runs import runlog
+
+    base = tiny_models["llama"]
+    result = tune(base, reviews, tmp_path / "ad")
+    assert result.exit_code == 0, result.stderr
+    record = json.loads(result.stdout)
+    [run] = runlog.list_runs(runlog.connect())
+    assert (run["command"], run["status"], run["model"], run["data"], run["templates"][0]["name"]) == (
+        "tune", "complete", str(base), str(reviews), "sentiment")
+    assert run["config"]["k"] == 8 and run["config"]["method"] == "lora" and run["config"]["output"] == str(tmp_path / "ad")
+    assert run["metrics"] == {"adapter": str(tmp_path / "ad"), **{k: record[k] for k in (
+        "method", "k", "seed", "train_rows", "held_out_rows", "settings", "trainable_params", "train_seconds",
+        "steps_done", "best_step", "held_out_loss", "held_out_accuracy", "last_train_loss", "status")}}
+    assert tune(base, reviews, tmp_path / "quiet", "--no-log").exit_code == 0
+    assert len(runlog.list_runs(runlog.connect())) == 1

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 from llmlab.core.config import PromptConfig, TuneConfig
@@ -105,17 +105,30 @@ def tune(cfg: TuneConfig, hooks: Any) -> dict[str, Any]:
     plan = plans.prepare(cfg)
     _, _, encoder_decoder = models.load_tokenizer(cfg.model.spec)  # the tokenizer only: no weights yet
     plans.check_prompt_tuning(cfg.method, encoder_decoder)
-    run = session.Session(cfg.model, hooks=hooks)
-    settings = session.settings_for(plan.template)
-    prompt = PromptConfig(plan.template.name, cfg.shots, None, cfg.seed, prompts_dir=list(cfg.prompts_dir))
-    builder = run.builder(plan.template, prompt, settings.max_new_tokens, None)
-    train = examples(run.lm, builder, plan.template, plan.target, plan.train)
-    held = examples(run.lm, builder, plan.template, plan.target, plan.held_out)
-    saver = checkpoint.Saver(cfg, plan, run, builder.options.chat)
-    return _loop(cfg, saver, train, held, hooks)
+    # Opened before the model loads: a log that can't be written fails before any model time.
+    with hooks.open_run("tune", config=asdict(cfg), templates=plan.template, data=cfg.data) as log:
+        run = session.loaded(cfg.model, None, log, hooks)
+        settings = session.settings_for(plan.template)
+        prompt = PromptConfig(plan.template.name, cfg.shots, None, cfg.seed, prompts_dir=list(cfg.prompts_dir))
+        builder = run.builder(plan.template, prompt, settings.max_new_tokens, None)
+        train = examples(run.lm, builder, plan.template, plan.target, plan.train)
+        held = examples(run.lm, builder, plan.template, plan.target, plan.held_out)
+        saver = checkpoint.Saver(cfg, plan, run, builder.options.chat)
+        return _loop(cfg, saver, train, held, hooks, log)
 
 
-def _loop(cfg: TuneConfig, saver: Any, train: list[Example], held: list[Example], hooks: Any) -> dict[str, Any]:
+LOGGED = ("method", "k", "seed", "train_rows", "held_out_rows", "settings", "trainable_params", "train_seconds",
+          "steps_done", "best_step", "held_out_loss", "held_out_accuracy", "last_train_loss", "status")
+
+
+def logged(record: dict[str, Any], folder: str, log: Any) -> dict[str, Any]:
+    """The run log's metrics of a training: its record's numbers and where the adapter is."""
+    log.metrics({"adapter": folder, **{k: record.get(k) for k in LOGGED}})
+    return record
+
+
+def _loop(cfg: TuneConfig, saver: Any, train: list[Example], held: list[Example], hooks: Any,
+          log: Any) -> dict[str, Any]:
     import torch
 
     from llmlab.backends.trainable import LEARNING_RATES
@@ -143,10 +156,10 @@ def _loop(cfg: TuneConfig, saver: Any, train: list[Example], held: list[Example]
                         stale += 1
                     hooks.info(saver.line(step, value.item(), score))
                     if stale >= cfg.patience:
-                        return saver.finish("early stopping")
+                        return logged(saver.finish("early stopping"), cfg.output, log)
             if not held:
                 saver.save(cfg.steps)
-            return saver.finish("all steps")
+            return logged(saver.finish("all steps"), cfg.output, log)
         except KeyboardInterrupt:
-            saver.finish("interrupted")
+            logged(saver.finish("interrupted"), cfg.output, log)
             raise
