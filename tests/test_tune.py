@@ -362,9 +362,84 @@ def test_tune_is_logged_as_a_run(tiny_models, reviews, tmp_path, home):
     [run] = runlog.list_runs(runlog.connect())
     assert (run["command"], run["status"], run["model"], run["data"], run["templates"][0]["name"]) == (
         "tune", "complete", str(base), str(reviews), "sentiment")
+    assert 0 < record["train_cpu_seconds"] and 0 < record["train_seconds"]
     assert run["config"]["k"] == 8 and run["config"]["method"] == "lora" and run["config"]["output"] == str(tmp_path / "ad")
     assert run["metrics"] == {"adapter": str(tmp_path / "ad"), **{k: record[k] for k in (
         "method", "k", "seed", "train_rows", "held_out_rows", "settings", "trainable_params", "train_seconds",
-        "steps_done", "best_step", "held_out_loss", "held_out_accuracy", "last_train_loss", "status")}}
+        "train_cpu_seconds", "steps_done", "best_step", "held_out_loss", "held_out_accuracy", "last_train_loss", "status")}}
     assert tune(base, reviews, tmp_path / "quiet", "--no-log").exit_code == 0
     assert len(runlog.list_runs(runlog.connect())) == 1
+
+
+# ---------------------------------------------------------------- learning curves (llmlab report)
+
+CURVES = {  # (method or None for in-context, k, seed) -> accuracy
+    **{(None, k, s): 0.70 + 0.01 * s + k / 10_000 for k in (16, 64, 256) for s in range(3)},
+    **{("lora", k, s): 0.60 + 0.02 * s + k / 1_000 for k in (16, 64, 256) for s in range(3)},
+    **{("ia3", 64, s): 0.65 + 0.03 * s for s in range(2)},
+}
+
+
+@pytest.fixture
+def curve_runs(home):
+    """One logged eval per k and seed, as `eval --adapter` logs them: the in-context row (4 shots and a
+    probe on k - 4 rows) and the adapters trained on the same k rows."""
+    from llmlab.runs import runlog
+
+    ids = []
+    for k, seed in sorted({(k, s) for _, k, s in CURVES}):
+        with runlog.open_run("eval", argv=["llmlab", "eval"]) as log:
+            log.result("sentiment", "classify", 4, 0, "probe", {"accuracy": CURVES[(None, k, seed)]}, k=k)
+            for method in ("lora", "ia3"):
+                if (method, k, seed) in CURVES:
+                    log.result("sentiment", "classify", 0, 0, "off", {"accuracy": CURVES[(method, k, seed)]}, k=k,
+                               adapter=f"ad/{method}-{k}-{seed}", tuned={"method": method, "seed": seed})
+            ids.append(log.id)
+    return ids
+
+
+def test_learning_curves_are_mean_and_std_over_seeds_per_method(curve_runs, tmp_path):
+    import statistics
+
+    from PIL import Image
+
+    from llmlab.orchestration import report
+    from llmlab.runs import runlog
+
+    db = runlog.connect()
+    series = report.learning([runlog.get_run(db, i) for i in curve_runs])
+    assert [s["label"] for s in series] == ["sentiment: ia3", "sentiment: in-context, 4 shots, probe",
+                                            "sentiment: lora"]
+    want = {method: [(k, statistics.fmean(v), statistics.stdev(v), 3) for k in (16, 64, 256)
+                     for v in [[CURVES[(method, k, s)] for s in range(3)]]] for method in (None, "lora")}
+    assert series[1]["points"] == want[None] and series[2]["points"] == want["lora"]
+    assert series[0]["points"] == [(64, statistics.fmean([0.65, 0.68]), statistics.stdev([0.65, 0.68]), 2)]
+    assert report.sweep([runlog.get_run(db, curve_runs[0])])[0]["points"] == [(4, CURVES[(None, 16, 0)], 0.0, 1)]
+    pytest.importorskip("matplotlib")
+    page, folder = tmp_path / "r.html", tmp_path / "png"
+    result = invoke(["report", *curve_runs, "-o", page, "--png", folder])
+    assert result.exit_code == 0, result.stderr
+    text = page.read_text()
+    assert "<h2>Learning curves</h2>" in text and "sentiment: lora: k (labelled rows) 256, " \
+        f"{want['lora'][2][1] * 100:.1f} ± {want['lora'][2][2] * 100:.1f}" in text
+    curve = Image.open(folder / "learning-curves.png")
+    assert curve.size == (700, 400) and len(curve.convert("RGB").getcolors(maxcolors=1_000_000)) > 20
+
+
+@pytest.mark.slow
+def test_eval_with_adapters_logs_what_the_learning_curves_need(tiny_models, reviews, tmp_path, home):
+    from llmlab.orchestration import report
+    from llmlab.runs import runlog
+
+    base = tiny_models["llama"]
+    assert tune(base, reviews, tmp_path / "ad", "--no-log").exit_code == 0
+    result = invoke(["eval", "-t", "sentiment", "--data", reviews, "-m", base, "--shots", "2", "--calibration",
+                     "probe", "--probe-data", reviews, "--adapter", tmp_path / "ad", "--device", "cpu"])
+    assert result.exit_code == 0, result.stderr
+    [run] = runlog.list_runs(runlog.connect())
+    logged = run["metrics"]["results"]
+    assert [(r["shots"], r["k"], r.get("tuned")) for r in logged] == [(2, 2 + 8, None), (0, 8, {"method": "lora", "seed": 0})]
+    series = report.learning([run])
+    assert [(s["label"], [p[0] for p in s["points"]]) for s in series] == [
+        ("sentiment: in-context, 2 shots, probe", [10]), ("sentiment: lora", [8])]
+    assert [s["points"][0][1] for s in series] == [r["metrics"]["accuracy"] for r in logged]

@@ -118,7 +118,7 @@ def tune(cfg: TuneConfig, hooks: Any) -> dict[str, Any]:
 
 
 LOGGED = ("method", "k", "seed", "train_rows", "held_out_rows", "settings", "trainable_params", "train_seconds",
-          "steps_done", "best_step", "held_out_loss", "held_out_accuracy", "last_train_loss", "status")
+          "train_cpu_seconds", "steps_done", "best_step", "held_out_loss", "held_out_accuracy", "last_train_loss", "status")
 
 
 def logged(record: dict[str, Any], folder: str, log: Any) -> dict[str, Any]:
@@ -136,7 +136,7 @@ def _loop(cfg: TuneConfig, saver: Any, train: list[Example], held: list[Example]
     model = saver.start()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr or LEARNING_RATES[cfg.method], weight_decay=0.0)
     model.train(True)
-    order, stale, started = batches(len(train), cfg.batch_size, cfg.seed), 0, time.perf_counter()
+    order, stale, started, cpu = batches(len(train), cfg.batch_size, cfg.seed), 0, time.perf_counter(), time.process_time()
     with hooks.progress(cfg.steps, f"tuning {cfg.method}") as bar:
         try:
             for step in range(1, cfg.steps + 1):
@@ -144,7 +144,7 @@ def _loop(cfg: TuneConfig, saver: Any, train: list[Example], held: list[Example]
                 optimizer.zero_grad()
                 value.backward()
                 optimizer.step()
-                saver.progress(step, value.item(), time.perf_counter() - started)
+                saver.progress(step, value.item(), time.perf_counter() - started, time.process_time() - cpu)
                 bar.advance(1)
                 bar.describe(f"tuning {cfg.method}, loss {value.item():.3f}")
                 if held and (step % cfg.eval_every == 0 or step == cfg.steps):
