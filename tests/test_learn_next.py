@@ -117,3 +117,14 @@ def test_an_encoder_decoder_without_a_decoder_start_token_is_refused(fake_lm):
     assert result.exit_code == 4
     assert result.stderr == ("error: model 'fake' is encoder-decoder but names no decoder start token "
                              "(decoder_start_token_id in its config)\n")
+
+
+def test_the_fake_backend_walks(fake_lm):
+    """FakeLM implements next_logits, so `next` runs on it: its tokenizer names each token (it lacked
+    convert_ids_to_tokens, which mypy found: `next -m fake` crashed with an AttributeError)."""
+    result = invoke(["next", "-m", "fake", "ab", "--steps", 2, "--show", 2, "-f", "jsonl"])
+    assert result.exit_code == 0, result.stderr
+    steps = jsonl(result.stdout)
+    assert [s["completion"] for s in steps] == ["c", "cd"]
+    assert [[(t["id"], t["token"], t["text"]) for t in s["top"]] for s in steps] == [
+        [(102, "c", "c"), (103, "d", "d")], [(103, "d", "d"), (104, "e", "e")]]

@@ -10,11 +10,51 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence, TypedDict
 
-from llmlab.backends.base import GenRequest, LLOutput, LLRequest
+from llmlab.backends.base import LM, GenOutput, GenRequest, LLOutput, LLRequest
 from llmlab.backends.hf import HFLM
 from llmlab.core.errors import ModelError
+from llmlab.core.jsontypes import JSONValue
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+    from llmlab.backends.hfutil import Model
+
+    from llmlab.core.settings import GenerationSettings
+
+
+
+class Record(TypedDict, total=False):
+    """An adapter's RECORD (llmlab_adapter.json), as tuning.checkpoint writes it (older ones may lack keys)."""
+
+    base: str
+    base_shape: dict[str, JSONValue]  # shape() of the base
+    method: str
+    template: str
+    task: str
+    target: str
+    shots: int
+    chat: bool | None
+    data: str
+    data_sha256: str
+    k: int
+    seed: int
+    train_rows: int
+    held_out_rows: int
+    settings: dict[str, JSONValue]  # rank, alpha, lr, steps... as given to `llmlab tune`
+    trainable_params: int
+    base_params: int
+    train_seconds: float
+    train_cpu_seconds: float  # every thread's CPU time: the cost whatever else shared the machine
+    steps_done: int
+    best_step: int | None
+    held_out_loss: float | None
+    held_out_accuracy: float | None
+    last_train_loss: float | None
+    status: str
+    llmlab: str
+    peft: str
 
 RECORD = "llmlab_adapter.json"
 METHODS = ("lora", "ia3", "prompt")
@@ -51,7 +91,7 @@ def split(spec: str | None) -> tuple[str | None, str | None]:
     return (base or None), adapter
 
 
-def read_record(folder: str | Path) -> dict[str, Any]:
+def read_record(folder: str | Path) -> Record:
     """The llmlab record of an adapter folder; one line when the folder is missing or is not one."""
     require_peft()
     path = Path(folder)
@@ -61,24 +101,24 @@ def read_record(folder: str | Path) -> dict[str, Any]:
         raise ModelError(f"'{folder}' is not an llmlab adapter (no {RECORD} and adapter_config.json in it); "
                          "give a folder written by `llmlab tune`")
     try:
-        record = json.loads((path / RECORD).read_text(encoding="utf-8"))
+        record: Record = json.loads((path / RECORD).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ModelError(f"adapter '{folder}': {RECORD} is unreadable ({exc}); train it again") from exc
-    return record
+    return record  # llmlab's own file (json.loads gives no type): trusted to hold what Record says
 
 
-def shape(config: Any) -> dict[str, Any]:
+def shape(config: PretrainedConfig | JSONValue) -> dict[str, JSONValue]:
     """The facts of a model config an adapter depends on (a dict or a config object)."""
-    get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+    get: Callable[[str], JSONValue] = config.get if isinstance(config, dict) else lambda k: getattr(config, k, None)
     return {k: get(k) for k in _SHAPE_KEYS if get(k) is not None}
 
 
-def base_shape(lm: Any) -> dict[str, Any]:
+def base_shape(lm: HFLM) -> dict[str, JSONValue]:
     """shape() of the model an LM runs."""
     return shape(lm.model.config)
 
 
-def check_base(record: dict[str, Any], config: Any, base_name: str, folder: str) -> None:
+def check_base(record: Record, config: PretrainedConfig, base_name: str, folder: str) -> None:
     """Refuse a base whose shape differs from the one the adapter was trained on (before weights)."""
     trained = record.get("base_shape") or {}
     here = shape(config)
@@ -89,7 +129,7 @@ def check_base(record: dict[str, Any], config: Any, base_name: str, folder: str)
                          f"use -m {record.get('base')}+{folder}")
 
 
-def attach(model: Any, folder: str, record: dict[str, Any]) -> Any:
+def attach(model: Model, folder: str, record: Record) -> Model:
     """The base model with the adapter on it: LoRA and IA3 merged into the weights, prompt tuning
     as PEFT's wrapper (its virtual tokens go in front of every input)."""
     from peft import PeftModel
@@ -101,8 +141,16 @@ def attach(model: Any, folder: str, record: dict[str, Any]) -> Any:
 
         # generate() hands position ids that PEFT drops (one row per pass: none are needed)
         warnings.filterwarnings("ignore", message="Position ids are not supported", module="peft")
-        return peft_model
-    return peft_model.merge_and_unload()
+        return _as_model(peft_model)
+    return _as_model(peft_model.merge_and_unload())
+
+
+def _as_model(model: object) -> Model:
+    """peft types its results as torch modules: merge_and_unload() returns the base model itself, and
+    a PeftModel forwards every attribute it lacks to the model it wraps, so both serve as one."""
+    from typing import cast
+
+    return cast("Model", model)
 
 
 class PromptTunedLM(HFLM):
@@ -115,16 +163,17 @@ class PromptTunedLM(HFLM):
                       prefix_cache: bool = True, hidden_layers: Sequence[int] | None = None) -> list[LLOutput]:
         return super().loglikelihood(requests, 1, False, hidden_layers)
 
-    def generate(self, requests: Sequence[GenRequest], settings: Any, batch_size: int | None = 8,
-                 on_output: Any = None, stream: Any = None, engine: str = "auto") -> list[Any]:
+    def generate(self, requests: Sequence[GenRequest], settings: GenerationSettings, batch_size: int | None = 8,
+                 on_output: Callable[[int, GenOutput], None] | None = None,
+                 stream: Callable[[str], None] | None = None, engine: str = "auto") -> list[GenOutput]:
         return super().generate(requests, settings, 1, on_output, stream, self.gen_engine)  # one row per pass
 
 
-def lm_class(record: dict[str, Any] | None) -> type:
+def lm_class(record: Record | None) -> type[HFLM]:
     return PromptTunedLM if record and record.get("method") == "prompt" else HFLM
 
 
-def parameter_count(lm: Any) -> int | None:
+def parameter_count(lm: LM) -> int | None:
     """Parameters of the model an LM runs (None for a backend without a torch model, e.g. FakeLM)."""
     model = getattr(lm, "model", None)
     if model is None or not hasattr(model, "parameters"):
@@ -137,7 +186,7 @@ def size_bytes(folder: str | Path) -> int:
     return sum(p.stat().st_size for p in Path(folder).glob("adapter_model.*") if p.is_file())
 
 
-def find(root: str | Path) -> list[tuple[Path, dict[str, Any]]]:
+def find(root: str | Path) -> list[tuple[Path, Record]]:
     """Every adapter folder under `root` (any depth), with its record, sorted by path."""
     found = []
     for record_path in sorted(Path(root).rglob(RECORD)):

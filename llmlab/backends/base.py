@@ -7,12 +7,20 @@ from __future__ import annotations
 import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Protocol, Sequence, TypeAlias, TypedDict
 
 from llmlab.core.errors import UsageError
 
 if TYPE_CHECKING:  # types only: nothing more is imported at run time
+    import numpy as np
+    import numpy.typing as npt
+    import torch
+    from transformers import PreTrainedTokenizerBase
+
     from llmlab.core.settings import GenerationSettings
+
+# A float32 numpy array: LLOutput.hidden (one state vector), LM.embed (one row per text).
+Vector: TypeAlias = "npt.NDArray[np.float32]"
 
 # on_event(level, message): how a backend reports what the user may want to know (an out-of-memory
 # retry, a stop text the tokenizer can never produce). level is a logging level (logging.INFO,
@@ -26,6 +34,36 @@ def log_event(level: int, message: str) -> None:
     _log.log(level, message)
 
 
+class Tokenizer(Protocol):
+    """What llmlab uses of a tokenizer, above the backends and in them: transformers' tokenizers
+    (through as_tokenizer) and the fake backend's CharTokenizer fit it."""
+
+    @property
+    def pad_token_id(self) -> int | None: ...
+    @property
+    def eos_token_id(self) -> int | None: ...
+    @property
+    def eos_token(self) -> str | None: ...
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> Mapping[str, list[int]]: ...
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = False) -> str: ...
+
+    def convert_ids_to_tokens(self, ids: int) -> str | list[str]: ...
+
+    def apply_chat_template(self, conversation: list[dict[str, str]], tokenize: bool = ...,
+                            add_generation_prompt: bool = False) -> str: ...
+
+
+def as_tokenizer(tokenizer: PreTrainedTokenizerBase) -> Tokenizer:
+    """A transformers tokenizer as a Tokenizer. The one cast: transformers annotates decode() as
+    `str | list[str]` and apply_chat_template() as str-or-ids for every input kind, but for one list
+    of ids decode() returns a str, and apply_chat_template(tokenize=False) returns a str."""
+    from typing import cast
+
+    return cast(Tokenizer, tokenizer)
+
+
 @dataclass
 class GenRequest:
     """A prompt to complete. templated: the text already went through the chat template, so it
@@ -33,6 +71,18 @@ class GenRequest:
 
     prompt: str
     templated: bool = False
+
+
+class TopRecord(TypedDict):
+    token: str
+    id: int
+    logprob: float
+
+
+class TokenRecord(TopRecord, total=False):
+    """TokenLogprob.as_record(): a JSONL "logprobs" entry."""
+
+    top_logprobs: list[TopRecord]
 
 
 @dataclass
@@ -49,8 +99,8 @@ class TokenLogprob:
     logprob: float
     top: list[tuple[str, int, float]] = field(default_factory=list)
 
-    def as_record(self) -> dict[str, Any]:
-        rec: dict[str, Any] = {"token": self.text, "id": self.id, "logprob": self.logprob}
+    def as_record(self) -> TokenRecord:
+        rec: TokenRecord = {"token": self.text, "id": self.id, "logprob": self.logprob}
         if self.top:
             rec["top_logprobs"] = [{"token": t, "id": i, "logprob": lp} for t, i, lp in self.top]
         return rec
@@ -101,7 +151,7 @@ class LLOutput:
     # Asked for with loglikelihood(hidden_layers=[...]): the model's hidden states where the
     # continuation's first token is predicted (the last context token; an encoder-decoder's first
     # decoder position), the asked layers concatenated: a float32 numpy vector [layers x hidden].
-    hidden: Any = field(default=None, repr=False)
+    hidden: Vector | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -120,7 +170,7 @@ class LM(ABC):
     model can attend to, or None), device and is_encoder_decoder."""
 
     name: str
-    tokenizer: Any
+    tokenizer: Tokenizer
     window: int | None
     device: str = "cpu"
     is_encoder_decoder: bool = False
@@ -159,13 +209,13 @@ class LM(ABC):
         eos = getattr(self.tokenizer, "eos_token_id", None)
         return set() if eos is None else {eos}
 
-    def next_logits(self, prompt: Sequence[int], context: Sequence[int]) -> Any:
+    def next_logits(self, prompt: Sequence[int], context: Sequence[int]) -> torch.Tensor:
         """Raw logits over the vocabulary (a float32 torch tensor) for the token after `context`
         (decoder-only: the whole sequence; encoder-decoder: `prompt` feeds the encoder, `context` is
         the decoder's input so far)."""
         raise UsageError(f"{self.name}: this backend does not give next-token logits; use --backend hf")
 
-    def embed(self, texts: Sequence[str], batch_size: int = 32) -> Any:
+    def embed(self, texts: Sequence[str], batch_size: int = 32) -> Vector:
         """(len(texts) x hidden) float32 numpy array of L2-normalized mean-pooled last hidden states."""
         raise UsageError(f"{self.name}: this backend does not give hidden states; use --backend hf")
 

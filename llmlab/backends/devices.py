@@ -4,7 +4,14 @@ size the `--dtype auto` policy looks at. torch is imported inside the functions 
 from __future__ import annotations
 
 import re
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch as torch_types
+    from transformers import PretrainedConfig
+
+    from llmlab.backends.hfutil import ModelClass
 
 from llmlab.core.errors import UsageError
 
@@ -17,7 +24,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 FP32_MAX_PARAMS = 1_000_000_000
 
 
-def _mps_available(torch: Any) -> bool:
+def _mps_available(torch: ModuleType) -> bool:
     return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
 
 
@@ -67,7 +74,7 @@ def auto_dtype(device: str, n_params: int | None, bf16_supported: bool = True) -
     return "bfloat16" if bf16_supported else "float16"
 
 
-def resolve_dtype(name: str, device: str, n_params: int | None = None):
+def resolve_dtype(name: str, device: str, n_params: int | None = None) -> torch_types.dtype:
     """The torch dtype for --dtype NAME on DEVICE; `auto` follows auto_dtype (n_params: the
     model's parameter count, see count_parameters)."""
     import torch
@@ -81,14 +88,14 @@ def resolve_dtype(name: str, device: str, n_params: int | None = None):
     return getattr(torch, name)
 
 
-def weights_dtype(name: str, device: str, model_class: Any, config: Any):
+def weights_dtype(name: str, device: str, model_class: ModelClass, config: PretrainedConfig) -> torch_types.dtype:
     """resolve_dtype for a model a config describes; its size is counted only when the policy
     needs it (`auto` on a GPU)."""
     needs_size = (name or "auto").strip().lower() == "auto" and device.startswith("cuda")
     return resolve_dtype(name, device, count_parameters(model_class, config) if needs_size else None)
 
 
-def count_parameters(model_class: Any, config: Any) -> int | None:
+def count_parameters(model_class: ModelClass, config: PretrainedConfig) -> int | None:
     """Parameters of the model a config describes, without weights: built on the meta device."""
     import torch
 

@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import math
 import zlib
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence, overload
 
 from llmlab.backends.base import (LM, GenOutput, GenRequest, HoldBack, LLOutput, LLRequest, PromptScores, TokenLogprob,
-                                  cut_at_stop)
+                                  Tokenizer, Vector, cut_at_stop)
+
+if TYPE_CHECKING:
+    import torch
+
+    from llmlab.core.settings import GenerationSettings
 
 
 class CharTokenizer:
@@ -31,17 +36,29 @@ class CharTokenizer:
     def _ids(self, text: str, add_special_tokens: bool) -> list[int]:
         return ([self.bos_token_id] if self.bos and add_special_tokens else []) + [ord(c) + 3 for c in text]
 
-    def __call__(self, text: str | Sequence[str], add_special_tokens: bool = True) -> dict[str, Any]:
+    @overload
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]: ...
+    @overload
+    def __call__(self, text: list[str], add_special_tokens: bool = True) -> dict[str, list[list[int]]]: ...
+
+    def __call__(self, text: str | Sequence[str],
+                 add_special_tokens: bool = True) -> dict[str, list[int]] | dict[str, list[list[int]]]:
         if isinstance(text, str):
             return {"input_ids": self._ids(text, add_special_tokens)}
         return {"input_ids": [self._ids(t, add_special_tokens) for t in text]}
 
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False, **kwargs: Any) -> str:
-        return "".join(chr(i - 3) for i in ids if i > 2)
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = False, **kwargs: object) -> str:
+        return "".join(chr(i - 3) for i in token_ids if i > 2)
 
-    def apply_chat_template(self, messages: list[dict[str, str]], tokenize: bool = False,
+    def convert_ids_to_tokens(self, ids: int | list[int]) -> str | list[str]:
+        """The vocabulary's name of each id: its character, or the special token's name."""
+        names = {self.pad_token_id: self.pad_token, self.eos_token_id: self.eos_token, self.bos_token_id: "<s>"}
+        one = lambda i: names.get(i) or chr(i - 3)  # noqa: E731
+        return one(ids) if isinstance(ids, int) else [one(i) for i in ids]
+
+    def apply_chat_template(self, conversation: list[dict[str, str]], tokenize: bool = False,
                             add_generation_prompt: bool = False) -> str:
-        text = "".join(f"<|{m['role']}|>{m['content']}\n" for m in messages)
+        text = "".join(f"<|{m['role']}|>{m['content']}\n" for m in conversation)
         return text + ("<|assistant|>" if add_generation_prompt else "")
 
 
@@ -51,7 +68,7 @@ class FakeLM(LM):
 
     def __init__(self, answers: Sequence[str] = (), default: str = "", name: str = "fake",
                  score: Callable[[LLRequest], float] | None = None, window: int | None = 4096,
-                 tokenizer: Any = None, is_encoder_decoder: bool = False):
+                 tokenizer: Tokenizer | None = None, is_encoder_decoder: bool = False):
         self.name = name
         self.tokenizer = tokenizer or CharTokenizer(model_max_length=window or 4096)
         self.window = window
@@ -92,7 +109,7 @@ class FakeLM(LM):
         return out
 
     @staticmethod
-    def hidden(context: str, layers: Sequence[int]) -> Any:
+    def hidden(context: str, layers: Sequence[int]) -> Vector:
         """A made-up state per layer, readable by a probe: [count of 'good' and of 'bad' in the
         prompt's last two lines (its input), a hash of the whole prompt in [0, 1) (so other
         demonstrations give other states)], times (layer + 1)."""
@@ -104,7 +121,7 @@ class FakeLM(LM):
 
     VOCAB = 260  # CharTokenizer ids of the code points below 257, plus the three special ids
 
-    def next_logits(self, prompt: Sequence[int], context: Sequence[int]) -> Any:
+    def next_logits(self, prompt: Sequence[int], context: Sequence[int]) -> torch.Tensor:
         """Made-up logits, a pure function of the context: the id one past the context's last one
         is most likely, then the ids after it (logit -k for the k-th), the rest far behind."""
         import torch
@@ -115,14 +132,14 @@ class FakeLM(LM):
             logits[(last + 1 + k) % self.VOCAB] = -float(k)
         return logits
 
-    def embed(self, texts: Sequence[str], batch_size: int = 32) -> Any:
+    def embed(self, texts: Sequence[str], batch_size: int = 32) -> Vector:
         """Made-up sentence vectors: letter counts a..z of each text, L2-normalized (so texts that share
         letters are near), as float32 numpy rows."""
         import numpy as np
 
         rows = np.array([[t.lower().count(chr(97 + i)) for i in range(26)] for t in texts], dtype=np.float32)
         norms = np.linalg.norm(rows, axis=1, keepdims=True)
-        return rows / np.where(norms == 0, 1, norms)
+        return (rows / np.where(norms == 0, 1, norms)).astype(np.float32, copy=False)
 
     @staticmethod
     def _logprobs(text: str, top: int) -> list[TokenLogprob]:
@@ -135,7 +152,7 @@ class FakeLM(LM):
             tokens.append(TokenLogprob(c, ord(c) + 3, lp, alts))
         return tokens
 
-    def generate(self, requests: Sequence[GenRequest], settings: Any, batch_size: int | None = 8,
+    def generate(self, requests: Sequence[GenRequest], settings: GenerationSettings, batch_size: int | None = 8,
                  on_output: Callable[[int, GenOutput], None] | None = None,
                  stream: Callable[[str], None] | None = None, engine: str = "auto") -> list[GenOutput]:
         """The next queued answer per request (and per return sequence), cut to max_new_tokens

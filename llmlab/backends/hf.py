@@ -5,14 +5,31 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from llmlab.backends import prefix_cache
 from llmlab.backends import hf_continuous, hf_score, stopping
-from llmlab.backends.base import (LM, EventSink, GenOutput, GenRequest, LLOutput, LLRequest, TokenLogprob, cut_at_stop,
-                                  log_event)
+from llmlab.backends.base import (LM, EventSink, GenOutput, GenRequest, LLOutput, LLRequest, PromptScores, TokenLogprob,
+                                  Vector, as_tokenizer, cut_at_stop, log_event)
 from llmlab.backends.batching import run_batched
 from llmlab.core.errors import ContextOverflowError, UsageError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
+    from llmlab.backends.hfutil import Model
+    from transformers.cache_utils import DynamicCache
+
+    from transformers import StoppingCriteriaList, TextStreamer
+
+    from llmlab.backends.prefix_cache import Group
+    from llmlab.core.settings import GenerateKwargs, GenerationSettings
+
+    class _Generate(GenerateKwargs, total=False):
+        """generate()'s arguments: the settings' own, plus the stop texts and a streamer."""
+
+        stopping_criteria: StoppingCriteriaList
+        streamer: TextStreamer
 
 # Window sizes above this are tokenizer sentinels ("no limit known"), not real windows.
 _ABSURD_WINDOW = 1_000_000
@@ -28,7 +45,7 @@ _GPU_MEMORY_SHARE = 0.5
 _PREFIX_MEMO = 4
 
 
-def context_window(model_config: Any, tokenizer: Any) -> int | None:
+def context_window(model_config: object, tokenizer: object) -> int | None:
     """Tokens the model can attend to: config positions, else the tokenizer's limit, else None."""
     for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx"):
         value = getattr(model_config, name, None) if model_config is not None else None
@@ -49,16 +66,18 @@ class HFLM(LM):
     # family supports that; False: every batch repeats the prefix's KV cache per row (prefix_cache.extend).
     share_prefix = True
 
-    def __init__(self, name: str, model: Any, tokenizer: Any, device: str, on_event: EventSink | None = None):
+    def __init__(self, name: str, model: Model, tokenizer: PreTrainedTokenizerBase, device: str,
+                 on_event: EventSink | None = None):
         self.name = name
         self.model = model
-        self.tokenizer = tokenizer
+        self.hf_tokenizer = tokenizer  # the transformers object, for what only transformers takes (batches, streamers)
+        self.tokenizer = as_tokenizer(tokenizer)
         self.device = device
         self.is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
         self.window = context_window(model.config, tokenizer)
         self.on_event = on_event or log_event
         self._noted: set[str] = set()  # stop texts already reported as unreachable
-        self._prefixes: OrderedDict[tuple[int, ...], Any] = OrderedDict()  # see cached_prefix
+        self._prefixes: OrderedDict[tuple[int, ...], DynamicCache] = OrderedDict()  # see cached_prefix
 
     # -- tokenization: one natural tokenization of each text
 
@@ -69,7 +88,7 @@ class HFLM(LM):
         for flag in (False, True):
             where = [i for i, t in enumerate(templated) if bool(t) == flag]
             if where:
-                ids = self.tokenizer([texts[i] for i in where], add_special_tokens=not flag)["input_ids"]
+                ids = self.hf_tokenizer([texts[i] for i in where], add_special_tokens=not flag)["input_ids"]
                 for i, row in zip(where, ids):
                     out[i] = list(row)
         return out
@@ -136,7 +155,7 @@ class HFLM(LM):
         return results  # type: ignore[return-value]
 
     def prompt_logprobs(self, prompts: Sequence[list[int]], top: int = 1,
-                        batch_size: int | None = 16) -> list[Any]:
+                        batch_size: int | None = 16) -> list[PromptScores]:
         if self.is_encoder_decoder:
             raise UsageError(f"{self.name} is an encoder-decoder model: it does not predict its prompt's tokens")
         rows = [list(p) for p in prompts]
@@ -146,7 +165,7 @@ class HFLM(LM):
         return run_batched(lambda b: hf_score.prompt_tokens(self, [rows[i] for i in b], max(1, top)),
                            [len(r) for r in rows], self._sizes(batch_size)[0], 1024, on_event=self.on_event)
 
-    def _groups(self, requests: Sequence[LLRequest], rows: list[tuple[list[int], list[int]]]) -> list[Any]:
+    def _groups(self, requests: Sequence[LLRequest], rows: list[tuple[list[int], list[int]]]) -> list[Group]:
         """Prefix-cache groups: each distinct (prefix, templated) is tokenized once."""
         keys = {(r.prefix, r.templated) for r in requests if r.prefix}
         keys_list = sorted(keys)
@@ -154,7 +173,7 @@ class HFLM(LM):
         prefixes = [((r.prefix, r.templated), ids[(r.prefix, r.templated)]) if r.prefix else None for r in requests]
         return prefix_cache.plan(prefixes, rows)
 
-    def cached_prefix(self, ids: list[int]) -> Any:
+    def cached_prefix(self, ids: list[int]) -> DynamicCache:
         """The KV cache of a prefix, computed once for the last _PREFIX_MEMO prefixes used (nothing
         writes to it: batches attend to it or copy it). Code that changes the weights calls
         forget_prefixes() (backends/trainable.py does)."""
@@ -169,7 +188,7 @@ class HFLM(LM):
     def forget_prefixes(self) -> None:
         self._prefixes.clear()
 
-    def prefix_kv(self, ids: list[int]) -> Any:
+    def prefix_kv(self, ids: list[int]) -> DynamicCache:
         """The KV cache of a shared prefix, computed once (a seam tests can watch)."""
         return prefix_cache.compute(self.model, ids, self.device, self.cache_kwarg())
 
@@ -232,7 +251,7 @@ class HFLM(LM):
 
     # -- generation
 
-    def generate(self, requests: Sequence[GenRequest], settings: Any, batch_size: int | None = 8,
+    def generate(self, requests: Sequence[GenRequest], settings: GenerationSettings, batch_size: int | None = 8,
                  on_output: Callable[[int, GenOutput], None] | None = None,
                  stream: Callable[[str], None] | None = None, engine: str = "auto") -> list[GenOutput]:
         """Complete every request, in batches of consecutive inputs.
@@ -306,15 +325,15 @@ class HFLM(LM):
         start = getattr(self.model.config, "decoder_start_token_id", None)
         return self.tokenizer.pad_token_id if start is None else start
 
-    def next_logits(self, prompt: Sequence[int], context: Sequence[int]) -> Any:
+    def next_logits(self, prompt: Sequence[int], context: Sequence[int]) -> torch.Tensor:
         from llmlab.backends import hf_states
 
         return hf_states.next_logits(self.model, self.device, self.is_encoder_decoder, prompt, context)
 
-    def embed(self, texts: Sequence[str], batch_size: int = 32) -> Any:
+    def embed(self, texts: Sequence[str], batch_size: int = 32) -> Vector:
         from llmlab.backends import hf_states
 
-        return hf_states.embed(self.model, self.tokenizer, self.device, self.is_encoder_decoder, texts, batch_size)
+        return hf_states.embed(self.model, self.hf_tokenizer, self.device, self.is_encoder_decoder, texts, batch_size)
 
     def eos_ids(self) -> set[int]:
         return self._eos_ids()
@@ -326,18 +345,18 @@ class HFLM(LM):
             ids.add(self.tokenizer.eos_token_id)
         return ids
 
-    def _generate_batch(self, rows: list[list[int]], settings: Any, stops: list[str], eos: set[int],
+    def _generate_batch(self, rows: list[list[int]], settings: GenerationSettings, stops: list[str], eos: set[int],
                         stream: Callable[[str], None] | None) -> list[GenOutput]:
         import torch
 
-        ids, mask = hf_score.pad(rows, self.tokenizer.pad_token_id, left=not self.is_encoder_decoder,
+        ids, mask = hf_score.pad(rows, hf_score.pad_id(self.tokenizer), left=not self.is_encoder_decoder,
                                  device=self.device)
         skip = 1 if self.is_encoder_decoder else ids.shape[1]  # decoder start token / the prompt
-        kwargs = settings.generate_kwargs()
+        kwargs: _Generate = {**settings.generate_kwargs()}
         if stops:
-            kwargs["stopping_criteria"] = stopping.criteria(self.tokenizer, stops, skip)
+            kwargs["stopping_criteria"] = stopping.criteria(self.hf_tokenizer, stops, skip)
         if stream:
-            kwargs["streamer"] = stopping.streamer(self.tokenizer, stream, settings.stop)
+            kwargs["streamer"] = stopping.streamer(self.hf_tokenizer, stream, settings.stop)
         with torch.inference_mode():
             out = self.model.generate(input_ids=ids, attention_mask=mask,
                                       pad_token_id=self.tokenizer.pad_token_id, **kwargs)

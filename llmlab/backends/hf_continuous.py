@@ -20,13 +20,26 @@ import signal
 import threading
 from contextlib import contextmanager
 from math import ceil
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 from llmlab.backends.base import GenOutput
 from llmlab.core.errors import ModelError, UsageError
 
 if TYPE_CHECKING:  # types only: nothing more is imported at run time
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    from llmlab.backends.hf_score import Scorer
     from llmlab.core.settings import GenerationSettings
+
+    from typing import Protocol
+
+    class Generator(Scorer, Protocol):
+        """What continuous batching needs of an HFLM (hf.py imports this module, so it cannot name HFLM)."""
+
+        @property
+        def is_encoder_decoder(self) -> bool: ...
+
+        def _finish(self, generated: list[int], eos: set[int], stops: Sequence[str]) -> tuple[str, int, str]: ...
 
 ENGINES = ("auto", "padded", "continuous")
 
@@ -80,7 +93,7 @@ def check(engine: str, settings: GenerationSettings, backend: str = "hf") -> Non
                          "use --gen-engine padded (or auto)")
 
 
-def choose(lm: Any, settings: GenerationSettings, requests: int = 2, engine: str = "auto") -> str:
+def choose(lm: Generator, settings: GenerationSettings, requests: int = 2, engine: str = "auto") -> str:
     """'padded' or 'continuous' for this model, these settings and this many requests (engine:
     the user's --gen-engine). auto keeps one request on the padded engine: there is nothing to batch, the
     padded engine streams it, and a generate_batch call has a fixed cost (about 2 s on the 2-core
@@ -103,7 +116,7 @@ def choose(lm: Any, settings: GenerationSettings, requests: int = 2, engine: str
     return AUTO.get(lm.device.split(":")[0], "padded")
 
 
-def batch_config(rows: Sequence[Sequence[int]], new_tokens: int, device: str) -> Any:
+def batch_config(rows: Sequence[Sequence[int]], new_tokens: int, device: str) -> ContinuousBatchingConfig:
     """A cache that holds every row of the batch at once (so none is evicted), and no more: left to
     itself generate_batch takes 90% of the free memory, which on a CPU is the machine's RAM."""
     from transformers.generation import configuration_utils as cu
@@ -137,7 +150,7 @@ def signals_after_the_call() -> Iterator[None]:
             signal.raise_signal(held[0])  # now through the handler it had (ignored stays ignored)
 
 
-def generate_rows(lm: Any, rows: list[list[int]], settings: GenerationSettings, stops: list[str], eos: set[int],
+def generate_rows(lm: Generator, rows: list[list[int]], settings: GenerationSettings, stops: list[str], eos: set[int],
                   stream: Callable[[str], None] | None) -> list[GenOutput]:
     """One batch through generate_batch; the same GenOutput as HFLM._generate_batch, row by row.
     Stop texts are cut after the fact from settings.stop, as the padded engine's _finish does

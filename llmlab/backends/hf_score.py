@@ -4,12 +4,47 @@ the last len(continuation) positions predict the continuation's tokens."""
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Protocol, Sequence
 
-from llmlab.backends.base import LLOutput, PromptScores, TokenLogprob
+from llmlab.backends.base import LLOutput, PromptScores, TokenLogprob, Tokenizer
+from llmlab.core.errors import ModelError
+
+if TYPE_CHECKING:
+    import contextlib
+
+    import torch
+    from llmlab.backends.hfutil import Model
+    from transformers.cache_utils import DynamicCache
+
+    from llmlab.backends.prefix_cache import ForwardArg
+    from llmlab.backends.shared_prefix import Prefix
 
 
-def pad(rows: Sequence[list[int]], pad_id: int, left: bool, device: str) -> tuple[Any, Any]:
+class Scorer(Protocol):
+    """What scoring needs of an HFLM (hf.py imports this module, so it cannot name HFLM here)."""
+
+    @property
+    def model(self) -> Model: ...
+    @property
+    def tokenizer(self) -> Tokenizer: ...
+    @property
+    def device(self) -> str: ...
+    @property
+    def share_prefix(self) -> bool: ...
+
+    def forward_params(self) -> set[str]: ...
+
+    def cache_kwarg(self) -> str: ...
+
+
+def pad_id(tokenizer: Tokenizer) -> int:
+    """The id batches pad with (the loader gives a tokenizer without one its end-of-text token)."""
+    if tokenizer.pad_token_id is None:
+        raise ModelError("the tokenizer has neither a pad token nor an end-of-text token to pad batches with")
+    return tokenizer.pad_token_id
+
+
+def pad(rows: Sequence[list[int]], pad_id: int, left: bool, device: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, mask), both [len(rows), longest]: rows padded with pad_id on the left (decoder-only:
     the last real token of every row ends up in the last column) or the right (encoder inputs).
     mask is 1 on real tokens, 0 on padding."""
@@ -25,7 +60,7 @@ def pad(rows: Sequence[list[int]], pad_id: int, left: bool, device: str) -> tupl
     return ids.to(device), mask.to(device)
 
 
-def causal(lm: Any, rows: Sequence[tuple[list[int], list[int]]], cache: Any = None, past: int = 0,
+def causal(lm: Scorer, rows: Sequence[tuple[list[int], list[int]]], cache: DynamicCache | None = None, past: int = 0,
            layers: Sequence[int] | None = None) -> list[LLOutput]:
     """Decoder-only scoring of rows, optionally continuing a cached prefix of `past` tokens.
     Identical inputs run once (single-token labels of one prompt share context + [] as input).
@@ -38,15 +73,16 @@ def causal(lm: Any, rows: Sequence[tuple[list[int], list[int]]], cache: Any = No
 
     seqs: dict[tuple[int, ...], int] = {}
     which = [seqs.setdefault(tuple(ctx + cont[:-1]), len(seqs)) for ctx, cont in rows]
-    ids, mask = pad([list(s) for s in seqs], lm.tokenizer.pad_token_id, left=True, device=lm.device)
+    ids, mask = pad([list(s) for s in seqs], pad_id(lm.tokenizer), left=True, device=lm.device)
     keep = max(len(cont) for _, cont in rows)  # only the last `keep` positions' logits are needed
     params = lm.forward_params()
-    route: Any = contextlib.nullcontext()
+    route: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+    kwargs: dict[str, ForwardArg | Prefix]
     if cache is not None and lm.share_prefix and shared_prefix.supported(lm.model):
         kwargs = shared_prefix.forward_kwargs(shared_prefix.from_cache(cache, past), ids, mask)
         route = shared_prefix.active(lm.model)  # attention over the one uncopied prefix
     elif cache is not None:
-        kwargs = prefix_cache.extend(cache, past, ids, mask, params, lm.cache_kwarg())
+        kwargs = dict(prefix_cache.extend(cache, past, ids, mask, params, lm.cache_kwarg()))
     else:
         kwargs = {"input_ids": ids, "attention_mask": mask}
         if "position_ids" in params:  # left padding must not shift the positions of real tokens
@@ -65,18 +101,19 @@ def causal(lm: Any, rows: Sequence[tuple[list[int], list[int]]], cache: Any = No
     return results
 
 
-def seq2seq(lm: Any, rows: Sequence[tuple[list[int], list[int]]], layers: Sequence[int] | None = None) -> list[LLOutput]:
+def seq2seq(lm: Scorer, rows: Sequence[tuple[list[int], list[int]]],
+            layers: Sequence[int] | None = None) -> list[LLOutput]:
     """Encoder reads each distinct context once; the decoder scores every continuation in one pass."""
     import torch
 
     contexts: dict[tuple[int, ...], int] = {}
     for ctx, _ in rows:
         contexts.setdefault(tuple(ctx), len(contexts))
-    pad_id = lm.tokenizer.pad_token_id
-    enc_ids, enc_mask = pad([list(c) for c in contexts], pad_id, left=False, device=lm.device)
+    pad_with = pad_id(lm.tokenizer)
+    enc_ids, enc_mask = pad([list(c) for c in contexts], pad_with, left=False, device=lm.device)
     start = lm.model.config.decoder_start_token_id
-    start = pad_id if start is None else start
-    dec_ids, dec_mask = pad([[start] + cont[:-1] for _, cont in rows], pad_id, left=False, device=lm.device)
+    start = pad_with if start is None else start
+    dec_ids, dec_mask = pad([[start] + cont[:-1] for _, cont in rows], pad_with, left=False, device=lm.device)
     which = torch.tensor([contexts[tuple(ctx)] for ctx, _ in rows], device=enc_ids.device)
     with torch.inference_mode():
         encoded = lm.model.get_encoder()(input_ids=enc_ids, attention_mask=enc_mask).last_hidden_state
@@ -93,7 +130,7 @@ def seq2seq(lm: Any, rows: Sequence[tuple[list[int], list[int]]], layers: Sequen
     return results
 
 
-def states(results: list[LLOutput], hidden: Sequence[Any], layers: Sequence[int], which: Sequence[int],
+def states(results: list[LLOutput], hidden: Sequence[torch.Tensor], layers: Sequence[int], which: Sequence[int],
            positions: Sequence[int]) -> None:
     """Fill each result's `hidden`: the states of `layers` (indices into hidden = (embeddings, layer
     1, ..., last layer), each [B, W, D]) at row which[k], position positions[k], concatenated into
@@ -107,7 +144,7 @@ def states(results: list[LLOutput], hidden: Sequence[Any], layers: Sequence[int]
         result.hidden = vector
 
 
-def gather(logits: Any, which: Sequence[int], conts: Sequence[list[int]], align_right: bool) -> list[LLOutput]:
+def gather(logits: torch.Tensor, which: Sequence[int], conts: Sequence[list[int]], align_right: bool) -> list[LLOutput]:
     """Sum the log-probabilities of each continuation, read from row which[k] of logits [B, W, V].
 
     All on the device, then ONE device->host copy for the whole batch (a float() or bool() per row
@@ -138,7 +175,7 @@ def gather(logits: Any, which: Sequence[int], conts: Sequence[list[int]], align_
     return [LLOutput(s, len(c), bool(f)) for s, c, f in zip(sums, conts, flags)]
 
 
-def step_logprobs(new: Any, logits: Sequence[Any], top: int) -> tuple[list, list, list]:
+def step_logprobs(new: torch.Tensor, logits: Sequence[torch.Tensor], top: int) -> tuple[list, list, list]:
     """The log-probability of each generated token and, with top > 0, the `top` most likely tokens
     at each step, for generate()'s output.
 
@@ -166,7 +203,7 @@ def step_logprobs(new: Any, logits: Sequence[Any], top: int) -> tuple[list, list
     return picked.tolist(), torch.stack(values, 1).tolist(), torch.stack(ids, 1).tolist()
 
 
-def prompt_tokens(lm: Any, rows: Sequence[list[int]], top: int) -> list[PromptScores]:
+def prompt_tokens(lm: Scorer, rows: Sequence[list[int]], top: int) -> list[PromptScores]:
     """Decoder-only: every token of each row scored given the tokens before it, with the `top` most
     likely tokens at each position (and after the last). One forward pass; float32 log-softmax."""
     import torch

@@ -4,10 +4,17 @@ through the LM interface and never touch the torch model."""
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
+    from llmlab.backends.hfutil import Model
+
+    from llmlab.backends.base import Vector
 
 
-def num_layers(model: Any) -> int | None:
+def num_layers(model: Model) -> int | None:
     """Transformer layers the hidden states come from (the decoder's, for T5); None if unsaid."""
     config = model.config
     config = getattr(config, "get_text_config", lambda **k: config)(decoder=True)
@@ -18,8 +25,8 @@ def num_layers(model: Any) -> int | None:
     return None
 
 
-def next_logits(model: Any, device: str, encoder_decoder: bool, prompt: Sequence[int],
-                context: Sequence[int]) -> Any:
+def next_logits(model: Model, device: str, encoder_decoder: bool, prompt: Sequence[int],
+                context: Sequence[int]) -> torch.Tensor:
     """Raw logits over the vocabulary (a float32 CPU tensor) for the token after `context`.
     Decoder-only: `context` is the whole sequence; encoder-decoder: `prompt` feeds the encoder and
     `context` is the decoder's input so far."""
@@ -34,8 +41,8 @@ def next_logits(model: Any, device: str, encoder_decoder: bool, prompt: Sequence
     return out.logits[0, -1].float().cpu()
 
 
-def embed(model: Any, tokenizer: Any, device: str, encoder_decoder: bool, texts: Sequence[str],
-          batch_size: int = 32, max_tokens: int = 256) -> Any:
+def embed(model: Model, tokenizer: PreTrainedTokenizerBase, device: str, encoder_decoder: bool,
+          texts: Sequence[str], batch_size: int = 32, max_tokens: int = 256) -> Vector:
     """(len(texts) x hidden) float32 numpy array: each text's last hidden states (the encoder's, for
     T5), mean-pooled over its first `max_tokens` tokens and L2-normalized."""
     import numpy as np

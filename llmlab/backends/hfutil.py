@@ -6,7 +6,18 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import TYPE_CHECKING, TypeAlias
+
+if TYPE_CHECKING:
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    from transformers.models.auto.modeling_auto import _BaseModelWithGenerate
+
+# What the auto classes load: a PreTrainedModel with GenerationMixin (transformers' own name for it,
+# defined for type checkers only).
+Model: TypeAlias = "_BaseModelWithGenerate"
+
+# The auto class that builds a model for a config.
+ModelClass: TypeAlias = "type[AutoModelForCausalLM] | type[AutoModelForSeq2SeqLM]"
 
 
 def quiet_transformers() -> None:
@@ -24,7 +35,7 @@ def quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-def model_class(config: Any) -> Any:
+def model_class(config: object) -> ModelClass:
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     return AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM

@@ -13,7 +13,7 @@ import socket
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Callable, TypeVar
 
 from llmlab.backends import modelcache
 from llmlab.backends.devices import (  # noqa: F401 - re-exported
@@ -27,6 +27,15 @@ from llmlab.backends.modelspec import (  # noqa: F401 - re-exported
     ALIASES, DEFAULT_MODEL, SMOLLM2_FILE, SMOLLM2_PACKAGE, ModelRef, embedded_gguf, gguf_cache_dir, gguf_source,
     prepare_gguf, resolve_model)
 
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
+    from llmlab.backends.hfutil import Model
+
+    from llmlab.backends.base import Tokenizer
+    from llmlab.backends.hf import HFLM
+
+_Loaded = TypeVar("_Loaded")
 
 # this module's public names and those it re-exports (callers import them from here)
 __all__ = [
@@ -85,7 +94,7 @@ def _source(ref: ModelRef) -> tuple[str, str | None]:
     return ref.location, None
 
 
-def _from_pretrained(ref: ModelRef, loader: Callable[..., Any], **kwargs: Any) -> Any:
+def _from_pretrained(ref: ModelRef, loader: Callable[..., _Loaded], **kwargs: object) -> _Loaded:
     """Call a from_pretrained for any source: local folder, GGUF cache, or hub (cache first)."""
     where, gguf_file = _source(ref)
     if gguf_file:
@@ -109,7 +118,7 @@ def _from_pretrained(ref: ModelRef, loader: Callable[..., Any], **kwargs: Any) -
         ) from exc
 
 
-def _fast_tokenizer(folder: str) -> Any | None:
+def _fast_tokenizer(folder: str) -> PreTrainedTokenizerBase | None:
     """The tokenizer class a saved folder names, loaded without AutoTokenizer (which imports torch):
     `prompt render` then never loads torch. None when the folder needs AutoTokenizer's logic."""
     path = Path(folder)
@@ -124,12 +133,15 @@ def _fast_tokenizer(folder: str) -> Any | None:
 
     try:
         cls = getattr(transformers, name, None) or getattr(transformers, name + "Fast", None)
-        return cls.from_pretrained(folder) if cls is not None else None
+        if cls is None:
+            return None
+        tokenizer = cls.from_pretrained(folder)
+        return tokenizer if isinstance(tokenizer, transformers.PreTrainedTokenizerBase) else None
     except (ImportError, AttributeError):  # a class that needs an optional package: AutoTokenizer decides
         return None
 
 
-def _tokenizer(ref: ModelRef) -> Any:
+def _tokenizer(ref: ModelRef) -> PreTrainedTokenizerBase:
     """The tokenizer, read from a folder by the class it names when possible (see _fast_tokenizer)."""
     where, gguf_file = _source(ref)
     if not gguf_file and Path(where).is_dir():
@@ -148,7 +160,7 @@ _WINDOW_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length",
 _ENCODER_DECODER = ("t5", "mt5", "umt5", "bart", "mbart", "pegasus", "marian", "led", "longt5", "switch_transformers")
 
 
-def _config_facts(ref: ModelRef) -> Any | None:
+def _config_facts(ref: ModelRef) -> PretrainedConfig | SimpleNamespace | None:
     """The model config's window and architecture facts, read from config.json when it states them
     (no AutoConfig, no torch); else the full AutoConfig. None for a tokenizer-only folder."""
     where, gguf_file = _source(ref)
@@ -169,9 +181,10 @@ def _config_facts(ref: ModelRef) -> Any | None:
     return _from_pretrained(ref, AutoConfig.from_pretrained)
 
 
-def load_tokenizer(spec: str | None) -> tuple[Any, int | None, bool]:
+def load_tokenizer(spec: str | None) -> tuple[Tokenizer, int | None, bool]:
     """The model's tokenizer, context window and whether it is encoder-decoder, without any weights.
     A converted or saved model needs neither torch nor the model code for this."""
+    from llmlab.backends.base import as_tokenizer
     from llmlab.backends.hf import context_window
 
     from llmlab.backends import adapters
@@ -183,19 +196,19 @@ def load_tokenizer(spec: str | None) -> tuple[Any, int | None, bool]:
         from transformers import AutoConfig, AutoTokenizer
 
         modelcache.check_gguf(Path(ref.location) / (ref.gguf_file or ""))
-        tokenizer = AutoTokenizer.from_pretrained(ref.location, gguf_file=ref.gguf_file)
-        config = AutoConfig.from_pretrained(ref.location, gguf_file=ref.gguf_file)
-        tokenizer = _prepare_tokenizer(tokenizer)
+        tokenizer = _prepare_tokenizer(AutoTokenizer.from_pretrained(ref.location, gguf_file=ref.gguf_file))
+        config: PretrainedConfig | SimpleNamespace | None = AutoConfig.from_pretrained(ref.location,
+                                                                                      gguf_file=ref.gguf_file)
     else:
         tokenizer, config = _tokenizer(ref), _config_facts(ref)
     if config is not None:
         encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
     else:  # a tokenizer folder alone: judge by the tokenizer's family
         encoder_decoder = re.search(r"T5|Bart|Pegasus", type(tokenizer).__name__) is not None
-    return tokenizer, context_window(config, tokenizer), encoder_decoder
+    return as_tokenizer(tokenizer), context_window(config, tokenizer), encoder_decoder
 
 
-def _prepare_tokenizer(tokenizer: Any) -> Any:
+def _prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
     """Batches need a pad token; models without one pad with end-of-text (masked out anyway)."""
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -203,7 +216,7 @@ def _prepare_tokenizer(tokenizer: Any) -> Any:
 
 
 def load(spec: str | None, device: str = "auto", dtype: str = "auto", device_map: str | None = None,
-         max_memory: dict | None = None, offload_folder: str | None = None) -> Any:
+         max_memory: dict | None = None, offload_folder: str | None = None) -> HFLM:
     """Load a model and its tokenizer onto a device. Architecture comes from the config.
     device_map (auto, balanced, balanced_low_0, sequential) and max_memory ({0: bytes, 'cpu':
     bytes}) spread it over devices with accelerate instead (see llmlab.backends.placement); layers that fit
@@ -248,7 +261,7 @@ def load(spec: str | None, device: str = "auto", dtype: str = "auto", device_map
     return adapters.lm_class(record)(name, model, tokenizer, device_name)
 
 
-def _spread(device_map: str | None, max_memory: dict | None, offload_folder: str | None) -> dict[str, Any]:
+def _spread(device_map: str | None, max_memory: dict | None, offload_folder: str | None) -> dict[str, object]:
     """from_pretrained's arguments for spreading a model with accelerate ({} for one device)."""
     if device_map is None:
         return {}
@@ -259,12 +272,12 @@ def _spread(device_map: str | None, max_memory: dict | None, offload_folder: str
     return {"device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder or _offload_folder()}
 
 
-def _place(model: Any, device_name: str, device_map: str | None) -> tuple[str, str]:
+def _place(model: Model, device_name: str, device_map: str | None) -> tuple[str, str]:
     """Put a model on its device (unless accelerate placed it): (device for inputs, where it is, in words)."""
     from llmlab.backends import placement
 
     if device_map is None:
-        model.to(device_name)
+        model.to(device_name)  # type: ignore[arg-type]  # mypy reads transformers' @wraps(Module.to) as unbound
         return device_name, device_name
     # accelerate placed it (no hf_device_map when it all fit one device); inputs go to its main device
     placed = getattr(model, "hf_device_map", None) or {"": str(model.device)}

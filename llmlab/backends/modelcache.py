@@ -18,9 +18,13 @@ import struct
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from llmlab.core.errors import ModelError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+    from llmlab.backends.hfutil import Model
 
 _log = logging.getLogger("llmlab")  # library code never prints; the CLI shows this log
 
@@ -290,7 +294,7 @@ def prepare(gguf: Path) -> Path:
     return target
 
 
-def _read_gguf(gguf: Path) -> tuple[Any, Any]:
+def _read_gguf(gguf: Path) -> tuple[Model, PreTrainedTokenizerBase]:
     from llmlab.backends.hfutil import model_class, quiet_transformers
 
     quiet_transformers()
@@ -307,7 +311,7 @@ def _read_gguf(gguf: Path) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def _write_converted(model: Any, tokenizer: Any, staging: Path) -> None:
+def _write_converted(model: Model, tokenizer: PreTrainedTokenizerBase, staging: Path) -> None:
     from safetensors.torch import save_file
 
     # save_pretrained refuses GGUF-loaded models, so write the parts ourselves.

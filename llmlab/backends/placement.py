@@ -10,7 +10,16 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, TypeAlias
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PretrainedConfig
+
+    from llmlab.backends.hfutil import ModelClass
+
+# Where accelerate puts a module: a GPU index, or "cpu", "disk", "mps", "cuda:1"...
+Where: TypeAlias = "int | str | torch.device"
 
 from llmlab.core.errors import UsageError
 
@@ -93,12 +102,12 @@ class Share:
     limit_bytes: int | None  # the --max-memory limit (None: whatever accelerate found free)
 
 
-def device_name(where: Any) -> str:
+def device_name(where: Where) -> str:
     """An accelerate device-map value as a device string: 0 -> cuda:0, 'cpu', 'disk', 'mps'."""
     return f"cuda:{where}" if isinstance(where, int) else str(where)
 
 
-def shares(device_map: dict[str, Any], module_sizes: dict[str, int], limits: dict | None) -> list[Share]:
+def shares(device_map: dict[str, Where], module_sizes: dict[str, int], limits: dict | None) -> list[Share]:
     """The device map grouped by device, in the order devices first appear."""
     grouped: dict[str, Share] = {}
     for module, where in device_map.items():
@@ -110,7 +119,8 @@ def shares(device_map: dict[str, Any], module_sizes: dict[str, int], limits: dic
     return list(grouped.values())
 
 
-def plan(model_class: Any, config: Any, dtype: Any, device_map: str, max_memory: dict | None) -> list[Share]:
+def plan(model_class: ModelClass, config: PretrainedConfig, dtype: torch.dtype, device_map: str,
+         max_memory: dict | None) -> list[Share]:
     """How from_pretrained would place the model, computed on a meta-device copy (no weights,
     no memory): the same transformers/accelerate call from_pretrained makes."""
     import torch
@@ -123,7 +133,7 @@ def plan(model_class: Any, config: Any, dtype: Any, device_map: str, max_memory:
     return shares(placed, sizes, max_memory)
 
 
-def input_device(device_map: dict[str, Any]) -> str:
+def input_device(device_map: dict[str, Where]) -> str:
     """Where a sharded model's inputs go: accelerate runs CPU- and disk-offloaded modules on the
     first accelerator in the map (its main device), so inputs go there; with no accelerator in
     the map, everything runs on the CPU."""

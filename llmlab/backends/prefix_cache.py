@@ -13,7 +13,15 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Hashable, Sequence, TypeAlias
+
+if TYPE_CHECKING:
+    import torch
+    from llmlab.backends.hfutil import Model
+    from transformers.cache_utils import Cache, DynamicCache
+
+# A value passed to a model's forward(): tensors, a KV cache, flags and counts.
+ForwardArg: TypeAlias = "torch.Tensor | Cache | bool | int"
 
 # A shared start shorter than this many tokens is not worth a cache of its own.
 MIN_PREFIX = 8
@@ -40,7 +48,8 @@ class Group:
     members: list[int]  # request indexes whose rows start with prefix_ids (and go past it)
 
 
-def plan(prefixes: Sequence[tuple[Any, list[int]] | None], rows: Sequence[tuple[list[int], list[int]]]) -> list[Group]:
+def plan(prefixes: Sequence[tuple[Hashable, list[int]] | None],
+         rows: Sequence[tuple[list[int], list[int]]]) -> list[Group]:
     """Groups of rows that can share a cached prefix.
 
     prefixes[i]: (key, the prefix's own token ids) for request i, or None when it has no prefix;
@@ -49,8 +58,8 @@ def plan(prefixes: Sequence[tuple[Any, list[int]] | None], rows: Sequence[tuple[
     in the row: its output predicts the first continuation token). For each prefix, K is chosen
     to save the most work (K x rows that reach K); rows with k_i < K are left to the plain path.
     """
-    reach: dict[Any, list[tuple[int, int]]] = {}  # key -> [(request index, k_i)]
-    tokens: dict[Any, list[int]] = {}
+    reach: dict[Hashable, list[tuple[int, int]]] = {}  # key -> [(request index, k_i)]
+    tokens: dict[Hashable, list[int]] = {}
     for i, entry in enumerate(prefixes):
         if entry is None:
             continue
@@ -74,7 +83,7 @@ def plan(prefixes: Sequence[tuple[Any, list[int]] | None], rows: Sequence[tuple[
     return groups
 
 
-def compute(model: Any, ids: list[int], device: str, cache_kwarg: str) -> Any:
+def compute(model: Model, ids: list[int], device: str, cache_kwarg: str) -> DynamicCache:
     """The KV cache of `ids` (one row), computed once: keys and values of every layer, each
     [1, kv_heads, len(ids), head_dim]."""
     import torch
@@ -86,8 +95,8 @@ def compute(model: Any, ids: list[int], device: str, cache_kwarg: str) -> Any:
     return cache
 
 
-def extend(cache: Any, past: int, ids: Any, mask: Any, forward_params: set[str],
-           cache_kwarg: str) -> dict[str, Any]:
+def extend(cache: Cache, past: int, ids: torch.Tensor, mask: torch.Tensor, forward_params: set[str],
+           cache_kwarg: str) -> dict[str, ForwardArg]:
     """forward() keyword arguments for a batch of left-padded rows [B, T] that continue a cached
     prefix of `past` tokens.
 
@@ -106,7 +115,7 @@ def extend(cache: Any, past: int, ids: Any, mask: Any, forward_params: set[str],
     rows = ids.shape[0]
     batch_cache = copy.deepcopy(cache)
     batch_cache.batch_repeat_interleave(rows)
-    kwargs: dict[str, Any] = {"input_ids": ids, cache_kwarg: batch_cache, "use_cache": True}
+    kwargs: dict[str, ForwardArg] = {"input_ids": ids, cache_kwarg: batch_cache, "use_cache": True}
     if "position_ids" in forward_params:
         kwargs["position_ids"] = past + (mask.cumsum(-1) - 1).clamp(min=0)
     ones = torch.ones((rows, past), dtype=mask.dtype, device=mask.device)

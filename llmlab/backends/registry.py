@@ -4,7 +4,7 @@ backend's events mean the same in all of them."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 from llmlab.backends.base import LM, EventSink
 from llmlab.core.config import ModelConfig
@@ -24,7 +24,7 @@ def _vllm(cfg: ModelConfig) -> LM:
 
 
 # name -> loader(ModelConfig) -> LM. A new backend: a subclass of backends.base.LM and a line here.
-BACKENDS: dict[str, Callable[[ModelConfig], Any]] = {"hf": _hf, "vllm": _vllm}
+BACKENDS: dict[str, Callable[[ModelConfig], LM]] = {"hf": _hf, "vllm": _vllm}
 
 
 def open_backend(cfg: ModelConfig, on_event: EventSink | None = None) -> LM:

@@ -25,7 +25,14 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Iterator
+
+if TYPE_CHECKING:
+    import torch
+    from llmlab.backends.hfutil import Model
+    from transformers.cache_utils import DynamicCache
+
+    from llmlab.backends.prefix_cache import ForwardArg
 
 # model_type values whose attention modules call ALL_ATTENTION_FUNCTIONS with (module, query, key,
 # value, mask, scaling=...) and pass forward()'s extra keyword arguments through (checked against
@@ -40,22 +47,29 @@ FUSED = True  # on a CPU, both parts run in torch's fused flash-attention kernel
 class Prefix:
     """The keys and values of a cached prefix, per layer, each [1, kv_heads, past, head_dim]."""
 
-    layers: list[tuple[Any, Any]]
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
     past: int
 
 
-def supported(model: Any) -> bool:
+def supported(model: Model) -> bool:
     config = model.config
     return (getattr(config, "model_type", None) in SUPPORTED and not getattr(config, "is_encoder_decoder", False)
             and not getattr(config, "add_cross_attention", False))
 
 
-def from_cache(cache: Any, past: int) -> Prefix:
+def from_cache(cache: DynamicCache, past: int) -> Prefix:
     """The per-layer keys and values of a DynamicCache (views: nothing is copied)."""
-    return Prefix([(layer.keys, layer.values) for layer in cache.layers], past)
+    from transformers.cache_utils import CacheLayerMixin
+
+    layers = []
+    for layer in cache.layers:
+        if not isinstance(layer, CacheLayerMixin) or layer.keys is None or layer.values is None:
+            raise ValueError("shared_prefix: the cache has a layer without keys and values")
+        layers.append((layer.keys, layer.values))
+    return Prefix(layers, past)
 
 
-def forward_kwargs(prefix: Prefix, ids: Any, mask: Any) -> dict[str, Any]:
+def forward_kwargs(prefix: Prefix, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, ForwardArg | Prefix]:
     """forward() keyword arguments for left-padded rows [B, T] that continue `prefix`.
 
     - Position ids count real tokens only and start right after the prefix (left padding must not
@@ -79,7 +93,7 @@ def forward_kwargs(prefix: Prefix, ids: Any, mask: Any) -> dict[str, Any]:
 
 
 @contextmanager
-def active(model: Any) -> Iterator[None]:
+def active(model: Model) -> Iterator[None]:
     """Route the model's attention through attention() for the calls inside (then restore it)."""
     from transformers import AttentionInterface
 
@@ -94,14 +108,17 @@ def active(model: Any) -> Iterator[None]:
         config._attn_implementation = before
 
 
-def attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, scaling: float | None = None,
-              dropout: float = 0.0, **kwargs: Any) -> tuple[Any, None]:
+def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+              attention_mask: torch.Tensor, scaling: float | None = None, dropout: float = 0.0,
+              **kwargs: object) -> tuple[torch.Tensor, None]:
     """softmax over [prefix keys, own keys] for query [B, H, T, D], key/value [B, KV, T, D] (the
     rows' own), attention_mask [B, 1, T, T] bool; returns [B, T, H, D] as transformers' functions do."""
     import torch
 
-    prefix: Prefix = kwargs[KWARG]
-    pk, pv = prefix.layers[module.layer_idx]  # [1, KV, P, D]
+    prefix = kwargs[KWARG]
+    layer = getattr(module, "layer_idx")  # every attention module of SUPPORTED families has it
+    assert isinstance(prefix, Prefix) and isinstance(layer, int)
+    pk, pv = prefix.layers[layer]  # [1, KV, P, D]
     batch, heads, width, dim = query.shape
     kv = key.shape[1]
     group = heads // kv  # query heads per key/value head (grouped-query attention)
@@ -120,7 +137,8 @@ def attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any
     return out.reshape(batch, width, heads, dim), None
 
 
-def part(query: Any, key: Any, value: Any, mask: Any, scaling: float) -> tuple[Any, Any]:
+def part(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+         scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(softmax(q k^T * scaling) v, logsumexp(q k^T * scaling)) over the allowed keys (mask: bool,
     True = attend; every query must see at least one key) for [B, KV, L, D] queries and [B, KV, S,
     D] keys/values. On a CPU one fused kernel (torch's flash attention, which returns the

@@ -5,19 +5,25 @@ and a streamer that never sends text past a stop text."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence, cast
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase, StoppingCriteriaList, TextStreamer
+
+    from llmlab.backends.base import Tokenizer
 
 from llmlab.backends.base import HoldBack
 
 
-def reachable(tokenizer: Any, stop: str) -> bool:
+def reachable(tokenizer: Tokenizer, stop: str) -> bool:
     """Whether decoded text can ever contain `stop`: its own tokenization must decode back to a
     text holding it. T5 normalises "\\n" to a space, so "\\n\\n" comes back as "" and can't occur."""
     ids = tokenizer(stop, add_special_tokens=False)["input_ids"]
     return stop in tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def criteria(tokenizer: Any, stops: Sequence[str], start: int) -> Any:
+def criteria(tokenizer: PreTrainedTokenizerBase, stops: Sequence[str], start: int) -> StoppingCriteriaList:
     """A StoppingCriteriaList that ends each row on its own once its decoded new tokens
     (input_ids[:, start:]) contain a stop text. Rows that stopped stay stopped; transformers pads
     them while the other rows go on, so each row's text equals what it would be alone."""
@@ -28,7 +34,8 @@ def criteria(tokenizer: Any, stops: Sequence[str], start: int) -> Any:
         def __init__(self) -> None:
             self.done: list[bool] = []  # per row of input_ids: a stop text has appeared
 
-        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        def __call__(self, input_ids: torch.LongTensor, scores: tuple[torch.Tensor] | None,
+                     **kwargs: object) -> torch.BoolTensor:
             if not self.done:
                 self.done = [False] * input_ids.shape[0]
             live = [r for r, stopped in enumerate(self.done) if not stopped]
@@ -36,12 +43,13 @@ def criteria(tokenizer: Any, stops: Sequence[str], start: int) -> Any:
             texts = tokenizer.batch_decode(input_ids[live, start:].tolist(), skip_special_tokens=True)
             for r, text in zip(live, texts):
                 self.done[r] = any(s in text for s in stops)
-            return torch.tensor(self.done, dtype=torch.bool, device=input_ids.device)
+            done = torch.tensor(self.done, dtype=torch.bool, device=input_ids.device)
+            return cast("torch.BoolTensor", done)  # transformers annotates the legacy class; a bool tensor is it
 
     return StoppingCriteriaList([StopTexts()])
 
 
-def streamer(tokenizer: Any, emit: Callable[[str], None], stops: Sequence[str]) -> Any:
+def streamer(tokenizer: PreTrainedTokenizerBase, emit: Callable[[str], None], stops: Sequence[str]) -> TextStreamer:
     """A transformers TextStreamer that forwards text through HoldBack (see there)."""
     from transformers import TextStreamer
 

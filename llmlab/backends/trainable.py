@@ -7,9 +7,16 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from llmlab.core.errors import UsageError
+
+if TYPE_CHECKING:
+    import peft
+    import torch
+    from llmlab.backends.hfutil import Model
+
+    from llmlab.backends.hf import HFLM
 
 # Each method's PEFT settings and default learning rate (AdamW). LoRA on the attention and MLP
 # projections (the names of Llama/SmolLM2, GPT-2 and T5 layers); IA3 scales keys, values and the
@@ -31,14 +38,14 @@ class AdapterSettings:
     virtual_tokens: int = 20
 
 
-def _present(model: Any, names: Sequence[str]) -> list[str]:
+def _present(model: Model, names: Sequence[str]) -> list[str]:
     """The module names of `names` that the model has (PEFT refuses a target it can't find)."""
     leaves = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
     full = [n for n, _ in model.named_modules()]
     return [t for t in names if t in leaves or any(f.endswith("." + t) for f in full)]
 
 
-def peft_config(model: Any, settings: AdapterSettings) -> Any:
+def peft_config(model: Model, settings: AdapterSettings) -> peft.PeftConfig:
     import peft
 
     kind = getattr(model.config, "model_type", "")
@@ -60,7 +67,7 @@ def peft_config(model: Any, settings: AdapterSettings) -> Any:
 class Trainable:
     """The LM's model wrapped by PEFT (only the adapter's parameters train)."""
 
-    def __init__(self, lm: Any, settings: AdapterSettings, seed: int):
+    def __init__(self, lm: HFLM, settings: AdapterSettings, seed: int):
         import peft
         import torch
 
@@ -74,19 +81,21 @@ class Trainable:
         self.trainable, self.total = self.model.get_nb_trainable_parameters()
         self._slices = "logits_to_keep" in inspect.signature(lm.model.forward).parameters
 
-    def parameters(self) -> list[Any]:
+    def parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def train(self, on: bool) -> None:
         self.model.train(on)
 
-    def logprobs(self, rows: Sequence[tuple[list[int], list[int]]]) -> list[Any]:
+    def logprobs(self, rows: Sequence[tuple[list[int], list[int]]]) -> list[torch.Tensor]:
         """Per row, the log-probabilities of its continuation's tokens (a tensor with gradients)."""
         import torch
 
+        from llmlab.backends.hf_score import pad_id
+
         if self.lm.is_encoder_decoder:
             return self._seq2seq(rows)
-        pad = self.lm.tokenizer.pad_token_id
+        pad = pad_id(self.lm.tokenizer)
         distinct: dict[tuple[int, ...], int] = {}  # single-token labels of one prompt share one input
         which = [distinct.setdefault(tuple(ctx + cont[:-1]), len(distinct)) for ctx, cont in rows]
         seqs = list(distinct)
@@ -111,27 +120,27 @@ class Trainable:
             result.append(steps.gather(-1, torch.tensor(cont, device=steps.device)[:, None])[:, 0])
         return result
 
-    def _seq2seq(self, rows: Sequence[tuple[list[int], list[int]]]) -> list[Any]:
+    def _seq2seq(self, rows: Sequence[tuple[list[int], list[int]]]) -> list[torch.Tensor]:
         import torch
 
-        from llmlab.backends.hf_score import pad
+        from llmlab.backends.hf_score import pad, pad_id
 
-        pad_id = self.lm.tokenizer.pad_token_id
+        pad_with = pad_id(self.lm.tokenizer)
         start = self.lm.model.config.decoder_start_token_id
-        start = pad_id if start is None else start
-        enc, enc_mask = pad([ctx for ctx, _ in rows], pad_id, left=False, device=self.lm.device)
-        dec, dec_mask = pad([[start] + cont[:-1] for _, cont in rows], pad_id, left=False, device=self.lm.device)
+        start = pad_with if start is None else start
+        enc, enc_mask = pad([ctx for ctx, _ in rows], pad_with, left=False, device=self.lm.device)
+        dec, dec_mask = pad([[start] + cont[:-1] for _, cont in rows], pad_with, left=False, device=self.lm.device)
         out = self.model(input_ids=enc, attention_mask=enc_mask, decoder_input_ids=dec,
                          decoder_attention_mask=dec_mask)
         logp = torch.log_softmax(out.logits.float(), dim=-1)
         return [logp[i, : len(cont)].gather(-1, torch.tensor(cont, device=logp.device)[:, None])[:, 0]
                 for i, (_, cont) in enumerate(rows)]
 
-    def state(self) -> dict[str, Any]:
+    def state(self) -> dict[str, torch.Tensor]:
         """A copy of the adapter's weights (to keep the best step's)."""
         return {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
 
-    def restore(self, state: dict[str, Any]) -> None:
+    def restore(self, state: dict[str, torch.Tensor]) -> None:
         import torch
 
         with torch.no_grad():

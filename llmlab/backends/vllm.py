@@ -23,11 +23,58 @@ from __future__ import annotations
 
 import importlib.util
 from types import SimpleNamespace
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence, TypedDict
 
-from llmlab.backends.base import (LM, EventSink, GenOutput, GenRequest, LLOutput, LLRequest, TokenLogprob, cut_at_stop,
-                                  log_event)
+from llmlab.backends.base import (LM, EventSink, GenOutput, GenRequest, LLOutput, LLRequest, TokenLogprob, Tokenizer,
+                                  cut_at_stop, log_event)
 from llmlab.core.errors import ContextOverflowError, ModelError, UsageError
+
+if TYPE_CHECKING:
+    from llmlab.core.config import ModelConfig
+    from llmlab.core.settings import GenerationSettings
+
+
+# What this module reads of vLLM's objects (vllm ships no types, and tests use stand-ins).
+class Logprob(Protocol):
+    @property
+    def logprob(self) -> float: ...
+    @property
+    def rank(self) -> int | None: ...
+    @property
+    def decoded_token(self) -> str | None: ...
+
+
+class Completion(Protocol):
+    @property
+    def text(self) -> str: ...
+    @property
+    def token_ids(self) -> Sequence[int]: ...
+    @property
+    def finish_reason(self) -> str | None: ...
+    @property
+    def logprobs(self) -> Sequence[dict[int, Logprob]] | None: ...
+
+
+class RequestOutput(Protocol):
+    @property
+    def outputs(self) -> Sequence[Completion]: ...
+    @property
+    def prompt_token_ids(self) -> Sequence[int]: ...
+    @property
+    def prompt_logprobs(self) -> Sequence[dict[int, Logprob] | None]: ...
+
+
+class TokensPrompt(TypedDict):
+    """vllm.inputs.TokensPrompt."""
+
+    prompt_token_ids: list[int]
+
+
+class Engine(Protocol):
+    """vllm.LLM, as this module calls it."""
+
+    def generate(self, prompts: list[TokensPrompt], sampling_params: object,
+                 use_tqdm: bool = ...) -> list[RequestOutput]: ...
 
 # generate hands this many prompts to vLLM per call: vLLM batches them itself; the chunks only
 # bound how much work a Ctrl-C can lose (outputs are handed on after each chunk).
@@ -36,7 +83,7 @@ _GEN_CHUNK = 256
 _SCORE_CHUNK = 1024
 
 
-def check_options(cfg: Any) -> None:
+def check_options(cfg: ModelConfig) -> None:
     """--backend vllm option combinations, before any model time."""
     if cfg.device_map is not None or cfg.max_memory is not None:
         raise UsageError("--device-map/--max-memory are for --backend hf; vLLM places the model itself "
@@ -49,7 +96,7 @@ def check_options(cfg: Any) -> None:
         raise UsageError("--backend vllm needs vLLM (CUDA GPUs only): pip install vllm, or the llmlab extra 'vllm'")
 
 
-def engine_args(location: str, dtype: str, tensor_parallel_size: int) -> dict[str, Any]:
+def engine_args(location: str, dtype: str, tensor_parallel_size: int) -> dict[str, str | int | bool]:
     """Keyword arguments for vllm.LLM."""
     return {"model": location, "dtype": dtype or "auto", "tensor_parallel_size": tensor_parallel_size,
             "enable_prefix_caching": False,  # prompt log-probabilities (scoring) need it off; see above
@@ -73,26 +120,28 @@ def load(spec: str | None, dtype: str = "auto", tensor_parallel_size: int = 1) -
     return VLLM(ref.name, llm, tokenizer, config.max_model_len, config=config.hf_config, dtype=config.dtype)
 
 
-def _prompt(ids: list[int]) -> dict[str, Any]:
+def _prompt(ids: list[int]) -> TokensPrompt:
     """A vLLM token prompt (vllm.inputs.TokensPrompt is this TypedDict)."""
     return {"prompt_token_ids": ids}
 
 
-def _value(logprob: Any) -> float:
+def _value(logprob: Logprob | float) -> float:
     """vLLM returns Logprob objects (.logprob); very old versions returned floats."""
-    return float(getattr(logprob, "logprob", logprob))
+    return float(logprob) if isinstance(logprob, (int, float)) else float(logprob.logprob)
 
 
-def parse_prompt_logprobs(tokens: Sequence[int], prompt_logprobs: Sequence[Any], ctxlen: int) -> tuple[float, bool]:
+def parse_prompt_logprobs(tokens: Sequence[int], prompt_logprobs: Sequence[dict[int, Logprob] | None],
+                          ctxlen: int) -> tuple[float, bool]:
     """(sum of the log-probabilities of tokens[ctxlen:], whether each was the most likely).
 
     prompt_logprobs[j]: {token id: Logprob} for position j of the prompt (None at j = 0: nothing
     precedes it); with prompt_logprobs=1 it holds the prompt's own token and the top-1 token."""
     total, greedy = 0.0, True
     for token, entry in zip(tokens[ctxlen:], prompt_logprobs[ctxlen:]):
+        assert entry is not None  # only position 0 has none, and ctxlen >= 1
         values = {t: _value(lp) for t, lp in entry.items()}
         total += values[token]
-        if max(values, key=values.get) != token:  # type: ignore[arg-type]
+        if max(values, key=values.__getitem__) != token:
             greedy = False
     return total, greedy
 
@@ -103,8 +152,9 @@ class VLLM(LM):
     is_encoder_decoder = False
     device = "cuda"
 
-    def __init__(self, name: str, llm: Any, tokenizer: Any, window: int | None, on_event: EventSink | None = None,
-                 sampling_params: Callable[..., Any] | None = None, config: Any = None, dtype: Any = "auto"):
+    def __init__(self, name: str, llm: Engine, tokenizer: Tokenizer, window: int | None,
+                 on_event: EventSink | None = None, sampling_params: Callable[..., object] | None = None,
+                 config: object = None, dtype: object = "auto"):
         self.name = name
         self.llm = llm
         # lm.model: what commands read about the model (the report's type and dtype), as on HFLM
@@ -114,7 +164,7 @@ class VLLM(LM):
         self.on_event = on_event or log_event
         self._sampling = sampling_params  # vllm.SamplingParams; a stand-in in tests
 
-    def sampling_params(self, **kwargs: Any) -> Any:
+    def sampling_params(self, **kwargs: object) -> object:
         if self._sampling is None:
             from vllm import SamplingParams
 
@@ -161,7 +211,7 @@ class VLLM(LM):
         which = [inputs.setdefault(tuple(ctx + cont), len(inputs)) for ctx, cont in rows]
         distinct = [list(k) for k in inputs]
         params = self.sampling_params(temperature=0.0, max_tokens=1, prompt_logprobs=1, detokenize=False)
-        outputs: list[Any] = []
+        outputs: list[RequestOutput] = []
         for start in range(0, len(distinct), _SCORE_CHUNK):
             chunk = distinct[start : start + _SCORE_CHUNK]
             outputs += self.llm.generate([_prompt(ids) for ids in chunk], params, use_tqdm=False)
@@ -173,7 +223,7 @@ class VLLM(LM):
 
     # -- generation
 
-    def generation_params(self, settings: Any) -> Any:
+    def generation_params(self, settings: GenerationSettings) -> object:
         """llmlab's generation settings as vllm.SamplingParams (greedy = temperature 0)."""
         if settings.num_beams > 1:
             raise UsageError("--num-beams is not supported with --backend vllm (vLLM's beam search is a separate "
@@ -189,7 +239,7 @@ class VLLM(LM):
             # default logprobs mode is the raw model distribution, as HFLM reports it)
             **({"logprobs": settings.top_logprobs} if settings.logprobs else {}))
 
-    def generate(self, requests: Sequence[GenRequest], settings: Any, batch_size: int | None = 8,
+    def generate(self, requests: Sequence[GenRequest], settings: GenerationSettings, batch_size: int | None = 8,
                  on_output: Callable[[int, GenOutput], None] | None = None,
                  stream: Callable[[str], None] | None = None, engine: str = "auto") -> list[GenOutput]:
         """Complete every request; on_output(i, output) in input order after each chunk. stream
@@ -216,7 +266,7 @@ class VLLM(LM):
         return results
 
     @staticmethod
-    def to_output(out: Any, stops: Sequence[str], top: int | None = None) -> GenOutput:
+    def to_output(out: RequestOutput, stops: Sequence[str], top: int | None = None) -> GenOutput:
         """A vLLM RequestOutput as a GenOutput. vLLM already cuts at stop texts (finish_reason
         'stop'); the cut is repeated here for safety on text vLLM decoded differently. top: None,
         or the alternatives per token asked for with --logprobs (0..20)."""
@@ -232,7 +282,7 @@ class VLLM(LM):
         return result
 
 
-def token_logprobs(token_ids: Sequence[int], steps: Sequence[dict[int, Any]], top: int) -> list[TokenLogprob]:
+def token_logprobs(token_ids: Sequence[int], steps: Sequence[dict[int, Logprob]], top: int) -> list[TokenLogprob]:
     """vLLM's per-step {token id: Logprob(logprob, rank, decoded_token)} (the top `top` tokens by
     rank 1..top, plus the sampled token, which may rank lower) as TokenLogprobs."""
     tokens = []

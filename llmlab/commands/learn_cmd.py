@@ -80,7 +80,7 @@ def tokenize(
     from llmlab.learn import tokens
 
     console.configure(quiet, False)
-    piped, chat = _piped(format), value(chat)
+    piped, chat_mode = _piped(format), value(chat)
     tmpl = prompts.find_template(template, prompts_dir or []) if template else None
     items = _tokenize_items(text, tmpl, var, input, field)
     tokenizer, window, encoder_decoder = models.load_tokenizer(model)
@@ -90,11 +90,11 @@ def tokenize(
         from llmlab.core import settings as settings_mod
 
         gen = settings_mod.build(settings_mod.normalize_keys(tmpl.generation, f"template '{tmpl.name}'"))
-        use = generation.use_chat(tokenizer, chat or tmpl.chat or "auto")
+        use = generation.use_chat(tokenizer, chat_mode or tmpl.chat or "auto")
         options = prompts.options_for(tmpl, shots, None, None, use, None, "drop-shots", gen.max_new_tokens)
         builder = prompts.make_builder(tmpl, tokenizer, window, options, None, input, encoder_decoder,
                                        on_warn=console.warn)
-    use_chat = generation.use_chat(tokenizer, chat or "off") if tmpl is None else None
+    use_chat = generation.use_chat(tokenizer, chat_mode or "off") if tmpl is None else None
     for item in items:
         budget = None
         if builder is not None:
@@ -290,7 +290,7 @@ def next_token(
     out = None if piped else _stdout()
     for step in nexttoken.walk(lm, generation.chat_text(lm.tokenizer, [{"role": "user", "content": text}])
                                if use_chat else text, use_chat, settings, steps, show):
-        if piped:
+        if piped or out is None:  # (out is None exactly when piped)
             print(json.dumps(step.to_json(), ensure_ascii=False), flush=True)
         else:
             nexttoken.render(step, out)

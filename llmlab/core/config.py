@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Mapping, Optional, TypeVar, overload
 
 from llmlab.core.errors import UsageError
 
@@ -99,9 +99,18 @@ def plural(n: int, word: str) -> str:
     return f"{n} {word}" + ("" if n == 1 else "s")
 
 
-def value(choice: Any) -> Any:
-    """An enum member's string (or None / a plain value unchanged)."""
-    return choice.value if isinstance(choice, enum.Enum) else choice
+_Row = TypeVar("_Row")
+
+
+@overload
+def value(choice: enum.Enum | str) -> str: ...
+@overload
+def value(choice: enum.Enum | str | None) -> str | None: ...
+
+
+def value(choice: enum.Enum | str | None) -> str | None:
+    """An enum member's string (or None / a plain value unchanged). Every option enum here is a str enum."""
+    return str(choice.value) if isinstance(choice, enum.Enum) else choice
 
 
 # ---------------------------------------------------------------- the pieces
@@ -159,7 +168,7 @@ class GenerateConfig:
     prompt: PromptConfig
     input: InputConfig
     output: OutputConfig
-    flags: dict[str, Any]  # generation settings given as flags (None = not given)
+    flags: Mapping[str, object]  # generation settings given as flags (None = not given; checked by settings.build)
     preset: Optional[Path] = None  # --config YAML
     text: Optional[str] = None  # the PROMPT argument (or stdin)
     batch_size: Optional[int] = 8  # None = auto
@@ -293,7 +302,7 @@ def check_prompts_dirs(dirs: list[str]) -> None:
             raise UsageError(f"--prompts-dir '{folder}' is not a folder; give a folder of template .yaml files")
 
 
-def sample(items: list[Any], size: Optional[int], seed: int, source: str) -> list[Any]:
+def sample(items: list[_Row], size: Optional[int], seed: int, source: str) -> list[_Row]:
     """--sample N: a fixed seeded sample of the rows, taken before --offset/--limit: the rows
     shuffled with Python's random.Random(seed) and the first N kept, in that shuffled order (each
     keeps its original index). The same as shuffling the file's lines that way and taking N."""
@@ -310,7 +319,7 @@ def sample(items: list[Any], size: Optional[int], seed: int, source: str) -> lis
     return rows[:size]
 
 
-def window(items: list[Any], offset: int, limit: Optional[int], source: str) -> list[Any]:
+def window(items: list[_Row], offset: int, limit: Optional[int], source: str) -> list[_Row]:
     """Rows offset..offset+limit of the input, keeping their original index (so --resume and
     records still say which row each one was)."""
     if offset < 0:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Mapping, TypedDict
 
 from llmlab.core.errors import UsageError
 
@@ -16,6 +16,24 @@ MAX_TOP_LOGPROBS = 20
 # anything this small is greedy in practice: use 0.
 MIN_TEMPERATURE = 0.01
 MAX_SEED = 2**63 - 1  # torch.manual_seed, numpy and vLLM all take it
+
+
+class _GenerateKwargs(TypedDict):
+    max_new_tokens: int
+    do_sample: bool
+    num_beams: int
+    num_return_sequences: int
+    repetition_penalty: float
+
+
+class GenerateKwargs(_GenerateKwargs, total=False):
+    """GenerationSettings.generate_kwargs(): transformers' generate() arguments."""
+
+    output_logits: bool
+    return_dict_in_generate: bool
+    temperature: float
+    top_k: int | None
+    top_p: float
 
 
 @dataclass
@@ -50,7 +68,7 @@ class GenerationSettings:
     top_logprobs: int = 0
 
     def validate(self) -> "GenerationSettings":
-        def bad(option: str, value: Any, rule: str) -> UsageError:
+        def bad(option: str, value: object, rule: str) -> UsageError:
             return UsageError(f"invalid {option} {value!r}: must be {rule}")
 
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -91,9 +109,9 @@ class GenerationSettings:
             )
         return self
 
-    def generate_kwargs(self) -> dict[str, Any]:
+    def generate_kwargs(self) -> GenerateKwargs:
         """Keyword arguments for transformers' generate(): sampling knobs only when sampling."""
-        kwargs: dict[str, Any] = {
+        kwargs: GenerateKwargs = {
             "max_new_tokens": self.max_new_tokens,
             "do_sample": self.do_sample,
             "num_beams": self.num_beams,
@@ -101,9 +119,9 @@ class GenerationSettings:
             "repetition_penalty": self.repetition_penalty,
         }
         if self.logprobs:  # the raw logits of every step, to read each token's log-probability
-            kwargs.update(output_logits=True, return_dict_in_generate=True)
+            kwargs["output_logits"], kwargs["return_dict_in_generate"] = True, True
         if self.do_sample:
-            kwargs.update(temperature=self.temperature, top_k=self.top_k or None, top_p=self.top_p)
+            kwargs["temperature"], kwargs["top_k"], kwargs["top_p"] = self.temperature, self.top_k or None, self.top_p
         return kwargs
 
 
@@ -111,13 +129,14 @@ FIELDS = [f.name for f in dataclasses.fields(GenerationSettings)]
 _ALIASES = {"sample": "do_sample", "max_tokens": "max_new_tokens"}
 
 
-def _number(value: Any) -> bool:
+def _number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def normalize_keys(raw: dict[str, Any], source: str) -> dict[str, Any]:
-    """Accept `max-new-tokens` and `max_new_tokens`, `greedy: true` and `sample: true`."""
-    out: dict[str, Any] = {}
+def normalize_keys(raw: Mapping[str, object], source: str) -> dict[str, object]:
+    """Accept `max-new-tokens` and `max_new_tokens`, `greedy: true` and `sample: true`. Values are
+    checked once merged (build() -> validate())."""
+    out: dict[str, object] = {}
     for key, value in raw.items():
         name = str(key).replace("-", "_")
         name = _ALIASES.get(name, name)
@@ -135,24 +154,26 @@ def normalize_keys(raw: dict[str, Any], source: str) -> dict[str, Any]:
     return out
 
 
-def load_preset(path: Path) -> dict[str, Any]:
+def load_preset(path: Path) -> dict[str, object]:
     """Read a YAML preset of generation settings (the same names as the flags)."""
     from llmlab.core.yamlfile import load_yaml_mapping
 
     return normalize_keys(load_yaml_mapping(path, "generation preset"), str(path))
 
 
-def build(*layers: dict[str, Any]) -> GenerationSettings:
+def build(*layers: Mapping[str, object]) -> GenerationSettings:
     """Merge layers left to right (later wins; None means 'not given') and validate."""
-    merged: dict[str, Any] = {}
+    merged: dict[str, object] = {}
     for layer in layers:
         merged.update({k: v for k, v in layer.items() if v is not None})
     sampling_knobs = {"temperature", "top_k", "top_p"} & merged.keys()
     if "do_sample" not in merged and sampling_knobs:
         # Asking for a temperature, top-k or top-p means asking for sampling.
         merged["do_sample"] = merged.get("temperature", 1.0) != 0
-    try:
-        settings = GenerationSettings(**merged)
-    except TypeError as exc:
-        raise UsageError(f"invalid generation settings: {exc}") from exc
+    settings = GenerationSettings()
+    for name, value in merged.items():  # validate() checks each value's type and range
+        if name not in FIELDS:
+            raise UsageError(f"invalid generation settings: GenerationSettings.__init__() got an unexpected "
+                             f"keyword argument '{name}'")
+        setattr(settings, name, value)
     return settings.validate()

@@ -11,9 +11,13 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Callable, Mapping
 
 from llmlab.core.errors import ModelError
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel
+    from transformers.models.auto.auto_factory import _BaseAutoModelClass
 
 # Bytes per parameter of each storage type (int4 packs two parameters in a byte).
 DTYPE_BYTES = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0, "int4": 0.5}
@@ -90,7 +94,7 @@ class Anatomy:
     def training_bytes(self) -> float:
         return self.parameters * (DTYPE_BYTES["fp32"] + TRAINING_EXTRA_BYTES)
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, object]:
         return {
             "model": self.name, "model_type": self.model_type, "class": self.model_class, "kind": self.kind,
             "good_for": KINDS[self.kind], "parameters": self.parameters, "embeddings": self.embeddings,
@@ -105,7 +109,7 @@ class Anatomy:
 # ---------------------------------------------------------------- reading the config
 
 
-def load_config(spec: str | None) -> tuple[Any, dict[str, Any], str]:
+def load_config(spec: str | None) -> tuple[PretrainedConfig, dict[str, object], str]:
     """(config, the raw config.json mapping, a display name) for a config file, a model folder,
     a .gguf model, an alias or a Hub id in the local cache. Never reads weights."""
     from llmlab.backends import models
@@ -147,21 +151,21 @@ def load_config(spec: str | None) -> tuple[Any, dict[str, Any], str]:
     return config, _raw(Path(raw_path)) if raw_path else {}, name
 
 
-def _config_from(loader: Any, location: str, name: str) -> Any:
+def _config_from(loader: Callable[[str], PretrainedConfig], location: str, name: str) -> PretrainedConfig:
     try:
         return loader(location)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"cannot read a model config from '{name}': {str(exc).splitlines()[0]}") from exc
 
 
-def _raw(path: Path) -> dict[str, Any]:
+def _raw(path: Path) -> dict[str, object]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
 
 
-def kind_of(config: Any) -> str:
+def kind_of(config: PretrainedConfig) -> str:
     """Encoder-decoder from the config flag; decoder-only when it has a causal-LM class; else encoder-only."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
@@ -179,13 +183,14 @@ def kind_of(config: Any) -> str:
     return "encoder-only"
 
 
-def build_on_meta(config: Any, kind: str) -> Any:
+def build_on_meta(config: PretrainedConfig, kind: str) -> PreTrainedModel:
     """The model with shapes but no storage: exact parameter counts at no memory cost."""
     import torch
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM
 
-    by_kind: dict[str, list[Any]] = {"encoder-decoder": [AutoModelForSeq2SeqLM], "decoder-only": [AutoModelForCausalLM],
-                                     "encoder-only": [AutoModelForMaskedLM, AutoModel]}
+    by_kind: dict[str, list[type[_BaseAutoModelClass]]] = {
+        "encoder-decoder": [AutoModelForSeq2SeqLM], "decoder-only": [AutoModelForCausalLM],
+        "encoder-only": [AutoModelForMaskedLM, AutoModel]}
     classes = by_kind[kind]
     for n, auto in enumerate(classes):
         try:
@@ -201,7 +206,7 @@ def build_on_meta(config: Any, kind: str) -> Any:
 # ---------------------------------------------------------------- counting
 
 
-def count(model: Any, raw: dict[str, Any]) -> tuple[int, int, bool, list[Stack], list[str]]:
+def count(model: PreTrainedModel, raw: Mapping[str, object]) -> tuple[int, int, bool, list[Stack], list[str]]:
     """(total, embeddings, tied, stacks, notes). Tied parameters (one tensor under several names)
     count once. A checkpoint whose config.json says tie_word_embeddings: false keeps its own output
     head even where transformers builds the class tied (T5 in transformers 5), so it is added."""
@@ -239,7 +244,7 @@ def count(model: Any, raw: dict[str, Any]) -> tuple[int, int, bool, list[Stack],
     return total, embeddings, tied, stacks, notes
 
 
-def _first(config: Any, *names: str) -> int | None:
+def _first(config: object, *names: str) -> int | None:
     for name in names:
         value = getattr(config, name, None)
         if isinstance(value, int) and value > 0:

@@ -10,14 +10,22 @@ import contextlib
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from llmlab.core import console
 from llmlab.core.errors import LlmlabError, UsageError
+from llmlab.core.settings import GenerationSettings
 
 if TYPE_CHECKING:  # types only: nothing more is imported at run time
+    from prompt_toolkit import PromptSession
+    from prompt_toolkit.history import History
+    from rich.console import Console
+
     from llmlab.backends.base import LM
+    from llmlab.core.config import ModelConfig
+    from llmlab.orchestration.session import Hooks
     from llmlab.prompting.templates import Template
+    from llmlab.scoring.generation import Job
 
 PROMPT = "lab> "
 
@@ -48,16 +56,16 @@ class Session:
     lm: LM
     chat_mode: str  # auto, on, off
     prompts_dir: list[str]
-    preset: dict[str, Any] = field(default_factory=dict)  # from --config
-    overrides: dict[str, Any] = field(default_factory=dict)  # from /set
+    preset: dict[str, object] = field(default_factory=dict)  # from --config
+    overrides: dict[str, object] = field(default_factory=dict)  # from /set
     template: Template | None = None
     shots: int = 0
     last: str | None = None  # the last prompt typed
-    settings: Any = None
+    settings: GenerationSettings = field(default_factory=GenerationSettings)  # rebuild() sets them
 
     @classmethod
-    def start(cls, model: Any, template: str | None, shots: int, prompts_dir: list[str], config: Path | None,
-              hooks: Any = None) -> "Session":
+    def start(cls, model: ModelConfig, template: str | None, shots: int, prompts_dir: list[str], config: Path | None,
+              hooks: Hooks | None = None) -> "Session":
         """model: a core.config.ModelConfig, opened through orchestration.session.Session (one road
         to a model); hooks: where the backend's messages go."""
         from llmlab.core import settings
@@ -92,7 +100,7 @@ class Session:
         mode = self.chat_mode or (self.template.chat if self.template is not None else None) or "auto"
         return generation.use_chat(self.lm.tokenizer, mode)
 
-    def job(self, text: str) -> Any:
+    def job(self, text: str) -> Job:
         """The prompt the model sees for a typed line: the template's, or the line (chat-wrapped)."""
         from llmlab.scoring import generation
         from llmlab.io import records as io
@@ -126,11 +134,11 @@ class Session:
             return
         generation.run_single(self.lm, job, self.settings, echo=False, emit=_write)
 
-    def command(self, line: str, out: Any) -> bool:
+    def command(self, line: str, out: Console) -> bool:
         """Run a /command; False means quit."""
         name, _, rest = line[1:].strip().partition(" ")
         rest = rest.strip()
-        handler: dict[str, Callable[[str, Any], None]] = {
+        handler: dict[str, Callable[[str, Console], None]] = {
             "set": self._set, "template": self._template, "shots": self._shots, "chat": self._chat,
             "show": self._show, "tokens": self._tokens, "next": self._next, "save": self._save,
             "help": lambda _r, o: o.print(HELP, markup=False),
@@ -142,7 +150,7 @@ class Session:
         handler[name](rest, out)
         return True
 
-    def _set(self, rest: str, out: Any) -> None:
+    def _set(self, rest: str, out: Console) -> None:
         import yaml
 
         from llmlab.core import settings
@@ -170,7 +178,7 @@ class Session:
             console.note(f"{k} = {getattr(self.settings, k)!r}" + ("" if k != "temperature" else
                          f" (sampling {'on' if self.settings.do_sample else 'off'})"))
 
-    def _template(self, rest: str, out: Any) -> None:
+    def _template(self, rest: str, out: Console) -> None:
         from llmlab.prompting import prompts
 
         if not rest:
@@ -179,13 +187,13 @@ class Session:
         self.rebuild()
         console.note(f"template: {self.template.name if self.template else 'off'}")
 
-    def _shots(self, rest: str, out: Any) -> None:
+    def _shots(self, rest: str, out: Console) -> None:
         if not rest.isdigit():
             raise UsageError(f"/shots needs a whole number >= 0, not '{rest}'")
         self.shots = int(rest)
         console.note(f"shots: {self.shots}")
 
-    def _chat(self, rest: str, out: Any) -> None:
+    def _chat(self, rest: str, out: Console) -> None:
         from llmlab.scoring import generation
 
         generation.use_chat(self.lm.tokenizer, rest)  # validates: auto, on (needs a template), off
@@ -198,10 +206,10 @@ class Session:
             raise UsageError("no prompt yet: type one first, or give the text after the command")
         return text
 
-    def _show(self, rest: str, out: Any) -> None:
+    def _show(self, rest: str, out: Console) -> None:
         out.print(self.job(self._text_for(rest)).model_text, markup=False, highlight=False)
 
-    def _tokens(self, rest: str, out: Any) -> None:
+    def _tokens(self, rest: str, out: Console) -> None:
         from llmlab.io import records as io
         from llmlab.learn import tokens
 
@@ -218,14 +226,14 @@ class Session:
         if budget:
             tokens.render_budget(budget, out)
 
-    def _next(self, rest: str, out: Any) -> None:
+    def _next(self, rest: str, out: Console) -> None:
         from llmlab.learn import nexttoken
 
         job = self.job(self._text_for(rest))
         for step in nexttoken.walk(self.lm, job.model_text, job.chat, self.settings, 1, 10):
             nexttoken.render(step, out)
 
-    def _save(self, rest: str, out: Any) -> None:
+    def _save(self, rest: str, out: Console) -> None:
         import dataclasses
 
         import yaml
@@ -241,7 +249,7 @@ class Session:
 
     # -- the loop
 
-    def handle(self, line: str, out: Any) -> bool:
+    def handle(self, line: str, out: Console) -> bool:
         """One input line; False means quit. Errors print one line and the session goes on."""
         line = line.strip()
         if not line:
@@ -281,7 +289,7 @@ class Session:
 
 
 @contextlib.contextmanager
-def _no_line_mode() -> Any:
+def _no_line_mode() -> Iterator[None]:
     """The terminal out of line mode for the session (prompt_toolkit sets its own raw mode while it
     reads and comes back to this). In line mode the kernel keeps at most 4,095 characters of a line
     typed ahead and drops the rest: a long paste while a completion streams was cut to ~4,072.
@@ -303,7 +311,7 @@ def _no_line_mode() -> Any:
         termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
 
-def _reader() -> Any:
+def _reader() -> PromptSession[str]:
     """A prompt_toolkit session with history kept in the llmlab cache folder."""
     from prompt_toolkit import PromptSession
     from prompt_toolkit.history import FileHistory, InMemoryHistory
@@ -313,7 +321,7 @@ def _reader() -> Any:
     path = models.cache_root() / "lab-history"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        history: Any = FileHistory(str(path))
+        history: History = FileHistory(str(path))
     except OSError:
         history = InMemoryHistory()
     return PromptSession(history=history)

@@ -9,11 +9,15 @@ The reshaping uses transformers' own logits processors in the order generate() a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Iterator, TypedDict
 
 from llmlab.core.errors import ContextOverflowError, ModelError, UsageError
 
 if TYPE_CHECKING:  # types only: nothing more is imported at run time
+    import torch
+    from rich.console import Console
+    from transformers import LogitsProcessor
+
     from llmlab.backends.base import LM
     from llmlab.core.settings import GenerationSettings
 
@@ -29,6 +33,33 @@ class Candidate:
     cut_by: str | None  # the first processor that removed it, or None
 
 
+class CandidateRecord(TypedDict):
+    """A Candidate in `llmlab next -f jsonl`."""
+
+    rank: int
+    id: int
+    token: str
+    text: str
+    p: float
+    p_warped: float
+    cut_by: str | None
+
+
+class StepRecord(TypedDict):
+    """A Step in `llmlab next -f jsonl`."""
+
+    step: int
+    context_tokens: int
+    mode: str
+    warpers: list[str]
+    chosen: CandidateRecord
+    kept: int
+    vocab: int
+    top: list[CandidateRecord]
+    completion: str
+    end: bool
+
+
 @dataclass
 class Step:
     step: int  # 1-based
@@ -42,13 +73,18 @@ class Step:
     end: bool = False  # the chosen token ends the text
     warpers: list[str] = field(default_factory=list)
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> StepRecord:
         return {"step": self.step, "context_tokens": self.context_tokens, "mode": self.mode,
-                "warpers": self.warpers, "chosen": vars(self.chosen), "kept": self.kept, "vocab": self.vocab,
-                "top": [vars(c) for c in self.top], "completion": self.completion, "end": self.end}
+                "warpers": self.warpers, "chosen": _record(self.chosen), "kept": self.kept, "vocab": self.vocab,
+                "top": [_record(c) for c in self.top], "completion": self.completion, "end": self.end}
 
 
-def processors(settings: GenerationSettings) -> list[tuple[str, Any]]:
+def _record(c: Candidate) -> CandidateRecord:
+    return {"rank": c.rank, "id": c.id, "token": c.token, "text": c.text, "p": c.p, "p_warped": c.p_warped,
+            "cut_by": c.cut_by}
+
+
+def processors(settings: GenerationSettings) -> list[tuple[str, LogitsProcessor]]:
     """(name, processor) in generate()'s order. Warpers apply only when sampling, as in generate()."""
     from transformers import (
         RepetitionPenaltyLogitsProcessor,
@@ -57,7 +93,7 @@ def processors(settings: GenerationSettings) -> list[tuple[str, Any]]:
         TopPLogitsWarper,
     )
 
-    chain: list[tuple[str, Any]] = []
+    chain: list[tuple[str, LogitsProcessor]] = []
     if settings.repetition_penalty != 1.0:
         chain.append((f"repetition_penalty={settings.repetition_penalty:g}",
                       RepetitionPenaltyLogitsProcessor(settings.repetition_penalty)))
@@ -71,7 +107,8 @@ def processors(settings: GenerationSettings) -> list[tuple[str, Any]]:
     return chain
 
 
-def warp(logits: Any, context: Any, chain: list[tuple[str, Any]]) -> tuple[Any, list[str | None]]:
+def warp(logits: torch.Tensor, context: torch.Tensor,
+         chain: list[tuple[str, LogitsProcessor]]) -> tuple[torch.Tensor, list[str | None]]:
     """Apply the chain to one row of logits; (warped logits, for each token the name of the
     processor that cut it, None if kept)."""
     import torch
@@ -134,7 +171,7 @@ def walk(lm: LM, text: str, chat: bool, settings: GenerationSettings, steps: int
             return
 
 
-def _candidate(lm: LM, rank: int, tid: int, p: Any, q: Any, cut_by: list[str | None]) -> Candidate:
+def _candidate(lm: LM, rank: int, tid: int, p: torch.Tensor, q: torch.Tensor, cut_by: list[str | None]) -> Candidate:
     token = lm.tokenizer.convert_ids_to_tokens(tid)
     return Candidate(rank, tid, str(token), lm.tokenizer.decode([tid]), float(p[tid]), float(q[tid]), cut_by[tid])
 
@@ -148,7 +185,7 @@ def bar(p: float, width: int = 12) -> str:
     return "█" * (eighths // 8) + ("", "▏", "▎", "▍", "▌", "▋", "▊", "▉")[eighths % 8]
 
 
-def render(step: Step, console: Any) -> None:
+def render(step: Step, console: Console) -> None:
     from rich.table import Table
 
     from llmlab.learn.tokens import visible

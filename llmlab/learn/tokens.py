@@ -5,13 +5,15 @@ the input, the formatting around them) against the model's context window. No to
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence, TypedDict
 
 from llmlab.core.errors import TemplateError
 
 if TYPE_CHECKING:  # types only: nothing more is imported at run time
+    from rich.console import Console
+
     from llmlab.io.items import Item
-    from llmlab.prompting.prompts import PromptBuilder
+    from llmlab.prompting.prompts import Prompt, PromptBuilder
     from llmlab.prompting.templates import Template
 
 from llmlab.core.config import plural
@@ -126,7 +128,7 @@ def assign_parts(tokens: list[Token], parts: list[Part]) -> list[Part]:
     return parts + [fmt]
 
 
-def template_pieces(template: Template, values: dict[str, Any], pool: Sequence[dict[str, Any]],
+def template_pieces(template: Template, values: dict[str, object], pool: Sequence[dict[str, object]],
                     shots: Sequence[int]) -> list[tuple[str, str]]:
     """(part name, text) of a template prompt in the order they appear in it."""
     from llmlab.prompting.prompts import fill
@@ -144,7 +146,7 @@ def template_pieces(template: Template, values: dict[str, Any], pool: Sequence[d
     return pieces
 
 
-def budget(builder: PromptBuilder, item: Item, max_new_tokens: int) -> tuple[Any, list[Token], Budget]:
+def budget(builder: PromptBuilder, item: Item, max_new_tokens: int) -> tuple[Prompt, list[Token], Budget]:
     """Build the prompt for one item and account for every token of it by part."""
     built = builder.build(item)
     tokens = tokenize(builder.tokenizer, built.text, add_special_tokens=not built.chat)
@@ -159,8 +161,25 @@ def visible(text: str) -> str:
     return text.replace(" ", "␣").replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
 
 
-def record(token: Token, item: int) -> dict[str, Any]:
-    out = {"item": item, "index": token.index, "id": token.id, "token": token.token, "text": token.text,
+class _TokenRecord(TypedDict):
+    item: int
+    index: int
+    id: int
+    token: str
+    text: str
+    start: int
+    end: int
+    special: bool
+
+
+class TokenRecord(_TokenRecord, total=False):
+    """A token in `llmlab tokenize -f jsonl`."""
+
+    part: str
+
+
+def record(token: Token, item: int) -> TokenRecord:
+    out: TokenRecord = {"item": item, "index": token.index, "id": token.id, "token": token.token, "text": token.text,
            "start": token.start, "end": token.end, "special": token.special}
     if token.part is not None:
         out["part"] = token.part
@@ -173,7 +192,7 @@ def budget_line(b: Budget) -> str:
     return f"{parts} · total {b.total}" + (f" of {b.window}, {b.room} left" if b.window else "")
 
 
-def render(tokens: list[Token], console: Any) -> None:
+def render(tokens: list[Token], console: Console) -> None:
     """The text as coloured token spans, the pieces between bars, then the ids in the same colours."""
     from rich.text import Text
 
@@ -194,7 +213,7 @@ def render(tokens: list[Token], console: Any) -> None:
     console.print(ids)
 
 
-def render_budget(b: Budget, console: Any) -> None:
+def render_budget(b: Budget, console: Console) -> None:
     from rich.table import Table
 
     table = Table("part", "tokens", "share of the prompt", title=f"token budget ({plural(b.shots, 'shot')})")

@@ -4,9 +4,12 @@ trained on become the defaults of the commands that run it."""
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llmlab.core.config import ModelConfig, PromptConfig
+
+if TYPE_CHECKING:
+    from llmlab.backends.adapters import Record
 
 
 def adapters_in(model: ModelConfig) -> bool:
@@ -46,7 +49,7 @@ def parse_adapters(text: str | None) -> list[str]:
     return folders
 
 
-def matching(plan_: Any, record: dict[str, Any]) -> list[Any]:
+def matching(plan_: Any, record: Record) -> list[Any]:
     return [t for t in plan_.tasks if t.template.name == record.get("template")]
 
 
@@ -73,7 +76,7 @@ def versus(result: dict[str, Any], rows: list[dict[str, Any]], task: Any) -> dic
             "diff": diff, "low": low, "high": high}
 
 
-def cost(result: dict[str, Any], lm: Any, record: dict[str, Any] | None = None, folder: str | None = None,
+def cost(result: dict[str, Any], lm: Any, record: Record | None = None, folder: str | None = None,
          probe_rows: int = 0) -> dict[str, Any]:
     """What a row cost: labelled rows used (k), training time, trainable parameters, adapter bytes,
     prompt tokens per item and inference FLOPs per item (2N per token the model reads, N its

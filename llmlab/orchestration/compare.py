@@ -11,11 +11,13 @@ import itertools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from llmlab.core.errors import UsageError
 
 if TYPE_CHECKING:  # types only: nothing more is imported at run time
+    from llmlab.core.config import ModelConfig, PromptConfig
+    from llmlab.orchestration.session import Hooks
     from llmlab.prompting.templates import Template
 
 
@@ -230,20 +232,24 @@ def run_variant(variant: Variant, items: Sequence[Any], opts: dict[str, Any], se
     return lm
 
 
-def _variant_prompt(variant: Variant, opts: dict[str, Any], hooks: Any) -> tuple[Any, Any, str | None]:
+def _variant_prompt(variant: Variant, opts: Mapping[str, object],
+                    hooks: "Hooks") -> tuple["ModelConfig", "PromptConfig", str | None]:
     """(model config, prompt config, --calibration) of a variant: a model with an adapter scores the
     prompts it was trained on (its shots and chat mode, uncalibrated) unless --shots/--calibration say."""
     from dataclasses import replace
 
-    from llmlab.core.config import PromptConfig
+    from llmlab.core.config import ModelConfig, PromptConfig
     from llmlab.orchestration import adapted
 
-    model = replace(opts["model"], spec=variant.model)
-    prompt = PromptConfig(variant.template.name if variant.template else "", opts["shots"], seed=opts["seed"])
+    given, shots, seed, flag = opts["model"], opts["shots"], opts["seed"], opts["calibration"]
+    assert isinstance(given, ModelConfig) and (shots is None or isinstance(shots, int))
+    assert (seed is None or isinstance(seed, int)) and (flag is None or isinstance(flag, str))
+    model = replace(given, spec=variant.model)
+    prompt = PromptConfig(variant.template.name if variant.template else "", shots, seed=seed)
     if variant.template is None or not adapted.adapters_in(model):
-        return model, prompt, opts["calibration"]
+        return model, prompt, flag
     model, prompt = adapted.adapter_defaults(model, prompt, variant.template, hooks)
-    return model, prompt, opts["calibration"] or "off"
+    return model, prompt, flag or "off"
 
 
 def probe_for(template: Template, calibration: str | None, method: str) -> Any:

@@ -9,7 +9,7 @@ import html
 import json
 import statistics
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence, TypedDict
 
 from llmlab.core.config import plural
 from llmlab.orchestration import compare
@@ -49,24 +49,47 @@ def sweep(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def learning(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+class Series(TypedDict):
+    """One line of a plot: a point per x (shots, or k) with (x, mean, sample std, how many)."""
+
+    label: str
+    calibrated: bool  # drawn dashed
+    metric: str
+    points: list[tuple[int, float, float, int]]
+
+
+def _logged_results(run: Mapping[str, object]) -> list[dict[str, object]]:
+    """A run's metrics["results"] entries (an eval's; none for other commands)."""
+    metrics = run.get("metrics")
+    found = metrics.get("results") if isinstance(metrics, dict) else None
+    return [r for r in found if isinstance(r, dict)] if isinstance(found, list) else []
+
+
+def _point(r: Mapping[str, object]) -> tuple[tuple[str, str], int, float, str] | None:
+    """(template, method), k, the headline metric and its name of one logged result beside adapters
+    (in-context learning at its shots and calibration, or an adapter's method); None without a k."""
+    k, shots, tuned, numbers = r.get("k"), r.get("shots"), r.get("tuned"), r.get("metrics")
+    metric = headline(str(r.get("task", "classify")))
+    value = numbers.get(metric) if isinstance(numbers, dict) else None
+    if not isinstance(k, int) or not isinstance(value, (int, float)):
+        return None
+    method = (str(tuned.get("method")) if isinstance(tuned, dict) else
+              ", ".join(["in-context", plural(shots if isinstance(shots, int) else 0, "shot"),
+                         runlog.calibration(r.get("calibrate"))]).strip(", "))
+    return (str(r.get("template")), method), k, float(value), metric
+
+
+def learning(runs: Sequence[Mapping[str, object]]) -> list[Series]:
     """Learning curves from eval runs with adapter rows (`eval --adapter`, whose results carry k, the
     labelled rows used): one series per template x method (in-context learning at its shots and
     calibration; each adapter method), across the runs, a point per k with the mean and sample std
     over seeds (adapters trained with other seeds, in-context rows' demonstration draws)."""
     series: dict[tuple[str, str], dict[int, list[float]]] = {}
     metrics: dict[tuple[str, str], str] = {}
-    for run in runs:
-        for r in (run.get("metrics") or {}).get("results", []):
-            metric = headline(r.get("task", "classify"))
-            if r.get("k") is None or metric not in r.get("metrics", {}):
-                continue
-            tuned = r.get("tuned")
-            method = (str(tuned.get("method")) if tuned else
-                      ", ".join(["in-context", plural(int(r['shots']), 'shot'), runlog.calibration(r.get("calibrate"))]).strip(", "))
-            at = (r["template"], method)
-            series.setdefault(at, {}).setdefault(int(r["k"]), []).append(float(r["metrics"][metric]))
-            metrics[at] = metric
+    for point in (_point(r) for run in runs for r in _logged_results(run)):
+        if point is not None:
+            at, k, value, metrics[point[0]] = point
+            series.setdefault(at, {}).setdefault(k, []).append(value)
     return [{"label": f"{template}: {method}", "calibrated": False, "metric": metrics[(template, method)],
              "points": [(k, statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v))
                         for k, v in sorted(by_k.items())]}
@@ -104,13 +127,13 @@ def confusions(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------- SVG and HTML pieces
 
 
-def _colors(series: list[dict[str, Any]]) -> list[str]:
+def _colors(series: Sequence[Mapping[str, Any]]) -> list[str]:
     """One colour per run x template; its calibrated line shares it (and is dashed)."""
     bases = list(dict.fromkeys(s["label"].removesuffix(" calibrated") for s in series))
     return [COLORS[bases.index(s["label"].removesuffix(" calibrated")) % len(COLORS)] for s in series]
 
 
-def svg_curve(series: list[dict[str, Any]], width: int = 720, height: int = 340, x_label: str = "shots") -> str:
+def svg_curve(series: Sequence[Mapping[str, Any]], width: int = 720, height: int = 340, x_label: str = "shots") -> str:
     """Line chart: x = shots (or k, the labelled rows), y = metric (0-100 %), error bars = ± std over
     seeds; dashed = calibrated."""
     left, right, top, bottom = 56, 250, 20, 44  # margins; the legend sits in the right one

@@ -10,7 +10,7 @@ import contextlib
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator, Mapping, Optional, Sequence
 
 from llmlab.core import config as cfgmod
 from llmlab.core.config import ClassifyConfig, GenerateConfig, ModelConfig, PromptConfig
@@ -65,7 +65,7 @@ class Hooks:
 
 
 def settings_for(template: Optional[Template] = None, preset: Optional[Path] = None,
-                 flags: dict[str, Any] | None = None) -> GenerationSettings:
+                 flags: Mapping[str, object] | None = None) -> GenerationSettings:
     """Generation settings: the template's defaults, then a --config preset, then flags."""
     from llmlab.core import settings
 

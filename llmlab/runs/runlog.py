@@ -40,7 +40,8 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from types import FrameType, TracebackType
+from typing import Callable, Mapping, Protocol, Sequence, TypedDict, Union
 
 from llmlab.core.errors import Interrupted
 from llmlab.runs.rundb import (  # noqa: F401 - re-exported
@@ -79,7 +80,45 @@ def text_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
 
 
-def calibration(value: Any) -> str:
+class _Template(Protocol):
+    """What the run log keeps of a template (prompting's Template; runs/ sits below prompting)."""
+
+    @property
+    def name(self) -> str: ...
+
+
+class SeedRun(TypedDict):
+    """One seed of an eval combination: evaluate.run_combo()'s "runs" entries (as eval_combo reads them)."""
+
+    seed: int
+    metrics: dict[str, object]
+    items: int
+    seconds: float
+
+
+class _BesideAdapters(TypedDict, total=False):
+    """eval --adapter's extras: k (the labelled rows a row used), an adapter's folder, method and seed."""
+
+    k: int | None
+    adapter: str
+    tuned: dict[str, object]
+
+
+class ComboResult(_BesideAdapters):
+    """What eval_combo reads of an evaluate.run_combo() result."""
+
+    template: str
+    task: str
+    shots: int
+    calibrate: Union[str, bool, None]
+    runs: list[SeedRun]
+
+
+# A signal handler as signal.signal() returns it: a function, SIG_DFL/SIG_IGN, or None (not set from Python).
+_Handler = Union[Callable[[int, Union[FrameType, None]], object], int, signal.Handlers, None]
+
+
+def calibration(value: object) -> str:
     """A combination's calibration as a name: "" for none (False, None, "off"), else the method
     ("contextual" for a bare True, as logged before methods had names)."""
     if value in (None, False, "", "off"):
@@ -87,14 +126,14 @@ def calibration(value: Any) -> str:
     return "contextual" if value is True else str(value)
 
 
-def calibration_suffix(value: Any) -> str:
+def calibration_suffix(value: object) -> str:
     """" calibrated" for contextual calibration (the name runs have always used), " METHOD" for the
     others, "" for none."""
     name = calibration(value)
     return " calibrated" if name == "contextual" else f" {name}" if name else ""
 
 
-def combo(shots: int = 0, seed: int = 0, calibrate: Any = False) -> str:
+def combo(shots: int = 0, seed: int = 0, calibrate: object = False) -> str:
     """The canonical name of an eval combination, matched across runs by `runs compare`."""
     return f"shots={shots} seed={seed}" + calibration_suffix(calibrate)
 
@@ -103,7 +142,7 @@ def _ignore(message: str) -> None:
     """The default for a callback nobody gave: library code never prints."""
 
 
-def _json(value: Any) -> str | None:
+def _json(value: object) -> str | None:
     return None if value is None else json.dumps(value, ensure_ascii=False, default=str)
 
 
@@ -115,12 +154,12 @@ class Run:
         self.id = run_id
         self.on_warn = on_warn or _ignore  # where a failed write is reported (the CLI: console.warn)
         self.started = time.perf_counter()
-        self._results: list[dict[str, Any]] = []
+        self._results: list[dict[str, object]] = []
         self._lock = threading.Lock()  # items may arrive from a worker thread
-        self._old_sigterm: Any = None
+        self._old_sigterm: _Handler = None
         self.broken = False  # a write failed: log nothing more
 
-    def _write(self, *statements: tuple[str, tuple[Any, ...]]) -> None:
+    def _write(self, *statements: tuple[str, tuple[object, ...]]) -> None:
         """Run (sql, parameters) statements as one transaction. A log that fails mid-run (disk full, a
         lock held too long) warns once and stops logging: the run itself, and its output file, go on."""
         if self.broken:
@@ -138,7 +177,7 @@ class Run:
                          "up to here")
 
     def item(self, index: int, prompt: str | None = None, output: str | None = None, prediction: str | None = None,
-             probabilities: dict[str, float] | None = None, gold: Any = None, extra: dict[str, Any] | None = None,
+             probabilities: dict[str, float] | None = None, gold: object = None, extra: Mapping[str, object] | None = None,
              key: str | None = None, template: str = "", combo: str = "") -> None:
         """Log one finished item (committed at once). key: the input's identity (its id, else index)."""
         row = (self.id, index, key or f"index:{index}", template, combo, prompt, output, prediction,
@@ -147,21 +186,25 @@ class Run:
                      "gold, probabilities, extra, created) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", row),
                     ("UPDATE runs SET n_items = n_items + 1 WHERE id = ?", (self.id,)))
 
-    def metrics(self, metrics: dict[str, Any]) -> None:
+    def metrics(self, metrics: Mapping[str, object]) -> None:
         """Save (replace) the run's metrics."""
         self._write(("UPDATE runs SET metrics = ? WHERE id = ?", (_json(metrics), self.id)))
 
-    def result(self, template: str, task: str, shots: int, seed: int, calibrate: bool, metrics: dict[str, Any],
-               **more: Any) -> None:
+    def result(self, template: str, task: str, shots: int, seed: int, calibrate: object,
+               metrics: Mapping[str, object], **more: object) -> None:
         """Append one eval combination's metrics (the shape in this module's docstring) and save."""
         self._results.append({"template": template, "task": task, "shots": shots, "seed": seed,
                               "calibrate": calibrate, **more, "metrics": metrics})
         self.metrics({"results": self._results})
 
-    def eval_combo(self, combo_result: dict[str, Any]) -> None:
+    def eval_combo(self, combo_result: ComboResult) -> None:
         """Log each seed of one evaluate.run_combo() result (its "runs" list) in the results shape."""
         # beside adapters (eval --adapter): k, the labelled rows used, and an adapter's method and seed
-        extra = {key: combo_result[key] for key in ("k", "adapter", "tuned") if key in combo_result}
+        extra: dict[str, object] = {}
+        if "k" in combo_result:
+            extra["k"] = combo_result["k"]
+        if "adapter" in combo_result:
+            extra.update(adapter=combo_result["adapter"], tuned=combo_result.get("tuned"))
         for r in combo_result["runs"]:
             self.result(combo_result["template"], combo_result["task"], combo_result["shots"], r["seed"],
                         combo_result["calibrate"], r["metrics"], items=r["items"], seconds=r["seconds"], **extra)
@@ -181,7 +224,7 @@ class Run:
             self._old_sigterm = signal.signal(signal.SIGTERM, _terminate)
         return self
 
-    def __exit__(self, kind: Any, exc: Any, tb: Any) -> None:
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         if self._old_sigterm is not None:
             signal.signal(signal.SIGTERM, self._old_sigterm)
         if kind is None:
@@ -200,7 +243,7 @@ class Terminated(SystemExit):
     """Raised by the SIGTERM handler inside a run."""
 
 
-def _terminate(signum: int, frame: Any) -> None:
+def _terminate(signum: int, frame: FrameType | None) -> None:
     raise Terminated(128 + signum)
 
 
@@ -209,30 +252,30 @@ class NoRun:
 
     id = None
 
-    def item(self, *args: Any, **kwargs: Any) -> None: ...
-    def metrics(self, metrics: dict[str, Any]) -> None: ...
-    def result(self, *args: Any, **kwargs: Any) -> None: ...
-    def update(self, *args: Any, **kwargs: Any) -> None: ...
-    def eval_combo(self, combo_result: dict[str, Any]) -> None: ...
+    def item(self, *args: object, **kwargs: object) -> None: ...
+    def metrics(self, metrics: Mapping[str, object]) -> None: ...
+    def result(self, *args: object, **kwargs: object) -> None: ...
+    def update(self, *args: object, **kwargs: object) -> None: ...
+    def eval_combo(self, combo_result: ComboResult) -> None: ...
     def finish(self, status: str = "complete") -> None: ...
     def __enter__(self) -> "NoRun":
         return self
 
-    def __exit__(self, *exc: Any) -> None: ...
+    def __exit__(self, *exc: object) -> None: ...
 
 
-def open_run(command: str, argv: Sequence[str] | None = None, config: dict[str, Any] | None = None,
-             model: str | None = None, templates: Any = None, device: str | None = None,
+def open_run(command: str, argv: Sequence[str] | None = None, config: Mapping[str, object] | None = None,
+             model: str | None = None, templates: _Template | list[_Template] | tuple[_Template, ...] | None = None,
+             device: str | None = None,
              data: str | None = None, no_log: bool = False, path: Path | str | None = None,
-             template: Any = None, on_warn: Callable[[str], None] | None = None) -> Run | NoRun:
+             template: _Template | None = None, on_warn: Callable[[str], None] | None = None) -> Run | NoRun:
     """Start a run (status partial). templates (or template): a prompts.Template, a list of them, or None.
     on_warn: told (once) when a write fails mid-run and logging stops.
     Raises DataError (with the fix) when the log can't be opened; call it before any model time."""
     if not enabled(no_log):
         return NoRun()
-    templates = templates if templates is not None else template
-    if templates is not None and not isinstance(templates, (list, tuple)):
-        templates = [templates]
+    given = templates if templates is not None else template
+    listed = [] if given is None else list(given) if isinstance(given, (list, tuple)) else [given]
     db = connect(path)
     argv = list(sys.argv if argv is None else argv)
     with transaction(db):
@@ -243,7 +286,7 @@ def open_run(command: str, argv: Sequence[str] | None = None, config: dict[str, 
              os.getpid()))
         run_id = cur.lastrowid
         assert run_id is not None  # sqlite3 sets it after every INSERT into a rowid table
-        for t in templates or []:
+        for t in listed:
             text = getattr(t, "source_text", "") or ""
             db.execute("INSERT OR REPLACE INTO templates (run_id, name, hash, text) VALUES (?, ?, ?, ?)",
                        (run_id, t.name, text_hash(text), text))

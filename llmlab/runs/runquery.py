@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 from llmlab.core.errors import DataError
 from llmlab.runs.rundb import db_path, transaction
@@ -85,14 +85,15 @@ def search(db: sqlite3.Connection, text: str, limit: int = 50) -> list[dict[str,
     return [_decode(r, "probabilities", "extra") for r in rows]
 
 
-def running(run: dict[str, Any]) -> bool:
+def running(run: Mapping[str, object]) -> bool:
     """A run still being written: partial, and its process (on this machine) alive."""
     import os
 
-    if run.get("status") != "partial" or not run.get("pid") or run["pid"] == os.getpid():
+    pid = run.get("pid")  # an INTEGER column: an int or None
+    if run.get("status") != "partial" or not isinstance(pid, int) or not pid or pid == os.getpid():
         return False
     try:
-        os.kill(run["pid"], 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False  # killed or crashed: a partial run for good
     except PermissionError:

@@ -9,7 +9,7 @@ import json
 import logging
 import threading
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, AsyncIterator, Callable, Optional, Union
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
@@ -17,12 +17,20 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llmlab.core.config import ServeConfig
 from llmlab.core.errors import LlmlabError
 from llmlab.serving import completions, llmlab_api, openai_api as api
 from llmlab.serving.batcher import Batcher, QueuedLM
 from llmlab.serving.errors import APIError, error_body
+
+if TYPE_CHECKING:
+    from llmlab.backends.base import LM, GenOutput, GenRequest
+    from llmlab.core.settings import GenerationSettings
+
+# A streamed piece of text, the finished output, or what went wrong (see _sse).
+_Event = Union[str, "GenOutput", Exception]
 
 _log = logging.getLogger("llmlab")
 
@@ -31,10 +39,10 @@ class Guard:
     """Before any route: the API key (401) and the body size (413, also for bodies sent without a
     Content-Length). After: an unexpected error becomes a 500 body and one log line."""
 
-    def __init__(self, app: Any, api_key: str | None, max_body: int):
+    def __init__(self, app: ASGIApp, api_key: str | None, max_body: int):
         self.app, self.api_key, self.max_body = app, api_key, max_body
 
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
@@ -46,7 +54,7 @@ class Guard:
             return await _reply(send, 413, self._too_big())
         seen, started = 0, False
 
-        async def limited() -> dict:
+        async def limited() -> Message:
             nonlocal seen
             message = await receive()
             seen += len(message.get("body", b""))
@@ -54,7 +62,7 @@ class Guard:
                 raise HTTPException(413, self._too_big())
             return message
 
-        async def watched(message: dict) -> None:
+        async def watched(message: Message) -> None:
             nonlocal started
             started = started or message["type"] == "http.response.start"
             await send(message)
@@ -70,7 +78,7 @@ class Guard:
         return f"the request body is over this server's cap of {self.max_body} bytes"
 
 
-async def _reply(send: Callable, status: int, message: str, code: str | None = None) -> None:
+async def _reply(send: Send, status: int, message: str, code: str | None = None) -> None:
     body = json.dumps(error_body(status, message, code=code)).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
@@ -95,7 +103,7 @@ def _errors(app: FastAPI) -> None:
     app.add_exception_handler(HTTPException, lambda r, e: respond(e.status_code, str(e.detail)))
 
 
-def create_app(lm: Any, cfg: ServeConfig) -> FastAPI:
+def create_app(lm: LM, cfg: ServeConfig) -> FastAPI:
     """The app serving `lm` (an LM); cfg: its caps, key and model options (chat, for classify)."""
     batcher = Batcher(lm, wait_s=cfg.batch_wait_ms / 1000)
     name = lm.name
@@ -120,24 +128,27 @@ def create_app(lm: Any, cfg: ServeConfig) -> FastAPI:
     def models() -> dict:
         return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "llmlab"}]}
 
-    @app.post("/v1/completions")
-    async def complete(body: api.CompletionBody) -> Any:
+    @app.post("/v1/completions", response_model=None)
+    async def complete(body: api.CompletionBody) -> api.Envelope | StreamingResponse:
         served = model(body.model)
         if body.stream:
             return _stream_completion(body, served, cfg, name)
         return await run_in_threadpool(completions.completions, body, served, cfg, name)
 
-    @app.post("/v1/chat/completions")
-    async def chat(body: api.ChatBody) -> Any:
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat(body: api.ChatBody) -> api.Envelope | StreamingResponse:
         served = model(body.model)
         if body.stream:
             if body.n > 1:
                 raise APIError(400, "stream sends one completion: use n 1", param="n")
             request, st, _ = completions.chat_request(body, served, cfg)
-            return _sse(served, request, st, lambda piece, finish: api.envelope(
-                "chat.completion.chunk", name, [{"index": 0, "delta": {"content": piece} if piece is not None else {},
-                                                 "logprobs": None, "finish_reason": finish}]),
-                first={"role": "assistant", "content": ""})
+            def chunk(delta: dict[str, str], finish: Optional[str]) -> api.Envelope:
+                return api.envelope("chat.completion.chunk", name,
+                                    [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}])
+
+            return _sse(served, request, st,
+                        lambda piece, finish: chunk({"content": piece} if piece is not None else {}, finish),
+                        first=chunk({"role": "assistant", "content": ""}, None))
         return await run_in_threadpool(completions.chat, body, served, cfg, name)
 
     _tokenizer_routes(app, lm)
@@ -156,7 +167,7 @@ class DetokenizeBody(BaseModel):
     tokens: list[StrictInt]
 
 
-def _tokenizer_routes(app: FastAPI, lm: Any) -> None:
+def _tokenizer_routes(app: FastAPI, lm: LM) -> None:
     """vLLM's tokenizer endpoints, which lm-evaluation-harness finds by itself (its remote tokenizer):
     then local-completions needs no tokenizer folder of its own."""
     tokenizer = lm.tokenizer
@@ -176,7 +187,7 @@ def _tokenizer_routes(app: FastAPI, lm: Any) -> None:
         return {"prompt": tokenizer.decode(body.tokens)}
 
 
-def _stream_completion(body: api.CompletionBody, lm: Any, cfg: ServeConfig, name: str) -> StreamingResponse:
+def _stream_completion(body: api.CompletionBody, lm: LM, cfg: ServeConfig, name: str) -> StreamingResponse:
     from llmlab.backends.base import GenRequest
 
     prompts = api.prompts_of(body, lm)
@@ -190,31 +201,34 @@ def _stream_completion(body: api.CompletionBody, lm: Any, cfg: ServeConfig, name
         "text_completion", name, [{"index": 0, "text": piece or "", "logprobs": None, "finish_reason": finish}]))
 
 
-def _sse(lm: Any, request: Any, st: Any, chunk: Callable[[Any, Any], dict], first: Any = None) -> StreamingResponse:
-    """Server-sent events: a chunk per streamed piece, one with the finish reason, then [DONE]."""
+def _sse(lm: LM, request: GenRequest, st: GenerationSettings,
+         chunk: Callable[[Optional[str], Optional[str]], api.Envelope],
+         first: Optional[api.Envelope] = None) -> StreamingResponse:
+    """Server-sent events: `first` (if any), a chunk per streamed piece, one with the finish reason,
+    then [DONE]."""
     loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
+    queue: asyncio.Queue[_Event] = asyncio.Queue()
 
-    def put(kind: str, value: Any) -> None:
-        loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
+    def put(value: _Event) -> None:
+        loop.call_soon_threadsafe(queue.put_nowait, value)
 
     def work() -> None:
         try:
-            put("end", lm.generate([request], st, batch_size=1, stream=lambda piece: put("piece", piece))[0])
+            put(lm.generate([request], st, batch_size=1, stream=put)[0])
         except Exception as exc:  # noqa: BLE001 - reported to the client as an error event
-            put("error", exc)
+            put(exc)
 
     threading.Thread(target=work, name="llmlab-stream", daemon=True).start()
 
-    async def events():
+    async def events() -> AsyncIterator[str]:
         if first is not None:
-            yield f"data: {json.dumps(_with_delta(chunk(None, None), first))}\n\n"
+            yield f"data: {json.dumps(first)}\n\n"
         while True:
-            kind, value = await queue.get()
-            if kind == "piece":
+            value = await queue.get()
+            if isinstance(value, str):  # a piece
                 yield f"data: {json.dumps(chunk(value, None))}\n\n"
                 continue
-            if kind == "end":
+            if not isinstance(value, Exception):  # the end
                 yield f"data: {json.dumps(chunk(None, value.finish_reasons[0]))}\n\n"
             else:
                 status = 400 if isinstance(value, (LlmlabError, APIError)) else 500
@@ -223,8 +237,3 @@ def _sse(lm: Any, request: Any, st: Any, chunk: Callable[[Any, Any], dict], firs
             return
 
     return StreamingResponse(events(), media_type="text/event-stream")
-
-
-def _with_delta(body: dict, delta: dict) -> dict:
-    body["choices"][0]["delta"] = delta
-    return body

@@ -9,19 +9,26 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Generic, Hashable, Sequence, TypeVar, cast
 
-from llmlab.backends.base import LM, GenOutput, GenRequest, LLOutput, LLRequest, PromptScores
+from llmlab.backends.base import LM, GenOutput, GenRequest, LLOutput, LLRequest, PromptScores, Vector
+
+if TYPE_CHECKING:
+    import torch
+
+    from llmlab.core.settings import GenerationSettings
+
+_R = TypeVar("_R")  # a request
+_O = TypeVar("_O")  # its result
 
 
 @dataclass
-class _Job:
-    kind: str  # loglikelihood, generate, prompt_logprobs
-    requests: list[Any]
-    key: Any  # jobs with equal keys may share one call; None: runs alone
-    kwargs: dict[str, Any]
+class _Job(Generic[_R, _O]):
+    run: Callable[[list[_R]], list[_O]]  # the LM call, for this job's requests and those merged with it
+    requests: list[_R]
+    key: Hashable | None  # jobs with equal keys may share one call (the same run); None: runs alone
     done: threading.Event = field(default_factory=threading.Event)
-    results: list[Any] | None = None
+    results: list[_O] | None = None
     error: BaseException | None = None
 
 
@@ -30,25 +37,30 @@ class Batcher:
 
     def __init__(self, lm: LM, wait_s: float = 0.005, max_rows: int = 64):
         self.lm, self.wait_s, self.max_rows = lm, wait_s, max_rows
-        self._jobs: deque[_Job] = deque()
+        self._jobs: deque[_Job[object, object]] = deque()
         self._cv = threading.Condition()
         self._closed = False
         self.calls = 0  # LM calls made (a test reads it to see that requests were merged)
         self._thread = threading.Thread(target=self._run, name="llmlab-model", daemon=True)
         self._thread.start()
 
-    def submit(self, kind: str, requests: Sequence[Any], key: Any = None, **kwargs: Any) -> list[Any]:
-        """Run requests through the model (merged with others of the same key); blocks until done."""
-        job = _Job(kind, list(requests), key, kwargs)
+    def submit(self, run: Callable[[list[_R]], list[_O]], requests: Sequence[_R],
+               key: Hashable | None = None) -> list[_O]:
+        """run(requests) on the model thread, merged with other jobs of the same key (whose run is
+        the same call: equal keys mean the same kind and settings); blocks until done."""
+        job = _Job(run, list(requests), key)
         with self._cv:
             if self._closed:
                 raise RuntimeError("the server is shutting down")
-            self._jobs.append(job)
+            # The queue holds jobs of every kind: a group only ever merges jobs of one key, whose
+            # requests and results are of the types its run() takes and gives.
+            self._jobs.append(cast("_Job[object, object]", job))
             self._cv.notify()
         job.done.wait()
         if job.error is not None:
             raise job.error
-        return job.results  # type: ignore[return-value]
+        assert job.results is not None  # set with done, unless error is
+        return job.results
 
     def close(self) -> None:
         """Finish the queued jobs, then stop the thread."""
@@ -57,7 +69,7 @@ class Batcher:
             self._cv.notify()
         self._thread.join(timeout=60)
 
-    def _next_group(self) -> list[_Job] | None:
+    def _next_group(self) -> list[_Job[object, object]] | None:
         with self._cv:
             while not self._jobs:
                 if self._closed:
@@ -80,8 +92,7 @@ class Batcher:
             requests = [r for job in group for r in job.requests]
             try:
                 self.calls += 1
-                kind, kwargs = group[0].kind, group[0].kwargs
-                results = [kwargs["fn"]()] if kind == "call" else getattr(self.lm, kind)(requests, **kwargs)
+                results = group[0].run(requests)
             except BaseException as exc:  # noqa: BLE001 - handed to every caller of the group
                 for job in group:
                     job.error = exc
@@ -120,38 +131,42 @@ class QueuedLM(LM):
     def continuation_ids(self, text: str) -> list[int]:
         return self._batcher.lm.continuation_ids(text)
 
-    def __getattr__(self, name: str) -> Any:  # context_ids, prefix helpers... (never the weights)
+    def __getattr__(self, name: str) -> object:  # context_ids, prefix helpers... (never the weights)
         if name.startswith("_") or name == "model":
             raise AttributeError(name)
         return getattr(self._batcher.lm, name)
 
-    def next_logits(self, prompt: Sequence[int], context: Sequence[int]) -> Any:
+    def next_logits(self, prompt: Sequence[int], context: Sequence[int]) -> torch.Tensor:
         inner = self._batcher.lm
-        return self._batcher.submit("call", [None], None, fn=lambda: inner.next_logits(prompt, context))[0]
+        return self._batcher.submit(lambda _: [inner.next_logits(prompt, context)], [None])[0]
 
-    def embed(self, texts: Sequence[str], batch_size: int = 32) -> Any:
+    def embed(self, texts: Sequence[str], batch_size: int = 32) -> Vector:
         inner = self._batcher.lm
-        return self._batcher.submit("call", [None], None, fn=lambda: inner.embed(texts, batch_size))[0]
+        return self._batcher.submit(lambda _: [inner.embed(texts, batch_size)], [None])[0]
 
     def loglikelihood(self, requests: Sequence[LLRequest], batch_size: int | None = 16,
                       prefix_cache: bool = True, hidden_layers: Sequence[int] | None = None) -> list[LLOutput]:
         layers = tuple(hidden_layers) if hidden_layers else None
-        return self._batcher.submit("loglikelihood", requests, ("ll", batch_size, prefix_cache, layers),
-                                    batch_size=batch_size, prefix_cache=prefix_cache, hidden_layers=layers)
+        inner = self._batcher.lm
+        return self._batcher.submit(lambda rows: inner.loglikelihood(rows, batch_size=batch_size,
+                                                                     prefix_cache=prefix_cache, hidden_layers=layers),
+                                    requests, ("ll", batch_size, prefix_cache, layers))
 
     def prompt_logprobs(self, prompts: Sequence[list[int]], top: int = 1,
                         batch_size: int | None = 16) -> list[PromptScores]:
-        return self._batcher.submit("prompt_logprobs", prompts, ("pl", top, batch_size), top=top,
-                                    batch_size=batch_size)
+        inner = self._batcher.lm
+        return self._batcher.submit(lambda rows: inner.prompt_logprobs(rows, top=top, batch_size=batch_size),
+                                    prompts, ("pl", top, batch_size))
 
-    def generate(self, requests: Sequence[GenRequest], settings: Any, batch_size: int | None = 8,
+    def generate(self, requests: Sequence[GenRequest], settings: GenerationSettings, batch_size: int | None = 8,
                  on_output: Callable[[int, GenOutput], None] | None = None,
                  stream: Callable[[str], None] | None = None, engine: str = "auto") -> list[GenOutput]:
         # A streamed request runs alone (the backend streams only single prompts); others merge when
         # everything that shapes the output matches.
         key = None if stream else ("gen", repr(settings), batch_size, engine)
-        outputs = self._batcher.submit("generate", requests, key, settings=settings, batch_size=batch_size,
-                                       stream=stream, engine=engine)
+        inner = self._batcher.lm
+        outputs = self._batcher.submit(lambda rows: inner.generate(rows, settings, batch_size=batch_size, stream=stream,
+                                                                   engine=engine), requests, key)
         for i, output in enumerate(outputs):
             if on_output:
                 on_output(i, output)

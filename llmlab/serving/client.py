@@ -9,24 +9,33 @@ import json
 import os
 import urllib.error
 import urllib.request
-from types import SimpleNamespace
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Mapping, Optional, Sequence, TypeVar, Union
 
 from llmlab.core.errors import ModelError, UsageError
+
+if TYPE_CHECKING:
+    from llmlab.core.config import ClassifyConfig, GenerateConfig
+    from llmlab.io.items import Item
+    from llmlab.orchestration.session import Hooks
+    from llmlab.prompting.templates import Template
+    from llmlab.serving.llmlab_api import ClassifyReply, GenerateReply
+
+_Row = TypeVar("_Row")
 
 ENV = "LLMLAB_SERVER"
 KEY_ENV = "LLMLAB_API_KEY"
 
 
-def post(url: str, path: str, body: dict[str, Any], timeout: float = 3600) -> dict[str, Any]:
-    """POST JSON; the reply's JSON. A server error becomes one line naming the server."""
+def post(url: str, path: str, body: Mapping[str, object], timeout: float = 3600) -> bytes:
+    """POST JSON; the reply's body (JSON). A server error becomes one line naming the server."""
     headers = {"Content-Type": "application/json"}
     if os.environ.get(KEY_ENV):
         headers["Authorization"] = f"Bearer {os.environ[KEY_ENV]}"
     request = urllib.request.Request(url.rstrip("/") + path, data=json.dumps(body).encode(), headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=timeout) as reply:
-            return json.loads(reply.read())
+            return reply.read()
     except urllib.error.HTTPError as exc:
         try:
             message = json.loads(exc.read())["error"]["message"]
@@ -39,7 +48,7 @@ def post(url: str, path: str, body: dict[str, Any], timeout: float = 3600) -> di
                          f"or drop --server / {ENV}") from None
 
 
-def _prompt_body(cfg: Any) -> dict[str, Any]:
+def _prompt_body(cfg: Union[GenerateConfig, ClassifyConfig]) -> dict[str, object]:
     """The prompt options the server resolves; a file named here can't be read there."""
     p = cfg.prompt
     if p.template and (p.template.endswith((".yaml", ".yml")) or os.sep in p.template):
@@ -53,11 +62,11 @@ def _prompt_body(cfg: Any) -> dict[str, Any]:
             "seed": p.seed, "shot_format": p.shot_format, "overflow": p.overflow, "chat": cfg.model.chat}
 
 
-def _chunks(items: list[Any], size: int) -> list[list[Any]]:
+def _chunks(items: list[_Row], size: int) -> list[list[_Row]]:
     return [items[k : k + size] for k in range(0, len(items), size)]
 
 
-def generate(cfg: Any, hooks: Any, url: str, display: bool = False) -> None:
+def generate(cfg: GenerateConfig, hooks: Hooks, url: str, display: bool = False) -> None:
     """session.generate's work, done by the server; records written here as the chunks return."""
     import contextlib
 
@@ -83,14 +92,17 @@ def generate(cfg: Any, hooks: Any, url: str, display: bool = False) -> None:
         writer = None if single else stack.enter_context(sink)
         bar = None if single else stack.enter_context(hooks.progress(len(todo), "generating"))
         for chunk in _chunks(todo, 4 * (cfg.batch_size or 8)):
-            reply = post(url, "/v1/generate", {**body, "inputs": [item.fields for item in chunk]})
+            sent = {**body, "inputs": [item.fields for item in chunk]}
+            reply: GenerateReply = json.loads(post(url, "/v1/generate", sent))  # the shape llmlab_api answers with
             log.update(model=reply["model"], device=url)
             for warning in reply["warnings"]:
                 hooks.warn(warning)
             for item, rec, text in zip(chunk, reply["results"], reply["model_texts"]):
                 rec["index"] = item.index
                 if writer is None:
-                    hooks.emit("".join(c + "\n" for c in rec.get("completions", [rec["completion"]])))
+                    completions = rec.get("completions", [rec["completion"]])
+                    assert isinstance(completions, list)  # generation records hold a list of texts
+                    hooks.emit("".join(str(c) + "\n" for c in completions))
                 else:
                     writer.write(rec)
                     if bar is not None:
@@ -102,7 +114,8 @@ def generate(cfg: Any, hooks: Any, url: str, display: bool = False) -> None:
     return None
 
 
-def classify(cfg: Any, hooks: Any, url: str, table: bool = False) -> Optional[tuple[list[Any], Any]]:
+def classify(cfg: ClassifyConfig, hooks: Hooks, url: str,
+             table: bool = False) -> Optional[tuple[list[Classified], Labels]]:
     """session.classify's work, done by the server in ONE request (batch calibration and probes see
     every input); returns (results, classifier-like) for the table, as session.classify does."""
     from llmlab.io import records as io
@@ -124,7 +137,7 @@ def classify(cfg: Any, hooks: Any, url: str, table: bool = False) -> Optional[tu
     results = []
     with hooks.open_run("classify", config=session._logged_config(cfg), templates=template,
                         data=cfg.input.path) as log:
-        reply = post(url, "/v1/classify", body)
+        reply: ClassifyReply = json.loads(post(url, "/v1/classify", body))  # the shape llmlab_api answers with
         log.update(model=reply["model"], device=url)
         for warning in reply["warnings"]:
             hooks.warn(warning)
@@ -136,10 +149,26 @@ def classify(cfg: Any, hooks: Any, url: str, table: bool = False) -> Optional[tu
                 log.item(item.index, prompt, rec.get("completion"), rec["prediction"], rec["probabilities"],
                          item.fields.get(template.target) if template.target else None, {"input": item.fields},
                          key=item.key)
-                results.append(SimpleNamespace(item=item, prediction=rec["prediction"],
-                                               probabilities=rec["probabilities"]))
+                results.append(Classified(item, rec["prediction"], rec["probabilities"]))
         log.metrics(clf.run_metrics(results, template))
-    return (results, SimpleNamespace(template=template, labels=reply["labels"])) if table else None
+    return (results, Labels(template, reply["labels"])) if table else None
+
+
+@dataclass
+class Classified:
+    """One input's answer from the server: what the table and run_metrics read of a Classification."""
+
+    item: Item
+    prediction: object
+    probabilities: object
+
+
+@dataclass
+class Labels:
+    """What the table reads of a Classifier."""
+
+    template: Template
+    labels: list[str]
 
 
 class _nothing:

@@ -3,14 +3,22 @@ Streaming (server-sent events) is in app.py; the checks and body shapes are in o
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Optional
 
 from llmlab.backends.base import GenRequest, TokenLogprob
 from llmlab.serving import openai_api as api
 from llmlab.serving.errors import APIError
 
+if TYPE_CHECKING:
+    from llmlab.backends.base import LM, PromptScores
+    from llmlab.core.config import ServeConfig
+    from llmlab.core.settings import GenerationSettings
 
-def _greedy_next(lm: Any, scores: Any, top: int) -> tuple[str, list[TokenLogprob], str]:
+# One completion: its text, its tokens (with logprobs) or None, its token count, why it ended.
+_Sequence = tuple[str, Optional[list[TokenLogprob]], int, str]
+
+
+def _greedy_next(lm: LM, scores: PromptScores, top: int) -> tuple[str, list[TokenLogprob], str]:
     """One greedy token read off the prompt's own scoring pass (echo + logprobs + max_tokens 1, as
     lm-eval asks): no second forward pass, and always exactly one token after the prompt."""
     text, token_id, lp = scores.next[0]
@@ -20,15 +28,17 @@ def _greedy_next(lm: Any, scores: Any, top: int) -> tuple[str, list[TokenLogprob
     return text, [token], "length"
 
 
-def _generated(lm: Any, body: Any, prompts: list, st: Any, scored: Any, max_tokens: int) -> list[list[tuple]]:
+def _generated(lm: LM, body: api.CompletionBody, prompts: list[tuple[str, list[int], bool]], st: GenerationSettings,
+               scored: Optional[list[PromptScores]], max_tokens: int) -> list[list[_Sequence]]:
     """Per prompt, body.n (text, tokens or None, token count, finish reason)."""
     if max_tokens == 0:
-        return [[("", [], 0, "length")] * body.n for _ in prompts]
+        none: _Sequence = ("", [], 0, "length")
+        return [[none] * body.n for _ in prompts]
     if scored is not None and max_tokens == 1 and not st.do_sample:
         picks = [_greedy_next(lm, s, max(1, body.logprobs or 1)) for s in scored]
         return [[(text, tokens, 1, finish)] * body.n for text, tokens, finish in picks]
     outputs = lm.generate([GenRequest(text, as_ids) for text, _, as_ids in prompts], st, batch_size=len(prompts))
-    runs = []
+    runs: list[list[_Sequence]] = []
     for out in outputs:
         seqs = [(c, out.logprobs[k] if out.logprobs else None, out.completion_tokens[k], out.finish_reasons[k])
                 for k, c in enumerate(out.completions)]
@@ -36,7 +46,7 @@ def _generated(lm: Any, body: Any, prompts: list, st: Any, scored: Any, max_toke
     return runs
 
 
-def completions(body: api.CompletionBody, lm: Any, limits: Any, name: str) -> dict[str, Any]:
+def completions(body: api.CompletionBody, lm: LM, limits: ServeConfig, name: str) -> api.Envelope:
     max_tokens = 16 if body.max_tokens is None else body.max_tokens
     api.check_caps(body, max_tokens, limits)
     if max_tokens == 0 and not body.echo:
@@ -50,7 +60,8 @@ def completions(body: api.CompletionBody, lm: Any, limits: Any, name: str) -> di
     if body.echo and body.logprobs is not None:
         scored = lm.prompt_logprobs([ids for _, ids, _ in prompts], top=max(1, body.logprobs))
     runs = _generated(lm, body, prompts, st, scored, max_tokens)
-    choices, used = [], 0
+    choices: list[api.CompletionChoice] = []
+    used = 0
     for i, ((text, ids, _), seqs) in enumerate(zip(prompts, runs)):
         for j, (completion, tokens, count, finish) in enumerate(seqs):
             used += count
@@ -63,7 +74,7 @@ def completions(body: api.CompletionBody, lm: Any, limits: Any, name: str) -> di
     return api.envelope("text_completion", name, choices, api.usage(sum(len(p[1]) for p in prompts), used))
 
 
-def chat_request(body: api.ChatBody, lm: Any, limits: Any) -> tuple[GenRequest, Any, int]:
+def chat_request(body: api.ChatBody, lm: LM, limits: ServeConfig) -> tuple[GenRequest, GenerationSettings, int]:
     """The templated prompt, its settings and its token count; max_tokens defaults to what fits."""
     if not lm.has_chat_template:
         raise APIError(400, f"{lm.name} has no chat template: use /v1/completions", param="messages")
@@ -78,11 +89,11 @@ def chat_request(body: api.ChatBody, lm: Any, limits: Any) -> tuple[GenRequest, 
     return GenRequest(text, True), api.settings(body, max_tokens, top), len(ids)
 
 
-def chat(body: api.ChatBody, lm: Any, limits: Any, name: str) -> dict[str, Any]:
+def chat(body: api.ChatBody, lm: LM, limits: ServeConfig, name: str) -> api.Envelope:
     request, st, prompt_tokens = chat_request(body, lm, limits)
     out = lm.generate([request], st, batch_size=1)[0]
     seqs = list(range(len(out.completions))) * (body.n // len(out.completions) if len(out.completions) < body.n else 1)
-    choices = [{"index": j, "message": {"role": "assistant", "content": out.completions[k]},
+    choices: list[api.ChatChoice] = [{"index": j, "message": {"role": "assistant", "content": out.completions[k]},
                 "logprobs": api.chat_logprobs(out.logprobs[k]) if out.logprobs else None,
                 "finish_reason": out.finish_reasons[k]} for j, k in enumerate(seqs)]
     used = sum(out.completion_tokens[k] for k in seqs)

@@ -6,14 +6,22 @@ come out the same. Templates are looked up by NAME only: a request never names a
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional, TypedDict
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, StrictBool, StrictInt, StrictStr
 
 from llmlab.core.config import (ChatMode, ClassifyConfig, GenEngine, GenerateConfig, InputConfig, Method, Normalize,
                                 OutputConfig, Overflow, ProbeConfig, PromptConfig, RenderConfig, Selection, ShotFormat,
                                 value)
 from llmlab.serving.errors import APIError
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from llmlab.backends.base import LM
+    from llmlab.core.config import ModelConfig, ServeConfig
+    from llmlab.io.items import Item
+    from llmlab.prompting.templates import Template
 
 CALIBRATIONS = ("off", "contextual", "batch", "domain", "probe")
 
@@ -24,7 +32,7 @@ class _Prompted(BaseModel):
     model: Optional[StrictStr] = None
     template: Optional[StrictStr] = None
     text: Optional[StrictStr] = None  # one input of a one-field template
-    inputs: Optional[list[dict[str, Any]]] = Field(None, min_length=1)  # inputs by field
+    inputs: Optional[list[dict[str, JsonValue]]] = Field(None, min_length=1)  # inputs by field
     shots: Optional[StrictInt] = Field(None, ge=0)
     selection: Optional[Selection] = None
     seed: Optional[StrictInt] = None
@@ -60,13 +68,49 @@ class RenderBody(_Prompted):
 
 class GenerateBody(_Prompted):
     field: StrictStr = "prompt"  # the prompt field of plain (template-less) inputs
-    settings: dict[str, Any] = {}  # generation settings by their option names (max_new_tokens, stop...)
+    settings: dict[str, JsonValue] = {}  # generation settings by their option names (max_new_tokens, stop...)
     echo: StrictBool = False
     batch_size: Optional[StrictInt] = Field(8, ge=1)
     gen_engine: GenEngine = GenEngine.auto
 
 
-def _items(body: _Prompted, template: Any, cmd: str) -> list[Any]:
+# The reply bodies (serving.client reads them back). A record: what `llmlab classify/generate/prompt
+# render -f jsonl` writes for one input.
+
+
+class _ClassifyReply(TypedDict):
+    object: str
+    model: str
+    template: str
+    labels: list[str]
+    calibration: Optional[str]
+    results: list[dict[str, JsonValue]]
+    warnings: list[str]
+
+
+class ClassifyReply(_ClassifyReply, total=False):
+    prompts: list[str]  # asked for with "prompts": true
+
+
+class RenderReply(TypedDict):
+    object: str
+    model: str
+    template: str
+    window: Optional[int]
+    results: list[dict[str, JsonValue]]
+    warnings: list[str]
+
+
+class GenerateReply(TypedDict):
+    object: str
+    model: str
+    settings: dict[str, JsonValue]
+    results: list[dict[str, JsonValue]]
+    model_texts: list[str]
+    warnings: list[str]
+
+
+def _items(body: _Prompted, template: Optional[Template], cmd: str) -> list[Item]:
     from llmlab.io.records import Item
     from llmlab.orchestration import session
 
@@ -79,23 +123,23 @@ def _items(body: _Prompted, template: Any, cmd: str) -> list[Any]:
     return [Item(n, dict(fields), f"input {n + 1}") for n, fields in enumerate(body.inputs)]
 
 
-def register(app: Any, model: Callable[[Optional[str]], Any], cfg: Any) -> None:
+def register(app: FastAPI, model: Callable[[Optional[str]], LM], cfg: ServeConfig) -> None:
     """Add the routes; model(name) is the served model (404 for another name)."""
 
     @app.post("/v1/classify")
     def classify(body: ClassifyBody) -> dict:
-        return run_classify(body, model(body.model), cfg.model)
+        return dict(run_classify(body, model(body.model), cfg.model))  # a plain dict: FastAPI's response model
 
     @app.post("/v1/render")
     def render(body: RenderBody) -> dict:
-        return run_render(body, model(body.model), cfg.model)
+        return dict(run_render(body, model(body.model), cfg.model))
 
     @app.post("/v1/generate")
     def generate(body: GenerateBody) -> dict:
-        return run_generate(body, model(body.model), cfg.model)
+        return dict(run_generate(body, model(body.model), cfg.model))
 
 
-def run_classify(body: ClassifyBody, lm: Any, served: Any) -> dict[str, Any]:
+def run_classify(body: ClassifyBody, lm: LM, served: ModelConfig) -> ClassifyReply:
     from llmlab.orchestration import session
     from llmlab.scoring import classify as clf
 
@@ -111,7 +155,7 @@ def run_classify(body: ClassifyBody, lm: Any, served: Any) -> dict[str, Any]:
                          batch_size=body.batch_size, probe=ProbeConfig(None, body.probe_size, body.probe_layers))
     items = _items(body, template, "classify")
     results, classifier = session.classify(cfg, session.Hooks(warn=warnings.append), table=True, lm=lm, items=items)
-    out: dict[str, Any] = {"object": "classification", "model": lm.name, "template": classifier.template.name,
+    out: ClassifyReply = {"object": "classification", "model": lm.name, "template": classifier.template.name,
                            "labels": classifier.labels, "calibration": classifier.calibrate,
                            "results": [clf.record(r, classifier.template, lm.name) for r in results],
                            "warnings": warnings}
@@ -120,7 +164,7 @@ def run_classify(body: ClassifyBody, lm: Any, served: Any) -> dict[str, Any]:
     return out
 
 
-def run_render(body: RenderBody, lm: Any, served: Any) -> dict[str, Any]:
+def run_render(body: RenderBody, lm: LM, served: ModelConfig) -> RenderReply:
     from llmlab.orchestration import prompt_render, session
 
     prompt = body.prompt()
@@ -135,7 +179,7 @@ def run_render(body: RenderBody, lm: Any, served: Any) -> dict[str, Any]:
             "results": records, "warnings": warnings}
 
 
-def run_generate(body: GenerateBody, lm: Any, served: Any) -> dict[str, Any]:
+def run_generate(body: GenerateBody, lm: LM, served: ModelConfig) -> GenerateReply:
     """What `llmlab generate` does with its inputs, minus the files: records, in input order."""
     from llmlab.backends import hf_continuous
     from llmlab.orchestration import session

@@ -7,11 +7,17 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal, Optional, Union
+from collections.abc import Sized
+from typing import TYPE_CHECKING, Literal, Optional, Sequence, TypedDict, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 from llmlab.serving.errors import APIError
+
+if TYPE_CHECKING:
+    from llmlab.backends.base import LM, PromptScores, TokenLogprob
+    from llmlab.core.config import ServeConfig
+    from llmlab.core.settings import GenerationSettings
 
 Number = Union[StrictInt, float]
 
@@ -48,7 +54,80 @@ class ChatBody(_Body):
     top_logprobs: Optional[StrictInt] = Field(None, ge=0, le=20)
 
 
-def settings(body: _Body, max_tokens: int, logprobs: Optional[int]) -> Any:
+# ---------------------------------------------------------------- response bodies
+
+
+class CompletionLogprobs(TypedDict):
+    tokens: list[str]
+    token_logprobs: list[Optional[float]]
+    top_logprobs: list[Optional[dict[str, float]]]
+    text_offset: list[int]
+
+
+class ChatTop(TypedDict):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatToken(ChatTop):
+    top_logprobs: list[ChatTop]
+
+
+class ChatLogprobs(TypedDict):
+    content: list[ChatToken]
+
+
+class CompletionChoice(TypedDict):
+    index: int
+    text: str
+    logprobs: Optional[CompletionLogprobs]
+    finish_reason: Optional[str]
+
+
+class ChatMessage(TypedDict):
+    role: str
+    content: str
+
+
+class ChatChoice(TypedDict):
+    index: int
+    message: ChatMessage
+    logprobs: Optional[ChatLogprobs]
+    finish_reason: str
+
+
+class DeltaChoice(TypedDict):
+    """A streamed chat chunk's choice: delta is {"role", "content"} first, then {"content"}, then {}."""
+
+    index: int
+    delta: dict[str, str]
+    logprobs: None
+    finish_reason: Optional[str]
+
+
+Choice = Union[CompletionChoice, ChatChoice, DeltaChoice]
+
+
+class Usage(TypedDict):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class _Envelope(TypedDict):
+    id: str
+    object: str
+    created: int
+    model: str
+    choices: Sequence[Choice]
+
+
+class Envelope(_Envelope, total=False):
+    usage: Usage
+
+
+def settings(body: _Body, max_tokens: int, logprobs: Optional[int]) -> GenerationSettings:
     """The generation settings a request asks for: temperature 0 is greedy; n > 1 needs sampling
     (greedy n > 1 is one completion repeated, as OpenAI's API does)."""
     from llmlab.core.errors import UsageError
@@ -65,7 +144,7 @@ def settings(body: _Body, max_tokens: int, logprobs: Optional[int]) -> Any:
         raise APIError(400, str(exc).replace("--", "")) from None
 
 
-def check_caps(body: Any, max_tokens: int, limits: Any) -> None:
+def check_caps(body: _Body, max_tokens: int, limits: ServeConfig) -> None:
     if max_tokens > limits.max_tokens:
         raise APIError(400, f"max_tokens {max_tokens} is over this server's cap of {limits.max_tokens}",
                        param="max_tokens")
@@ -85,7 +164,7 @@ def check_prompt(ids: list[int], max_tokens: int, window: Optional[int], cap: in
                        f"context window of {window} tokens", param="prompt", code="context_length_exceeded")
 
 
-def prompts_of(body: CompletionBody, lm: Any) -> list[tuple[str, list[int], bool]]:
+def prompts_of(body: CompletionBody, lm: LM) -> list[tuple[str, list[int], bool]]:
     """(text, token ids, given as ids) per prompt. Text is tokenized as the model's plain prompts are;
     token ids are used as they are (and decoded to text to generate from)."""
     raw = body.prompt
@@ -95,7 +174,7 @@ def prompts_of(body: CompletionBody, lm: Any) -> list[tuple[str, list[int], bool
         raise APIError(400, "prompt is an empty list", param="prompt")
     if isinstance(raw[0], int):
         raw = [raw]
-    vocab = len(lm.tokenizer) if hasattr(lm.tokenizer, "__len__") else None
+    vocab = len(lm.tokenizer) if isinstance(lm.tokenizer, Sized) else None
     out = []
     for p in raw:
         if isinstance(p, str):
@@ -107,7 +186,7 @@ def prompts_of(body: CompletionBody, lm: Any) -> list[tuple[str, list[int], bool
     return out
 
 
-def _top_dict(token: Any) -> dict[str, float]:
+def _top_dict(token: TokenLogprob) -> dict[str, float]:
     """Most likely first; two tokens with the same text keep the likelier one's value."""
     top: dict[str, float] = {}
     for text, _, lp in token.top or [(token.text, token.id, token.logprob)]:
@@ -115,7 +194,8 @@ def _top_dict(token: Any) -> dict[str, float]:
     return top
 
 
-def completion_logprobs(echoed: Optional[Any], first: str, generated: list[Any], start: int = 0) -> dict[str, Any]:
+def completion_logprobs(echoed: Optional[PromptScores], first: str, generated: Sequence[TokenLogprob],
+                        start: int = 0) -> CompletionLogprobs:
     """OpenAI's completion `logprobs`: the prompt's tokens (echo: the first has no log-probability),
     then the generated ones; top_logprobs maps token text to log-probability."""
     tokens: list[str] = []
@@ -140,22 +220,22 @@ def completion_logprobs(echoed: Optional[Any], first: str, generated: list[Any],
     return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
 
 
-def chat_logprobs(generated: list[Any]) -> dict[str, Any]:
-    def entry(text: str, lp: float) -> dict[str, Any]:
+def chat_logprobs(generated: Sequence[TokenLogprob]) -> ChatLogprobs:
+    def entry(text: str, lp: float) -> ChatTop:
         return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
 
     return {"content": [{**entry(t.text, t.logprob), "top_logprobs": [entry(x, lp) for x, _, lp in t.top]}
                         for t in generated]}
 
 
-def envelope(kind: str, model: str, choices: list[dict[str, Any]], usage: Optional[dict[str, int]] = None) -> dict:
+def envelope(kind: str, model: str, choices: Sequence[Choice], usage: Optional[Usage] = None) -> Envelope:
     prefix = "chatcmpl" if kind.startswith("chat") else "cmpl"
-    body = {"id": f"{prefix}-{uuid.uuid4().hex[:24]}", "object": kind, "created": int(time.time()), "model": model,
-            "choices": choices}
+    body: Envelope = {"id": f"{prefix}-{uuid.uuid4().hex[:24]}", "object": kind, "created": int(time.time()),
+                      "model": model, "choices": choices}
     if usage is not None:
         body["usage"] = usage
     return body
 
 
-def usage(prompt: int, completion: int) -> dict[str, int]:
+def usage(prompt: int, completion: int) -> Usage:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}

@@ -7,10 +7,17 @@ from __future__ import annotations
 import ipaddress
 import signal
 import threading
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from llmlab.core.config import ServeConfig
 from llmlab.core.errors import UsageError
+
+if TYPE_CHECKING:
+    import uvicorn
+    from fastapi import FastAPI
+
+    from llmlab.backends.base import LM
+    from llmlab.orchestration.session import Hooks
 
 LOOPBACK_NAMES = ("localhost",)
 
@@ -41,7 +48,7 @@ def check(cfg: ServeConfig) -> None:
         raise UsageError("llmlab serve runs --backend hf models")
 
 
-def uvicorn_server(app: Any, host: str, port: int) -> Any:
+def uvicorn_server(app: FastAPI, host: str, port: int) -> uvicorn.Server:
     """A uvicorn server for `app` (its own logging off: llmlab logs its one line per problem)."""
     import uvicorn
 
@@ -50,7 +57,8 @@ def uvicorn_server(app: Any, host: str, port: int) -> Any:
     return uvicorn.Server(config)
 
 
-def serve(cfg: ServeConfig, hooks: Any, lm: Any = None, on_ready: Optional[Callable[[str], None]] = None) -> None:
+def serve(cfg: ServeConfig, hooks: Hooks, lm: Optional[LM] = None,
+          on_ready: Optional[Callable[[str], None]] = None) -> None:
     """`llmlab serve`: load the model, then answer until SIGTERM or Ctrl-C."""
     from llmlab.orchestration.session import Session
     from llmlab.serving.app import create_app
@@ -75,7 +83,7 @@ def serve(cfg: ServeConfig, hooks: Any, lm: Any = None, on_ready: Optional[Calla
         app.state.batcher.close()
 
 
-def _announce(server: Any, hooks: Any, on_ready: Optional[Callable[[str], None]], name: str) -> None:
+def _announce(server: uvicorn.Server, hooks: Hooks, on_ready: Optional[Callable[[str], None]], name: str) -> None:
     """Once listening: the address on stderr (the port chosen when --port 0)."""
     import time
 

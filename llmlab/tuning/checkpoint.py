@@ -8,18 +8,25 @@ import json
 import shutil
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from llmlab.core.config import TuneConfig
+from llmlab.core.errors import UsageError
+
+if TYPE_CHECKING:
+    from llmlab.backends.adapters import Record
+    from llmlab.backends.trainable import Trainable
+    from llmlab.orchestration.session import Session
+    from llmlab.tuning.plan import TunePlan
 
 
 class Saver:
-    def __init__(self, cfg: TuneConfig, plan: Any, session: Any, chat: bool):
+    def __init__(self, cfg: TuneConfig, plan: TunePlan, session: Session, chat: bool):
         self.cfg = cfg
         self.plan = plan
         self.lm = session.lm
         self.chat = chat
-        self.model: Any = None
+        self.model: Trainable | None = None
         self.best: tuple[float, float | None] | None = None
         self.best_step = 0
         self.saved_step = 0
@@ -28,10 +35,13 @@ class Saver:
         self.seconds = 0.0
         self.cpu_seconds = 0.0
 
-    def start(self) -> Any:
+    def start(self) -> Trainable:
+        from llmlab.backends.hf import HFLM
         from llmlab.backends.trainable import AdapterSettings, Trainable
 
         c = self.cfg
+        if not isinstance(self.lm, HFLM):  # (plan.prepare refuses other backends first)
+            raise UsageError("llmlab tune trains --backend hf models")
         self.model = Trainable(self.lm, AdapterSettings(c.method, c.rank, c.alpha, c.virtual_tokens), c.seed)
         return self.model
 
@@ -62,6 +72,7 @@ class Saver:
         out.parent.mkdir(parents=True, exist_ok=True)
         fresh = out.with_name(out.name + ".writing")
         shutil.rmtree(fresh, ignore_errors=True)
+        assert self.model is not None  # saved only after start()
         self.model.save(str(fresh))
         (fresh / "llmlab_adapter.json").write_text(json.dumps(self.record("training"), indent=1) + "\n")
         old = out.with_name(out.name + ".old")
@@ -71,7 +82,7 @@ class Saver:
         shutil.rmtree(old, ignore_errors=True)
         self.saved_step = step
 
-    def finish(self, why: str) -> dict[str, Any]:
+    def finish(self, why: str) -> Record:
         """The final record (in the folder when a step was saved; an interrupt before any keeps the
         adapter as it is then)."""
         out = Path(self.cfg.output)
@@ -82,7 +93,7 @@ class Saver:
             (out / "llmlab_adapter.json").write_text(json.dumps(record, indent=1) + "\n")
         return record
 
-    def record(self, status: str) -> dict[str, Any]:
+    def record(self, status: str) -> Record:
         import peft
 
         from llmlab import __version__
@@ -95,14 +106,16 @@ class Saver:
         from llmlab.backends.trainable import LEARNING_RATES
 
         settings["lr"] = c.lr or LEARNING_RATES[c.method]
+        model = self.model
+        assert model is not None  # a record is written after start()
         return {
-            "base": self.lm.name, "base_shape": adapters.base_shape(self.lm), "method": c.method,
+            "base": self.lm.name, "base_shape": adapters.base_shape(model.lm), "method": c.method,
             "template": p.template.name, "task": p.template.task, "target": p.target, "shots": c.shots,
             "chat": self.chat, "data": c.data, "data_sha256": p.data_sha256, "k": c.k, "seed": c.seed,
             "train_rows": len(p.train), "held_out_rows": len(p.held_out), "settings": settings,
-            "trainable_params": self.model.trainable, "base_params": self.model.total - self.model.trainable,
-            "train_seconds": round(self.seconds, 2),
-            "train_cpu_seconds": round(self.cpu_seconds, 2), "steps_done": self.steps_done, "best_step": self.best_step,
+            "trainable_params": model.trainable, "base_params": model.total - model.trainable,
+            "train_seconds": round(self.seconds, 2), "train_cpu_seconds": round(self.cpu_seconds, 2),
+            "steps_done": self.steps_done, "best_step": self.best_step,
             "held_out_loss": self.best[0] if self.best else None,
             "held_out_accuracy": self.best[1] if self.best else None, "last_train_loss": self.last_loss,
             "status": status, "llmlab": __version__, "peft": peft.__version__,

@@ -10,20 +10,24 @@ import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from llmlab.core.config import TuneConfig
 from llmlab.core.errors import DataError, ModelError, UsageError
+
+if TYPE_CHECKING:
+    from llmlab.io.items import Item
+    from llmlab.prompting.templates import Template
 
 METHODS = ("lora", "ia3", "prompt")
 
 
 @dataclass
 class TunePlan:
-    template: Any
+    template: Template
     target: str  # the field holding the label (classify) or the text to learn (generate)
-    train: list[Any]  # Items
-    held_out: list[Any]
+    train: list[Item]
+    held_out: list[Item]
     data_sha256: str
 
 
@@ -65,7 +69,7 @@ def _check_model(cfg: TuneConfig) -> None:
         raise UsageError("llmlab tune trains with --backend hf")
 
 
-def _check_fields(items: list[Any], template: Any, target: str, data: str) -> None:
+def _check_fields(items: list[Item], template: Template, target: str, data: str) -> None:
     missing = [f for f in [*template.fields, target] if f not in items[0].fields]
     if missing:
         raise DataError(f"{data}: rows have no '{missing[0]}' field, which template '{template.name}' needs"
@@ -77,7 +81,7 @@ def _check_fields(items: list[Any], template: Any, target: str, data: str) -> No
                             f"({', '.join(template.labels)})")
 
 
-def draw(items: list[Any], template: Any, k: int, seed: int) -> list[Any]:
+def draw(items: list[Item], template: Template, k: int, seed: int) -> list[Item]:
     """k rows, chosen as k demonstrations would be: balanced round-robin over the labels for a
     classify template (random order within each label), a seeded random sample otherwise."""
     from llmlab.prompting.prompts import select_shots
@@ -87,7 +91,7 @@ def draw(items: list[Any], template: Any, k: int, seed: int) -> list[Any]:
     return [items[n] for n in select_shots(template, pool, k, selection, seed)]
 
 
-def split(rows: list[Any], share: float, seed: int) -> tuple[list[Any], list[Any]]:
+def split(rows: list[Item], share: float, seed: int) -> tuple[list[Item], list[Item]]:
     """(train, held out): a seeded share of the rows held out (none when fewer than 4 rows, so a
     tiny k still trains); the held-out rows are a shuffle's first ceil(share x k)."""
     count = min(math.ceil(share * len(rows)), len(rows) - 1) if len(rows) >= 4 else 0

@@ -12,10 +12,23 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence, Union
 
 from llmlab.core.config import PromptConfig, TuneConfig
+from llmlab.core.errors import UsageError
 from llmlab.tuning import checkpoint, plan as plans
+
+if TYPE_CHECKING:
+    import torch
+
+    from llmlab.backends.adapters import Record
+    from llmlab.backends.hf import HFLM
+    from llmlab.backends.trainable import Trainable
+    from llmlab.io.items import Item
+    from llmlab.orchestration.session import Hooks
+    from llmlab.prompting.prompts import PromptBuilder
+    from llmlab.prompting.templates import Template
+    from llmlab.runs.runlog import NoRun, Run
 
 
 @dataclass
@@ -27,7 +40,7 @@ class Example:
     gold: int
 
 
-def examples(lm: Any, builder: Any, template: Any, target: str, items: Sequence[Any]) -> list[Example]:
+def examples(lm: HFLM, builder: PromptBuilder, template: Template, target: str, items: Sequence[Item]) -> list[Example]:
     """Prompts built by the same PromptBuilder classify and generate use, split into tokens by the
     same rule the scorer uses (HFLM.encode_pairs)."""
     from llmlab.backends.base import LLRequest
@@ -47,13 +60,14 @@ def examples(lm: Any, builder: Any, template: Any, target: str, items: Sequence[
     return out
 
 
-def loss(model: Any, batch: Sequence[Example]) -> tuple[Any, int]:
+def loss(model: Trainable, batch: Sequence[Example]) -> tuple[torch.Tensor, int]:
     """(mean loss over the batch, how many the model ranks right). One label: the target's mean
     token loss. Several: T-Few's L_LM + L_UL + L_LN."""
     import torch
 
     logprobs = model.logprobs([row for ex in batch for row in ex.rows])
-    total, right, at = 0.0, 0, 0
+    total: torch.Tensor | float = 0.0
+    right, at = 0, 0
     for ex in batch:
         lps = logprobs[at : at + len(ex.rows)]
         at += len(ex.rows)
@@ -67,10 +81,11 @@ def loss(model: Any, batch: Sequence[Example]) -> tuple[Any, int]:
         normalised = torch.nn.functional.cross_entropy(means[None], torch.tensor([ex.gold], device=means.device))
         total = total + lm_loss + unlikely + normalised
         right += int(torch.stack([lp.sum() for lp in lps]).argmax().item() == ex.gold)
+    assert isinstance(total, torch.Tensor)  # a batch has rows, and each adds a tensor
     return total / len(batch), right
 
 
-def held_out_score(model: Any, rows: Sequence[Example], size: int) -> tuple[float, float | None]:
+def held_out_score(model: Trainable, rows: Sequence[Example], size: int) -> tuple[float, float | None]:
     """(mean loss, accuracy or None for generate templates) on the held-out rows."""
     import torch
 
@@ -87,7 +102,7 @@ def held_out_score(model: Any, rows: Sequence[Example], size: int) -> tuple[floa
     return total / len(rows), (right / len(rows) if classify else None)
 
 
-def batches(count: int, size: int, seed: int):
+def batches(count: int, size: int, seed: int) -> Iterator[list[int]]:
     """Endless batches of row indexes: each pass over the rows in a new seeded order."""
     rng = random.Random(seed)
     while True:
@@ -97,7 +112,7 @@ def batches(count: int, size: int, seed: int):
             yield order[start : start + size]
 
 
-def tune(cfg: TuneConfig, hooks: Any) -> dict[str, Any]:
+def tune(cfg: TuneConfig, hooks: Hooks) -> Record:
     """Train, keep the best held-out step in cfg.output, return its record."""
     from llmlab.backends import models
     from llmlab.orchestration import session
@@ -111,6 +126,10 @@ def tune(cfg: TuneConfig, hooks: Any) -> dict[str, Any]:
         settings = session.settings_for(plan.template)
         prompt = PromptConfig(plan.template.name, cfg.shots, None, cfg.seed, prompts_dir=list(cfg.prompts_dir))
         builder = run.builder(plan.template, prompt, settings.max_new_tokens, None)
+        from llmlab.backends.hf import HFLM
+
+        if not isinstance(run.lm, HFLM):  # (plan.prepare refuses other backends first)
+            raise UsageError("llmlab tune trains --backend hf models")
         train = examples(run.lm, builder, plan.template, plan.target, plan.train)
         held = examples(run.lm, builder, plan.template, plan.target, plan.held_out)
         saver = checkpoint.Saver(cfg, plan, run, builder.options.chat)
@@ -121,14 +140,15 @@ LOGGED = ("method", "k", "seed", "train_rows", "held_out_rows", "settings", "tra
           "train_cpu_seconds", "steps_done", "best_step", "held_out_loss", "held_out_accuracy", "last_train_loss", "status")
 
 
-def logged(record: dict[str, Any], folder: str, log: Any) -> dict[str, Any]:
+def logged(record: Record, folder: str, log: Union[Run, NoRun]) -> Record:
     """The run log's metrics of a training: its record's numbers and where the adapter is."""
-    log.metrics({"adapter": folder, **{k: record.get(k) for k in LOGGED}})
+    numbers: dict[str, object] = dict(record)
+    log.metrics({"adapter": folder, **{k: numbers.get(k) for k in LOGGED}})
     return record
 
 
-def _loop(cfg: TuneConfig, saver: Any, train: list[Example], held: list[Example], hooks: Any,
-          log: Any) -> dict[str, Any]:
+def _loop(cfg: TuneConfig, saver: checkpoint.Saver, train: list[Example], held: list[Example], hooks: Hooks,
+          log: Union[Run, NoRun]) -> Record:
     import torch
 
     from llmlab.backends.trainable import LEARNING_RATES
