@@ -55,8 +55,8 @@ Shots = Annotated[int, typer.Option(rich_help_panel=PROMPT_PANEL,
 
 def tune(
     template: Template, data: Data, output: Output, method: MethodOpt = TuneMethod.lora,
-    k: K = 64, seed: Seed = 0, steps: Steps = 200, batch_size: BatchSize = 8, lr: Lr = None, rank: Rank = 8,
-    alpha: Alpha = 16, virtual_tokens: Virtual = 20, held_out: HeldOut = 0.2, eval_every: EvalEvery = 10,
+    k: K = 64, seed: Seed = 0, steps: Steps = 100, batch_size: BatchSize = 8, lr: Lr = None, rank: Rank = 8,
+    alpha: Alpha = 16, virtual_tokens: Virtual = 20, held_out: HeldOut = 0.2, eval_every: EvalEvery = 25,
     patience: Patience = 5, target: Target = None, shots: Shots = 0,
     model: Model = None, device: Device = "auto", dtype: DtypeOpt = Dtype.auto, chat: Chat = None,
     input_format: InputFormatOpt = InputFormat.auto, prompts_dir: PromptsDir = None,
