@@ -5,6 +5,7 @@ transformers. FakeLM on both sides for the fast tests; a tiny real model for the
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -73,6 +74,40 @@ def test_server_output_equals_in_process_output(fake_lm, url, files, tmp_path, a
     assert logged[0] == logged[1]
 
 
+SPEED = ("seconds", "items_per_s", "created")  # wall-clock facts: the only things allowed to differ
+
+
+def _timeless(value):
+    if isinstance(value, dict):
+        return {k: _timeless(v) for k, v in value.items() if k not in SPEED}
+    return [_timeless(v) for v in value] if isinstance(value, list) else value
+
+
+@pytest.mark.parametrize("extra", [
+    ["--shots", "0,2", "--seeds", "2", "--calibration", "off,contextual", "--log-samples", "--detail"],
+    ["--shots", "1", "--calibration", "batch", "--offset", "1", "--limit", "3"],
+])
+def test_eval_through_the_server_gives_the_same_table_report_and_run_log(fake_lm, url, files, tmp_path, extra):
+    results = []
+    for n, server in enumerate(([], ["--server", url])):
+        report = tmp_path / f"report{n}.json"
+        run = invoke(["eval", "-t", "sentiment", "--data", files[1], "--report", report, *extra, *server])
+        assert run.exit_code == 0, run.stderr
+        results.append((run.stdout, json.loads(report.read_text())))
+    (local, local_report), (remote, remote_report) = results
+    assert _timeless(remote_report) == _timeless(local_report)
+    speed = re.compile(r"\s+[\d.]+$")  # each row's last column: items/s
+    assert [speed.sub("", x) for x in remote.splitlines()] == [speed.sub("", x) for x in local.splitlines()]
+    runs = jsonl(invoke(["runs", "list", "--json"]).stdout)
+    assert [r["command"] for r in runs] == ["eval", "eval"] and {r["status"] for r in runs} == {"complete"}
+    logged = [sorted(tuple(i[k] for k in ("idx", "key", "prompt", "output", "prediction", "combo", "template"))
+                     for i in runlog.items(runlog.connect(), r["id"])) for r in runs]
+    assert logged[0] == logged[1] and logged[0]
+    combos = [[(x["template"], x["shots"], x["seed"], x["calibrate"], x["metrics"]) for x in
+               runlog.get_run(runlog.connect(), r["id"])["metrics"]["results"]] for r in runs]
+    assert combos[0] == combos[1] and combos[0]
+
+
 def test_resume_through_the_server(fake_lm, url, files, tmp_path):
     fake_lm.default = "hello world"
     out = tmp_path / "out.jsonl"
@@ -97,6 +132,17 @@ def test_resume_through_the_server(fake_lm, url, files, tmp_path):
      "no template named 'no-such'"),
     (["classify", "-t", "sentiment", "x", "--calibration", "off", "--probe-layers", "1", "--server", "URL"],
      "the server at URL: --probe-layers is read only with --calibration probe"),
+    (["eval", "-t", "sentiment", "--data", "d.jsonl", "--processes", "2", "--server", "URL"],
+     "--server: --processes can't go to the server (it names files or processes here); drop --processes or "
+     "--server"),
+    (["eval", "-t", "sentiment", "--data", "d.jsonl", "--adapter", "a", "--server", "URL"],
+     "--server: --adapter can't go to the server"),
+    (["eval", "-t", "my/own.yaml", "--data", "d.jsonl", "--server", "URL"],
+     "--server: the server finds templates by name; 'my/own.yaml' is a file here (drop --server to use it)"),
+    (["next", "hi", "--temperature", "-1", "--server", "URL"], "invalid --temperature -1.0: must be 0 (greedy) or >= 0.01"),
+    (["next", "hi", "-m", "gpt2", "--server", "URL"],
+     "the server at URL: the model 'gpt2' is not served here; this server serves 'fake'"),
+    (["lab", "--server", "URL"], "--server: lab runs in-process only"),
 ])
 def test_server_mistakes_are_one_line(url, args, message):
     result = invoke([a.replace("URL", url) for a in args])
@@ -105,12 +151,16 @@ def test_server_mistakes_are_one_line(url, args, message):
 
 
 @pytest.mark.slow
-def test_the_client_imports_neither_torch_nor_transformers(url, tmp_path):
-    code = ("import sys\nfrom llmlab.commands import cli\nsys.argv = ['llmlab', 'generate', 'hi', '--server', "
-            f"'{url}']\ntry:\n    cli.main()\nexcept SystemExit as exit:\n    assert exit.code in (0, None)\n"
+@pytest.mark.parametrize("args", [["generate", "hi"], ["classify", "-t", "sentiment", "a good film"],
+                                  ["eval", "-t", "sentiment", "--data", "REVIEWS", "--shots", "0,1"]])
+def test_the_client_imports_neither_torch_nor_transformers(url, files, args):
+    argv = [str(files[1]) if a == "REVIEWS" else a for a in args] + ["--server", url, "-q"]
+    code = (f"import sys\nfrom llmlab.commands import cli\nsys.argv = ['llmlab', *{argv!r}]\ntry:\n    cli.main()\n"
+            "except SystemExit as exit:\n    assert exit.code in (0, None), exit.code\n"
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'fastapi', 'uvicorn'}))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.stdout.splitlines() == ["hello world", "[]"], result.stderr
+    assert result.returncode == 0 and result.stdout.splitlines()[-1] == "[]", result.stderr
+    assert args[0] != "generate" or result.stdout.splitlines() == ["hello world", "[]"]
 
 
 @pytest.mark.slow
@@ -120,9 +170,15 @@ def test_server_equals_in_process_on_a_real_model(tiny_models, files, tmp_path):
     model = str(tiny_models["llama"])
     with running(models.load(model, "cpu", "float32")) as (address, _):
         for args, out in [(["generate", "-i", files[0], "-o", "OUT", "--max-new-tokens", "5", "--logprobs"], "jsonl"),
-                          (["classify", "-t", "sentiment", "-i", files[1], "--shots", "2", "-o", "OUT"], "jsonl")]:
+                          (["classify", "-t", "sentiment", "-i", files[1], "--shots", "2", "-o", "OUT"], "jsonl"),
+                          (["next", "the sky is", "--steps", "3", "--show", "4", "--top-k", "3", "--seed", "2",
+                            "-f", "jsonl"], None),
+                          (["next", "the sky is", "--top-p", "0.9", "--temperature", "0.7", "--seed", "1", "-f", "text"], None)]:
             (local, local_file), (remote, remote_file) = both(args + ["-m", model], address, tmp_path, out)
             assert remote.stdout == local.stdout
+            if out is None:  # next: one forward pass per step on either side, the same numbers
+                assert local.stdout.count("\n") >= 3
+                continue
             local_rows, remote_rows = jsonl(local_file), jsonl(remote_file)
             for a, b in zip(local_rows, remote_rows):  # scores may differ in the last float bits (batching)
                 for key in ("probabilities", "raw_probabilities"):

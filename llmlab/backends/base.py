@@ -47,7 +47,8 @@ class Tokenizer(Protocol):
 
     def __call__(self, text: str, add_special_tokens: bool = True) -> Mapping[str, list[int]]: ...
 
-    def decode(self, token_ids: list[int], skip_special_tokens: bool = False) -> str: ...
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = False,
+               *, clean_up_tokenization_spaces: bool | None = None) -> str: ...
 
     def convert_ids_to_tokens(self, ids: int) -> str | list[str]: ...
 
@@ -165,6 +166,10 @@ class PromptScores:
     next: list[tuple[str, int, float]]
 
 
+class Cancelled(Exception):
+    """The work was stopped because nobody wants it any more (LM.should_stop said so)."""
+
+
 class LM(ABC):
     """What every command needs from a model. Subclasses set name, tokenizer, window (tokens the
     model can attend to, or None), device and is_encoder_decoder."""
@@ -175,6 +180,9 @@ class LM(ABC):
     device: str = "cpu"
     is_encoder_decoder: bool = False
     on_event: EventSink = staticmethod(log_event)
+    # Set by whoever runs the model for someone who may leave (llmlab serve's batcher): True once the
+    # work is wanted no more. Backends check it between batches and, generating, between steps.
+    should_stop: Callable[[], bool] | None = None
 
     @property
     def has_chat_template(self) -> bool:

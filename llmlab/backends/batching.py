@@ -44,18 +44,23 @@ def take(order: Sequence[int], start: int, lengths: Sequence[int], rows: int | N
 def run_batched(run: Callable[[list[int]], list[R]], lengths: Sequence[int], rows: int | None,
                 tokens: int | None = None, sort: bool = True,
                 on_batch: Callable[[list[int], list[R]], None] | None = None,
-                on_event: EventSink | None = None) -> list[R]:
+                on_event: EventSink | None = None, should_stop: Callable[[], bool] | None = None) -> list[R]:
     """results[i] = the result for input i, computed by run(batch_of_indexes) batch by batch.
 
     sort=True: longest first (least padding). sort=False: input order, so on_batch(indexes, results)
     sees the inputs in order, batch after batch (generate writes each batch as it finishes).
     Out-of-memory: the row limit and the token budget are halved and the same rows retried;
-    at one row the error is re-raised. Other errors pass through untouched.
+    at one row the error is re-raised. Other errors pass through untouched. should_stop() true
+    before a batch: base.Cancelled.
     """
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i]) if sort else list(range(len(lengths)))
     results: list[R | None] = [None] * len(lengths)
     start = 0
     while start < len(order):
+        if should_stop is not None and should_stop():
+            from llmlab.backends.base import Cancelled
+
+            raise Cancelled("stopped: the work is wanted no more")
         batch = take(order, start, lengths, rows, tokens)
         try:
             out = run(batch)

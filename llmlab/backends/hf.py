@@ -136,20 +136,23 @@ class HFLM(LM):
         sizes = self._sizes(batch_size)
         if self.is_encoder_decoder:
             return run_batched(lambda b: hf_score.seq2seq(self, [rows[i] for i in b], hidden_layers),
-                               [len(c) + len(k) for c, k in rows], *sizes, on_event=self.on_event)
+                               [len(c) + len(k) for c, k in rows], *sizes, on_event=self.on_event,
+                               should_stop=self.should_stop)
         plain = set(range(len(rows)))
         for group in self._groups(requests, rows) if prefix_cache else []:
             cache = self.cached_prefix(group.prefix_ids)
             past = len(group.prefix_ids)
             tails = [(rows[i][0][past:], rows[i][1]) for i in group.members]
             scored = run_batched(lambda b: hf_score.causal(self, [tails[k] for k in b], cache, past, hidden_layers),
-                                 [len(c) + len(k) for c, k in tails], *sizes, on_event=self.on_event)
+                                 [len(c) + len(k) for c, k in tails], *sizes, on_event=self.on_event,
+                                 should_stop=self.should_stop)
             for i, out in zip(group.members, scored):
                 results[i] = out
             plain -= set(group.members)
         rest = sorted(plain)
         scored = run_batched(lambda b: hf_score.causal(self, [rows[rest[k]] for k in b], layers=hidden_layers),
-                             [len(rows[i][0]) + len(rows[i][1]) for i in rest], *sizes, on_event=self.on_event)
+                             [len(rows[i][0]) + len(rows[i][1]) for i in rest], *sizes, on_event=self.on_event,
+                             should_stop=self.should_stop)
         for i, out in zip(rest, scored):
             results[i] = out
         return results  # type: ignore[return-value]
@@ -163,7 +166,8 @@ class HFLM(LM):
             raise UsageError("cannot score an empty prompt")
         # Every position's whole float32 distribution is kept: a small token budget bounds that memory.
         return run_batched(lambda b: hf_score.prompt_tokens(self, [rows[i] for i in b], max(1, top)),
-                           [len(r) for r in rows], self._sizes(batch_size)[0], 1024, on_event=self.on_event)
+                           [len(r) for r in rows], self._sizes(batch_size)[0], 1024, on_event=self.on_event,
+                           should_stop=self.should_stop)
 
     def _groups(self, requests: Sequence[LLRequest], rows: list[tuple[list[int], list[int]]]) -> list[Group]:
         """Prefix-cache groups: each distinct (prefix, templated) is tokenized once."""
@@ -283,7 +287,8 @@ class HFLM(LM):
                 on_output(i, output)  # type: ignore[misc]
 
         return run_batched(run, lengths, *self._sizes(batch_size), sort=False,
-                           on_batch=hand_on if on_output else None, on_event=self.on_event)
+                           on_batch=hand_on if on_output else None, on_event=self.on_event,
+                           should_stop=self.should_stop)
 
     def _check_prompts(self, prompts: list[list[int]], new_tokens: int) -> None:
         """Refuse, before any model time, a prompt that is empty or can't fit the window."""
@@ -355,6 +360,7 @@ class HFLM(LM):
         kwargs: _Generate = {**settings.generate_kwargs()}
         if stops:
             kwargs["stopping_criteria"] = stopping.criteria(self.hf_tokenizer, stops, skip)
+        kwargs["stopping_criteria"] = stopping.with_stop(kwargs.get("stopping_criteria"), self.should_stop)
         if stream:
             kwargs["streamer"] = stopping.streamer(self.hf_tokenizer, stream, settings.stop)
         with torch.inference_mode():

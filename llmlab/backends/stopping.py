@@ -49,6 +49,25 @@ def criteria(tokenizer: PreTrainedTokenizerBase, stops: Sequence[str], start: in
     return StoppingCriteriaList([StopTexts()])
 
 
+def with_stop(criteria: StoppingCriteriaList | None, should_stop: Callable[[], bool] | None) -> StoppingCriteriaList:
+    """criteria (or none) plus, with should_stop (LM.should_stop), one that ends every row between decode
+    steps once should_stop() says nobody wants them any more."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    if should_stop is None:
+        return criteria if criteria is not None else StoppingCriteriaList()
+    wanted_no_more = should_stop
+
+    class Wanted(StoppingCriteria):
+        def __call__(self, input_ids: torch.LongTensor, scores: tuple[torch.Tensor] | None,
+                     **kwargs: object) -> torch.BoolTensor:
+            full = torch.full((input_ids.shape[0],), bool(wanted_no_more()), dtype=torch.bool, device=input_ids.device)
+            return cast("torch.BoolTensor", full)
+
+    return StoppingCriteriaList([*(criteria or []), Wanted()])
+
+
 def streamer(tokenizer: PreTrainedTokenizerBase, emit: Callable[[str], None], stops: Sequence[str]) -> TextStreamer:
     """A transformers TextStreamer that forwards text through HoldBack (see there)."""
     from transformers import TextStreamer

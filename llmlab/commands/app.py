@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from typer.core import TyperGroup, TyperOption
@@ -22,11 +22,16 @@ from llmlab.core import console
 from llmlab.core.config import Overflow, value
 from llmlab.core.errors import Interrupted, LlmlabError, UsageError
 
+if TYPE_CHECKING:  # types only: nothing more is imported at run time
+    from typer._click.core import Context  # click's Context, as typer (>= 0.20) vendors it
+
+    from llmlab.orchestration.session import Hooks
+
 
 _display_type = TyperOption.display_type_rich
 
 
-def _no_flag_types(self: TyperOption, ctx: Any) -> Optional[str]:
+def _no_flag_types(self: TyperOption, ctx: Context) -> Optional[str]:
     """--help: no `<bool>` label on on/off flags (they take no value)."""
     return None if getattr(self, "is_flag", False) else _display_type(self, ctx)
 
@@ -72,7 +77,7 @@ def _closed_pipe_exit(exc: SystemExit, was_null: bool) -> int:
 class LlmlabGroup(TyperGroup):
     """Runs commands and maps every failure to one stderr line and an exit code."""
 
-    def invoke(self, ctx: Any) -> Any:
+    def invoke(self, ctx: Context) -> object:
         try:
             return super().invoke(ctx)
         except BrokenPipeError:  # `llmlab ... | head -1`: the reader is gone, nothing is wrong (exit 0)
@@ -159,14 +164,16 @@ def _root(
 
 
 
-def hooks(no_log: bool = False):
+def hooks(no_log: bool = False) -> Hooks:
     """Library callbacks that write to stderr through the console (progress only on a terminal),
     and record the run in the run log with this command line (unless --no-log / LLMLAB_LOG=0)."""
+    import functools
+
     from llmlab.runs import runlog
     from llmlab.orchestration.session import Hooks
 
-    def open_run(command: str, **details: Any) -> Any:
-        return runlog.open_run(command, ["llmlab", *_ARGS], no_log=no_log, on_warn=console.warn, **details)
+    # runlog.open_run with this command line and --no-log filled in (_ARGS is set before any command runs)
+    open_run = functools.partial(runlog.open_run, argv=["llmlab", *_ARGS], no_log=no_log, on_warn=console.warn)
 
     return Hooks(progress=console.progress, warn=console.warn, info=console.info, note=console.note,
                  detail=console.detail, open_run=open_run, emit=console.emit)
@@ -176,16 +183,19 @@ def model_config(model, device, dtype, chat, device_map=None, max_memory=None, b
                  adapter=None):
     """The model options, checked before any model time (placement options: llmlab.backends.placement);
     --adapter DIR becomes the model spec BASE+DIR, whose folder is checked here."""
-    from llmlab.backends import adapters, placement
+    from llmlab.backends import placement
     from llmlab.core.config import ModelConfig
 
-    model = adapters.join(model, adapter)
-    if adapters.split(model)[1] is not None:
-        record = adapters.read_record(adapters.split(model)[1])
-        if chat is None and record.get("chat") is not None:  # the prompts it was trained on
-            chat = "on" if record["chat"] else "off"
-        if value(backend) == "vllm":
-            raise UsageError("--adapter runs on --backend hf; vLLM loads the base model only")
+    if adapter or (model and "+" in model):  # adapters imports the torch side's module: only when asked
+        from llmlab.backends import adapters
+
+        model = adapters.join(model, adapter)
+        if adapters.split(model)[1] is not None:
+            record = adapters.read_record(adapters.split(model)[1])
+            if chat is None and record.get("chat") is not None:  # the prompts it was trained on
+                chat = "on" if record["chat"] else "off"
+            if value(backend) == "vllm":
+                raise UsageError("--adapter runs on --backend hf; vLLM loads the base model only")
     cfg = ModelConfig(model, device, value(dtype), value(chat), placement.parse_device_map(device_map),
                       placement.parse_max_memory(max_memory), value(backend), tensor_parallel_size)
     if cfg.backend == "vllm":

@@ -3,8 +3,9 @@ Imports only typer and the standard library at module level (`llmlab --help` sta
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
@@ -15,6 +16,11 @@ from llmlab.core.errors import UsageError
 from llmlab.commands.app import model_config
 from llmlab.commands.options import (AdapterOpt, BackendOpt, Chat, Device, DeviceMapOpt, DtypeOpt, MaxMemoryOpt, MaxNewTokens, NoLog,
                                      PromptsDir, Quiet)
+
+if TYPE_CHECKING:  # types only: nothing more is imported at run time
+    from llmlab.io.items import Item
+    from llmlab.orchestration.compare import CompareOptions, Matrix, Variant
+    from llmlab.prompting.templates import Template
 
 PANEL = "Variants (every template x model x preset)"
 CompareShots = Annotated[Optional[int], typer.Option("--shots", min=0, show_default="each template's shots:, else 0",
@@ -69,7 +75,7 @@ def compare_cmd(
     # Each template's calibration, and the probe's rows where it is probe, read before any model time.
     probes = {t.name: compare.probe_for(t, flag, method) for t in templates}
     items = _items(input, field, limit, templates)
-    opts = {"input": input, "shots": shots, "seed": seed, "method": method, "calibration": flag,
+    opts: CompareOptions = {"input": input, "shots": shots, "seed": seed, "method": method, "calibration": flag,
             "field": field, "reference": reference, "device": device, "dtype": value(dtype), "chat": value(chat),
             "batch_size": batch_size, "generation": {"max_new_tokens": max_new_tokens, "seed": seed},
             "model": model_cfg, "probes": probes}
@@ -83,7 +89,7 @@ def compare_cmd(
     show_matrix(m, compare.select(m, show), format, output)
 
 
-def _run(chosen: list, items: list, opts: dict, input: str, no_log: bool):
+def _run(chosen: list[Variant], items: list[Item], opts: CompareOptions, input: str, no_log: bool) -> Matrix:
     """Every variant over the items, each logged as a run; the matrix."""
     from llmlab.orchestration import compare
     from llmlab.runs import runlog
@@ -91,8 +97,7 @@ def _run(chosen: list, items: list, opts: dict, input: str, no_log: bool):
     if runlog.enabled(no_log):
         runlog.connect().close()  # a log that can't be opened fails now, not after the first variant
 
-    def open_run(*args, **kwargs):
-        return runlog.open_run(*args, no_log=no_log, data=input, on_warn=console.warn, **kwargs)
+    open_run = functools.partial(runlog.open_run, no_log=no_log, data=input, on_warn=console.warn)
 
     with console.progress(len(items) * len(chosen), "comparing") as bar:
         return compare.run_compare(chosen, items, opts, open_run, bar, on_warn=console.warn)
@@ -118,7 +123,7 @@ def _check_folders(*paths: Optional[str]) -> None:
             raise UsageError(f"folder of '{path}' does not exist; create it or write elsewhere")
 
 
-def _items(path: str, field: str, limit: Optional[int], templates: list) -> list:
+def _items(path: str, field: str, limit: Optional[int], templates: list[Template]) -> list[Item]:
     """The inputs every variant runs on, checked against each template (or the prompt field)."""
     from llmlab.io import records as io
     from llmlab.prompting import prompts

@@ -14,8 +14,8 @@ from llmlab.core.config import Backend, Dtype, InputFormat, Method, Normalize, O
 from llmlab.commands.options import (CLASSIFY_PANEL, IO_PANEL, MODEL_PANEL, PROMPT_PANEL, BackendOpt, BatchSize, Chat, Device,
                             DeviceMapOpt, DryRun, DtypeOpt, Ensemble, Examples, InputFormatOpt, Limit, MaxMemoryOpt,
                             MaxNewTokens, MethodOpt, Model, NoLog, NormalizeOpt, Offset, OverflowOpt, PromptsDir,
-                            ProbeData, ProbeLayers, ProbeSize, Quiet, ShotFormatOpt, ShotSelection, TensorParallel,
-                            Verbose)
+                            ProbeData, ProbeLayers, ProbeSize, Quiet, Server, ShotFormatOpt, ShotSelection,
+                            TensorParallel, Verbose)
 
 
 # eval's own options (the shared ones are in options.py)
@@ -81,7 +81,8 @@ def eval_cmd(
     shot_selection: ShotSelection = None, shot_format: ShotFormatOpt = None,
     overflow: OverflowOpt = Overflow.drop_shots, examples: Examples = None, prompts_dir: PromptsDir = None,
     max_new_tokens: MaxNewTokens = None, batch_size: BatchSize = "16", input_format: InputFormatOpt = InputFormat.auto,
-    no_log: NoLog = False, processes: Processes = "1", quiet: Quiet = False, verbose: Verbose = False,
+    no_log: NoLog = False, processes: Processes = "1", server: Server = None, quiet: Quiet = False,
+    verbose: Verbose = False,
 ) -> None:
     """Measure prompt files on labeled data: every template x shot count x seed x calibration, one table.
 
@@ -92,6 +93,12 @@ def eval_cmd(
     from llmlab.orchestration import evaluate, parallel, resolve
 
     console.configure(quiet, verbose)
+    if server:
+        from llmlab.serving import client
+
+        client.refuse({"--adapter": adapter, "--processes": processes != "1", "--examples": examples,
+                       "--prompts-dir": prompts_dir, "--probe-data": probe_data, "--dry-run": dry_run},
+                      [t.partition("=")[0] for t in template or []])
     model_cfg = model_config(model, device, dtype, chat, device_map, max_memory, backend, tensor_parallel_size)
     if dry_run:
         show_placement(model_cfg)
@@ -103,9 +110,12 @@ def eval_cmd(
         parse_batch(batch_size), report, log_samples, adapter)
     the_plan = evaluate.make_plan(cfg)
     tasks = the_plan.tasks
-    _in_processes(processes, [t.data for t in tasks], model_cfg, max(len(t.items) for t in tasks))
-    # Only process 0 keeps the run log (it logs every process's items once they are gathered).
-    result = evaluate.run(the_plan, model_cfg, hooks(no_log or not parallel.is_main()))
+    if server:
+        result = client.evaluate(the_plan, model_cfg, hooks(no_log), server)
+    else:
+        _in_processes(processes, [t.data for t in tasks], model_cfg, max(len(t.items) for t in tasks))
+        # Only process 0 keeps the run log (it logs every process's items once they are gathered).
+        result = evaluate.run(the_plan, model_cfg, hooks(no_log or not parallel.is_main()))
     if not parallel.is_main():
         return
     result["processes"] = parallel.size()

@@ -6,16 +6,25 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from llmlab.commands.app import hooks, model_config
 from llmlab.core import console
 from llmlab.core.config import Backend, ChatMode, Dtype, value
+from llmlab.core.jsontypes import JSONValue
 from llmlab.core.errors import UsageError
+
+if TYPE_CHECKING:  # types only: nothing more is imported at run time
+    from rich.console import Console
+
+    from llmlab.core.config import ModelConfig
+    from llmlab.io.items import Item
+    from llmlab.learn.anatomy import Anatomy
+    from llmlab.prompting.templates import Template
 from llmlab.commands.options import (AdapterOpt, BackendOpt, DeviceMapOpt, MaxMemoryOpt, GEN_PANEL, IO_PANEL, MODEL_PANEL, PROMPT_PANEL, Chat, ConfigFile, Device, DtypeOpt,
-                            Greedy, InputFile, Model, PromptsDir, Quiet, RepetitionPenalty, Seed, Temperature,
+                            Greedy, InputFile, Model, PromptsDir, Quiet, RepetitionPenalty, Seed, Server, Temperature,
                             TemplateOpt, TopK, TopP, Vars)
 
 # Options these commands share with the others are declared once, in llmlab.commands.options; below, the ones
@@ -37,7 +46,7 @@ def _piped(format: str) -> bool:
     return format == "jsonl" or (format == "auto" and not sys.stdout.isatty())
 
 
-def _stdout():
+def _stdout() -> Console:
     from rich.console import Console
 
     return Console(highlight=False, soft_wrap=True)
@@ -118,8 +127,8 @@ def tokenize(
             tokens.render_budget(budget, out)
 
 
-def _tokenize_items(text: Optional[str], tmpl: Any, var: Optional[list[str]], input: Optional[str],
-                    field: str) -> list[Any]:
+def _tokenize_items(text: Optional[str], tmpl: Optional[Template], var: Optional[list[str]], input: Optional[str],
+                    field: str) -> list[Item]:
     """What `tokenize` shows: the rows of --input, else the argument (or stdin) as one item."""
     from llmlab.io import records as io
     from llmlab.prompting import prompts
@@ -141,11 +150,11 @@ def _tokenize_items(text: Optional[str], tmpl: Any, var: Optional[list[str]], in
     return [io.Item(0, {field: found}, "the text")]
 
 
-def _template_item(tmpl: Any, text: Optional[str], var: Optional[list[str]]) -> Any:
+def _template_item(tmpl: Template, text: Optional[str], var: Optional[list[str]]) -> Item:
     from llmlab.io import records as io
     from llmlab.prompting import prompts
 
-    values = prompts.parse_vars(var or [])
+    values: dict[str, JSONValue] = dict(prompts.parse_vars(var or []))
     if text is not None:
         missing = [f for f in tmpl.fields if f not in values]
         if len(missing) != 1:
@@ -183,7 +192,7 @@ def info(
     _show_info(a, _stdout())
 
 
-def _show_info(a: Any, out: Any) -> None:
+def _show_info(a: Anatomy, out: Console) -> None:
     from rich.table import Table
 
     from llmlab.learn.anatomy import CACHE_BYTES, DTYPE_BYTES, KINDS, TRAINING_EXTRA_BYTES, human, millions
@@ -260,6 +269,7 @@ def next_token(
     seed: Seed = None,
     config: ConfigFile = None,
     format: Format = "auto",
+    server: Server = None,
     quiet: Quiet = False,
 ) -> None:
     """The model's next-token distribution, and what temperature, top-k and top-p make of it.
@@ -277,17 +287,21 @@ def next_token(
     model_cfg = model_config(model, device, dtype, chat, device_map, max_memory, backend, adapter=adapter)
     piped = _piped(format)
     layers = [settings_mod.load_preset(config)] if config else []
-    settings = settings_mod.build(*layers, dict(
-        do_sample=None if greedy is None else not greedy, temperature=temperature, top_k=top_k, top_p=top_p,
-        repetition_penalty=repetition_penalty, seed=seed))
+    flags: dict[str, object] = dict(do_sample=None if greedy is None else not greedy, temperature=temperature,
+                                    top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed)
+    settings_mod.build(*layers, flags)  # checked here, before any work
     if steps < 1 or show < 1:
         raise UsageError(f"invalid --steps {steps} / --show {show}: both must be >= 1")
     text = _text(prompt)
     if text is None:
         raise UsageError('no prompt: run llmlab next "your prompt" or pipe one on stdin')
+    if server:
+        return _next_remote(server, model_cfg, text, {k: v for layer in [*layers, flags] for k, v in layer.items()
+                                                      if v is not None}, steps, show, piped)
     lm = Session(model_cfg, hooks=hooks(True)).lm
     use_chat = generation.use_chat(lm.tokenizer, value(chat) or "auto")
     out = None if piped else _stdout()
+    settings = settings_mod.build(*layers, flags)
     for step in nexttoken.walk(lm, generation.chat_text(lm.tokenizer, [{"role": "user", "content": text}])
                                if use_chat else text, use_chat, settings, steps, show):
         if piped or out is None:  # (out is None exactly when piped)
@@ -296,7 +310,24 @@ def next_token(
             nexttoken.render(step, out)
 
 
+def _next_remote(server: str, model_cfg: ModelConfig, text: str, flags: dict[str, object], steps: int, show: int,
+                 piped: bool) -> None:
+    """next --server: the server walks the steps; shown here as in-process."""
+    from llmlab.learn import nexttoken
+    from llmlab.serving import client
+
+    for data in client.next_steps(server, model_cfg, text, flags, steps, show):
+        if piped:
+            print(json.dumps(data, ensure_ascii=False), flush=True)
+        else:
+            nexttoken.render(nexttoken.Step.from_json(data), _stdout())
+
+
 # ---------------------------------------------------------------- lab
+
+
+LabServer = Annotated[Optional[str], typer.Option("--server", rich_help_panel=MODEL_PANEL, show_default="none",
+                                                  help="Not for lab (refused): lab keeps its own model loaded.")]
 
 
 def lab(
@@ -312,6 +343,7 @@ def lab(
     shots: Shots = 0,
     prompts_dir: PromptsDir = None,
     config: ConfigFile = None,
+    server: LabServer = None,
     quiet: Quiet = False,
 ) -> None:
     """An interactive session that keeps the model loaded: type a prompt, watch the completion stream.
@@ -323,6 +355,9 @@ def lab(
     from llmlab.learn import lab as lab_mod
 
     console.configure(quiet, False)
+    if server:
+        raise UsageError("--server: lab runs in-process only (it keeps its own model loaded, and its /tokens, "
+                         "/show and /next read the tokenizer here); drop --server, or use generate or next --server")
     model_cfg = model_config(model, device, dtype, chat, device_map, max_memory, backend, adapter=adapter)
     session = lab_mod.Session.start(model_cfg, template, shots, prompts_dir or [], config, hooks(True))
     session.run()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
@@ -11,6 +11,9 @@ from llmlab.commands.options import (IO_PANEL, PROMPT_PANEL, BatchSize, Device, 
                                      NoLog, Offset, PromptsDir, Quiet, Verbose)
 from llmlab.core import console
 from llmlab.core.config import Dtype
+
+if TYPE_CHECKING:  # types only: nothing more is imported at run time
+    from llmlab.optimizing.optimize import Result
 
 OptTemplate = Annotated[str, typer.Option("--template", "-t", rich_help_panel=PROMPT_PANEL, show_default=False,
                                           help="The start template: name or .yaml path. [required]")]
@@ -55,7 +58,7 @@ def optimize(
     table(optimizing.optimize(cfg, hooks(no_log)))
 
 
-def table(r: Any) -> None:
+def table(r: Result) -> None:
     """The held-out comparison on stdout; what was searched on stderr."""
     from llmlab.io import render
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
@@ -15,6 +15,9 @@ from llmlab.core.errors import UsageError
 from llmlab.commands.options import (IO_PANEL, Chat, Examples, InputFile, InputFormatOpt, Limit, MaxNewTokens, Model,
                             Offset, OverflowOpt, PromptsDir, Quiet, ShotFormatOpt, Shots, ShotSeed, ShotSelection,
                             Vars, Verbose)
+
+if TYPE_CHECKING:  # types only: nothing more is imported at run time
+    from llmlab.prompting.templates import Template
 
 prompt_app = typer.Typer(help="Prompt templates: list them, show one, render the exact prompts.",
                          no_args_is_help=True)
@@ -43,7 +46,7 @@ def prompt_list(prompts_dir: PromptsDir = None, format: ListFormat = "auto") -> 
     for problem in problems:  # a broken file is named on stderr; it never hides the others
         console.warn(problem)
     # a listing reads no examples file: it names the file (examples_file) instead of counting its rows
-    def examples(t: Any) -> str:
+    def examples(t: Template) -> str:
         return t.examples_path.name if t.examples_path else str(len(t.examples))
 
     if fmt == "jsonl":
@@ -67,12 +70,11 @@ def prompt_show(
     prompts_dir: PromptsDir = None,
 ) -> None:
     """Show a template: its file, fields, labels, example pool and defaults, then its source."""
-    from llmlab.io import render
-    from llmlab.orchestration import session
+    from llmlab.orchestration import prompt_render, session
     from llmlab.core.config import PromptConfig
 
     tmpl = session.required_template(PromptConfig(template, prompts_dir=list(prompts_dir or [])))
-    rows = render.template_info(tmpl)
+    rows = prompt_render.template_info(tmpl)
     width = max(len(k) for k, _ in rows)
     sys.stdout.write("".join(f"{k.ljust(width)}  {v}\n" for k, v in rows))
     sys.stdout.write("\n" + tmpl.source_text.rstrip("\n") + "\n")

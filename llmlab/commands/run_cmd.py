@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional, Protocol, Sequence
 
 import typer
 
@@ -11,6 +11,18 @@ from llmlab.commands.options import *  # noqa: F403 - the shared option declarat
 from llmlab.core import console
 from llmlab.core.config import (Backend, Dtype, GenEngine, InputFormat, Method, Normalize, OutputFormat, Overflow,
                                 ProbeConfig, value)
+
+if TYPE_CHECKING:  # types only: nothing more is imported at run time
+    from llmlab.prompting.templates import Template
+
+
+class Labelled(Protocol):
+    """What classify's table reads of the classifier (scoring.classify.Classifier, serving.client.Labels)."""
+
+    @property
+    def template(self) -> Template: ...
+    @property
+    def labels(self) -> Sequence[str]: ...
 
 
 # ---------------------------------------------------------------- generate
@@ -134,6 +146,7 @@ def classify(
         batch_size=parse_batch(batch_size), probe=ProbeConfig(probe_data, probe_size, probe_layers),
     )
     table = cfg.output.terminal and console.stdout_is_terminal()
+    done: Optional[tuple[Sequence[render.Classified], Labelled]]
     if server:
         from llmlab.serving import client
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Mapping, Optional, TypedDict
 
 import typer
 
@@ -37,7 +37,7 @@ def _db(write: bool = False):
     return runlog.connect(path, read_only=not write)  # reading works on read-only media too
 
 
-def _tsv(values: list[Any]) -> str:
+def _tsv(values: list[object]) -> str:
     return "\t".join("" if v is None else str(v).replace("\t", " ").replace("\n", " ") for v in values)
 
 
@@ -45,22 +45,37 @@ def _when(created: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(created))
 
 
-def _headline(run: dict[str, Any]) -> str:
+def _headline(run: Mapping[str, object]) -> str:
     """A run's main metric: accuracy or ROUGE-L; for eval runs the best combination's mean."""
     from llmlab.orchestration import report
 
-    metrics = run.get("metrics") or {}
+    metrics = run.get("metrics")
     series = report.sweep([run])
     if series:
         best = max(((p[1], p[0], s) for s in series for p in s["points"]), key=lambda t: t[0])
         return f"{best[2]['metric']} {best[0] * 100:.1f} ({plural(best[1], 'shot')})"
     for name in ("accuracy", "rougeL"):
-        if isinstance(metrics.get(name), (int, float)):
-            return f"{name} {metrics[name] * 100:.1f}"
+        value = metrics.get(name) if isinstance(metrics, dict) else None
+        if isinstance(value, (int, float)):
+            return f"{name} {value * 100:.1f}"
     return ""
 
 
-def _summary(run: dict[str, Any]) -> dict[str, Any]:
+class RunSummary(TypedDict):
+    """A run in `runs list` (and the head of `runs show`)."""
+
+    id: int
+    created: str
+    command: str
+    status: str
+    model: Optional[str]
+    templates: list[str]
+    items: int
+    seconds: Optional[float]
+    metric: str
+
+
+def _summary(run: dict[str, Any]) -> RunSummary:  # a row of runs.runquery (SQLite columns, JSON decoded)
     return {"id": run["id"], "created": _when(run["created"]), "command": run["command"], "status": run["status"],
             "model": run["model"], "templates": [t["name"] for t in run["templates"]], "items": run["n_items"],
             "seconds": None if run["seconds"] is None else round(run["seconds"], 2), "metric": _headline(run)}
@@ -122,15 +137,17 @@ def runs_show(run_id: RunId, show_items: Annotated[bool, typer.Option("--items",
                        i["gold"] or ""] for i in listed])
 
 
-def _metrics_text(metrics: Any) -> str:
+def _metrics_text(metrics: object) -> str:
     """Metrics for people: eval results as one line per combination, without confusion matrices."""
+    from llmlab.orchestration import report
     from llmlab.runs import runlog
 
-    if not metrics:
+    if not isinstance(metrics, dict) or not metrics:  # the JSON of the runs table's metrics column
         return ""
     lines = []
-    for r in metrics.get("results", []):
-        shown = " ".join(f"{k} {v * 100:.1f}" for k, v in r["metrics"].items() if isinstance(v, (int, float)))
+    for r in report.eval_results(metrics):
+        values = r["metrics"] if isinstance(r["metrics"], dict) else {}
+        shown = " ".join(f"{k} {v * 100:.1f}" for k, v in values.items() if isinstance(v, (int, float)))
         lines.append(f"{r['template']} shots={r['shots']} seed={r['seed']}{runlog.calibration_suffix(r.get('calibrate'))}: {shown}")
     lines += [f"{k}: {v}" for k, v in metrics.items() if k != "results"]
     return "\n".join(lines)

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any, Optional
+from typing import TYPE_CHECKING, ContextManager, Optional, TextIO
 
 from llmlab.core.errors import UsageError
+
+if TYPE_CHECKING:  # types only: nothing more is imported at run time
+    from llmlab.orchestration.compare import Matrix, Row
 
 
 def tty() -> bool:
@@ -29,7 +32,7 @@ def cut(text: str, width: int = 60) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
-def show_matrix(m: Any, rows: list[Any], fmt: str, output: Optional[str] = None) -> None:
+def show_matrix(m: Matrix, rows: list[Row], fmt: str, output: Optional[str] = None) -> None:
     """A comparison matrix: rich on a terminal, else JSONL or CSV (with a last summary record)."""
     import csv
 
@@ -40,7 +43,7 @@ def show_matrix(m: Any, rows: list[Any], fmt: str, output: Optional[str] = None)
         headers = (["combination"] if any(r.combo for r in rows) else []) + ["key", "input", "gold"]
         table = []
         for row in rows:
-            cells = ["" if c is None else {True: "✓ ", False: "✗ "}.get(c.correct, "") + cut(c.value, 40) for c in row.cells]
+            cells = ["" if c is None else ("✓ " if c.correct else "✗ " if c.correct is False else "") + cut(c.value, 40) for c in row.cells]
             table.append(([row.combo] if headers[0] == "combination" else []) + [row.key, cut(row.input, 40), row.gold or "", *cells])
         table.append([""] * (len(headers) - 3) + ["summary", "", ""] +
                      [f"{c.metric_name} {c.metric * 100:.1f}" if c.metric is not None else "" for c in m.columns])
@@ -57,7 +60,7 @@ def show_matrix(m: Any, rows: list[Any], fmt: str, output: Optional[str] = None)
                 out.write(json.dumps(rec, ensure_ascii=False) + "\n")
 
 
-def written(output: Optional[str]) -> Any:
+def written(output: Optional[str]) -> ContextManager[TextIO]:
     """stdout, or the file `output` written whole or not at all (llmlab.io.safewrite)."""
     import contextlib
 

@@ -10,12 +10,12 @@ import contextlib
 import logging
 import os
 import sys
-from typing import Iterator
-
-from rich.console import Console
-from rich.text import Text
+from typing import TYPE_CHECKING, Iterator, Protocol
 
 from llmlab import NOTICE
+
+if TYPE_CHECKING:  # rich loads on the first message: a command that prints none (generate --server) skips it
+    from rich.console import Console
 
 _state: dict = {"quiet": False, "verbose": False, "bar": None}  # bar: the progress bar on screen now
 
@@ -51,6 +51,8 @@ def stderr() -> Console:
     bar = _state["bar"]
     if bar is not None:
         return bar.console
+    from rich.console import Console
+
     return Console(file=sys.stderr, highlight=False, soft_wrap=True)
 
 
@@ -124,12 +126,16 @@ def verbose() -> bool:
 def info(message: str) -> None:
     """A progress log: shown on a terminal, or anywhere with --verbose; never with --quiet."""
     if not _state["quiet"] and (_state["verbose"] or _interactive()):
+        from rich.text import Text
+
         stderr().print(Text(message, style="dim"))
 
 
 def warn(message: str) -> None:
     """Something the user should know (a prompt was shortened...): shown unless --quiet."""
     if not _state["quiet"]:
+        from rich.text import Text
+
         stderr().print(Text.assemble(("warning:", "yellow"), " ", message))
 
 
@@ -148,8 +154,18 @@ def detail(message: str) -> None:
 def error(message: str) -> None:
     # Text, never markup: a message carries user text (a file named "[/x].jsonl", a label "[red]");
     # and one line, whatever an exception's text holds (a library's multi-line message)
+    from rich.text import Text
+
     message = " ".join(part.strip() for part in str(message).splitlines() if part.strip())
     stderr().print(Text.assemble(("error:", "red"), " ", message))
+
+
+class Bar(Protocol):
+    """What progress() yields: count finished items, or change the description."""
+
+    def advance(self, n: int = 1) -> None: ...
+
+    def describe(self, text: str) -> None: ...
 
 
 class _NullProgress:
@@ -191,7 +207,7 @@ def _columns() -> list:
 
 @contextlib.contextmanager
 def progress(total: int | None, description: str, console: Console | None = None,
-             get_time=None) -> Iterator[object]:
+             get_time=None) -> Iterator[Bar]:
     """A progress bar on stderr (items done of total, %, elapsed, measured rate, ETA); a no-op off a
     terminal or when quiet. `console` and `get_time` are for tests (a forced terminal, a fake clock)."""
     if console is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from llmlab.core.jsontypes import JSONValue
 
 
 @dataclass
@@ -13,7 +13,7 @@ class Item:
     """One input: its position among the inputs, its fields, and where it came from."""
 
     index: int
-    fields: dict[str, Any]
+    fields: dict[str, JSONValue]
     source: str  # "data.jsonl line 3", for error messages
 
     @property
@@ -36,5 +36,6 @@ def lines(text: str) -> list[str]:
     return [p[:-1] if p.endswith("\r") else p for p in parts]
 
 
-def cell(value: Any) -> Any:
+def cell(value: object) -> object:
+    """A value as one CSV cell: a list or an object as its JSON text, anything else as it is."""
     return json.dumps(value, ensure_ascii=False) if isinstance(value, (list, dict)) else value

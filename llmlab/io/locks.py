@@ -15,12 +15,15 @@ import os
 import signal
 import threading
 from pathlib import Path
-from typing import Any
+from types import FrameType
+from typing import Callable, Union
 
 from llmlab.core.errors import DataError
 
 # Exit status of a run stopped by SIGTERM: 128 + 15, what a shell reports for a process killed by it.
 SIGTERM_EXIT = 143
+# what signal.signal returns and takes: a function, SIG_DFL/SIG_IGN, or None (set outside Python)
+_Handler = Union[Callable[[int, Union[FrameType, None]], object], int, signal.Handlers, None]
 
 
 def lock_path(path: str) -> Path:
@@ -116,7 +119,7 @@ class OutputLock:
         self._fd = None
 
 
-def _on_sigterm(signum: int, frame: Any) -> None:
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     # Raised between two Python bytecodes, like KeyboardInterrupt for SIGINT: the `with` blocks
     # unwind, the output file is closed with every finished record in it, and the lock is dropped.
     raise SystemExit(SIGTERM_EXIT)
@@ -127,7 +130,7 @@ class SigtermAsExit:
     A no-op off the main thread (only it can set signal handlers)."""
 
     def __init__(self) -> None:
-        self._previous: Any = None
+        self._previous: _Handler = None
         self._installed = False
 
     def install(self) -> None:

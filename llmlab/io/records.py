@@ -10,13 +10,15 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from types import TracebackType
+from typing import Iterable, Mapping, Sequence
 
 from llmlab.core import console
 from llmlab.core.errors import DataError, Interrupted, UsageError
+from llmlab.core.jsontypes import JSONObject
 from llmlab.io.items import Item, lines  # noqa: F401 - Item and lines re-exported
 from llmlab.io.locks import SIGTERM_EXIT, OutputLock, SigtermAsExit
-from llmlab.io.safewrite import Writer, write_error
+from llmlab.io.safewrite import TextSink, Writer, write_error
 from llmlab.io.resume import (  # noqa: F401 - record_key re-exported
     check_same_input, check_same_settings, finished_records, record_key, settings_of, write_settings)
 
@@ -162,7 +164,7 @@ def require_field(items: Iterable[Item], field: str, option: str = "--field") ->
     require_text(items, [field])
 
 
-def _kind(value: Any) -> str:
+def _kind(value: object) -> str:
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -236,7 +238,7 @@ class Output:
     """
 
     def __init__(self, path: str | None, fmt: str = "auto", resume: bool = False, text_key: str = "completion",
-                 settings: dict[str, Any] | None = None):
+                 settings: Mapping[str, object] | None = None):
         self.path = None if path in (None, "-") else path
         self.settings = settings  # kept beside a file output; --resume refuses other ones
         self.fmt = output_format(path, fmt)
@@ -244,8 +246,8 @@ class Output:
         self.text_key = text_key
         self.done: set[str] = set()
         # key -> (line, record) of each record already in the file (with resume)
-        self.records: dict[str, tuple[int, dict[str, Any]]] = {}
-        self._file: Any = None  # the output file, unbuffered binary
+        self.records: dict[str, tuple[int, JSONObject]] = {}
+        self._file: io.FileIO | None = None  # the output file, unbuffered binary
         self._lock: OutputLock | None = None
         self._sigterm = SigtermAsExit()
         if resume:
@@ -279,7 +281,7 @@ class Output:
 
     def __enter__(self) -> Writer:
         append = bool(self.resume and self.path and os.path.exists(self.path) and self.done)
-        stream: Any  # the file (unbuffered binary: llmlab.io.safewrite.Writer) or stdout
+        stream: TextSink | io.FileIO  # the file (unbuffered binary: llmlab.io.safewrite.Writer) or stdout
         if self.path:
             try:
                 self._file = open(self.path, "ab" if append else "wb", buffering=0)  # unbuffered: see Writer
@@ -301,17 +303,17 @@ class Output:
             stream = console.data_stream()  # above a progress bar on the same terminal, never glued to it
         return Writer(stream, self.fmt, self.text_key, append, self.path or "stdout", len(self.done) if append else 0)
 
-    def __exit__(self, kind: Any, exc: Any, tb: Any) -> None:
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         self.close()
-        stopped = kind is not None and (issubclass(kind, KeyboardInterrupt) or
-                                        (issubclass(kind, SystemExit) and exc.code == SIGTERM_EXIT))
+        stopped = isinstance(exc, KeyboardInterrupt) or (isinstance(exc, SystemExit) and exc.code == SIGTERM_EXIT)
         if stopped and self.path and getattr(self, "_total", None):
             try:  # what is on disk now, whole records only
                 written = len(finished_records(self.path, self.fmt))
             except Exception:  # noqa: BLE001 - the message must not hide the interruption
                 written = len(self.done)
             raise Interrupted(f"interrupted: {written} of {self._total} written to {self.path}; rerun the same "
-                              "command with --resume to finish", 130 if issubclass(kind, KeyboardInterrupt) else SIGTERM_EXIT
+                              "command with --resume to finish", 130 if isinstance(exc, KeyboardInterrupt) else SIGTERM_EXIT
                               ) from exc
 
     def close(self) -> None:

@@ -6,10 +6,50 @@ from __future__ import annotations
 import math
 import statistics
 import sys
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Mapping, Protocol, Sequence
 
 from llmlab.core.config import plural  # noqa: F401 - used here and by the commands
 from llmlab.core.console import rate_text
+from llmlab.io.evalreport import ClassifyMetrics, MetricName, Report, Result, SeedRun, Stat
+from llmlab.io.items import Item
+
+if TYPE_CHECKING:
+    from rich.text import Text
+
+
+class Classified(Protocol):
+    """A classify result as the table shows it (llmlab.scoring.classify.Classification)."""
+
+    @property
+    def item(self) -> Item: ...
+    @property
+    def prediction(self) -> str: ...
+    @property
+    def probabilities(self) -> Mapping[str, float]: ...
+
+
+class Token(Protocol):
+    """One generated token with its log-probability (llmlab.backends.base.TokenLogprob)."""
+
+    @property
+    def text(self) -> str: ...
+    @property
+    def logprob(self) -> float: ...
+    @property
+    def top(self) -> Sequence[tuple[str, int, float]]: ...
+
+
+class Prompted(Protocol):
+    @property
+    def prompt(self) -> str: ...
+
+
+class Generated(Protocol):
+    """A generation's output with --logprobs (llmlab.backends.base.GenOutput)."""
+
+    @property
+    def logprobs(self) -> Sequence[Sequence[Token]] | None: ...
+
 
 
 def plain_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -46,7 +86,7 @@ def show(headers: Sequence[str], rows: Sequence[Sequence[str]], title: str | Non
     sys.stdout.write(text)
 
 
-def clip(text: Any, width: int = 60) -> str:
+def clip(text: object, width: int = 60) -> str:
     shown = " ".join(str(text).split())
     return shown if len(shown) <= width else shown[: width - 3] + "..."
 
@@ -54,7 +94,7 @@ def clip(text: Any, width: int = 60) -> str:
 # ---------------------------------------------------------------- classify
 
 
-def classifications(results: Sequence[Any], labels: Sequence[str], field: str, target: str | None) -> None:
+def classifications(results: Sequence[Classified], labels: Sequence[str], field: str, target: str | None) -> None:
     """One row per input: the input, the gold label and a mark when the input has one, the prediction
     and every label's probability; then an accuracy line over the labeled rows."""
     labeled = [r for r in results if target and target in r.item.fields]
@@ -68,13 +108,13 @@ def classifications(results: Sequence[Any], labels: Sequence[str], field: str, t
         row += [r.prediction, *(f"{r.probabilities[label]:.3f}" for label in labels)]
         rows.append(row)
     footer = None
-    if labeled:
+    if labeled and target:  # labeled: target is set
         right = sum(r.prediction == str(r.item.fields[target]) for r in labeled)
         footer = f"accuracy {100 * right / len(labeled):.1f}% ({right} of {len(labeled)} labeled inputs)"
     show(headers, rows, footer=footer)
 
 
-def classify_summary(metrics: dict[str, Any], path: str) -> str:
+def classify_summary(metrics: ClassifyMetrics, path: str) -> str:
     """classify -o's closing line: 'wrote 40 predictions to out.jsonl; accuracy 85.0% on 40 labeled inputs'."""
     line = f"wrote {plural(metrics['items'], 'prediction')} to {path}"
     if metrics.get("labeled"):
@@ -85,7 +125,7 @@ def classify_summary(metrics: dict[str, Any], path: str) -> str:
 # ---------------------------------------------------------------- eval
 
 
-def pct(stat: dict[str, float], scale: float = 100.0) -> str:
+def pct(stat: Stat, scale: float = 100.0) -> str:
     """mean ± std, then [min–max] when the seeds differ."""
     text = f"{stat['mean'] * scale:.1f}"
     if stat.get("std"):
@@ -95,7 +135,7 @@ def pct(stat: dict[str, float], scale: float = 100.0) -> str:
     return text
 
 
-def summed_confusion(runs: Sequence[dict[str, Any]]) -> tuple[list[str], list[str], list[list[int]]]:
+def summed_confusion(runs: Sequence[SeedRun]) -> tuple[list[str], list[str], list[list[int]]]:
     """The confusion matrices of every seed added up (rows gold, columns predicted)."""
     labels = runs[0]["metrics"]["confusion"]["labels"]
     columns = list(labels)
@@ -124,17 +164,17 @@ def precision_recall(labels: Sequence[str], columns: Sequence[str], matrix: Sequ
     return ", ".join(parts)
 
 
-def mean_std(stat: dict[str, float], scale: float = 100.0) -> str:
+def mean_std(stat: Stat, scale: float = 100.0) -> str:
     """mean ± std (the table's cell; the range is in the detail and the report)."""
     text = f"{stat['mean'] * scale:.1f}"
     return text + (f" ± {stat['std'] * scale:.1f}" if stat.get("std") else "")
 
 
-METRICS = {"classify": [("accuracy %", "accuracy"), ("macro-F1 %", "macro_f1")],
+METRICS: dict[str, list[tuple[str, MetricName]]] = {"classify": [("accuracy %", "accuracy"), ("macro-F1 %", "macro_f1")],
            "generate": [("ROUGE-1", "rouge1"), ("ROUGE-2", "rouge2"), ("ROUGE-L", "rougeL"), ("exact %", "exact_match")]}
 
 
-def eval_rows(report: dict[str, Any], task: str) -> tuple[list[str], list[list[str]]]:
+def eval_rows(report: Report, task: str) -> tuple[list[str], list[list[str]]]:
     """The table of one task's combinations: what fits 120 columns (per-label detail: eval_detail)."""
     headers = ["template", "data", "shots", "calibration", "seeds", "n", *(h for h, _ in METRICS[task]), "items/s"]
     rows = []
@@ -153,7 +193,7 @@ EVAL_CAPTION = ("mean ± std over seeds; items/s: mean over seeds (a calibration
                 "and confusion; --report FILE: every number as JSON")
 
 
-def eval_detail(report: dict[str, Any]) -> list[str]:
+def eval_detail(report: Report) -> list[str]:
     """Under the table (eval --detail): each combination's min–max over seeds and, for classify, its
     per-label precision/recall and confusion matrix (every seed's predictions summed)."""
     lines = []
@@ -175,7 +215,7 @@ COST_HEADERS = ["model", "k", "train s", "trainable", "adapter", "prompt tok/ite
                 "Δ acc vs in-context [95% CI]"]
 
 
-def cost_cells(result: dict[str, Any]) -> list[str]:
+def cost_cells(result: Result) -> list[str]:
     """eval --adapter's columns: which model, the labelled rows used, training time, trainable
     parameters, adapter size, prompt tokens and inference GFLOPs per item ("-": not applicable)."""
     c = result.get("cost") or {}
@@ -187,19 +227,19 @@ def cost_cells(result: dict[str, Any]) -> list[str]:
             dash(c.get("vs_in_context"), lambda v: f"{100 * v['diff']:+.1f} [{100 * v['low']:+.1f}, {100 * v['high']:+.1f}]")]
 
 
-def _sourced(value: Any, source: str | None) -> str:
+def _sourced(value: object, source: str | None) -> str:
     """A resolved setting: `4 (template)` when the template's own default gave it, else just `4`."""
     return f"{value} (template)" if source == "template" else str(value)
 
 
-def _calibration(value: Any) -> str:
+def _calibration(value: object) -> str:
     """The calibration method of a combination (reports from before methods had names hold a bool)."""
     if isinstance(value, bool):
         return "contextual" if value else "off"
     return str(value)
 
 
-def eval_table(report: dict[str, Any], detail: bool = False) -> None:
+def eval_table(report: Report, detail: bool = False) -> None:
     """One table per task (classify, generate), each within 120 columns; with detail, the per-label
     numbers under it. Every number is also in the JSON report (eval --report)."""
     datas = {(d["name"], d["items"]) for d in report["data"]}
@@ -228,30 +268,6 @@ def token_summary(counts: Sequence[int], window: int | None, budget: int | None)
         line += f"; window {window}" + (f" ({budget} for the prompt)" if budget != window else "")
         line += f", {over} over"
     return line
-
-
-def template_info(template: Any) -> list[tuple[str, str]]:
-    """`llmlab prompt show`: what a template is made of, as (key, value) rows."""
-    from llmlab.core.settings import build, normalize_keys
-
-    settings = build(normalize_keys(template.generation, template.name) if template.generation else {})
-    pool = str(template.examples_path) if template.examples_path else "inline in the template"
-    labels = ", ".join(f"{k} ({v})" if v != k else k for k, v in template.labels.items())
-    shots = template.shots or 0
-    defaults = f"shots {shots}" + (f", calibrate {template.calibrate or 'off'}" if template.task == "classify" else "")
-    defaults += (f", chat {template.chat or 'auto'}, shot format {template.shot_format or 'turns'}, shot selection "
-                f"{'balanced' if template.task == 'classify' else 'first'}, max_new_tokens {settings.max_new_tokens}")
-    if settings.stop:
-        defaults += f", stop {settings.stop!r}"
-    rows = [("name", template.name), ("file", str(template.path)), ("task", template.task),
-            ("description", template.description), ("fields", ", ".join(template.fields)),
-            ("target", template.target or "-")]
-    if template.task == "classify":
-        rows.append(("labels", labels))
-    if template.references:
-        rows.append(("references", ", ".join(template.references)))
-    rows += [("examples", f"{len(template.examples)} ({pool})"), ("defaults", defaults)]
-    return rows
 
 
 def size_text(size: float | None) -> str:
@@ -286,7 +302,7 @@ def prob_text(logprob: float) -> str:
     return f"{100 * math.exp(logprob):.1f}%"
 
 
-def coloured(tokens: Sequence[Any], before: str = "") -> Any:
+def coloured(tokens: Sequence[Token], before: str = "") -> Text:
     """A completion as rich Text: `before` plain, then each token's text in its probability's colour."""
     from rich.text import Text
 
@@ -296,7 +312,7 @@ def coloured(tokens: Sequence[Any], before: str = "") -> Any:
     return line
 
 
-def token_probabilities(job: Any, output: Any, echo: bool) -> None:
+def token_probabilities(job: Prompted, output: Generated, echo: bool) -> None:
     """One prompt's completions on a terminal, each token coloured by how likely the model found
     it (a legend follows); with --top-logprobs, a table of every step's alternatives."""
     from rich.console import Console
@@ -304,18 +320,19 @@ def token_probabilities(job: Any, output: Any, echo: bool) -> None:
     from rich.text import Text
 
     out = Console(file=sys.stdout, highlight=False, soft_wrap=True)
-    for n, tokens in enumerate(output.logprobs):
+    logprobs = output.logprobs or []  # shown only for a generation run with --logprobs
+    for n, tokens in enumerate(logprobs):
         line = coloured(tokens, job.prompt if echo else "")
-        out.print(Text(f"[{n + 1}] ") + line if len(output.logprobs) > 1 else line)
+        out.print(Text(f"[{n + 1}] ") + line if len(logprobs) > 1 else line)
     legend = Text("token colour = its probability under the model: ", style="dim")
     for n, band in enumerate(prob_bands()):
         legend.append("  " if n else "").append(*band)
     out.print(legend)
-    for n, tokens in enumerate(output.logprobs):
+    for n, tokens in enumerate(logprobs):
         if not any(t.top for t in tokens):
             continue
         table = Table("#", "token", "p", "alternatives (most likely first)",
-                      title=f"completion {n + 1}" if len(output.logprobs) > 1 else None)
+                      title=f"completion {n + 1}" if len(logprobs) > 1 else None)
         for k, t in enumerate(tokens):
             alts = Text()
             for text, _, lp in t.top:

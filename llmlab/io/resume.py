@@ -7,13 +7,14 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Mapping, Protocol, Sequence
 
 from llmlab.core.errors import DataError, UsageError
+from llmlab.core.jsontypes import JSONObject, JSONValue
 from llmlab.io.items import Item, cell, lines
 
 
-def record_key(record: dict[str, Any]) -> str:
+def record_key(record: Mapping[str, object]) -> str:
     if record.get("id") not in (None, ""):
         return f"id:{record['id']}"
     return f"index:{record.get('index')}"
@@ -26,7 +27,7 @@ RECORD_KEYS = {
 }
 
 
-def _same_field(name: str, value: Any, record: dict[str, Any], fmt: str) -> bool:
+def _same_field(name: str, value: object, record: Mapping[str, object], fmt: str) -> bool:
     if name in RECORD_KEYS:
         return True
     if name not in record:
@@ -40,7 +41,7 @@ def _same_field(name: str, value: Any, record: dict[str, Any], fmt: str) -> bool
     return stored == value
 
 
-def check_same_input(path: str, fmt: str, records: dict[str, tuple[int, dict[str, Any]]],
+def check_same_input(path: str, fmt: str, records: dict[str, tuple[int, JSONObject]],
                       items: Sequence[Item]) -> None:
     by_key = {item.key: item for item in items}
     for key, (line, record) in records.items():
@@ -57,7 +58,7 @@ def check_same_input(path: str, fmt: str, records: dict[str, tuple[int, dict[str
                         "write to a different --output, or drop --resume to start over")
 
 
-def finished_records(path: str, fmt: str) -> dict[str, tuple[int, dict[str, Any]]]:
+def finished_records(path: str, fmt: str) -> dict[str, tuple[int, JSONObject]]:
     """The records already in an output file by key, with their line; drops a torn last line left by a crash."""
     if not os.path.exists(path):
         return {}
@@ -67,7 +68,7 @@ def finished_records(path: str, fmt: str) -> dict[str, tuple[int, dict[str, Any]
         data = data[: data.rfind(b"\n") + 1]
         os.truncate(path, len(data))  # in place: nothing rewritten, so nothing more to lose
     text = data.decode("utf-8", errors="replace")
-    records: dict[str, tuple[int, dict[str, Any]]] = {}
+    records: dict[str, tuple[int, JSONObject]] = {}
     if fmt == "csv":
         reader = csv.DictReader(io.StringIO(text, newline=""))
         for row in reader:
@@ -94,16 +95,28 @@ def finished_records(path: str, fmt: str) -> dict[str, tuple[int, dict[str, Any]
 # ---------------------------------------------------------------- the settings an output was written with
 
 
-def settings_of(config: dict[str, Any], template: Any = None) -> dict[str, Any]:
+class SourcedTemplate(Protocol):
+    """What settings_of reads of a template (llmlab.prompting.templates.Template)."""
+
+    name: str
+    source_text: str
+
+
+def _part(config: Mapping[str, object], key: str) -> Mapping[str, object]:
+    value = config.get(key, {})
+    return value if isinstance(value, dict) else {}
+
+
+def settings_of(config: Mapping[str, object], template: SourcedTemplate | None = None) -> dict[str, object]:
     """What decides an output's records (kept beside the file; --resume refuses others): the run's
     config as the run log keeps it, less where it runs (device, batch size) and which rows it reads
     (--resume checks those itself), plus a hash of the template's own text."""
     import hashlib
 
     kept = {k: v for k, v in config.items() if k not in ("output", "batch_size", "gen_engine", "preset", "flags")}
-    kept["input"] = {"field": config.get("input", {}).get("field")}
-    kept["model"] = {k: v for k, v in config.get("model", {}).items() if k in ("spec", "dtype", "chat", "backend")}
-    kept["prompt"] = {k: v for k, v in config.get("prompt", {}).items() if k not in ("prompts_dir", "vars")}
+    kept["input"] = {"field": _part(config, "input").get("field")}
+    kept["model"] = {k: v for k, v in _part(config, "model").items() if k in ("spec", "dtype", "chat", "backend")}
+    kept["prompt"] = {k: v for k, v in _part(config, "prompt").items() if k not in ("prompts_dir", "vars")}
     if template is not None:
         kept["template"] = {"name": template.name,
                             "sha256": hashlib.sha256(template.source_text.encode()).hexdigest()[:16]}
@@ -116,7 +129,7 @@ def settings_path(path: str) -> Path:
     return target.with_name(f".{target.name}.settings.json")
 
 
-def _difference(there: Any, now: Any, name: str = "") -> str | None:
+def _difference(there: JSONValue, now: JSONValue, name: str = "") -> str | None:
     """The first setting that differs, as "name X there, Y now"; None when all agree."""
     if isinstance(there, dict) and isinstance(now, dict):
         for key in sorted(set(there) | set(now)):
@@ -129,7 +142,7 @@ def _difference(there: Any, now: Any, name: str = "") -> str | None:
     return f"{name} {json.dumps(there)} there, {json.dumps(now)} now"
 
 
-def check_same_settings(path: str, settings: dict[str, Any]) -> None:
+def check_same_settings(path: str, settings: Mapping[str, object]) -> None:
     """--resume: refuse to add records made with other settings (model, template, generation...) to
     those already in `path`. An output with no settings file beside it (written by hand, or before
     llmlab kept one) is resumed as it is."""
@@ -143,7 +156,7 @@ def check_same_settings(path: str, settings: dict[str, Any]) -> None:
                          "resume it, or write to a different --output")
 
 
-def write_settings(path: str, settings: dict[str, Any]) -> None:
+def write_settings(path: str, settings: Mapping[str, object]) -> None:
     """Written whole (a temporary file renamed); an OSError (a full disk) is the caller's to report."""
     target = settings_path(path)
     tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")

@@ -19,7 +19,7 @@ import os
 import stat
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, TextIO
+from typing import Iterator, Mapping, Protocol, TextIO
 
 from llmlab.core.errors import DataError
 from llmlab.io.items import cell
@@ -80,6 +80,14 @@ def write_text(path: str, text: str) -> None:
         out.write(text)
 
 
+class TextSink(Protocol):
+    """Where records go when not to a file: stdout (llmlab.core.console.data_stream())."""
+
+    def write(self, text: str, /) -> int: ...
+
+    def flush(self) -> None: ...
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -91,9 +99,8 @@ class Writer:
     finished row. A file is written unbuffered, one write per record; when a write fails (a full
     disk) the file is cut back to its last whole record and the error names the file and the fix."""
 
-    def __init__(self, stream: Any, fmt: str, text_key: str = "completion", append: bool = False,
+    def __init__(self, stream: TextSink | io.RawIOBase, fmt: str, text_key: str = "completion", append: bool = False,
                  name: str = "", kept: int = 0):
-        self.stream = stream
         self.fmt = fmt
         self.text_key = text_key
         self._csv: csv.DictWriter | None = None
@@ -101,10 +108,11 @@ class Writer:
         self._append = append
         self.count = 0
         self.name, self.kept = name, kept  # the file, and the records already in it (--resume)
+        self._sink: TextSink | None = None if isinstance(stream, io.RawIOBase) else stream
         self._fd = stream.fileno() if isinstance(stream, io.RawIOBase) else None
         self._good = os.fstat(self._fd).st_size if self._fd is not None else 0  # bytes of whole records
 
-    def _text(self, record: dict[str, Any]) -> str:
+    def _text(self, record: Mapping[str, object]) -> str:
         if self.fmt == "jsonl":
             return json.dumps(record, ensure_ascii=False) + "\n"
         if self.fmt == "csv":
@@ -119,12 +127,12 @@ class Writer:
         value = record.get(self.text_key, "")
         return (value if isinstance(value, str) else json.dumps(value)) + "\n"
 
-    def write(self, record: dict[str, Any]) -> None:
+    def write(self, record: Mapping[str, object]) -> None:
         text = self._text(record)
-        if self._fd is None:
-            self.stream.write(text)
-            self.stream.flush()
-        else:
+        if self._sink is not None:
+            self._sink.write(text)
+            self._sink.flush()
+        elif self._fd is not None:
             data = memoryview(text.encode("utf-8"))
             try:
                 while data:

@@ -78,6 +78,13 @@ class Step:
                 "warpers": self.warpers, "chosen": _record(self.chosen), "kept": self.kept, "vocab": self.vocab,
                 "top": [_record(c) for c in self.top], "completion": self.completion, "end": self.end}
 
+    @classmethod
+    def from_json(cls, data: StepRecord) -> "Step":
+        """to_json's dict back (`llmlab next --server` shows the server's steps)."""
+        return cls(data["step"], data["context_tokens"], [Candidate(**c) for c in data["top"]],
+                   Candidate(**data["chosen"]), data["kept"], data["vocab"], data["mode"], data["completion"],
+                   data["end"], list(data["warpers"]))
+
 
 def _record(c: Candidate) -> CandidateRecord:
     return {"rank": c.rank, "id": c.id, "token": c.token, "text": c.text, "p": c.p, "p_warped": c.p_warped,

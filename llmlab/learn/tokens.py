@@ -5,7 +5,7 @@ the input, the formatting around them) against the model's context window. No to
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence, TypedDict
+from typing import TYPE_CHECKING, Any, Mapping, Sequence, TypedDict
 
 from llmlab.core.errors import TemplateError
 
@@ -128,7 +128,7 @@ def assign_parts(tokens: list[Token], parts: list[Part]) -> list[Part]:
     return parts + [fmt]
 
 
-def template_pieces(template: Template, values: dict[str, object], pool: Sequence[dict[str, object]],
+def template_pieces(template: Template, values: Mapping[str, object], pool: Sequence[Mapping[str, object]],
                     shots: Sequence[int]) -> list[tuple[str, str]]:
     """(part name, text) of a template prompt in the order they appear in it."""
     from llmlab.prompting.prompts import fill

@@ -12,12 +12,21 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 from llmlab.core.config import OptimizeConfig
 from llmlab.core.errors import DataError, TemplateError, UsageError
+from llmlab.core.jsontypes import JSONObject
 from llmlab.optimizing import search as searching
 from llmlab.optimizing import space as spaces
+
+if TYPE_CHECKING:  # types only: nothing more is imported at run time
+    from llmlab.backends.base import LM
+    from llmlab.io.items import Item
+    from llmlab.orchestration.session import Hooks, Session
+    from llmlab.prompting.templates import Template
+    from llmlab.scoring.probe import Source
+    from llmlab.scoring.stats import Difference
 
 MIN_SEARCH, MIN_HELD = 4, 2
 POOL_FROM_DATA = 16  # rows set aside as demonstrations when the template has no examples
@@ -40,9 +49,9 @@ class Result:
     winner: str  # what the winner changes
     start_search: tuple[float, int]  # (mean score, rows) of the start template in the search
     winner_search: tuple[float, int]
-    difference: Any  # stats.Difference: start (a) vs winner (b) on the held-out rows
+    difference: Difference  # start (a) vs winner (b) on the held-out rows
     seconds: float
-    trajectory: list[Any] = field(default_factory=list)
+    trajectory: list[searching.Step] = field(default_factory=list)
     prompts: list[str] = field(default_factory=list)  # the winner's held-out prompts, in row order
 
 
@@ -67,7 +76,7 @@ def check(cfg: OptimizeConfig) -> None:
     check_output_path(cfg.output, "-o", inputs=[cfg.data, cfg.test])
 
 
-def split(items: Sequence[Any], held: Sequence[Any] | None, share: float, seed: int) -> tuple[list, list]:
+def split(items: Sequence[Item], held: Sequence[Item] | None, share: float, seed: int) -> tuple[list[Item], list[Item]]:
     """(search rows in the seeded order the mini-batches take them, held-out rows in file order)."""
     order = list(items)
     random.Random(seed).shuffle(order)
@@ -80,7 +89,7 @@ def split(items: Sequence[Any], held: Sequence[Any] | None, share: float, seed: 
     return order, list(held)
 
 
-def read(cfg: OptimizeConfig, template: Any) -> tuple[list, list, list[str]]:
+def read(cfg: OptimizeConfig, template: Template) -> tuple[list[Item], list[Item], list[str]]:
     """(search rows, held-out rows, reference fields), every row checked against the template."""
     from llmlab.orchestration import evalplan
     from llmlab.orchestration.session import read_input
@@ -95,7 +104,7 @@ def read(cfg: OptimizeConfig, template: Any) -> tuple[list, list, list[str]]:
     return search, held, refs
 
 
-def pool_for(cfg: OptimizeConfig, template: Any, search: list) -> tuple[list[dict], list]:
+def pool_for(cfg: OptimizeConfig, template: Template, search: list[Item]) -> tuple[list[JSONObject], list[Item]]:
     """(demonstration pool, search rows left): --examples, the template's examples, else a few
     search rows set aside (never scored in the search)."""
     from llmlab.prompting.prompts import check_examples, load_examples
@@ -135,7 +144,8 @@ def schedule(space: spaces.Space, cfg: OptimizeConfig, rows: int, probe_rows: in
                      "scored items; raise --budget")
 
 
-def propose(session: Any, template: Any, pool: Sequence[dict], count: int, seed: int) -> list[str]:
+def propose(session: Session, template: Template, pool: Sequence[Mapping[str, object]], count: int,
+            seed: int) -> list[str]:
     """Instructions the loaded model writes from a few demonstrations (greedy, one line each)."""
     from llmlab.backends.models import GenRequest
     from llmlab.orchestration.session import chat_for, settings_for
@@ -166,7 +176,7 @@ def propose(session: Any, template: Any, pool: Sequence[dict], count: int, seed:
     return found
 
 
-def lineage(cfg: OptimizeConfig, template: Any, r: Result) -> list[str]:
+def lineage(cfg: OptimizeConfig, template: Template, r: Result) -> list[str]:
     d = r.difference
     pct = (lambda x: f"{x:.1%}") if r.task == "classify" else (lambda x: f"{x:.4f}")
     return [
@@ -180,7 +190,7 @@ def lineage(cfg: OptimizeConfig, template: Any, r: Result) -> list[str]:
     ]
 
 
-def optimize(cfg: OptimizeConfig, hooks: Any = None, lm: Any = None) -> Result:
+def optimize(cfg: OptimizeConfig, hooks: Hooks | None = None, lm: LM | None = None) -> Result:
     """Check, split, search within the budget, score start and winner once on the held-out rows,
     write the winner; returns the result for the table."""
     from llmlab.orchestration.session import Hooks, find_template
@@ -221,7 +231,7 @@ def optimize(cfg: OptimizeConfig, hooks: Any = None, lm: Any = None) -> Result:
     return result
 
 
-def _probe(template: Any, hooks: Any) -> Any:
+def _probe(template: Template, hooks: Hooks) -> Source | None:
     """The template's probe rows (read, not fitted) when it names some: the probe readout's data."""
     from llmlab.orchestration.session import probe_source
 
@@ -230,13 +240,14 @@ def _probe(template: Any, hooks: Any) -> Any:
     return probe_source(None, "probe", template, hooks)
 
 
-def _logged(cfg: OptimizeConfig) -> dict[str, Any]:
+def _logged(cfg: OptimizeConfig) -> dict[str, object]:
     import dataclasses
 
     return dataclasses.asdict(cfg)
 
 
-def _search(variants: list, rows: list, rungs: list, scorer: searching.Scorer, hooks: Any) -> tuple:
+def _search(variants: list[spaces.Variant], rows: list[Item], rungs: list[searching.Rung], scorer: searching.Scorer,
+            hooks: Hooks) -> tuple[int, list[searching.Step], dict[int, searching.Scores]]:
     """Successive halving with a progress bar over the planned scored items and one line per rung."""
     metric = "accuracy" if scorer.space.template.task == "classify" else "ROUGE-L"
     base = variants[0]
@@ -250,7 +261,8 @@ def _search(variants: list, rows: list, rungs: list, scorer: searching.Scorer, h
         return searching.halve(variants, rows, rungs, scorer, told, bar.advance)
 
 
-def _held_out(scorer: searching.Scorer, start: Any, winner: Any, held: list, hooks: Any) -> tuple:
+def _held_out(scorer: searching.Scorer, start: spaces.Variant, winner: spaces.Variant, held: list[Item],
+              hooks: Hooks) -> tuple[searching.Scores, searching.Scores]:
     """The start template's and the winner's scores on the held-out rows: each scored once, here."""
     with hooks.progress(len(held) * (1 if winner == start else 2), "held-out") as bar:
         a = scorer.score(start, held, len(held))
@@ -262,8 +274,9 @@ def _held_out(scorer: searching.Scorer, start: Any, winner: Any, held: list, hoo
     return a, b
 
 
-def _result(cfg: OptimizeConfig, template: Any, space: Any, variants: list, winner: int, last: dict,
-            start_held: Any, win_held: Any, steps: list, proposed: list, n_search: int, n_held: int, spent: int,
+def _result(cfg: OptimizeConfig, template: Template, space: spaces.Space, variants: list[spaces.Variant], winner: int,
+            last: dict[int, searching.Scores], start_held: searching.Scores, win_held: searching.Scores,
+            steps: list[searching.Step], proposed: list[str], n_search: int, n_held: int, spent: int,
             seconds: float) -> Result:
     from llmlab.scoring import stats
 
@@ -280,7 +293,7 @@ def _result(cfg: OptimizeConfig, template: Any, space: Any, variants: list, winn
     )
 
 
-def _metrics(r: Result) -> dict[str, Any]:
+def _metrics(r: Result) -> dict[str, object]:
     """The run log's record of the search: the trajectory and the held-out comparison."""
     import dataclasses
 

@@ -10,11 +10,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from llmlab.core.config import PromptConfig
 from llmlab.core.errors import UsageError
 from llmlab.optimizing import space as spaces
+
+if TYPE_CHECKING:  # types only: nothing more is imported at run time
+    from llmlab.io.items import Item
+    from llmlab.orchestration.session import Session
+    from llmlab.prompting.prompts import PromptBuilder
+    from llmlab.prompting.templates import Template
+    from llmlab.scoring.classify import Classifier
+    from llmlab.scoring.probe import Source
 
 
 @dataclass
@@ -65,7 +73,7 @@ class Scores:
 class Scorer:
     """Scores variants of one template on rows through the session; counts scored items."""
 
-    def __init__(self, session: Any, space: spaces.Space, batch_size: int, probe: Any = None,
+    def __init__(self, session: Session, space: spaces.Space, batch_size: int, probe: Source | None = None,
                  references: Sequence[str] = ()):
         from llmlab.orchestration.session import settings_for
 
@@ -73,13 +81,13 @@ class Scorer:
         self.references = list(references)
         self.settings = settings_for(space.template)
         self.spent = 0  # scored items: variant x row, plus probe rows fitted
-        self._classifiers: dict[spaces.Variant, Any] = {}
-        self._generated: dict[tuple[Any, ...], tuple[str, str]] = {}  # (variant, row) -> (prompt, completion)
+        self._classifiers: dict[spaces.Variant, Classifier] = {}
+        self._generated: dict[tuple[spaces.Variant, str, int], tuple[str, str]] = {}  # (variant, row) -> (prompt, completion)
 
-    def _builder(self, template: Any) -> Any:
+    def _builder(self, template: Template) -> PromptBuilder:
         return self.session.builder(template, PromptConfig(), self.settings.max_new_tokens, None)
 
-    def classifier(self, v: spaces.Variant) -> Any:
+    def classifier(self, v: spaces.Variant) -> Classifier:
         from llmlab.scoring import classify
 
         if v not in self._classifiers:
@@ -93,15 +101,15 @@ class Scorer:
                 self.spent += len(probe.items)
         return self._classifiers[v]
 
-    def score(self, v: spaces.Variant, items: Sequence[Any], new: int) -> Scores:
+    def score(self, v: spaces.Variant, items: Sequence[Item], new: int) -> Scores:
         """Scores of `v` on `items`, of which the last `new` were not scored for it before."""
         self.spent += new
         if self.space.template.task == "classify":
             return self._classify(v, items)
         return self._generate(v, items)
 
-    def _classify(self, v: spaces.Variant, items: Sequence[Any]) -> Scores:
-        target = self.space.template.target
+    def _classify(self, v: spaces.Variant, items: Sequence[Item]) -> Scores:
+        target = self.space.template.target or ""  # a classify template has one (the loader checks)
         out = Scores()
         for r in self.classifier(v).classify(items, chunk=2 * self.batch_size):
             gold = str(r.item.fields[target])
@@ -110,7 +118,7 @@ class Scorer:
             out.prompts.append(r.prompt)
         return out
 
-    def _generate(self, v: spaces.Variant, items: Sequence[Any]) -> Scores:
+    def _generate(self, v: spaces.Variant, items: Sequence[Item]) -> Scores:
         from llmlab.orchestration.session import run_jobs
         from llmlab.scoring import generation, metrics
 
@@ -138,7 +146,7 @@ class Step:
     kept: int
 
 
-def halve(candidates: Sequence[spaces.Variant], rows: Sequence[Any], rungs: Sequence[Rung], scorer: Scorer,
+def halve(candidates: Sequence[spaces.Variant], rows: Sequence[Item], rungs: Sequence[Rung], scorer: Scorer,
           on_step: Callable[[Step], None] = lambda step: None,
           on_scored: Callable[[int], None] = lambda n: None) -> tuple[int, list[Step], dict[int, Scores]]:
     """Successive halving: each rung scores the variants still in on the first rung.rows rows and

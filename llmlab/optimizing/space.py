@@ -10,7 +10,9 @@ import random
 import re
 import string
 from dataclasses import dataclass, replace
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
+
+from llmlab.core.jsontypes import JSONObject
 
 from llmlab.prompting.templates import Template
 
@@ -53,7 +55,7 @@ class Space:
     """The axes' values for one template."""
 
     template: Template
-    pool: list[dict[str, Any]]
+    pool: list[JSONObject]
     instructions: dict[str, str]  # key -> text (written ones already filled with the template's labels)
     label_sets: dict[str, dict[str, str]]
     demo_sets: list[tuple[int, ...]]
@@ -162,7 +164,7 @@ def label_sets(t: Template) -> dict[str, dict[str, str]]:
     return out
 
 
-def demo_sets(t: Template, pool: Sequence[dict[str, Any]], start_shots: int) -> list[tuple[int, ...]]:
+def demo_sets(t: Template, pool: Sequence[Mapping[str, object]], start_shots: int) -> list[tuple[int, ...]]:
     """Demonstration lists: each shot count (up to the pool), DRAWS draws of which rows, each as
     drawn and shuffled."""
     from llmlab.prompting.prompts import select_shots
@@ -181,7 +183,7 @@ def demo_sets(t: Template, pool: Sequence[dict[str, Any]], start_shots: int) -> 
     return sets
 
 
-def make_space(t: Template, pool: list[dict[str, Any]], proposed: Sequence[str] = ()) -> Space:
+def make_space(t: Template, pool: list[JSONObject], proposed: Sequence[str] = ()) -> Space:
     from llmlab.prompting.prompts import options_for, select_shots
 
     opts = options_for(t)

@@ -7,10 +7,13 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from llmlab.core.errors import TemplateError
 from llmlab.prompting.templates import Template
+
+if TYPE_CHECKING:  # types only: nothing more is imported at run time
+    import yaml
 
 # the keys that decide the prompt and its reading, compared after loading the written file back
 _SAME = ("task", "instruction", "input", "target", "labels", "separator", "answer_prefix", "examples", "chat",
@@ -23,14 +26,14 @@ def _relative(path: Path, folder: Path) -> str:
     return str(Path(path).resolve()) if rel.startswith(os.path.join("..", "..")) else rel
 
 
-def _dumper() -> Any:
+def _dumper() -> type[yaml.SafeDumper]:
     """safe_dump, with text that holds line breaks written in double quotes ("\\n"), as people write them."""
     import yaml
 
     class Dumper(yaml.SafeDumper):
         pass
 
-    def text(dumper: Any, value: str) -> Any:
+    def text(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
         style = '"' if "\n" in value or value != value.strip() else None
         return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
 
@@ -38,10 +41,10 @@ def _dumper() -> Any:
     return Dumper
 
 
-def template_mapping(t: Template, folder: Path, name: str) -> dict[str, Any]:
+def template_mapping(t: Template, folder: Path, name: str) -> dict[str, object]:
     """The YAML mapping of template `t` written into `folder` (file paths made relative to it)."""
     fields = t.fields + ([t.target] if t.target else [])
-    data: dict[str, Any] = {"name": name, "description": t.description, "task": t.task}
+    data: dict[str, object] = {"name": name, "description": t.description, "task": t.task}
     if t.instruction:
         data["instruction"] = t.instruction
     data["input"] = t.input
@@ -75,8 +78,9 @@ def write(t: Template, path: str, lineage: Sequence[str]) -> Template:
 
     target = Path(path)
     data = template_mapping(t, target.parent, target.stem)
-    if data.get("examples") is not None and not isinstance(data["examples"], str):
-        data["examples"] = [{k: str(v) for k, v in e.items()} for e in data["examples"]]
+    examples = data.get("examples")
+    if isinstance(examples, list):  # written in (not a file's path): every value as text
+        data["examples"] = [{k: str(v) for k, v in e.items()} for e in examples]
     text = "".join(f"# {line}\n" for line in lineage)
     text += yaml.dump(data, Dumper=_dumper(), sort_keys=False, allow_unicode=True, width=1_000_000,
                       default_flow_style=False)

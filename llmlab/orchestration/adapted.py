@@ -4,12 +4,31 @@ trained on become the defaults of the commands that run it."""
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Callable, Protocol
 
 from llmlab.core.config import ModelConfig, PromptConfig
+from llmlab.io.evalreport import Cost, Result, Versus
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # types only: nothing more is imported at run time
     from llmlab.backends.adapters import Record
+    from llmlab.backends.base import LM
+    from llmlab.prompting.templates import Template
+
+
+class Warns(Protocol):
+    """The session's hooks, as far as this module uses them (session.Hooks)."""
+
+    @property
+    def warn(self) -> Callable[[str], None]: ...
+
+
+class Task(Protocol):
+    """A template and its data (evalplan.EvalTask)."""
+
+    @property
+    def template(self) -> Template: ...
+    @property
+    def data(self) -> str: ...
 
 
 def adapters_in(model: ModelConfig) -> bool:
@@ -18,8 +37,8 @@ def adapters_in(model: ModelConfig) -> bool:
     return adapters.split(model.spec)[1] is not None
 
 
-def adapter_defaults(model: ModelConfig, prompt: PromptConfig, template: Any,
-                     hooks: Any) -> tuple[ModelConfig, PromptConfig]:
+def adapter_defaults(model: ModelConfig, prompt: PromptConfig, template: Template | None,
+                     hooks: Warns) -> tuple[ModelConfig, PromptConfig]:
     """With an adapter, the prompts it was trained on: its shots and chat mode (unless --shots and
     --chat are given), and a word when the template is not the one it was trained with."""
     from llmlab.backends import adapters
@@ -49,18 +68,7 @@ def parse_adapters(text: str | None) -> list[str]:
     return folders
 
 
-def matching(plan_: Any, record: Record) -> list[Any]:
-    return [t for t in plan_.tasks if t.template.name == record.get("template")]
-
-
-def extra_items(plan_: Any) -> int:
-    """Items the adapter rows score (for the progress bar's total)."""
-    from llmlab.backends import adapters
-
-    return sum(len(t.items) for f in plan_.adapters for t in matching(plan_, adapters.read_record(f)))
-
-
-def versus(result: dict[str, Any], rows: list[dict[str, Any]], task: Any) -> dict[str, Any] | None:
+def versus(result: Result, rows: list[Result], task: Task) -> Versus | None:
     """The adapter's accuracy minus the first in-context row's on the same items (that row's first
     seed), with a 95% paired bootstrap interval."""
     from llmlab.scoring.stats import bootstrap_ci
@@ -76,17 +84,24 @@ def versus(result: dict[str, Any], rows: list[dict[str, Any]], task: Any) -> dic
             "diff": diff, "low": low, "high": high}
 
 
-def cost(result: dict[str, Any], lm: Any, record: Record | None = None, folder: str | None = None,
-         probe_rows: int = 0) -> dict[str, Any]:
+def _number(value: object) -> float | None:
+    """A number of an adapter's settings (JSON values), else None."""
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def cost(result: Result, lm: LM, record: Record | None = None, folder: str | None = None,
+         probe_rows: int = 0) -> Cost:
     """What a row cost: labelled rows used (k), training time, trainable parameters, adapter bytes,
     prompt tokens per item and inference FLOPs per item (2N per token the model reads, N its
     parameters; prompt tuning's virtual tokens count as read)."""
     from llmlab.backends import adapters
 
     per_run = [r["metrics"].get("prompt_tokens") for r in result["runs"]]
-    tokens = sum(per_run) / len(per_run) if all(t is not None for t in per_run) else None
+    known = [t for t in per_run if t is not None]
+    tokens = sum(known) / len(per_run) if len(known) == len(per_run) else None
     n = adapters.parameter_count(lm)
-    virtual = (record or {}).get("settings", {}).get("virtual_tokens", 0) if (record or {}).get("method") == "prompt" else 0
+    settings = (record or {}).get("settings", {})
+    virtual = (_number(settings.get("virtual_tokens", 0)) or 0) if (record or {}).get("method") == "prompt" else 0
     k: int | None  # None where the record lacks it
     trainable: int | None
     cpu = None

@@ -11,14 +11,40 @@ import itertools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, ContextManager, Mapping, Optional, Sequence, TypedDict
 
 from llmlab.core.errors import UsageError
 
 if TYPE_CHECKING:  # types only: nothing more is imported at run time
+    from llmlab.backends.base import LM
     from llmlab.core.config import ModelConfig, PromptConfig
-    from llmlab.orchestration.session import Hooks
+    from llmlab.core.console import Bar
+    from llmlab.io.items import Item
+    from llmlab.orchestration.session import Hooks, RunLog, Session
     from llmlab.prompting.templates import Template
+    from llmlab.scoring.probe import Source
+
+# A logged run or item as the run log reads it back (runs.runquery: one dict per SQLite row).
+Logged = Mapping[str, object]
+
+
+class CompareOptions(TypedDict):
+    """`llmlab compare`'s settings shared by every variant (logged with each variant's run)."""
+
+    input: str
+    shots: Optional[int]
+    seed: Optional[int]
+    method: str
+    calibration: Optional[str]
+    field: str
+    reference: Optional[str]
+    device: str
+    dtype: str
+    chat: Optional[str]
+    batch_size: int
+    generation: dict[str, object]  # generation flags: max_new_tokens, seed
+    model: ModelConfig
+    probes: dict[str, Optional[Source]]  # template name -> its probe rows (calibration probe), else None
 
 
 @dataclass
@@ -64,42 +90,52 @@ class Matrix:
     rows: list[Row]
 
 
-def _input_text(item: dict[str, Any]) -> str:
+def _text(value: object) -> str | None:
+    """A logged TEXT column: None when NULL."""
+    return None if value is None else str(value)
+
+
+def _input_text(item: Logged) -> str:
     """The input's own fields (extra["input"], as logged), without the id and the gold label in any
     form (label, label_id, label_text...: never `text | 0`); else the prompt's end."""
-    fields = (item.get("extra") or {}).get("input")
+    extra = item.get("extra")
+    fields = extra.get("input") if isinstance(extra, dict) else None
     if isinstance(fields, dict):
         shown = [str(v) for k, v in fields.items()
                  if k != "id" and "label" not in k.lower() and str(v) != item.get("gold")]
         if shown:
             return " | ".join(shown)
-    return (item.get("prompt") or "")[-200:]
+    return (_text(item.get("prompt")) or "")[-200:]
 
 
-def matrix(runs: Sequence[dict[str, Any]], items_of: Callable[[int], list[dict[str, Any]]]) -> Matrix:
+def matrix(runs: Sequence[Logged], items_of: Callable[[int], Sequence[Logged]]) -> Matrix:
     """The matrix of logged runs: a column per (run, template), a row per (combination, input key).
     Items are matched by key across columns; a column without a row's input shows an empty cell."""
     columns: list[Column] = []
     cells: dict[tuple[str, str], dict[int, Cell]] = {}
     rows: dict[tuple[str, str], Row] = {}
     for run in runs:
-        by_template: dict[str, list[dict[str, Any]]] = {}
-        for item in items_of(run["id"]):
-            by_template.setdefault(item["template"], []).append(item)
+        run_id = run["id"]
+        assert isinstance(run_id, int)  # the runs table's INTEGER PRIMARY KEY
+        by_template: dict[str, list[Logged]] = {}
+        for item in items_of(run_id):
+            by_template.setdefault(_text(item["template"]) or "", []).append(item)
         for template, found in by_template.items():
             task = "classify" if any(i["prediction"] is not None for i in found) else "generate"
             name = template or run.get("model") or run.get("command")
             column = len(columns)
-            label = run.get("label") or f"#{run['id']} {name}"
-            columns.append(Column(label, run["id"], template, task))
+            label = _text(run.get("label")) or f"#{run_id} {name}"
+            columns.append(Column(label, run_id, template, task))
             for item in found:
-                at = (item["combo"], item["key"])
+                at = (_text(item["combo"]) or "", _text(item["key"]) or "")
                 if at not in rows:
-                    rows[at] = Row(item["combo"], item["key"], item["idx"], _input_text(item), item["gold"])
-                value = item["prediction"] if task == "classify" else item["output"]
+                    index = item["idx"]
+                    rows[at] = Row(*at, index if isinstance(index, int) else 0, _input_text(item), _text(item["gold"]))
+                value = _text(item["prediction"] if task == "classify" else item["output"])
                 correct = None if task != "classify" or item["gold"] is None else item["prediction"] == item["gold"]
-                cells.setdefault(at, {})[column] = Cell(value or "", correct, item["prompt"] or "",
-                                                        item.get("probabilities"))
+                probabilities = item.get("probabilities")
+                cells.setdefault(at, {})[column] = Cell(value or "", correct, _text(item["prompt"]) or "",
+                                                        probabilities if isinstance(probabilities, dict) else None)
     ordered = sorted(rows.values(), key=lambda r: (_natural(r.combo), r.index, r.key))
     for row in ordered:
         row.cells = [cells[(row.combo, row.key)].get(n) for n in range(len(columns))]
@@ -109,7 +145,7 @@ def matrix(runs: Sequence[dict[str, Any]], items_of: Callable[[int], list[dict[s
     return result
 
 
-def _natural(text: str) -> list[Any]:
+def _natural(text: str) -> list[int | str]:
     """Sort key: numbers as numbers ("shots=4" before "shots=16")."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
@@ -139,11 +175,11 @@ def select(m: Matrix, which: str) -> list[Row]:
     return list(m.rows)
 
 
-def records(m: Matrix, rows: Sequence[Row]) -> list[dict[str, Any]]:
+def records(m: Matrix, rows: Sequence[Row]) -> list[dict[str, object]]:
     """One flat record per row (JSONL/CSV): input, gold, then each column's value (and correct mark)."""
     out = []
     for row in rows:
-        rec: dict[str, Any] = {"combo": row.combo, "key": row.key, "input": row.input, "gold": row.gold}
+        rec: dict[str, object] = {"combo": row.combo, "key": row.key, "input": row.input, "gold": row.gold}
         for column, cell in zip(m.columns, row.cells):
             rec[column.label] = None if cell is None else cell.value
             if column.task == "classify" and row.gold is not None:
@@ -152,11 +188,24 @@ def records(m: Matrix, rows: Sequence[Row]) -> list[dict[str, Any]]:
     return out
 
 
-def summary(m: Matrix) -> dict[str, Any]:
+def summary(m: Matrix) -> dict[str, object]:
     return {"summary": True, **{c.label: {c.metric_name: c.metric} if c.metric_name else None for c in m.columns}}
 
 
 # ---------------------------------------------------------------- llmlab compare: running variants
+
+
+class VariantItem(TypedDict):
+    """One input's result in one variant, as run_variant hands it on (a run log item)."""
+
+    index: int
+    key: str
+    prompt: str
+    gold: str | None
+    extra: dict[str, object]  # {"input": the item's fields}
+    output: str | None  # the completion (classify --method generate: the text the label was read from)
+    prediction: str | None  # classify
+    probabilities: dict[str, float] | None  # classify
 
 
 @dataclass
@@ -167,13 +216,13 @@ class Variant:
     preset: Path | None = None  # a YAML generation preset
 
 
-def variants(templates: Sequence[Any], models: Sequence[str], presets: Sequence[Path]) -> list[Variant]:
+def variants(templates: Sequence[Template], models: Sequence[str], presets: Sequence[Path]) -> list[Variant]:
     """Every template x model x preset; at least two, all of one task."""
     found = []
     unset: list[None] = [None]  # the one "variant" of an axis that was not given
     for t, m, p in itertools.product(templates or unset, models or unset, presets or unset):
         # A variant's label names only what varies: the template, the model (its folder's name), the preset.
-        parts = [t.name if len(templates) > 1 else None, Path(m).name if m and len(models) > 1 else None,
+        parts = [t.name if t is not None and len(templates) > 1 else None, Path(m).name if m and len(models) > 1 else None,
                  p.stem if p and len(presets) > 1 else None]
         found.append(Variant(" / ".join(x for x in parts if x) or "default", t, m, p))
     if len(found) < 2:
@@ -184,8 +233,8 @@ def variants(templates: Sequence[Any], models: Sequence[str], presets: Sequence[
     return found
 
 
-def run_variant(variant: Variant, items: Sequence[Any], opts: dict[str, Any], sessions: dict[Any, Any],
-                on_item: Callable[[dict[str, Any]], None], on_warn: Callable[[str], None] | None = None) -> Any:
+def run_variant(variant: Variant, items: Sequence[Item], opts: CompareOptions, sessions: dict[str | None, Session],
+                on_item: Callable[[VariantItem], None], on_warn: Callable[[str], None] | None = None) -> LM:
     """THE adapter to the model side: open the variant's model through a Session (one per model,
     kept in `sessions`), resolve the template's defaults by the rule every command follows
     (orchestration.resolve), classify or generate, and hand each finished item to on_item as a
@@ -205,9 +254,11 @@ def run_variant(variant: Variant, items: Sequence[Any], opts: dict[str, Any], se
     gold_field = tmpl.target if tmpl else opts.get("reference")
     gold = {it.index: (str(it.fields[gold_field]) if gold_field and gold_field in it.fields else None) for it in items}
 
-    def emit(item: Any, prompt: str, **values: Any) -> None:
+    def emit(item: Item, prompt: str, output: str | None, prediction: str | None = None,
+             probabilities: dict[str, float] | None = None) -> None:
         on_item({"index": item.index, "key": item.key, "prompt": prompt, "gold": gold[item.index],
-                 "extra": {"input": item.fields}, **values})
+                 "extra": {"input": item.fields}, "output": output, "prediction": prediction,
+                 "probabilities": probabilities})
 
     if tmpl is not None:
         builder = session.builder(tmpl, prompt, settings.max_new_tokens, opts["input"])
@@ -232,19 +283,17 @@ def run_variant(variant: Variant, items: Sequence[Any], opts: dict[str, Any], se
     return lm
 
 
-def _variant_prompt(variant: Variant, opts: Mapping[str, object],
-                    hooks: "Hooks") -> tuple["ModelConfig", "PromptConfig", str | None]:
+def _variant_prompt(variant: Variant, opts: CompareOptions,
+                    hooks: Hooks) -> tuple[ModelConfig, PromptConfig, str | None]:
     """(model config, prompt config, --calibration) of a variant: a model with an adapter scores the
     prompts it was trained on (its shots and chat mode, uncalibrated) unless --shots/--calibration say."""
     from dataclasses import replace
 
-    from llmlab.core.config import ModelConfig, PromptConfig
+    from llmlab.core.config import PromptConfig
     from llmlab.orchestration import adapted
 
-    given, shots, seed, flag = opts["model"], opts["shots"], opts["seed"], opts["calibration"]
-    assert isinstance(given, ModelConfig) and (shots is None or isinstance(shots, int))
-    assert (seed is None or isinstance(seed, int)) and (flag is None or isinstance(flag, str))
-    model = replace(given, spec=variant.model)
+    shots, seed, flag = opts["shots"], opts["seed"], opts["calibration"]
+    model = replace(opts["model"], spec=variant.model)
     prompt = PromptConfig(variant.template.name if variant.template else "", shots, seed=seed)
     if variant.template is None or not adapted.adapters_in(model):
         return model, prompt, flag
@@ -252,7 +301,7 @@ def _variant_prompt(variant: Variant, opts: Mapping[str, object],
     return model, prompt, flag or "off"
 
 
-def probe_for(template: Template, calibration: str | None, method: str) -> Any:
+def probe_for(template: Template, calibration: str | None, method: str) -> Source | None:
     """The template's probe rows (scoring.probe.Source) when its resolved calibration is probe, read
     and checked now, before any model time; else None."""
     from llmlab.orchestration import resolve
@@ -261,21 +310,21 @@ def probe_for(template: Template, calibration: str | None, method: str) -> Any:
     return probe_source(None, resolve.calibration(calibration, template, method).value, template)
 
 
-def run_compare(chosen: Sequence[Variant], items: Sequence[Any], opts: dict[str, Any], open_run: Callable[..., Any],
-                progress: Any = None, on_warn: Callable[[str], None] | None = None) -> Matrix:
+def run_compare(chosen: Sequence[Variant], items: Sequence[Item], opts: CompareOptions,
+                open_run: Callable[..., ContextManager[RunLog]], progress: Bar | None = None,
+                on_warn: Callable[[str], None] | None = None) -> Matrix:
     """Run every variant over the same items, each logged as its own `compare` run; the matrix of them.
     on_warn: where prompt warnings go (dropped shots...); the CLI's console.warn."""
-    sessions: dict[Any, Any] = {}
-    found: list[list[dict[str, Any]]] = []
+    sessions: dict[str | None, Session] = {}
+    found: list[list[Logged]] = []
     for variant in chosen:
-        kept: list[dict[str, Any]] = []
+        kept: list[Logged] = []
         template = variant.template.name if variant.template else ""
         config = {**{k: v for k, v in opts.items() if k not in ("model", "probes")}, "variant": variant.label,
                   "preset": str(variant.preset) if variant.preset else None}
         with open_run("compare", config=config, model=variant.model, templates=variant.template) as log:
 
-            def keep(rec: dict[str, Any]) -> None:
-                rec = {"output": None, "prediction": None, "probabilities": None, **rec}
+            def keep(rec: VariantItem) -> None:
                 log.item(rec["index"], rec["prompt"], rec["output"], rec["prediction"], rec["probabilities"],
                          rec["gold"], rec["extra"], key=rec["key"], template=template)
                 kept.append({**rec, "idx": rec["index"], "template": template, "combo": ""})

@@ -3,9 +3,9 @@ calibration, parsed from options or a --plan file, and the data checked before a
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import TYPE_CHECKING, Mapping, Optional, Sequence
 
 from llmlab.core.config import EvalConfig, ProbeConfig, PromptConfig
 from llmlab.core.errors import DataError, UsageError
@@ -14,6 +14,7 @@ from llmlab.orchestration import resolve
 
 if TYPE_CHECKING:  # types only: nothing more is imported at run time
     from llmlab.prompting.templates import Template
+    from llmlab.scoring.probe import Source
 
 # ---------------------------------------------------------------- the plan
 
@@ -27,7 +28,7 @@ class Combo:
     sources: dict[str, str] = field(default_factory=dict)  # shots/calibrate -> flag, template or default
 
     @property
-    def template(self) -> Any:
+    def template(self) -> Template:
         return self.task.template
 
 
@@ -63,13 +64,13 @@ class EvalPlan:
     sample_seed: int = 0
     probe: Optional[ProbeConfig] = None  # --probe-data etc.: what --calibration probe fits on
     adapters: list[str] = field(default_factory=list)  # --adapter a,b: a row per adapter beside the others
-    _sources: dict[str, Any] = field(default_factory=dict, repr=False)  # template name -> probe.Source
+    _sources: dict[str, Source] = field(default_factory=dict, repr=False)  # template name -> probe.Source
 
     def combos(self) -> list[Combo]:
         return plan(self.tasks, self.shots, self.seeds, self.calibration, self.method,
                     self.probe.data if self.probe else None)
 
-    def probe_sources(self) -> dict[str, Any]:
+    def probe_sources(self) -> dict[str, Source]:
         """Each classify template's probe rows, read and checked once, before any model time
         (empty when the plan has no probe)."""
         from llmlab.orchestration.session import probe_source
@@ -140,7 +141,7 @@ def load_plan_file(path: str) -> list[tuple[str, str]]:
     return out
 
 
-def plan_config(plan_: EvalPlan, chat: Optional[str]) -> dict[str, Any]:
+def plan_config(plan_: EvalPlan, chat: Optional[str]) -> dict[str, object]:
     """The settings of an eval, as the JSON report and the run log record them."""
     combos = plan_.combos()
     return {"shots": sorted({c.shots for c in combos}), "seeds": plan_.seeds,
@@ -154,6 +155,18 @@ def plan_config(plan_: EvalPlan, chat: Optional[str]) -> dict[str, Any]:
             "shot_selection": plan_.prompt.selection, "shot_format": plan_.prompt.shot_format,
             "overflow": plan_.prompt.overflow, "examples": plan_.prompt.examples, "adapters": list(plan_.adapters),
             "generation": {"max_new_tokens": plan_.max_new_tokens} if plan_.max_new_tokens else {}}
+
+
+def adapter_tasks(plan_: EvalPlan, record: Mapping[str, object]) -> list[EvalTask]:
+    """The plan's tasks whose template is the one an adapter (its record) was trained with."""
+    return [t for t in plan_.tasks if t.template.name == record.get("template")]
+
+
+def extra_items(plan_: EvalPlan) -> int:
+    """Items the adapter rows score (for the progress bar's total)."""
+    from llmlab.backends import adapters
+
+    return sum(len(t.items) for f in plan_.adapters for t in adapter_tasks(plan_, adapters.read_record(f)))
 
 
 # ---------------------------------------------------------------- data checks
@@ -194,7 +207,7 @@ def prepare(specs: Sequence[tuple[str, str]], prompt: PromptConfig, fmt: str, of
     read: dict[str, list[Item]] = {}
     tasks = []
     for name, data in specs:
-        template = session.find_template(session.with_prompt(prompt, template=name, shots=None))
+        template = session.find_template(replace(prompt, template=name, shots=None))
         assert template is not None  # a name was given
         if data not in read:
             read[data] = session.read_input(data, fmt, "text", offset, limit, sample, sample_seed)

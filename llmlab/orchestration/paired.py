@@ -5,18 +5,20 @@ ROUGE-L), Holm-corrected over the comparisons of the run."""
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Final, Sequence
 
-KEY = "item_scores"  # each seed's per-row scores, in row order: put in by evaluate, taken out here
+from llmlab.io.evalreport import Paired, Report, Result, SeedRun
+
+KEY: Final = "item_scores"  # each seed's per-row scores, in row order: put in by evaluate, taken out here
 
 
-def row_scores(run_list: Sequence[dict[str, Any]]) -> list[float]:
+def row_scores(run_list: Sequence[SeedRun]) -> list[float]:
     """Each row's score averaged over the seeds (a row is the same input in every seed)."""
     columns: list[tuple[float, ...]] = list(zip(*(run[KEY] for run in run_list)))
     return [sum(c) / len(c) for c in columns]
 
 
-def differences(results: Sequence[dict[str, Any]], seed: int = 0) -> list[dict[str, Any]]:
+def differences(results: Sequence[Result], seed: int = 0) -> list[Paired]:
     """One entry per combination after the first of its data: difference (its mean minus the
     baseline's), low, high, p, p_holm, test. The per-row scores are removed from `results`."""
     from llmlab.scoring import stats
@@ -26,7 +28,7 @@ def differences(results: Sequence[dict[str, Any]], seed: int = 0) -> list[dict[s
         for run in r["runs"]:
             run.pop(KEY, None)
     first: dict[tuple[str, str], int] = {}
-    found: list[dict[str, Any]] = []
+    found: list[Paired] = []
     for n, r in enumerate(results):
         group = (r["data"], r["task"])
         if group not in first:
@@ -42,11 +44,11 @@ def differences(results: Sequence[dict[str, Any]], seed: int = 0) -> list[dict[s
     return found
 
 
-def label(result: dict[str, Any]) -> str:
+def label(result: Result) -> str:
     return f"{result['template']} {result['shots']}-shot {result['calibrate']}"
 
 
-def rows(report: dict[str, Any]) -> list[list[str]]:
+def rows(report: Report) -> list[list[str]]:
     """The short table's rows: combination, baseline, difference and interval in points, Holm p."""
     results = report["results"]
     out = []

@@ -19,7 +19,7 @@ import re
 import socket
 import subprocess
 import sys
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Callable, Sequence, TypeVar, cast
 
 from llmlab.core.errors import UsageError
 
@@ -70,13 +70,13 @@ def share_count(total: int) -> int:
     return len(range(rank, total, n))
 
 
-def _all_gather(value: Any) -> list[Any]:
+def _all_gather(value: T) -> list[T]:
     """value from every process, indexed by rank (any picklable object)."""
     import torch.distributed as dist
 
-    out: list[Any] = [None] * size()
+    out: list[object] = [None] * size()
     dist.all_gather_object(out, value)
-    return out
+    return cast("list[T]", out)  # every slot now holds one process's value (each a T: they run the same code)
 
 
 def gather(mine: Sequence[T], total: int) -> list[T]:
@@ -128,7 +128,7 @@ _TORCHRUN_LOG = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d")
 _EXIT_CODE = re.compile(r"exitcode\s*:\s*(-?\d+)")
 
 
-def launch(args: Sequence[str], processes: int, write: Callable[[str], Any], debug: bool = False) -> int:
+def launch(args: Sequence[str], processes: int, write: Callable[[str], object], debug: bool = False) -> int:
     """Run the command in `processes` processes and wait; the exit status of the group (a failed
     process's own status when one failed). The processes' stderr passes through write(); torchrun's
     own log lines and failure report are dropped (kept with debug). CPU threads are divided

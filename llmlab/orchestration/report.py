@@ -9,7 +9,7 @@ import html
 import json
 import statistics
 from pathlib import Path
-from typing import Any, Mapping, Sequence, TypedDict
+from typing import Mapping, Sequence, TypedDict
 
 from llmlab.core.config import plural
 from llmlab.orchestration import compare
@@ -22,24 +22,61 @@ COLORS = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0
 # ---------------------------------------------------------------- data from eval runs
 
 
+# A logged run as the run log reads it back (runs.runquery): metrics, id, command, templates...
+Logged = Mapping[str, object]
+
+
+class Series(TypedDict):
+    """One line of the shot-sweep curve: a point per shot count, (shots, mean, std, seeds)."""
+
+    label: str
+    calibrated: bool
+    metric: str
+    points: list[tuple[int, float, float, int]]
+
+
+class ConfusionBox(TypedDict):
+    """A confusion matrix summed over seeds (rows gold, columns predicted)."""
+
+    title: str
+    labels: list[str]
+    predicted: list[str]
+    matrix: list[list[int]]
+    seeds: int
+
+
 def headline(task: str) -> str:
     return "accuracy" if task == "classify" else "rougeL"
 
 
-def sweep(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+def eval_results(metrics: object) -> list[dict[str, object]]:
+    """An eval run's logged results (runlog: metrics["results"], one per seed); [] for other runs."""
+    results = metrics.get("results", []) if isinstance(metrics, dict) else []
+    return [r for r in results if isinstance(r, dict)] if isinstance(results, list) else []
+
+
+def _where(run: Logged, r: Mapping[str, object]) -> tuple[int, str, str]:
+    """(run id, template, calibration suffix) of a logged result."""
+    run_id = run["id"]
+    assert isinstance(run_id, int)  # the runs table's INTEGER PRIMARY KEY
+    return run_id, str(r["template"]), runlog.calibration_suffix(r.get("calibrate"))
+
+
+def sweep(runs: Sequence[Logged]) -> list[Series]:
     """Shot-sweep series from eval runs' metrics["results"] (see runlog): one per run x template x
     calibration, a point per shot count with the mean and sample std over seeds."""
     series: dict[tuple[int, str, str], dict[int, list[float]]] = {}  # (run, template, calibration suffix)
     tasks: dict[tuple[int, str, str], str] = {}
     for run in runs:
-        for r in (run.get("metrics") or {}).get("results", []):
-            metric = headline(r.get("task", "classify"))
-            if metric not in r.get("metrics", {}) or r.get("tuned"):  # adapters: on the learning curves
+        for r in eval_results(run.get("metrics")):
+            task, values, shots = str(r.get("task", "classify")), r.get("metrics", {}), r["shots"]
+            metric = headline(task)
+            if not isinstance(values, dict) or metric not in values or r.get("tuned"):  # adapters: learning curves
                 continue
-            at = (run["id"], r["template"], runlog.calibration_suffix(r.get("calibrate")))
-            series.setdefault(at, {}).setdefault(int(r["shots"]), []).append(float(r["metrics"][metric]))
-            tasks[at] = r.get("task", "classify")
-    out = []
+            at = _where(run, r)
+            series.setdefault(at, {}).setdefault(int(str(shots)), []).append(float(values[metric]))
+            tasks[at] = task
+    out: list[Series] = []
     for (run_id, template, calibrated), by_shots in series.items():
         points = [(s, statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v))
                   for s, v in sorted(by_shots.items())]
@@ -47,22 +84,6 @@ def sweep(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         out.append({"label": label, "calibrated": bool(calibrated), "metric": headline(tasks[(run_id, template, calibrated)]),
                     "points": points})
     return out
-
-
-class Series(TypedDict):
-    """One line of a plot: a point per x (shots, or k) with (x, mean, sample std, how many)."""
-
-    label: str
-    calibrated: bool  # drawn dashed
-    metric: str
-    points: list[tuple[int, float, float, int]]
-
-
-def _logged_results(run: Mapping[str, object]) -> list[dict[str, object]]:
-    """A run's metrics["results"] entries (an eval's; none for other commands)."""
-    metrics = run.get("metrics")
-    found = metrics.get("results") if isinstance(metrics, dict) else None
-    return [r for r in found if isinstance(r, dict)] if isinstance(found, list) else []
 
 
 def _point(r: Mapping[str, object]) -> tuple[tuple[str, str], int, float, str] | None:
@@ -79,14 +100,14 @@ def _point(r: Mapping[str, object]) -> tuple[tuple[str, str], int, float, str] |
     return (str(r.get("template")), method), k, float(value), metric
 
 
-def learning(runs: Sequence[Mapping[str, object]]) -> list[Series]:
+def learning(runs: Sequence[Logged]) -> list[Series]:
     """Learning curves from eval runs with adapter rows (`eval --adapter`, whose results carry k, the
     labelled rows used): one series per template x method (in-context learning at its shots and
     calibration; each adapter method), across the runs, a point per k with the mean and sample std
     over seeds (adapters trained with other seeds, in-context rows' demonstration draws)."""
     series: dict[tuple[str, str], dict[int, list[float]]] = {}
     metrics: dict[tuple[str, str], str] = {}
-    for point in (_point(r) for run in runs for r in _logged_results(run)):
+    for point in (_point(r) for run in runs for r in eval_results(run.get("metrics"))):
         if point is not None:
             at, k, value, metrics[point[0]] = point
             series.setdefault(at, {}).setdefault(k, []).append(value)
@@ -96,19 +117,22 @@ def learning(runs: Sequence[Mapping[str, object]]) -> list[Series]:
             for (template, method), by_k in sorted(series.items())]
 
 
-def confusions(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+def confusions(runs: Sequence[Logged]) -> list[ConfusionBox]:
     """Confusion matrices per run x template x calibration x shots, summed over seeds."""
-    found: dict[tuple[int, str, str, int], dict[str, Any]] = {}
+    found: dict[tuple[int, str, str, int], ConfusionBox] = {}
     for run in runs:
-        for r in (run.get("metrics") or {}).get("results", []):
-            conf = r.get("metrics", {}).get("confusion")
+        for r in eval_results(run.get("metrics")):
+            values = r.get("metrics", {})
+            conf = values.get("confusion") if isinstance(values, dict) else None
             if not conf:
                 continue
-            name = r["template"] + (f" + {Path(str(r.get('adapter'))).name} ({r['tuned'].get('method')})"
-                                    if r.get("tuned") else "")
-            at = (run["id"], name, runlog.calibration_suffix(r.get("calibrate")), int(r["shots"]))
+            where = _where(run, r)
+            tuned = r.get("tuned")
+            name = where[1] + (f" + {Path(str(r.get('adapter'))).name} ({tuned.get('method')})"
+                               if isinstance(tuned, dict) else "")
+            at = (where[0], name, where[2], int(str(r["shots"])))
             if at not in found:
-                found[at] = {"labels": conf["labels"], "predicted": list(conf["predicted"]),
+                found[at] = {"title": "", "labels": conf["labels"], "predicted": list(conf["predicted"]),
                              "matrix": [[0] * len(conf["predicted"]) for _ in conf["labels"]], "seeds": 0}
             acc = found[at]
             for col in conf["predicted"]:  # an 'unknown' column may appear in some seeds only
@@ -120,20 +144,22 @@ def confusions(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 for j, count in enumerate(row):
                     acc["matrix"][i][acc["predicted"].index(conf["predicted"][j])] += count
             acc["seeds"] += 1
-    return [{"title": f"#{k[0]} {k[1]}, {plural(k[3], 'shot')}" + ("," + k[2] if k[2] else "") +
-             (f" ({v['seeds']} seeds)" if v["seeds"] > 1 else ""), **v} for k, v in found.items()]
+    for k, v in found.items():
+        v["title"] = (f"#{k[0]} {k[1]}, {plural(k[3], 'shot')}" + ("," + k[2] if k[2] else "") +
+                      (f" ({v['seeds']} seeds)" if v["seeds"] > 1 else ""))
+    return list(found.values())
 
 
 # ---------------------------------------------------------------- SVG and HTML pieces
 
 
-def _colors(series: Sequence[Mapping[str, Any]]) -> list[str]:
+def _colors(series: list[Series]) -> list[str]:
     """One colour per run x template; its calibrated line shares it (and is dashed)."""
     bases = list(dict.fromkeys(s["label"].removesuffix(" calibrated") for s in series))
     return [COLORS[bases.index(s["label"].removesuffix(" calibrated")) % len(COLORS)] for s in series]
 
 
-def svg_curve(series: Sequence[Mapping[str, Any]], width: int = 720, height: int = 340, x_label: str = "shots") -> str:
+def svg_curve(series: list[Series], width: int = 720, height: int = 340, x_label: str = "shots") -> str:
     """Line chart: x = shots (or k, the labelled rows), y = metric (0-100 %), error bars = ± std over
     seeds; dashed = calibrated."""
     left, right, top, bottom = 56, 250, 20, 44  # margins; the legend sits in the right one
@@ -153,8 +179,8 @@ def svg_curve(series: Sequence[Mapping[str, Any]], width: int = 720, height: int
         v = hi * k / 5
         parts.append(f'<line x1="{left}" x2="{width - right}" y1="{y(v):.1f}" y2="{y(v):.1f}" stroke="#ddd"/>'
                      f'<text x="{left - 6}" y="{y(v) + 4:.1f}" text-anchor="end">{v * 100:.0f}</text>')
-    for s in shots:
-        parts.append(f'<text x="{x_of[s]:.1f}" y="{height - bottom + 18}" text-anchor="middle">{s}</text>')
+    for count in shots:
+        parts.append(f'<text x="{x_of[count]:.1f}" y="{height - bottom + 18}" text-anchor="middle">{count}</text>')
     metric = series[0]["metric"] if series else ""
     parts.append(f'<text x="{(left + width - right) / 2:.0f}" y="{height - 6}" text-anchor="middle">{x_label}</text>'
                  f'<text transform="translate(14 {(top + height - bottom) / 2:.0f}) rotate(-90)" '
@@ -177,7 +203,7 @@ def svg_curve(series: Sequence[Mapping[str, Any]], width: int = 720, height: int
     return "".join(parts)
 
 
-def confusion_table(conf: dict[str, Any]) -> str:
+def confusion_table(conf: ConfusionBox) -> str:
     """Rows: gold label; columns: predicted; cell shade = share of the gold row."""
     head = "".join(f"<th>{html.escape(p)}</th>" for p in conf["predicted"])
     body = []
@@ -268,16 +294,22 @@ if (/^p\d+$/.test(want) && prompts[+want.slice(1)] !== undefined) show(+want.sli
 """
 
 
-def _runs_table(runs: Sequence[dict[str, Any]]) -> str:
+def _strings(value: object, key: str | None = None) -> list[str]:
+    """A logged list as text: its items (argv), or each item's `key` (the templates' names)."""
+    items = value if isinstance(value, list) else []
+    return [str(i) for i in items] if key is None else [str(i[key]) for i in items if isinstance(i, dict)]
+
+
+def _runs_table(runs: Sequence[Logged]) -> str:
     rows = "".join(
-        f"<tr><td>{r['id']}</td><td>{html.escape(r['command'])}</td><td>{html.escape(r.get('model') or '')}</td>"
-        f"<td>{html.escape(', '.join(t['name'] for t in r.get('templates', [])))}</td><td>{r['status']}</td>"
-        f"<td>{r['n_items']}</td><td>{html.escape(' '.join(r.get('argv') or []))}</td></tr>" for r in runs)
+        f"<tr><td>{r['id']}</td><td>{html.escape(str(r['command']))}</td><td>{html.escape(str(r.get('model') or ''))}</td>"
+        f"<td>{html.escape(', '.join(_strings(r.get('templates'), 'name')))}</td><td>{r['status']}</td>"
+        f"<td>{r['n_items']}</td><td>{html.escape(' '.join(_strings(r.get('argv'))))}</td></tr>" for r in runs)
     return ("<table><tr><th>run</th><th>command</th><th>model</th><th>templates</th><th>status</th>"
             f"<th>items</th><th>command line</th></tr>{rows}</table>")
 
 
-def render(runs: Sequence[dict[str, Any]], m: compare.Matrix, title: str | None = None) -> str:
+def render(runs: Sequence[Logged], m: compare.Matrix, title: str | None = None) -> str:
     """The whole page as one string."""
     series = sweep(runs)
     curve = svg_curve(series) if series else '<p class="muted">No eval runs with shot counts among these runs.</p>'
@@ -310,7 +342,7 @@ def render(runs: Sequence[dict[str, Any]], m: compare.Matrix, title: str | None 
 # ---------------------------------------------------------------- PNG (matplotlib)
 
 
-def write_pngs(runs: Sequence[dict[str, Any]], folder: Path) -> list[Path]:
+def write_pngs(runs: Sequence[Logged], folder: Path) -> list[Path]:
     """The curve and each confusion matrix as PNG files in `folder`; returns their paths."""
     import matplotlib
 

@@ -9,14 +9,16 @@ Sources: "flag" (given on the command line), "template" (the template's own defa
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Generic, Optional, Sequence, TypeVar
+from typing import TYPE_CHECKING, Callable, ContextManager, Generic, Optional, Protocol, Sequence, TypeVar
 
 from llmlab.core.config import ProbeConfig
 from llmlab.core.errors import UsageError
 from llmlab.scoring.classify import CALIBRATIONS
 
 if TYPE_CHECKING:  # types only: nothing more is imported at run time
+    from llmlab.core.console import Bar
     from llmlab.prompting.templates import Template
+    from llmlab.scoring.probe import Source
 
 T = TypeVar("T")
 # Shorthands --calibration accepts: `--calibrate` is `--calibration contextual` in every command.
@@ -115,14 +117,25 @@ def shot_counts(flag: Optional[str], template: Optional[Template]) -> list[Sourc
     return [Sourced(n, "flag") for n in parse_shots(flag)]
 
 
-def probe_source(probe: Any, modes: str | Sequence[str], template: Any, hooks: Any = None) -> Any:
+class ProbeHooks(Protocol):
+    """What a probe's rows need of the session's hooks (session.Hooks): a progress bar and an info line."""
+
+    @property
+    def progress(self) -> Callable[[int, str], ContextManager[Bar]]: ...
+    @property
+    def note(self) -> Callable[[str], None]: ...
+
+
+def probe_source(probe: ProbeConfig | None, modes: str | Sequence[str], template: Template,
+                 hooks: ProbeHooks | None = None) -> Source | None:
     """The probe's rows, read and checked before any model time: --probe-data, else the template's
     probe: file (None when no mode is probe). hooks: the session's (progress bar, info line), or None."""
     modes = [modes] if isinstance(modes, str) else list(modes)
     data = probe.data if probe is not None else None
     if "probe" not in modes:
         if data is not None or (probe is not None and (probe.layers or probe.size != ProbeConfig.size)):
-            flag = "--probe-data" if data is not None else "--probe-layers" if probe.layers else "--probe-size"
+            flag = ("--probe-data" if data is not None else
+                    "--probe-layers" if probe is not None and probe.layers else "--probe-size")
             raise UsageError(f"{flag} is read only with --calibration probe: add it, or drop {flag}")
         return None
     if data is None and template.probe_path is None:

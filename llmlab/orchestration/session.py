@@ -10,21 +10,31 @@ import contextlib
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, ContextManager, Iterator, Mapping, Optional, Sequence, Union
 
 from llmlab.core import config as cfgmod
 from llmlab.core.config import ClassifyConfig, GenerateConfig, ModelConfig, PromptConfig
 from llmlab.core.errors import UsageError
+from llmlab.core.jsontypes import JSONValue
 from llmlab.orchestration import adapted
 from llmlab.orchestration import resolve
 from llmlab.orchestration.resolve import probe_source  # noqa: F401 - callers import it from here too
 
 if TYPE_CHECKING:  # types only: nothing more is imported at run time
-    from llmlab.backends.base import LM, GenRequest
+    from _typeshed import DataclassInstance
+
+    from llmlab.backends.base import LM, GenOutput, GenRequest, Tokenizer
+    from llmlab.core.console import Bar
     from llmlab.core.settings import GenerationSettings
     from llmlab.io.items import Item
+    from llmlab.prompting.prompts import PromptBuilder
+    from llmlab.runs.runlog import NoRun, Run
+    from llmlab.scoring.classify import Classification, Classifier
     from llmlab.scoring.generation import Job
     from llmlab.prompting.templates import Template
+
+# Where a run's items and metrics go: the run log, or NoRun with logging off.
+RunLog = Union["Run", "NoRun"]
 
 
 class _Null:
@@ -36,11 +46,11 @@ class _Null:
 
 
 @contextlib.contextmanager
-def _no_progress(total: int | None, description: str) -> Iterator[Any]:
+def _no_progress(total: int | None, description: str) -> Iterator[Bar]:
     yield _Null()
 
 
-def _no_log(command: str, **details: Any) -> Any:
+def _no_log(command: str, **details: object) -> NoRun:
     from llmlab.runs import runlog
 
     return runlog.NoRun()
@@ -52,12 +62,12 @@ class Hooks:
     with open_run, which records the run in the run log (runlog.open_run with the command line and
     --no-log filled in; called as open_run(command, config=..., templates=..., data=...))."""
 
-    progress: Callable[[Optional[int], str], ContextManager[Any]] = _no_progress
+    progress: Callable[[Optional[int], str], ContextManager[Bar]] = _no_progress
     warn: Callable[[str], None] = lambda message: None
     info: Callable[[str], None] = lambda message: None
     note: Callable[[str], None] = lambda message: None
     detail: Callable[[str], None] | None = None  # facts shown only with --verbose (None: not asked for)
-    open_run: Callable[..., Any] = _no_log
+    open_run: Callable[..., ContextManager[RunLog]] = _no_log
     emit: Callable[[str], None] = lambda text: None  # stdout text streamed to a person (a completion)
 
 
@@ -77,7 +87,7 @@ def settings_for(template: Optional[Template] = None, preset: Optional[Path] = N
     return settings.build(*layers, flags or {})
 
 
-def chat_for(tokenizer: Any, chat: Optional[str], template: Optional[Template] = None) -> bool:
+def chat_for(tokenizer: Tokenizer, chat: Optional[str], template: Optional[Template] = None) -> bool:
     """--chat, else the template's chat, else auto."""
     from llmlab.scoring import generation
 
@@ -85,7 +95,7 @@ def chat_for(tokenizer: Any, chat: Optional[str], template: Optional[Template] =
 
 
 def read_input(path: str, fmt: str, field_name: str, offset: int = 0, limit: Optional[int] = None,
-               sample: Optional[int] = None, sample_seed: int = 0) -> list[Any]:
+               sample: Optional[int] = None, sample_seed: int = 0) -> list[Item]:
     from llmlab.io import records as io
 
     items = io.read_items(path, fmt, text_field=field_name)
@@ -110,7 +120,7 @@ def template_item(template: Template, text: Optional[str], pairs: Sequence[str],
     from llmlab.io import records as io
     from llmlab.prompting import prompts
 
-    values = prompts.parse_vars(pairs)
+    values: dict[str, JSONValue] = dict(prompts.parse_vars(pairs))
     if text is not None:
         fields = [f for f in template.fields if f not in values]
         if len(fields) != 1:
@@ -147,7 +157,7 @@ class Session:
         return chat_for(self.lm.tokenizer, self.model.chat, template)
 
     def builder(self, template: Template, prompt: PromptConfig, max_new_tokens: int, input_path: Optional[str],
-                default_selection: str = "first"):
+                default_selection: str = "first") -> PromptBuilder:
         from llmlab.prompting import prompts
 
         lm = self.lm
@@ -193,7 +203,7 @@ def _usable(template: Template, prompt: PromptConfig) -> Template:
 # ---------------------------------------------------------------- generate
 
 
-def _generate_items(cfg: GenerateConfig, template: Optional[Template]) -> list[Any]:
+def _generate_items(cfg: GenerateConfig, template: Optional[Template]) -> list[Item]:
     from llmlab.io import records as io
     from llmlab.prompting import prompts
 
@@ -215,7 +225,7 @@ def _generate_items(cfg: GenerateConfig, template: Optional[Template]) -> list[A
 
 
 def generate(cfg: GenerateConfig, hooks: Hooks = Hooks(), lm: Optional[LM] = None,
-             display: bool = False) -> tuple[Any, Any] | None:
+             display: bool = False) -> tuple[Job, GenOutput] | None:
     """`llmlab generate`: one prompt streamed to stdout through hooks.emit, or a batch written
     record by record. display: stdout is a terminal; one prompt with --logprobs is then returned
     as (job, output) for the CLI to colour by probability, else None is returned. Piped, one prompt
@@ -238,8 +248,8 @@ def generate(cfg: GenerateConfig, hooks: Hooks = Hooks(), lm: Optional[LM] = Non
         session = loaded(cfg.model, lm, log, hooks)
         jobs = _jobs(cfg, session, template, todo, settings, hooks)
 
-        def logged(job: Any, rec: dict[str, Any]) -> None:
-            log.item(job.item.index, job.model_text, rec["completion"], key=job.item.key,
+        def logged(job: Job, rec: dict[str, object]) -> None:
+            log.item(job.item.index, job.model_text, str(rec["completion"]), key=job.item.key,
                      extra={"input": job.item.fields, **({"completions": rec["completions"]}
                                                          if "completions" in rec else {})})
 
@@ -254,7 +264,7 @@ def generate(cfg: GenerateConfig, hooks: Hooks = Hooks(), lm: Optional[LM] = Non
         else:
             with sink as writer, hooks.progress(len(jobs), "generating") as bar:
 
-                def done(job: Any, output: Any) -> None:
+                def done(job: Job, output: GenOutput) -> None:
                     rec = generation.record(job, output, session.lm.name, cfg.echo)
                     writer.write(rec)
                     logged(job, rec)
@@ -285,9 +295,9 @@ def generate_inputs(cfg: GenerateConfig, hooks: Hooks = Hooks()) -> tuple[Genera
     return cfg, template, settings, _generate_items(cfg, template)
 
 
-def _jobs(cfg: GenerateConfig, session: "Session", template: Optional[Template], todo: list[Any],
+def _jobs(cfg: GenerateConfig, session: "Session", template: Optional[Template], todo: list[Item],
           settings: GenerationSettings,
-          hooks: Hooks) -> list[Any]:
+          hooks: Hooks) -> list[Job]:
     """The prompts to complete: a plain field (window-checked) or the template's, one per input."""
     from llmlab.scoring import generation
     from llmlab.scoring import plain
@@ -299,14 +309,14 @@ def _jobs(cfg: GenerateConfig, session: "Session", template: Optional[Template],
     return generation.template_jobs(builder, todo)
 
 
-def loaded(model: ModelConfig, lm: Optional[LM], log: Any, hooks: Optional[Hooks] = None) -> "Session":
+def loaded(model: ModelConfig, lm: Optional[LM], log: RunLog, hooks: Optional[Hooks] = None) -> "Session":
     """The session (its model loaded), with the model's name and device filled into the run log."""
     session = Session(model, lm, hooks)
     log.update(model=session.lm.name, device=str(session.lm.device))
     return session
 
 
-def _logged_config(cfg: Any, settings: Any = None) -> dict[str, Any]:
+def _logged_config(cfg: DataclassInstance, settings: GenerationSettings | None = None) -> dict[str, object]:
     """What a run was asked to do, for the run log: the typed config, plus the generation settings
     in force (template defaults, preset and flags merged)."""
     import dataclasses
@@ -328,7 +338,7 @@ def requests(jobs: Sequence[Job]) -> list[GenRequest]:
 
 
 def run_jobs(lm: LM, jobs: Sequence[Job], settings: GenerationSettings, batch_size: Optional[int],
-             done: Callable[[Any, Any], Any], engine: str = "auto") -> list[Any]:
+             done: Callable[[Job, GenOutput], None], engine: str = "auto") -> list[GenOutput]:
     """Generate for every job; done(job, output) is called in input order as results arrive.
     engine: --gen-engine (auto, padded, continuous)."""
     return lm.generate(requests(jobs), settings, batch_size=batch_size, engine=engine,
@@ -339,7 +349,7 @@ def run_jobs(lm: LM, jobs: Sequence[Job], settings: GenerationSettings, batch_si
 
 
 def classify(cfg: ClassifyConfig, hooks: Hooks = Hooks(), table: bool = False, lm: Optional[LM] = None,
-             items: Optional[list[Item]] = None):
+             items: Optional[list[Item]] = None) -> tuple[list[Classification], Classifier] | None:
     """`llmlab classify`: returns (results, classifier) when `table` (a person reads them), else
     writes one record per input as it is done and returns None. items: the inputs, given (the server)."""
     from llmlab.scoring import classify as clf
@@ -370,11 +380,12 @@ def classify(cfg: ClassifyConfig, hooks: Hooks = Hooks(), table: bool = False, l
             writer = None if table else stack.enter_context(sink)
             bar = stack.enter_context(hooks.progress(len(todo), "classifying"))
 
-            def done(r: Any) -> None:
+            def done(r: Classification) -> None:
                 if writer is not None:
                     writer.write(clf.record(r, template, session.lm.name))
                 log.item(r.item.index, r.prompt, r.completion, r.prediction, r.probabilities,
-                         r.item.fields.get(template.target), {"input": r.item.fields}, key=r.item.key)
+                         r.item.fields.get(template.target) if template.target else None, {"input": r.item.fields},
+                         key=r.item.key)
                 bar.advance(1)
 
             results = classifier.classify(todo, on_result=done, chunk=chunk)
@@ -405,7 +416,3 @@ def classify_inputs(cfg: ClassifyConfig, items: Optional[list[Item]] = None,
         items = [template_item(template, single_prompt(cfg.text), cfg.prompt.vars, "classify")]
     prompts.require_fields(items, template)
     return cfg, template, items
-
-
-def with_prompt(prompt: PromptConfig, **changes: Any) -> PromptConfig:
-    return replace(prompt, **changes)

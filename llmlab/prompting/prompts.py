@@ -6,14 +6,16 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, AbstractSet, Any, Callable, Sequence
+from typing import TYPE_CHECKING, AbstractSet, Callable, Mapping, Sequence
 
 from llmlab.core.config import plural
 from llmlab.core.errors import ContextOverflowError, TemplateError, UsageError
+from llmlab.core.jsontypes import JSONObject
 from llmlab.io.records import Item
 
 if TYPE_CHECKING:  # types only: nothing more is imported at run time
-    from llmlab.backends.base import LM
+    from llmlab.backends.base import LM, Tokenizer
+    from llmlab.prompting.retrieval import Retriever
 from llmlab.prompting.templates import (  # noqa: F401 - re-exported: llmlab.prompting.prompts.find_template etc. keep working
     _QUERY_MARK, KEYS, OVERFLOW_MODES, SELECTIONS, SHOT_FORMATS, SOURCE_DIR, TASKS, Template, builtin_dir,
     check_examples, fill, find_template, list_templates, load_examples, load_template, parse_vars,
@@ -47,7 +49,7 @@ def shots_note(template: Template, shots: int, available: int) -> str | None:
     return None
 
 
-def select_shots(template: Template, pool: Sequence[dict[str, Any]], shots: int, selection: str,
+def select_shots(template: Template, pool: Sequence[Mapping[str, object]], shots: int, selection: str,
                  seed: int, exclude: AbstractSet[int] = frozenset(), order: Sequence[int] | None = None) -> list[int]:
     """Indexes into `pool` of the demonstrations for one item, never one of `exclude`.
 
@@ -145,8 +147,8 @@ def _ignore(message: str) -> None:
 class PromptBuilder:
     """Builds every prompt of a run: one code path for generate, classify, eval and render."""
 
-    def __init__(self, template: Template, tokenizer: Any, window: int | None, options: BuildOptions,
-                 pool: list[dict[str, Any]] | None = None, encoder_decoder: bool = False, lm: LM | None = None,
+    def __init__(self, template: Template, tokenizer: Tokenizer, window: int | None, options: BuildOptions,
+                 pool: list[JSONObject] | None = None, encoder_decoder: bool = False, lm: LM | None = None,
                  on_warn: Callable[[str], None] | None = None):
         if options.overflow not in OVERFLOW_MODES:
             raise UsageError(f"invalid --overflow '{options.overflow}': choose drop-shots, truncate or error")
@@ -166,7 +168,7 @@ class PromptBuilder:
         # Where warnings go (more shots than examples, a prompt's dropped shots): the CLI's console.warn;
         # library code never prints. Callers that build prompts pass each Prompt.notes here too.
         self.on_warn = on_warn or _ignore
-        self._retriever: Any = None
+        self._retriever: Retriever | None = None
         self._similar: dict[tuple[str, ...], list[int]] = {}  # item input -> its nearest pool rows
         check_shots(template, options.shots, self.pool)
         if options.shots > 0:
@@ -183,19 +185,19 @@ class PromptBuilder:
 
     # -- pieces
 
-    def _item_input(self, values: dict[str, Any], where: str) -> str:
+    def _item_input(self, values: Mapping[str, object], where: str) -> str:
         return fill(self.template.input, values, where)
 
-    def _demo(self, example: dict[str, Any]) -> tuple[str, str]:
+    def _demo(self, example: Mapping[str, object]) -> tuple[str, str]:
         target = self.template.target
         if target is None:
             raise TemplateError(f"template '{self.template.name}' has no 'target' field, so it can't show answers in shots")
         return self._item_input(example, "example"), self.template.verbalize(example[target])
 
-    def _instruction(self, values: dict[str, Any], where: str) -> str:
+    def _instruction(self, values: Mapping[str, object], where: str) -> str:
         return fill(self.template.instruction, values, where) if self.template.instruction else ""
 
-    def compose(self, values: dict[str, Any], shots: list[int], where: str,
+    def compose(self, values: Mapping[str, object], shots: list[int], where: str,
                 query: str | None = None) -> tuple[str, str]:
         """(model text, plain text) for an item with these demonstrations."""
         t = self.template
@@ -237,7 +239,7 @@ class PromptBuilder:
         skip = {item.index} if self.options.pool_is_data and item.index < len(self.pool) else set()
         return skip | set(self._by_input.get(self._input_key(item.fields), ()))
 
-    def _input_key(self, values: dict[str, Any]) -> tuple[str, ...]:
+    def _input_key(self, values: Mapping[str, object]) -> tuple[str, ...]:
         return tuple(str(values.get(k)) for k in self.template.fields)
 
     # -- choosing the demonstrations
@@ -246,7 +248,7 @@ class PromptBuilder:
     def similar(self) -> bool:
         return self.options.selection.startswith("similar")
 
-    def _retrieval_text(self, values: dict[str, Any]) -> str:
+    def _retrieval_text(self, values: Mapping[str, object]) -> str:
         return " ".join(self._input_key(values))
 
     def prepare(self, items: Sequence[Item]) -> None:
@@ -331,8 +333,8 @@ class PromptBuilder:
         if not fields:
             raise ContextOverflowError(f"{item.source}: the prompt does not fit the {self.window}-token window "
                                        "and has no text field to shorten")
-        name = max(fields, key=lambda f: len(item.fields[f]))
-        ids = self.tokenizer(item.fields[name], add_special_tokens=False)["input_ids"]
+        name = max(fields, key=lambda f: len(str(item.fields[f])))  # text fields only (above)
+        ids = self.tokenizer(str(item.fields[name]), add_special_tokens=False)["input_ids"]
         low, high, best = 0, len(ids), None
         while low <= high:  # the most tokens of the field's end that still fit
             keep = (low + high) // 2
@@ -352,7 +354,7 @@ class PromptBuilder:
         return text, plain, count, [note]
 
 
-def check_shots(template: Template, shots: int, pool: Sequence[Any] | None = None) -> None:
+def check_shots(template: Template, shots: int, pool: Sequence[object] | None = None) -> None:
     """shots > 0 needs demonstrations (`pool`, else the template's examples, which must be its own) with
     answers; checked before any model time for every shot count a run will use."""
     if pool is None and template.examples_error:  # a file outside its folder: refused whatever the count
@@ -368,7 +370,7 @@ def check_shots(template: Template, shots: int, pool: Sequence[Any] | None = Non
         raise TemplateError(f"template '{template.name}' has no 'target' field, so it can't show answers in shots")
 
 
-def make_builder(template: Template, tokenizer: Any, window: int | None, options: BuildOptions,
+def make_builder(template: Template, tokenizer: Tokenizer, window: int | None, options: BuildOptions,
                  examples: str | None = None, input_path: str | None = None,
                  encoder_decoder: bool = False, lm: LM | None = None,
                  on_warn: Callable[[str], None] | None = None) -> PromptBuilder:
@@ -385,7 +387,7 @@ def make_builder(template: Template, tokenizer: Any, window: int | None, options
     return PromptBuilder(template, tokenizer, window, options, pool, encoder_decoder, lm, on_warn)
 
 
-def model_view(tokenizer: Any, text: str) -> str:
+def model_view(tokenizer: Tokenizer, text: str) -> str:
     """The prompt as the model sees it: its token ids decoded back to text. It differs from `text` where
     the tokenizer normalises: T5's turns every newline and run of spaces into one space, and a character
     outside its vocabulary (`{`, `<`, `~`...) into <unk>."""

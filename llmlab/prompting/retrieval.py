@@ -21,18 +21,29 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence, Tuple, TypeAlias, TypeVar, Union, cast
 
 from llmlab import NOTICE
 from llmlab.core.errors import UsageError
+from llmlab.core.jsontypes import JSONObject
 
 if TYPE_CHECKING:  # types only: nothing more is imported at run time
-    from llmlab.backends.base import LM
+    import numpy as np
+    import numpy.typing as npt
+    from scipy.sparse import csr_matrix  # type: ignore[import-untyped]
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    from llmlab.backends.base import LM, Vector
+
+Arrays = dict[str, "npt.NDArray[np.generic]"]  # a cache file's arrays by name
+TfidfIndex = Tuple["TfidfVectorizer", "csr_matrix"]
+Similarities: TypeAlias = "npt.NDArray[np.floating]"  # (queries x pool) cosine similarities
+Index = TypeVar("Index")
 
 RETRIEVERS = ("tfidf", "hidden")
 DEFAULT = "tfidf"  # measured better than hidden on SST-2 and AG News with smollm2 (prompts/README.md)
 TFIDF_ANNOUNCE = 5000  # pool rows from which a TF-IDF index build takes long enough to say so
-_MEMO: dict[str, Any] = {}  # indexes loaded in this process, by cache key
+_MEMO: dict[str, object] = {}  # indexes loaded in this process, by cache key (its kind first)
 _log = logging.getLogger("llmlab")  # library code never prints; the CLI shows this log
 
 
@@ -54,7 +65,7 @@ def pool_hash(texts: Sequence[str], extra: str = "") -> str:
 FORMAT = 1  # the cache file layout below; another number is rebuilt
 
 
-def _save(path: Path, arrays: dict[str, Any], meta: dict[str, Any]) -> None:
+def _save(path: Path, arrays: Arrays, meta: JSONObject) -> None:
     """Arrays and JSON metadata in one .npz (numeric arrays only: it loads with allow_pickle=False),
     written to a temporary file and renamed, so a crash never leaves half an index."""
     import numpy as np
@@ -64,14 +75,15 @@ def _save(path: Path, arrays: dict[str, Any], meta: dict[str, Any]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, meta=np.frombuffer(text, dtype=np.uint8), **arrays)
+            # numpy's stub types **arrays as clashing with its allow_pickle keyword
+            np.savez(f, meta=np.frombuffer(text, dtype=np.uint8), **arrays)  # type: ignore[arg-type]
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def _load(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+def _load(path: Path) -> tuple[Arrays, JSONObject]:
     """(arrays, metadata) of a cache file; never unpickles (an object array is an error)."""
     import numpy as np
 
@@ -96,14 +108,15 @@ def _move_aside(path: Path, why: str) -> None:
     _log.warning(f"the similar-shot index '{path}' is unusable ({why}); {where}, rebuilding it")
 
 
-def _load_or_build(key: str, build: Any, read: Any, write: Any, announce: str | None = None) -> Any:
+def _load_or_build(key: str, build: Callable[[], Index], read: Callable[[Arrays, JSONObject], Index],
+                   write: Callable[[Index], tuple[Arrays, JSONObject]], announce: str | None = None) -> Index:
     """The index for `key`: from this process, else from the disk cache, else built and cached.
     read(arrays, meta) -> index checks the file against the pool (ValueError when it doesn't fit);
     write(index) -> (arrays, meta). announce, when given, is logged before a build (long, once)."""
     if key in _MEMO:
-        return _MEMO[key]
+        return cast(Index, _MEMO[key])  # the key names its kind (tfidf-, hidden-): built by the same read/build
     path = cache_dir() / f"{key}.npz"
-    index = None
+    index: Index | None = None
     if path.is_file():
         try:
             index = read(*_load(path))
@@ -128,6 +141,13 @@ def _check(condition: bool, what: str) -> None:
         raise ValueError(what)
 
 
+def _shape(value: object) -> tuple[int, int]:
+    """A cache file's (rows, columns)."""
+    if not (isinstance(value, list) and len(value) == 2 and all(isinstance(n, int) for n in value)):
+        raise ValueError(f"its shape {value!r} is not (rows, columns)")
+    return int(value[0]), int(value[1])
+
+
 class TfidfRetriever:
     """Cosine similarity of TF-IDF vectors (unigrams and bigrams, sublinear tf)."""
 
@@ -144,7 +164,7 @@ class TfidfRetriever:
                                     announce if len(texts) >= TFIDF_ANNOUNCE else None)
 
     @staticmethod
-    def _fit(texts: Sequence[str]) -> tuple[Any, Any]:
+    def _fit(texts: Sequence[str]) -> TfidfIndex:
         from sklearn.feature_extraction.text import TfidfVectorizer
 
         # Rows come out L2-normalized, so a dot product is the cosine similarity.
@@ -152,19 +172,21 @@ class TfidfRetriever:
         return vectorizer, vectorizer.fit_transform(list(texts))
 
     @staticmethod
-    def _write(index: tuple[Any, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    def _write(index: TfidfIndex) -> tuple[Arrays, JSONObject]:
         vectorizer, matrix = index
         terms = sorted(vectorizer.vocabulary_, key=vectorizer.vocabulary_.get)  # in column order
         return ({"idf": vectorizer.idf_, "data": matrix.data, "indices": matrix.indices, "indptr": matrix.indptr},
                 {"kind": "tfidf", "shape": list(matrix.shape), "terms": terms})
 
-    def _read(self, arrays: dict[str, Any], meta: dict[str, Any]) -> tuple[Any, Any]:
+    def _read(self, arrays: Arrays, meta: JSONObject) -> TfidfIndex:
         """The vectorizer and matrix rebuilt from plain arrays, each checked against this pool."""
         import numpy as np
-        from scipy.sparse import csr_matrix  # type: ignore[import-untyped]
+        from scipy.sparse import csr_matrix
         from sklearn.feature_extraction.text import TfidfVectorizer
 
-        terms, (rows, cols) = meta["terms"], meta["shape"]
+        terms, (rows, cols) = meta.get("terms"), _shape(meta.get("shape"))
+        if not isinstance(terms, list):
+            raise ValueError("its terms are not a list")
         idf, data, indices, indptr = (arrays[k] for k in ("idf", "data", "indices", "indptr"))
         _check(meta.get("kind") == "tfidf" and rows == self.size, f"{rows} rows for a pool of {self.size}")
         _check(isinstance(terms, list) and all(isinstance(t, str) for t in terms) and len(set(terms)) == cols,
@@ -178,7 +200,7 @@ class TfidfRetriever:
         vectorizer.idf_ = idf.astype(np.float64)
         return vectorizer, csr_matrix((data, indices, indptr), shape=(rows, cols))
 
-    def similarities(self, queries: Sequence[str]) -> Any:
+    def similarities(self, queries: Sequence[str]) -> Similarities:
         """(queries x pool) cosine similarities as a dense numpy array."""
         vectorizer, matrix = self.index
         return (vectorizer.transform(list(queries)) @ matrix.T).toarray()
@@ -201,23 +223,28 @@ class HiddenRetriever:
                                     f"indexing {len(texts)} pool rows for similar shots (the model's hidden "
                                     "states, one forward pass each; once, then cached)")
 
-    def _read(self, arrays: dict[str, Any], meta: dict[str, Any]) -> Any:
+    def _read(self, arrays: Arrays, meta: JSONObject) -> Vector:
+        import numpy as np
+
         vectors = arrays["vectors"]
         _check(meta.get("kind") == "hidden" and vectors.ndim == 2 and vectors.shape[0] == self.size
                and vectors.dtype.kind == "f", f"vectors of shape {vectors.shape} for a pool of {self.size}")
         width = self.embed(self._first).shape[1]  # one short forward pass: the model's own width
         _check(vectors.shape[1] == width, f"{vectors.shape[1]} dimensions, the model gives {width}")
-        return vectors
+        return vectors.astype(np.float32, copy=False)  # written as float32: the same array
 
-    def embed(self, texts: Sequence[str]) -> Any:
+    def embed(self, texts: Sequence[str]) -> Vector:
         """(len(texts) x hidden) float32 numpy array of L2-normalized mean-pooled last hidden states."""
         return self.lm.embed(texts, self.batch_size)
 
-    def similarities(self, queries: Sequence[str]) -> Any:
+    def similarities(self, queries: Sequence[str]) -> Similarities:
         return self.embed(queries) @ self.index.T
 
 
-def make_retriever(kind: str, texts: Sequence[str], lm: LM | None = None) -> Any:
+Retriever = Union[TfidfRetriever, HiddenRetriever]
+
+
+def make_retriever(kind: str, texts: Sequence[str], lm: LM | None = None) -> Retriever:
     if kind == "tfidf":
         return TfidfRetriever(texts)
     if kind == "hidden":
@@ -225,13 +252,14 @@ def make_retriever(kind: str, texts: Sequence[str], lm: LM | None = None) -> Any
     raise UsageError(f"unknown retriever '{kind}': choose {', '.join(RETRIEVERS)}")
 
 
-def nearest(similarities: Any, k: int, exclude: Sequence[set[int]]) -> list[list[int]]:
+def nearest(similarities: Similarities, k: int, exclude: Sequence[set[int]]) -> list[list[int]]:
     """For each query row, the k most similar pool indexes not in its exclude set, least similar
     first: the most similar demonstration ends up right before the query (Liu et al.'s best order).
     Ties break by pool index, so the choice is deterministic."""
     import numpy as np
 
     chosen = []
+    row: Similarities
     for row, skip in zip(similarities, exclude):
         # A stable sort of -score: most similar first, ties in pool order (deterministic).
         top = np.argsort(-np.asarray(row), kind="stable")[: k + len(skip)].tolist()

@@ -9,9 +9,10 @@ import re
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Mapping, Sequence
 
 from llmlab.core.errors import DataError, TemplateError, UsageError
+from llmlab.core.jsontypes import JSONObject, JSONValue
 from llmlab.io.records import Item
 
 _QUERY_MARK = "\x00query\x00"
@@ -46,13 +47,13 @@ class Template:
     labels: dict[str, str] = field(default_factory=dict)
     separator: str = "\n\n"  # between the instruction and each demonstration
     answer_prefix: str = " "  # between a demonstration's input and its answer (plain text only)
-    examples: list[dict[str, Any]] = field(default_factory=list)
+    examples: list[JSONObject] = field(default_factory=list)
     examples_path: Path | None = None
     # examples: FILE outside the template's folder tree: not read, and this error where they are used
     # (unless --examples FILE replaces them); examples_read: False when loaded for a listing only
     examples_error: str | None = None
     examples_read: bool = True
-    generation: dict[str, Any] = field(default_factory=dict)
+    generation: JSONObject = field(default_factory=dict)
     shot_format: str | None = None  # default --shot-format for chat models
     chat: str | None = None  # default --chat (auto, on, off) for this template
     references: list[str] = field(default_factory=list)  # extra reference fields for eval
@@ -66,7 +67,7 @@ class Template:
     def fields(self) -> list[str]:
         return placeholders(self.input, f"template '{self.name}' input")
 
-    def verbalize(self, value: Any) -> str:
+    def verbalize(self, value: object) -> str:
         return self.labels.get(str(value), str(value)) if self.labels else str(value)
 
 
@@ -89,7 +90,7 @@ def placeholders(text: str, where: str) -> list[str]:
     return names
 
 
-def fill(text: str, values: dict[str, Any], where: str) -> str:
+def fill(text: str, values: Mapping[str, object], where: str) -> str:
     """Replace each {field} with values[field]; a missing one names the fields there are."""
     out = []
     for literal, name, _, _ in string.Formatter().parse(text):
@@ -208,7 +209,7 @@ def load_template(path_text: str, read_examples: bool = True) -> Template:
         shot_format=shot_format,
         chat=chat,
         references=list(references),
-        **defaults,
+        shots=defaults[0], calibrate=defaults[1], shot_selection=defaults[2],
         source_text=path.read_text(encoding="utf-8"),
     )
     template.fields  # placeholders are checked here
@@ -218,7 +219,7 @@ def load_template(path_text: str, read_examples: bool = True) -> Template:
     return template
 
 
-def _attach_probe(template: Template, probe: Any, where: str) -> None:
+def _attach_probe(template: Template, probe: object, where: str) -> None:
     """probe: a JSONL/CSV file of labelled rows, named relative to the template (read when used)."""
     if probe is not None:
         if not isinstance(probe, str) or template.task != "classify":
@@ -234,7 +235,7 @@ def _attach_probe(template: Template, probe: Any, where: str) -> None:
         raise TemplateError(f"{where}: 'calibrate: probe' needs 'probe', the labelled rows to fit it on")
 
 
-def _check_keys(raw: dict[str, Any], where: str) -> str:
+def _check_keys(raw: Mapping[str, object], where: str) -> str:
     """No unknown key, a known task, an input, and text where text belongs; returns the task."""
     unknown = sorted(set(raw) - KEYS)
     if unknown:
@@ -242,7 +243,8 @@ def _check_keys(raw: dict[str, Any], where: str) -> str:
     task = raw.get("task", "generate")
     if task not in TASKS:
         raise TemplateError(f"{where}: task must be generate or classify, not '{task}'")
-    if not isinstance(raw.get("input"), str) or not raw["input"].strip():
+    text = raw.get("input")
+    if not isinstance(text, str) or not text.strip():
         raise TemplateError(f"{where}: missing 'input', the per-item template, e.g. \"Review: {{text}}\\nSentiment:\"")
     for key in ("instruction", "separator", "answer_prefix", "description", "target", "name"):
         if key in raw and raw[key] is not None and not isinstance(raw[key], str):
@@ -250,7 +252,7 @@ def _check_keys(raw: dict[str, Any], where: str) -> str:
     return task
 
 
-def _chat(chat: Any, where: str) -> str | None:
+def _chat(chat: object, where: str) -> str | None:
     """The template's chat: auto, on, off or None (not said)."""
     if isinstance(chat, bool):  # YAML reads a bare on/off as a boolean
         chat = "on" if chat else "off"
@@ -269,7 +271,7 @@ def _beside(template: Template, name: str, where: str) -> Path | None:
     return path if path.is_relative_to(folder) else None
 
 
-def _attach_examples(template: Template, examples: Any, where: str, read: bool = True) -> None:
+def _attach_examples(template: Template, examples: JSONValue, where: str, read: bool = True) -> None:
     """The template's examples: a list of mappings, or a JSONL/CSV file named relative to it (inside
     its folder tree; read unless `read` is False)."""
     if isinstance(examples, str):
@@ -282,19 +284,20 @@ def _attach_examples(template: Template, examples: Any, where: str, read: bool =
         if not read:
             template.examples_read = False
             return
-        examples = load_examples(str(template.examples_path))
+        pool = load_examples(str(template.examples_path))
     elif isinstance(examples, list):
-        if not all(isinstance(e, dict) for e in examples):
+        pool = [e for e in examples if isinstance(e, dict)]
+        if len(pool) != len(examples):
             raise TemplateError(f"{where}: each entry of 'examples' must be a mapping of fields")
     else:
         raise TemplateError(f"{where}: 'examples' must be a list of mappings or a path to a JSONL/CSV file")
-    template.examples = examples
-    check_examples(template, examples, where)
-    if template.shots and not examples:
+    template.examples = pool
+    check_examples(template, pool, where)
+    if template.shots and not pool:
         raise TemplateError(f"{where}: 'shots: {template.shots}' needs 'examples' to draw demonstrations from")
 
 
-def _defaults(raw: dict[str, Any], task: str, where: str) -> dict[str, Any]:
+def _defaults(raw: Mapping[str, object], task: str, where: str) -> tuple[int | None, str | None, str | None]:
     """The template's measured defaults (prompts/README.md), used when the user gives no flag:
     shots (a whole number >= 0), calibrate (a method, classify only), shot_selection."""
     shots, calibrate, selection = raw.get("shots"), raw.get("calibrate"), raw.get("shot_selection")
@@ -310,10 +313,11 @@ def _defaults(raw: dict[str, Any], task: str, where: str) -> dict[str, Any]:
         raise TemplateError(f"{where}: 'calibrate' applies to classify templates only")
     if selection is not None and selection not in SELECTIONS:
         raise TemplateError(f"{where}: 'shot_selection' must be one of {', '.join(SELECTIONS)}, not '{selection}'")
-    return {"shots": shots, "calibrate": calibrate, "shot_selection": selection}
+    return (shots if isinstance(shots, int) else None, calibrate if isinstance(calibrate, str) else None,
+            selection if isinstance(selection, str) else None)
 
 
-def _labels(raw: Any, where: str) -> dict[str, str]:
+def _labels(raw: object, where: str) -> dict[str, str]:
     """label -> verbalizer. Each label once, each with its own non-empty text: two labels with the
     same text would always score the same (the first would always win)."""
     if raw is None:
@@ -345,7 +349,7 @@ def _labels(raw: Any, where: str) -> dict[str, str]:
 MAX_EXAMPLES_BYTES = 256 << 20
 
 
-def load_examples(path: str) -> list[dict[str, Any]]:
+def load_examples(path: str) -> list[JSONObject]:
     """A demonstration pool: a regular JSONL/CSV file of at most MAX_EXAMPLES_BYTES."""
     import stat
 
@@ -369,7 +373,7 @@ def load_examples(path: str) -> list[dict[str, Any]]:
         raise TemplateError(f"examples: {exc}") from None
 
 
-def check_examples(template: Template, examples: list[dict[str, Any]], where: str) -> None:
+def check_examples(template: Template, examples: Sequence[Mapping[str, object]], where: str) -> None:
     needed = template.fields + ([template.target] if template.target else [])
     for n, example in enumerate(examples, 1):
         missing = [f for f in needed if f not in example]

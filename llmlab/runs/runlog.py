@@ -41,9 +41,10 @@ import threading
 import time
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import Callable, Mapping, Protocol, Sequence, TypedDict, Union
+from typing import Callable, Mapping, Protocol, Sequence, Union
 
 from llmlab.core.errors import Interrupted
+from llmlab.io.evalreport import Result
 from llmlab.runs.rundb import (  # noqa: F401 - re-exported
     BUSY_TIMEOUT_MS, MIGRATIONS, connect, db_path, enabled, migrate, transaction)
 from llmlab.runs.runquery import delete, get_run, items, list_runs, search  # noqa: F401 - re-exported
@@ -85,33 +86,6 @@ class _Template(Protocol):
 
     @property
     def name(self) -> str: ...
-
-
-class SeedRun(TypedDict):
-    """One seed of an eval combination: evaluate.run_combo()'s "runs" entries (as eval_combo reads them)."""
-
-    seed: int
-    metrics: dict[str, object]
-    items: int
-    seconds: float
-
-
-class _BesideAdapters(TypedDict, total=False):
-    """eval --adapter's extras: k (the labelled rows a row used), an adapter's folder, method and seed."""
-
-    k: int | None
-    adapter: str
-    tuned: dict[str, object]
-
-
-class ComboResult(_BesideAdapters):
-    """What eval_combo reads of an evaluate.run_combo() result."""
-
-    template: str
-    task: str
-    shots: int
-    calibrate: Union[str, bool, None]
-    runs: list[SeedRun]
 
 
 # A signal handler as signal.signal() returns it: a function, SIG_DFL/SIG_IGN, or None (not set from Python).
@@ -197,7 +171,7 @@ class Run:
                               "calibrate": calibrate, **more, "metrics": metrics})
         self.metrics({"results": self._results})
 
-    def eval_combo(self, combo_result: ComboResult) -> None:
+    def eval_combo(self, combo_result: Result) -> None:
         """Log each seed of one evaluate.run_combo() result (its "runs" list) in the results shape."""
         # beside adapters (eval --adapter): k, the labelled rows used, and an adapter's method and seed
         extra: dict[str, object] = {}
@@ -256,7 +230,7 @@ class NoRun:
     def metrics(self, metrics: Mapping[str, object]) -> None: ...
     def result(self, *args: object, **kwargs: object) -> None: ...
     def update(self, *args: object, **kwargs: object) -> None: ...
-    def eval_combo(self, combo_result: ComboResult) -> None: ...
+    def eval_combo(self, combo_result: Result) -> None: ...
     def finish(self, status: str = "complete") -> None: ...
     def __enter__(self) -> "NoRun":
         return self

@@ -7,15 +7,27 @@ import contextlib
 import math
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Hashable, Sequence
 
 from llmlab.core.errors import UsageError
+from llmlab.core.jsontypes import JSONValue
+from llmlab.io.evalreport import ClassifyMetrics
+from llmlab.io.render import Classified
 from llmlab.io.records import Item
 
 if TYPE_CHECKING:  # types only: nothing more is imported at run time
+    import numpy as np
+    from numpy.typing import NDArray
+
     from llmlab.backends.base import LM
-    from llmlab.prompting.prompts import PromptBuilder
+    from llmlab.core.settings import GenerationSettings
+    from llmlab.prompting.prompts import Prompt, PromptBuilder
+    from llmlab.scoring.probe import Probe, Source
+    from llmlab.scoring.scorecache import ScoreCache, Scores
     from llmlab.prompting.templates import Template
+
+# One demonstration draw of an item: (prompt, label probabilities, label log-probabilities, hidden states).
+Draw = tuple["Prompt", list[float], list[float], "NDArray[np.float32] | None"]
 
 METHODS = ("score", "generate")
 NORMALIZE = ("none", "length")
@@ -116,8 +128,10 @@ class Classifier:
     """Classifies items with a classify template's labels."""
 
     def __init__(self, lm: LM, builder: PromptBuilder, method: str = "score", normalize: str = "none",
-                 calibrate: bool | str = False, batch_size: int | None = 16, settings: Any = None, ensemble: int = 1,
-                 on_detail: Callable[[str], None] | None = None, probe: Any = None, cache: Any = None):
+                 calibrate: bool | str = False, batch_size: int | None = 16, settings: GenerationSettings | None = None,
+                 ensemble: int = 1,
+                 on_detail: Callable[[str], None] | None = None, probe: Source | None = None,
+                 cache: ScoreCache | None = None):
         if method not in METHODS:
             raise UsageError(f"invalid --method '{method}': choose score or generate")
         if normalize not in NORMALIZE:
@@ -145,23 +159,23 @@ class Classifier:
         self.batch_size = batch_size
         self.settings = settings
         self.on_detail = on_detail  # told each calibration bias (the CLI shows it with --verbose); None: not told
-        self._bias: dict[tuple[Any, ...], list[float]] = {}
+        self._bias: dict[tuple[str | int, ...], list[float]] = {}
         self._domain: list[str] = []  # Fei et al.'s random in-domain texts, made from the items classified
         self.label_tokens = max(len(lm.continuation_ids(" " + v)) for v in self.template.labels.values())
         if self.calibrate == "probe" and probe is None:
             raise UsageError("--calibration probe needs --probe-data FILE: labelled rows to fit the probe on")
         self.probe_source = probe  # llmlab.scoring.probe.Source, or None
-        self._probes: dict[int, Any] = {}  # draw -> fitted probe
+        self._probes: dict[int, Probe] = {}  # draw -> fitted probe
         self.hidden_layers: list[int] | None = None
         if probe is not None:
             from llmlab.scoring import probe as probes
 
             self.hidden_layers = probes.parse_layers(probe.layers, lm.num_layers)
 
-    def _continuations(self, prompt: Any) -> list[str]:
+    def _continuations(self, prompt: Prompt) -> list[str]:
         return [prompt.answer_prefix + self.template.verbalize(label) for label in self.labels]
 
-    def _score(self, prompts: Sequence[Any]) -> list[tuple[list[float], list[float], Any]]:
+    def _score(self, prompts: Sequence[Prompt]) -> list[Scores]:
         """(label probabilities, label log-probabilities, hidden states or None) for each prompt.
         Scores are remembered in self.scores (the session's ScoreCache), so eval's calibration methods
         (which differ only after scoring) and repeated content-free prompts score each prompt once.
@@ -169,10 +183,13 @@ class Classifier:
         from llmlab.backends.models import LLRequest
 
         layers = self.hidden_layers
-        keys = [(p.text, p.chat, tuple(self._continuations(p)), self.normalize) for p in prompts]
-        found = {key: self.scores.get(key) for key in keys}
+        keys: list[Hashable] = [(p.text, p.chat, tuple(self._continuations(p)), self.normalize) for p in prompts]
+        found: dict[Hashable, Scores] = {}
+        for key in keys:
+            if (entry := self.scores.get(key)) is not None:
+                found[key] = entry
         todo = [(key, p) for key, p in dict(zip(keys, prompts)).items()
-                if found[key] is None or (layers and found[key][2] is None)]
+                if key not in found or (layers and found[key][2] is None)]
         requests = [LLRequest(p.text, c, p.chat, prefix=p.prefix, context_ids=p.ids)
                     for _, p in todo for c in self._continuations(p)]
         outputs = self.lm.loglikelihood(requests, batch_size=self.batch_size, hidden_layers=layers) if requests else []
@@ -185,7 +202,7 @@ class Classifier:
             self.scores.put(key, found[key])
         return [found[key] for key in keys]
 
-    def probe(self, draw: int) -> Any:
+    def probe(self, draw: int) -> Probe:
         """The probe for demonstration draw `draw`: fitted on the probe rows' states under that
         draw's demonstrations (or loaded from the cache when they were fitted before)."""
         from llmlab.scoring import probe as probes
@@ -195,19 +212,21 @@ class Classifier:
         source, layers = self.probe_source, self.hidden_layers
         if source is None or layers is None:
             raise UsageError("--calibration probe needs --probe-data FILE: labelled rows to fit the probe on")
-        target = self.template.target
+        target = self.template.target or ""  # probe.load_source refuses a template without one
         gold = [str(item.fields[target]) for item in source.items]
         prompts = self._prompts(source.items, draw)
         name = probes.key(self.lm.name, layers, [p.text for p in prompts], gold)
 
-        def states() -> Any:
+        def states() -> list[NDArray[np.float32]]:
             where = ", ".join(map(str, layers))
             source.info(f"fitting the probe: {len(prompts)} rows of {source.path}, layers {where} (once; then cached)")
-            out: list[Any] = []
+            out: list[NDArray[np.float32]] = []
             with contextlib.ExitStack() as stack:
                 bar = stack.enter_context(source.progress(len(prompts), "probe rows")) if source.progress else None
                 for start in range(0, len(prompts), 64):
-                    out += [h for _, _, h in self._score(prompts[start : start + 64])]
+                    for _, _, h in self._score(prompts[start : start + 64]):
+                        assert h is not None  # scored with hidden_layers
+                        out.append(h)
                     if bar is not None:
                         bar.advance(len(prompts[start : start + 64]))
             return out
@@ -222,12 +241,12 @@ class Classifier:
     def bias(self, shots: list[int], mode: str = "contextual") -> list[float]:
         """b: the mean label probabilities of the content-free inputs of `mode` (contextual: "N/A",
         "", "[MASK]"; domain: random in-domain texts) under these demonstrations."""
-        key = (mode, *shots)
+        key: tuple[str | int, ...] = (mode, *shots)
         if key not in self._bias:
             texts = CONTENT_FREE if mode == "contextual" else self._domain
             prompts = []
             for text in texts:
-                values = {f: text for f in self.template.fields}
+                values: dict[str, JSONValue] = {f: text for f in self.template.fields}
                 prompts.append(self.builder.build(Item(-1, values, f"content-free input {text!r}"),
                                                   self.label_tokens, shots=list(shots)))
             probs = [p for p, _, _ in self._score(prompts)]
@@ -248,7 +267,7 @@ class Classifier:
             self._domain = domain_texts(items, self.template.fields, self.builder.options.seed)
             self._bias = {k: v for k, v in self._bias.items() if k[0] != "domain"}
         results: list[Classification] = []
-        scored: list[tuple[Item, list[Any]]] = []  # batch calibration: held until every item is scored
+        scored: list[tuple[Item, list[Draw]]] = []  # batch calibration: held until every item is scored
 
         def emit(done: list[Classification]) -> None:
             for result in done:
@@ -275,7 +294,7 @@ class Classifier:
             emit([self._combine(item, runs, biases) for item, runs in scored])
         return results
 
-    def _prompts(self, part: Sequence[Item], draw: int) -> list[Any]:
+    def _prompts(self, part: Sequence[Item], draw: int) -> list[Prompt]:
         if hasattr(self.builder, "prepare"):
             self.builder.prepare(part)  # similar selection: retrieve for the whole chunk at once
         prompts = [self.builder.build(item, self.label_tokens, draw=draw) for item in part]
@@ -284,7 +303,7 @@ class Classifier:
                 self.builder.on_warn(note)
         return prompts
 
-    def _scored_draws(self, part: Sequence[Item]) -> list[tuple[Item, list[tuple[Any, list[float], list[float], Any]]]]:
+    def _scored_draws(self, part: Sequence[Item]) -> list[tuple[Item, list[Draw]]]:
         """Each item with its (prompt, probabilities, log-probabilities, hidden) per demonstration draw.
         All draws are scored in one call, so each draw's shared prefix is still encoded once."""
         prompts = [p for d in range(self.ensemble) for p in self._prompts(part, d)]
@@ -293,7 +312,7 @@ class Classifier:
         return [(item, [(prompts[d * n + i], *scores[d * n + i]) for d in range(self.ensemble)])
                 for i, item in enumerate(part)]
 
-    def _combine(self, item: Item, runs: list[tuple[Any, list[float], list[float], Any]],
+    def _combine(self, item: Item, runs: list[Draw],
                  batch_bias: Sequence[list[float]] = ()) -> Classification:
         """Calibrate each draw's probabilities by its own bias (or read them with its own probe),
         then average over draws (--ensemble)."""
@@ -303,6 +322,7 @@ class Classifier:
             if self.calibrate == "off":
                 finals.append(probs)
             elif self.calibrate == "probe":
+                assert hidden is not None  # a probe's scoring asks for the hidden states (self.hidden_layers)
                 finals.append(self.probe(d).predict([hidden])[0])
             elif self.calibrate == "batch":
                 finals.append(calibrate(probs, batch_bias[d]))
@@ -319,10 +339,11 @@ class Classifier:
             logprobs=dict(zip(self.labels, logprobs)), prompt=prompt.text,
         )
 
-    def _by_generation(self, items: Sequence[Item], prompts: Sequence[Any]) -> list[Classification]:
+    def _by_generation(self, items: Sequence[Item], prompts: Sequence[Prompt]) -> list[Classification]:
         from llmlab.backends.models import GenRequest
+        from llmlab.core.settings import GenerationSettings
 
-        outputs = self.lm.generate([GenRequest(p.text, p.chat) for p in prompts], self.settings,
+        outputs = self.lm.generate([GenRequest(p.text, p.chat) for p in prompts], self.settings or GenerationSettings(),
                                    batch_size=self.batch_size)
         out = []
         for item, prompt, output in zip(items, prompts, outputs):
@@ -334,8 +355,8 @@ class Classifier:
         return out
 
 
-def record(result: Classification, template: Template, model_name: str) -> dict[str, Any]:
-    rec: dict[str, Any] = {"index": result.item.index, **result.item.fields, "prediction": result.prediction}
+def record(result: Classification, template: Template, model_name: str) -> dict[str, object]:
+    rec: dict[str, object] = {"index": result.item.index, **result.item.fields, "prediction": result.prediction}
     gold = result.item.fields.get(template.target) if template.target else None
     if gold is not None:  # a null label means unlabeled: no `correct`, never a comparison with "None"
         rec["correct"] = result.prediction == str(gold)
@@ -350,11 +371,12 @@ def record(result: Classification, template: Template, model_name: str) -> dict[
     return rec
 
 
-def run_metrics(results: Sequence[Any], template: Any) -> dict[str, Any]:
+def run_metrics(results: Sequence[Classified], template: Template) -> ClassifyMetrics:
     """The run log's metrics of a classify run: items, and accuracy over the labeled ones."""
     golds = [(r.prediction, str(r.item.fields[template.target])) for r in results
              if template.target and r.item.fields.get(template.target) is not None]
-    metrics: dict[str, Any] = {"items": len(results)}
+    metrics: ClassifyMetrics = {"items": len(results)}
     if golds:
-        metrics.update(accuracy=sum(p == g for p, g in golds) / len(golds), labeled=len(golds))
+        metrics["accuracy"] = sum(p == g for p, g in golds) / len(golds)
+        metrics["labeled"] = len(golds)
     return metrics

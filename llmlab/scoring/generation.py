@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from llmlab.core.errors import UsageError
 from llmlab.io.records import Item
 
 if TYPE_CHECKING:  # types only: nothing more is imported at run time
-    from llmlab.backends.base import LM, GenOutput
+    from llmlab.backends.base import LM, GenOutput, Tokenizer
     from llmlab.core.settings import GenerationSettings
     from llmlab.prompting.prompts import PromptBuilder
 
 CHAT_MODES = ("auto", "on", "off")
 
 
-def use_chat(tokenizer: Any, mode: str) -> bool:
+def use_chat(tokenizer: Tokenizer, mode: str) -> bool:
     """--chat auto: wrap prompts in the chat template when the tokenizer has one."""
     if mode not in CHAT_MODES:
         raise UsageError(f"invalid --chat '{mode}': choose auto, on or off")
@@ -26,7 +26,7 @@ def use_chat(tokenizer: Any, mode: str) -> bool:
     return has_template and mode != "off"
 
 
-def chat_text(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+def chat_text(tokenizer: Tokenizer, messages: list[dict[str, str]]) -> str:
     """The exact text the chat template makes of `messages`, ready for the assistant's reply."""
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
@@ -42,7 +42,7 @@ class Job:
     chat: bool
 
 
-def plain_jobs(items: Sequence[Item], field: str, tokenizer: Any, chat: bool) -> list[Job]:
+def plain_jobs(items: Sequence[Item], field: str, tokenizer: Tokenizer, chat: bool) -> list[Job]:
     """Jobs whose prompt is one field of each item, wrapped as a user turn when chatting."""
     jobs = []
     for item in items:
@@ -64,9 +64,9 @@ def template_jobs(builder: PromptBuilder, items: Sequence[Item]) -> list[Job]:
     return jobs
 
 
-def record(job: Job, output: Any, model_name: str, echo: bool) -> dict[str, Any]:
+def record(job: Job, output: GenOutput, model_name: str, echo: bool) -> dict[str, object]:
     completions = [job.prompt + c if echo else c for c in output.completions]
-    rec: dict[str, Any] = {"index": job.item.index, **job.item.fields, "prompt": job.prompt}
+    rec: dict[str, object] = {"index": job.item.index, **job.item.fields, "prompt": job.prompt}
     rec["completion"] = completions[0]
     if len(completions) > 1:
         rec["completions"] = completions

@@ -5,17 +5,19 @@ from __future__ import annotations
 
 import statistics
 import string
-from typing import Any, Sequence
+from typing import Sequence
+
+from llmlab.io.evalreport import LabelScores, MetricName, Metrics, SeedRun, Summary
 
 
-def classification_metrics(golds: Sequence[str], preds: Sequence[str], labels: Sequence[str]) -> dict[str, Any]:
+def classification_metrics(golds: Sequence[str], preds: Sequence[str], labels: Sequence[str]) -> Metrics:
     """Accuracy, macro-F1 (over the template's labels), per-label precision/recall/F1 and the
     confusion matrix (rows: gold label, columns: predicted label, plus 'unknown' if predicted)."""
     columns = list(labels) + (["unknown"] if any(p not in labels for p in preds) else [])
     confusion = [[0] * len(columns) for _ in labels]
     for gold, pred in zip(golds, preds):
         confusion[labels.index(gold)][columns.index(pred if pred in labels else "unknown")] += 1
-    per_label = {}
+    per_label: dict[str, LabelScores] = {}
     for i, label in enumerate(labels):
         tp = confusion[i][i]
         predicted = sum(row[i] for row in confusion)
@@ -39,12 +41,12 @@ def normalize_answer(text: str) -> str:
     return " ".join(text.split())
 
 
-def generation_metrics(preds: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float]:
+def generation_metrics(preds: Sequence[str], references: Sequence[Sequence[str]]) -> Metrics:
     """ROUGE-1/2/L F-measure (rouge-score, stemmed; best over an item's references) and exact match."""
     from rouge_score import rouge_scorer
 
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
-    totals = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
+    totals: dict[MetricName, float] = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
     exact = 0
     for pred, refs in zip(preds, references):
         scores = scorer.score_multi(list(refs), pred)
@@ -52,7 +54,8 @@ def generation_metrics(preds: Sequence[str], references: Sequence[Sequence[str]]
             totals[key] += scores[key].fmeasure
         exact += any(normalize_answer(pred) == normalize_answer(r) for r in refs)
     n = len(preds) or 1
-    return {**{k: v / n for k, v in totals.items()}, "exact_match": exact / n}
+    return {"rouge1": totals["rouge1"] / n, "rouge2": totals["rouge2"] / n, "rougeL": totals["rougeL"] / n,
+            "exact_match": exact / n}
 
 
 def rouge_l(preds: Sequence[str], references: Sequence[Sequence[str]]) -> list[float]:
@@ -68,10 +71,10 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def summarize(runs: list[dict[str, Any]], task: str) -> dict[str, Any]:
+def summarize(runs: list[SeedRun], task: str) -> Summary:
     """Each metric's mean, std, min and max over the seeds; items/s averaged over seeds."""
-    keys = ["accuracy", "macro_f1"] if task == "classify" else ["rouge1", "rouge2", "rougeL", "exact_match"]
-    summary: dict[str, Any] = {}
+    keys: list[MetricName] = ["accuracy", "macro_f1"] if task == "classify" else ["rouge1", "rouge2", "rougeL", "exact_match"]
+    summary: Summary = {}
     for key in keys:
         values = [r["metrics"][key] for r in runs]
         mean, std = mean_std(values)

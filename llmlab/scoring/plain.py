@@ -4,19 +4,21 @@ that a template's builder would otherwise do, with --overflow truncate keeping t
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from llmlab.core.errors import ContextOverflowError, DataError
 
 if TYPE_CHECKING:  # types only: nothing more is imported at run time
     from llmlab.backends.base import LM
+    from llmlab.io.items import Item
+    from llmlab.scoring.generation import Job
 
 # A token is rarely longer than this many characters, so a prompt with more than window x this
 # characters cannot fit: it is refused (or cut) before the tokenizer ever sees all of it.
 MAX_CHARS_PER_TOKEN = 32
 
 
-def fit(jobs: list[Any], lm: LM, max_new_tokens: int, overflow: str, warn: Callable[[str], None]) -> list[Any]:
+def fit(jobs: list[Job], lm: LM, max_new_tokens: int, overflow: str, warn: Callable[[str], None]) -> list[Job]:
     """The context-window check for prompts that no template built: a prompt over the window is
     refused (exit 5), or with --overflow truncate cut from the left to fit, with a warning (warn).
     A prompt of more than window x MAX_CHARS_PER_TOKEN characters is judged by its length alone,
@@ -47,14 +49,14 @@ def fit(jobs: list[Any], lm: LM, max_new_tokens: int, overflow: str, warn: Calla
     return out
 
 
-def _too_long(job: Any, size: str, window: int, max_new: int, lm: LM) -> ContextOverflowError:
+def _too_long(job: Job, size: str, window: int, max_new: int, lm: LM) -> ContextOverflowError:
     room = "" if lm.is_encoder_decoder else f" + {max_new} new tokens"
     return ContextOverflowError(
         f"{job.item.source}: the prompt has {size}{room}, over the model's {window}-token window; "
         "shorten it, lower --max-new-tokens, or use --overflow truncate to keep its end")
 
 
-def _cut(job: Any, lm: LM, budget: int, warn: Callable[[str], None], before: str) -> Any:
+def _cut(job: Job, lm: LM, budget: int, warn: Callable[[str], None], before: str) -> Job:
     """Keep the end of the user's prompt, re-wrapped in the chat template when chatting, so the
     whole model text fits `budget` tokens."""
     from llmlab.scoring import generation
@@ -74,12 +76,12 @@ def _cut(job: Any, lm: LM, budget: int, warn: Callable[[str], None], before: str
     raise ContextOverflowError(f"{job.item.source}: the chat template alone fills the {lm.window}-token window")
 
 
-def jobs(items: Sequence[Any], field_name: str, lm: LM, chat: bool) -> list[Any]:
+def jobs(items: Sequence[Item], field_name: str, lm: LM, chat: bool) -> list[Job]:
     """Jobs for prompts taken from one field; records from `prompt render -f jsonl` say
     `templated: true` and go to the model as they are (never wrapped a second time)."""
     from llmlab.scoring import generation
 
-    out: list[Any] = []
+    out: list[Job] = []
     for item in items:
         text = item.fields[field_name]
         if isinstance(text, (int, float)) and not isinstance(text, bool):

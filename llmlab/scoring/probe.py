@@ -19,12 +19,16 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, ContextManager, Sequence
 
 from llmlab.core.errors import DataError, UsageError
 
 _log = logging.getLogger("llmlab")  # library code never prints; the CLI shows this log
 if TYPE_CHECKING:  # types only: nothing more is imported at run time
+    import numpy as np
+    from numpy.typing import ArrayLike, NDArray
+
+    from llmlab.core.console import Bar
     from llmlab.io.items import Item
     from llmlab.prompting.templates import Template
 
@@ -69,11 +73,12 @@ class Source:
     items: list[Item]
     layers: str | None = None
     path: str = "--probe-data"
-    progress: Callable[[int, str], Any] | None = None  # None: no bar
+    progress: Callable[[int, str], ContextManager[Bar]] | None = None  # None: no bar
     info: Callable[[str], None] = lambda message: None
 
 
-def load_source(path: str, size: int, layers: str | None, template: Template, progress: Any = None,
+def load_source(path: str, size: int, layers: str | None, template: Template,
+                progress: Callable[[int, str], ContextManager[Bar]] | None = None,
                 info: Callable[[str], None] = lambda message: None) -> Source:
     """--probe-data FILE read and checked before any model time: the template's fields and a
     known label on every row; then a fixed sample of `size` rows (eval --sample's: the rows
@@ -110,10 +115,10 @@ class Probe:
     (k = number of labels; a two-label probe keeps sklearn's single row, the second label's logit)."""
 
     labels: list[str]
-    mean: Any
-    scale: Any
-    coef: Any
-    intercept: Any
+    mean: NDArray[np.float64]
+    scale: NDArray[np.float64]
+    coef: NDArray[np.float64]
+    intercept: NDArray[np.float64]
     rows: int  # training rows it was fitted on
     train_accuracy: float  # on those rows: far above test accuracy means too few rows or too large C
     c: float = GRID[0]  # the inverse L2 strength cross-validation chose
@@ -126,7 +131,7 @@ class Probe:
             return False
         return self.cv_accuracy <= self.chance + 2 * math.sqrt(self.chance * (1 - self.chance) / max(1, self.rows))
 
-    def predict(self, states: Any) -> list[list[float]]:
+    def predict(self, states: ArrayLike) -> list[list[float]]:
         """Label probabilities (in `labels` order) for each hidden state [n, D]."""
         import numpy as np
 
@@ -169,7 +174,7 @@ class Probe:
         return probe
 
 
-def fit(states: Any, gold: Sequence[str], labels: Sequence[str]) -> Probe:
+def fit(states: ArrayLike, gold: Sequence[str], labels: Sequence[str]) -> Probe:
     """Standardize the states, then an L2-regularized logistic regression (lbfgs) with C chosen
     from GRID by cross-validation on these rows (k-fold, k = 5 or the rarest label's count)."""
     import warnings
@@ -211,7 +216,7 @@ def key(model: str, layers: Sequence[int], prompts: Sequence[str], gold: Sequenc
     return h.hexdigest()[:24]
 
 
-def load_or_fit(name: str, states: Callable[[], Any], gold: Sequence[str],
+def load_or_fit(name: str, states: Callable[[], ArrayLike], gold: Sequence[str],
                 labels: Sequence[str]) -> tuple[Probe, bool]:
     """The cached probe `name`, else fit one on states() and cache it. Returns (probe, from cache)."""
     from llmlab.backends.loading import cache_root

@@ -6,7 +6,14 @@ from __future__ import annotations
 
 import sys
 from collections import OrderedDict
-from typing import Any, Hashable
+from typing import TYPE_CHECKING, Hashable, Optional, Tuple
+
+if TYPE_CHECKING:
+    import numpy as np
+    from numpy.typing import NDArray
+
+# A prompt's label probabilities, label log-probabilities, and hidden states (a float32 vector) or None.
+Scores = Tuple[list[float], list[float], Optional["NDArray[np.float32]"]]
 
 DEFAULT_BYTES = 256 * 2**20  # 256 MiB: ~1M two-label entries, or ~5k entries with 3 x 4,096-wide states
 
@@ -17,19 +24,19 @@ class ScoreCache:
     def __init__(self, max_bytes: int = DEFAULT_BYTES):
         self.max_bytes = max_bytes
         self.bytes = 0
-        self._entries: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()
+        self._entries: OrderedDict[Hashable, tuple[Scores, int]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, key: Hashable) -> Any:
+    def get(self, key: Hashable) -> Scores | None:
         found = self._entries.get(key)
         if found is None:
             return None
         self._entries.move_to_end(key)  # recently used: dropped last
         return found[0]
 
-    def put(self, key: Hashable, entry: Any) -> None:
+    def put(self, key: Hashable, entry: Scores) -> None:
         size = entry_bytes(key, entry)
         if key in self._entries:
             self.bytes -= self._entries.pop(key)[1]
@@ -42,7 +49,7 @@ class ScoreCache:
             self.bytes -= dropped
 
 
-def entry_bytes(key: Hashable, entry: Any) -> int:
+def entry_bytes(key: Hashable, entry: Scores) -> int:
     """An entry's size: its floats (8 bytes each), its hidden states' buffer and its key's text."""
     probs, logprobs, hidden = entry
     text = sum(len(part) for part in key if isinstance(part, str)) if isinstance(key, tuple) else sys.getsizeof(key)

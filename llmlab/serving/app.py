@@ -5,6 +5,7 @@ fault) and never as a traceback. Every model call goes through the batcher's que
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import logging
 import threading
@@ -21,8 +22,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llmlab.core.config import ServeConfig
 from llmlab.core.errors import LlmlabError
-from llmlab.serving import completions, llmlab_api, openai_api as api
-from llmlab.serving.batcher import Batcher, QueuedLM
+from llmlab.serving import completions, eval_api, llmlab_api, openai_api as api
+from llmlab.backends.base import Cancelled
+from llmlab.serving.batcher import CANCEL, Batcher, QueuedLM
 from llmlab.serving.errors import APIError, error_body
 
 if TYPE_CHECKING:
@@ -37,7 +39,9 @@ _log = logging.getLogger("llmlab")
 
 class Guard:
     """Before any route: the API key (401) and the body size (413, also for bodies sent without a
-    Content-Length). After: an unexpected error becomes a 500 body and one log line."""
+    Content-Length). During: a client that disconnects before its answer sets the request's
+    batcher.CANCEL event (its queued model calls are dropped, a generation it alone waits for stops).
+    After: an unexpected error becomes a 500 body and one log line."""
 
     def __init__(self, app: ASGIApp, api_key: str | None, max_body: int):
         self.app, self.api_key, self.max_body = app, api_key, max_body
@@ -52,7 +56,9 @@ class Guard:
         length = headers.get(b"content-length", b"")
         if length.isdigit() and int(length) > self.max_body:
             return await _reply(send, 413, self._too_big())
-        seen, started = 0, False
+        seen, started, answered = 0, False, False
+        cancel, body_read = threading.Event(), asyncio.Event()
+        token = CANCEL.set(cancel)
 
         async def limited() -> Message:
             nonlocal seen
@@ -60,19 +66,38 @@ class Guard:
             seen += len(message.get("body", b""))
             if seen > self.max_body:
                 raise HTTPException(413, self._too_big())
+            if message["type"] == "http.disconnect":
+                cancel.set()
+            elif not message.get("more_body"):
+                body_read.set()
             return message
 
         async def watched(message: Message) -> None:
-            nonlocal started
+            nonlocal started, answered
             started = started or message["type"] == "http.response.start"
+            answered = answered or (message["type"] == "http.response.body" and not message.get("more_body"))
             await send(message)
 
+        async def watch() -> None:  # once the body is in, the next message is the client leaving (or done)
+            await body_read.wait()
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            if not answered:
+                cancel.set()
+
+        watcher = asyncio.create_task(watch())
         try:
             await self.app(scope, limited, watched)
+        except Cancelled:
+            _log.info(f"{scope.get('path')}: the client disconnected; its work was stopped")
         except Exception as exc:  # noqa: BLE001 - no traceback leaves the server
             _log.error(f"{scope.get('path')}: {type(exc).__name__}: {exc}")
             if not started:
                 await _reply(send, 500, f"internal error: {type(exc).__name__}")
+        finally:
+            answered = True
+            watcher.cancel()
+            CANCEL.reset(token)
 
     def _too_big(self) -> str:
         return f"the request body is over this server's cap of {self.max_body} bytes"
@@ -153,6 +178,9 @@ def create_app(lm: LM, cfg: ServeConfig) -> FastAPI:
 
     _tokenizer_routes(app, lm)
     llmlab_api.register(app, model, cfg)
+    from llmlab.orchestration.evaluate import model_facts
+
+    eval_api.register(app, model, cfg, model_facts(lm))
     return app
 
 
@@ -218,7 +246,8 @@ def _sse(lm: LM, request: GenRequest, st: GenerationSettings,
         except Exception as exc:  # noqa: BLE001 - reported to the client as an error event
             put(exc)
 
-    threading.Thread(target=work, name="llmlab-stream", daemon=True).start()
+    # The request's context (its batcher.CANCEL event) goes with the work: a client that leaves stops it.
+    threading.Thread(target=contextvars.copy_context().run, args=(work,), name="llmlab-stream", daemon=True).start()
 
     async def events() -> AsyncIterator[str]:
         if first is not None:

@@ -1,17 +1,20 @@
 """One thread owns the model; every request's model calls go through its queue. Calls that arrive
 together and can share a forward pass (the same kind, the same settings) are merged into ONE LM
 call and their results handed back to each caller, in order. QueuedLM is the LM interface over the
-queue, so the library code the commands run (Classifier, session.generate) runs unchanged on it."""
+queue, so the library code the commands run (Classifier, session.generate) runs unchanged on it.
+A request whose client has gone (CANCEL, set by app.Guard) is dropped from the queue, and the model
+call it is in stops (LM.should_stop) once every request merged into that call has gone."""
 
 from __future__ import annotations
 
 import threading
 import time
 from collections import deque
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Generic, Hashable, Sequence, TypeVar, cast
 
-from llmlab.backends.base import LM, GenOutput, GenRequest, LLOutput, LLRequest, PromptScores, Vector
+from llmlab.backends.base import LM, Cancelled, GenOutput, GenRequest, LLOutput, LLRequest, PromptScores, Vector
 
 if TYPE_CHECKING:
     import torch
@@ -20,6 +23,10 @@ if TYPE_CHECKING:
 
 _R = TypeVar("_R")  # a request
 _O = TypeVar("_O")  # its result
+
+# The request being served in this context: set once its client has disconnected (app.Guard sets it
+# up; contextvars follow the request into the thread pool that runs its handler).
+CANCEL: ContextVar[threading.Event | None] = ContextVar("llmlab_cancel", default=None)
 
 
 @dataclass
@@ -30,6 +37,12 @@ class _Job(Generic[_R, _O]):
     done: threading.Event = field(default_factory=threading.Event)
     results: list[_O] | None = None
     error: BaseException | None = None
+    cancel: threading.Event | None = field(default_factory=CANCEL.get)
+
+    @property
+    def gone(self) -> bool:
+        """Its client has disconnected: nobody will read the results."""
+        return self.cancel is not None and self.cancel.is_set()
 
 
 class Batcher:
@@ -41,6 +54,8 @@ class Batcher:
         self._cv = threading.Condition()
         self._closed = False
         self.calls = 0  # LM calls made (a test reads it to see that requests were merged)
+        self.dropped = 0  # queued jobs dropped because their client had gone
+        self.stopped = 0  # LM calls stopped part way because every client in them had gone
         self._thread = threading.Thread(target=self._run, name="llmlab-model", daemon=True)
         self._thread.start()
 
@@ -49,6 +64,8 @@ class Batcher:
         """run(requests) on the model thread, merged with other jobs of the same key (whose run is
         the same call: equal keys mean the same kind and settings); blocks until done."""
         job = _Job(run, list(requests), key)
+        if job.gone:
+            raise Cancelled("the client has disconnected")
         with self._cv:
             if self._closed:
                 raise RuntimeError("the server is shutting down")
@@ -69,35 +86,56 @@ class Batcher:
             self._cv.notify()
         self._thread.join(timeout=60)
 
+    def _drop_gone(self) -> None:
+        """(Lock held.) Queued jobs whose client has gone are answered Cancelled, never run."""
+        for job in [j for j in self._jobs if j.gone]:
+            self._jobs.remove(job)
+            job.error = Cancelled("the client has disconnected")
+            job.done.set()
+            self.dropped += 1
+
     def _next_group(self) -> list[_Job[object, object]] | None:
-        with self._cv:
-            while not self._jobs:
-                if self._closed:
-                    return None
-                self._cv.wait()
-            first = self._jobs[0]
-        if first.key is not None and self.wait_s:
-            time.sleep(self.wait_s)  # let the requests sent together arrive
-        with self._cv:
-            group, rows = [self._jobs.popleft()], len(first.requests)
-            for job in list(self._jobs):
-                if first.key is not None and job.key == first.key and rows + len(job.requests) <= self.max_rows:
-                    self._jobs.remove(job)
-                    group.append(job)
-                    rows += len(job.requests)
-            return group
+        while True:
+            with self._cv:
+                self._drop_gone()
+                while not self._jobs:
+                    if self._closed:
+                        return None
+                    self._cv.wait()
+                    self._drop_gone()
+                first = self._jobs[0]
+            if first.key is not None and self.wait_s:
+                time.sleep(self.wait_s)  # let the requests sent together arrive
+            with self._cv:
+                self._drop_gone()
+                if not self._jobs:
+                    continue
+                first = self._jobs[0]
+                group, rows = [self._jobs.popleft()], len(first.requests)
+                for job in list(self._jobs):
+                    if first.key is not None and job.key == first.key and rows + len(job.requests) <= self.max_rows:
+                        self._jobs.remove(job)
+                        group.append(job)
+                        rows += len(job.requests)
+                return group
 
     def _run(self) -> None:
         while (group := self._next_group()) is not None:
             requests = [r for job in group for r in job.requests]
+            self.lm.should_stop = lambda: all(job.gone for job in group)
             try:
                 self.calls += 1
                 results = group[0].run(requests)
+                if all(job.gone for job in group):  # stopped part way: what came back is cut short
+                    raise Cancelled("the client has disconnected")
             except BaseException as exc:  # noqa: BLE001 - handed to every caller of the group
+                self.stopped += isinstance(exc, Cancelled)
                 for job in group:
                     job.error = exc
                     job.done.set()
                 continue
+            finally:
+                self.lm.should_stop = None
             start = 0
             for job in group:
                 job.results = results[start : start + len(job.requests)]

@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import json
 import os
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping, Optional, Sequence, TypeVar, Union
+from urllib.parse import urlsplit
 
 from llmlab.core.errors import ModelError, UsageError
 
@@ -19,6 +18,11 @@ if TYPE_CHECKING:
     from llmlab.io.items import Item
     from llmlab.orchestration.session import Hooks
     from llmlab.prompting.templates import Template
+    from llmlab.core.config import ModelConfig
+    from llmlab.io.evalreport import Report as EvalReport
+    from llmlab.learn.nexttoken import StepRecord
+    from llmlab.orchestration.evalplan import EvalPlan
+    from llmlab.serving.eval_api import EvalReply, NextReply
     from llmlab.serving.llmlab_api import ClassifyReply, GenerateReply
 
 _Row = TypeVar("_Row")
@@ -28,24 +32,35 @@ KEY_ENV = "LLMLAB_API_KEY"
 
 
 def post(url: str, path: str, body: Mapping[str, object], timeout: float = 3600) -> bytes:
-    """POST JSON; the reply's body (JSON). A server error becomes one line naming the server."""
+    """POST JSON; the reply's body (JSON). A server error becomes one line naming the server.
+    http.client, not urllib.request: the one-token round trip should not pay for ssl and email imports."""
+    import http.client
+
+    parts = urlsplit(url if "://" in url else f"http://{url}")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UsageError(f"--server {url}: give an http:// URL, e.g. http://127.0.0.1:8000")
     headers = {"Content-Type": "application/json"}
     if os.environ.get(KEY_ENV):
         headers["Authorization"] = f"Bearer {os.environ[KEY_ENV]}"
-    request = urllib.request.Request(url.rstrip("/") + path, data=json.dumps(body).encode(), headers=headers)
+    kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as reply:
-            return reply.read()
-    except urllib.error.HTTPError as exc:
+        connection = kind(parts.hostname, parts.port, timeout=timeout)
         try:
-            message = json.loads(exc.read())["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            message = exc.reason
-        raise (UsageError if exc.code in (400, 404, 413) else ModelError)(f"the server at {url}: {message}") from None
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise ModelError(f"no llmlab server answers at {url} ({reason}): start one with `llmlab serve`, "
+            connection.request("POST", parts.path.rstrip("/") + path, json.dumps(body).encode(), headers)
+            reply = connection.getresponse()
+            status, data = reply.status, reply.read()
+        finally:
+            connection.close()
+    except OSError as exc:
+        raise ModelError(f"no llmlab server answers at {url} ({exc}): start one with `llmlab serve`, "
                          f"or drop --server / {ENV}") from None
+    if status >= 400:
+        try:
+            message = json.loads(data)["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = f"HTTP {status}"
+        raise (UsageError if status in (400, 404, 413) else ModelError)(f"the server at {url}: {message}")
+    return data
 
 
 def _prompt_body(cfg: Union[GenerateConfig, ClassifyConfig]) -> dict[str, object]:
@@ -107,7 +122,7 @@ def generate(cfg: GenerateConfig, hooks: Hooks, url: str, display: bool = False)
                     writer.write(rec)
                     if bar is not None:
                         bar.advance(1)
-                log.item(item.index, text, rec["completion"], key=item.key,
+                log.item(item.index, text, str(rec["completion"]), key=item.key,
                          extra={"input": item.fields, **({"completions": rec["completions"]}
                                                          if "completions" in rec else {})})
         log.metrics({"items": len(todo)})
@@ -146,10 +161,11 @@ def classify(cfg: ClassifyConfig, hooks: Hooks, url: str,
                 rec["index"] = item.index
                 if writer is not None:
                     writer.write(rec)
-                log.item(item.index, prompt, rec.get("completion"), rec["prediction"], rec["probabilities"],
-                         item.fields.get(template.target) if template.target else None, {"input": item.fields},
-                         key=item.key)
-                results.append(Classified(item, rec["prediction"], rec["probabilities"]))
+                result, completion = _classified(item, rec), rec.get("completion")
+                log.item(item.index, prompt, completion if isinstance(completion, str) else None, result.prediction,
+                         result.probabilities, item.fields.get(template.target) if template.target else None,
+                         {"input": item.fields}, key=item.key)
+                results.append(result)
         log.metrics(clf.run_metrics(results, template))
     return (results, Labels(template, reply["labels"])) if table else None
 
@@ -159,8 +175,15 @@ class Classified:
     """One input's answer from the server: what the table and run_metrics read of a Classification."""
 
     item: Item
-    prediction: object
-    probabilities: object
+    prediction: str
+    probabilities: dict[str, float]
+
+
+def _classified(item: Item, rec: Mapping[str, object]) -> Classified:
+    """A record of the server's reply as a result: its prediction and each label's probability."""
+    probs = rec.get("probabilities")
+    return Classified(item, str(rec.get("prediction")), {str(k): float(v) for k, v in probs.items()
+                                                          if isinstance(v, (int, float))} if isinstance(probs, dict) else {})
 
 
 @dataclass
@@ -177,3 +200,60 @@ class _nothing:
 
     def __exit__(self, *exc: object) -> None:
         return None
+
+
+def refuse(option_values: Mapping[str, object], templates: Sequence[str] = ()) -> None:
+    """--server: options naming files or processes here, which the server can't use, and templates
+    given as files: one line each, before any work."""
+    for flag, given in option_values.items():
+        if given:
+            raise UsageError(f"--server: {flag} can't go to the server (it names files or processes here); drop "
+                             f"{flag} or --server")
+    for name in templates:
+        if name.endswith((".yaml", ".yml")) or os.sep in name:
+            raise UsageError(f"--server: the server finds templates by name; '{name}' is a file here "
+                             "(drop --server to use it)")
+
+
+def evaluate(plan: EvalPlan, model: ModelConfig, hooks: Hooks, url: str) -> EvalReport:
+    """evaluate.run's work on a checked plan, done by the server: the same report, and the same run
+    log (the server hands back every item and combination it logged, replayed here in order)."""
+    import sys
+
+    from llmlab.orchestration.evalplan import plan_config
+
+    probe = {"probe_size": plan.probe.size, "probe_layers": plan.probe.layers} if plan.probe else {}
+    body = {"model": model.spec, "chat": model.chat, "shots": plan.shots, "seeds": plan.seeds,
+            "calibration": plan.calibration, "method": plan.method, "normalize": plan.normalize,
+            "ensemble": plan.ensemble, "batch_size": plan.batch_size, "selection": plan.prompt.selection,
+            "shot_format": plan.prompt.shot_format, "overflow": plan.prompt.overflow,
+            "max_new_tokens": plan.max_new_tokens, "log_samples": plan.log_samples, "references": plan.references,
+            "offset": plan.offset, "limit": plan.limit, "sample": plan.sample, "sample_seed": plan.sample_seed,
+            **probe, "tasks": [{"template": t.template.name, "data": t.data,
+                                "items": [[i.index, i.fields, i.source] for i in t.items]} for t in plan.tasks]}
+    data = ", ".join(dict.fromkeys(t.data for t in plan.tasks))
+    with hooks.open_run("eval", config=plan_config(plan, model.chat), templates=[t.template for t in plan.tasks],
+                        data=data) as log:
+        reply: EvalReply = json.loads(post(url, "/v1/eval", body))  # the shape eval_api answers with
+        log.update(model=reply["model"], device=url)
+        for warning in reply["warnings"]:
+            hooks.warn(warning)
+        for note in reply["notes"]:
+            hooks.note(note)
+        report = reply["report"]
+        for call in reply["log"]:
+            if call["kind"] == "item":
+                log.item(**call["item"])
+            else:
+                log.eval_combo(report["results"][call["combo"]])
+        report["command"] = " ".join(["llmlab", *sys.argv[1:]]) if sys.argv else "llmlab eval"
+        return report
+
+
+def next_steps(url: str, model: ModelConfig, text: str, flags: Mapping[str, object], steps: int,
+               show: int) -> list[StepRecord]:
+    """nexttoken.walk's steps (as to_json dicts), walked by the server."""
+    body: dict[str, object] = {"model": model.spec, "chat": model.chat, "prompt": text, "settings": flags, "steps": steps,
+            "show": show}
+    reply: NextReply = json.loads(post(url, "/v1/next", body))  # the shape eval_api answers with
+    return reply["steps"]

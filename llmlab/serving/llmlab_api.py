@@ -84,7 +84,7 @@ class _ClassifyReply(TypedDict):
     template: str
     labels: list[str]
     calibration: Optional[str]
-    results: list[dict[str, JsonValue]]
+    results: list[dict[str, object]]  # records, as the commands write them
     warnings: list[str]
 
 
@@ -97,7 +97,7 @@ class RenderReply(TypedDict):
     model: str
     template: str
     window: Optional[int]
-    results: list[dict[str, JsonValue]]
+    results: list[dict[str, object]]  # records, as the commands write them
     warnings: list[str]
 
 
@@ -105,7 +105,7 @@ class GenerateReply(TypedDict):
     object: str
     model: str
     settings: dict[str, JsonValue]
-    results: list[dict[str, JsonValue]]
+    results: list[dict[str, object]]  # records, as the commands write them
     model_texts: list[str]
     warnings: list[str]
 
@@ -154,7 +154,9 @@ def run_classify(body: ClassifyBody, lm: LM, served: ModelConfig) -> ClassifyRep
                          normalize=value(body.normalize), calibrate=body.calibration, ensemble=body.ensemble,
                          batch_size=body.batch_size, probe=ProbeConfig(None, body.probe_size, body.probe_layers))
     items = _items(body, template, "classify")
-    results, classifier = session.classify(cfg, session.Hooks(warn=warnings.append), table=True, lm=lm, items=items)
+    answer = session.classify(cfg, session.Hooks(warn=warnings.append), table=True, lm=lm, items=items)
+    assert answer is not None  # no output file to resume: every input (at least one) is classified
+    results, classifier = answer
     out: ClassifyReply = {"object": "classification", "model": lm.name, "template": classifier.template.name,
                            "labels": classifier.labels, "calibration": classifier.calibrate,
                            "results": [clf.record(r, classifier.template, lm.name) for r in results],
