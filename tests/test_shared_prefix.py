@@ -220,3 +220,40 @@ def test_a_16_shot_batch_peaks_below_the_copying_version():
     # the copies alone: every row holds the whole prefix's keys and values in every layer
     prefix_kv = 4 * 2 * 2 * len(lm.token_ids(shots)) * 16 * 4
     assert copied - shared > 16 * prefix_kv / 2 and 2 * shared < copied, (shared, copied)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_a_prefix_cache_runs_the_head_on_one_position_and_holds_the_same_keys(lms, kind):
+    import torch
+
+    lm = lms[kind]
+    ids = lm.token_ids(SHOTS)
+    seen = []
+    hook = lm.model.get_output_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0].shape[1]))
+    try:
+        every = prefix_cache.compute(lm.model, ids, lm.device, lm.cache_kwarg())  # the head on every position
+        kept = lm.prefix_kv(ids)  # the head on the last position only
+    finally:
+        hook.remove()
+    assert seen == [len(ids), 1]
+    for a, b in zip(every.layers, kept.layers):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "t5"])
+def test_rows_of_very_different_lengths_go_in_separate_batches_with_the_same_scores(lms, monkeypatch, kind):
+    """Scoring cuts its length-sorted rows where padding the short ones would cost more than a pass."""
+    from llmlab.backends import batching, hf_score
+
+    lm = lms[kind]
+    long = "Review: " + "a long and winding film that never ends, " * 6
+    texts = [long + str(n) for n in range(3)] + [f"Review: ok {n}" for n in range(3)]
+    requests = [models.LLRequest(SHOTS + f"{t}\nSentiment:", LABELS[0], prefix=SHOTS) for t in texts]
+    passes = Spy(monkeypatch, hf_score, "seq2seq" if kind == "t5" else "causal")
+    cut = lm.loglikelihood(requests, batch_size=16)
+    assert passes.calls == 2  # the long rows, then the short ones (one batch each without the cut)
+    for device in batching.PASS_TOKENS:  # a pass dearer than any padding: one batch
+        monkeypatch.setitem(batching.PASS_TOKENS, device, 10**9)
+    whole = lm.loglikelihood(requests, batch_size=16)
+    assert passes.calls == 3
+    assert [o.logprob for o in cut] == pytest.approx([o.logprob for o in whole], abs=1e-5)

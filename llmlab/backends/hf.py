@@ -11,7 +11,7 @@ from llmlab.backends import prefix_cache
 from llmlab.backends import hf_continuous, hf_score, stopping
 from llmlab.backends.base import (LM, EventSink, GenOutput, GenRequest, LLOutput, LLRequest, PromptScores, TokenLogprob,
                                   Vector, as_tokenizer, cut_at_stop, log_event)
-from llmlab.backends.batching import run_batched
+from llmlab.backends.batching import PASS_TOKENS, run_batched
 from llmlab.core.errors import ContextOverflowError, UsageError
 
 if TYPE_CHECKING:
@@ -133,11 +133,11 @@ class HFLM(LM):
         rows = self.encode_pairs(requests)
         self._check_rows(requests, rows)
         results: list[LLOutput | None] = [None] * len(requests)
-        sizes = self._sizes(batch_size)
+        sizes, cut = self._sizes(batch_size), PASS_TOKENS["cpu" if self.device == "cpu" else "gpu"]  # see batching.cut
         if self.is_encoder_decoder:
             return run_batched(lambda b: hf_score.seq2seq(self, [rows[i] for i in b], hidden_layers),
                                [len(c) + len(k) for c, k in rows], *sizes, on_event=self.on_event,
-                               should_stop=self.should_stop)
+                               should_stop=self.should_stop, overhead=cut)
         plain = set(range(len(rows)))
         for group in self._groups(requests, rows) if prefix_cache else []:
             cache = self.cached_prefix(group.prefix_ids)
@@ -145,14 +145,14 @@ class HFLM(LM):
             tails = [(rows[i][0][past:], rows[i][1]) for i in group.members]
             scored = run_batched(lambda b: hf_score.causal(self, [tails[k] for k in b], cache, past, hidden_layers),
                                  [len(c) + len(k) for c, k in tails], *sizes, on_event=self.on_event,
-                                 should_stop=self.should_stop)
+                                 should_stop=self.should_stop, overhead=cut)
             for i, out in zip(group.members, scored):
                 results[i] = out
             plain -= set(group.members)
         rest = sorted(plain)
         scored = run_batched(lambda b: hf_score.causal(self, [rows[rest[k]] for k in b], layers=hidden_layers),
                              [len(rows[i][0]) + len(rows[i][1]) for i in rest], *sizes, on_event=self.on_event,
-                             should_stop=self.should_stop)
+                             should_stop=self.should_stop, overhead=cut)
         for i, out in zip(rest, scored):
             results[i] = out
         return results  # type: ignore[return-value]
@@ -194,7 +194,7 @@ class HFLM(LM):
 
     def prefix_kv(self, ids: list[int]) -> DynamicCache:
         """The KV cache of a shared prefix, computed once (a seam tests can watch)."""
-        return prefix_cache.compute(self.model, ids, self.device, self.cache_kwarg())
+        return prefix_cache.compute(self.model, ids, self.device, self.cache_kwarg(), self.forward_params())
 
     def _check_rows(self, requests: Sequence[LLRequest], rows: list[tuple[list[int], list[int]]]) -> None:
         """Every continuation has tokens and every row fits the window (the prompt builder fits

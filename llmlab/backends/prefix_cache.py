@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Hashable, Sequence, TypeAlias
+from typing import TYPE_CHECKING, Collection, Hashable, Sequence, TypeAlias
 
 if TYPE_CHECKING:
     import torch
@@ -83,15 +83,18 @@ def plan(prefixes: Sequence[tuple[Hashable, list[int]] | None],
     return groups
 
 
-def compute(model: Model, ids: list[int], device: str, cache_kwarg: str) -> DynamicCache:
+def compute(model: Model, ids: list[int], device: str, cache_kwarg: str,
+            forward_params: Collection[str] = ()) -> DynamicCache:
     """The KV cache of `ids` (one row), computed once: keys and values of every layer, each
-    [1, kv_heads, len(ids), head_dim]."""
+    [1, kv_heads, len(ids), head_dim]. With logits_to_keep among forward's parameters, the model's
+    head runs on the last position only (its logits are not used; the cache is the same)."""
     import torch
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in forward_params else {}
     with torch.inference_mode():
-        model(input_ids=torch.tensor([ids], device=device), use_cache=True, **{cache_kwarg: cache})
+        model(input_ids=torch.tensor([ids], device=device), use_cache=True, **{cache_kwarg: cache}, **extra)
     return cache
 
 

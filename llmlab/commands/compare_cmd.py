@@ -49,6 +49,9 @@ def compare_cmd(
     max_new_tokens: MaxNewTokens = None,
     limit: Annotated[Optional[int], typer.Option(min=1, help="Use only the first N inputs.")] = None,
     show: Annotated[str, typer.Option(help="Rows to show: all, differing, wrong.")] = "all",
+    baseline: Annotated[Optional[str], typer.Option(help="The variant (its column's label) the others are compared "
+                                                    "with: paired differences, 95% CI, Holm p.",
+                                                    show_default="the first")] = None,
     format: Annotated[str, typer.Option("--format", "-f", help="auto (a table on a terminal, else JSONL), jsonl, csv.")] = "auto",
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Write the matrix here (.jsonl or .csv).")] = None,
     html: Annotated[Optional[str], typer.Option("--html", help="Also write the matrix as a self-contained HTML page.")] = None,
@@ -71,6 +74,7 @@ def compare_cmd(
     model_cfg = model_config(None, device, dtype, chat, device_map, max_memory, backend)
     templates = [prompts.find_template(t, prompts_dir or []) for t in template or []]
     chosen = compare.variants(templates, _with_adapter(model or [], adapter, backend), config or [])
+    compare.check_baseline(chosen, baseline)
     flag = resolve.calibration_flag(calibration, calibrate)
     # Each template's calibration, and the probe's rows where it is probe, read before any model time.
     probes = {t.name: compare.probe_for(t, flag, method) for t in templates}
@@ -86,7 +90,7 @@ def compare_cmd(
 
         write_text(html, report.render([], m, title=f"llmlab compare on {input}"))  # whole, or the old one stays
         console.note(f"wrote {html}")
-    show_matrix(m, compare.select(m, show), format, output)
+    show_matrix(m, compare.select(m, show), format, output, compare.paired(m, compare.baseline_column(m, baseline)))
 
 
 def _run(chosen: list[Variant], items: list[Item], opts: CompareOptions, input: str, no_log: bool) -> Matrix:

@@ -24,14 +24,19 @@ OptTest = Annotated[Optional[str], typer.Option("--test", rich_help_panel=IO_PAN
                                                 help="Held-out rows, scored once at the end.")]
 Holdout = Annotated[float, typer.Option(rich_help_panel=IO_PANEL,
                                         help="Share of --data held out (without --test), drawn with --seed.")]
-Budget = Annotated[int, typer.Option(rich_help_panel=PROMPT_PANEL, show_default=False,
+Budget = Annotated[str, typer.Option(rich_help_panel=PROMPT_PANEL, show_default=False,
                                      help="Scored items the search may spend (variant x row; probe rows fitted "
-                                     "count too). [required]")]
+                                     "count too), e.g. 2000, or its time, e.g. 20m. [required]")]
 OptSeed = Annotated[int, typer.Option("--seed", rich_help_panel=PROMPT_PANEL,
                                       help="Seed of the split, the row order and the variants drawn.")]
 Candidates = Annotated[int, typer.Option(rich_help_panel=PROMPT_PANEL, help="Variants in the first round.")]
 Proposals = Annotated[int, typer.Option(rich_help_panel=PROMPT_PANEL,
                                         help="Instructions the loaded model writes from a few examples.")]
+ProbeRows = Annotated[int, typer.Option(rich_help_panel=PROMPT_PANEL,
+                                        help="Search rows set aside to fit a probe on (a readout the search tries; "
+                                        "the winner's probe rows are written beside -o). 0: none.")]
+Proposer = Annotated[Optional[str], typer.Option(rich_help_panel=PROMPT_PANEL, show_default="the searched model",
+                                                help="A model (name or folder) that writes the proposed instructions.")]
 OptOutput = Annotated[str, typer.Option("--output", "-o", rich_help_panel=IO_PANEL, show_default=False,
                                         help="Where to write the winning template (.yaml). [required]")]
 
@@ -39,7 +44,7 @@ OptOutput = Annotated[str, typer.Option("--output", "-o", rich_help_panel=IO_PAN
 def optimize(
     template: OptTemplate, data: OptData, budget: Budget, output: OptOutput,
     test: OptTest = None, holdout: Holdout = 0.5, seed: OptSeed = 0, candidates: Candidates = 16,
-    proposals: Proposals = 2, offset: Offset = 0, limit: Limit = None, examples: Examples = None,
+    proposals: Proposals = 2, proposer: Proposer = None, probe_rows: ProbeRows = 0, offset: Offset = 0, limit: Limit = None, examples: Examples = None,
     prompts_dir: PromptsDir = None, model: Model = None, device: Device = "auto", dtype: DtypeOpt = Dtype.auto,
     batch_size: BatchSize = "16", no_log: NoLog = False, quiet: Quiet = False, verbose: Verbose = False,
 ) -> None:
@@ -49,12 +54,15 @@ def optimize(
     Prints the held-out difference with its 95% paired bootstrap interval and McNemar's p (ROUGE-L: permutation).
     """
     from llmlab.core.config import OptimizeConfig, batch_size as parse_batch
+    from llmlab.optimizing import budget as budgets
     from llmlab.optimizing import optimize as optimizing
 
     console.configure(quiet, verbose)
-    cfg = OptimizeConfig(model_config(model, device, dtype, None), template, data, output, budget, test, holdout, seed,
+    items, seconds = budgets.parse(budget)
+    cfg = OptimizeConfig(model_config(model, device, dtype, None), template, data, output, items, test, holdout, seed,
                          candidates, proposals, offset, limit, parse_batch(batch_size) or 16, examples,
-                         list(prompts_dir or []))
+                         list(prompts_dir or []), probe_rows, seconds,
+                         model_config(proposer, device, dtype, None) if proposer else None)
     table(optimizing.optimize(cfg, hooks(no_log)))
 
 
@@ -71,8 +79,11 @@ def table(r: Result) -> None:
               f"{d.high * 100:+.1f}], {test} p = {d.p:.3g}: {d.verdict()}")
     render.show(["", "template", f"held-out {r.metric}", "search (rows)"], rows,
                 title=f"{r.held_rows} held-out rows, scored once", footer=footer)
-    console.info(f"searched {r.candidates} variants on up to {r.search_rows} rows: {r.spent} scored items "
-                 f"(budget {r.budget}), {r.seconds:.0f}s; winner: {r.winner}")
+    from llmlab.optimizing import budget as budgets
+
+    console.info(f"searched {r.candidates} variants on up to {r.search_rows} rows: {r.spent} scored items in "
+                 f"{r.search_seconds:.0f}s (budget {budgets.shown(r.budget, r.budget_seconds)}), {r.seconds:.0f}s in all; "
+                 f"winner: {r.winner}")
 
 
 def register(app: typer.Typer) -> None:

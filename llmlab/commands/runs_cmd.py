@@ -203,8 +203,11 @@ def runs_compare(
     run_ids: Annotated[list[int], typer.Argument(help="Two or more run ids.")],
     show: Annotated[str, typer.Option(help="Items to list: differing (outputs or predictions differ), wrong, all.")] = "differing",
     format: Annotated[str, typer.Option("--format", "-f", help="auto (a table on a terminal, else JSONL), jsonl, csv.")] = "auto",
+    baseline: Annotated[Optional[int], typer.Option(help="The run the others are compared with: paired "
+                                                    "differences, 95% CI, Holm p.", show_default="the first")] = None,
 ) -> None:
-    """Metrics side by side, then the inputs (matched by id, else position) whose outputs differ."""
+    """Metrics side by side, then the inputs (matched by id, else position) whose outputs differ, and
+    each run's paired difference from the baseline run on the inputs both have."""
     from llmlab.orchestration import compare
     from llmlab.runs import runlog
 
@@ -212,6 +215,8 @@ def runs_compare(
         raise UsageError("give two or more run ids to compare, e.g. llmlab runs compare 3 4")
     _check_choice("--show", show, ("all", "differing", "wrong"))
     _check_choice("--format", format, ("auto", "jsonl", "csv"))
+    if baseline is not None and baseline not in run_ids:
+        raise UsageError(f"--baseline {baseline} is not one of the compared runs ({', '.join(map(str, run_ids))})")
     db = _db()
     runs = [runlog.get_run(db, i) for i in run_ids]
     m = compare.matrix(runs, lambda i: runlog.items(db, i))
@@ -219,7 +224,8 @@ def runs_compare(
     if format == "auto" and _tty():
         _print_table(*_metric_rows(runs), title="metrics")
     console.note(f"{len(rows)} of {len(m.rows)} inputs {'shown' if show == 'all' else show}")
-    _show_matrix(m, rows, format)
+    chosen = compare.baseline_column(m, None if baseline is None else str(baseline), run_ids=True)
+    _show_matrix(m, rows, format, paired=compare.paired(m, chosen))
 
 
 @runs_app.command("export")

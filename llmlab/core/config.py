@@ -211,6 +211,9 @@ class OptimizeConfig:
     batch_size: int = 16
     examples: Optional[str] = None  # the demonstration pool (else the template's examples)
     prompts_dir: list[str] = field(default_factory=list)
+    probe_rows: int = 0  # search rows set aside for a probe fitted on them (the "probe data" readout)
+    budget_seconds: float = 0.0  # --budget as a time: the search's seconds (then `budget` is worked out from it)
+    proposer: Optional[ModelConfig] = None  # the model that writes the proposed instructions (None: the searched one)
 
 
 @dataclass

@@ -61,10 +61,7 @@ def replacing(path: str) -> Iterator[TextIO]:
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as out:
             yield out
-        if target.exists():  # keep the old file's permissions, not mkstemp's 0600
-            os.chmod(tmp, stat.S_IMODE(target.stat().st_mode))
-        else:
-            os.chmod(tmp, 0o666 & ~_umask())
+        settle_mode(tmp, target)
         os.replace(tmp, target)
         tmp = None
     except OSError as exc:
@@ -72,6 +69,15 @@ def replacing(path: str) -> Iterator[TextIO]:
     finally:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
+
+
+def settle_mode(tmp: str, target: Path) -> None:
+    """Give a temporary file about to replace `target` the old file's permissions, or a new file's
+    (0666 less the umask), not mkstemp's private 0600."""
+    if target.exists():
+        os.chmod(tmp, stat.S_IMODE(target.stat().st_mode))
+    else:
+        os.chmod(tmp, 0o666 & ~_umask())
 
 
 def write_text(path: str, text: str) -> None:

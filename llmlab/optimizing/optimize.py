@@ -8,15 +8,17 @@ through classify.Classifier / the generation jobs, never a loop of its own.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 from llmlab.core.config import OptimizeConfig
 from llmlab.core.errors import DataError, TemplateError, UsageError
 from llmlab.core.jsontypes import JSONObject
+from llmlab.optimizing import budget as budgets
 from llmlab.optimizing import search as searching
 from llmlab.optimizing import space as spaces
 
@@ -52,6 +54,8 @@ class Result:
     difference: Difference  # start (a) vs winner (b) on the held-out rows
     seconds: float
     trajectory: list[searching.Step] = field(default_factory=list)
+    search_seconds: float = 0.0  # the search's wall time (proposals included, held-out rows not)
+    budget_seconds: float = 0.0  # --budget as a time (0: as scored items)
     prompts: list[str] = field(default_factory=list)  # the winner's held-out prompts, in row order
 
 
@@ -59,7 +63,7 @@ def check(cfg: OptimizeConfig) -> None:
     """The options, checked before anything is read or loaded."""
     from llmlab.io.records import check_output_path
 
-    if cfg.budget < 1:
+    if cfg.budget < 1 and not cfg.budget_seconds:
         raise UsageError(f"invalid --budget {cfg.budget}: give the scored items the search may spend, e.g. "
                          "--budget 2000")
     if not 0 < cfg.holdout < 1:
@@ -68,6 +72,11 @@ def check(cfg: OptimizeConfig) -> None:
         raise UsageError(f"invalid --candidates {cfg.candidates}: the search needs at least 2")
     if cfg.proposals < 0:
         raise UsageError(f"invalid --proposals {cfg.proposals}: must be >= 0")
+    if cfg.proposer is not None and not cfg.proposals:
+        raise UsageError("--proposer writes the --proposals instructions, and --proposals is 0: give --proposals N "
+                         "(e.g. 4), or leave --proposer out")
+    if cfg.probe_rows < 0 or cfg.probe_rows == 1:
+        raise UsageError(f"invalid --probe-rows {cfg.probe_rows}: 0 (none) or at least 2 search rows for a probe")
     if Path(cfg.output).suffix not in (".yaml", ".yml"):
         raise UsageError(f"-o '{cfg.output}': the optimised template is written as YAML; name a .yaml file")
     if cfg.test is not None and Path(cfg.test).resolve() == Path(cfg.data).resolve():
@@ -119,19 +128,43 @@ def pool_for(cfg: OptimizeConfig, template: Template, search: list[Item]) -> tup
     return [dict(i.fields) for i in search[:n]], search[n:]
 
 
-def schedule(space: spaces.Space, cfg: OptimizeConfig, rows: int, probe_rows: int
+def data_probe(cfg: OptimizeConfig, template: Template, search: list[Item]) -> tuple[Source | None, list[Item]]:
+    """(a probe.Source of the first --probe-rows search rows, the search rows left): the rows the
+    "probe data" readout is fitted on, never scored in the search; (None, search) without --probe-rows."""
+    from llmlab.scoring import probe as probes
+
+    if not cfg.probe_rows:
+        return None, search
+    if template.task != "classify" or not template.target:
+        raise UsageError(f"--probe-rows needs a classify template with a target; '{template.name}' has none")
+    if len(search) < cfg.probe_rows + MIN_SEARCH:
+        raise DataError(f"--probe-rows {cfg.probe_rows}: the search has {len(search)} rows, and needs "
+                        f"{MIN_SEARCH} more than the probe's; give more rows or fewer --probe-rows")
+    rows = search[: cfg.probe_rows]
+    if {str(i.fields[template.target]) for i in rows} != set(template.labels):
+        raise DataError(f"the {cfg.probe_rows} --probe-rows rows do not hold every label; give more --probe-rows")
+    return probes.Source(rows, None, f"{cfg.probe_rows} search rows"), search[cfg.probe_rows:]
+
+
+def _fixed(variants: Sequence[spaces.Variant], probe_rows: int, data_rows: int) -> int:
+    """Scored items spent on probe fits: each probe variant fits its own probe."""
+    return sum(probe_rows if v.readout == "probe" else data_rows if v.readout == spaces.DATA_PROBE else 0
+               for v in variants)
+
+
+def schedule(space: spaces.Space, cfg: OptimizeConfig, rows: int, probe_rows: int, data_rows: int = 0
              ) -> tuple[list[spaces.Variant], list[searching.Rung]]:
     """The candidates and rungs that fit --budget. When they don't, the variants that would fit a probe
     of their own (each costs all the probe rows) give way to variants without one, then the last go."""
     variants = spaces.candidates(space, cfg.candidates, cfg.seed)
     spare = [v for v in spaces.candidates(space, 4 * cfg.candidates, cfg.seed + 1)
-             if v not in variants and v.readout != "probe"]  # stand-ins for dropped probe variants
+             if v not in variants and not v.readout.startswith("probe")]  # stand-ins for dropped probe variants
     while len(variants) > 1:
-        fixed = probe_rows * sum(v.readout == "probe" for v in variants)
+        fixed = _fixed(variants, probe_rows, data_rows)
         rungs = searching.plan(len(variants), rows, cfg.budget, fixed)
         if rungs is not None:
             return variants, rungs
-        probes = [n for n, v in enumerate(variants) if n and v.readout == "probe"]
+        probes = [n for n, v in enumerate(variants) if n and v.readout.startswith("probe")]
         if probes:
             del variants[probes[-1]]
             variants += spare[:1]
@@ -139,7 +172,7 @@ def schedule(space: spaces.Space, cfg: OptimizeConfig, rows: int, probe_rows: in
         else:
             variants.pop()
     variants = spaces.candidates(space, 2, cfg.seed)
-    fixed = probe_rows * sum(v.readout == "probe" for v in variants)
+    fixed = _fixed(variants, probe_rows, data_rows)
     raise UsageError(f"--budget {cfg.budget} is too small: two variants on one row each need {2 + fixed} "
                      "scored items; raise --budget")
 
@@ -176,21 +209,40 @@ def propose(session: Session, template: Template, pool: Sequence[Mapping[str, ob
     return found
 
 
+def _proposals(cfg: OptimizeConfig, session: Session, template: Template, pool: Sequence[JSONObject], hooks: Hooks,
+               proposer_lm: LM | None = None) -> list[str]:
+    """The instructions the searched model writes, or the --proposer model (loaded through the same
+    session road, used for this and let go before the search)."""
+    from llmlab.orchestration.session import Session
+
+    writer_session = session
+    if cfg.proposer is not None and cfg.proposals and pool and template.target:
+        writer_session = Session(cfg.proposer, proposer_lm, hooks)
+        hooks.info(f"proposer: {writer_session.lm.name}")
+    proposed = propose(writer_session, template, pool, cfg.proposals, cfg.seed)
+    for n, text in enumerate(proposed, 1):
+        hooks.info(f"proposed instruction {n}: {text}")
+    return proposed
+
+
 def lineage(cfg: OptimizeConfig, template: Template, r: Result) -> list[str]:
     d = r.difference
     pct = (lambda x: f"{x:.1%}") if r.task == "classify" else (lambda x: f"{x:.4f}")
     return [
         f"Written by llmlab optimize from template '{template.name}' ({template.path}), seed {cfg.seed},",
-        f"budget {r.budget} scored items ({r.spent} spent), {r.candidates} variants, search {r.search_rows} rows of "
+        f"budget {budgets.shown(r.budget, r.budget_seconds)} ({r.spent} scored items spent), "
+        f"{r.candidates} variants, search {r.search_rows} rows of "
         f"{cfg.data},",
         f"held-out {r.held_rows} rows ({cfg.test or f'{cfg.holdout:g} of --data'}). Change: {r.winner}.",
+        *([f"Instructions proposed by {cfg.proposer.spec}."] if cfg.proposer is not None and r.proposals else []),
         f"Held-out {r.metric}: start {pct(d.a)}, this {pct(d.b)}, difference {d.diff * 100:+.1f} points, 95% paired "
         f"bootstrap CI [{d.low * 100:+.1f}, {d.high * 100:+.1f}], {d.test} p = {d.p:.3g}: {d.verdict()}.",
         f"Search {r.metric} of this variant: {pct(r.winner_search[0])} on {r.winner_search[1]} rows.",
     ]
 
 
-def optimize(cfg: OptimizeConfig, hooks: Hooks | None = None, lm: LM | None = None) -> Result:
+def optimize(cfg: OptimizeConfig, hooks: Hooks | None = None, lm: LM | None = None,
+             clock: Callable[[], float] = time.monotonic, proposer_lm: LM | None = None) -> Result:
     """Check, split, search within the budget, score start and winner once on the held-out rows,
     write the winner; returns the result for the table."""
     from llmlab.orchestration.session import Hooks, find_template
@@ -205,28 +257,39 @@ def optimize(cfg: OptimizeConfig, hooks: Hooks | None = None, lm: LM | None = No
         raise TemplateError(f"template '{template.name}' has no labels: a classify search needs them")
     search, held, refs = read(cfg, template)
     pool, search = pool_for(cfg, template, search)
+    fitted, search = data_probe(cfg, template, search)
+    if fitted is not None:
+        fitted.progress, fitted.info = hooks.progress, hooks.note
+    sidecar = Path(cfg.output).with_suffix(".probe.jsonl").resolve() if fitted is not None else None
     probe = _probe(template, hooks)
     probe_rows = len(probe.items) if probe is not None else 0
-    schedule(spaces.make_space(template, pool), cfg, len(search), probe_rows)  # the budget fits: before the model
+    if not cfg.budget_seconds:  # the budget fits: before the model
+        schedule(spaces.make_space(template, pool, (), sidecar), cfg, len(search), probe_rows, cfg.probe_rows)
     with hooks.open_run("optimize", config=_logged(cfg), templates=template, data=cfg.data) as log:
         from llmlab.orchestration.session import loaded
 
-        started = time.perf_counter()
+        started = clock()
         session = loaded(cfg.model, lm, log, hooks)
-        proposed = propose(session, template, pool, cfg.proposals, cfg.seed)
-        for n, text in enumerate(proposed, 1):
-            hooks.info(f"proposed instruction {n}: {text}")
-        space = spaces.make_space(template, pool, proposed)
-        variants, rungs = schedule(space, cfg, len(search), probe_rows)
-        scorer = searching.Scorer(session, space, cfg.batch_size, probe, refs)
-        winner, steps, last = _search(variants, search, rungs, scorer, hooks)
-        spent = scorer.spent
+        began = clock()  # the search's time starts here
+        proposed = _proposals(cfg, session, template, pool, hooks, proposer_lm)
+        space = spaces.make_space(template, pool, proposed, sidecar)
+        scorer = searching.Scorer(session, space, cfg.batch_size, probe, refs, fitted)
+        if cfg.budget_seconds:
+            cfg = dataclasses.replace(cfg, budget=budgets.items_in(cfg.budget_seconds, space.start(), search, scorer,
+                                                                   clock, began))
+            hooks.info(f"--budget {budgets.shown(0, cfg.budget_seconds)}: about {cfg.budget} scored items")
+        variants, rungs = schedule(space, cfg, len(search), probe_rows, cfg.probe_rows)
+        winner, steps, last = _search(variants, search, rungs, scorer, hooks, _deadline(cfg, scorer, clock, began))
+        spent, searched = scorer.spent, clock() - began
         start_held, win_held = _held_out(scorer, variants[0], variants[winner], held, hooks)
         result = _result(cfg, template, space, variants, winner, last, start_held, win_held, steps, proposed,
-                         len(search), len(held), spent, time.perf_counter() - started)
+                         len(search), len(held), spent, clock() - started, searched)
         from llmlab.optimizing import writer
 
-        writer.write(spaces.apply(space, variants[winner]), cfg.output, lineage(cfg, template, result))
+        if variants[winner].readout == spaces.DATA_PROBE and fitted is not None:
+            writer.write_rows(fitted.items, space.data_probe)
+        written = writer.beside(spaces.apply(space, variants[winner]), cfg.output)
+        writer.write(written, cfg.output, lineage(cfg, template, result))
         log.metrics(_metrics(result))
     return result
 
@@ -246,9 +309,22 @@ def _logged(cfg: OptimizeConfig) -> dict[str, object]:
     return dataclasses.asdict(cfg)
 
 
+def _deadline(cfg: OptimizeConfig, scorer: searching.Scorer, clock: Callable[[], float], began: float
+              ) -> Callable[[int], bool]:
+    """With --budget as a time: stop(items) is True when a rung of `items` new scored items, at the
+    rate the search has run so far, would end after the deadline."""
+    def stop(items: int) -> bool:
+        now = clock()
+        rate = scorer.spent / max(now - began, 1e-9)
+        return bool(cfg.budget_seconds) and now + items / max(rate, 1e-9) > began + cfg.budget_seconds
+
+    return stop
+
+
 def _search(variants: list[spaces.Variant], rows: list[Item], rungs: list[searching.Rung], scorer: searching.Scorer,
-            hooks: Hooks) -> tuple[int, list[searching.Step], dict[int, searching.Scores]]:
-    """Successive halving with a progress bar over the planned scored items and one line per rung."""
+            hooks: Hooks, stop: Callable[[int], bool]) -> tuple[int, list[searching.Step], dict[int, searching.Scores]]:
+    """Successive halving with a progress bar over the planned scored items and one line per rung;
+    stop(items) before a rung: the time is up."""
     metric = "accuracy" if scorer.space.template.task == "classify" else "ROUGE-L"
     base = variants[0]
 
@@ -258,7 +334,10 @@ def _search(variants: list[spaces.Variant], rows: list[Item], rungs: list[search
                    f"best {metric} {score:.3f}: {variants[best].describe(base)}")
 
     with hooks.progress(searching.cost(rungs), "searching") as bar:
-        return searching.halve(variants, rows, rungs, scorer, told, bar.advance)
+        found = searching.halve(variants, rows, rungs, scorer, told, bar.advance, stop)
+    if len(found[1]) < len(rungs):
+        hooks.info(f"time is up: {len(found[1])} of {len(rungs)} rounds run; the last round's best wins")
+    return found
 
 
 def _held_out(scorer: searching.Scorer, start: spaces.Variant, winner: spaces.Variant, held: list[Item],
@@ -277,7 +356,7 @@ def _held_out(scorer: searching.Scorer, start: spaces.Variant, winner: spaces.Va
 def _result(cfg: OptimizeConfig, template: Template, space: spaces.Space, variants: list[spaces.Variant], winner: int,
             last: dict[int, searching.Scores], start_held: searching.Scores, win_held: searching.Scores,
             steps: list[searching.Step], proposed: list[str], n_search: int, n_held: int, spent: int,
-            seconds: float) -> Result:
+            seconds: float, searched: float) -> Result:
     from llmlab.scoring import stats
 
     base = variants[0]
@@ -289,7 +368,8 @@ def _result(cfg: OptimizeConfig, template: Template, space: spaces.Space, varian
         start_search=(last[0].mean()[0], len(last[0].values)),
         winner_search=(last[winner].mean()[0], len(last[winner].values)),
         difference=stats.compare(start_held.values, win_held.values, seed=cfg.seed, binary=template.task == "classify"),
-        seconds=seconds, trajectory=steps, prompts=win_held.prompts,
+        seconds=seconds, trajectory=steps, prompts=win_held.prompts, search_seconds=searched,
+        budget_seconds=cfg.budget_seconds,
     )
 
 
@@ -301,5 +381,6 @@ def _metrics(r: Result) -> dict[str, object]:
     return {"items": r.held_rows, "metric": r.metric, "search_rows": r.search_rows, "held_rows": r.held_rows,
             "budget": r.budget, "spent": r.spent, "candidates": r.candidates, "winner": r.winner,
             "start": d.a, "optimised": d.b, "difference": d.diff, "ci": [d.low, d.high], "p": d.p, "test": d.test,
-            "proposals": r.proposals, "seconds": r.seconds,
+            "proposals": r.proposals, "seconds": r.seconds, "search_seconds": r.search_seconds,
+            "budget_seconds": r.budget_seconds,
             "trajectory": [dataclasses.asdict(s) for s in r.trajectory]}

@@ -74,10 +74,11 @@ class Scorer:
     """Scores variants of one template on rows through the session; counts scored items."""
 
     def __init__(self, session: Session, space: spaces.Space, batch_size: int, probe: Source | None = None,
-                 references: Sequence[str] = ()):
+                 references: Sequence[str] = (), data_probe: Source | None = None):
         from llmlab.orchestration.session import settings_for
 
         self.session, self.space, self.batch_size, self.probe = session, space, batch_size, probe
+        self.data_probe = data_probe  # probe.Source of the search rows set aside for the "probe data" readout
         self.references = list(references)
         self.settings = settings_for(space.template)
         self.spent = 0  # scored items: variant x row, plus probe rows fitted
@@ -92,10 +93,10 @@ class Scorer:
 
         if v not in self._classifiers:
             template = spaces.apply(self.space, v)
-            probe = self.probe if v.readout == "probe" else None
+            probe = {"probe": self.probe, spaces.DATA_PROBE: self.data_probe}.get(v.readout)
             self._classifiers[v] = classify.Classifier(self.session.lm, self._builder(template), "score", "none",
-                                                       v.readout, self.batch_size, self.settings, 1, None, probe,
-                                                       cache=self.session.scores)
+                                                       spaces.calibration(v), self.batch_size, self.settings, 1,
+                                                       None, probe, cache=self.session.scores)
             if probe is not None:
                 self._classifiers[v].probe(0)
                 self.spent += len(probe.items)
@@ -148,13 +149,18 @@ class Step:
 
 def halve(candidates: Sequence[spaces.Variant], rows: Sequence[Item], rungs: Sequence[Rung], scorer: Scorer,
           on_step: Callable[[Step], None] = lambda step: None,
-          on_scored: Callable[[int], None] = lambda n: None) -> tuple[int, list[Step], dict[int, Scores]]:
+          on_scored: Callable[[int], None] = lambda n: None,
+          stop: Callable[[int], bool] = lambda items: False) -> tuple[int, list[Step], dict[int, Scores]]:
     """Successive halving: each rung scores the variants still in on the first rung.rows rows and
     keeps the better half (ties: the gold label's mean probability, then the earlier candidate).
-    Returns (the winner's index, the trajectory, each variant's last scores)."""
+    stop(the rung's new scored items) is asked before each rung after the first: True ends the search
+    there (the best of the last rung wins). Returns (the winner's index, the trajectory, each
+    variant's last scores)."""
     alive, steps, last = list(range(len(candidates))), [], {}
     done: dict[int, int] = {}  # candidate -> rows scored so far
     for n, rung in enumerate(rungs):
+        if n and stop(sum(rung.rows - done.get(i, 0) for i in alive)):
+            break
         if rung.count != len(alive):
             raise UsageError(f"internal: rung {n} plans {rung.count} variants, {len(alive)} are left")
         for i in alive:

@@ -14,6 +14,8 @@ from typing import Any, Mapping, Sequence
 
 from llmlab.core.jsontypes import JSONObject
 
+from pathlib import Path
+
 from llmlab.prompting.templates import Template
 
 SHOT_COUNTS = (0, 1, 2, 4, 8)
@@ -21,6 +23,7 @@ DRAWS = 3  # demonstration draws (which rows) per shot count; each also in a shu
 FORMATS = ("as written", "lowercase", "uppercase", "dash", "value on its own line", "one line", "generic names")
 SEPARATORS = ("\n\n", "\n", "\n\n###\n\n")
 READOUTS = ("off", "contextual", "domain")  # plus probe when the template names probe rows
+DATA_PROBE = "probe data"  # a probe fitted on search rows set aside for it (optimize --probe-rows)
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,7 @@ class Space:
     demo_sets: list[tuple[int, ...]]
     readouts: tuple[str, ...]
     start_demos: tuple[int, ...]
+    data_probe: Path | None = None  # the file the "probe data" readout's rows are written to
 
     def start(self) -> Variant:
         t = self.template
@@ -119,13 +123,19 @@ def apply(space: Space, v: Variant, name: str | None = None) -> Template:
     if v.start:
         return t
     classify = t.task == "classify"
+    probe_path = space.data_probe if v.readout == DATA_PROBE else t.probe_path
     return replace(
         t, name=name or t.name, path=None, source_text="",
         instruction=space.instructions[v.instruction], labels=dict(space.label_sets[v.labels]),
         input=formatted_input(t.input, v.format), separator=v.separator,
         examples=[space.pool[i] for i in v.demos], examples_path=None, shots=len(v.demos),
-        shot_selection="first", calibrate=(v.readout if classify else None),
+        shot_selection="first", calibrate=(calibration(v) if classify else None), probe_path=probe_path,
     )
+
+
+def calibration(v: Variant) -> str:
+    """The calibration method a variant's readout is (both probe readouts are the probe)."""
+    return "probe" if v.readout == DATA_PROBE else v.readout
 
 
 # ---------------------------------------------------------------- the axes
@@ -183,7 +193,8 @@ def demo_sets(t: Template, pool: Sequence[Mapping[str, object]], start_shots: in
     return sets
 
 
-def make_space(t: Template, pool: list[JSONObject], proposed: Sequence[str] = ()) -> Space:
+def make_space(t: Template, pool: list[JSONObject], proposed: Sequence[str] = (),
+               data_probe: Path | None = None) -> Space:
     from llmlab.prompting.prompts import options_for, select_shots
 
     opts = options_for(t)
@@ -192,9 +203,11 @@ def make_space(t: Template, pool: list[JSONObject], proposed: Sequence[str] = ()
     for n, text in enumerate(proposed, 1):
         instructions[f"proposed {n}"] = _escape(text)
     readouts = READOUTS + (("probe",) if t.task == "classify" and t.probe_path else ())
+    readouts += (DATA_PROBE,) if t.task == "classify" and data_probe is not None else ()
     if t.task != "classify":
         readouts = ("off",)
-    return Space(t, pool, instructions, label_sets(t), demo_sets(t, pool, len(start)) or [()], readouts, start)
+    return Space(t, pool, instructions, label_sets(t), demo_sets(t, pool, len(start)) or [()], readouts, start,
+                 data_probe if DATA_PROBE in readouts else None)
 
 
 def _axes(space: Space) -> dict[str, list[Any]]:
@@ -203,6 +216,11 @@ def _axes(space: Space) -> dict[str, list[Any]]:
                        or f == "as written"],
             "separator": list(dict.fromkeys((space.template.separator, *SEPARATORS))),
             "readout": list(space.readouts)}
+
+
+def _changed_axes(base: Variant, v: Variant) -> list[str]:
+    return [axis for axis in ("instruction", "labels", "demos", "format", "separator", "readout")
+            if getattr(v, axis) != getattr(base, axis)]
 
 
 def candidates(space: Space, count: int, seed: int) -> list[Variant]:
@@ -218,7 +236,10 @@ def candidates(space: Space, count: int, seed: int) -> list[Variant]:
         rng.shuffle(changed)
         per_axis.append(changed)
     rng.shuffle(per_axis)  # round-robin over the axes: a long axis (demonstrations) can't crowd out the rest
-    neighbours = [v for row in itertools.zip_longest(*per_axis) for v in row if v is not None]
+    # every other readout first: few values, and the axis that moved accuracy most where measured
+    readouts = [v for changed in per_axis for v in changed if _changed_axes(base, v) == ["readout"]]
+    neighbours = readouts + [v for row in itertools.zip_longest(*per_axis) for v in row
+                             if v is not None and v not in readouts]
     chosen = [start] + neighbours[: max(0, count // 2 - 1)]
     seen = set(chosen) | {base}
     tries = 0

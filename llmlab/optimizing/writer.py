@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from llmlab.core.errors import TemplateError
+from llmlab.io.safewrite import replacing, settle_mode
 from llmlab.prompting.templates import Template
 
 if TYPE_CHECKING:  # types only: nothing more is imported at run time
+    from llmlab.io.items import Item
     import yaml
 
 # the keys that decide the prompt and its reading, compared after loading the written file back
@@ -90,12 +92,38 @@ def write(t: Template, path: str, lineage: Sequence[str]) -> Template:
             f.write(text)
         loaded = load_template(tmp)
         _check_same(t, loaded)
+        settle_mode(tmp, target)
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     loaded.path, loaded.name = target, target.stem
     return loaded
+
+
+def beside(t: Template, path: str) -> Template:
+    """`t` as a template written to `path` can read it (a template reads only files in its folder): an
+    examples file elsewhere written in, a probe file elsewhere copied beside it as NAME.probe.jsonl."""
+    import shutil
+    from dataclasses import replace
+
+    folder = Path(path).resolve().parent
+    if t.examples_path is not None and not t.examples_path.resolve().is_relative_to(folder):
+        t = replace(t, examples_path=None)  # its rows, already read, are written in
+    if t.calibrate != "probe" or t.probe_path is None or t.probe_path.resolve().is_relative_to(folder):
+        return t
+    copy = Path(path).with_suffix(".probe.jsonl").resolve()
+    shutil.copyfile(t.probe_path, copy)
+    return replace(t, probe_path=copy)
+
+
+def write_rows(items: Sequence[Item], path: Path | None) -> None:
+    """The probe's rows (the search rows it was fitted on) as JSONL beside the template, atomically."""
+    import json
+
+    assert path is not None
+    with replacing(str(path)) as f:
+        f.writelines(json.dumps(dict(i.fields), ensure_ascii=False) + "\n" for i in items)
 
 
 def _check_same(t: Template, loaded: Template) -> None:

@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # types only: nothing more is imported at run time
     from llmlab.backends.base import LM
     from llmlab.core.config import ModelConfig, PromptConfig
     from llmlab.core.console import Bar
+    from llmlab.io.evalreport import Paired
     from llmlab.io.items import Item
     from llmlab.orchestration.session import Hooks, RunLog, Session
     from llmlab.prompting.templates import Template
@@ -166,6 +167,47 @@ def _score(m: Matrix) -> None:
             column.metric_name, column.metric = "rougeL", total / len(pairs)
 
 
+def baseline_column(m: Matrix, wanted: str | None, run_ids: bool = False) -> int:
+    """The column `--baseline` names: a column label, or (runs compare) a run id (its first column);
+    None = the first column."""
+    if wanted is None:
+        return 0
+    for n, c in enumerate(m.columns):
+        if c.label == wanted or (run_ids and str(c.run_id) == wanted.lstrip("#")):
+            return n
+    shown = ", ".join(str(c.run_id) if run_ids else repr(c.label) for c in m.columns)
+    raise UsageError(f"--baseline {wanted!r} is not one of the compared {'runs' if run_ids else 'variants'}: "
+                     f"choose one of {shown}")
+
+
+def paired(m: Matrix, baseline: int = 0, seed: int = 0) -> list[Paired]:
+    """Every other scored column against the baseline column on the rows both have (with a gold):
+    orchestration.paired's entries (row/baseline = column numbers), Holm-corrected over them."""
+    from llmlab.orchestration.paired import Pair, compared
+
+    pairs: list[Pair] = []
+    if m.columns[baseline].metric is None:
+        return []
+    for n, column in enumerate(m.columns):
+        if n == baseline or column.metric is None or column.task != m.columns[baseline].task:
+            continue
+        both = [row for row in m.rows if row.gold is not None and row.cells[n] and row.cells[baseline]]
+        if both:
+            pairs.append((n, baseline, _cell_scores(m, baseline, both), _cell_scores(m, n, both),
+                          column.task == "classify"))
+    return compared(pairs, seed)
+
+
+def _cell_scores(m: Matrix, n: int, rows: Sequence[Row]) -> list[float]:
+    """Column n's per-row score on `rows`: 1/0 (classify), ROUGE-L F against the gold (generate)."""
+    cells = [row.cells[n] for row in rows]
+    if m.columns[n].task == "classify":
+        return [float(c is not None and c.correct is True) for c in cells]
+    from llmlab.scoring.metrics import rouge_l
+
+    return rouge_l([c.value if c is not None else "" for c in cells], [[str(row.gold)] for row in rows])
+
+
 def select(m: Matrix, which: str) -> list[Row]:
     """all, differing (the columns disagree) or wrong (some column is wrong)."""
     if which == "differing":
@@ -188,8 +230,15 @@ def records(m: Matrix, rows: Sequence[Row]) -> list[dict[str, object]]:
     return out
 
 
-def summary(m: Matrix) -> dict[str, object]:
-    return {"summary": True, **{c.label: {c.metric_name: c.metric} if c.metric_name else None for c in m.columns}}
+def summary(m: Matrix, paired: Sequence[Paired] = ()) -> dict[str, object]:
+    """The last JSONL record: each column's metric, and the paired differences against the baseline
+    (columns by label)."""
+    out: dict[str, object] = {"summary": True,
+                              **{c.label: {c.metric_name: c.metric} if c.metric_name else None for c in m.columns}}
+    if paired:
+        out["paired"] = [{**e, "row": m.columns[e["row"]].label, "baseline": m.columns[e["baseline"]].label}
+                         for e in paired]
+    return out
 
 
 # ---------------------------------------------------------------- llmlab compare: running variants
@@ -231,6 +280,13 @@ def variants(templates: Sequence[Template], models: Sequence[str], presets: Sequ
     if len(tasks) > 1:
         raise UsageError("mixed tasks: compare classify templates with classify templates, generate with generate")
     return found
+
+
+def check_baseline(chosen: Sequence[Variant], baseline: str | None) -> None:
+    """compare's --baseline names one of the variants (checked before any model time)."""
+    if baseline is not None and baseline not in [v.label for v in chosen]:
+        raise UsageError(f"--baseline '{baseline}' is not a compared variant: choose one of "
+                         f"{', '.join(repr(v.label) for v in chosen)}")
 
 
 def run_variant(variant: Variant, items: Sequence[Item], opts: CompareOptions, sessions: dict[str | None, Session],
