@@ -245,9 +245,25 @@ def _model(folder):
     return AutoModelForCausalLM.from_pretrained(folder)
 
 
+def _stop(how):
+    """Ctrl-C, or a real SIGTERM sent to this process (only once tune has made it a clean exit: without
+    that handler the default action would end the whole test run, so its absence fails here instead)."""
+    import os
+    import signal
+
+    from llmlab.io import locks
+
+    if how == "ctrl-c":
+        raise KeyboardInterrupt
+    assert signal.getsignal(signal.SIGTERM) is locks._on_sigterm, "tune does not handle SIGTERM"
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 @pytest.mark.slow
-def test_ctrl_c_keeps_the_last_checkpoint(tiny_models, reviews, tmp_path):
+@pytest.mark.parametrize("how, raised", [("ctrl-c", KeyboardInterrupt), ("sigterm", SystemExit)])
+def test_ctrl_c_or_sigterm_keeps_the_last_checkpoint(tiny_models, reviews, tmp_path, how, raised):
     import contextlib
+    import signal
 
     from llmlab.core.config import ModelConfig, TuneConfig
     from llmlab.orchestration.session import Hooks
@@ -259,7 +275,7 @@ def test_ctrl_c_keeps_the_last_checkpoint(tiny_models, reviews, tmp_path):
         def advance(self, n=1):
             Bar.steps += n
             if Bar.steps == 3:
-                raise KeyboardInterrupt
+                _stop(how)
 
         def describe(self, text):
             pass
@@ -267,8 +283,10 @@ def test_ctrl_c_keeps_the_last_checkpoint(tiny_models, reviews, tmp_path):
     hooks = Hooks(progress=lambda total, what: contextlib.nullcontext(Bar()))
     cfg = TuneConfig(ModelConfig(str(tiny_models["llama"]), "cpu"), "sentiment", str(reviews), str(tmp_path / "ad"),
                      k=8, steps=10, eval_every=1, lr=0.05)
-    with pytest.raises(KeyboardInterrupt):
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(raised):
         train.tune(cfg, hooks)
+    assert signal.getsignal(signal.SIGTERM) is before  # given back
     record = json.loads((tmp_path / "ad" / "llmlab_adapter.json").read_text())
     assert (record["status"], record["steps_done"]) == ("interrupted", 3)
     assert record["best_step"] in (1, 2) and not (tmp_path / "ad.writing").exists()

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Iterator, Sequence, Union
 
 from llmlab.core.config import PromptConfig, TuneConfig
 from llmlab.core.errors import UsageError
+from llmlab.io.locks import SIGTERM_EXIT, SigtermAsExit
 from llmlab.tuning import checkpoint, plan as plans
 
 if TYPE_CHECKING:
@@ -157,6 +158,8 @@ def _loop(cfg: TuneConfig, saver: checkpoint.Saver, train: list[Example], held: 
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr or LEARNING_RATES[cfg.method], weight_decay=0.0)
     model.train(True)
     order, stale, started, cpu = batches(len(train), cfg.batch_size, cfg.seed), 0, time.perf_counter(), time.process_time()
+    sigterm = SigtermAsExit()  # SIGTERM (a kill, a scheduler's stop) keeps the checkpoint as Ctrl-C does
+    sigterm.install()
     with hooks.progress(cfg.steps, f"tuning {cfg.method}") as bar:
         try:
             for step in range(1, cfg.steps + 1):
@@ -180,6 +183,9 @@ def _loop(cfg: TuneConfig, saver: checkpoint.Saver, train: list[Example], held: 
             if not held:
                 saver.save(cfg.steps)
             return logged(saver.finish("all steps"), cfg.output, log)
-        except KeyboardInterrupt:
-            logged(saver.finish("interrupted"), cfg.output, log)
+        except (KeyboardInterrupt, SystemExit) as stop:
+            if isinstance(stop, KeyboardInterrupt) or stop.code == SIGTERM_EXIT:
+                logged(saver.finish("interrupted"), cfg.output, log)
             raise
+        finally:
+            sigterm.restore()
