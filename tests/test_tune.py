@@ -245,9 +245,25 @@ def _model(folder):
     return AutoModelForCausalLM.from_pretrained(folder)
 
 
+def _stop(how):
+    """Ctrl-C, or a real SIGTERM sent to this process (only once tune has made it a clean exit: without
+    that handler the default action would end the whole test run, so its absence fails here instead)."""
+    import os
+    import signal
+
+    from llmlab.io import locks
+
+    if how == "ctrl-c":
+        raise KeyboardInterrupt
+    assert signal.getsignal(signal.SIGTERM) is locks._on_sigterm, "tune does not handle SIGTERM"
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 @pytest.mark.slow
-def test_ctrl_c_keeps_the_last_checkpoint(tiny_models, reviews, tmp_path):
+@pytest.mark.parametrize("how, raised", [("ctrl-c", KeyboardInterrupt), ("sigterm", SystemExit)])
+def test_ctrl_c_or_sigterm_keeps_the_last_checkpoint(tiny_models, reviews, tmp_path, how, raised):
     import contextlib
+    import signal
 
     from llmlab.core.config import ModelConfig, TuneConfig
     from llmlab.orchestration.session import Hooks
@@ -259,7 +275,7 @@ def test_ctrl_c_keeps_the_last_checkpoint(tiny_models, reviews, tmp_path):
         def advance(self, n=1):
             Bar.steps += n
             if Bar.steps == 3:
-                raise KeyboardInterrupt
+                _stop(how)
 
         def describe(self, text):
             pass
@@ -267,8 +283,10 @@ def test_ctrl_c_keeps_the_last_checkpoint(tiny_models, reviews, tmp_path):
     hooks = Hooks(progress=lambda total, what: contextlib.nullcontext(Bar()))
     cfg = TuneConfig(ModelConfig(str(tiny_models["llama"]), "cpu"), "sentiment", str(reviews), str(tmp_path / "ad"),
                      k=8, steps=10, eval_every=1, lr=0.05)
-    with pytest.raises(KeyboardInterrupt):
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(raised):
         train.tune(cfg, hooks)
+    assert signal.getsignal(signal.SIGTERM) is before  # given back
     record = json.loads((tmp_path / "ad" / "llmlab_adapter.json").read_text())
     assert (record["status"], record["steps_done"]) == ("interrupted", 3)
     assert record["best_step"] in (1, 2) and not (tmp_path / "ad.writing").exists()
@@ -316,3 +334,131 @@ def read_reviews(path):
     from llmlab.io.records import read_items
 
     return read_items(str(path), text_field="text")
+
+
+# ---------------------------------------------------------------- --adapter on compare, next and lab
+
+
+@pytest.mark.slow
+def test_adapter_flag_on_next_lab_and_compare(tiny_models, reviews, tmp_path):
+    """--adapter DIR is -m BASE+DIR on next and lab; compare puts BASE+DIR beside BASE, scored on the
+    prompts the adapter was trained on, exactly as classify --adapter scores them."""
+    base, ad = tiny_models["llama"], tmp_path / "ad"
+    assert tune(base, reviews, ad, "--lr", "0.05").exit_code == 0
+    for command, extra in ((["next", "the movie was", "--show", "3", "-f", "jsonl"], None),
+                           (["lab"], "/set max_new_tokens 3\n/set top_logprobs 2\nthe movie was\n/quit\n")):
+        flag, spec, plain = (invoke([*command, "-m", m, *a], input=extra)
+                             for m, a in ((base, ["--adapter", ad]), (f"{base}+{ad}", []), (base, [])))
+        assert flag.exit_code == spec.exit_code == 0, flag.stderr + spec.stderr
+        assert flag.stdout == spec.stdout != plain.stdout
+    result = invoke(["compare", "-t", "sentiment", "-i", reviews, "-m", base, "--adapter", ad, "--no-log",
+                     "-f", "jsonl", "--device", "cpu"])
+    assert result.exit_code == 0, result.stderr
+    *rows, summary = jsonl(result.stdout)
+    classified = jsonl(invoke(["classify", "-t", "sentiment", "-i", reviews, "-m", base, "--adapter", ad,
+                               "-f", "jsonl", "--device", "cpu"]).stdout)
+    assert [r["ad"] for r in rows] == [r["prediction"] for r in classified]
+    assert {"tiny-llama", "ad"} <= set(summary)
+    assert summary["ad"]["accuracy"] == sum(r["ad"] == r["gold"] for r in rows) / len(rows)
+
+
+@pytest.mark.parametrize("command", [["next", "hello"], ["lab"], ["compare", "-t", "sentiment", "-i", "x.jsonl"]])
+def test_adapter_flag_missing_folder_is_one_line(no_model, tmp_path, command):
+    result = invoke([*command, "--adapter", tmp_path / "none"], input="/quit\n")
+    assert (result.exit_code, result.stdout) == (4, "")
+    assert result.stderr == (f"error: adapter folder '{tmp_path / 'none'}' not found; train one with "
+                             f"`llmlab tune ... -o {tmp_path / 'none'}`\n")
+
+
+@pytest.mark.slow
+def test_tune_is_logged_as_a_run(tiny_models, reviews, tmp_path, home):
+    from llmlab.runs import runlog
+
+    base = tiny_models["llama"]
+    result = tune(base, reviews, tmp_path / "ad")
+    assert result.exit_code == 0, result.stderr
+    record = json.loads(result.stdout)
+    [run] = runlog.list_runs(runlog.connect())
+    assert (run["command"], run["status"], run["model"], run["data"], run["templates"][0]["name"]) == (
+        "tune", "complete", str(base), str(reviews), "sentiment")
+    assert 0 < record["train_cpu_seconds"] and 0 < record["train_seconds"]
+    assert run["config"]["k"] == 8 and run["config"]["method"] == "lora" and run["config"]["output"] == str(tmp_path / "ad")
+    assert run["metrics"] == {"adapter": str(tmp_path / "ad"), **{k: record[k] for k in (
+        "method", "k", "seed", "train_rows", "held_out_rows", "settings", "trainable_params", "train_seconds",
+        "train_cpu_seconds", "steps_done", "best_step", "held_out_loss", "held_out_accuracy", "last_train_loss", "status")}}
+    assert tune(base, reviews, tmp_path / "quiet", "--no-log").exit_code == 0
+    assert len(runlog.list_runs(runlog.connect())) == 1
+
+
+# ---------------------------------------------------------------- learning curves (llmlab report)
+
+CURVES = {  # (method or None for in-context, k, seed) -> accuracy
+    **{(None, k, s): 0.70 + 0.01 * s + k / 10_000 for k in (16, 64, 256) for s in range(3)},
+    **{("lora", k, s): 0.60 + 0.02 * s + k / 1_000 for k in (16, 64, 256) for s in range(3)},
+    **{("ia3", 64, s): 0.65 + 0.03 * s for s in range(2)},
+}
+
+
+@pytest.fixture
+def curve_runs(home):
+    """One logged eval per k and seed, as `eval --adapter` logs them: the in-context row (4 shots and a
+    probe on k - 4 rows) and the adapters trained on the same k rows."""
+    from llmlab.runs import runlog
+
+    ids = []
+    for k, seed in sorted({(k, s) for _, k, s in CURVES}):
+        with runlog.open_run("eval", argv=["llmlab", "eval"]) as log:
+            log.result("sentiment", "classify", 4, 0, "probe", {"accuracy": CURVES[(None, k, seed)]}, k=k)
+            for method in ("lora", "ia3"):
+                if (method, k, seed) in CURVES:
+                    log.result("sentiment", "classify", 0, 0, "off", {"accuracy": CURVES[(method, k, seed)]}, k=k,
+                               adapter=f"ad/{method}-{k}-{seed}", tuned={"method": method, "seed": seed})
+            ids.append(log.id)
+    return ids
+
+
+def test_learning_curves_are_mean_and_std_over_seeds_per_method(curve_runs, tmp_path):
+    import statistics
+
+    from PIL import Image
+
+    from llmlab.orchestration import report
+    from llmlab.runs import runlog
+
+    db = runlog.connect()
+    series = report.learning([runlog.get_run(db, i) for i in curve_runs])
+    assert [s["label"] for s in series] == ["sentiment: ia3", "sentiment: in-context, 4 shots, probe",
+                                            "sentiment: lora"]
+    want = {method: [(k, statistics.fmean(v), statistics.stdev(v), 3) for k in (16, 64, 256)
+                     for v in [[CURVES[(method, k, s)] for s in range(3)]]] for method in (None, "lora")}
+    assert series[1]["points"] == want[None] and series[2]["points"] == want["lora"]
+    assert series[0]["points"] == [(64, statistics.fmean([0.65, 0.68]), statistics.stdev([0.65, 0.68]), 2)]
+    assert report.sweep([runlog.get_run(db, curve_runs[0])])[0]["points"] == [(4, CURVES[(None, 16, 0)], 0.0, 1)]
+    pytest.importorskip("matplotlib")
+    page, folder = tmp_path / "r.html", tmp_path / "png"
+    result = invoke(["report", *curve_runs, "-o", page, "--png", folder])
+    assert result.exit_code == 0, result.stderr
+    text = page.read_text()
+    assert "<h2>Learning curves</h2>" in text and "sentiment: lora: k (labelled rows) 256, " \
+        f"{want['lora'][2][1] * 100:.1f} ± {want['lora'][2][2] * 100:.1f}" in text
+    curve = Image.open(folder / "learning-curves.png")
+    assert curve.size == (700, 400) and len(curve.convert("RGB").getcolors(maxcolors=1_000_000)) > 20
+
+
+@pytest.mark.slow
+def test_eval_with_adapters_logs_what_the_learning_curves_need(tiny_models, reviews, tmp_path, home):
+    from llmlab.orchestration import report
+    from llmlab.runs import runlog
+
+    base = tiny_models["llama"]
+    assert tune(base, reviews, tmp_path / "ad", "--no-log").exit_code == 0
+    result = invoke(["eval", "-t", "sentiment", "--data", reviews, "-m", base, "--shots", "2", "--calibration",
+                     "probe", "--probe-data", reviews, "--adapter", tmp_path / "ad", "--device", "cpu"])
+    assert result.exit_code == 0, result.stderr
+    [run] = runlog.list_runs(runlog.connect())
+    logged = run["metrics"]["results"]
+    assert [(r["shots"], r["k"], r.get("tuned")) for r in logged] == [(2, 2 + 8, None), (0, 8, {"method": "lora", "seed": 0})]
+    series = report.learning([run])
+    assert [(s["label"], [p[0] for p in s["points"]]) for s in series] == [
+        ("sentiment: in-context, 2 shots, probe", [10]), ("sentiment: lora", [8])]
+    assert [s["points"][0][1] for s in series] == [r["metrics"]["accuracy"] for r in logged]

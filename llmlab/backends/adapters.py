@@ -46,6 +46,7 @@ class Record(TypedDict, total=False):
     trainable_params: int
     base_params: int
     train_seconds: float
+    train_cpu_seconds: float  # every thread's CPU time: the cost whatever else shared the machine
     steps_done: int
     best_step: int | None
     held_out_loss: float | None

@@ -5,6 +5,7 @@ sees the tokens classify scores. torch and peft are imported inside functions on
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
@@ -78,6 +79,7 @@ class Trainable:
             lm.forget_prefixes()
         self.virtual = settings.virtual_tokens if settings.method == "prompt" else 0
         self.trainable, self.total = self.model.get_nb_trainable_parameters()
+        self._slices = "logits_to_keep" in inspect.signature(lm.model.forward).parameters
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -103,11 +105,17 @@ class Trainable:
         for i, s in enumerate(seqs):  # right padding: real tokens keep positions 0.. after the virtual ones
             ids[i, : len(s)] = torch.tensor(s)
             mask[i, : len(s)] = 1
-        out = self.model(input_ids=ids.to(self.lm.device), attention_mask=mask.to(self.lm.device))
+        # the positions whose outputs predict a continuation token: the vocabulary projection and
+        # its softmax (a fifth of the forward pass, most of its memory) run there only
+        keep = sorted({self.virtual + len(ctx) - 1 + n for ctx, cont in rows for n in range(len(cont))})
+        column = {position: n for n, position in enumerate(keep)} if self._slices else None
+        extra = {"logits_to_keep": torch.tensor(keep, device=self.lm.device)} if column else {}
+        out = self.model(input_ids=ids.to(self.lm.device), attention_mask=mask.to(self.lm.device), **extra)
         logp = torch.log_softmax(out.logits.float(), dim=-1)
         result = []
         for i, (ctx, cont) in zip(which, rows):
             start = self.virtual + len(ctx) - 1  # the position whose output predicts cont[0]
+            start = column[start] if column else start  # kept positions are consecutive within a row
             steps = logp[i, start : start + len(cont)]
             result.append(steps.gather(-1, torch.tensor(cont, device=steps.device)[:, None])[:, 0])
         return result

@@ -191,7 +191,9 @@ def model_config(model, device, dtype, chat, device_map=None, max_memory=None, b
 
         model = adapters.join(model, adapter)
         if adapters.split(model)[1] is not None:
-            adapters.read_record(adapters.split(model)[1])
+            record = adapters.read_record(adapters.split(model)[1])
+            if chat is None and record.get("chat") is not None:  # the prompts it was trained on
+                chat = "on" if record["chat"] else "off"
             if value(backend) == "vllm":
                 raise UsageError("--adapter runs on --backend hf; vLLM loads the base model only")
     cfg = ModelConfig(model, device, value(dtype), value(chat), placement.parse_device_map(device_map),

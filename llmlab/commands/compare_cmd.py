@@ -14,7 +14,7 @@ from llmlab.core import console
 from llmlab.core.config import Backend, Dtype, value
 from llmlab.core.errors import UsageError
 from llmlab.commands.app import model_config
-from llmlab.commands.options import (BackendOpt, Chat, Device, DeviceMapOpt, DtypeOpt, MaxMemoryOpt, MaxNewTokens, NoLog,
+from llmlab.commands.options import (AdapterOpt, BackendOpt, Chat, Device, DeviceMapOpt, DtypeOpt, MaxMemoryOpt, MaxNewTokens, NoLog,
                                      PromptsDir, Quiet)
 
 if TYPE_CHECKING:  # types only: nothing more is imported at run time
@@ -56,7 +56,7 @@ def compare_cmd(
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Write the matrix here (.jsonl or .csv).")] = None,
     html: Annotated[Optional[str], typer.Option("--html", help="Also write the matrix as a self-contained HTML page.")] = None,
     device: Device = "auto", dtype: DtypeOpt = Dtype.auto, chat: Chat = None, device_map: DeviceMapOpt = None,
-    max_memory: MaxMemoryOpt = None, backend: BackendOpt = Backend.hf,
+    max_memory: MaxMemoryOpt = None, backend: BackendOpt = Backend.hf, adapter: AdapterOpt = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Inputs per forward pass.")] = 8,
     prompts_dir: PromptsDir = None, no_log: NoLog = False, quiet: Quiet = False,
 ) -> None:
@@ -73,7 +73,7 @@ def compare_cmd(
     _check_folders(output, html)
     model_cfg = model_config(None, device, dtype, chat, device_map, max_memory, backend)
     templates = [prompts.find_template(t, prompts_dir or []) for t in template or []]
-    chosen = compare.variants(templates, model or [], config or [])
+    chosen = compare.variants(templates, _with_adapter(model or [], adapter, backend), config or [])
     compare.check_baseline(chosen, baseline)
     flag = resolve.calibration_flag(calibration, calibrate)
     # Each template's calibration, and the probe's rows where it is probe, read before any model time.
@@ -105,6 +105,19 @@ def _run(chosen: list[Variant], items: list[Item], opts: CompareOptions, input: 
 
     with console.progress(len(items) * len(chosen), "comparing") as bar:
         return compare.run_compare(chosen, items, opts, open_run, bar, on_warn=console.warn)
+
+
+def _with_adapter(models: list[str], adapter: Optional[str], backend: Backend) -> list[str]:
+    """--adapter DIR: the -m models (smollm2 when none) and BASE+DIR beside them, BASE the first."""
+    if not adapter:
+        return models
+    from llmlab.backends import adapters
+    from llmlab.backends.modelspec import DEFAULT_MODEL
+
+    adapters.read_record(adapter)
+    if value(backend) == "vllm":
+        raise UsageError("--adapter runs on --backend hf; vLLM loads the base model only")
+    return (models or [DEFAULT_MODEL]) + [adapters.join(models[0] if models else None, adapter) or ""]
 
 
 def _check_folders(*paths: Optional[str]) -> None:

@@ -23,7 +23,7 @@ if TYPE_CHECKING:  # types only: nothing more is imported at run time
     from llmlab.io.items import Item
     from llmlab.learn.anatomy import Anatomy
     from llmlab.prompting.templates import Template
-from llmlab.commands.options import (BackendOpt, DeviceMapOpt, MaxMemoryOpt, GEN_PANEL, IO_PANEL, MODEL_PANEL, PROMPT_PANEL, Chat, ConfigFile, Device, DtypeOpt,
+from llmlab.commands.options import (AdapterOpt, BackendOpt, DeviceMapOpt, MaxMemoryOpt, GEN_PANEL, IO_PANEL, MODEL_PANEL, PROMPT_PANEL, Chat, ConfigFile, Device, DtypeOpt,
                             Greedy, InputFile, Model, PromptsDir, Quiet, RepetitionPenalty, Seed, Server, Temperature,
                             TemplateOpt, TopK, TopP, Vars)
 
@@ -258,6 +258,7 @@ def next_token(
     device_map: DeviceMapOpt = None,
     max_memory: MaxMemoryOpt = None,
     backend: BackendOpt = Backend.hf,
+    adapter: AdapterOpt = None,
     steps: Annotated[int, typer.Option(rich_help_panel=GEN_PANEL, help="Tokens to walk, one distribution each (>= 1).")] = 1,
     show: Annotated[int, typer.Option(rich_help_panel=IO_PANEL, help="List the N most likely tokens (>= 1).")] = 10,
     greedy: Greedy = None,
@@ -283,7 +284,7 @@ def next_token(
     from llmlab.scoring import generation
 
     console.configure(quiet, False)
-    model_cfg = model_config(model, device, dtype, chat, device_map, max_memory, backend)
+    model_cfg = model_config(model, device, dtype, chat, device_map, max_memory, backend, adapter=adapter)
     piped = _piped(format)
     layers = [settings_mod.load_preset(config)] if config else []
     flags: dict[str, object] = dict(do_sample=None if greedy is None else not greedy, temperature=temperature,
@@ -337,6 +338,7 @@ def lab(
     device_map: DeviceMapOpt = None,
     max_memory: MaxMemoryOpt = None,
     backend: BackendOpt = Backend.hf,
+    adapter: AdapterOpt = None,
     template: TemplateOpt = None,
     shots: Shots = 0,
     prompts_dir: PromptsDir = None,
@@ -356,7 +358,7 @@ def lab(
     if server:
         raise UsageError("--server: lab runs in-process only (it keeps its own model loaded, and its /tokens, "
                          "/show and /next read the tokenizer here); drop --server, or use generate or next --server")
-    model_cfg = model_config(model, device, dtype, chat, device_map, max_memory, backend)
+    model_cfg = model_config(model, device, dtype, chat, device_map, max_memory, backend, adapter=adapter)
     session = lab_mod.Session.start(model_cfg, template, shots, prompts_dir or [], config, hooks(True))
     session.run()
 

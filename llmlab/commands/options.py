@@ -30,8 +30,9 @@ Model = Annotated[
 ]
 AdapterOpt = Annotated[
     Optional[str], typer.Option("--adapter", rich_help_panel=MODEL_PANEL, show_default="none",
-                                help="An adapter folder from `llmlab tune` to put on the model (same as -m BASE+DIR); "
-                                "a base other than the one it was trained on is refused.")
+                                help="An adapter folder from `llmlab tune` to put on the model (same as -m BASE+DIR; "
+                                "compare: adds BASE+DIR beside the -m models); a base other than the one it was "
+                                "trained on is refused.")
 ]
 Device = Annotated[
     str, typer.Option(help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.", rich_help_panel=MODEL_PANEL)

@@ -9,8 +9,8 @@ from typing import Annotated, Optional
 import typer
 
 from llmlab.commands.app import hooks, model_config
-from llmlab.commands.options import (IO_PANEL, PROMPT_PANEL, Chat, Device, DtypeOpt, Model, PromptsDir, Quiet,
-                                     Verbose)
+from llmlab.commands.options import (IO_PANEL, PROMPT_PANEL, Chat, Device, DtypeOpt, Model, NoLog, PromptsDir,
+                                     Quiet, Verbose)
 from llmlab.core import console
 from llmlab.core.config import Dtype, InputFormat, TuneConfig, TuneMethod, value
 from llmlab.commands.options import InputFormatOpt
@@ -55,17 +55,17 @@ Shots = Annotated[int, typer.Option(rich_help_panel=PROMPT_PANEL,
 
 def tune(
     template: Template, data: Data, output: Output, method: MethodOpt = TuneMethod.lora,
-    k: K = 64, seed: Seed = 0, steps: Steps = 200, batch_size: BatchSize = 8, lr: Lr = None, rank: Rank = 8,
-    alpha: Alpha = 16, virtual_tokens: Virtual = 20, held_out: HeldOut = 0.2, eval_every: EvalEvery = 10,
+    k: K = 64, seed: Seed = 0, steps: Steps = 100, batch_size: BatchSize = 8, lr: Lr = None, rank: Rank = 8,
+    alpha: Alpha = 16, virtual_tokens: Virtual = 20, held_out: HeldOut = 0.2, eval_every: EvalEvery = 25,
     patience: Patience = 5, target: Target = None, shots: Shots = 0,
     model: Model = None, device: Device = "auto", dtype: DtypeOpt = Dtype.auto, chat: Chat = None,
     input_format: InputFormatOpt = InputFormat.auto, prompts_dir: PromptsDir = None,
-    quiet: Quiet = False, verbose: Verbose = False,
+    no_log: NoLog = False, quiet: Quiet = False, verbose: Verbose = False,
 ) -> None:
     """Fine-tune an adapter on k labelled rows; the folder then works as a model (--adapter DIR).
 
     The record of the training (base, template, data hash, k, seed, settings, trainable parameters,
-    time, best held-out step) is printed as JSON and kept in the folder.
+    time, best held-out step) is printed as JSON and kept in the folder, and logged as a run.
     """
     from llmlab.tuning import plan, train
 
@@ -74,7 +74,7 @@ def tune(
     cfg = TuneConfig(model_config(model, device, dtype, chat), template, data, output, value(method), k, seed, steps,
                      batch_size, lr, rank, alpha, virtual_tokens, held_out, eval_every, patience, target, shots,
                      list(prompts_dir or []), value(input_format))
-    record = train.tune(cfg, hooks(True))
+    record = train.tune(cfg, hooks(no_log))
     print(json.dumps(record))
 
 

@@ -347,14 +347,14 @@ class TuneConfig:
     method: str = "lora"  # lora, ia3 or prompt
     k: int = 64  # labelled rows drawn (balanced by label for classify templates), held-out slice included
     seed: int = 0  # the draw, the held-out split, the initial weights, the batch order
-    steps: int = 200  # optimizer steps at most (early stopping may end sooner)
+    steps: int = 100  # optimizer steps at most (early stopping may end sooner)
     batch_size: int = 8  # rows per step
     lr: Optional[float] = None
     rank: int = 8  # LoRA
     alpha: int = 16  # LoRA
     virtual_tokens: int = 20  # prompt tuning
     held_out: float = 0.2  # share of the k rows kept out of training to pick the best step
-    eval_every: int = 10  # steps between held-out evaluations
+    eval_every: int = 25  # steps between held-out evaluations
     patience: int = 5  # held-out evaluations without improvement before stopping
     target: Optional[str] = None  # generate templates: the field with the text to learn (None: the template's)
     shots: int = 0  # demonstrations in the training prompts (the adapter's runs use the same by default)

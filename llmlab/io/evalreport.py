@@ -81,12 +81,20 @@ class Versus(TypedDict):
 class Cost(TypedDict, total=False):
     k: int | None
     train_seconds: float | None
+    train_cpu_seconds: float | None
     trainable_params: int | None
     adapter_bytes: int | None
     prompt_tokens: float | None
     parameters: int | None
     flops_per_item: float | None
     vs_in_context: Versus | None
+
+
+class Tuned(TypedDict):
+    """eval --adapter: what an adapter row's adapter was trained with (its llmlab_adapter.json)."""
+
+    method: str | None
+    seed: int | None
 
 
 class Result(TypedDict, total=False):
@@ -105,6 +113,8 @@ class Result(TypedDict, total=False):
     model: str  # eval --adapter
     adapter: str
     cost: Cost
+    k: int | None  # eval --adapter: the labelled rows each row used (a learning curve's x)
+    tuned: Tuned  # an adapter row's method and seed
 
 
 class Paired(TypedDict, total=False):

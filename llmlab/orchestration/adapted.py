@@ -104,11 +104,13 @@ def cost(result: Result, lm: LM, record: Record | None = None, folder: str | Non
     virtual = (_number(settings.get("virtual_tokens", 0)) or 0) if (record or {}).get("method") == "prompt" else 0
     k: int | None  # None where the record lacks it
     trainable: int | None
+    cpu = None
     if record is None:  # in-context learning: the demonstrations shown (+ the probe's rows)
         k, seconds, trainable, size = result["shots"] + probe_rows, None, 0, None
     else:
         k, seconds, trainable = record.get("k"), record.get("train_seconds"), record.get("trainable_params")
+        cpu = record.get("train_cpu_seconds")
         size = adapters.size_bytes(folder) if folder else None
     flops = 2 * n * (tokens + virtual) if n and tokens is not None else None
-    return {"k": k, "train_seconds": seconds, "trainable_params": trainable, "adapter_bytes": size,
+    return {"k": k, "train_seconds": seconds, "train_cpu_seconds": cpu, "trainable_params": trainable, "adapter_bytes": size,
             "prompt_tokens": tokens, "parameters": n, "flops_per_item": flops}

@@ -17,11 +17,11 @@ from llmlab.core.errors import UsageError
 
 if TYPE_CHECKING:  # types only: nothing more is imported at run time
     from llmlab.backends.base import LM
-    from llmlab.core.config import ModelConfig
+    from llmlab.core.config import ModelConfig, PromptConfig
     from llmlab.core.console import Bar
     from llmlab.io.evalreport import Paired
     from llmlab.io.items import Item
-    from llmlab.orchestration.session import RunLog, Session
+    from llmlab.orchestration.session import Hooks, RunLog, Session
     from llmlab.prompting.templates import Template
     from llmlab.scoring.probe import Source
 
@@ -295,17 +295,16 @@ def run_variant(variant: Variant, items: Sequence[Item], opts: CompareOptions, s
     kept in `sessions`), resolve the template's defaults by the rule every command follows
     (orchestration.resolve), classify or generate, and hand each finished item to on_item as a
     runlog item dict. Returns the loaded model."""
-    from dataclasses import replace
-
-    from llmlab.core.config import PromptConfig
     from llmlab.orchestration import resolve
     from llmlab.orchestration.session import Hooks, Session, requests, settings_for
     from llmlab.scoring import classify, generation
 
+    tmpl = variant.template
+    hooks = Hooks(warn=on_warn or (lambda message: None))
+    model, prompt, calibration = _variant_prompt(variant, opts, hooks)
     if variant.model not in sessions:
-        hooks = Hooks(warn=on_warn or (lambda message: None))
-        sessions[variant.model] = Session(replace(opts["model"], spec=variant.model), hooks=hooks)
-    session, tmpl = sessions[variant.model], variant.template
+        sessions[variant.model] = Session(model, hooks=hooks)
+    session = sessions[variant.model]
     lm = session.lm
     settings = settings_for(tmpl, variant.preset, opts["generation"])
     gold_field = tmpl.target if tmpl else opts.get("reference")
@@ -318,11 +317,10 @@ def run_variant(variant: Variant, items: Sequence[Item], opts: CompareOptions, s
                  "probabilities": probabilities})
 
     if tmpl is not None:
-        prompt = PromptConfig(tmpl.name, opts["shots"], seed=opts["seed"])
         builder = session.builder(tmpl, prompt, settings.max_new_tokens, opts["input"])
     if tmpl is not None and tmpl.task == "classify":
-        mode = resolve.calibration(opts["calibration"], tmpl, opts["method"]).value
-        source = opts.get("probes", {}).get(tmpl.name)
+        mode = resolve.calibration(calibration, tmpl, opts["method"]).value
+        source = opts.get("probes", {}).get(tmpl.name) if mode == "probe" else None
         if source is not None:
             source.info = session.hooks.info
         clf = classify.Classifier(lm, builder, opts["method"], "none", mode, opts["batch_size"], settings,
@@ -339,6 +337,24 @@ def run_variant(variant: Variant, items: Sequence[Item], opts: CompareOptions, s
     lm.generate(requests(jobs), settings, batch_size=opts["batch_size"],
                 on_output=lambda i, out: emit(jobs[i].item, jobs[i].model_text, output=out.completions[0].strip()))
     return lm
+
+
+def _variant_prompt(variant: Variant, opts: CompareOptions,
+                    hooks: Hooks) -> tuple[ModelConfig, PromptConfig, str | None]:
+    """(model config, prompt config, --calibration) of a variant: a model with an adapter scores the
+    prompts it was trained on (its shots and chat mode, uncalibrated) unless --shots/--calibration say."""
+    from dataclasses import replace
+
+    from llmlab.core.config import PromptConfig
+    from llmlab.orchestration import adapted
+
+    shots, seed, flag = opts["shots"], opts["seed"], opts["calibration"]
+    model = replace(opts["model"], spec=variant.model)
+    prompt = PromptConfig(variant.template.name if variant.template else "", shots, seed=seed)
+    if variant.template is None or not adapted.adapters_in(model):
+        return model, prompt, flag
+    model, prompt = adapted.adapter_defaults(model, prompt, variant.template, hooks)
+    return model, prompt, flag or "off"
 
 
 def probe_for(template: Template, calibration: str | None, method: str) -> Source | None:

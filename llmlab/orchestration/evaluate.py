@@ -209,8 +209,12 @@ def evaluate(session: Session, plan_: EvalPlan, bar: Bar | None = None, log: Run
 
     bar, log = bar or _Null(), log or runlog.NoRun()
     results: list[Result] = []
+    sources = plan_.probe_sources() if plan_.adapters else {}
     for combo in plan_.combos():
         results.append(run_combo(session, combo, plan_, bar, log))
+        if plan_.adapters:  # beside adapters: the labelled rows it used (shots + the probe's), a learning curve's x
+            source = sources.get(combo.task.template.name) if results[-1]["calibrate"] == "probe" else None
+            results[-1]["k"] = results[-1]["shots"] + (len(source.items) if source else 0)
         log.eval_combo(results[-1])
     lm = session.lm
     return {
@@ -289,6 +293,7 @@ def adapter_rows(plan_: EvalPlan, model: ModelConfig, hooks: Hooks, bar: Bar, lo
         for task in tasks:
             result = run_combo(run, Combo(task, record.get("shots", 0), "off", [0]), plan_, bar, log)
             result["model"], result["adapter"] = run.lm.name, folder
+            result["k"], result["tuned"] = record.get("k"), {"method": record.get("method"), "seed": record.get("seed")}
             result["cost"] = adapted.cost(result, run.lm, record, folder)
             result["cost"]["vs_in_context"] = adapted.versus(result, report_rows, task)
             log.eval_combo(result)

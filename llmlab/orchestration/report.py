@@ -1,5 +1,6 @@
 """`llmlab report`: one self-contained HTML page (inline CSS, JS and SVG; opens with no network) of
-logged runs: the shot-sweep curve, confusion matrices, the comparison matrix with filters and each
+logged runs: the shot-sweep curve, learning curves (accuracy against k, from eval runs with adapter
+rows), confusion matrices, the comparison matrix with filters and each
 item's exact prompt on click. `--png DIR` also writes the plots as PNG files (matplotlib)."""
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def sweep(runs: Sequence[Logged]) -> list[Series]:
         for r in eval_results(run.get("metrics")):
             task, values, shots = str(r.get("task", "classify")), r.get("metrics", {}), r["shots"]
             metric = headline(task)
-            if not isinstance(values, dict) or metric not in values:
+            if not isinstance(values, dict) or metric not in values or r.get("tuned"):  # adapters: learning curves
                 continue
             at = _where(run, r)
             series.setdefault(at, {}).setdefault(int(str(shots)), []).append(float(values[metric]))
@@ -85,6 +86,37 @@ def sweep(runs: Sequence[Logged]) -> list[Series]:
     return out
 
 
+def _point(r: Mapping[str, object]) -> tuple[tuple[str, str], int, float, str] | None:
+    """(template, method), k, the headline metric and its name of one logged result beside adapters
+    (in-context learning at its shots and calibration, or an adapter's method); None without a k."""
+    k, shots, tuned, numbers = r.get("k"), r.get("shots"), r.get("tuned"), r.get("metrics")
+    metric = headline(str(r.get("task", "classify")))
+    value = numbers.get(metric) if isinstance(numbers, dict) else None
+    if not isinstance(k, int) or not isinstance(value, (int, float)):
+        return None
+    method = (str(tuned.get("method")) if isinstance(tuned, dict) else
+              ", ".join(["in-context", plural(shots if isinstance(shots, int) else 0, "shot"),
+                         runlog.calibration(r.get("calibrate"))]).strip(", "))
+    return (str(r.get("template")), method), k, float(value), metric
+
+
+def learning(runs: Sequence[Logged]) -> list[Series]:
+    """Learning curves from eval runs with adapter rows (`eval --adapter`, whose results carry k, the
+    labelled rows used): one series per template x method (in-context learning at its shots and
+    calibration; each adapter method), across the runs, a point per k with the mean and sample std
+    over seeds (adapters trained with other seeds, in-context rows' demonstration draws)."""
+    series: dict[tuple[str, str], dict[int, list[float]]] = {}
+    metrics: dict[tuple[str, str], str] = {}
+    for point in (_point(r) for run in runs for r in eval_results(run.get("metrics"))):
+        if point is not None:
+            at, k, value, metrics[point[0]] = point
+            series.setdefault(at, {}).setdefault(k, []).append(value)
+    return [{"label": f"{template}: {method}", "calibrated": False, "metric": metrics[(template, method)],
+             "points": [(k, statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v))
+                        for k, v in sorted(by_k.items())]}
+            for (template, method), by_k in sorted(series.items())]
+
+
 def confusions(runs: Sequence[Logged]) -> list[ConfusionBox]:
     """Confusion matrices per run x template x calibration x shots, summed over seeds."""
     found: dict[tuple[int, str, str, int], ConfusionBox] = {}
@@ -94,7 +126,11 @@ def confusions(runs: Sequence[Logged]) -> list[ConfusionBox]:
             conf = values.get("confusion") if isinstance(values, dict) else None
             if not conf:
                 continue
-            at = (*_where(run, r), int(str(r["shots"])))
+            where = _where(run, r)
+            tuned = r.get("tuned")
+            name = where[1] + (f" + {Path(str(r.get('adapter'))).name} ({tuned.get('method')})"
+                               if isinstance(tuned, dict) else "")
+            at = (where[0], name, where[2], int(str(r["shots"])))
             if at not in found:
                 found[at] = {"title": "", "labels": conf["labels"], "predicted": list(conf["predicted"]),
                              "matrix": [[0] * len(conf["predicted"]) for _ in conf["labels"]], "seeds": 0}
@@ -123,8 +159,9 @@ def _colors(series: list[Series]) -> list[str]:
     return [COLORS[bases.index(s["label"].removesuffix(" calibrated")) % len(COLORS)] for s in series]
 
 
-def svg_curve(series: list[Series], width: int = 720, height: int = 340) -> str:
-    """Line chart: x = shots, y = metric (0-100 %), error bars = ± std over seeds; dashed = calibrated."""
+def svg_curve(series: list[Series], width: int = 720, height: int = 340, x_label: str = "shots") -> str:
+    """Line chart: x = shots (or k, the labelled rows), y = metric (0-100 %), error bars = ± std over
+    seeds; dashed = calibrated."""
     left, right, top, bottom = 56, 250, 20, 44  # margins; the legend sits in the right one
     shots = sorted({p[0] for s in series for p in s["points"]})
     x_of = {s: left + (i + 0.5) * (width - left - right) / len(shots) for i, s in enumerate(shots)}
@@ -134,6 +171,10 @@ def svg_curve(series: list[Series], width: int = 720, height: int = 340) -> str:
         return top + (1 - v / hi) * (height - top - bottom)
 
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" class="curve" role="img">']
+
+    def where(x: int) -> str:
+        return plural(x, "shot") if x_label == "shots" else f"{x_label} {x}"
+
     for k in range(6):
         v = hi * k / 5
         parts.append(f'<line x1="{left}" x2="{width - right}" y1="{y(v):.1f}" y2="{y(v):.1f}" stroke="#ddd"/>'
@@ -141,7 +182,7 @@ def svg_curve(series: list[Series], width: int = 720, height: int = 340) -> str:
     for count in shots:
         parts.append(f'<text x="{x_of[count]:.1f}" y="{height - bottom + 18}" text-anchor="middle">{count}</text>')
     metric = series[0]["metric"] if series else ""
-    parts.append(f'<text x="{(left + width - right) / 2:.0f}" y="{height - 6}" text-anchor="middle">shots</text>'
+    parts.append(f'<text x="{(left + width - right) / 2:.0f}" y="{height - 6}" text-anchor="middle">{x_label}</text>'
                  f'<text transform="translate(14 {(top + height - bottom) / 2:.0f}) rotate(-90)" '
                  f'text-anchor="middle">{html.escape(metric)} %</text>')
     for n, (s, color) in enumerate(zip(series, _colors(series))):
@@ -154,7 +195,7 @@ def svg_curve(series: list[Series], width: int = 720, height: int = 340) -> str:
                 parts.append(f'<line x1="{cx:.1f}" x2="{cx:.1f}" y1="{y(mean - std):.1f}" y2="{y(mean + std):.1f}" '
                              f'stroke="{color}"/>')
             parts.append(f'<circle cx="{cx:.1f}" cy="{y(mean):.1f}" r="3.5" fill="{color}">'
-                         f'<title>{html.escape(s["label"])}: {plural(shot, "shot")}, {mean * 100:.1f} ± {std * 100:.1f}</title></circle>')
+                         f'<title>{html.escape(s["label"])}: {where(shot)}, {mean * 100:.1f} ± {std * 100:.1f}</title></circle>')
         ly = top + 16 * n + 8
         parts.append(f'<line x1="{width - right + 10}" x2="{width - right + 34}" y1="{ly}" y2="{ly}" stroke="{color}" '
                      f'stroke-width="2"{dash}/><text x="{width - right + 40}" y="{ly + 4}">{html.escape(s["label"])}</text>')
@@ -272,6 +313,10 @@ def render(runs: Sequence[Logged], m: compare.Matrix, title: str | None = None) 
     """The whole page as one string."""
     series = sweep(runs)
     curve = svg_curve(series) if series else '<p class="muted">No eval runs with shot counts among these runs.</p>'
+    curves = learning(runs)
+    learned = (f"<h2>Learning curves</h2>{svg_curve(curves, x_label='k (labelled rows)')}"
+               '<p class="muted">k: the labelled rows each row used (in-context: demonstrations + the probe\'s '
+               "rows; adapters: the rows `llmlab tune` drew); ± std over seeds.</p>") if curves else ""
     confs = "".join(confusion_table(c) for c in confusions(runs)) or '<p class="muted">No confusion matrices.</p>'
     table, prompts = matrix_table(m)
     combos = sorted({r.combo for r in m.rows if r.combo})
@@ -284,7 +329,7 @@ def render(runs: Sequence[Logged], m: compare.Matrix, title: str | None = None) 
     return f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>
 {_runs_table(runs) if runs else ""}
-<h2>Shot sweep</h2>{curve}
+<h2>Shot sweep</h2>{curve}{learned}
 <h2>Confusion matrices</h2>{confs}
 <h2>Comparison</h2><div id="filters"><button data-mode="all" class="on">all</button>
 <button data-mode="differing">differing</button><button data-mode="wrong">wrong</button> {picker}
@@ -306,20 +351,25 @@ def write_pngs(runs: Sequence[Logged], folder: Path) -> list[Path]:
 
     folder.mkdir(parents=True, exist_ok=True)
     written = []
-    series = sweep(runs)
-    if series:
+    for series, name, x_label in ((sweep(runs), "shot-sweep", "shots"),
+                                  (learning(runs), "learning-curves", "k (labelled rows)")):
+        if not series:
+            continue
         fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
         for s, color in zip(series, _colors(series)):
             xs, means, stds = [p[0] for p in s["points"]], [p[1] * 100 for p in s["points"]], [p[2] * 100 for p in s["points"]]
             ax.errorbar(xs, means, yerr=stds, label=s["label"], color=color, capsize=3,
                         linestyle="--" if s["calibrated"] else "-", marker="o")
-        ax.set_xlabel("shots")
+        if name == "learning-curves":
+            ax.set_xscale("symlog")  # k from a few rows to thousands
+        ax.set_xlabel(x_label)
         ax.set_ylabel(f"{series[0]['metric']} %")
         ax.set_xticks(sorted({p[0] for s in series for p in s["points"]}))
+        ax.set_xticklabels([str(x) for x in sorted({p[0] for s in series for p in s["points"]})])
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        written.append(folder / "shot-sweep.png")
+        written.append(folder / f"{name}.png")
         fig.savefig(written[-1])
         plt.close(fig)
     for n, conf in enumerate(confusions(runs)):

@@ -173,9 +173,15 @@ class Run:
 
     def eval_combo(self, combo_result: Result) -> None:
         """Log each seed of one evaluate.run_combo() result (its "runs" list) in the results shape."""
+        # beside adapters (eval --adapter): k, the labelled rows used, and an adapter's method and seed
+        extra: dict[str, object] = {}
+        if "k" in combo_result:
+            extra["k"] = combo_result["k"]
+        if "adapter" in combo_result:
+            extra.update(adapter=combo_result["adapter"], tuned=combo_result.get("tuned"))
         for r in combo_result["runs"]:
             self.result(combo_result["template"], combo_result["task"], combo_result["shots"], r["seed"],
-                        combo_result["calibrate"], r["metrics"], items=r["items"], seconds=r["seconds"])
+                        combo_result["calibrate"], r["metrics"], items=r["items"], seconds=r["seconds"], **extra)
 
     def update(self, model: str | None = None, device: str | None = None) -> None:
         """Fill in what is known only once the model is loaded (open the run before loading it)."""

@@ -33,6 +33,7 @@ class Saver:
         self.steps_done = 0
         self.last_loss: float | None = None
         self.seconds = 0.0
+        self.cpu_seconds = 0.0
 
     def start(self) -> Trainable:
         from llmlab.backends.hf import HFLM
@@ -44,8 +45,10 @@ class Saver:
         self.model = Trainable(self.lm, AdapterSettings(c.method, c.rank, c.alpha, c.virtual_tokens), c.seed)
         return self.model
 
-    def progress(self, step: int, loss: float, seconds: float) -> None:
-        self.steps_done, self.last_loss, self.seconds = step, loss, seconds
+    def progress(self, step: int, loss: float, seconds: float, cpu_seconds: float = 0.0) -> None:
+        """After a step: its loss, the wall seconds so far and the CPU seconds (every thread's: what
+        the training cost on a shared machine, whatever else ran beside it)."""
+        self.steps_done, self.last_loss, self.seconds, self.cpu_seconds = step, loss, seconds, cpu_seconds
 
     def better(self, score: tuple[float, float | None]) -> bool:
         """Better on the held-out rows than the best so far (the first score always is): a higher
@@ -111,7 +114,8 @@ class Saver:
             "chat": self.chat, "data": c.data, "data_sha256": p.data_sha256, "k": c.k, "seed": c.seed,
             "train_rows": len(p.train), "held_out_rows": len(p.held_out), "settings": settings,
             "trainable_params": model.trainable, "base_params": model.total - model.trainable,
-            "train_seconds": round(self.seconds, 2), "steps_done": self.steps_done, "best_step": self.best_step,
+            "train_seconds": round(self.seconds, 2), "train_cpu_seconds": round(self.cpu_seconds, 2),
+            "steps_done": self.steps_done, "best_step": self.best_step,
             "held_out_loss": self.best[0] if self.best else None,
             "held_out_accuracy": self.best[1] if self.best else None, "last_train_loss": self.last_loss,
             "status": status, "llmlab": __version__, "peft": peft.__version__,

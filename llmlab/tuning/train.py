@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Iterator, Sequence, Union
 
 from llmlab.core.config import PromptConfig, TuneConfig
 from llmlab.core.errors import UsageError
+from llmlab.io.locks import SIGTERM_EXIT, SigtermAsExit
 from llmlab.tuning import checkpoint, plan as plans
 
 if TYPE_CHECKING:
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     from llmlab.orchestration.session import Hooks
     from llmlab.prompting.prompts import PromptBuilder
     from llmlab.prompting.templates import Template
+    from llmlab.runs.runlog import NoRun, Run
 
 
 @dataclass
@@ -119,21 +121,35 @@ def tune(cfg: TuneConfig, hooks: Hooks) -> Record:
     plan = plans.prepare(cfg)
     _, _, encoder_decoder = models.load_tokenizer(cfg.model.spec)  # the tokenizer only: no weights yet
     plans.check_prompt_tuning(cfg.method, encoder_decoder)
-    run = session.Session(cfg.model, hooks=hooks)
-    settings = session.settings_for(plan.template)
-    prompt = PromptConfig(plan.template.name, cfg.shots, None, cfg.seed, prompts_dir=list(cfg.prompts_dir))
-    builder = run.builder(plan.template, prompt, settings.max_new_tokens, None)
-    from llmlab.backends.hf import HFLM
+    # Opened before the model loads: a log that can't be written fails before any model time.
+    with hooks.open_run("tune", config=asdict(cfg), templates=plan.template, data=cfg.data) as log:
+        run = session.loaded(cfg.model, None, log, hooks)
+        settings = session.settings_for(plan.template)
+        prompt = PromptConfig(plan.template.name, cfg.shots, None, cfg.seed, prompts_dir=list(cfg.prompts_dir))
+        builder = run.builder(plan.template, prompt, settings.max_new_tokens, None)
+        from llmlab.backends.hf import HFLM
 
-    if not isinstance(run.lm, HFLM):  # (plan.prepare refuses other backends first)
-        raise UsageError("llmlab tune trains --backend hf models")
-    train = examples(run.lm, builder, plan.template, plan.target, plan.train)
-    held = examples(run.lm, builder, plan.template, plan.target, plan.held_out)
-    saver = checkpoint.Saver(cfg, plan, run, builder.options.chat)
-    return _loop(cfg, saver, train, held, hooks)
+        if not isinstance(run.lm, HFLM):  # (plan.prepare refuses other backends first)
+            raise UsageError("llmlab tune trains --backend hf models")
+        train = examples(run.lm, builder, plan.template, plan.target, plan.train)
+        held = examples(run.lm, builder, plan.template, plan.target, plan.held_out)
+        saver = checkpoint.Saver(cfg, plan, run, builder.options.chat)
+        return _loop(cfg, saver, train, held, hooks, log)
 
 
-def _loop(cfg: TuneConfig, saver: checkpoint.Saver, train: list[Example], held: list[Example], hooks: Hooks) -> Record:
+LOGGED = ("method", "k", "seed", "train_rows", "held_out_rows", "settings", "trainable_params", "train_seconds",
+          "train_cpu_seconds", "steps_done", "best_step", "held_out_loss", "held_out_accuracy", "last_train_loss", "status")
+
+
+def logged(record: Record, folder: str, log: Union[Run, NoRun]) -> Record:
+    """The run log's metrics of a training: its record's numbers and where the adapter is."""
+    numbers: dict[str, object] = dict(record)
+    log.metrics({"adapter": folder, **{k: numbers.get(k) for k in LOGGED}})
+    return record
+
+
+def _loop(cfg: TuneConfig, saver: checkpoint.Saver, train: list[Example], held: list[Example], hooks: Hooks,
+          log: Union[Run, NoRun]) -> Record:
     import torch
 
     from llmlab.backends.trainable import LEARNING_RATES
@@ -141,7 +157,9 @@ def _loop(cfg: TuneConfig, saver: checkpoint.Saver, train: list[Example], held: 
     model = saver.start()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr or LEARNING_RATES[cfg.method], weight_decay=0.0)
     model.train(True)
-    order, stale, started = batches(len(train), cfg.batch_size, cfg.seed), 0, time.perf_counter()
+    order, stale, started, cpu = batches(len(train), cfg.batch_size, cfg.seed), 0, time.perf_counter(), time.process_time()
+    sigterm = SigtermAsExit()  # SIGTERM (a kill, a scheduler's stop) keeps the checkpoint as Ctrl-C does
+    sigterm.install()
     with hooks.progress(cfg.steps, f"tuning {cfg.method}") as bar:
         try:
             for step in range(1, cfg.steps + 1):
@@ -149,7 +167,7 @@ def _loop(cfg: TuneConfig, saver: checkpoint.Saver, train: list[Example], held: 
                 optimizer.zero_grad()
                 value.backward()
                 optimizer.step()
-                saver.progress(step, value.item(), time.perf_counter() - started)
+                saver.progress(step, value.item(), time.perf_counter() - started, time.process_time() - cpu)
                 bar.advance(1)
                 bar.describe(f"tuning {cfg.method}, loss {value.item():.3f}")
                 if held and (step % cfg.eval_every == 0 or step == cfg.steps):
@@ -161,10 +179,13 @@ def _loop(cfg: TuneConfig, saver: checkpoint.Saver, train: list[Example], held: 
                         stale += 1
                     hooks.info(saver.line(step, value.item(), score))
                     if stale >= cfg.patience:
-                        return saver.finish("early stopping")
+                        return logged(saver.finish("early stopping"), cfg.output, log)
             if not held:
                 saver.save(cfg.steps)
-            return saver.finish("all steps")
-        except KeyboardInterrupt:
-            saver.finish("interrupted")
+            return logged(saver.finish("all steps"), cfg.output, log)
+        except (KeyboardInterrupt, SystemExit) as stop:
+            if isinstance(stop, KeyboardInterrupt) or stop.code == SIGTERM_EXIT:
+                logged(saver.finish("interrupted"), cfg.output, log)
             raise
+        finally:
+            sigterm.restore()
