@@ -19,7 +19,7 @@ import os
 import stat
 import tempfile
 from pathlib import Path
-from typing import Iterator, Mapping, Protocol, TextIO
+from typing import Callable, Iterator, Mapping, Protocol, TextIO
 
 from llmlab.core.errors import DataError
 from llmlab.io.items import cell
@@ -45,9 +45,10 @@ def _regular_or_missing(path: Path) -> bool:
 
 
 @contextlib.contextmanager
-def replacing(path: str) -> Iterator[TextIO]:
+def replacing(path: str, check: Callable[[str], None] | None = None) -> Iterator[TextIO]:
     """A text stream whose content replaces `path` when the block ends without an error; on an
-    error (a full disk, Ctrl-C) the temporary file goes and `path` keeps what it held."""
+    error (a full disk, Ctrl-C) the temporary file goes and `path` keeps what it held. check(tmp),
+    if given, reads the written temporary file first: whatever it raises also keeps `path` as it was."""
     target = Path(path)
     if not _regular_or_missing(target):  # a device or pipe: written in place, never replaced
         try:
@@ -61,6 +62,8 @@ def replacing(path: str) -> Iterator[TextIO]:
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as out:
             yield out
+        if check is not None:
+            check(tmp)
         settle_mode(tmp, target)
         os.replace(tmp, target)
         tmp = None
@@ -80,9 +83,9 @@ def settle_mode(tmp: str, target: Path) -> None:
         os.chmod(tmp, 0o666 & ~_umask())
 
 
-def write_text(path: str, text: str) -> None:
-    """`text` as the whole of `path`, written through replacing()."""
-    with replacing(path) as out:
+def write_text(path: str, text: str, check: Callable[[str], None] | None = None) -> None:
+    """`text` as the whole of `path`, written through replacing() (check: see there)."""
+    with replacing(path, check) as out:
         out.write(text)
 
 

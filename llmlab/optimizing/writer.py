@@ -5,12 +5,11 @@ loaded back and compared before it replaces anything, so what was measured is wh
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from llmlab.core.errors import TemplateError
-from llmlab.io.safewrite import replacing, settle_mode
+from llmlab.io.safewrite import replacing, write_text
 from llmlab.prompting.templates import Template
 
 if TYPE_CHECKING:  # types only: nothing more is imported at run time
@@ -86,17 +85,14 @@ def write(t: Template, path: str, lineage: Sequence[str]) -> Template:
     text = "".join(f"# {line}\n" for line in lineage)
     text += yaml.dump(data, Dumper=_dumper(), sort_keys=False, allow_unicode=True, width=1_000_000,
                       default_flow_style=False)
-    fd, tmp = tempfile.mkstemp(prefix=target.name, suffix=".yaml", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        loaded = load_template(tmp)
-        _check_same(t, loaded)
-        settle_mode(tmp, target)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    written: list[Template] = []
+
+    def check(tmp: str) -> None:  # the file as written must load back as the same template
+        written.append(load_template(tmp))
+        _check_same(t, written[0])
+
+    write_text(path, text, check)
+    loaded = written[0]
     loaded.path, loaded.name = target, target.stem
     return loaded
 
