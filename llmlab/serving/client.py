@@ -133,6 +133,8 @@ def classify(cfg: ClassifyConfig, hooks: Hooks, url: str,
              table: bool = False) -> Optional[tuple[list[Classified], Labels]]:
     """session.classify's work, done by the server in ONE request (batch calibration and probes see
     every input); returns (results, classifier-like) for the table, as session.classify does."""
+    import contextlib
+
     from llmlab.io import records as io
     from llmlab.orchestration import session
     from llmlab.scoring import classify as clf
@@ -156,7 +158,7 @@ def classify(cfg: ClassifyConfig, hooks: Hooks, url: str,
         log.update(model=reply["model"], device=url)
         for warning in reply["warnings"]:
             hooks.warn(warning)
-        with sink if not table else _nothing() as writer:
+        with sink if not table else contextlib.nullcontext() as writer:
             for item, rec, prompt in zip(todo, reply["results"], reply["prompts"]):
                 rec["index"] = item.index
                 if writer is not None:
@@ -192,14 +194,6 @@ class Labels:
 
     template: Template
     labels: list[str]
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def refuse(option_values: Mapping[str, object], templates: Sequence[str] = ()) -> None:
