@@ -157,7 +157,7 @@ def test_the_client_imports_neither_torch_nor_transformers(url, files, args):
     argv = [str(files[1]) if a == "REVIEWS" else a for a in args] + ["--server", url, "-q"]
     code = (f"import sys\nfrom llmlab.commands import cli\nsys.argv = ['llmlab', *{argv!r}]\ntry:\n    cli.main()\n"
             "except SystemExit as exit:\n    assert exit.code in (0, None), exit.code\n"
-            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'fastapi', 'uvicorn'}))")
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'fastapi', 'uvicorn', 'pydantic'}))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.splitlines()[-1] == "[]", result.stderr
     assert args[0] != "generate" or result.stdout.splitlines() == ["hello world", "[]"]

@@ -5,9 +5,10 @@ every LlmlabError into one stderr line and an exit code (the only place that doe
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Callable, ClassVar, Mapping, Optional
 
 import typer
 from typer.core import TyperGroup, TyperOption
@@ -18,12 +19,13 @@ except ImportError:  # pragma: no cover - older typer on real click
     from click import exceptions as click_exceptions  # type: ignore[no-redef]  # the same module, older home
 
 from llmlab import __version__
+from llmlab.commands import quickparams  # noqa: F401 - option values converted without pydantic where plain
 from llmlab.core import console
 from llmlab.core.config import Overflow, value
 from llmlab.core.errors import Interrupted, LlmlabError, UsageError
 
 if TYPE_CHECKING:  # types only: nothing more is imported at run time
-    from typer._click.core import Context  # click's Context, as typer (>= 0.20) vendors it
+    from typer._click.core import Command, Context  # click's, as typer (>= 0.20) vendors them
 
     from llmlab.orchestration.session import Hooks
 
@@ -130,6 +132,45 @@ class LlmlabGroup(TyperGroup):
         if standalone_mode:
             sys.exit(code if isinstance(code, int) else 0)
         return code
+
+    # Commands are built (their options read, their Typer parameters made) only when one runs or help
+    # lists them: a one-token `generate --server` should not pay for the other commands' ~40 options each.
+    deferred: ClassVar[Mapping[str, Callable[[], Command]]] = {}  # name -> builder, in --help's order
+
+    def list_commands(self, ctx: Context) -> list[str]:
+        return [*self.commands, *(name for name in self.deferred if name not in self.commands)]
+
+    def get_command(self, ctx: Context, cmd_name: str) -> Optional[Command]:
+        if cmd_name not in self.commands and cmd_name in self.deferred:
+            self.commands[cmd_name] = self.deferred[cmd_name]()
+        return self.commands.get(cmd_name)
+
+    def resolve_command(self, ctx: Context, args: list[str]):  # click's signature
+        if args and args[0] not in self.deferred:  # a typo: typer suggests from self.commands, so build them all
+            for name in self.deferred:
+                self.get_command(ctx, name)
+        return super().resolve_command(ctx, args)
+
+
+def build_on_demand(typer_app: typer.Typer) -> None:
+    """Hand the app's registered commands and sub-apps to LlmlabGroup, which builds each when it runs
+    or help lists it (typer would build them all up front); cli.py calls it once, after registering."""
+    for info in typer_app.registered_commands:
+        assert info.callback is not None  # typer's command decorator always sets it
+        _DEFERRED[info.name or typer.main.get_command_name(info.callback.__name__)] = functools.partial(
+            typer.main.get_command_from_info, info, pretty_exceptions_short=typer_app.pretty_exceptions_short,
+            rich_markup_mode=typer_app.rich_markup_mode)
+    for group in typer_app.registered_groups:
+        assert group.name, "a sub-app of llmlab is added with a name"
+        _DEFERRED[group.name] = functools.partial(
+            typer.main.get_group_from_info, group, pretty_exceptions_short=typer_app.pretty_exceptions_short,
+            suggest_commands=typer_app.suggest_commands, rich_markup_mode=typer_app.rich_markup_mode)
+    typer_app.registered_commands.clear()
+    typer_app.registered_groups.clear()
+
+
+_DEFERRED: dict[str, Callable[[], Command]] = {}  # name -> builder: commands, then sub-apps (typer's --help order)
+LlmlabGroup.deferred = _DEFERRED
 
 
 app = typer.Typer(
