@@ -274,7 +274,7 @@ class HFLM(LM):
         stops = [s for s in settings.stop if self._reachable(s)]
         per_prompt = max(settings.num_return_sequences, settings.num_beams)
         lengths = [(len(p) + settings.max_new_tokens) * per_prompt for p in prompts]
-        eos = self._eos_ids()
+        eos = self.eos_ids()
         padded = hf_continuous.choose(self, settings, len(requests), engine) == "padded"
         batch_engine = self._generate_batch if padded else lambda *args: hf_continuous.generate_rows(self, *args)
 
@@ -341,9 +341,6 @@ class HFLM(LM):
         return hf_states.embed(self.model, self.hf_tokenizer, self.device, self.is_encoder_decoder, texts, batch_size)
 
     def eos_ids(self) -> set[int]:
-        return self._eos_ids()
-
-    def _eos_ids(self) -> set[int]:
         ids = self.model.generation_config.eos_token_id
         ids = set(ids if isinstance(ids, (list, tuple)) else [ids] if ids is not None else [])
         if self.tokenizer.eos_token_id is not None:
@@ -363,9 +360,11 @@ class HFLM(LM):
         kwargs["stopping_criteria"] = stopping.with_stop(kwargs.get("stopping_criteria"), self.should_stop)
         if stream:
             kwargs["streamer"] = stopping.streamer(self.hf_tokenizer, stream, settings.stop)
-        with torch.inference_mode():
-            out = self.model.generate(input_ids=ids, attention_mask=mask,
-                                      pad_token_id=self.tokenizer.pad_token_id, **kwargs)
+        cache = prefix_cache.for_generation(self, rows, max(settings.num_beams, settings.num_return_sequences) == 1)
+        with torch.inference_mode():  # with a cache that holds the prompt's start, only the rest is run
+            out = self.model.generate(input_ids=ids, attention_mask=mask, pad_token_id=self.tokenizer.pad_token_id,
+                                      **({self.cache_kwarg(): cache} if cache is not None else {}), **kwargs)
+        prefix_cache.remember(self, rows, cache, _PREFIX_MEMO)
         scores = None
         if settings.logprobs:  # generate() returned a dict: the sequences and every step's logits
             scores = hf_score.step_logprobs(out.sequences[:, skip:], out.logits, settings.top_logprobs)

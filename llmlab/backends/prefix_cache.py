@@ -11,9 +11,9 @@ actually shares with the prefix's tokenization, checked per row, never assumed."
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Collection, Hashable, Sequence, TypeAlias
+from typing import TYPE_CHECKING, Collection, Hashable, Protocol, Sequence, TypeAlias
 
 if TYPE_CHECKING:
     import torch
@@ -124,3 +124,57 @@ def extend(cache: Cache, past: int, ids: torch.Tensor, mask: torch.Tensor, forwa
     ones = torch.ones((rows, past), dtype=mask.dtype, device=mask.device)
     kwargs["attention_mask"] = torch.cat([ones, mask], dim=1)
     return kwargs
+
+
+# ---------------------------------------------------------------- generation: a prompt's start, remembered
+
+class _Generator(Protocol):
+    """What for_generation/remember read of the backend (HFLM)."""
+
+    model: Model
+    is_encoder_decoder: bool
+    _prefixes: OrderedDict[tuple[int, ...], DynamicCache]  # the LM's prefix memo (scoring's too)
+
+
+def for_generation(lm: _Generator, rows: Sequence[list[int]], single: bool) -> DynamicCache | None:
+    """The cache to generate ONE decoder-only row from (single: one sequence per prompt, no beams):
+    a copy of the remembered cache that shares the most leading tokens with the row (at least
+    MIN_PREFIX, at most all but the row's last token, whose output gives the first new token),
+    cropped to what it shares, so the prompt's forward pass runs over its new tokens only; else a
+    new empty cache that remember() keeps afterwards. None: the row runs as it always did.
+    Exact for the same reason as scoring's prefixes: position j's keys and values depend only on
+    tokens <= j."""
+    import copy
+
+    from transformers import DynamicCache
+
+    if len(rows) != 1 or not single or lm.is_encoder_decoder or lm.model.generation_config.cache_implementation:
+        return None
+    row, best, hit = rows[0], 0, None
+    for key in lm._prefixes:
+        k = min(shared_len(row, list(key)), len(row) - 1)
+        if k > best:
+            best, hit = k, key
+    if hit is None or best < MIN_PREFIX:
+        return DynamicCache(config=lm.model.config.get_text_config(decoder=True))  # as generate() makes it
+    lm._prefixes.move_to_end(hit)
+    cache = copy.deepcopy(lm._prefixes[hit])
+    cache.crop(best - len(hit))  # negative: the tokens past the shared start go
+    return cache
+
+
+def remember(lm: _Generator, rows: Sequence[list[int]], cache: DynamicCache | None, limit: int) -> None:
+    """After generating one row with `cache`: keep its prompt's keys and values, all but the last
+    token's (what for_generation may reuse), among the `limit` most recent prefixes. Only plain
+    layers (no sliding window or recurrent state, whose crop is not a prefix)."""
+    if cache is None or len(rows[0]) - 1 < MIN_PREFIX:
+        return
+    if any(type(layer).__name__ != "DynamicLayer" for layer in cache.layers):
+        return
+    keep = len(rows[0]) - 1
+    cache.crop(keep - cache.get_seq_length())
+    key = tuple(rows[0][:keep])
+    lm._prefixes[key] = cache
+    lm._prefixes.move_to_end(key)
+    while len(lm._prefixes) > limit:
+        lm._prefixes.popitem(last=False)
