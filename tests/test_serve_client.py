@@ -142,7 +142,6 @@ def test_resume_through_the_server(fake_lm, url, files, tmp_path):
     (["next", "hi", "--temperature", "-1", "--server", "URL"], "invalid --temperature -1.0: must be 0 (greedy) or >= 0.01"),
     (["next", "hi", "-m", "gpt2", "--server", "URL"],
      "the server at URL: the model 'gpt2' is not served here; this server serves 'fake'"),
-    (["lab", "--server", "URL"], "--server: lab runs in-process only"),
 ])
 def test_server_mistakes_are_one_line(url, args, message):
     result = invoke([a.replace("URL", url) for a in args])

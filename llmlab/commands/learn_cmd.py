@@ -326,9 +326,6 @@ def _next_remote(server: str, model_cfg: ModelConfig, text: str, flags: dict[str
 # ---------------------------------------------------------------- lab
 
 
-LabServer = Annotated[Optional[str], typer.Option("--server", rich_help_panel=MODEL_PANEL, show_default="none",
-                                                  help="Not for lab (refused): lab keeps its own model loaded.")]
-
 
 def lab(
     model: Model = None,
@@ -343,7 +340,7 @@ def lab(
     shots: Shots = 0,
     prompts_dir: PromptsDir = None,
     config: ConfigFile = None,
-    server: LabServer = None,
+    server: Server = None,
     quiet: Quiet = False,
 ) -> None:
     """An interactive session that keeps the model loaded: type a prompt, watch the completion stream.
@@ -355,11 +352,14 @@ def lab(
     from llmlab.learn import lab as lab_mod
 
     console.configure(quiet, False)
-    if server:
-        raise UsageError("--server: lab runs in-process only (it keeps its own model loaded, and its /tokens, "
-                         "/show and /next read the tokenizer here); drop --server, or use generate or next --server")
     model_cfg = model_config(model, device, dtype, chat, device_map, max_memory, backend, adapter=adapter)
-    session = lab_mod.Session.start(model_cfg, template, shots, prompts_dir or [], config, hooks(True))
+    remote = None
+    if server:  # the served model: its tokenizer asked over HTTP, its completions and /next done there
+        from llmlab.serving.remote import RemoteLM
+
+        remote = RemoteLM(server, model_cfg)
+    session = lab_mod.Session.start(model_cfg, template, shots, prompts_dir or [], config, hooks(True), lm=remote,
+                                    walker=remote.walk if remote else None)
     session.run()
 
 

@@ -6,11 +6,11 @@ is read as a script, one line at a time."""
 from __future__ import annotations
 
 import contextlib
-
+import functools
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 from llmlab.core import console
 from llmlab.core.errors import LlmlabError, UsageError
@@ -23,11 +23,14 @@ if TYPE_CHECKING:  # types only: nothing more is imported at run time
 
     from llmlab.backends.base import LM
     from llmlab.core.config import ModelConfig
+    from llmlab.learn.nexttoken import Step
     from llmlab.orchestration.session import Hooks
     from llmlab.prompting.templates import Template
     from llmlab.scoring.generation import Job
 
 PROMPT = "lab> "
+# /next's steps after a text: (text, templated, settings, steps, show) -> the steps (nexttoken.walk's)
+Walker = Callable[[str, bool, GenerationSettings, int, int], Iterable["Step"]]
 
 
 def _write(text: str) -> None:
@@ -62,12 +65,15 @@ class Session:
     shots: int = 0
     last: str | None = None  # the last prompt typed
     settings: GenerationSettings = field(default_factory=GenerationSettings)  # rebuild() sets them
+    # /next's walk over the text the model sees: None = nexttoken.walk on lm (lab --server: the server's)
+    walker: Walker | None = None
 
     @classmethod
     def start(cls, model: ModelConfig, template: str | None, shots: int, prompts_dir: list[str], config: Path | None,
-              hooks: Hooks | None = None) -> "Session":
+              hooks: Hooks | None = None, lm: LM | None = None, walker: Walker | None = None) -> "Session":
         """model: a core.config.ModelConfig, opened through orchestration.session.Session (one road
-        to a model); hooks: where the backend's messages go."""
+        to a model) unless lm is given (lab --server: the served model, with its walker for /next);
+        hooks: where the backend's messages go."""
         from llmlab.core import settings
         from llmlab.orchestration.session import Session as ModelSession
         from llmlab.prompting import prompts
@@ -77,8 +83,8 @@ class Session:
         tmpl = prompts.find_template(template, prompts_dir) if template else None
         if shots < 0:
             raise UsageError(f"invalid --shots {shots}: must be >= 0")
-        lm = ModelSession(model, hooks=hooks).lm
-        session = cls(lm, model.chat or "", prompts_dir, preset, {}, tmpl, shots)
+        lm = lm or ModelSession(model, hooks=hooks).lm
+        session = cls(lm, model.chat or "", prompts_dir, preset, {}, tmpl, shots, walker=walker)
         generation.use_chat(lm.tokenizer, session.chat_mode or "auto")  # validates --chat
         session.rebuild()
         return session
@@ -230,7 +236,8 @@ class Session:
         from llmlab.learn import nexttoken
 
         job = self.job(self._text_for(rest))
-        for step in nexttoken.walk(self.lm, job.model_text, job.chat, self.settings, 1, 10):
+        walk = self.walker or functools.partial(nexttoken.walk, self.lm)
+        for step in walk(job.model_text, job.chat, self.settings, 1, 10):
             nexttoken.render(step, out)
 
     def _save(self, rest: str, out: Console) -> None:

@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llmlab.core.config import ServeConfig
 from llmlab.core.errors import LlmlabError
-from llmlab.serving import completions, eval_api, llmlab_api, openai_api as api
+from llmlab.serving import completions, eval_api, lab_api, llmlab_api, openai_api as api
 from llmlab.backends.base import Cancelled
 from llmlab.serving.batcher import CANCEL, Batcher, QueuedLM
 from llmlab.serving.errors import APIError, error_body
@@ -178,6 +178,7 @@ def create_app(lm: LM, cfg: ServeConfig) -> FastAPI:
 
     _tokenizer_routes(app, lm)
     llmlab_api.register(app, model, cfg)
+    lab_api.register(app, model)
     from llmlab.orchestration.evaluate import model_facts
 
     eval_api.register(app, model, cfg, model_facts(lm))

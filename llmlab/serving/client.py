@@ -245,9 +245,10 @@ def evaluate(plan: EvalPlan, model: ModelConfig, hooks: Hooks, url: str) -> Eval
 
 
 def next_steps(url: str, model: ModelConfig, text: str, flags: Mapping[str, object], steps: int,
-               show: int) -> list[StepRecord]:
-    """nexttoken.walk's steps (as to_json dicts), walked by the server."""
+               show: int, templated: bool = False) -> list[StepRecord]:
+    """nexttoken.walk's steps (as to_json dicts), walked by the server; templated: the text went
+    through the chat template already."""
     body: dict[str, object] = {"model": model.spec, "chat": model.chat, "prompt": text, "settings": flags, "steps": steps,
-            "show": show}
+            "show": show, "templated": templated}
     reply: NextReply = json.loads(post(url, "/v1/next", body))  # the shape eval_api answers with
     return reply["steps"]

@@ -65,6 +65,7 @@ class NextBody(BaseModel):
     settings: dict[str, JsonValue] = {}  # generation settings by their option names (preset and flags merged)
     steps: StrictInt = Field(1, ge=1, le=256)
     show: StrictInt = Field(10, ge=1, le=1000)
+    templated: StrictBool = False  # the prompt went through the chat template already (lab --server's /next)
 
 
 class LoggedItem(TypedDict):
@@ -163,8 +164,9 @@ def run_next(body: NextBody, lm: LM) -> NextReply:
     from llmlab.scoring import generation
 
     settings = settings_mod.build(dict(body.settings))
-    use_chat = generation.use_chat(lm.tokenizer, value(body.chat) or "auto")
-    text = generation.chat_text(lm.tokenizer, [{"role": "user", "content": body.prompt}]) if use_chat else body.prompt
+    use_chat = body.templated or generation.use_chat(lm.tokenizer, value(body.chat) or "auto")
+    wrap = use_chat and not body.templated
+    text = generation.chat_text(lm.tokenizer, [{"role": "user", "content": body.prompt}]) if wrap else body.prompt
     steps = [step.to_json() for step in nexttoken.walk(lm, text, use_chat, settings, body.steps, body.show)]
     return {"object": "next", "model": lm.name, "steps": steps}
 
