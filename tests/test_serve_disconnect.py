@@ -93,3 +93,50 @@ def test_a_real_generation_stops_between_decode_steps(tiny_models):
         gone.close()
         assert wait_for(lambda: batcher.stopped == 1, 30), (batcher.calls, batcher.stopped)
         assert time.monotonic() - left < 10  # stopped between decode steps, long before its 1500 tokens
+
+
+@pytest.mark.slow
+def test_continuous_batching_stops_between_decode_steps(tiny_models):
+    """--gen-engine continuous: LM.should_stop is asked while generate_batch's manager decodes, not
+    only between batches: the rows stop part way and the call raises Cancelled."""
+    from llmlab.backends import hf_continuous, models
+    from llmlab.backends.base import Cancelled
+    from llmlab.core.settings import build
+
+    lm = models.load(str(tiny_models["llama"]), "cpu", "float32")
+    lm.model.generation_config.eos_token_id = None
+    steps, real = [], lm.model.forward
+    lm.model.forward = lambda *a, **k: steps.append(time.sleep(0.002)) or real(*a, **k)  # a step: >= 2 ms
+    asked = []
+    lm.should_stop = lambda: asked.append(len(steps)) or len(steps) >= 20  # gone after 20 decode steps
+    rows = [lm.token_ids("once upon a time"), lm.token_ids("the movie was")]
+    with pytest.raises(Cancelled):
+        hf_continuous.generate_rows(lm, rows, build({"max_new_tokens": 1500}), [], set(), None)
+    assert 20 <= len(steps) < 200, len(steps)  # stopped soon after, far from its 1500 steps
+    lm.should_stop = None
+    out = hf_continuous.generate_rows(lm, rows, build({"max_new_tokens": 5}), [], set(), None)
+    assert [o.completion_tokens for o in out] == [[5], [5]]  # with nobody leaving: to the end, as before
+
+
+@pytest.mark.slow
+def test_a_real_continuous_generation_stops_when_its_client_leaves(tiny_models):
+    from llmlab.backends import models
+
+    lm = models.load(str(tiny_models["llama"]), "cpu", "float32")
+    lm.model.generation_config.eos_token_id = None
+    real = lm.model.forward
+    lm.model.forward = lambda *a, **k: time.sleep(0.01) or real(*a, **k)  # 1500 steps: 15 s at least
+    with running(lm, max_tokens=1500) as (url, app):
+        batcher = app.state.batcher
+        parts = urlsplit(url)
+        gone = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+        gone.request("POST", "/v1/generate", json.dumps({"inputs": [{"prompt": "once upon a time"}],
+                                                         "settings": {"max_new_tokens": 1500},
+                                                         "gen_engine": "continuous"}),
+                     {"Content-Type": "application/json"})
+        assert wait_for(lambda: batcher.calls == 1)
+        time.sleep(1)
+        left = time.monotonic()
+        gone.close()
+        assert wait_for(lambda: batcher.stopped == 1, 30), (batcher.calls, batcher.stopped)
+        assert time.monotonic() - left < 4  # stopped between decode steps, long before its 1500 tokens

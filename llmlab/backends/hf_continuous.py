@@ -11,7 +11,8 @@ Outputs are the same under greedy decoding: each row is decoded on its own in bo
 both end a row at end-of-text; stop texts are cut here after the fact (generate_batch takes no
 stopping criteria), so a row that hits one keeps generating to its token limit and is then cut at
 the same place the padded engine cuts it. Batches keep the write rule: each call handles one batch
-of consecutive inputs, handed on in input order.
+of consecutive inputs, handed on in input order. Like the padded engine, a batch nobody wants any more
+(LM.should_stop: llmlab serve's clients have gone) stops part way, between decode steps.
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ from contextlib import contextmanager
 from math import ceil
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
-from llmlab.backends.base import GenOutput
+from llmlab.backends.base import Cancelled, GenOutput
 from llmlab.core.errors import ModelError, UsageError
 
 if TYPE_CHECKING:  # types only: nothing more is imported at run time
+    from transformers import GenerationConfig
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
+    from transformers.generation.continuous_batching.requests import GenerationOutput
 
     from llmlab.backends.hf_score import Scorer
     from llmlab.core.settings import GenerationSettings
@@ -38,6 +41,8 @@ if TYPE_CHECKING:  # types only: nothing more is imported at run time
 
         @property
         def is_encoder_decoder(self) -> bool: ...
+        @property
+        def should_stop(self) -> Callable[[], bool] | None: ...
 
         def _finish(self, generated: list[int], eos: set[int], stops: Sequence[str]) -> tuple[str, int, str]: ...
 
@@ -58,6 +63,8 @@ AUTO_MIN_NEW_TOKENS = 256
 # Tokens per KV-cache page (generate_batch's page_size, >= 4): smaller pages waste less of a
 # request's last page, larger ones mean fewer block-table entries.
 _PAGE = 64
+# Seconds between looks at LM.should_stop while generate_batch's manager decodes.
+_POLL_S = 0.05
 # On a CPU, tokens one forward step may hold (prefill is split into steps of at most this many):
 # the step's attention mask grows with its square.
 _CPU_STEP_TOKENS = 2048
@@ -161,10 +168,7 @@ def generate_rows(lm: Generator, rows: list[list[int]], settings: GenerationSett
     config = GenerationConfig(max_new_tokens=settings.max_new_tokens, do_sample=False,
                               eos_token_id=sorted(eos) or None, pad_token_id=lm.tokenizer.pad_token_id)
     with signals_after_the_call():
-        out = lm.model.generate_batch([list(r) for r in rows], generation_config=config,
-                                      continuous_batching_config=batch_config(rows, settings.max_new_tokens, lm.device),
-                                      progress_bar=False)
-    results = list(out.values())  # generate_batch returns them in input order; failed rows are missing
+        results = _run_batch(lm, [list(r) for r in rows], config, settings.max_new_tokens)
     failed = [r.error for r in results if r.error is not None]
     if failed or len(results) != len(rows):
         why = failed[0] if failed else f"{len(rows) - len(results)} of {len(rows)} rows returned nothing"
@@ -178,3 +182,30 @@ def generate_rows(lm: Generator, rows: list[list[int]], settings: GenerationSett
     if stream is not None:  # nothing arrives token by token here: the whole completion is one piece
         stream(outputs[0].completions[0])
     return outputs
+
+
+def _run_batch(lm: Generator, rows: list[list[int]], config: GenerationConfig, new_tokens: int) -> list[GenerationOutput]:
+    """model.generate_batch's loop (its manager, its workload hints), which also asks lm.should_stop
+    while the manager decodes: once nobody wants the rows any more they are cancelled (the manager
+    drops them after its current decode step, then stops) and base.Cancelled is raised. The results in input order; failed rows are missing."""
+    from transformers.generation.continuous_batching.utils import WorkloadHints
+
+    hints = WorkloadHints(max_prompt_length=max(len(r) for r in rows), max_generated_length=new_tokens,
+                          num_requests=len(rows))
+    done: dict[str, GenerationOutput] = {}
+    with lm.model.continuous_batching_context_manager(
+            generation_config=config, continuous_batching_config=batch_config(rows, new_tokens, lm.device), block=True,
+            timeout=5, workload_hints=hints) as manager:
+        ids = manager.add_requests(inputs=rows, max_new_tokens=new_tokens)
+        while len(done) < len(ids):
+            if lm.should_stop is not None and lm.should_stop():
+                for request in ids:  # the manager stops once nothing is left to finish (it flushes before stopping)
+                    if request not in done:
+                        manager.cancel_request(request)
+                raise Cancelled("stopped: the work is wanted no more")
+            result = manager.get_result(timeout=_POLL_S)
+            if result is not None and result.is_finished():
+                done[result.request_id] = result
+            elif result is None and not manager.is_running():
+                break  # the manager's thread ended: the rows it did not finish are missing
+    return [done[i] for i in ids if i in done]
