@@ -1,5 +1,5 @@
 """Where a one-token `llmlab generate --server` spends its time, against a warm `llmlab serve` on the
-same model. Each of N rounds, each a fresh process: `python -c pass` (the machine's own start-up cost
+same model. Each of N rounds (--vary: each with a prompt the server has not seen), each a fresh process: `python -c pass` (the machine's own start-up cost
 at that moment), the CLI with --server (wall and its CPU seconds), and the same request sent straight
 from here over HTTP (the server's share: model work + loopback). Medians, with the load average, so a
 figure taken on a busy machine can still be judged: client overhead = CLI wall - HTTP round trip, and
@@ -46,9 +46,9 @@ def timed(command: list[str], env: dict[str, str]) -> tuple[float, float, str]:
     return wall, after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, done.stdout
 
 
-def round_trip(url: str, model: str) -> float:
+def round_trip(url: str, model: str, prompt: str = PROMPT) -> float:
     """The CLI's own request (/v1/generate, one input, one new token), sent from this process."""
-    body = {"model": model, "inputs": [{"prompt": PROMPT}], "settings": {"max_new_tokens": 1}}
+    body = {"model": model, "inputs": [{"prompt": prompt}], "settings": {"max_new_tokens": 1}}
     request = urllib.request.Request(url + "/v1/generate", json.dumps(body).encode(),
                                      {"Content-Type": "application/json"})
     started = time.perf_counter()
@@ -89,6 +89,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--classify", type=int, default=0, metavar="N", help="also time an N-item classify")
     parser.add_argument("--cold", action="store_true", help="also time the in-process one-token generate")
+    parser.add_argument("--vary", action="store_true", help="a new prompt each run (the server has seen only "
+                        "its chat template's start), instead of the same one each time")
     args = parser.parse_args()
     env = {**os.environ, "LLMLAB_HOME": tempfile.mkdtemp(prefix="llmlab-home-")}  # its own run log
     llmlab = [sys.executable, "-m", "llmlab"]
@@ -98,14 +100,15 @@ def main() -> None:
     load = [os.getloadavg()[0]]
     try:
         round_trip(url, args.model)  # the server's first request (lazy set-up) is not what a user waits for
-        for _ in range(args.runs):
+        for run in range(args.runs):
+            prompt, direct = (f"{PROMPT} {run}", f"hello {run}") if args.vary else (PROMPT, PROMPT)
             rows["python_pass"].append(timed([sys.executable, "-c", "pass"], env)[0])
             before = cpu_of(server.pid)
-            wall, cpu, _ = timed(generate + ["--server", url], env)
+            wall, cpu, _ = timed(generate[:4] + [prompt] + generate[5:] + ["--server", url], env)
             rows["server_cpu"].append(cpu_of(server.pid) - before)
             rows["cli"].append(wall)
             rows["cli_cpu"].append(cpu)
-            rows["http"].append(round_trip(url, args.model))
+            rows["http"].append(round_trip(url, args.model, direct))
             if args.cold:
                 rows["cold"].append(timed(generate, env)[0])
         classify = classify_pair(llmlab, args.model, url, args.classify, env) if args.classify else None
@@ -113,7 +116,7 @@ def main() -> None:
         server.terminate()
         server.wait(60)
     load.append(os.getloadavg()[0])
-    result: dict[str, object] = {"model": args.model, "runs": args.runs, "cores": os.cpu_count(),
+    result: dict[str, object] = {"model": args.model, "runs": args.runs, "vary": args.vary, "cores": os.cpu_count(),
                                  "load_1min_start_end": load, **{f"{k}_s": median(v) for k, v in rows.items() if v}}
     overhead = statistics.median(c - h for c, h in zip(rows["cli"], rows["http"]))
     result["client_overhead_s"] = round(overhead, 3)  # the CLI's own share: start-up, imports, files, run log

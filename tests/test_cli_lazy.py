@@ -10,12 +10,14 @@ from enum import Enum
 
 import pytest
 import typer.main
-from typer._click.core import Context
-from typer._coercion import build_runtime_param
 
-from helpers import invoke
-from llmlab.commands import quickparams
-from llmlab.commands.cli import app
+pytest.importorskip("typer._coercion")  # typer >= 0.27 converts with pydantic (quickparams); older typer: none of it
+from typer._click.core import Context  # noqa: E402
+from typer._coercion import build_runtime_param  # noqa: E402
+
+from helpers import invoke  # noqa: E402
+from llmlab.commands import quickparams  # noqa: E402
+from llmlab.commands.cli import app  # noqa: E402
 
 COMMANDS = ["generate", "classify", "eval", "optimize", "models", "compare", "report", "tokenize", "info", "next",
             "lab", "tune", "serve", "prompt", "runs"]

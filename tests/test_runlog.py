@@ -266,3 +266,22 @@ def test_an_interrupt_between_begin_and_commit_still_ends_the_run(home):
     run = runlog.get_run(runlog.connect(), log.id)
     assert (run["status"], run["n_items"]) == ("interrupted", 1)
     assert not log.broken
+
+
+def test_versions_come_from_dist_info_folders_as_importlib_metadata_gives_them(tmp_path, monkeypatch):
+    import importlib.metadata as md
+
+    for name, version in runlog.versions().items():
+        if name not in ("llmlab", "python"):
+            assert version == md.version(name)
+    code = "import sys\nfrom llmlab.runs import runlog\nrunlog.versions()\nprint('importlib.metadata' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout == "False\n"
+    first, second = tmp_path / "a", tmp_path / "b"
+    for folder, names in ((first, ["Torch-1.0.dist-info", "rouge_score-0.2.egg-info"]),
+                          (second, ["torch-2.0.dist-info", "rouge_score-0.3.dist-info", "tokenizers-0.1.dist-info"])):
+        for name in names:
+            (folder / name).mkdir(parents=True)
+    monkeypatch.setattr(sys, "path", [str(tmp_path / "none"), str(first), str(second)])
+    # the first install on the path wins; an .egg-info first is left to importlib.metadata
+    assert runlog._dist_info_versions(["torch", "rouge-score", "tokenizers", "nope"]) == {"torch": "1.0",
+                                                                                         "tokenizers": "0.1"}

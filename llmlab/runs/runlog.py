@@ -60,20 +60,51 @@ __all__ = [
 # ---------------------------------------------------------------- writing a run
 
 
+_LIBRARIES = ("torch", "transformers", "tokenizers", "rouge-score")
+
+
 def versions() -> dict[str, str]:
-    """llmlab, python and the libraries' versions, without importing them."""
-    import importlib.metadata as md
+    """llmlab, python and the libraries' versions, without importing them: read from the names of
+    their `NAME-VERSION.dist-info` folders on sys.path (what pip installs; the first on the path, as
+    importlib.metadata finds it), else asked of importlib.metadata (which costs a command ~30 ms)."""
     import platform
 
     from llmlab import __version__
 
-    found = {"llmlab": __version__, "python": platform.python_version()}
-    for name in ("torch", "transformers", "tokenizers", "rouge-score"):
+    found = {"llmlab": __version__, "python": platform.python_version(), **_dist_info_versions(_LIBRARIES)}
+    missing = [name for name in _LIBRARIES if name not in found]
+    if missing:
+        import importlib.metadata as md
+
+        for name in missing:
+            try:
+                found[name] = md.version(name)
+            except md.PackageNotFoundError:
+                pass
+    return {k: found[k] for k in ("llmlab", "python", *_LIBRARIES) if k in found}
+
+
+def _dist_info_versions(names: Sequence[str]) -> dict[str, str]:
+    """{name: version} from the first `NAME-VERSION.dist-info` folder of each on sys.path; a name
+    whose first install there is something else (an .egg-info) is left out, for importlib.metadata."""
+    import re
+
+    def norm(name: str) -> str:
+        return re.sub(r"[-_.]+", "_", name).lower()
+
+    wanted = {norm(n): n for n in names}
+    found: dict[str, str | None] = {}
+    for entry in sys.path:
         try:
-            found[name] = md.version(name)
-        except md.PackageNotFoundError:
-            pass
-    return found
+            listing = os.listdir(entry or ".")
+        except OSError:
+            continue
+        for folder in listing:
+            stem, _, kind = folder.rpartition(".")
+            name, _, version = stem.partition("-")
+            if kind in ("dist-info", "egg-info") and wanted.get(norm(name)) not in (None, *found):
+                found[wanted[norm(name)]] = version if kind == "dist-info" and version else None
+    return {name: version for name, version in found.items() if version}
 
 
 def text_hash(text: str) -> str:
