@@ -19,7 +19,7 @@ from helpers import invoke  # noqa: E402
 from llmlab.commands import quickparams  # noqa: E402
 from llmlab.commands.cli import app  # noqa: E402
 
-COMMANDS = ["generate", "classify", "eval", "optimize", "models", "compare", "report", "tokenize", "info", "next",
+COMMANDS_IN_HELP = ["generate", "classify", "eval", "optimize", "models", "compare", "report", "tokenize", "info", "next",
             "lab", "tune", "serve", "prompt", "runs"]
 SAMPLES = [None, "0", "1", "-3", "007", "+2", " 4", "1.5", "-0.25", "1e3", "abc", "", "auto", "AUTO", "float32",
            "jsonl", "on", 0, 3, -1, 2.5, True, ["a", "b"], ("1", "2"), "9" * 30]
@@ -33,13 +33,35 @@ def test_only_the_invoked_command_is_built():
     cli = group()
     cli.main(["generate", "--help"], standalone_mode=False)
     assert list(cli.commands) == ["generate"]
-    assert cli.list_commands(Context(cli)) == COMMANDS  # --help's order: commands, then the sub-apps
+    assert cli.list_commands(Context(cli)) == COMMANDS_IN_HELP  # --help's order: commands, then the sub-apps
+
+
+def test_the_command_table_names_what_each_module_registers():
+    import importlib
+
+    from llmlab.commands.cli import COMMANDS
+
+    for module in set(COMMANDS.values()):
+        scratch = typer.Typer()
+        importlib.import_module(f"llmlab.commands.{module}").register(scratch)
+        names = [i.name for i in scratch.registered_commands] + [g.name for g in scratch.registered_groups]
+        assert sorted(names) == sorted(n for n, m in COMMANDS.items() if m == module), module
+    assert list(COMMANDS) == COMMANDS_IN_HELP
+
+
+@pytest.mark.slow
+def test_a_command_imports_its_own_module_only():
+    code = ("import sys\nfrom llmlab.commands import cli\nsys.argv = ['llmlab', 'generate', '--help']\ntry:\n"
+            "    cli.main()\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in sys.modules if m.startswith('llmlab.commands.') and m.endswith('_cmd')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.splitlines()[-1] == "['llmlab.commands.run_cmd']", result.stderr
 
 
 def test_help_lists_every_command_with_its_line():
     result = invoke(["--help"])
     assert result.exit_code == 0
-    for name in COMMANDS:
+    for name in COMMANDS_IN_HELP:
         assert f"│ {name} " in result.stdout
     assert "Complete prompts: one from the argument or stdin" in result.stdout
 
@@ -52,7 +74,7 @@ def test_a_typo_still_gets_a_suggestion():
 
 def every_parameter():
     cli = group()
-    for name in COMMANDS:
+    for name in COMMANDS_IN_HELP:
         command = cli.get_command(Context(cli), name)
         subs = [command.get_command(Context(command), s) for s in command.list_commands(Context(command))] \
             if hasattr(command, "list_commands") else [command]

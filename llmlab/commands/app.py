@@ -152,24 +152,28 @@ class LlmlabGroup(TyperGroup):
         return super().resolve_command(ctx, args)
 
 
-def build_on_demand(typer_app: typer.Typer) -> None:
-    """Hand the app's registered commands and sub-apps to LlmlabGroup, which builds each when it runs
-    or help lists it (typer would build them all up front); cli.py calls it once, after registering."""
-    for info in typer_app.registered_commands:
-        assert info.callback is not None  # typer's command decorator always sets it
-        _DEFERRED[info.name or typer.main.get_command_name(info.callback.__name__)] = functools.partial(
-            typer.main.get_command_from_info, info, pretty_exceptions_short=typer_app.pretty_exceptions_short,
-            rich_markup_mode=typer_app.rich_markup_mode)
-    for group in typer_app.registered_groups:
-        assert group.name, "a sub-app of llmlab is added with a name"
-        _DEFERRED[group.name] = functools.partial(
-            typer.main.get_group_from_info, group, pretty_exceptions_short=typer_app.pretty_exceptions_short,
-            suggest_commands=typer_app.suggest_commands, rich_markup_mode=typer_app.rich_markup_mode)
-    typer_app.registered_commands.clear()
-    typer_app.registered_groups.clear()
+def defer(name: str, register: Callable[[typer.Typer], None]) -> None:
+    """Add the command (or sub-app) `name` to the app, built when it runs or help lists it: only then
+    is register(app) called (its module imported) on a scratch app, and `name` taken from there and
+    built with this app's settings. cli.py defers every command; typer would build them all up front."""
+
+    def build() -> Command:
+        scratch = typer.Typer()
+        register(scratch)
+        for info in scratch.registered_commands:
+            assert info.callback is not None  # typer's command decorator always sets it
+            if (info.name or typer.main.get_command_name(info.callback.__name__)) == name:
+                return typer.main.get_command_from_info(info, pretty_exceptions_short=app.pretty_exceptions_short,
+                                                        rich_markup_mode=app.rich_markup_mode)
+        group = next(group for group in scratch.registered_groups if group.name == name)
+        return typer.main.get_group_from_info(group, pretty_exceptions_short=app.pretty_exceptions_short,
+                                              suggest_commands=app.suggest_commands,
+                                              rich_markup_mode=app.rich_markup_mode)
+
+    _DEFERRED[name] = build
 
 
-_DEFERRED: dict[str, Callable[[], Command]] = {}  # name -> builder: commands, then sub-apps (typer's --help order)
+_DEFERRED: dict[str, Callable[[], Command]] = {}  # name -> builder, in --help's order
 LlmlabGroup.deferred = _DEFERRED
 
 
