@@ -227,11 +227,28 @@ def test_a_probe_fitted_on_search_rows_set_aside_wins_when_only_the_states_know_
     result = optimizing.optimize(config(files, budget=600, candidates=8, probe_rows=10), lm=lm)
     assert "readout probe data" in result.winner and result.difference.b == 1.0
     written = load_template(str(files / "opt.yaml"))
-    assert written.calibrate == "probe" and written.probe_path == files / "opt.probe.jsonl"
+    assert written.calibrate == "probe" and written.probe_path == files / "opt.probe.npz"  # the fitted probe
+    assert "Its probe: opt.probe.npz, fitted on 10 search rows (opt.probe.jsonl) for fake;" in written.source_text
     probe_rows = [json.loads(line)["text"] for line in (files / "opt.probe.jsonl").read_text().splitlines()]
-    assert len(probe_rows) == 10
+    assert len(probe_rows) == 10  # its rows, to refit one for another model
     searched = {line.rsplit("Review: ", 1)[-1].split("\n")[0] for line in result.prompts}
     assert not searched & set(probe_rows)  # no held-out row among the probe's
+
+
+def test_the_written_fitted_probe_answers_as_in_the_search_without_a_refit(files, fake_lm):
+    """eval of the written template reads its probe as fitted: the held-out result comes back exactly,
+    and no probe row is scored again."""
+    fake_lm.score = FakeLM._hash_score
+    result = optimizing.optimize(config(files, budget=600, candidates=8, probe_rows=10, holdout=0.5), lm=fake_lm)
+    held = files / "held.jsonl"
+    held.write_text("".join(json.dumps(r) + "\n" for r in rows(6, start=100)))
+    before = len(fake_lm.requests)
+    out = invoke(["eval", "-t", files / "opt.yaml", "--data", held, "-v"])
+    assert out.exit_code == 0, out.stderr
+    line = out.stdout.splitlines()[2].split()
+    assert "probe" in line and line[-5:-1] == ["1", "6", "100.0", "100.0"]  # calibration; seeds, n, accuracy, F1
+    assert "fitting the probe" not in out.stderr and "read from " + str(files / "opt.probe.npz") in out.stderr
+    assert len(fake_lm.requests) - before == 6 * 2 and result.difference.b == 1.0
 
 
 @pytest.mark.parametrize("more, error", [

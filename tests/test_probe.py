@@ -257,3 +257,53 @@ def test_an_ensemble_averages_each_draws_own_probe(toy):
     assert clf.probe(0) is not clf.probe(1) and first != second  # one probe per draw of demonstrations
     for got, a, b in zip(both, first, second):
         assert got == pytest.approx([(x + y) / 2 for x, y in zip(a, b)])
+
+
+# ---------------------------------------------------------------- a probe given already fitted (.npz)
+def fitted_file(tmp_path, model="fake", layers=(1, 2), labels=None):
+    """The probe classify fitted on TRAIN (from the cache), written as a file naming its model and layers."""
+    from llmlab.backends.loading import cache_root
+
+    [cached] = (cache_root() / "probes").glob("*.npz")
+    fitted = probe.Probe.load(cached, ["pos", "neg"])
+    fitted.model, fitted.layers = model, list(layers) if layers is not None else None
+    if labels:
+        fitted.labels = labels
+    path = tmp_path / f"fitted-{model}.npz"
+    fitted.save(path)
+    return path
+
+
+def test_a_fitted_probe_file_answers_as_the_fit_did_without_refitting(fake_lm, tmp_path):
+    tmpl = tmp_path / "toy.yaml"
+    tmpl.write_text(TEMPLATE)
+    data = write(tmp_path, "data.jsonl", [{"text": t, "label": lab} for t, lab in
+                                          [("good good", "pos"), ("bad", "neg"), ("so bad", "neg"), ("good one", "pos")]])
+    args = ["classify", "-t", tmpl, "-i", data, "--shots", "1", "-o", "-", "--format", "jsonl", "-v"]
+    fitted = invoke([*args, "--probe-data", write(tmp_path, "train.jsonl", TRAIN)])
+    assert fitted.exit_code == 0 and "fitting the probe: 12 rows" in fitted.stderr
+    scored = len(fake_lm.requests)
+    given = invoke([*args, "--probe-data", fitted_file(tmp_path)])
+    assert given.exit_code == 0, given.stderr
+    assert [r["probabilities"] for r in jsonl(given.stdout)] == [r["probabilities"] for r in jsonl(fitted.stdout)]
+    assert "fitting the probe" not in given.stderr
+    assert f"probe (draw 0): fitted on 12 rows, read from {tmp_path / 'fitted-fake.npz'}" in given.stderr
+    assert len(fake_lm.requests) - scored == 4 * 2  # the 4 rows' 2 labels: no probe row scored again
+
+
+@pytest.mark.parametrize("make, args, code, message", [
+    (dict(model="other"), [], 2, "was fitted on other's hidden states, not fake's: use -m other, or give "
+                                 "--probe-data ROWS to fit one for fake"),
+    (dict(), ["--probe-layers", "1"], 2, "is a fitted probe, read at layers 1,2; drop --probe-layers"),
+    (dict(layers=None), [], 3, "does not record the model and layers it was fitted on"),
+    (dict(labels=["yes", "no"]), [], 3, "not a fitted probe for template 'toy'"),
+])
+def test_a_fitted_probe_file_that_does_not_fit_is_refused(fake_lm, tmp_path, make, args, code, message):
+    tmpl = tmp_path / "toy.yaml"
+    tmpl.write_text(TEMPLATE)
+    assert invoke(["classify", "-t", tmpl, "--probe-data", write(tmp_path, "t.jsonl", TRAIN), "x"]).exit_code == 0
+    before = len(fake_lm.requests)
+    result = invoke(["classify", "-t", tmpl, "--probe-data", fitted_file(tmp_path, **make), *args, "x"])
+    assert result.exit_code == code, result.stderr
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert len(fake_lm.requests) == before  # refused before anything is scored

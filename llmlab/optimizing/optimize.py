@@ -286,10 +286,16 @@ def optimize(cfg: OptimizeConfig, hooks: Hooks | None = None, lm: LM | None = No
                          len(search), len(held), spent, clock() - started, searched)
         from llmlab.optimizing import writer
 
+        chosen, story = spaces.apply(space, variants[winner]), lineage(cfg, template, result)
         if variants[winner].readout == spaces.DATA_PROBE and fitted is not None:
+            # the probe as fitted (no rows in it), and its rows beside it to refit one for another model
             writer.write_rows(fitted.items, space.data_probe)
-        written = writer.beside(spaces.apply(space, variants[winner]), cfg.output)
-        writer.write(written, cfg.output, lineage(cfg, template, result))
+            chosen = writer.with_fitted(chosen, scorer.fitted_probe(variants[winner]), cfg.output)
+            story.append(f"Its probe: {Path(cfg.output).with_suffix('.probe.npz').name}, fitted on "
+                         f"{len(fitted.items)} search rows ({Path(cfg.output).with_suffix('.probe.jsonl').name}) "
+                         f"for {session.lm.name}; for another model: --probe-data with those rows.")
+        written = writer.beside(chosen, cfg.output)
+        writer.write(written, cfg.output, story)
         log.metrics(_metrics(result))
     return result
 

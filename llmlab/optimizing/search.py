@@ -8,6 +8,7 @@ generate templates. A row's score is 1/0 (right/wrong label) or its ROUGE-L F-me
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Sequence
@@ -22,7 +23,7 @@ if TYPE_CHECKING:  # types only: nothing more is imported at run time
     from llmlab.prompting.prompts import PromptBuilder
     from llmlab.prompting.templates import Template
     from llmlab.scoring.classify import Classifier
-    from llmlab.scoring.probe import Source
+    from llmlab.scoring.probe import Probe, Source
 
 
 @dataclass
@@ -101,6 +102,13 @@ class Scorer:
                 self._classifiers[v].probe(0)
                 self.spent += len(probe.items)
         return self._classifiers[v]
+
+    def fitted_probe(self, v: spaces.Variant) -> Probe:
+        """The probe variant `v` reads (draw 0's), marked with the model and layers it reads, to be
+        written as a file a template names."""
+        classifier = self.classifier(v)
+        return dataclasses.replace(classifier.probe(0), model=self.session.lm.name,
+                                   layers=list(classifier.hidden_layers or []))
 
     def score(self, v: spaces.Variant, items: Sequence[Item], new: int) -> Scores:
         """Scores of `v` on `items`, of which the last `new` were not scored for it before."""

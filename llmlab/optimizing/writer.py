@@ -14,6 +14,7 @@ from llmlab.prompting.templates import Template
 
 if TYPE_CHECKING:  # types only: nothing more is imported at run time
     from llmlab.io.items import Item
+    from llmlab.scoring.probe import Probe
     import yaml
 
 # the keys that decide the prompt and its reading, compared after loading the written file back
@@ -111,6 +112,15 @@ def beside(t: Template, path: str) -> Template:
     copy = Path(path).with_suffix(".probe.jsonl").resolve()
     shutil.copyfile(t.probe_path, copy)
     return replace(t, probe_path=copy)
+
+
+def with_fitted(t: Template, probe: Probe, path: str) -> Template:
+    """`t` reading `probe` as fitted: the probe saved (atomically) as NAME.probe.npz beside `path`."""
+    from dataclasses import replace
+
+    target = Path(path).with_suffix(".probe.npz").resolve()
+    probe.save(target)
+    return replace(t, probe_path=target)
 
 
 def write_rows(items: Sequence[Item], path: Path | None) -> None:

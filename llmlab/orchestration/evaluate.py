@@ -214,7 +214,7 @@ def evaluate(session: Session, plan_: EvalPlan, bar: Bar | None = None, log: Run
         results.append(run_combo(session, combo, plan_, bar, log))
         if plan_.adapters:  # beside adapters: the labelled rows it used (shots + the probe's), a learning curve's x
             source = sources.get(combo.task.template.name) if results[-1]["calibrate"] == "probe" else None
-            results[-1]["k"] = results[-1]["shots"] + (len(source.items) if source else 0)
+            results[-1]["k"] = results[-1]["shots"] + (source.rows if source else 0)
         log.eval_combo(results[-1])
     lm = session.lm
     return {
@@ -265,7 +265,7 @@ def run(plan: EvalPlan, model: ModelConfig, hooks: Hooks | None = None, lm: LM |
                 for result in report["results"]:
                     source = sources.get(result["template"]) if result["calibrate"] == "probe" else None
                     result["model"] = session.lm.name
-                    result["cost"] = adapted.cost(result, session.lm, probe_rows=len(source.items) if source else 0)
+                    result["cost"] = adapted.cost(result, session.lm, probe_rows=source.rows if source else 0)
                 report["results"] += adapter_rows(plan, model, hooks, bar, log, report["results"])
             return report
 

@@ -220,11 +220,12 @@ def load_template(path_text: str, read_examples: bool = True) -> Template:
 
 
 def _attach_probe(template: Template, probe: object, where: str) -> None:
-    """probe: a JSONL/CSV file of labelled rows, named relative to the template (read when used)."""
+    """probe: a JSONL/CSV file of labelled rows (fitted when used), or a probe fitted already (.npz,
+    as optimize writes one), named relative to the template (read when used)."""
     if probe is not None:
         if not isinstance(probe, str) or template.task != "classify":
-            raise TemplateError(f"{where}: 'probe' must be the path of a JSONL/CSV file of labelled rows "
-                                "(classify templates only)")
+            raise TemplateError(f"{where}: 'probe' must be the path of a JSONL/CSV file of labelled rows or of a "
+                                "fitted probe .npz (classify templates only)")
         template.probe_path = _beside(template, probe, where)
         if template.probe_path is None:
             raise TemplateError(f"{where}: probe file '{probe}' is outside the template's folder; move it beside "

@@ -170,7 +170,11 @@ class Classifier:
         if probe is not None:
             from llmlab.scoring import probe as probes
 
-            self.hidden_layers = probes.parse_layers(probe.layers, lm.num_layers)
+            if probe.fitted is not None:  # given fitted: its own model and layers
+                probes.check_model(probe, lm.name)
+                self.hidden_layers = probes.parse_layers(",".join(map(str, probe.fitted.layers or [])), lm.num_layers)
+            else:
+                self.hidden_layers = probes.parse_layers(probe.layers, lm.num_layers)
 
     def _continuations(self, prompt: Prompt) -> list[str]:
         return [prompt.answer_prefix + self.template.verbalize(label) for label in self.labels]
@@ -210,6 +214,11 @@ class Classifier:
         if draw in self._probes:
             return self._probes[draw]
         source, layers = self.probe_source, self.hidden_layers
+        if source is not None and source.fitted is not None:  # given fitted: the same for every draw
+            self._probes[draw] = source.fitted
+            if self.on_detail is not None:
+                self.on_detail(f"probe (draw {draw}): fitted on {source.fitted.rows} rows, read from {source.path}")
+            return source.fitted
         if source is None or layers is None:
             raise UsageError("--calibration probe needs --probe-data FILE: labelled rows to fit the probe on")
         target = self.template.target or ""  # probe.load_source refuses a template without one

@@ -7,7 +7,9 @@ The prompt still does the work (the state is read where the model is about to wr
 the demonstrations), but the readout is learned from many more labelled rows than fit in the context.
 A fitted probe is cached under the llmlab cache dir (`probes/`), named by a hash of everything that
 decides it (the model, the layers, the C grid, and every training prompt with its label), so it is
-fitted once.
+fitted once. A probe can also be given already fitted: a `.npz` file (`optimize` writes one beside
+the template it writes) that names its model and layers; it is used as it is, for every draw, and
+refused with another model.
 """
 
 from __future__ import annotations
@@ -75,6 +77,12 @@ class Source:
     path: str = "--probe-data"
     progress: Callable[[int, str], ContextManager[Bar]] | None = None  # None: no bar
     info: Callable[[str], None] = lambda message: None
+    fitted: Probe | None = None  # a .npz probe given already fitted (then no items)
+
+    @property
+    def rows(self) -> int:
+        """The labelled rows behind the probe: the rows to fit on, or those a fitted one was fitted on."""
+        return self.fitted.rows if self.fitted is not None else len(self.items)
 
 
 def load_source(path: str, size: int, layers: str | None, template: Template,
@@ -93,6 +101,8 @@ def load_source(path: str, size: int, layers: str | None, template: Template,
         raise UsageError(f"template '{template.name}' has no target: the probe needs a labelled field")
     if path != "-" and not Path(path).is_file():
         raise DataError(f"--probe-data file '{path}' not found")
+    if path.endswith(".npz"):
+        return Source([], layers, path, progress, info, fitted=load_fitted(path, layers, template))
     items = io.read_items(path, "auto", text_field=template.fields[0])
     items = config.sample(items, min(size, len(items)), 0, path)
     templates.require_fields(items, template)
@@ -124,6 +134,8 @@ class Probe:
     c: float = GRID[0]  # the inverse L2 strength cross-validation chose
     cv_accuracy: float | None = None  # the chosen C's cross-validated accuracy (None: too few rows per label)
     chance: float = 0.0  # the most common label's share of the rows: always answering it scores this
+    model: str | None = None  # a probe written to be given as a file: the model whose states it reads
+    layers: list[int] | None = None  # ... and the layers (cache entries leave both None)
 
     def at_chance(self) -> bool:
         """Cross-validated accuracy within two standard errors of always answering the commonest label."""
@@ -151,7 +163,7 @@ class Probe:
             np.savez(f, mean=self.mean, scale=self.scale, coef=self.coef, intercept=self.intercept,
                      meta=json.dumps({"labels": self.labels, "rows": self.rows, "c": self.c,
                                      "train_accuracy": self.train_accuracy, "cv_accuracy": self.cv_accuracy,
-                                     "chance": self.chance}))
+                                     "chance": self.chance, "model": self.model, "layers": self.layers}))
         os.replace(tmp, path)
 
     @classmethod
@@ -164,7 +176,8 @@ class Probe:
             meta = json.loads(str(data["meta"]))
             probe = cls(meta["labels"], data["mean"], data["scale"], data["coef"], data["intercept"],
                         int(meta["rows"]), float(meta["train_accuracy"]), float(meta["c"]),
-                        meta.get("cv_accuracy"), float(meta.get("chance", 0.0)))
+                        meta.get("cv_accuracy"), float(meta.get("chance", 0.0)), meta.get("model"),
+                        meta.get("layers"))
         width = probe.mean.shape[-1] if probe.mean.ndim == 1 else -1
         rows = 1 if len(labels) == 2 else len(labels)
         if probe.labels != list(labels) or width < 1 or probe.scale.shape != (width,) \
@@ -172,6 +185,30 @@ class Probe:
             raise ValueError(f"labels {probe.labels} and arrays {probe.mean.shape}, {probe.coef.shape} do not fit "
                              f"a probe for {list(labels)}")
         return probe
+
+
+def load_fitted(path: str, layers: str | None, template: Template) -> Probe:
+    """A probe given already fitted (.npz), checked against the template's labels before any model
+    time; it is read at the layers it was fitted at, so --probe-layers is refused."""
+    try:
+        probe = Probe.load(Path(path), list(template.labels))
+    except (OSError, ValueError, KeyError) as exc:
+        raise DataError(f"{path}: not a fitted probe for template '{template.name}' ({str(exc)[:200]}); give a "
+                        "probe .npz that optimize wrote for it, or labelled rows (JSONL/CSV) to fit one") from None
+    if probe.model is None or probe.layers is None:
+        raise DataError(f"{path}: this probe does not record the model and layers it was fitted on; give the "
+                        "labelled rows it was fitted on instead (--probe-data ROWS)")
+    if layers is not None:
+        raise UsageError(f"--probe-layers: {path} is a fitted probe, read at layers "
+                         f"{','.join(map(str, probe.layers))}; drop --probe-layers")
+    return probe
+
+
+def check_model(source: Source, model: str) -> None:
+    """A fitted probe reads one model's hidden states: any other model is refused."""
+    if source.fitted is not None and source.fitted.model != model:
+        raise UsageError(f"the probe {source.path} was fitted on {source.fitted.model}'s hidden states, not "
+                         f"{model}'s: use -m {source.fitted.model}, or give --probe-data ROWS to fit one for {model}")
 
 
 def fit(states: ArrayLike, gold: Sequence[str], labels: Sequence[str]) -> Probe:
