@@ -78,8 +78,12 @@ def test_lab_client_imports_neither_torch_nor_transformers(tiny_models):
     assert result.stdout.splitlines()[-1] == "[]" and "step 1: next token after" in result.stdout
 
 
-def test_lab_server_mistake_is_one_line():
-    result = invoke(["lab", "--server", "http://127.0.0.1:9"], input="hi\n")
+@pytest.mark.parametrize("args, error", [
+    ([], "error: no llmlab server answers at http://127.0.0.1:9"),
+    (["--shots", "-1"], "error: invalid --shots -1: must be >= 0"),  # the options first, as in-process
+    (["-t", "nosuch"], "error: no template named 'nosuch'"),
+])
+def test_lab_server_mistakes_are_one_line(args, error):
+    result = invoke(["lab", "--server", "http://127.0.0.1:9", *args], input="hi\n")
     assert result.exit_code != 0 and result.stdout == ""
-    assert result.stderr.startswith("error: no llmlab server answers at http://127.0.0.1:9") and \
-        result.stderr.count("\n") == 1
+    assert result.stderr.startswith(error) and result.stderr.count("\n") == 1, result.stderr

@@ -145,7 +145,7 @@ class LlmlabGroup(TyperGroup):
             self.commands[cmd_name] = self.deferred[cmd_name]()
         return self.commands.get(cmd_name)
 
-    def resolve_command(self, ctx: Context, args: list[str]):  # click's signature
+    def resolve_command(self, ctx: Context, args: list[str]) -> tuple[Optional[str], Optional[Command], list[str]]:
         if args and args[0] not in self.deferred:  # a typo: typer suggests from self.commands, so build them all
             for name in self.deferred:
                 self.get_command(ctx, name)

@@ -326,7 +326,6 @@ def _next_remote(server: str, model_cfg: ModelConfig, text: str, flags: dict[str
 # ---------------------------------------------------------------- lab
 
 
-
 def lab(
     model: Model = None,
     device: Device = "auto",
@@ -353,13 +352,15 @@ def lab(
 
     console.configure(quiet, False)
     model_cfg = model_config(model, device, dtype, chat, device_map, max_memory, backend, adapter=adapter)
-    remote = None
+    served = None
     if server:  # the served model: its tokenizer asked over HTTP, its completions and /next done there
         from llmlab.serving.remote import RemoteLM
 
-        remote = RemoteLM(server, model_cfg)
-    session = lab_mod.Session.start(model_cfg, template, shots, prompts_dir or [], config, hooks(True), lm=remote,
-                                    walker=remote.walk if remote else None)
+        def served() -> tuple[RemoteLM, lab_mod.Walker]:
+            remote = RemoteLM(server, model_cfg)
+            return remote, remote.walk
+
+    session = lab_mod.Session.start(model_cfg, template, shots, prompts_dir or [], config, hooks(True), served)
     session.run()
 
 

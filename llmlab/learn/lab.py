@@ -70,10 +70,10 @@ class Session:
 
     @classmethod
     def start(cls, model: ModelConfig, template: str | None, shots: int, prompts_dir: list[str], config: Path | None,
-              hooks: Hooks | None = None, lm: LM | None = None, walker: Walker | None = None) -> "Session":
+              hooks: Hooks | None = None, served: Callable[[], tuple[LM, Walker]] | None = None) -> "Session":
         """model: a core.config.ModelConfig, opened through orchestration.session.Session (one road
-        to a model) unless lm is given (lab --server: the served model, with its walker for /next);
-        hooks: where the backend's messages go."""
+        to a model), or by served() once the options are checked (lab --server: the served model and
+        the walker of its /next); hooks: where the backend's messages go."""
         from llmlab.core import settings
         from llmlab.orchestration.session import Session as ModelSession
         from llmlab.prompting import prompts
@@ -83,7 +83,7 @@ class Session:
         tmpl = prompts.find_template(template, prompts_dir) if template else None
         if shots < 0:
             raise UsageError(f"invalid --shots {shots}: must be >= 0")
-        lm = lm or ModelSession(model, hooks=hooks).lm
+        lm, walker = served() if served else (ModelSession(model, hooks=hooks).lm, None)
         session = cls(lm, model.chat or "", prompts_dir, preset, {}, tmpl, shots, walker=walker)
         generation.use_chat(lm.tokenizer, session.chat_mode or "auto")  # validates --chat
         session.rebuild()
