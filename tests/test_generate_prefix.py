@@ -71,11 +71,17 @@ def test_reused_start_gives_the_uncached_outputs(lms, kind, flags, monkeypatch):
     assert all(s < n - shared for s, n in zip(starts[1:], prompts[1:])), (starts, prompts)
 
 
-def test_batches_beams_and_encoder_decoder_run_as_before(lms, tiny_models):
+def test_batches_beams_prompt_tuning_and_encoder_decoder_run_as_before(lms, tiny_models, monkeypatch):
+    from llmlab.backends.adapters import PromptTunedLM
+
     lm = lms["llama"]
     rows = [[1, 2, 3] * 4]
+    assert prefix_cache.for_generation(lm, rows, True) is not None
     assert prefix_cache.for_generation(lm, rows + rows, True) is None  # two rows: padded as always
     assert prefix_cache.for_generation(lm, rows, False) is None  # beams or several sequences
+    assert PromptTunedLM.reuse_prompts is False  # its virtual tokens come before the prompt
+    monkeypatch.setattr(lm, "reuse_prompts", False)
+    assert prefix_cache.for_generation(lm, rows, True) is None
     t5 = models.load(str(tiny_models["t5"]), TEST_DEVICE)
     assert prefix_cache.for_generation(t5, rows, True) is None
 

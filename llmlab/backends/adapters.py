@@ -158,6 +158,7 @@ class PromptTunedLM(HFLM):
     before its real tokens and no cached prefix: one row per forward pass."""
 
     gen_engine = "padded"
+    reuse_prompts = False  # nor a remembered prompt's start when generating
 
     def loglikelihood(self, requests: Sequence[LLRequest], batch_size: int | None = 16,
                       prefix_cache: bool = True, hidden_layers: Sequence[int] | None = None) -> list[LLOutput]:

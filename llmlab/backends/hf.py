@@ -65,6 +65,7 @@ class HFLM(LM):
     # Rows continuing a cached prefix attend to ONE copy of it (shared_prefix) where the model's
     # family supports that; False: every batch repeats the prefix's KV cache per row (prefix_cache.extend).
     share_prefix = True
+    reuse_prompts = True  # a one-prompt generate reuses a remembered prompt's start (prefix_cache.for_generation)
 
     def __init__(self, name: str, model: Model, tokenizer: PreTrainedTokenizerBase, device: str,
                  on_event: EventSink | None = None):

@@ -133,6 +133,7 @@ class _Generator(Protocol):
 
     model: Model
     is_encoder_decoder: bool
+    reuse_prompts: bool  # False: never (a prompt-tuned model puts its virtual tokens first)
     _prefixes: OrderedDict[tuple[int, ...], DynamicCache]  # the LM's prefix memo (scoring's too)
 
 
@@ -148,7 +149,8 @@ def for_generation(lm: _Generator, rows: Sequence[list[int]], single: bool) -> D
 
     from transformers import DynamicCache
 
-    if len(rows) != 1 or not single or lm.is_encoder_decoder or lm.model.generation_config.cache_implementation:
+    if len(rows) != 1 or not single or lm.is_encoder_decoder or not lm.reuse_prompts \
+            or lm.model.generation_config.cache_implementation:
         return None
     row, best, hit = rows[0], 0, None
     for key in lm._prefixes:
