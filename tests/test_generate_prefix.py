@@ -95,3 +95,17 @@ def test_the_memo_stays_bounded_and_forgets_with_the_weights(lms):
     assert len(lm._prefixes) == 4
     lm.forget_prefixes()
     assert not lm._prefixes
+
+
+def test_a_sliding_window_cache_is_never_reused(lms):
+    from transformers.cache_utils import DynamicSlidingWindowLayer
+
+    lm = lms["llama"]
+    lm.forget_prefixes()
+    row = lm.token_ids(START + "hi")
+    lm.generate([models.GenRequest(START + "hi")], build({"max_new_tokens": 1}))
+    assert prefix_cache.for_generation(lm, [row], True).get_seq_length() == len(row) - 1  # remembered: reused
+    (kept,) = lm._prefixes.values()
+    kept.layers[0].__class__ = DynamicSlidingWindowLayer  # as a model with a sliding window keeps it
+    assert prefix_cache.for_generation(lm, [row], True).get_seq_length() == 0  # a crop would not be a prefix
+    lm.forget_prefixes()

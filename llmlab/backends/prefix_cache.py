@@ -153,9 +153,9 @@ def for_generation(lm: _Generator, rows: Sequence[list[int]], single: bool) -> D
             or lm.model.generation_config.cache_implementation:
         return None
     row, best, hit = rows[0], 0, None
-    for key in lm._prefixes:
+    for key, kept in lm._prefixes.items():
         k = min(shared_len(row, list(key)), len(row) - 1)
-        if k > best:
+        if k > best and _plain(kept):
             best, hit = k, key
     if hit is None or best < MIN_PREFIX:
         return DynamicCache(config=lm.model.config.get_text_config(decoder=True))  # as generate() makes it
@@ -169,9 +169,7 @@ def remember(lm: _Generator, rows: Sequence[list[int]], cache: DynamicCache | No
     """After generating one row with `cache`: keep its prompt's keys and values, all but the last
     token's (what for_generation may reuse), among the `limit` most recent prefixes. Only plain
     layers (no sliding window or recurrent state, whose crop is not a prefix)."""
-    if cache is None or len(rows[0]) - 1 < MIN_PREFIX:
-        return
-    if any(type(layer).__name__ != "DynamicLayer" for layer in cache.layers):
+    if cache is None or len(rows[0]) - 1 < MIN_PREFIX or not _plain(cache):
         return
     keep = len(rows[0]) - 1
     cache.crop(keep - cache.get_seq_length())
@@ -180,3 +178,8 @@ def remember(lm: _Generator, rows: Sequence[list[int]], cache: DynamicCache | No
     lm._prefixes.move_to_end(key)
     while len(lm._prefixes) > limit:
         lm._prefixes.popitem(last=False)
+
+
+def _plain(cache: DynamicCache) -> bool:
+    """Every layer keeps every position (no sliding window, no recurrent state): a crop keeps a prefix."""
+    return all(type(layer).__name__ == "DynamicLayer" for layer in cache.layers)
