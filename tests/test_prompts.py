@@ -161,6 +161,7 @@ def test_unknown_template_name_lists_the_available():
 SHIPPED = {
     "sentiment": {"text": "I loved this movie!"},
     "sentiment-terse": {"text": "I loved this movie!"},
+    "sentiment-opt": {"text": "I loved this movie!"},
     "dialogue-summary": {"dialogue": "#Person1#: Hi.\n#Person2#: Hello."},
     "dialogue-summary-flan": {"dialogue": "#Person1#: Hi.\n#Person2#: Hello."},
     "entities": {"text": "Ana met Bo in Lima."},

@@ -3,6 +3,7 @@ obvious reviews right. The reviews are written for this test (none comes from a 
 
 import json
 
+import pytest
 
 from helpers import invoke, jsonl
 
@@ -38,14 +39,16 @@ NEGATIVE = [
 
 # Measured (prompts/README.md, "Measured defaults"): with the defaults before the probe (4 balanced
 # shots, contextual) smollm2 got 23 of these 24 ("A boring, pointless mess. Avoid it." -> positive);
-# with the template's probe (fitted on its 120 written reviews) it gets all 24.
-def test_obvious_reviews_right_with_no_flags(smollm2_cache, monkeypatch, tmp_path):
+# with the template's probe (fitted on its 120 written reviews) it gets all 24. sentiment-opt (the
+# optimize winner: its probe shipped fitted, for smollm2) must too.
+@pytest.mark.parametrize("template", ["sentiment", "sentiment-opt"])
+def test_obvious_reviews_right_with_no_flags(smollm2_cache, monkeypatch, tmp_path, template):
     monkeypatch.setenv("LLMLAB_CACHE", str(smollm2_cache))
     data = tmp_path / "reviews.jsonl"
     reviews = [(t, "positive") for t in POSITIVE] + [(t, "negative") for t in NEGATIVE]
     data.write_text("".join(json.dumps({"id": f"r{n}", "text": t, "label": label}) + "\n"
                             for n, (t, label) in enumerate(reviews)))
-    result = invoke(["classify", "-t", "sentiment", "-i", data])
+    result = invoke(["classify", "-t", template, "-i", data])
     assert result.exit_code == 0, result.stderr
     rows = jsonl(result.stdout)
     wrong = [(r["text"], r["prediction"]) for r in rows if r["prediction"] != r["label"]]

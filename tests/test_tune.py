@@ -462,3 +462,24 @@ def test_eval_with_adapters_logs_what_the_learning_curves_need(tiny_models, revi
     assert [(s["label"], [p[0] for p in s["points"]]) for s in series] == [
         ("sentiment: in-context, 2 shots, probe", [10]), ("sentiment: lora", [8])]
     assert [s["points"][0][1] for s in series] == [r["metrics"]["accuracy"] for r in logged]
+
+
+@pytest.mark.slow
+def test_prompt_tuned_scoring_batches_rows_of_one_width_as_one_row_per_pass_scores(tiny_models, reviews, tmp_path):
+    """A prompt-tuned model scores rows of equal width together (no padding, which its virtual tokens
+    could not sit behind): the same log-probabilities as one row per forward pass."""
+    from llmlab.backends import models
+    from llmlab.backends.adapters import PromptTunedLM
+    from llmlab.backends.base import LLRequest
+    from llmlab.backends.hf import HFLM
+
+    assert tune(tiny_models["llama"], reviews, tmp_path / "pt", "--method", "prompt", "--lr", "0.05").exit_code == 0
+    lm = models.load(f"{tiny_models['llama']}+{tmp_path / 'pt'}", "cpu")
+    assert isinstance(lm, PromptTunedLM)
+    texts = ["a good film", "a bad film", "so dull", "so fun", "the best one I have seen", "it drags on and on"]
+    requests = [LLRequest(f"Review: {t}\nSentiment:", c) for t in texts for c in (" Positive", " Negative", " Meh ok")]
+    one_by_one = HFLM.loglikelihood(lm, requests, 1, False)
+    batched = lm.loglikelihood(requests, 16)
+    assert [o.tokens for o in batched] == [o.tokens for o in one_by_one]
+    assert [o.logprob for o in batched] == pytest.approx([o.logprob for o in one_by_one], abs=1e-4)
+    assert [o.greedy for o in batched] == [o.greedy for o in one_by_one]

@@ -155,14 +155,32 @@ def _as_model(model: object) -> Model:
 
 class PromptTunedLM(HFLM):
     """A prompt-tuned model: PEFT puts the virtual tokens first, so a row must have no padding
-    before its real tokens and no cached prefix: one row per forward pass."""
+    before its real tokens and no cached prefix. Scoring batches only rows of one width (no padding
+    at all; a prompt's single-token labels share one input); generation runs one row per pass."""
 
     gen_engine = "padded"
     reuse_prompts = False  # nor a remembered prompt's start when generating
 
     def loglikelihood(self, requests: Sequence[LLRequest], batch_size: int | None = 16,
                       prefix_cache: bool = True, hidden_layers: Sequence[int] | None = None) -> list[LLOutput]:
-        return super().loglikelihood(requests, 1, False, hidden_layers)
+        from llmlab.backends import hf_score
+        from llmlab.backends.batching import run_batched
+
+        if hidden_layers:  # states are read at positions counted without the virtual tokens: one row per pass
+            return super().loglikelihood(requests, 1, False, hidden_layers)
+        rows = self.encode_pairs(requests)
+        self._check_rows(requests, rows)
+        widths: dict[int, list[int]] = {}  # input width (context + continuation[:-1]) -> its rows
+        for i, (ctx, cont) in enumerate(rows):
+            widths.setdefault(len(ctx) + len(cont) - 1, []).append(i)
+        results: list[LLOutput] = [LLOutput(0.0, 0)] * len(rows)
+        for width, members in widths.items():
+            scored = run_batched(lambda b: hf_score.causal(self, [rows[members[k]] for k in b]),
+                                 [width] * len(members), *self._sizes(batch_size), on_event=self.on_event,
+                                 should_stop=self.should_stop)
+            for i, out in zip(members, scored):
+                results[i] = out
+        return results
 
     def generate(self, requests: Sequence[GenRequest], settings: GenerationSettings, batch_size: int | None = 8,
                  on_output: Callable[[int, GenOutput], None] | None = None,
