@@ -273,8 +273,8 @@ def test_template_defaults_for_shots_and_calibrate(tmp_path, keys, shots, calibr
         (TEMPLATE + "calibrate: maybe\n", "'calibrate' must be off, contextual, batch, domain or probe, not 'maybe'"),
         (TEMPLATE + "calibrate: probe\n", "'calibrate: probe' needs 'probe', the labelled rows to fit it on"),
         (TEMPLATE + "probe: nowhere.jsonl\n", "probe file 'nowhere.jsonl' not found next to the template"),
-        (TEMPLATE + "probe: [1, 2]\n", "'probe' must be the path of a JSONL/CSV file of labelled rows (classify "
-         "templates only)"),
+        (TEMPLATE + "probe: [1, 2]\n", "'probe' must be the path of a JSONL/CSV file of labelled rows or of a "
+         "fitted probe .npz (classify templates only)"),
         (TEMPLATE.replace("task: classify", "task: generate") + "calibrate: true\n", "'calibrate' applies to classify templates only"),
         (TEMPLATE.split("examples:")[0] + "shots: 2\n", "'shots: 2' needs 'examples' to draw demonstrations from"),
     ],
