@@ -140,3 +140,15 @@ def test_prompts_and_outputs_cannot_break_the_page():
     page = report.render([], compare.matrix([{"id": 1}], lambda _: items), title="t")
     assert "<script>alert(1)" not in page and "<b>pos</b>" not in page and "<i>x</i>" not in page
     assert json.loads(re.search(r'id="prompts">(.*?)</script>', page, re.S).group(1)) == [nasty]
+
+
+@pytest.mark.parametrize("ticks, expected", [
+    ([16, 20, 64, 68, 256, 260, 1000, 1004], [16, 64, 256, 1000]),
+    ([1, 2, 3, 4, 8], [1, 2, 3, 8]),
+    ([5], [5]),
+    ([], []),
+])
+def test_learning_curve_ticks_never_print_on_top_of_each_other(ticks, expected):
+    from llmlab.orchestration.report import spread
+
+    assert spread(ticks) == expected

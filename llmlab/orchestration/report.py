@@ -342,6 +342,16 @@ def render(runs: Sequence[Logged], m: compare.Matrix, title: str | None = None) 
 # ---------------------------------------------------------------- PNG (matplotlib)
 
 
+def spread(ticks: Sequence[int], ratio: float = 1.4) -> list[int]:
+    """Ticks of a log axis whose labels cannot overlap: each kept one at least `ratio` times the last
+    (k = 256 for an adapter and 260 for 4 shots + 256 probe rows would print on top of each other)."""
+    kept: list[int] = []
+    for t in sorted(ticks):
+        if not kept or t >= kept[-1] * ratio:
+            kept.append(t)
+    return kept
+
+
 def write_pngs(runs: Sequence[Logged], folder: Path) -> list[Path]:
     """The curve and each confusion matrix as PNG files in `folder`; returns their paths."""
     import matplotlib
@@ -364,8 +374,10 @@ def write_pngs(runs: Sequence[Logged], folder: Path) -> list[Path]:
             ax.set_xscale("symlog")  # k from a few rows to thousands
         ax.set_xlabel(x_label)
         ax.set_ylabel(f"{series[0]['metric']} %")
-        ax.set_xticks(sorted({p[0] for s in series for p in s["points"]}))
-        ax.set_xticklabels([str(x) for x in sorted({p[0] for s in series for p in s["points"]})])
+        ticks = sorted({p[0] for s in series for p in s["points"]})
+        ticks = spread(ticks) if name == "learning-curves" else ticks
+        ax.set_xticks(ticks)
+        ax.set_xticklabels([str(x) for x in ticks])
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
