@@ -95,6 +95,21 @@ ERRORS = [  # (path, body or raw bytes, key, status, words in the message)
     ("/v1/classify", {"template": "sentiment", "text": "x", "shot": 2}, KEY, 400, "shot"),
     ("/v1/classify", {"template": "sentiment", "text": "x", "calibration": "magic"}, KEY, 400, "magic"),
     ("/v1/nothing", {}, KEY, 404, "Not Found"),
+    # llmlab's own endpoints: the same caps as /v1/completions
+    ("/v1/generate", {"text": "a", "settings": {"max_new_tokens": 51}}, KEY, 400, "max_new_tokens 51 is over"),
+    ("/v1/generate", {"text": "a", "settings": {"num_beams": 3, "max_new_tokens": 5}}, KEY, 400, "num_beams 3 is over"),
+    ("/v1/generate_text", {"requests": [{"prompt": "a"}], "settings": {"max_new_tokens": 51}}, KEY, 400,
+     "max_new_tokens 51 is over this server's cap of 50"),
+    ("/v1/generate_text", {"requests": [{"prompt": "a"}], "settings": {"num_return_sequences": 3, "do_sample": True,
+                                                                       "max_new_tokens": 5}}, KEY, 400,
+     "num_return_sequences 3 is over"),
+    ("/v1/generate_text", {"requests": [{"prompt": "a" * 201}], "settings": {"max_new_tokens": 5}}, KEY, 400,
+     "201 tokens, over this server's cap"),
+    ("/v1/generate_text", {"requests": [{"prompt": "a"}] * 3, "settings": {"max_new_tokens": 5}}, KEY, 400,
+     "3 prompts are over"),
+    ("/v1/generate_text", {"requests": [{"prompt": "a"}]}, None, 401, "API key"),
+    ("/v1/tokenizer", {"op": "decode", "ids": [10**12]}, KEY, 400, "not in the vocabulary"),
+    ("/v1/tokenizer", {"op": "tokens", "ids": [-5]}, KEY, 400, "token id -5 is not in the vocabulary"),
 ]
 
 

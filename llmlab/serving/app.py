@@ -178,7 +178,7 @@ def create_app(lm: LM, cfg: ServeConfig) -> FastAPI:
 
     _tokenizer_routes(app, lm)
     llmlab_api.register(app, model, cfg)
-    lab_api.register(app, model)
+    lab_api.register(app, model, cfg)
     from llmlab.orchestration.evaluate import model_facts
 
     eval_api.register(app, model, cfg, model_facts(lm))

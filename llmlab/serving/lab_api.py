@@ -7,6 +7,7 @@ and the tokenizer's facts), then has the prompt's exact text completed by /v1/ge
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sized
 from typing import TYPE_CHECKING, Callable, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, StrictBool, StrictInt, StrictStr
@@ -17,6 +18,7 @@ if TYPE_CHECKING:
     from fastapi import FastAPI
 
     from llmlab.backends.base import LM
+    from llmlab.core.config import ServeConfig
 
 
 class TokenizerBody(BaseModel):
@@ -78,21 +80,40 @@ def run_tokenizer(body: TokenizerBody, lm: LM) -> dict[str, JsonValue]:
         return {"text": tok.apply_chat_template(messages, tokenize=False,
                                                 add_generation_prompt=body.add_generation_prompt)}
     ids = list(_need(body.ids, "ids", body.op))  # type: ignore[call-overload]  # a list of ints, checked above
-    if body.op == "tokens":
-        found = tok.convert_ids_to_tokens(ids)
-        tokens: list[JsonValue] = [str(t) for t in found] if isinstance(found, list) else [str(found)]
-        return {"tokens": tokens}
-    extra = {} if body.clean_up_tokenization_spaces is None else {
-        "clean_up_tokenization_spaces": body.clean_up_tokenization_spaces}
-    return {"text": tok.decode(ids, skip_special_tokens=body.skip_special_tokens, **extra)}
+    size = len(tok) if isinstance(tok, Sized) else None
+    bad = [i for i in ids if i < 0 or (size is not None and i >= size)]
+    if bad:
+        raise APIError(400, f"token id {bad[0]} is not in the vocabulary (0 to {size - 1 if size else '?'})",
+                       param="ids")
+    try:  # a tokenizer that does not know its size refuses a foreign id its own way
+        if body.op == "tokens":
+            found = tok.convert_ids_to_tokens(ids)
+            tokens: list[JsonValue] = [str(t) for t in found] if isinstance(found, list) else [str(found)]
+            return {"tokens": tokens}
+        extra = {} if body.clean_up_tokenization_spaces is None else {
+            "clean_up_tokenization_spaces": body.clean_up_tokenization_spaces}
+        return {"text": tok.decode(ids, skip_special_tokens=body.skip_special_tokens, **extra)}
+    except (OverflowError, ValueError, IndexError) as exc:
+        raise APIError(400, f"token ids not in the vocabulary ({type(exc).__name__}: {str(exc)[:120]})",
+                       param="ids") from None
 
 
-def run_generate_text(body: GenerateTextBody, lm: LM) -> dict[str, JsonValue]:
-    """Each prompt's completion(s), as LM.generate returns them (GenOutput as a dict)."""
+def run_generate_text(body: GenerateTextBody, lm: LM, limits: ServeConfig) -> dict[str, JsonValue]:
+    """Each prompt's completion(s), as LM.generate returns them (GenOutput as a dict), within the
+    server's caps: settings as max_tokens and n are capped, each prompt as /v1/completions' are, and
+    at most max_n prompts."""
     from llmlab.backends.base import GenRequest
     from llmlab.core import settings as settings_mod
+    from llmlab.serving import openai_api as api
 
     settings = settings_mod.build(dict(body.settings))
+    api.check_settings(settings, limits)
+    if len(body.requests) > limits.max_n:
+        raise APIError(400, f"{len(body.requests)} prompts are over this server's cap of {limits.max_n}",
+                       param="requests")
+    for r in body.requests:
+        ids = lm.tokenizer(r.prompt, add_special_tokens=not r.templated)["input_ids"]
+        api.check_prompt(list(ids), settings.max_new_tokens, lm.window, limits.prompt_cap(lm.window))
     outputs = lm.generate([GenRequest(r.prompt, r.templated) for r in body.requests], settings, batch_size=1)
     return {"object": "generation", "model": lm.name, "outputs": [_plain(dataclasses.asdict(o)) for o in outputs]}
 
@@ -107,11 +128,11 @@ def _plain(value: object) -> JsonValue:
     return value
 
 
-def register(app: FastAPI, model: Callable[[Optional[str]], LM]) -> None:
+def register(app: FastAPI, model: Callable[[Optional[str]], LM], limits: ServeConfig) -> None:
     @app.post("/v1/tokenizer")
     def tokenizer(body: TokenizerBody) -> dict:
         return run_tokenizer(body, model(body.model))
 
     @app.post("/v1/generate_text")
     def generate_text(body: GenerateTextBody) -> dict:
-        return run_generate_text(body, model(body.model))
+        return run_generate_text(body, model(body.model), limits)

@@ -136,7 +136,7 @@ def register(app: FastAPI, model: Callable[[Optional[str]], LM], cfg: ServeConfi
 
     @app.post("/v1/generate")
     def generate(body: GenerateBody) -> dict:
-        return dict(run_generate(body, model(body.model), cfg.model))
+        return dict(run_generate(body, model(body.model), cfg.model, cfg))
 
 
 def run_classify(body: ClassifyBody, lm: LM, served: ModelConfig) -> ClassifyReply:
@@ -181,9 +181,11 @@ def run_render(body: RenderBody, lm: LM, served: ModelConfig) -> RenderReply:
             "results": records, "warnings": warnings}
 
 
-def run_generate(body: GenerateBody, lm: LM, served: ModelConfig) -> GenerateReply:
-    """What `llmlab generate` does with its inputs, minus the files: records, in input order."""
+def run_generate(body: GenerateBody, lm: LM, served: ModelConfig, limits: ServeConfig) -> GenerateReply:
+    """What `llmlab generate` does with its inputs, minus the files: records, in input order (the
+    settings within the server's caps on max_tokens and n)."""
     from llmlab.backends import hf_continuous
+    from llmlab.serving import openai_api as api
     from llmlab.orchestration import session
     from llmlab.scoring import generation
 
@@ -196,6 +198,7 @@ def run_generate(body: GenerateBody, lm: LM, served: ModelConfig) -> GenerateRep
                          flags=dict(body.settings), batch_size=body.batch_size, echo=body.echo,
                          gen_engine=value(body.gen_engine))
     settings = session.settings_for(template, None, cfg.flags)
+    api.check_settings(settings, limits)
     hf_continuous.check(cfg.gen_engine, settings, cfg.model.backend)
     items = _items(body, template, "generate")
     if template is not None:

@@ -152,6 +152,17 @@ def check_caps(body: _Body, max_tokens: int, limits: ServeConfig) -> None:
         raise APIError(400, f"n {body.n} is over this server's cap of {limits.max_n}", param="n")
 
 
+def check_settings(settings: GenerationSettings, limits: ServeConfig) -> None:
+    """llmlab's own endpoints take generation settings by name: the same caps as max_tokens and n."""
+    if settings.max_new_tokens > limits.max_tokens:
+        raise APIError(400, f"max_new_tokens {settings.max_new_tokens} is over this server's cap of "
+                       f"{limits.max_tokens}", param="settings.max_new_tokens")
+    for name in ("num_beams", "num_return_sequences"):
+        if getattr(settings, name) > limits.max_n:
+            raise APIError(400, f"{name} {getattr(settings, name)} is over this server's cap of {limits.max_n}",
+                           param=f"settings.{name}")
+
+
 def check_prompt(ids: list[int], max_tokens: int, window: Optional[int], cap: int) -> None:
     """A prompt must be non-empty, within the prompt-token cap, and leave room in the window."""
     if not ids:
