@@ -260,13 +260,22 @@ def test_an_ensemble_averages_each_draws_own_probe(toy):
 
 
 # ---------------------------------------------------------------- a probe given already fitted (.npz)
-def fitted_file(tmp_path, model="fake", layers=(1, 2), labels=None):
-    """The probe classify fitted on TRAIN (from the cache), written as a file naming its model and layers."""
+def form_of(stderr):
+    """The prompt form classify -v names for the probe it fitted."""
+    import re
+
+    return re.search(r"prompt form ([0-9a-f]{16})", stderr).group(1)
+
+
+def fitted_file(tmp_path, form, model="fake", layers=(1, 2), labels=None):
+    """The probe classify fitted on TRAIN (from the cache), written as a file naming its model, layers
+    and prompt form."""
     from llmlab.backends.loading import cache_root
 
     [cached] = (cache_root() / "probes").glob("*.npz")
     fitted = probe.Probe.load(cached, ["pos", "neg"])
     fitted.model, fitted.layers = model, list(layers) if layers is not None else None
+    fitted.prompt_form = form
     if labels:
         fitted.labels = labels
     path = tmp_path / f"fitted-{model}.npz"
@@ -283,7 +292,7 @@ def test_a_fitted_probe_file_answers_as_the_fit_did_without_refitting(fake_lm, t
     fitted = invoke([*args, "--probe-data", write(tmp_path, "train.jsonl", TRAIN)])
     assert fitted.exit_code == 0 and "fitting the probe: 12 rows" in fitted.stderr
     scored = len(fake_lm.requests)
-    given = invoke([*args, "--probe-data", fitted_file(tmp_path)])
+    given = invoke([*args, "--probe-data", fitted_file(tmp_path, form_of(fitted.stderr))])
     assert given.exit_code == 0, given.stderr
     assert [r["probabilities"] for r in jsonl(given.stdout)] == [r["probabilities"] for r in jsonl(fitted.stdout)]
     assert "fitting the probe" not in given.stderr
@@ -295,14 +304,18 @@ def test_a_fitted_probe_file_answers_as_the_fit_did_without_refitting(fake_lm, t
     (dict(model="other"), [], 2, "was fitted on other's hidden states, not fake's: use -m other, or give "
                                  "--probe-data ROWS to fit one for fake"),
     (dict(), ["--probe-layers", "1"], 2, "is a fitted probe, read at layers 1,2; drop --probe-layers"),
-    (dict(layers=None), [], 3, "does not record the model and layers it was fitted on"),
+    (dict(layers=None), [], 3, "does not record the model, layers and prompts it was fitted on"),
     (dict(labels=["yes", "no"]), [], 3, "not a fitted probe for template 'toy'"),
+    (dict(), ["--shots", "2"], 2, "was fitted on the states of other prompts than these (prompt form"),
+    (dict(form="0" * 16), [], 2, "(prompt form 0000000000000000, not "),
 ])
 def test_a_fitted_probe_file_that_does_not_fit_is_refused(fake_lm, tmp_path, make, args, code, message):
     tmpl = tmp_path / "toy.yaml"
     tmpl.write_text(TEMPLATE)
-    assert invoke(["classify", "-t", tmpl, "--probe-data", write(tmp_path, "t.jsonl", TRAIN), "x"]).exit_code == 0
+    first = invoke(["classify", "-t", tmpl, "--probe-data", write(tmp_path, "t.jsonl", TRAIN), "-v", "x"])
+    assert first.exit_code == 0
     before = len(fake_lm.requests)
+    make = {"form": form_of(first.stderr), **make}
     result = invoke(["classify", "-t", tmpl, "--probe-data", fitted_file(tmp_path, **make), *args, "x"])
     assert result.exit_code == code, result.stderr
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1

@@ -108,7 +108,7 @@ class Scorer:
         written as a file a template names."""
         classifier = self.classifier(v)
         return dataclasses.replace(classifier.probe(0), model=self.session.lm.name,
-                                   layers=list(classifier.hidden_layers or []))
+                                   layers=list(classifier.hidden_layers or []), prompt_form=classifier.prompt_form(0))
 
     def score(self, v: spaces.Variant, items: Sequence[Item], new: int) -> Scores:
         """Scores of `v` on `items`, of which the last `new` were not scored for it before."""

@@ -258,6 +258,10 @@ def run(plan: EvalPlan, model: ModelConfig, hooks: Hooks | None = None, lm: LM |
     with hooks.open_run("eval", config=plan_config(plan, model.chat), templates=[t.template for t in plan.tasks],
                         data=data) as log:
         session = loaded(model, lm, log, hooks)
+        from llmlab.scoring.probe import check_model
+
+        for given in plan.probe_sources().values():  # a probe fitted for another model: before any combination
+            check_model(given, session.lm.name)
         with hooks.progress(plan.total() + extra_items(plan), "evaluating") as bar:
             report = evaluate(session, plan, bar, log)
             if plan.adapters:  # in-context rows and adapter rows in one table, with what each cost

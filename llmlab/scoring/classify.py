@@ -170,9 +170,10 @@ class Classifier:
         if probe is not None:
             from llmlab.scoring import probe as probes
 
-            if probe.fitted is not None:  # given fitted: its own model and layers
+            if probe.fitted is not None:  # given fitted: its own model, layers and prompts (checked before scoring)
                 probes.check_model(probe, lm.name)
                 self.hidden_layers = probes.parse_layers(",".join(map(str, probe.fitted.layers or [])), lm.num_layers)
+                probes.check_form(probe, self.prompt_form(0))
             else:
                 self.hidden_layers = probes.parse_layers(probe.layers, lm.num_layers)
 
@@ -215,6 +216,7 @@ class Classifier:
             return self._probes[draw]
         source, layers = self.probe_source, self.hidden_layers
         if source is not None and source.fitted is not None:  # given fitted: the same for every draw
+            probes.check_form(source, self.prompt_form(draw))
             self._probes[draw] = source.fitted
             if self.on_detail is not None:
                 self.on_detail(f"probe (draw {draw}): fitted on {source.fitted.rows} rows, read from {source.path}")
@@ -244,7 +246,8 @@ class Classifier:
         self._probes[draw] = fitted
         if self.on_detail is not None:
             self.on_detail(f"probe (draw {draw}): {fitted.rows} rows, layers {self.hidden_layers}, C {fitted.c}, "
-                           f"train accuracy {fitted.train_accuracy:.1%}{' (cached)' if cached else ''}")
+                           f"train accuracy {fitted.train_accuracy:.1%}, prompt form {self.prompt_form(draw)}"
+                           f"{' (cached)' if cached else ''}")
         return fitted
 
     def bias(self, shots: list[int], mode: str = "contextual") -> list[float]:
@@ -302,6 +305,16 @@ class Classifier:
                 self._show_bias(f"batch calibration bias (draw {d})", b)
             emit([self._combine(item, runs, biases) for item, runs in scored])
         return results
+
+    def prompt_form(self, draw: int) -> str:
+        """A hash of the prompt built around an input whose fields are placeholders, under draw `draw`:
+        instruction, demonstrations, format, label words, chat. A fitted probe read states of one form."""
+        import hashlib
+
+        item = Item(-1, {f: f"{{{f}}}" for f in self.template.fields}, "the prompts' form")
+        prompt = self.builder.build(item, self.label_tokens, draw=draw)
+        text = "\x00".join([str(prompt.chat), prompt.text, *self._continuations(prompt)])
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def _prompts(self, part: Sequence[Item], draw: int) -> list[Prompt]:
         if hasattr(self.builder, "prepare"):

@@ -134,8 +134,9 @@ class Probe:
     c: float = GRID[0]  # the inverse L2 strength cross-validation chose
     cv_accuracy: float | None = None  # the chosen C's cross-validated accuracy (None: too few rows per label)
     chance: float = 0.0  # the most common label's share of the rows: always answering it scores this
-    model: str | None = None  # a probe written to be given as a file: the model whose states it reads
-    layers: list[int] | None = None  # ... and the layers (cache entries leave both None)
+    model: str | None = None  # a probe written to be given as a file: the model whose states it reads,
+    layers: list[int] | None = None  # the layers, and the form of the prompts whose states it read
+    prompt_form: str | None = None  # (Classifier.prompt_form; cache entries leave all three None)
 
     def at_chance(self) -> bool:
         """Cross-validated accuracy within two standard errors of always answering the commonest label."""
@@ -163,7 +164,8 @@ class Probe:
             np.savez(f, mean=self.mean, scale=self.scale, coef=self.coef, intercept=self.intercept,
                      meta=json.dumps({"labels": self.labels, "rows": self.rows, "c": self.c,
                                      "train_accuracy": self.train_accuracy, "cv_accuracy": self.cv_accuracy,
-                                     "chance": self.chance, "model": self.model, "layers": self.layers}))
+                                     "chance": self.chance, "model": self.model, "layers": self.layers,
+                                     "prompt_form": self.prompt_form}))
         os.replace(tmp, path)
 
     @classmethod
@@ -177,7 +179,7 @@ class Probe:
             probe = cls(meta["labels"], data["mean"], data["scale"], data["coef"], data["intercept"],
                         int(meta["rows"]), float(meta["train_accuracy"]), float(meta["c"]),
                         meta.get("cv_accuracy"), float(meta.get("chance", 0.0)), meta.get("model"),
-                        meta.get("layers"))
+                        meta.get("layers"), meta.get("prompt_form"))
         width = probe.mean.shape[-1] if probe.mean.ndim == 1 else -1
         rows = 1 if len(labels) == 2 else len(labels)
         if probe.labels != list(labels) or width < 1 or probe.scale.shape != (width,) \
@@ -195,13 +197,22 @@ def load_fitted(path: str, layers: str | None, template: Template) -> Probe:
     except (OSError, ValueError, KeyError) as exc:
         raise DataError(f"{path}: not a fitted probe for template '{template.name}' ({str(exc)[:200]}); give a "
                         "probe .npz that optimize wrote for it, or labelled rows (JSONL/CSV) to fit one") from None
-    if probe.model is None or probe.layers is None:
-        raise DataError(f"{path}: this probe does not record the model and layers it was fitted on; give the "
-                        "labelled rows it was fitted on instead (--probe-data ROWS)")
+    if probe.model is None or probe.layers is None or probe.prompt_form is None:
+        raise DataError(f"{path}: this probe does not record the model, layers and prompts it was fitted on; give "
+                        "the labelled rows it was fitted on instead (--probe-data ROWS)")
     if layers is not None:
         raise UsageError(f"--probe-layers: {path} is a fitted probe, read at layers "
                          f"{','.join(map(str, probe.layers))}; drop --probe-layers")
     return probe
+
+
+def check_form(source: Source, form: str) -> None:
+    """A fitted probe reads the states of prompts of one form: any other is refused."""
+    if source.fitted is not None and source.fitted.prompt_form != form:
+        raise UsageError(f"the probe {source.path} was fitted on the states of other prompts than these (prompt "
+                         f"form {source.fitted.prompt_form}, not {form}: the template, its demonstrations, shots, "
+                         "format or chat differ): run it with the template it was written for and that template's "
+                         "own settings, or give --probe-data ROWS")
 
 
 def check_model(source: Source, model: str) -> None:
