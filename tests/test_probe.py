@@ -320,3 +320,17 @@ def test_a_fitted_probe_file_that_does_not_fit_is_refused(fake_lm, tmp_path, mak
     assert result.exit_code == code, result.stderr
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert len(fake_lm.requests) == before  # refused before anything is scored
+
+
+def test_eval_refuses_a_probe_fitted_for_another_model_before_any_combination(fake_lm, tmp_path):
+    tmpl = tmp_path / "toy.yaml"
+    tmpl.write_text(TEMPLATE)
+    first = invoke(["classify", "-t", tmpl, "--probe-data", write(tmp_path, "t.jsonl", TRAIN), "-v", "x"])
+    fitted_file(tmp_path, form_of(first.stderr), model="other")
+    (tmp_path / "second.yaml").write_text(TEMPLATE.replace("name: toy", "name: second") +
+                                          "calibrate: probe\nprobe: fitted-other.npz\n")
+    data = write(tmp_path, "data.jsonl", [{"text": "good", "label": "pos"}, {"text": "bad", "label": "neg"}])
+    before = len(fake_lm.requests)
+    result = invoke(["eval", "-t", tmpl, "-t", tmp_path / "second.yaml", "--data", data])
+    assert result.exit_code == 2 and "was fitted on other's hidden states, not fake's" in result.stderr
+    assert len(fake_lm.requests) == before  # the first template was not scored either
