@@ -45,9 +45,11 @@ def draw_rows(template: str, train: str, k: int, seed: int, out: Path) -> Path:
     if not path.exists():
         tpl = find_template(template, [])
         items = read_items(train, text_field=tpl.fields[0])
-        with open(path, "w") as f:
+        part = path.with_suffix(".part")  # a run killed mid-write leaves no truncated rows file behind
+        with open(part, "w") as f:
             for item in draw(items, tpl, k, seed):
                 f.write(json.dumps(item.fields) + "\n")
+        os.replace(part, path)
     return path
 
 

@@ -149,8 +149,9 @@ def for_generation(lm: _Generator, rows: Sequence[list[int]], single: bool) -> D
 
     from transformers import DynamicCache
 
+    supports = getattr(lm.model, "_supports_default_dynamic_cache", lambda: True)  # not rwkv, xlnet, mamba...
     if len(rows) != 1 or not single or lm.is_encoder_decoder or not lm.reuse_prompts \
-            or lm.model.generation_config.cache_implementation:
+            or lm.model.generation_config.cache_implementation or not supports():
         return None
     row, best, hit = rows[0], 0, None
     for key, kept in lm._prefixes.items():

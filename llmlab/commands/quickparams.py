@@ -4,7 +4,7 @@ one-token `generate --server` more than its HTTP round trip. Here a value that i
 option wants (None, a str for a str option, an enum member, a default int), or a plain decimal
 string for a number, is converted directly, to exactly what typer's adapter gives; anything else
 (a bad value, bounds not met, paths, files, tuples) goes to typer's own conversion, so its results
-and error messages are unchanged. tests/test_quickparams.py holds the two to the same answers."""
+and error messages are unchanged. tests/test_cli_lazy.py holds the two to the same answers."""
 
 from __future__ import annotations
 
