@@ -16,7 +16,7 @@ from llmlab.core.errors import ContextOverflowError, UsageError
 
 if TYPE_CHECKING:
     import torch
-    from transformers import PretrainedConfig, PreTrainedTokenizerBase
+    from transformers import PreTrainedTokenizerBase
     from llmlab.backends.hfutil import Model
     from transformers.cache_utils import DynamicCache
 

@@ -5,7 +5,6 @@ every LlmlabError into one stderr line and an exit code (the only place that doe
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
 from typing import TYPE_CHECKING, Annotated, Callable, ClassVar, Mapping, Optional

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from typing import Literal, TypedDict
 
-from llmlab.core.jsontypes import JSONObject
 
 # The metrics a summary holds (classify: the first two; generate: the rest).
 MetricName = Literal["accuracy", "macro_f1", "rouge1", "rouge2", "rougeL", "exact_match"]
